@@ -1,0 +1,294 @@
+"""The HTTP API (v1): routes, authentication, and the one middleware that turns errors into problems.
+
+Handlers are short: parse the body into a wire model, establish who is calling, make the one domain
+call, shape the answer. Every error leaves as ``application/problem+json`` (RFC 9457). A failed
+identity check gets the same 401 whatever the reason, so the API is no oracle; the reason goes to
+the log. Nothing here logs a header, a body or a credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from broker import __version__
+from broker.delegation import Catalog, any_includes
+from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, NotFound, PayloadTooLarge
+from broker.identity import AgentIdentity, AgentVerifier, UserIdentity, UserVerifier
+from broker.leases import LeaseManager
+from broker.models import (
+    AuditOut,
+    AuditPage,
+    CredentialOut,
+    CredentialRequest,
+    EndOut,
+    HealthOut,
+    LeaseOut,
+    Problem,
+    RenewOut,
+    RenewRequest,
+    TaskCreate,
+    TaskOut,
+)
+from broker.store import LeaseRow, Store, TaskRow
+from broker.tasks import TaskManager
+from broker.vault import VaultClient
+
+log = logging.getLogger(__name__)
+
+TASKS = web.AppKey("tasks", TaskManager)
+LEASES = web.AppKey("leases", LeaseManager)
+STORE = web.AppKey("store", Store)
+VAULT = web.AppKey("vault", VaultClient)
+CATALOG = web.AppKey("catalog", Catalog)
+AGENTS = web.AppKey("agent_verifier", AgentVerifier)
+USERS = web.AppKey("user_verifier", UserVerifier)
+
+_PROBLEM_TYPE = "https://agent-broker.dev/problems/"
+_MAX_TOKEN = 8192
+
+Identity = AgentIdentity | UserIdentity
+M = TypeVar("M", bound=BaseModel)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+def problem(status: int, code: str, title: str, detail: str, request: web.Request,
+            headers: dict[str, str] | None = None) -> web.Response:
+    body = Problem(type=_PROBLEM_TYPE + code, title=title, status=status, detail=detail, code=code,
+                   instance=request.path, request_id=request.get("request_id"))
+    return web.Response(status=status, text=body.model_dump_json(exclude_none=True),
+                        content_type="application/problem+json", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    request["request_id"] = secrets.token_hex(8)
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, InvalidIdentity):
+            headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            log.info("rejected credentials on %s %s: %s", request.method, request.path, exc.reason)
+        elif exc.http_status >= 500:
+            log.warning("%s %s failed: %s (%s)", request.method, request.path, exc.code, exc.reason)
+        return problem(exc.http_status, exc.code, exc.title, str(exc), request, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
+        return problem(exc.status, code, exc.reason, exc.reason, request)
+    except Exception:
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request["request_id"])
+        return problem(500, "internal", "Internal error", "the broker failed; the request id identifies it in its log",
+                       request)
+
+
+# -- request helpers -----------------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge("the request body is too large") from exc
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("the body is not valid JSON") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Field names and messages only: never echo the input (it may hold a token pasted by mistake).
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(detail) from exc
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise InvalidIdentity("missing bearer token")
+    if len(token) > _MAX_TOKEN:
+        raise InvalidIdentity("token larger than 8 KiB")
+    return token.strip()
+
+
+def _looks_like_svid(token: str) -> bool:
+    """Route a token to the agent or the user verifier by its unverified ``sub``.
+
+    Routing only: each verifier then checks everything itself, and each rejects the other's tokens.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("sub"), str) and payload["sub"].startswith("spiffe://")
+
+
+async def agent_identity(request: web.Request) -> AgentIdentity:
+    return await request.app[AGENTS].verify(_bearer(request))
+
+
+async def user_identity(request: web.Request) -> UserIdentity:
+    return await request.app[USERS].verify(_bearer(request))
+
+
+async def any_identity(request: web.Request) -> Identity:
+    token = _bearer(request)
+    if _looks_like_svid(token):
+        return await request.app[AGENTS].verify(token)
+    return await request.app[USERS].verify(token)
+
+
+def _json(model: BaseModel, status: int = 200, *, no_store: bool = False) -> web.Response:
+    headers = {"Cache-Control": "no-store"} if no_store else None
+    return web.Response(status=status, text=model.model_dump_json(), content_type="application/json",
+                        headers=headers)
+
+
+def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
+    return TaskOut(
+        id=task.id, user=task.user, agent=task.agent, role=task.role, tenant=task.tenant, reason=task.reason,
+        state=task.state, created_at=task.created_at, expires_at=task.expires_at,  # type: ignore[arg-type]
+        ended_at=task.ended_at,
+        leases=None if leases is None else [
+            LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state,  # type: ignore[arg-type]
+                     issued_at=x.issued_at, expires_at=x.expires_at, renewable=x.renewable)
+            for x in leases
+        ],
+    )
+
+
+def _is_party(ident: Identity, task: TaskRow) -> bool:
+    if isinstance(ident, AgentIdentity):
+        return str(ident.spiffe_id) == task.agent
+    return ident.name == task.user
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+async def create_task(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    body = await _body(request, TaskCreate)
+    task = await request.app[TASKS].start(user, agent=body.agent, role=body.role, ttl=body.ttl,
+                                          reason=body.reason, tenant=body.tenant)
+    return _json(_task_out(task), 201)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    ident = await any_identity(request)
+    task, leases = await request.app[TASKS].get(request.match_info["task_id"])
+    catalog = request.app[CATALOG]
+    staff = isinstance(ident, UserIdentity) and (any_includes(catalog.operators, ident)
+                                                   or any_includes(catalog.auditors, ident))
+    if not (_is_party(ident, task) or staff):
+        raise NotFound("no such task")  # the same answer as for a missing task
+    return _json(_task_out(task, leases))
+
+
+async def issue_credential(request: web.Request) -> web.Response:
+    agent = await agent_identity(request)
+    body = await _body(request, CredentialRequest)
+    issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl)
+    out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
+                        renewable=issued.lease.renewable, data=dict(issued.data))
+    return _json(out, no_store=True)
+
+
+async def renew_lease(request: web.Request) -> web.Response:
+    agent = await agent_identity(request)
+    body = await _body(request, RenewRequest)
+    lease = await request.app[LEASES].renew(agent, request.match_info["lease_id"], body.increment)
+    return _json(RenewOut(lease_id=lease.id, expires_at=lease.expires_at))
+
+
+async def end_task(request: web.Request) -> web.Response:
+    ident = await any_identity(request)
+    manager = request.app[TASKS]
+    task, _ = await manager.get(request.match_info["task_id"])
+    if not _is_party(ident, task):
+        raise NotFound("no such task")
+    result = await manager.end(task.id, by=ident)
+    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))  # type: ignore[arg-type]
+
+
+def _float_param(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError as exc:
+        msg = f"{name} must be a Unix time in seconds"
+        raise BadRequest(msg) from exc
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    if not any_includes(request.app[CATALOG].auditors, user):
+        raise Denied("auditors only", reason=f"{user.name} is not an auditor")
+    q = request.query
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+        after = max(int(q.get("after", "0")), 0)
+    except ValueError as exc:
+        raise BadRequest("limit and after must be integers") from exc
+    rows = await request.app[STORE].query_audit(
+        user=q.get("user"), agent=q.get("agent"), task=q.get("task"), since=_float_param(request, "since"),
+        until=_float_param(request, "until"), after_seq=after, limit=limit,
+    )
+    records = [AuditOut(seq=r.seq, **r.record.__dict__) for r in rows]
+    next_after = records[-1].seq if len(records) == limit else None
+    return _json(AuditPage(records=records, next_after=next_after))
+
+
+async def health(request: web.Request) -> web.Response:
+    vault_state: Any = "ok"
+    store_state: Any = "ok"
+    try:
+        h = await request.app[VAULT].health()
+        vault_state = "sealed" if h.sealed else "standby" if h.standby else "ok"
+    except BrokerError:
+        vault_state = "unreachable"
+    try:
+        await request.app[STORE].ping()
+    except BrokerError:
+        store_state = "unavailable"
+    ok = vault_state == "ok" and store_state == "ok"
+    out = HealthOut(status="ok" if ok else "unavailable", vault=vault_state, store=store_state, version=__version__)
+    return _json(out, 200 if ok else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from broker.openapi import spec
+
+    return web.json_response(spec())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/tasks", create_task)
+    app.router.add_get("/v1/tasks/{task_id}", get_task)
+    app.router.add_post("/v1/tasks/{task_id}/credentials", issue_credential)
+    app.router.add_post("/v1/tasks/{task_id}/end", end_task)
+    app.router.add_post("/v1/leases/{lease_id}/renew", renew_lease)
+    app.router.add_get("/v1/audit", list_audit)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/openapi.json", openapi)

@@ -1,0 +1,121 @@
+"""Wiring: settings in, a running aiohttp application out.
+
+Dependencies are built in one ``cleanup_ctx`` so they open in order at start-up and close in reverse at
+shutdown, and handlers reach them through typed ``AppKey``s. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from broker import api
+from broker.config import Settings
+from broker.delegation import Catalog
+from broker.errors import ConfigError, VaultError
+from broker.identity import (
+    AgentVerifier,
+    IssuerTrust,
+    JwksKeySet,
+    JwksUrlKeySource,
+    KeySource,
+    StaticKeySource,
+    UserVerifier,
+)
+from broker.leases import LeaseManager
+from broker.sealing import TokenSealer
+from broker.store import open_store
+from broker.tasks import TaskManager
+from broker.vault import Sensitive, VaultClient
+
+log = logging.getLogger(__name__)
+
+_TOKEN_RENEW_EVERY = 3600.0
+
+
+def read_vault_token(settings: Settings) -> Sensitive:
+    """Raises: ConfigError: the token file is missing or empty."""
+    path = settings.vault.token_file
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        msg = f"cannot read the broker's Vault token from {path}: {exc.strerror}"
+        raise ConfigError(msg) from exc
+    if not token:
+        msg = f"the Vault token file {path} is empty"
+        raise ConfigError(msg)
+    return Sensitive(token)
+
+
+def _key_source(jwks_file: object, jwks_url: str | None, session: aiohttp.ClientSession) -> KeySource:
+    if jwks_url is not None:
+        insecure = jwks_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+        return JwksUrlKeySource(jwks_url, session=session, allow_insecure_http=insecure)
+    return StaticKeySource(JwksKeySet.from_file(str(jwks_file)))
+
+
+def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """The broker's application. Dependencies open when it starts (``cleanup_ctx``)."""
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[api.error_middleware])
+    app.cleanup_ctx.append(_dependencies(settings, clock))
+    api.add_routes(app)
+    return app
+
+
+def _dependencies(settings: Settings, clock: Callable[[], float]
+                  ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        catalog = Catalog.from_settings(settings)
+        sealer = TokenSealer.from_file(settings.store.key_file)
+        token = read_vault_token(settings)
+        timeout = aiohttp.ClientTimeout(total=settings.vault.timeout)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=128)) as session:
+            vault = VaultClient(session, settings.vault.addr, token=token, timeout=settings.vault.timeout,
+                                namespace=settings.vault.namespace)
+            store = await open_store(settings.store.url)
+            try:
+                leeway = float(settings.server.token_leeway)
+                app[api.AGENTS] = AgentVerifier(
+                    {t.trust_domain: _key_source(t.jwks_file, t.jwks_url, session) for t in settings.agents.trust},
+                    audience=settings.server.audience, leeway=leeway,
+                    max_lifetime=float(settings.agents.max_token_lifetime), clock=clock,
+                    user_issuers=[i.issuer for i in settings.users.issuers],
+                )
+                app[api.USERS] = UserVerifier(
+                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim)
+                     for i in settings.users.issuers],
+                    audience=settings.server.audience, leeway=leeway, clock=clock,
+                )
+                app[api.CATALOG] = catalog
+                app[api.STORE] = store
+                app[api.VAULT] = vault
+                app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock,
+                                             confirm_timeout=settings.vault.revoke_confirm_timeout)
+                app[api.LEASES] = LeaseManager(catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock)
+                renewer = asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer")
+                try:
+                    yield
+                finally:
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewer
+            finally:
+                await store.close()
+
+    return ctx
+
+
+async def _renew_own_token(vault: VaultClient) -> None:
+    """Keep the broker's periodic Vault token alive. A failure is logged and retried, never fatal."""
+    while True:
+        try:
+            await vault.write("auth/token/renew-self", {})
+        except VaultError as exc:
+            log.warning("could not renew the broker's Vault token: %s", exc.code)
+        await asyncio.sleep(_TOKEN_RENEW_EVERY)

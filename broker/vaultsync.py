@@ -1,0 +1,108 @@
+"""``broker vault sync``: the Vault side the broker needs, derived from the catalog. Rendering is pure.
+
+Written, each idempotent (a second run changes nothing):
+- one ACL policy per task role, ``broker-task-<role>``: exactly its grants' paths, plus renewing its
+  own leases (to shorten a database lease to the task's cap);
+- one token role per task role, same name: orphan task tokens that may carry only that policy, never
+  renewable, with an explicit max TTL of the role's max TTL (OpenBao ignores ``token_ttl`` on roles);
+- the broker's own policy ``agent-broker``: create tokens through exactly those token roles, look up
+  and revoke them by accessor, look up and revoke leases. Nothing else: it cannot read a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.delegation import Catalog, TaskRole
+from broker.vault import VaultClient
+
+BROKER_POLICY = "agent-broker"
+
+
+def task_policy_hcl(role: TaskRole) -> str:
+    lines = [f"# Written by `broker vault sync`: the grants of task role {role.name!r} (tenant {role.tenant!r}).", ""]
+    for grant in role.grants.values():
+        caps = '["read"]' if grant.method == "GET" else '["create", "update"]'
+        lines.append(f'path "{grant.path}" {{ capabilities = {caps} }}  # grant {grant.name}')
+    lines += ["", "# Shorten or extend this task's own leases (the broker caps every TTL at the task's end).",
+              'path "sys/leases/renew" { capabilities = ["update"] }', ""]
+    return "\n".join(lines)
+
+
+def task_token_role(role: TaskRole) -> dict[str, Any]:
+    return {
+        "allowed_policies": [role.vault_policy],
+        "orphan": True,
+        "renewable": False,
+        "token_type": "service",
+        "token_explicit_max_ttl": role.max_ttl,
+        "token_no_default_policy": True,
+    }
+
+
+def broker_policy_hcl(catalog: Catalog) -> str:
+    lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, not read secrets.", ""]
+    for role in sorted(catalog.roles.values(), key=lambda r: r.name):
+        lines.append(f'path "auth/token/create/{role.vault_policy}" {{ capabilities = ["update"] }}')
+    lines += [
+        'path "auth/token/revoke-accessor" { capabilities = ["update"] }',
+        'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
+        'path "sys/leases/lookup" { capabilities = ["update"] }',
+        'path "sys/leases/revoke" { capabilities = ["update"] }',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SyncChange:
+    kind: str
+    name: str
+    action: str  # "created", "updated", "unchanged"
+
+
+async def sync(client: VaultClient, catalog: Catalog) -> list[SyncChange]:
+    """Bring Vault in line with the catalog. Raises: VaultError."""
+    changes: list[SyncChange] = []
+    for role in sorted(catalog.roles.values(), key=lambda r: r.name):
+        changes.append(await _policy(client, role.vault_policy, task_policy_hcl(role)))
+        wanted = task_token_role(role)
+        current = await client.read_token_role(role.vault_policy)
+        if current is not None and all(_same(current.get(k), v) for k, v in wanted.items()):
+            changes.append(SyncChange("token role", role.vault_policy, "unchanged"))
+        else:
+            await client.put_token_role(role.vault_policy, wanted)
+            changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
+    changes.append(await _policy(client, BROKER_POLICY, broker_policy_hcl(catalog)))
+    return changes
+
+
+def _same(current: Any, wanted: Any) -> bool:
+    if isinstance(wanted, list):
+        return sorted(current or []) == sorted(wanted)
+    return bool(current == wanted)
+
+
+async def _policy(client: VaultClient, name: str, hcl: str) -> SyncChange:
+    current = await client.read_policy(name)
+    if current is not None and current.strip() == hcl.strip():
+        return SyncChange("policy", name, "unchanged")
+    await client.put_policy(name, hcl)
+    return SyncChange("policy", name, "created" if current is None else "updated")
+
+
+async def write_broker_token(client: VaultClient, path: Path) -> None:
+    """Create a periodic orphan token of the broker policy and write it to ``path`` (mode 0600).
+
+    Periodic: the broker renews it itself and it never reaches a max TTL; orphan: it outlives the admin
+    token that made it. Raises: VaultError.
+    """
+    auth = await client.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
+                                     display_name="agent-broker")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(auth.client_token.reveal() + "\n")

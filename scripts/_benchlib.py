@@ -1,0 +1,460 @@
+"""Shared helpers for the benchmark scripts in ``scripts/``: a real stack on loopback, load loops, statistics.
+
+``BenchStack`` starts, all on 127.0.0.1 and free ports: a dev OpenBao with its file audit device (as the
+broker would run), a SCRAM PostgreSQL cluster in its own ``/tmp`` directory, the example engines
+(``broker.devstack``), the broker's keys and config, ``vault sync`` plus a broker token (as
+``tests/conftest.py`` does), and finally the broker itself as a SEPARATE PROCESS
+(``python -m broker serve``) so that its CPU time can be read from ``/proc`` without counting the load
+generator. ``BenchStack.close()`` stops everything it started and removes its directories; it is safe to
+call after a partial start and more than once.
+
+Nothing here is for production: dev OpenBao, throwaway keys, dev identities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the broker and tests.support are imported from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from broker.config import load_settings  # noqa: E402
+from broker.delegation import Catalog  # noqa: E402
+from broker.devid import DevIssuer  # noqa: E402
+from broker.devstack import (  # noqa: E402
+    DevOpenBao,
+    configure_child_token_role,
+    configure_database,
+    configure_pki,
+    find_bao_binary,
+    seed_tickets_schema,
+    start_dev_openbao,
+)
+from broker.sealing import TokenSealer  # noqa: E402
+from broker.vault import VaultClient  # noqa: E402
+from broker.vaultsync import sync, write_broker_token  # noqa: E402
+from tests.support.pg import PG_BIN, PgCluster, make_workdir, remove_workdir, start_scram_cluster  # noqa: E402
+
+AUDIENCE = "agent-broker"
+IDP = "https://idp.bench.example"
+TRUST_DOMAIN = "example.org"
+USER = "alice@example.com"
+USER_GROUPS = ("support",)
+
+
+def agent_id(i: int) -> str:
+    """The SPIFFE ID of simulated agent ``i`` (matches the bench role's ``support-*`` pattern)."""
+    return f"spiffe://{TRUST_DOMAIN}/agent/support-bench-{i}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine and versions
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _first_line(args: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(args), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to weigh the figures: cores, CPU, versions, date, load before the run."""
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "openbao": _first_line([find_bao_binary(), "version"]),
+        "postgresql": _first_line([str(PG_BIN / "postgres"), "--version"]),
+        "loadavg_before": os.getloadavg(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+@dataclass
+class CpuMeter:
+    """User+system CPU seconds of one process (children excluded) between ``start`` and ``stop``."""
+
+    pid: int
+    _start: float = 0.0
+
+    def _now(self) -> float:
+        t = psutil.Process(self.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> float:
+        return self._now() - self._start
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+
+
+class Progress:
+    """One overwritten status line on stderr (only when stderr is a terminal: else one line per phase)."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._label = ""
+        self._last = 0.0
+
+    def phase(self, label: str) -> None:
+        self._label = label
+        if not self._tty:
+            print(f"  {label}", file=sys.stderr, flush=True)
+
+    def tick(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self._tty and (now - self._last > 0.2 or done == total):
+            self._last = now
+            print(f"\r\x1b[K  {self._label}: {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._tty:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+@dataclass
+class LoadResult:
+    """``n`` timed operations in ``elapsed`` seconds; ``latencies`` in seconds; ``errors`` by message."""
+
+    n: int
+    elapsed: float
+    latencies: list[float]
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed > 0 else math.nan
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q) * 1000.0  # milliseconds
+
+
+async def closed_loop(n: int, workers: Sequence[Callable[[], Awaitable[None]]],
+                      progress: Progress | None = None) -> LoadResult:
+    """Run ``n`` operations with ``len(workers)`` in flight: worker ``i`` repeats its own operation.
+
+    Closed loop (each worker sends its next request when the previous one answered), a fixed total
+    count. A failed operation is counted in ``errors`` and not timed.
+    """
+    remaining = n
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def run(op: Callable[[], Awaitable[None]]) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            try:
+                await op()
+            except Exception as exc:  # noqa: BLE001 -- counted and reported, the run goes on
+                key = f"{type(exc).__name__}: {str(exc)[:120]}"
+                errors[key] = errors.get(key, 0) + 1
+            else:
+                latencies.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.tick(len(latencies) + sum(errors.values()), n)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run(op) for op in workers))
+    return LoadResult(n=n, elapsed=time.perf_counter() - t0, latencies=latencies, errors=errors)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stack
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:{port}"
+audience = "{audience}"
+
+[vault]
+addr = "{addr}"
+token_file = "vault-token"
+audit_log = "{audit_log}"
+revoke_confirm_timeout = 60
+timeout = 30
+
+[store]
+url = "sqlite:///{root}/broker.db"
+key_file = "store.key"
+
+[[agents.trust]]
+trust_domain = "{td}"
+jwks_file = "spiffe.jwks"
+
+[[users.issuers]]
+issuer = "{idp}"
+jwks_file = "idp.jwks"
+groups_claim = "groups"
+
+[people]
+operators = ["group:secops"]
+auditors = ["group:audit"]
+
+[[task_roles]]
+name = "bench"
+tenant = "acme"
+agents = ["spiffe://{td}/agent/support-*"]
+delegators = ["group:support"]
+max_ttl = "1h"
+
+  [[task_roles.grants]]
+  name = "tickets-db-ro"
+  path = "database/creds/tickets-ro"
+  max_ttl = "10m"
+
+  [[task_roles.grants]]
+  name = "agent-cert"
+  path = "pki/issue/agents"
+  max_ttl = "10m"
+  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
+
+  [[task_roles.grants]]
+  name = "child-token"
+  path = "auth/token/create/agent-child"
+  method = "write"
+  max_ttl = "10m"
+"""
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, wait, SIGKILL if needed; always reap."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    else:
+        proc.wait()
+
+
+def _wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback)
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    msg = f"{url} did not answer 200 within {timeout}s: {tail}"
+    raise RuntimeError(msg)
+
+
+@dataclass
+class BenchStack:
+    """OpenBao + PostgreSQL + a broker process, on loopback. Build with ``BenchStack.start()``."""
+
+    workdir: Path
+    spiffe: DevIssuer
+    idp: DevIssuer
+    bao: DevOpenBao | None = None
+    pg: PgCluster | None = None
+    pg_workdir: Path | None = None
+    broker: subprocess.Popen[bytes] | None = None
+    broker_url: str = ""
+    config_path: Path | None = None
+    _broker_log: Any = None
+    _closed: bool = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, *, broker_args: Sequence[str] = ()) -> BenchStack:
+        """Start everything; on any failure stop what was started and re-raise."""
+        workdir = Path(tempfile.mkdtemp(prefix="broker-bench-", dir="/tmp"))
+        stack = cls(workdir=workdir, spiffe=DevIssuer.generate(kid="spiffe-bench"),
+                    idp=DevIssuer.generate(kid="idp-bench"))
+        try:
+            stack.bao = start_dev_openbao(workdir / "openbao", startup_timeout=30)
+            stack.pg_workdir = make_workdir("broker-bench-pg-")
+            stack.pg = start_scram_cluster(stack.pg_workdir)
+            asyncio.run(stack._configure_vault())
+            stack._start_broker(broker_args)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def close(self) -> None:
+        """Stop the broker, OpenBao and PostgreSQL; remove the work directories. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.broker is not None:
+            _stop_process(self.broker)
+        if self._broker_log is not None:
+            self._broker_log.close()
+        if self.bao is not None:
+            self.bao.stop()
+        if self.pg is not None:
+            self.pg.stop()
+        if self.pg_workdir is not None:
+            remove_workdir(self.pg_workdir)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> BenchStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    async def _configure_vault(self) -> None:
+        assert self.bao is not None and self.pg is not None
+        root = self.workdir / "broker"
+        root.mkdir()
+        self.spiffe.write_jwks(root / "spiffe.jwks")
+        self.idp.write_jwks(root / "idp.jwks")
+        TokenSealer.generate_key_file(root / "store.key")
+        port = free_port()
+        self.config_path = root / "broker.toml"
+        self.config_path.write_text(CONFIG.format(
+            port=port, audience=AUDIENCE, addr=self.bao.addr, audit_log=self.bao.audit_log, root=root,
+            td=TRUST_DOMAIN, idp=IDP,
+        ))
+        self.broker_url = f"http://127.0.0.1:{port}"
+        settings = load_settings({}, self.config_path)
+        await seed_tickets_schema(self.pg.dsn())
+        async with aiohttp.ClientSession() as session:
+            admin = VaultClient(session, self.bao.addr, token=self.bao.root_token, timeout=30)
+            await configure_pki(admin)
+            await configure_child_token_role(admin)
+            await configure_database(admin, dsn_admin=self.pg.dsn())
+            await sync(admin, Catalog.from_settings(settings))
+            await write_broker_token(admin, root / "vault-token")
+
+    def _start_broker(self, extra_args: Sequence[str]) -> None:
+        assert self.config_path is not None
+        log_path = self.workdir / "broker.log"
+        self._broker_log = log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_", "BROKER_"))}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.broker = subprocess.Popen(
+            [sys.executable, *extra_args, "-m", "broker", "serve", "--config", str(self.config_path),
+             "--log-level", "warning"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._broker_log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the benchmark only; it then stops the broker itself
+        )
+        _wait_http_ok(self.broker_url + "/v1/health", self.broker, 30, log_path)
+
+    # -- accessors ----------------------------------------------------------------------------------
+
+    @property
+    def broker_pid(self) -> int:
+        assert self.broker is not None
+        return self.broker.pid
+
+    @property
+    def bao_pid(self) -> int:
+        assert self.bao is not None
+        return self.bao.process.pid
+
+    @property
+    def store_db(self) -> Path:
+        return self.workdir / "broker" / "broker.db"
+
+    @property
+    def store_key(self) -> Path:
+        return self.workdir / "broker" / "store.key"
+
+    def broker_log_tail(self, limit: int = 2000) -> str:
+        path = self.workdir / "broker.log"
+        return path.read_text(errors="replace")[-limit:] if path.exists() else ""
+
+    def user_token(self) -> str:
+        return self.idp.mint_id_token(issuer=IDP, subject=USER, email=USER, groups=USER_GROUPS, audience=AUDIENCE,
+                                      auth_time=time.time())
+
+    def agent_svid(self, i: int, ttl: float) -> str:
+        return self.spiffe.mint_svid(agent_id(i), audience=AUDIENCE, ttl=ttl)
+
+
+async def admin_lease_count(session: aiohttp.ClientSession, bao: DevOpenBao, prefix: str) -> int:
+    """How many leases OpenBao holds under ``prefix`` (one level: ``LIST sys/leases/lookup/<prefix>``)."""
+    url = f"{bao.addr}/v1/sys/leases/lookup/{prefix.strip('/')}/"
+    async with session.request("LIST", url, headers={"X-Vault-Token": bao.root_token.reveal()}) as resp:
+        if resp.status == 404:
+            return 0
+        resp.raise_for_status()
+        body = await resp.json()
+    return len(body.get("data", {}).get("keys", []))
+
+
+async def wait_leases_drained(session: aiohttp.ClientSession, bao: DevOpenBao, prefix: str,
+                              timeout: float = 120) -> int:
+    """Poll until OpenBao holds no lease under ``prefix`` (revocations done); return what is left at timeout."""
+    deadline = time.monotonic() + timeout
+    left = await admin_lease_count(session, bao, prefix)
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        left = await admin_lease_count(session, bao, prefix)
+    return left

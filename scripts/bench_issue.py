@@ -1,0 +1,529 @@
+"""Credential issuance through the broker versus directly from OpenBao, with the same task token.
+
+What it measures
+    For each grant kind -- PostgreSQL (``database/creds/tickets-ro``), PKI (``pki/issue/agents``) and
+    child tokens (``auth/token/create/agent-child``) -- and each concurrency (default 1 and 32 agents in
+    flight), it issues a fixed number of credentials
+
+    * **direct**: straight from OpenBao with the task token, the same path, method and body the broker
+      sends (``Grant.request_params``), through the broker's own ``VaultClient`` (aiohttp); and
+    * **broker**: ``POST /v1/tasks/{id}/credentials`` to a broker running as a separate process
+      (``python -m broker serve``, SQLite store), which verifies the agent's JWT-SVID, checks the
+      task, reads the same path with the same task token, and commits the lease plus its audit record.
+
+    Each simulated agent has its own task (started by a user through the broker) and one JWT-SVID
+    minted once and reused for the whole run, as a real agent reuses its SVID for minutes. The direct
+    calls use the task token the broker holds: read from the broker's SQLite store and opened with the
+    store key (``TokenSealer``). Database leases come back with the role's default TTL (10m), equal to
+    the grant's max TTL, so the broker never renews to shorten them in the timed part.
+
+    Every (grant, concurrency) cell runs ``--reps`` repetitions (default 3). One repetition: start the
+    tasks, warm up both paths, time direct and broker passes back to back (the order alternates between
+    repetitions, because the machine is shared and noisy), end the tasks through the broker, and wait
+    until OpenBao has revoked every lease of that grant, so revocations never overlap a timed pass.
+    Figures are medians over the repetitions.
+
+How to read the table
+    rps: completed issuances per second (closed loop: each agent sends its next request when the
+    previous one answered). p50/p99: client-side latency in ms. ratio: broker rps / direct rps.
+    added p50: broker p50 - direct p50. broker CPU/iss: user+system CPU time of the broker process
+    during the broker pass divided by the issuances in it (from /proc via psutil). bao CPU/iss: the
+    same for the OpenBao process, for both passes: it shows what the shared cores spend where.
+    The load generator, OpenBao, PostgreSQL and the broker share the same cores: a broker that
+    uses CPU takes it from OpenBao, so ratios under load include that contention, by design.
+
+Goals (from the issue): ratio >= 0.9 for PostgreSQL, >= 0.6 for PKI and token grants; <= 2 ms added
+at p50 with one agent; <= 0.5 ms broker CPU per issuance. A benchmark, not a test: it reports what it
+reaches and exits 0 unless the run itself failed.
+
+Example
+    python scripts/bench_issue.py                      # full default run, a few minutes
+    python scripts/bench_issue.py --grants pki --concurrency 32 --reps 1 --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _benchlib import (  # noqa: E402
+    BenchStack,
+    CpuMeter,
+    LoadResult,
+    Progress,
+    agent_id,
+    closed_loop,
+    machine_info,
+    median,
+    wait_leases_drained,
+)
+
+from broker.config import load_settings  # noqa: E402
+from broker.delegation import Catalog, Grant  # noqa: E402
+from broker.sealing import TokenSealer  # noqa: E402
+from broker.vault import VaultClient  # noqa: E402
+
+ROLE = "bench"
+
+
+@dataclass(frozen=True)
+class GrantKind:
+    """A grant of the bench role, the OpenBao lease prefix its credentials live under, a default count."""
+
+    key: str
+    grant: str
+    lease_prefix: str
+    default_n: int
+    min_ratio: float
+
+
+GRANT_KINDS: dict[str, GrantKind] = {
+    "postgres": GrantKind("postgres", "tickets-db-ro", "database/creds/tickets-ro", 300, 0.9),
+    "pki": GrantKind("pki", "agent-cert", "pki/issue/agents", 1000, 0.6),
+    "token": GrantKind("token", "child-token", "auth/token/create/agent-child", 1000, 0.6),
+}
+GOAL_ADDED_P50_MS = 2.0
+GOAL_CPU_MS = 0.5
+
+
+@dataclass
+class PassResult:
+    """One timed pass: ``mode`` is ``direct`` or ``broker``."""
+
+    grant: str
+    concurrency: int
+    rep: int
+    mode: str
+    n: int
+    ok: int
+    elapsed_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    broker_cpu_ms_per_issue: float
+    bao_cpu_ms_per_issue: float
+    loadgen_cpu_ms_per_issue: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """Medians over the repetitions of one (grant, concurrency)."""
+
+    grant: str
+    concurrency: int
+    direct_rps: float
+    broker_rps: float
+    ratio: float
+    direct_p50: float
+    direct_p99: float
+    broker_p50: float
+    broker_p99: float
+    added_p50: float
+    broker_cpu_ms: float
+    bao_cpu_direct_ms: float
+    bao_cpu_broker_ms: float
+    errors: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring (top of this file) for how to read the output.")
+    p.add_argument("--grants", default="postgres,pki,token",
+                   help="comma-separated subset of postgres,pki,token (default: all)")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated agents in flight (default: 1,32)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per cell; medians are reported (default: 3)")
+    p.add_argument("--postgres-n", type=int, default=GRANT_KINDS["postgres"].default_n,
+                   help="timed issuances per pass for PostgreSQL (default: %(default)s)")
+    p.add_argument("--pki-n", type=int, default=GRANT_KINDS["pki"].default_n,
+                   help="timed issuances per pass for PKI (default: %(default)s)")
+    p.add_argument("--token-n", type=int, default=GRANT_KINDS["token"].default_n,
+                   help="timed issuances per pass for child tokens (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=40, help="untimed issuances per path before each rep (default: 40)")
+    p.add_argument("--time-limit", type=float, default=900, help="abort after this many seconds (default: 900)")
+    p.add_argument("--json", type=Path, help="also write the machine info, every pass and the cells here")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="attach py-spy to the broker during the run, write its raw samples to FILE and print the "
+                        "top functions (sampling slows the broker: do not quote these figures as throughput)")
+    args = p.parse_args(argv)
+    args.grant_list = [g.strip() for g in args.grants.split(",") if g.strip()]
+    unknown = [g for g in args.grant_list if g not in GRANT_KINDS]
+    if unknown:
+        p.error(f"unknown grant(s): {', '.join(unknown)}")
+    args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if any(c < 1 for c in args.concurrency_list) or args.reps < 1:
+        p.error("concurrency and reps must be >= 1")
+    return args
+
+
+def count_for(args: argparse.Namespace, kind: GrantKind) -> int:
+    return int(getattr(args, f"{kind.key}_n"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Talking to the broker and to OpenBao
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Bench:
+    """One benchmark run over a started ``BenchStack``."""
+
+    def __init__(self, stack: BenchStack, session: aiohttp.ClientSession, args: argparse.Namespace,
+                 progress: Progress) -> None:
+        self.stack = stack
+        self.session = session
+        self.args = args
+        self.progress = progress
+        assert stack.config_path is not None and stack.bao is not None
+        settings = load_settings({}, stack.config_path)
+        self.catalog = Catalog.from_settings(settings)
+        self.sealer = TokenSealer.from_file(stack.store_key)
+        # As long-lived as the broker accepts (agents.max_token_lifetime), renewed between repetitions.
+        self.svid_ttl = float(settings.agents.max_token_lifetime) - 30
+        self.svids: list[str] = []
+        self.svids_minted = -math.inf
+        self.passes: list[PassResult] = []
+
+    def refresh_svids(self) -> None:
+        """One SVID per simulated agent, reused for every request until half its lifetime has passed."""
+        if time.monotonic() - self.svids_minted > self.svid_ttl / 2:
+            self.svids = [self.stack.agent_svid(i, self.svid_ttl) for i in range(max(self.args.concurrency_list))]
+            self.svids_minted = time.monotonic()
+
+    def grant(self, kind: GrantKind) -> Grant:
+        return self.catalog.roles[ROLE].grants[kind.grant]
+
+    async def start_task(self, i: int) -> str:
+        body = {"agent": agent_id(i), "role": ROLE, "ttl": "1h", "reason": "bench_issue.py"}
+        async with self.session.post(self.stack.broker_url + "/v1/tasks", json=body,
+                                     headers=bearer(self.stack.user_token())) as resp:
+            if resp.status != 201:
+                msg = f"starting a task answered {resp.status}: {(await resp.text())[:300]}"
+                raise RuntimeError(msg)
+            return str((await resp.json())["id"])
+
+    async def end_task(self, task_id: str, i: int) -> None:
+        """End through the broker; retry while it reports that Vault has not confirmed yet (503)."""
+        for _ in range(10):
+            async with self.session.post(f"{self.stack.broker_url}/v1/tasks/{task_id}/end",
+                                         headers=bearer(self.svids[i])) as resp:
+                if resp.status == 200:
+                    return
+                if resp.status != 503:
+                    msg = f"ending task {task_id} answered {resp.status}: {(await resp.text())[:300]}"
+                    raise RuntimeError(msg)
+            await asyncio.sleep(1)
+        msg = f"task {task_id}: the broker could not confirm its revocation"
+        raise RuntimeError(msg)
+
+    def task_token(self, task_id: str) -> str:
+        """The task token, as the broker holds it: sealed in its SQLite store, opened with the store key."""
+        with sqlite3.connect(f"file:{self.stack.store_db}?mode=ro", uri=True, timeout=30) as db:
+            row = db.execute("SELECT sealed_token FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            msg = f"task {task_id} not in the store"
+            raise RuntimeError(msg)
+        return self.sealer.open(bytes(row[0]), task_id=task_id).reveal()
+
+    def broker_op(self, kind: GrantKind, task_id: str, i: int) -> Callable[[], Awaitable[None]]:
+        url = f"{self.stack.broker_url}/v1/tasks/{task_id}/credentials"
+        body = {"grant": kind.grant}
+        headers = bearer(self.svids[i])
+
+        async def op() -> None:
+            async with self.session.post(url, json=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    msg = f"broker answered {resp.status}: {raw[:200]!r}"
+                    raise RuntimeError(msg)
+            json.loads(raw)
+
+        return op
+
+    def direct_op(self, kind: GrantKind, task_id: str, i: int, token: str,
+                  shortened: list[int]) -> Callable[[], Awaitable[None]]:
+        """The same Vault call ``LeaseManager.issue`` makes (path, method, body, TTL) with the task token."""
+        grant = self.grant(kind)
+        assert self.stack.bao is not None
+        client = VaultClient(self.session, self.stack.bao.addr, token=token, timeout=30)
+        ttl = grant.max_ttl  # what cap_ttl gives with no requested TTL and a 1h task
+        data = grant.request_params(task=task_id, agent=agent_id(i), user="alice@example.com", tenant="acme",
+                                    role=ROLE, ttl=ttl) if grant.method == "POST" else None
+
+        async def op() -> None:
+            secret = await client.read_credential(grant.path, token=token, method=grant.method, data=data)
+            if secret.auth is None and secret.renewable and secret.lease_duration > ttl:
+                shortened[0] += 1  # the broker would also renew this one to shorten it
+
+        return op
+
+    # -- one repetition -------------------------------------------------------------------------------
+
+    async def timed_pass(self, kind: GrantKind, conc: int, rep: int, mode: str,
+                         ops: Sequence[Callable[[], Awaitable[None]]]) -> PassResult:
+        n = count_for(self.args, kind)
+        self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}/{self.args.reps} {mode}")
+        meters = [CpuMeter(self.stack.broker_pid), CpuMeter(self.stack.bao_pid), CpuMeter(os.getpid())]
+        for m in meters:
+            m.start()
+        res: LoadResult = await closed_loop(n, ops, self.progress)
+        broker_cpu, bao_cpu, own_cpu = (m.stop() for m in meters)
+        self.progress.done()
+        ok = len(res.latencies) or 1
+        return PassResult(
+            grant=kind.key, concurrency=conc, rep=rep, mode=mode, n=n, ok=len(res.latencies),
+            elapsed_s=res.elapsed, rps=res.rps, p50_ms=res.p(50), p99_ms=res.p(99),
+            broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
+            loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors,
+        )
+
+    async def warmup(self, ops: Sequence[Callable[[], Awaitable[None]]]) -> None:
+        if self.args.warmup > 0:
+            res = await closed_loop(self.args.warmup, ops)
+            if res.errors:
+                msg = f"warm-up failed: {res.errors}"
+                raise RuntimeError(msg)
+
+    async def repetition(self, kind: GrantKind, conc: int, rep: int) -> None:
+        self.refresh_svids()
+        task_ids = [await self.start_task(i) for i in range(conc)]
+        shortened = [0]
+        try:
+            direct = [self.direct_op(kind, t, i, self.task_token(t), shortened) for i, t in enumerate(task_ids)]
+            broker = [self.broker_op(kind, t, i) for i, t in enumerate(task_ids)]
+            await self.warmup(direct)
+            await self.warmup(broker)
+            order = [("direct", direct), ("broker", broker)]
+            if rep % 2:
+                order.reverse()
+            for mode, ops in order:
+                self.passes.append(await self.timed_pass(kind, conc, rep, mode, ops))
+        finally:
+            self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}: ending tasks, waiting for revocations")
+            for i, t in enumerate(task_ids):
+                await self.end_task(t, i)
+            assert self.stack.bao is not None
+            left = await wait_leases_drained(self.session, self.stack.bao, kind.lease_prefix)
+            if left:
+                print(f"warning: {left} leases under {kind.lease_prefix} still present after waiting",
+                      file=sys.stderr)
+        if shortened[0]:
+            print(f"note: {shortened[0]} direct {kind.key} leases had a TTL above the grant's cap "
+                  "(the broker renews those to shorten them)", file=sys.stderr)
+
+    async def run(self) -> None:
+        for key in self.args.grant_list:
+            kind = GRANT_KINDS[key]
+            for conc in self.args.concurrency_list:
+                for rep in range(self.args.reps):
+                    await self.repetition(kind, conc, rep)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def summarise(passes: Sequence[PassResult]) -> list[Cell]:
+    cells: list[Cell] = []
+    keys = sorted({(p.grant, p.concurrency) for p in passes},
+                  key=lambda k: (list(GRANT_KINDS).index(k[0]), k[1]))
+    for grant, conc in keys:
+        d = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "direct")]
+        b = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "broker")]
+        if not d or not b:
+            continue
+
+        def med(ps: Sequence[PassResult], attr: str) -> float:
+            return median([float(getattr(p, attr)) for p in ps])
+
+        d_rps, b_rps = med(d, "rps"), med(b, "rps")
+        cells.append(Cell(
+            grant=grant, concurrency=conc, direct_rps=d_rps, broker_rps=b_rps,
+            ratio=b_rps / d_rps if d_rps else math.nan,
+            direct_p50=med(d, "p50_ms"), direct_p99=med(d, "p99_ms"),
+            broker_p50=med(b, "p50_ms"), broker_p99=med(b, "p99_ms"),
+            added_p50=med(b, "p50_ms") - med(d, "p50_ms"),
+            broker_cpu_ms=med(b, "broker_cpu_ms_per_issue"),
+            bao_cpu_direct_ms=med(d, "bao_cpu_ms_per_issue"), bao_cpu_broker_ms=med(b, "bao_cpu_ms_per_issue"),
+            errors=sum(sum(p.errors.values()) for p in (*d, *b)),
+        ))
+    return cells
+
+
+def render_table(cells: Sequence[Cell]) -> str:
+    head = ("| grant | agents | direct rps | broker rps | ratio | direct p50/p99 ms | broker p50/p99 ms "
+            "| added p50 ms | broker CPU ms/iss | bao CPU ms/iss direct/broker | errors |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        lines.append(
+            f"| {c.grant} | {c.concurrency} | {c.direct_rps:.0f} | {c.broker_rps:.0f} | {c.ratio:.2f} "
+            f"| {c.direct_p50:.1f} / {c.direct_p99:.1f} | {c.broker_p50:.1f} / {c.broker_p99:.1f} "
+            f"| {c.added_p50:+.2f} | {c.broker_cpu_ms:.2f} | {c.bao_cpu_direct_ms:.2f} / {c.bao_cpu_broker_ms:.2f} "
+            f"| {c.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(cells: Sequence[Cell]) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for each cell: the ratio, the CPU per issuance, and added p50 at one agent."""
+    out: list[tuple[str, str, bool]] = []
+    for c in cells:
+        kind = GRANT_KINDS[c.grant]
+        out.append((f"{c.grant} c={c.concurrency}: broker/direct >= {kind.min_ratio}", f"{c.ratio:.2f}",
+                    c.ratio >= kind.min_ratio))
+        if c.concurrency == 1:
+            out.append((f"{c.grant} c=1: added p50 <= {GOAL_ADDED_P50_MS} ms", f"{c.added_p50:.2f} ms",
+                        c.added_p50 <= GOAL_ADDED_P50_MS))
+        out.append((f"{c.grant} c={c.concurrency}: broker CPU <= {GOAL_CPU_MS} ms/issuance",
+                    f"{c.broker_cpu_ms:.2f} ms", c.broker_cpu_ms <= GOAL_CPU_MS))
+    return out
+
+
+def render_goals(rows: Sequence[tuple[str, str, bool]]) -> str:
+    lines = ["| goal | measured | |", "|---|---:|---|"]
+    lines += [f"| {g} | {m} | {'pass' if ok else 'MISS'} |" for g, m, ok in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiling (optional)
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the broker (GIL-holding and active samples only), raw collapsed stacks to ``out``."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def profile_summary(raw: Path, top: int = 25) -> str:
+    """Top functions by own samples and by inclusive samples, from py-spy's raw (collapsed) output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+    if not total:
+        return "py-spy recorded no samples"
+
+    def block(title: str, d: dict[str, int]) -> list[str]:
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [title] + [f"  {100 * v / total:5.1f}%  {k}" for k, v in rows]
+
+    return "\n".join([f"{total} samples", *block("own time:", own), *block("inclusive:", incl)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+
+
+async def run_bench(stack: BenchStack, args: argparse.Namespace, passes_out: list[PassResult]) -> None:
+    progress = Progress()
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        bench = Bench(stack, session, args, progress)
+        try:
+            await bench.run()
+        finally:
+            passes_out.extend(bench.passes)
+
+
+def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[PassResult], complete: bool) -> str:
+    cells = summarise(passes)
+    lines = [
+        f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, {info['openbao']}, "
+        f"{info['postgresql']}, {info['date']}",
+        f"command: {' '.join(sys.argv)}",
+        "" if complete else "INCOMPLETE RUN: only the cells below finished",
+        render_table(cells),
+        "",
+        render_goals(goals(cells)),
+    ]
+    for p in passes:
+        if p.errors:
+            lines.append(f"errors in {p.grant} c={p.concurrency} rep {p.rep} {p.mode}: {p.errors}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "complete": complete,
+                                         "passes": [asdict(p) for p in passes],
+                                         "cells": [asdict(c) for c in cells]}, indent=2))
+        lines.append(f"raw numbers written to {args.json}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine_info()
+    print("starting OpenBao, PostgreSQL and the broker on loopback...", file=sys.stderr)
+    passes: list[PassResult] = []
+    complete = False
+    profiler: subprocess.Popen[bytes] | None = None
+    t0 = time.monotonic()
+    with BenchStack.start() as stack:
+        try:
+            if args.profile:
+                profiler = start_profiler(stack.broker_pid, args.profile)
+            asyncio.run(asyncio.wait_for(run_bench(stack, args, passes), timeout=args.time_limit))
+            complete = True
+        except TimeoutError:
+            print(f"time limit of {args.time_limit:.0f}s reached: aborting", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+        except Exception:
+            print("broker log tail:\n" + stack.broker_log_tail(), file=sys.stderr)
+            raise
+        finally:
+            if profiler is not None:
+                stop_profiler(profiler)
+    print(f"run took {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    print(report(info, args, passes, complete))
+    if args.profile and args.profile.exists():
+        print("\nbroker profile (py-spy, whole run):\n" + profile_summary(args.profile))
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`broker dev`, the README's first command, run as a user would: to the end, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.support.pg import PgCluster
+
+
+def _children_named(name: str, workdir: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if name in cmd and str(workdir) in cmd:
+            found.append(p)
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestDevCommand:
+    def test_demo_runs_to_its_end_with_postgres(self, tmp_path: Path, pg_cluster: PgCluster) -> None:
+        """With a DSN the demo shows a database login that works, then is refused after the task ends."""
+        work = tmp_path / "dev"
+        out = subprocess.run([sys.executable, "-m", "broker", "dev", "--once", "--workdir", str(work),
+                              "--port", str(_free_port()), "--pg-dsn", pg_cluster.dsn()],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = out.stdout
+        assert "[7/7]" in text and "3 leases revoked, task ended" in text
+        assert "PostgreSQL login with the issued password: works" in text
+        assert "PostgreSQL login with the same password now: refused" in text
+        assert "Vault lists 0 leases" in text
+        for event in ("task.started", "lease.issued", "task.ended", "lease.revoked"):
+            assert event in text
+        assert pg_cluster.password not in text + out.stderr
+        assert _children_named("bao", work) == []
+
+    def test_ctrl_c_leaves_no_process(self, tmp_path: Path) -> None:
+        """Serving after the demo, SIGINT stops the broker and OpenBao and exits 0."""
+        work = tmp_path / "dev"
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "broker", "dev", "--workdir", str(work), "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 90
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if "Ctrl-C stops" in line or time.monotonic() > deadline:
+                    break
+            assert any("Ctrl-C stops" in line for line in seen), "".join(seen)
+            assert _children_named("bao", work)
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, "".join(seen) + rest
+        assert "Stopped" in rest
+        deadline = time.monotonic() + 10
+        while _children_named("bao", work) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _children_named("bao", work) == []

@@ -1,0 +1,117 @@
+"""Pytest fixtures for a real OpenBao and a SCRAM PostgreSQL. Import them into a conftest:
+
+    from tests.support.fixtures import *  # noqa: F403
+
+Scopes: the server processes are session-scoped and synchronous (no event loop involved); clients that
+hold an ``aiohttp.ClientSession`` are function-scoped and declare ``loop_scope="function"``, so they work
+whatever ``asyncio_default_fixture_loop_scope`` says, with tests on the default function loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from broker.devstack import (
+    DevOpenBao,
+    configure_child_token_role,
+    configure_database,
+    configure_pki,
+    seed_tickets_schema,
+)
+from broker.vault import VaultClient
+from tests.support.openbao import start_test_openbao
+from tests.support.pg import PgCluster, make_workdir, remove_workdir, start_scram_cluster
+
+__all__ = ["BaoEngines", "bao_with_engines", "openbao", "pg_cluster", "throwaway_openbao", "vault_admin"]
+
+T = TypeVar("T")
+
+
+def run_coro_in_thread(coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+    """Run ``coro`` to completion on a private loop in a worker thread.
+
+    Session fixtures use this for one-off async set-up, so they neither need nor disturb the loops that
+    pytest-asyncio owns.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevOpenBao]:
+    """A dev OpenBao for the whole session, with the file audit device ``main`` at ``audit_log``."""
+    server = start_test_openbao(tmp_path_factory.mktemp("openbao"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def throwaway_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevOpenBao]:
+    """A dev OpenBao for one test (to seal, stop or otherwise break)."""
+    server = start_test_openbao(tmp_path_factory.mktemp("openbao-throwaway"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def vault_admin(openbao: DevOpenBao) -> AsyncIterator[VaultClient]:
+    """A ``VaultClient`` with the root token on a fresh ``aiohttp`` session."""
+    async with aiohttp.ClientSession() as session:
+        yield VaultClient(session, openbao.addr, token=openbao.root_token)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL 15 cluster on 127.0.0.1 that requires SCRAM passwords (no trust line)."""
+    workdir = make_workdir()
+    cluster = start_scram_cluster(workdir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        remove_workdir(workdir)
+
+
+@dataclass(frozen=True)
+class BaoEngines:
+    """The session OpenBao with example engines configured against ``pg``.
+
+    ``pki_issue`` = ``pki/issue/agents`` (EC certs with leases), ``child_role`` = token role
+    ``agent-child``, database mount ``database`` with roles ``tickets-ro``/``tickets-rw``
+    (default TTL 10m, max 1h) on connection ``tickets`` (database ``postgres``, table ``tickets``).
+    """
+
+    bao: DevOpenBao
+    pg: PgCluster
+    pki_issue: str = "pki/issue/agents"
+    child_role: str = "agent-child"
+    db_creds_ro: str = "database/creds/tickets-ro"
+    db_creds_rw: str = "database/creds/tickets-rw"
+
+
+async def _configure(bao: DevOpenBao, pg: PgCluster) -> None:
+    await seed_tickets_schema(pg.dsn())
+    async with aiohttp.ClientSession() as session:
+        client = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
+        await configure_pki(client)
+        await configure_child_token_role(client)
+        await configure_database(client, dsn_admin=pg.dsn())
+
+
+@pytest.fixture(scope="session")
+def bao_with_engines(openbao: DevOpenBao, pg_cluster: PgCluster) -> BaoEngines:
+    """The session OpenBao with PKI, the child-token role and the PostgreSQL engine set up once."""
+    run_coro_in_thread(_configure(openbao, pg_cluster))
+    return BaoEngines(bao=openbao, pg=pg_cluster)

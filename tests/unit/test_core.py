@@ -1,0 +1,176 @@
+"""Configuration, sealing, audit redaction, the state tables and the public surfaces."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from broker import sdk
+from broker.audit import AuditRecord, redact
+from broker.config import load_settings, parse_duration
+from broker.errors import Conflict, ConfigError
+from broker.leases import TRANSITIONS as LEASE_TRANSITIONS
+from broker.leases import LeaseEvent, LeaseState
+from broker.leases import next_state as lease_next
+from broker.openapi import spec
+from broker.sealing import SealBroken, TokenSealer
+from broker.tasks import TRANSITIONS as TASK_TRANSITIONS
+from broker.tasks import TaskEvent, TaskState
+from broker.tasks import next_state as task_next
+from broker.vault import Sensitive
+
+MINIMAL = """
+[server]
+audience = "agent-broker"
+[vault]
+token_file = "token"
+[store]
+key_file = "store.key"
+url = "sqlite:///data/broker.db"
+"""
+
+
+class TestConfig:
+    def test_relative_paths_are_relative_to_the_file(self, tmp_path: Path) -> None:
+        """token_file, key_file and a relative SQLite path resolve beside the config file."""
+        (tmp_path / "b.toml").write_text(MINIMAL)
+        s = load_settings({}, tmp_path / "b.toml")
+        assert s.vault.token_file == tmp_path / "token"
+        assert s.store.url == f"sqlite:///{tmp_path}/data/broker.db"
+
+    def test_environment_overrides(self, tmp_path: Path) -> None:
+        """BROKER_<SECTION>_<KEY> overrides the file."""
+        (tmp_path / "b.toml").write_text(MINIMAL)
+        s = load_settings({"BROKER_VAULT_ADDR": "http://127.0.0.1:9", "BROKER_SERVER_LISTEN": "127.0.0.1:1"},
+                          tmp_path / "b.toml")
+        assert s.vault.addr == "http://127.0.0.1:9" and s.server.listen == "127.0.0.1:1"
+
+    @pytest.mark.parametrize("extra", ["[server]\nudience = 'typo'\n", "[bogus]\nx = 1\n"])
+    def test_unknown_keys_are_errors(self, tmp_path: Path, extra: str) -> None:
+        """A misspelt setting is an error, not a silent default."""
+        text = MINIMAL.replace("[server]\n", "[server]\n" + extra.split("\n", 1)[1]) if extra.startswith(
+            "[server]") else MINIMAL + extra
+        (tmp_path / "b.toml").write_text(text)
+        with pytest.raises(ConfigError):
+            load_settings({}, tmp_path / "b.toml")
+
+    def test_leeway_is_bounded(self, tmp_path: Path) -> None:
+        """A token leeway above 60 s is refused."""
+        (tmp_path / "b.toml").write_text(MINIMAL.replace('audience = "agent-broker"',
+                                                         'audience = "agent-broker"\ntoken_leeway = 300'))
+        with pytest.raises(ConfigError):
+            load_settings({}, tmp_path / "b.toml")
+
+    @pytest.mark.parametrize(("text", "seconds"), [(90, 90), ("90", 90), ("90s", 90), ("10m", 600),
+                                                   ("1h30m", 5400)])
+    def test_durations(self, text: object, seconds: int) -> None:
+        """Durations are seconds or h/m/s strings."""
+        assert parse_duration(text) == seconds
+
+    @pytest.mark.parametrize("text", ["", "0", "-5", "1d", "10 m", True, 1.5])
+    def test_bad_durations(self, text: object) -> None:
+        """Anything else is refused."""
+        with pytest.raises(ValueError):
+            parse_duration(text)
+
+
+class TestSealing:
+    def test_round_trip_bound_to_task(self, tmp_path: Path) -> None:
+        """A sealed token opens for its task only, and never shows in reprs."""
+        TokenSealer.generate_key_file(tmp_path / "k")
+        assert os.stat(tmp_path / "k").st_mode & 0o777 == 0o600
+        sealer = TokenSealer.from_file(tmp_path / "k")
+        blob = sealer.seal(Sensitive("s.abcdefghijklmnopqrstuvwx"), task_id="tsk_1")
+        assert b"abcdefghijklmnop" not in blob
+        assert sealer.open(blob, task_id="tsk_1").reveal() == "s.abcdefghijklmnopqrstuvwx"
+        with pytest.raises(SealBroken):
+            sealer.open(blob, task_id="tsk_2")
+        with pytest.raises(SealBroken):
+            sealer.open(blob[:-1] + bytes([blob[-1] ^ 1]), task_id="tsk_1")
+        assert "abcdef" not in repr(sealer) + repr(sealer.open(blob, task_id="tsk_1"))
+
+    def test_wrong_key_does_not_open(self, tmp_path: Path) -> None:
+        """Another key cannot open the token."""
+        TokenSealer.generate_key_file(tmp_path / "a")
+        TokenSealer.generate_key_file(tmp_path / "b")
+        blob = TokenSealer.from_file(tmp_path / "a").seal(Sensitive("s.x"), task_id="t")
+        with pytest.raises(SealBroken):
+            TokenSealer.from_file(tmp_path / "b").open(blob, task_id="t")
+
+    def test_key_file_readable_by_others_is_refused(self, tmp_path: Path) -> None:
+        """A store key readable by group or others is a configuration error."""
+        TokenSealer.generate_key_file(tmp_path / "k")
+        os.chmod(tmp_path / "k", 0o644)
+        with pytest.raises(ConfigError):
+            TokenSealer.from_file(tmp_path / "k")
+
+    def test_never_overwrites(self, tmp_path: Path) -> None:
+        """Generating a key where one exists fails instead of orphaning every sealed token."""
+        TokenSealer.generate_key_file(tmp_path / "k")
+        with pytest.raises(FileExistsError):
+            TokenSealer.generate_key_file(tmp_path / "k")
+
+
+class TestRedaction:
+    @pytest.mark.parametrize("secret", [
+        "s.AAAAAAAAAAAAAAAAAAAAAAAA", "hvs.CAESIJ0123456789abcdefghijklmnop",
+        "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+        "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----",
+    ])
+    def test_secret_shapes_never_reach_a_record(self, secret: str) -> None:
+        """Tokens, JWTs and private keys are replaced before a record is stored."""
+        rec = AuditRecord(0.0, "access.denied", "denied", reason=f"got {secret} from caller", resource=secret)
+        red = rec.redacted()
+        assert secret not in repr(red) and "[redacted]" in (red.reason or "")
+
+    def test_ordinary_text_is_kept(self) -> None:
+        """Paths, SPIFFE IDs and lease ids survive redaction unchanged."""
+        text = "database/creds/tickets-ro spiffe://example.org/agent/support-1 lse_abc"
+        assert redact(text) == text
+
+
+class TestStateTables:
+    def test_task_table_is_complete_and_terminal_states_are_final(self) -> None:
+        """Only an active task moves; every event from active lands in a terminal state."""
+        for state, event in itertools.product(TaskState, TaskEvent):
+            target = task_next(state, event)
+            assert (target is not None) == (state is TaskState.ACTIVE)
+            if target is not None:
+                assert TASK_TRANSITIONS[target] == {}
+
+    def test_lease_table(self) -> None:
+        """Revoked and expired leases are final; revocation passes through revoke_pending."""
+        assert lease_next(LeaseState.ACTIVE, LeaseEvent.REVOKE_REQUESTED) is LeaseState.REVOKE_PENDING
+        assert lease_next(LeaseState.REVOKE_PENDING, LeaseEvent.VAULT_REVOKED) is LeaseState.REVOKED
+        for state in (LeaseState.REVOKED, LeaseState.EXPIRED):
+            assert LEASE_TRANSITIONS[state] == {}
+            for event in LeaseEvent:
+                with pytest.raises(Conflict):
+                    lease_next(state, event)
+        with pytest.raises(Conflict):
+            lease_next(LeaseState.ACTIVE, LeaseEvent.VAULT_REVOKED)
+
+
+class TestSurfaces:
+    def test_sdk_surface_is_pinned(self) -> None:
+        """broker.sdk.__all__ is a contract with agents: changing it is a decision, not an accident."""
+        assert sorted(sdk.__all__) == ["AgentClient", "TaskSession", "TokenSource", "UserClient"]
+
+    def test_sdk_imports_only_models_and_errors(self) -> None:
+        """The SDK can be vendored with two modules."""
+        source = Path(sdk.__file__).read_text()
+        imports = {line.split()[1] for line in source.splitlines() if line.startswith(("from broker", "import broker"))}
+        assert imports <= {"broker", "broker.models"}
+        assert "from broker import errors" in source
+
+    def test_openapi_declares_security_on_every_protected_operation(self) -> None:
+        """Every operation but health and the spec itself declares bearer security."""
+        for path, ops in spec()["paths"].items():
+            for method, op in ops.items():
+                if path in ("/v1/health", "/v1/openapi.json"):
+                    assert "security" not in op
+                else:
+                    assert op["security"], (method, path)
