@@ -166,10 +166,10 @@ def _json(model: BaseModel, status: int = 200, *, no_store: bool = False) -> web
 def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
     return TaskOut(
         id=task.id, user=task.user, agent=task.agent, role=task.role, tenant=task.tenant, reason=task.reason,
-        state=task.state, created_at=task.created_at, expires_at=task.expires_at,  # type: ignore[arg-type]
+        state=task.state, created_at=task.created_at, expires_at=task.expires_at,
         ended_at=task.ended_at,
         leases=None if leases is None else [
-            LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state,  # type: ignore[arg-type]
+            LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state,
                      issued_at=x.issued_at, expires_at=x.expires_at, renewable=x.renewable)
             for x in leases
         ],
@@ -227,7 +227,7 @@ async def end_task(request: web.Request) -> web.Response:
     if not _is_party(ident, task):
         raise NotFound("no such task")
     result = await manager.end(task.id, by=ident)
-    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))  # type: ignore[arg-type]
+    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))
 
 
 def _float_param(request: web.Request, name: str) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, Literal
 
 Outcome = Literal["success", "denied", "failure", "pending"]
 
@@ -48,7 +48,7 @@ class AuditRecord:
 
     def redacted(self) -> AuditRecord:
         """A copy in which every string field has passed :func:`redact`."""
-        changes = {
+        changes: dict[str, Any] = {
             f.name: redact(v)
             for f in fields(self)
             if isinstance(v := getattr(self, f.name), str) and f.name not in ("event", "outcome")

@@ -113,13 +113,21 @@ async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | Non
 @click.option("--pg-dsn", envvar="BROKER_DEV_PG_DSN",
               help="An admin DSN of a PostgreSQL server: adds a database grant to the demo.")
 @click.option("--once", is_flag=True, help="Exit after the demo instead of serving until Ctrl-C.")
-def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool) -> None:
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the broker listens on.")
+@click.option("--vault-addr", envvar="BROKER_DEV_VAULT_ADDR",
+              help="Use this dev Vault/OpenBao instead of starting one (needs --vault-token).")
+@click.option("--vault-token", envvar="BROKER_DEV_VAULT_TOKEN", help="Root token of --vault-addr.")
+@click.option("--vault-audit-log", envvar="BROKER_DEV_VAULT_AUDIT_LOG", type=click.Path(path_type=Path),
+              help="Where --vault-addr writes its file audit device.")
+def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str, vault_addr: str | None,
+        vault_token: str | None, vault_audit_log: Path | None) -> None:
     """DEV ONLY: a dev OpenBao, dev identities, the broker on SQLite, and a demo agent walked through a task."""
     from broker.devmode import run_dev
 
     _setup_logging("warning")
     try:
-        code = asyncio.run(run_dev(workdir=workdir, port=port, pg_dsn=pg_dsn, once=once))
+        code = asyncio.run(run_dev(workdir=workdir, port=port, pg_dsn=pg_dsn, once=once, host=host,
+                                   vault_addr=vault_addr, vault_token=vault_token, vault_audit_log=vault_audit_log))
     except KeyboardInterrupt:
         code = 0
     except BrokerError as exc:

@@ -53,13 +53,13 @@ _MARKER = ".broker-dev"
 _CONFIG = """\
 # Written by `broker dev`. DEV ONLY: throwaway keys and a dev OpenBao that keeps nothing.
 [server]
-listen = "127.0.0.1:{port}"
+listen = "{host}:{port}"
 audience = "{audience}"
 
 [vault]
 addr = "{addr}"
 token_file = "vault-token"
-audit_log = "openbao/audit.log"
+{audit_log}
 
 [store]
 url = "sqlite:///broker.db"
@@ -137,7 +137,11 @@ def _prepare(workdir: Path) -> Path:
     return workdir.resolve()
 
 
-async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool) -> int:
+async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str = "127.0.0.1",
+                  vault_addr: str | None = None, vault_token: str | None = None,
+                  vault_audit_log: Path | None = None) -> int:
+    """Run the dev stack and the demo. With ``vault_addr`` (and its root token) use that dev Vault instead of
+    starting one, e.g. the OpenBao service of docker-compose.yml."""
     click.secho("broker dev: DEV ONLY. Throwaway OpenBao, throwaway keys, demo identities.", fg="yellow", bold=True)
     work = _prepare(workdir)
     loop = asyncio.get_running_loop()
@@ -147,16 +151,24 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool) -
         loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     steps = _Steps(7)
     bao: DevOpenBao | None = None
+    audit_log: Path | None
     runner: web.AppRunner | None = None
     try:
-        bao = await steps.run("Starting a dev OpenBao with a file audit device",
-                              asyncio.to_thread(start_dev_openbao, work / "openbao"))
-        click.echo(f"      {bao.addr}  (audit log {bao.audit_log})")
+        if vault_addr is None:
+            bao = await steps.run("Starting a dev OpenBao with a file audit device",
+                                  asyncio.to_thread(start_dev_openbao, work / "openbao"))
+            addr, root, audit_log = bao.addr, bao.root_token.reveal(), Path(bao.audit_log)
+        else:
+            if not vault_token:
+                raise click.ClickException("--vault-addr needs --vault-token (a dev root token)")
+            addr, root, audit_log = vault_addr, vault_token, vault_audit_log
+            steps.total -= 1
+        click.echo(f"      OpenBao {addr}  (audit log {audit_log or 'not given'})")
         async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, bao.addr, token=bao.root_token)
+            admin = VaultClient(session, addr, token=root)
             await steps.run("Secret engines: pki, a child-token role" + (", database" if pg_dsn else ""),
                             _engines(admin, pg_dsn))
-            config_path = _write_config(work, bao.addr, port, with_db=pg_dsn is not None)
+            config_path = _write_config(work, addr, host, port, audit_log, with_db=pg_dsn is not None)
             settings = load_settings({}, config_path)
             catalog = Catalog.from_settings(settings)
             changes = await steps.run("broker vault sync (policies, token roles, the broker's own token)",
@@ -164,9 +176,11 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool) -
             click.echo("      " + ", ".join(f"{c.kind} {c.name}: {c.action}" for c in changes))
             TokenSealer.generate_key_file(work / "store.key")
             runner = web.AppRunner(make_app(settings), access_log=None)
-            await steps.run(f"Broker on http://127.0.0.1:{port} (SQLite {work / 'broker.db'})", _start(runner, port))
+            await steps.run(f"Broker on http://{host}:{port} (SQLite {work / 'broker.db'})",
+                            _start(runner, host, port))
             idp, spiffe = DevIssuer.load(work / "idp.key"), DevIssuer.load(work / "spiffe.key")
-            await _demo(steps, f"http://127.0.0.1:{port}", idp, spiffe, admin, pg_dsn=pg_dsn)
+            local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 -- a comparison, not a bind
+            await _demo(steps, f"http://{local}:{port}", idp, spiffe, admin, pg_dsn=pg_dsn)
         _write_tokens(work, idp, spiffe)
         if once:
             return 0
@@ -202,12 +216,12 @@ async def _sync(admin: VaultClient, catalog: Catalog, token_file: Path) -> list[
     return changes
 
 
-async def _start(runner: web.AppRunner, port: int) -> None:
+async def _start(runner: web.AppRunner, host: str, port: int) -> None:
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, host, port).start()
 
 
-def _write_config(work: Path, addr: str, port: int, *, with_db: bool) -> Path:
+def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path | None, *, with_db: bool) -> Path:
     idp = DevIssuer.generate(kid="dev-idp-1")
     spiffe = DevIssuer.generate(kid="dev-spiffe-1")
     idp.save(work / "idp.key")
@@ -215,7 +229,8 @@ def _write_config(work: Path, addr: str, port: int, *, with_db: bool) -> Path:
     idp.write_jwks(work / "idp.jwks")
     spiffe.write_jwks(work / "spiffe-bundle.jwks")
     path = work / "broker.toml"
-    path.write_text(_CONFIG.format(port=port, audience=AUDIENCE, addr=addr, trust_domain=TRUST_DOMAIN,
+    path.write_text(_CONFIG.format(host=host, port=port, audience=AUDIENCE, addr=addr, trust_domain=TRUST_DOMAIN,
+                                   audit_log=f'audit_log = "{audit_log}"' if audit_log else "",
                                    issuer=IDP_ISSUER, role=ROLE, db_grant=_DB_GRANT if with_db else ""))
     return path
 

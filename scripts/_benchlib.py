@@ -130,20 +130,26 @@ def median(values: Sequence[float]) -> float:
 
 @dataclass
 class CpuMeter:
-    """User+system CPU seconds of one process (children excluded) between ``start`` and ``stop``."""
+    """CPU seconds of one process, all threads, children excluded, between ``start`` and ``stop``.
+
+    ``stop`` returns user+system; ``system`` holds the system part of the last interval.
+    """
 
     pid: int
-    _start: float = 0.0
+    _start: tuple[float, float] = (0.0, 0.0)
+    system: float = 0.0
 
-    def _now(self) -> float:
+    def _now(self) -> tuple[float, float]:
         t = psutil.Process(self.pid).cpu_times()
-        return float(t.user + t.system)
+        return float(t.user), float(t.system)
 
     def start(self) -> None:
         self._start = self._now()
 
     def stop(self) -> float:
-        return self._now() - self._start
+        user, system = self._now()
+        self.system = system - self._start[1]
+        return user - self._start[0] + self.system
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class PassResult:
     p50_ms: float
     p99_ms: float
     broker_cpu_ms_per_issue: float
+    broker_sys_ms_per_issue: float
     bao_cpu_ms_per_issue: float
     loadgen_cpu_ms_per_issue: float
     errors: dict[str, int] = field(default_factory=dict)
@@ -297,7 +298,8 @@ class Bench:
         return PassResult(
             grant=kind.key, concurrency=conc, rep=rep, mode=mode, n=n, ok=len(res.latencies),
             elapsed_s=res.elapsed, rps=res.rps, p50_ms=res.p(50), p99_ms=res.p(99),
-            broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
+            broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, broker_sys_ms_per_issue=meters[0].system * 1000 / ok,
+            bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors,
         )
 
@@ -430,6 +432,15 @@ def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _frame_name(frame: str) -> str:
+    """``func (/long/path/pkg/mod.py:123)`` -> ``func (pkg/mod.py)``: same-named modules stay apart."""
+    func, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    path = where.rsplit(":", 1)[0]
+    return f"{func} ({'/'.join(path.split('/')[-2:])})"
+
+
 def profile_summary(raw: Path, top: int = 25) -> str:
     """Top functions by own samples and by inclusive samples, from py-spy's raw (collapsed) output."""
     own: dict[str, int] = {}
@@ -441,8 +452,7 @@ def profile_summary(raw: Path, top: int = 25) -> str:
             continue
         count = int(count_s)
         total += count
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [_frame_name(f) for f in stack.split(";")]
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for f in set(frames):
             incl[f] = incl.get(f, 0) + count

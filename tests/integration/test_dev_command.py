@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 
+from broker.devstack import DevOpenBao
 from tests.support.pg import PgCluster
 
 
@@ -78,3 +79,20 @@ class TestDevCommand:
         while _children_named("bao", work) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _children_named("bao", work) == []
+
+
+class TestDevWithExistingVault:
+    def test_uses_the_given_vault(self, tmp_path: Path, throwaway_openbao: DevOpenBao) -> None:
+        """--vault-addr (as docker-compose.yml uses it) skips starting OpenBao and runs the demo against it."""
+        work = tmp_path / "dev"
+        out = subprocess.run([sys.executable, "-m", "broker", "dev", "--once", "--workdir", str(work),
+                              "--port", str(_free_port()), "--vault-addr", throwaway_openbao.addr,
+                              "--vault-audit-log", str(throwaway_openbao.audit_log)],
+                             env={**os.environ, "BROKER_DEV_VAULT_TOKEN": throwaway_openbao.root_token.reveal()},
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "[6/6]" in out.stdout and throwaway_openbao.addr in out.stdout
+        assert "2 leases revoked" in out.stdout
+        assert not (work / "openbao").exists()
+        # Vault's own audit device carries the delegation in the task token's metadata (not HMAC'd).
+        assert '"role":"demo-support","task":"tsk_' in throwaway_openbao.audit_log.read_text()

