@@ -22,8 +22,10 @@ from pydantic import BaseModel, ValidationError
 from broker import __version__
 from broker.delegation import Catalog, any_includes
 from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, NotFound, PayloadTooLarge
-from broker.identity import AgentIdentity, AgentVerifier, UserIdentity, UserVerifier
+from broker.identity import AgentIdentity, UserIdentity, UserVerifier
+from broker.identity.cache import VerifiedTokenCache
 from broker.leases import LeaseManager
+from broker.revocations import Revocations, RevocationStatus
 from broker.models import (
     AuditOut,
     AuditPage,
@@ -31,12 +33,19 @@ from broker.models import (
     CredentialRequest,
     EndOut,
     HealthOut,
+    LeaseListItem,
     LeaseOut,
+    LeasePage,
     Problem,
     RenewOut,
     RenewRequest,
+    RevocationCreate,
+    RevocationLift,
+    RevocationList,
+    RevocationOut,
     TaskCreate,
     TaskOut,
+    TaskPage,
 )
 from broker.store import LeaseRow, Store, TaskRow
 from broker.tasks import TaskManager
@@ -49,8 +58,9 @@ LEASES = web.AppKey("leases", LeaseManager)
 STORE = web.AppKey("store", Store)
 VAULT = web.AppKey("vault", VaultClient)
 CATALOG = web.AppKey("catalog", Catalog)
-AGENTS = web.AppKey("agent_verifier", AgentVerifier)
+AGENTS = web.AppKey("agent_verifier", VerifiedTokenCache[AgentIdentity])
 USERS = web.AppKey("user_verifier", UserVerifier)
+REVOCATIONS = web.AppKey("revocations", Revocations)
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 _MAX_TOKEN = 8192
@@ -90,6 +100,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
+        if exc.status == 413:
+            return problem(413, code, "Payload too large", "the request body is too large", request)
         return problem(exc.status, code, exc.reason, exc.reason, request)
     except Exception:
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request["request_id"])
@@ -283,12 +295,101 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(spec())
 
 
+def _staff(request: web.Request, user: UserIdentity, *, auditors: bool) -> None:
+    catalog = request.app[CATALOG]
+    if any_includes(catalog.operators, user) or (auditors and any_includes(catalog.auditors, user)):
+        return
+    raise Denied("operators only" if not auditors else "operators and auditors only",
+                 reason=f"{user.name} is not an operator")
+
+
+def _revocation_out(st: RevocationStatus) -> RevocationOut:
+    r = st.revocation
+    return RevocationOut(id=r.id, kind=r.kind, value=r.value, reason=r.reason,
+                         created_by=r.created_by, created_at=r.created_at, lock=r.lock, lifted_at=r.lifted_at,
+                         lifted_by=r.lifted_by, tasks=r.tasks, leases=r.leases, revoked=st.revoked, pending=st.pending,
+                         state="done" if st.done else "in_progress")
+
+
+async def create_revocation(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=False)
+    body = await _body(request, RevocationCreate)
+    kind, value = body.selector
+    st = await request.app[REVOCATIONS].revoke(user, kind=kind, value=value, reason=body.reason, wait=body.wait)
+    return _json(_revocation_out(st), 200 if st.done else 202)
+
+
+async def get_revocation(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=True)
+    return _json(_revocation_out(await request.app[REVOCATIONS].status(request.match_info["revocation_id"])))
+
+
+async def list_revocations(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=True)
+    active = request.query.get("active", "false").lower() in ("1", "true", "yes")
+    rows = await request.app[STORE].list_revocations(active_only=active)
+    statuses = [await request.app[REVOCATIONS].status(r.id) for r in rows]
+    return _json(RevocationList(revocations=[_revocation_out(s) for s in statuses]))
+
+
+async def lift_revocation(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=False)
+    body = await _body(request, RevocationLift)
+    st = await request.app[REVOCATIONS].lift(user, request.match_info["revocation_id"], reason=body.reason)
+    return _json(_revocation_out(st))
+
+
+def _page_args(request: web.Request) -> tuple[int, str | None, tuple[str, ...] | None]:
+    q = request.query
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer") from exc
+    state = q.get("state")
+    return limit, q.get("after"), (state,) if state else None
+
+
+async def list_leases(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=True)
+    limit, after, states = _page_args(request)
+    q = request.query
+    rows = await request.app[STORE].find_leases(user=q.get("user"), agent=q.get("agent"), task=q.get("task"),
+                                                tenant=q.get("tenant"), states=states, limit=limit, after=after)
+    items = [LeaseListItem(id=x.id, task=t.id, user=t.user, agent=t.agent, tenant=t.tenant, grant=x.grant,
+                           path=x.path, state=x.state, issued_at=x.issued_at,
+                           expires_at=x.expires_at, revoked_at=x.revoked_at) for x, t in rows]
+    next_after = f"{rows[-1][0].issued_at!r}:{rows[-1][0].id}" if len(rows) == limit else None
+    return _json(LeasePage(leases=items, next_after=next_after))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _staff(request, user, auditors=True)
+    limit, after, states = _page_args(request)
+    q = request.query
+    rows = await request.app[STORE].find_tasks(user=q.get("user"), agent=q.get("agent"), tenant=q.get("tenant"),
+                                               states=states, limit=limit, after=after)
+    next_after = f"{rows[-1].created_at!r}:{rows[-1].id}" if len(rows) == limit else None
+    return _json(TaskPage(tasks=[_task_out(t) for t in rows], next_after=next_after))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_post("/v1/tasks/{task_id}/credentials", issue_credential)
     app.router.add_post("/v1/tasks/{task_id}/end", end_task)
     app.router.add_post("/v1/leases/{lease_id}/renew", renew_lease)
+    app.router.add_get("/v1/leases", list_leases)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_post("/v1/revocations", create_revocation)
+    app.router.add_get("/v1/revocations", list_revocations)
+    app.router.add_get("/v1/revocations/{revocation_id}", get_revocation)
+    app.router.add_delete("/v1/revocations/{revocation_id}", lift_revocation)
     app.router.add_get("/v1/audit", list_audit)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)

@@ -28,7 +28,12 @@ from broker.identity import (
     StaticKeySource,
     UserVerifier,
 )
+from broker.identity.cache import VerifiedTokenCache
+from broker.faults import CrashHook, no_crash
 from broker.leases import LeaseManager
+from broker.limits import RateLimiter
+from broker.revocations import Maintenance, Revocations, Revoker
+from broker.store import LeaseLimits
 from broker.sealing import TokenSealer
 from broker.store import open_store
 from broker.tasks import TaskManager
@@ -60,15 +65,19 @@ def _key_source(jwks_file: object, jwks_url: str | None, session: aiohttp.Client
     return StaticKeySource(JwksKeySet.from_file(str(jwks_file)))
 
 
-def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """The broker's application. Dependencies open when it starts (``cleanup_ctx``)."""
+def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
+             crash: CrashHook = no_crash) -> web.Application:
+    """The broker's application. Dependencies open when it starts (``cleanup_ctx``).
+
+    ``crash`` is the crash-point hook of the crash-consistency tests; it does nothing by default.
+    """
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[api.error_middleware])
-    app.cleanup_ctx.append(_dependencies(settings, clock))
+    app.cleanup_ctx.append(_dependencies(settings, clock, crash))
     api.add_routes(app)
     return app
 
 
-def _dependencies(settings: Settings, clock: Callable[[], float]
+def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHook
                   ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         catalog = Catalog.from_settings(settings)
@@ -81,12 +90,13 @@ def _dependencies(settings: Settings, clock: Callable[[], float]
             store = await open_store(settings.store.url)
             try:
                 leeway = float(settings.server.token_leeway)
-                app[api.AGENTS] = AgentVerifier(
+                agents = AgentVerifier(
                     {t.trust_domain: _key_source(t.jwks_file, t.jwks_url, session) for t in settings.agents.trust},
                     audience=settings.server.audience, leeway=leeway,
                     max_lifetime=float(settings.agents.max_token_lifetime), clock=clock,
                     user_issuers=[i.issuer for i in settings.users.issuers],
                 )
+                app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
                 app[api.USERS] = UserVerifier(
                     [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim)
                      for i in settings.users.issuers],
@@ -95,16 +105,37 @@ def _dependencies(settings: Settings, clock: Callable[[], float]
                 app[api.CATALOG] = catalog
                 app[api.STORE] = store
                 app[api.VAULT] = vault
-                app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock,
-                                             confirm_timeout=settings.vault.revoke_confirm_timeout)
-                app[api.LEASES] = LeaseManager(catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock)
-                renewer = asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer")
+                revoker = Revoker(store=store, vault=vault, clock=clock,
+                                  confirm_timeout=settings.vault.revoke_confirm_timeout,
+                                  max_backoff=settings.maintenance.max_backoff)
+                app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
+                                             clock=clock, bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
+                                             crash=crash)
+                lim = settings.limits
+                app[api.LEASES] = LeaseManager(
+                    catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash,
+                    limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
+                    agent_rate=RateLimiter(rate=lim.issue_rate_per_agent, burst=lim.issue_burst_per_agent,
+                                           clock=time.monotonic),
+                    user_rate=RateLimiter(rate=lim.issue_rate_per_user, burst=lim.issue_burst_per_user,
+                                          clock=time.monotonic),
+                )
+                app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
+                m = settings.maintenance
+                maintenance = Maintenance(store=store, vault=vault, revoker=revoker, clock=clock, interval=m.interval,
+                                          intent_grace=m.intent_grace,
+                                          bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
+                                          sole_writer=settings.store.url.startswith("sqlite"))
+                background = [asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer"),
+                              asyncio.create_task(maintenance.run_forever(), name="maintenance")]
                 try:
                     yield
                 finally:
-                    renewer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renewer
+                    for t in background:
+                        t.cancel()
+                    for t in background:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await t
             finally:
                 await store.close()
 

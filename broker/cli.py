@@ -57,7 +57,9 @@ def serve(config: Path, log_level: str) -> None:
     host, port = settings.server.host_port
     try:
         # The access log names method, path, status and time: never headers, so never a bearer token.
-        web.run_app(make_app(settings), host=host, port=port, print=None,
+        from broker.faults import from_environ
+
+        web.run_app(make_app(settings, crash=from_environ(os.environ)), host=host, port=port, print=None,
                     access_log_format='%a "%r" %s %b %Tfs', handle_signals=True)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -133,3 +135,9 @@ def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str, vau
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)
+
+
+# Operator commands over the HTTP API (revoke, unlock, revocations, leases, tasks).
+from broker.opscli import register  # noqa: E402 -- registered on the group defined above
+
+register(main)

@@ -84,6 +84,31 @@ class VaultSettings(_Frozen):
     # How long `end` waits for Vault to confirm that a task's leases are gone before it reports
     # them `revoke_pending` (revoke-accessor returns before the leases are revoked).
     revoke_confirm_timeout: float = Field(default=5.0, gt=0, le=60)
+    # A task token is created with this short TTL and extended to the task's end only once the task
+    # is recorded: if the broker dies in between, the unrecorded token dies by itself this soon.
+    task_token_bootstrap_ttl: int = Field(default=30, ge=5, le=300)
+
+
+class LimitsSettings(_Frozen):
+    """Budgets that keep one runaway agent or user from flooding Vault (lease quotas are Enterprise-only)."""
+
+    max_live_leases_per_agent: int = Field(default=1000, ge=1)
+    max_live_leases_per_user: int = Field(default=5000, ge=1)
+    # Token buckets: sustained issuances per second and burst, per agent and per user.
+    issue_rate_per_agent: float = Field(default=50.0, gt=0)
+    issue_burst_per_agent: int = Field(default=100, ge=1)
+    issue_rate_per_user: float = Field(default=200.0, gt=0)
+    issue_burst_per_user: int = Field(default=400, ge=1)
+
+
+class MaintenanceSettings(_Frozen):
+    """The background loop: reconcile intents, retry revocations, mark expiries."""
+
+    interval: float = Field(default=2.0, gt=0, le=60)
+    # An open intent younger than this may belong to an issuance still in flight on some replica.
+    intent_grace: float = Field(default=30.0, gt=0, le=600)
+    # Revocation retries back off exponentially from 1 s up to this.
+    max_backoff: float = Field(default=60.0, ge=1, le=3600)
 
 
 class StoreSettings(_Frozen):
@@ -171,6 +196,8 @@ class Settings(_Frozen):
     agents: AgentsSettings = AgentsSettings()
     users: UsersSettings = UsersSettings()
     people: PeopleSettings = PeopleSettings()
+    limits: LimitsSettings = LimitsSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
     task_roles: tuple[TaskRoleSettings, ...] = ()
 
     @model_validator(mode="after")

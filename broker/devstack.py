@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from broker.vault import Sensitive, VaultClient
 __all__ = [
     "DEFAULT_DB_ROLES",
     "DevOpenBao",
+    "PersistentOpenBao",
     "RoleSQL",
     "configure_child_token_role",
     "configure_database",
@@ -45,6 +47,7 @@ __all__ = [
     "find_bao_binary",
     "seed_tickets_schema",
     "start_dev_openbao",
+    "start_persistent_openbao",
 ]
 
 AUDIT_DEVICE = "main"
@@ -217,6 +220,314 @@ def start_dev_openbao(
         last_reason = _log_tail(log_path)
     msg = "the dev OpenBao server did not start"
     raise VaultUnavailable(msg, reason=f"{msg}: {last_reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# A persistent (non-dev) OpenBao: integrated storage, init + unseal, survives stop/start with its data
+
+_RAFT_DIR = "raft"
+_BIND_RETRY_SECONDS = 5.0
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(
+    method: str, url: str, *, body: Mapping[str, object] | None = None, token: str | None = None, timeout: float = 2.0
+) -> tuple[int, object]:
+    """One loopback HTTP call without proxies; ``(status, parsed JSON or None)``; ``(0, None)`` if unreachable."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (loopback, http only)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("X-Vault-Token", token)
+    try:
+        with _NO_PROXY.open(req, timeout=timeout) as resp:
+            status, raw = int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = int(exc.code), exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, None
+    try:
+        return status, (json.loads(raw) if raw else None)
+    except ValueError:
+        return status, None
+
+
+def _write_persistent_config(workdir: Path, port: int, audit_log: Path) -> Path:
+    data_dir = workdir / _RAFT_DIR
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    api = f"http://127.0.0.1:{port}"
+    cluster = f"127.0.0.1:{port + 1}"
+    config = workdir / "openbao.hcl"
+    config.write_text(
+        "# Written by broker.devstack.start_persistent_openbao: integrated storage, loopback only.\n"
+        # performance_multiplier = 1: raft's election timeouts are 1 s instead of 5 s, so a single node
+        # elects itself (and `operator init` returns) in about a second instead of 5-10 s.
+        f'storage "raft" {{\n  path = {_hcl_string(str(data_dir))}\n  node_id = "n1"\n'
+        "  performance_multiplier = 1\n}\n"
+        f'listener "tcp" {{\n  address = {_hcl_string(f"127.0.0.1:{port}")}\n'
+        f"  cluster_address = {_hcl_string(cluster)}\n  tls_disable = true\n}}\n"
+        f"api_addr = {_hcl_string(api)}\n"
+        f"cluster_addr = {_hcl_string('https://' + cluster)}\n"
+        # OpenBao has no mlock (`disable_mlock` is an "unknown field" warning): not set on purpose.
+        f'audit "file" "{AUDIT_DEVICE}" {{\n'
+        f"  options {{\n    file_path = {_hcl_string(str(audit_log))}\n  }}\n}}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+@dataclass
+class PersistentOpenBao:
+    """A non-dev ``bao server`` on integrated storage (raft) in ``workdir``: it keeps its data across
+    ``stop()``/``start()``, on the same port, so clients keep their ``addr``.
+
+    ``start_persistent_openbao`` initialises it (one unseal key share) and leaves it unsealed and active.
+    ``stop()`` is idempotent; ``start()`` after ``stop()`` unseals with the saved key and waits until the
+    server is active, answers a token lookup and has restored its leases.
+    """
+
+    addr: str
+    port: int
+    root_token: Sensitive
+    unseal_key: Sensitive
+    audit_log: Path
+    workdir: Path
+    config: Path
+    bao_binary: str
+    startup_timeout: float = 30.0
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log: IO[bytes] | None = field(default=None, repr=False)
+    _log_offset: int = field(default=0, repr=False)
+
+    @property
+    def audit_device(self) -> str:
+        """The name of the declared file audit device (for ``sys/audit-hash/:device``)."""
+        return AUDIT_DEVICE
+
+    @property
+    def log_path(self) -> Path:
+        """The server's stdout/stderr, appended to by every start."""
+        return self.workdir / "openbao.log"
+
+    @property
+    def data_dir(self) -> Path:
+        """The raft data directory (what survives a restart)."""
+        return self.workdir / _RAFT_DIR
+
+    @property
+    def running(self) -> bool:
+        """The server process exists and has not exited (it may be sealed or SIGSTOPped)."""
+        return self.process is not None and self.process.poll() is None
+
+    # -- process control ------------------------------------------------------------------------
+
+    def _spawn(self, deadline: float) -> None:
+        """Start the process and wait until its API listener answers (sealed or not).
+
+        A bind failure (the port still held by a dying predecessor, or taken by someone else for a
+        moment) is retried for ``_BIND_RETRY_SECONDS``.
+        """
+        bind_deadline = time.monotonic() + _BIND_RETRY_SECONDS
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+        while True:
+            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log = self.log_path.open("ab")
+            self._log = log
+            self.process = subprocess.Popen(
+                [self.bao_binary, "server", f"-config={self.config}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
+            )
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                status, _ = _http("GET", self.addr + "/v1/sys/health", timeout=1)
+                if status:
+                    return
+                time.sleep(0.05)
+            output = self._log_since_start()
+            self.stop()
+            if "address already in use" in output and time.monotonic() < min(bind_deadline, deadline):
+                time.sleep(0.2)
+                continue
+            msg = "the persistent OpenBao server did not start"
+            raise VaultUnavailable(msg, reason=f"{msg}: {output[-2000:]}")
+
+    def _log_since_start(self) -> str:
+        with contextlib.suppress(OSError), self.log_path.open("rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode("utf-8", errors="replace")
+        return ""
+
+    def _fail(self, what: str) -> VaultUnavailable:
+        msg = f"the persistent OpenBao server {what}"
+        return VaultUnavailable(msg, reason=f"{msg}: {self._log_since_start()[-2000:]}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Wait for: ``sys/health`` 200 (initialised, unsealed, active), the root token's ``lookup-self``
+        answering 200, and the log line ``lease restore complete`` of this run."""
+        token = self.root_token.reveal()
+        stage = "did not become active"
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise self._fail("exited")
+            status, _ = _http("GET", self.addr + "/v1/sys/health", timeout=1)
+            if status == 200:
+                stage = "did not answer lookup-self"
+                status, _ = _http("GET", self.addr + "/v1/auth/token/lookup-self", token=token, timeout=1)
+                if status == 200:
+                    stage = "did not restore its leases"
+                    if "lease restore complete" in self._log_since_start():
+                        return
+            time.sleep(0.05)
+        raise self._fail(stage)
+
+    def start(self) -> None:
+        """Start the stopped server on the same port and data, unseal it, wait until ready.
+
+        A no-op when it is already running. Raises ``VaultUnavailable`` (log tail in ``reason``) if it
+        is not ready within ``startup_timeout`` seconds; the process is then stopped.
+        """
+        if self.running:
+            return
+        deadline = time.monotonic() + self.startup_timeout
+        self._spawn(deadline)
+        try:
+            self.unseal(deadline=deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """SIGTERM (or SIGKILL with ``kill=True``) the server, wait, SIGKILL if it lingers; always reap.
+
+        Works on a SIGSTOPped server too (it is sent SIGCONT after the signal). Idempotent.
+        """
+        proc = self.process
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                    proc.send_signal(signal.SIGCONT)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=timeout)
+            else:
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def pause(self) -> None:
+        """SIGSTOP the server: its port still accepts connections but nothing answers (a hung Vault)."""
+        if self.process is not None and self.running:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self.process is not None and self.running:
+            self.process.send_signal(signal.SIGCONT)
+
+    # -- seal state -----------------------------------------------------------------------------
+
+    def seal(self) -> None:
+        """``PUT sys/seal`` with the root token; returns once ``sys/health`` reports it sealed."""
+        status, body = _http("PUT", self.addr + "/v1/sys/seal", token=self.root_token.reveal(), timeout=10)
+        if status not in (200, 204):
+            msg = "sealing the persistent OpenBao failed"
+            raise VaultUnavailable(msg, reason=f"{msg}: HTTP {status} {body!r}"[:500])
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            status, _ = _http("GET", self.addr + "/v1/sys/health", timeout=1)
+            if status == 503:
+                return
+            time.sleep(0.05)
+        raise self._fail("did not seal")
+
+    def unseal(self, *, deadline: float | None = None) -> None:
+        """``PUT sys/unseal`` with the saved key, then wait until ready (active, token lookup, leases)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.startup_timeout
+        with contextlib.suppress(OSError):  # wait for a "lease restore complete" of this unseal, not an older one
+            self._log_offset = self.log_path.stat().st_size
+        status, body = _http(
+            "PUT", self.addr + "/v1/sys/unseal", body={"key": self.unseal_key.reveal()}, timeout=10
+        )
+        if status != 200:
+            msg = "unsealing the persistent OpenBao failed"
+            raise VaultUnavailable(msg, reason=f"{msg}: HTTP {status}")
+        self._wait_ready(deadline)
+
+
+def start_persistent_openbao(
+    workdir: Path,
+    *,
+    port: int | None = None,
+    bao_binary: str | None = None,
+    startup_timeout: float = 30,
+) -> PersistentOpenBao:
+    """Start a new non-dev OpenBao on integrated storage (raft) in ``workdir``, initialise and unseal it.
+
+    Writes ``workdir/openbao.hcl`` (raft at ``workdir/raft``, listener ``127.0.0.1:port``, cluster
+    listener ``port + 1``, file audit device ``main`` at ``workdir/audit.log``) and appends its output to
+    ``workdir/openbao.log``. ``operator init`` uses one key share; the unseal key and the root token stay
+    in the returned object (never on disk). With ``port=None`` a free port pair is picked.
+
+    Raises:
+        ConfigError: no ``bao`` binary, or ``workdir/raft`` already holds data.
+        VaultUnavailable: the server did not start, initialise or become ready in time (log tail in
+            ``reason``); the process is stopped.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_bao_binary(bao_binary)
+    if (workdir / _RAFT_DIR).exists() and any((workdir / _RAFT_DIR).iterdir()):
+        msg = f"{workdir / _RAFT_DIR} already holds data; start_persistent_openbao needs a fresh directory"
+        raise ConfigError(msg)
+    audit_log = workdir / "audit.log"
+    chosen = port if port is not None else _free_port_pair()
+    server = PersistentOpenBao(
+        addr=f"http://127.0.0.1:{chosen}",
+        port=chosen,
+        root_token=Sensitive(""),
+        unseal_key=Sensitive(""),
+        audit_log=audit_log,
+        workdir=workdir,
+        config=_write_persistent_config(workdir, chosen, audit_log),
+        bao_binary=binary,
+        startup_timeout=float(startup_timeout),
+    )
+    deadline = time.monotonic() + startup_timeout
+    server._spawn(deadline)
+    try:
+        # The HTTP form of `bao operator init -key-shares=1 -key-threshold=1 -format=json`. It blocks
+        # until the single raft node has elected itself leader.
+        status, body = _http(
+            "PUT",
+            server.addr + "/v1/sys/init",
+            body={"secret_shares": 1, "secret_threshold": 1},
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+        if status != 200 or not isinstance(body, dict):
+            raise server._fail(f"could not be initialised (HTTP {status})")
+        keys = body.get("keys_base64")
+        token = body.get("root_token")
+        if not (isinstance(keys, list) and keys and isinstance(keys[0], str) and isinstance(token, str)):
+            raise server._fail("answered sys/init without a key or root token")
+        server.unseal_key = Sensitive(keys[0])
+        server.root_token = Sensitive(token)
+        server.unseal(deadline=deadline)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 # --------------------------------------------------------------------------------------------------

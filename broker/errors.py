@@ -14,10 +14,13 @@ Hierarchy::
     │   ├── NotDelegator (403 not_delegator)
     │   ├── AgentNotAllowed (403 agent_not_allowed)
     │   ├── NotTaskAgent (403 not_task_agent)
-    │   └── GrantNotInRole (403 grant_not_in_role)
+    │   ├── GrantNotInRole (403 grant_not_in_role)
+    │   └── Locked (403 locked)                        -- an operator's lock on the user, agent or tenant
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
     ├── Gone (410 gone)                                -- the task is no longer active
+    ├── RateLimited (429 rate_limited, Retry-After)
+    │   └── BudgetExceeded (429 budget_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
@@ -96,6 +99,13 @@ class GrantNotInRole(Denied):
     title = "Grant is not part of the task's role"
 
 
+class Locked(Denied):
+    """An operator's revocation locked the user, agent or tenant: nothing new until it is lifted."""
+
+    code = "locked"
+    title = "Locked by an operator"
+
+
 class NotFound(BrokerError):
     code = "not_found"
     http_status = 404
@@ -112,6 +122,21 @@ class Gone(BrokerError):
     code = "gone"
     http_status = 410
     title = "Task is no longer active"
+
+
+class RateLimited(BrokerError):
+    code = "rate_limited"
+    http_status = 429
+    title = "Too many requests"
+
+    def __init__(self, message: str = "", *, reason: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
+
+
+class BudgetExceeded(RateLimited):
+    code = "budget_exceeded"
+    title = "Live credential budget exhausted"
 
 
 class PayloadTooLarge(BrokerError):

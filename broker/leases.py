@@ -5,8 +5,8 @@ Rules this file keeps:
 2. A credential is read from Vault with the task's own token, so Vault enforces the task's scope too,
    and revoking the task token revokes the credential.
 3. No audit record, no credential: the lease and its ``lease.issued`` record commit together, only
-   while the task is still active; if that commit fails, the credential is revoked before the error
-   is returned, and nothing is handed out.
+   while the task is still active and the issuance's intent still open; otherwise the issuance token
+   is revoked (taking the credential with it) before the error is returned, and nothing is handed out.
 4. The agent never sees Vault's lease id or the task token: only the broker's own lease id.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,12 +23,25 @@ from typing import Any
 
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, cap_ttl, check_grant
-from broker.errors import BadRequest, BrokerError, Conflict, Denied, Gone, NotFound, NotTaskAgent, VaultDenied
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Conflict,
+    Denied,
+    Gone,
+    NotFound,
+    NotTaskAgent,
+    RateLimited,
+    VaultBadResponse,
+    VaultDenied,
+)
+from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity
+from broker.limits import RateLimiter
 from broker.sealing import TokenSealer
-from broker.store import LeaseRow, Store, TaskRow
+from broker.store import Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
-from broker.vault import Sensitive, VaultClient, VaultSecret
+from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +107,19 @@ class Issued:
 
 class LeaseManager:
     def __init__(
-        self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float]
+        self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float],
+        limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
+        user_rate: RateLimiter | None = None, crash: CrashHook = no_crash,
     ) -> None:
         self._catalog = catalog
         self._store = store
         self._vault = vault
         self._sealer = sealer
         self._clock = clock
+        self._limits = limits
+        self._agent_rate = agent_rate
+        self._user_rate = user_rate
+        self._crash = crash
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -109,12 +129,20 @@ class LeaseManager:
         ))
 
     async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None) -> Issued:
-        """Obtain ``grant_name`` for the task's agent, read with the task token, recorded before it is returned.
+        """Obtain ``grant_name`` for the task's agent, recorded before it is returned.
+
+        The credential is read with a fresh child of the task token (the issuance token), whose accessor
+        the intent holds before Vault is asked for anything: whatever happens next, revoking that one
+        accessor removes exactly what this issuance obtained.
 
         Raises:
-            NotFound, NotTaskAgent, Gone, GrantNotInRole, ApprovalRequired: recorded as ``access.denied``.
+            RateLimited: the agent or the user asks too often (before any other work).
+            NotFound, NotTaskAgent, Gone, GrantNotInRole, ApprovalRequired, Locked, BudgetExceeded:
+                recorded as ``access.denied``.
             VaultUnavailable, VaultError, StoreUnavailable: nothing was handed out.
         """
+        if self._agent_rate is not None:
+            self._agent_rate.take(str(caller.spiffe_id), what="agent")
         now = self._clock()
         task = await self._store.get_task(task_id)
         try:
@@ -125,32 +153,58 @@ class LeaseManager:
             if grant.risk == "high":
                 raise ApprovalRequired("this grant needs an approval, which this broker does not offer yet",
                                        reason=f"high-risk grant {grant.name}")
-        except (NotFound, Denied, Gone, BadRequest) as exc:
-            if isinstance(exc, NotFound | NotTaskAgent):
-                # Don't let a stranger learn whose task an id is: record it without the task's people.
-                await self._denied(caller, None, task_id, f"grant:{grant_name}", "issue", exc)
-            else:
-                await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
+            if self._user_rate is not None:
+                self._user_rate.take(task.user, what="user")
+        except (NotFound, NotTaskAgent) as exc:
+            # Don't let a stranger learn whose task an id is: record it without the task's people.
+            await self._denied(caller, None, task_id, f"grant:{grant_name}", "issue", exc)
             raise
-        token = self._sealer.open(task.sealed_token, task_id=task.id)
+        except (Denied, Gone, BadRequest, RateLimited) as exc:
+            await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
+            raise
+        task_token = self._sealer.open(task.sealed_token, task_id=task.id)
+        lease_id = new_lease_id()
+        remaining = max(1, math.floor(task.expires_at - now))
+        issuance = await self._vault.create_child_token(
+            token=task_token, policies=[f"broker-task-{task.role}"], ttl=remaining, explicit_max_ttl=remaining,
+            meta={"task": task.id, "lease": lease_id, "grant": grant.name}, display_name=f"issue-{grant.name}",
+        )
+        self._crash("issue.after_token")
+        try:
+            await self._store.begin_issuance(
+                Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=issuance.accessor,
+                       created_at=now),
+                user=task.user, agent=task.agent, tenant=task.tenant, limits=self._limits)
+        except (Denied, Gone, RateLimited) as exc:
+            await self._revoke_token(issuance.accessor)
+            await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
+            raise
+        except BaseException:
+            await self._revoke_token(issuance.accessor)
+            raise
+        self._crash("issue.after_intent")
         try:
             secret = await self._vault.read_credential(
-                grant.path, token=token, method=grant.method,
+                grant.path, token=issuance.client_token, method=grant.method,
                 data=grant.request_params(task=task.id, agent=task.agent, user=task.user, tenant=task.tenant,
                                           role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
             )
-        except VaultDenied as exc:
-            # Vault refuses a revoked or expired task token: that is the task ending under us.
-            fresh = await self._store.get_task(task.id)
-            if fresh is None or fresh.state != "active":
-                gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
-                await self._denied(caller, task, task_id, grant.path, "issue", gone)
-                raise gone from exc
+            self._crash("issue.after_vault")
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance)
+        except BaseException as exc:
+            # Ambiguous or failed: whatever Vault may have issued dies with the issuance token.
+            await self._revoke_token(issuance.accessor)
+            await self._store.abort_intent(lease_id, now=self._clock())
+            if isinstance(exc, VaultDenied):
+                fresh = await self._store.get_task(task.id)
+                if fresh is None or fresh.state != "active":
+                    gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
+                    await self._denied(caller, task, task_id, grant.path, "issue", gone)
+                    raise gone from exc
             raise
-        return await self._record(caller, task, grant, secret, lease_ttl, token)
 
-    async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret,
-                      lease_ttl: int, token: Sensitive) -> Issued:
+    async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
+                      lease_ttl: int, issuance: VaultTokenAuth) -> Issued:
         now = self._clock()
         if secret.auth is not None:
             kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
@@ -164,44 +218,33 @@ class LeaseManager:
             data = dict(secret.data or {})
             if duration > lease_ttl and renewable:
                 # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
-                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=token)
+                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=issuance.client_token)
                 duration = info.ttl
         else:
             # Nothing to revoke: the broker hands out dynamic credentials only.
-            log.error("grant %s answered without a lease; refusing to hand it out", grant.name)
-            from broker.errors import VaultBadResponse
-
             raise VaultBadResponse("the grant's Vault path returned no lease",
                                    reason=f"{grant.path} returned no lease or token")
         lease = LeaseRow(
-            id=new_lease_id(), task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
+            id=lease_id, task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
-            state=LeaseState.ACTIVE, revoked_at=None,
+            state=LeaseState.ACTIVE, revoked_at=None, issuance_accessor=issuance.accessor,
         )
         record = AuditRecord(now, "lease.issued", "success", user=task.user, agent=task.agent, task=task.id,
                              tenant=task.tenant, resource=grant.path, action="issue", lease=lease.id,
                              vault_request_id=secret.request_id, reason=f"grant {grant.name}, ttl {lease_ttl}s")
-        try:
-            committed = await self._store.add_lease(lease, record)
-        except BaseException:
-            await self._kill(lease)
-            raise
-        if not committed:
-            await self._kill(lease)
+        if not await self._store.complete_issuance(lease, record):
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, grant.path, "issue", gone)
             raise gone
+        self._crash("issue.after_record")
         return Issued(lease, data)
 
-    async def _kill(self, lease: LeaseRow) -> None:
-        """Revoke a credential that must not be handed out. The task token's end would kill it too."""
+    async def _revoke_token(self, accessor: str) -> None:
+        """Revoke an issuance token whose credential must not be handed out. It dies with its task anyway."""
         try:
-            if lease.kind == "token":
-                await asyncio.shield(self._vault.revoke_accessor(lease.vault_lease_id))
-            else:
-                await asyncio.shield(self._vault.revoke_lease(lease.vault_lease_id))
-        except Exception:  # noqa: BLE001 -- it still dies with its task token
-            log.exception("could not revoke unrecorded lease %s; it dies with its task token", lease.id)
+            await asyncio.shield(self._vault.revoke_accessor(accessor))
+        except Exception:  # noqa: BLE001 -- the reconciler and the task token's end still get it
+            log.warning("could not revoke an issuance token now; it dies with its task token")
 
     async def renew(self, caller: AgentIdentity, lease_id: str, increment: int | None) -> LeaseRow:
         """Extend a lease, never past its grant's max TTL from now nor its task's end.
@@ -221,6 +264,7 @@ class LeaseManager:
             raise Conflict("this credential cannot be renewed; request a new one")
         ttl = cap_ttl(grant, view(task), increment, now=now)
         token = self._sealer.open(task.sealed_token, task_id=task.id)
+        # The task token may renew any lease of its own tree; the lease's own child token holds the same policy.
         info = await self._vault.renew_lease(lease.vault_lease_id, increment=ttl, token=token)
         expires_at = min(now + info.ttl, task.expires_at)
         record = AuditRecord(now, "lease.renewed", "success", user=task.user, agent=task.agent, task=task.id,

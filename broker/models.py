@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _GRANT = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -46,6 +46,76 @@ class RenewRequest(_Request):
     _ttl_validator = field_validator("increment", mode="before")(_ttl)
 
 
+class RevocationCreate(_Request):
+    """Exactly one selector, and a reason for the audit trail."""
+
+    user: str | None = Field(default=None, min_length=1, max_length=320)
+    agent: str | None = Field(default=None, min_length=1, max_length=2048)
+    task: str | None = Field(default=None, min_length=1, max_length=64)
+    tenant: str | None = Field(default=None, pattern=_GRANT)
+    reason: str = Field(min_length=1, max_length=500)
+    wait: float = Field(default=10.0, ge=0, le=60, description="Seconds to wait for Vault to confirm")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> RevocationCreate:
+        given = [k for k in ("user", "agent", "task", "tenant") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of user, agent, task, tenant")
+        return self
+
+    @property
+    def selector(self) -> tuple[Literal["user", "agent", "task", "tenant"], str]:
+        for k in ("user", "agent", "task", "tenant"):
+            value = getattr(self, k)
+            if value is not None:
+                return k, value
+        raise AssertionError("validated")
+
+
+class RevocationLift(_Request):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RevocationOut(BaseModel):
+    id: str
+    kind: Literal["user", "agent", "task", "tenant"]
+    value: str
+    reason: str
+    created_by: str
+    created_at: float
+    lock: bool = Field(description="Whether new tasks and credentials are blocked for this user, agent or tenant")
+    lifted_at: float | None = None
+    lifted_by: str | None = None
+    tasks: int = Field(description="Live tasks the revocation ended")
+    leases: int = Field(description="Live leases those tasks held")
+    revoked: int = Field(description="Leases Vault confirmed gone")
+    pending: int = Field(description="Leases not yet confirmed; the broker retries until Vault confirms")
+    state: Literal["in_progress", "done"]
+
+
+class RevocationList(BaseModel):
+    revocations: list[RevocationOut]
+
+
+class LeaseListItem(BaseModel):
+    id: str
+    task: str
+    user: str
+    agent: str
+    tenant: str
+    grant: str
+    path: str
+    state: Literal["active", "revoke_pending", "revoked", "expired"]
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None = None
+
+
+class LeasePage(BaseModel):
+    leases: list[LeaseListItem]
+    next_after: str | None
+
+
 class LeaseOut(BaseModel):
     id: str
     grant: str
@@ -68,6 +138,11 @@ class TaskOut(BaseModel):
     expires_at: float
     ended_at: float | None = None
     leases: list[LeaseOut] | None = None
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskOut]
+    next_after: str | None
 
 
 class CredentialOut(BaseModel):

@@ -2,11 +2,13 @@
 
 Rules this file keeps:
 1. The state machine is the table below; nothing else changes a task's state.
-2. Starting a task creates its Vault task token first and records the task with ``task.started`` in
-   one transaction; if that transaction fails, the token is revoked (fail closed).
-3. Ending is a fence, then a revocation: the task leaves ``active`` in the store first, so no new
-   lease can commit; then its token is revoked by accessor, which makes Vault revoke every lease and
-   child token it created; only when Vault confirms are the leases marked ``revoked``.
+2. Starting a task writes an intent (checking operator locks), creates the Vault task token with a
+   short bootstrap TTL, records the task with ``task.started`` in one transaction, then extends the
+   token to the task's end. If the record fails, the token is revoked; if the broker dies, the token
+   dies by itself within the bootstrap TTL.
+3. Ending is a fence, then a revocation (``revocations.Revoker``): the task leaves ``active`` in the
+   store first, so no new lease can commit; then its token is revoked by accessor, which makes Vault
+   revoke every lease and child token it created; only when Vault confirms are the leases ``revoked``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from dataclasses import dataclass
 
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, TaskView, check_start
-from broker.errors import BrokerError, NotFound, VaultError, VaultUnavailable
+from broker.errors import BadRequest, Denied, NotFound, VaultError, VaultUnavailable
+from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity, UserIdentity
+from broker.revocations import Revoker
 from broker.sealing import TokenSealer
-from broker.store import LeaseRow, Store, TaskRow
+from broker.store import Intent, LeaseRow, Store, TaskRow
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
@@ -84,59 +88,80 @@ class TaskManager:
         store: Store,
         vault: VaultClient,
         sealer: TokenSealer,
+        revoker: Revoker,
         clock: Callable[[], float],
-        confirm_timeout: float = 5.0,
+        bootstrap_ttl: int = 30,
+        crash: CrashHook = no_crash,
     ) -> None:
         self._catalog = catalog
         self._store = store
         self._vault = vault
         self._sealer = sealer
+        self._revoker = revoker
         self._clock = clock
-        self._confirm_timeout = confirm_timeout
+        self._bootstrap_ttl = bootstrap_ttl
+        self._crash = crash
 
     async def start(
         self, user: UserIdentity, *, agent: str, role: str, ttl: int, reason: str, tenant: str | None
     ) -> TaskRow:
         """Check the delegation, create the task token in Vault, record the task.
 
+        The token is created with a short bootstrap TTL (its explicit max TTL is already the task's end)
+        and extended only after the task is recorded: a crash in between leaves a token that dies by
+        itself within the bootstrap TTL, and an open intent that the reconciler closes.
+
         Raises:
             Denied subclasses: the delegation is not allowed (recorded as ``access.denied``).
+            Locked: an operator lock covers the user, the agent or the tenant.
             VaultUnavailable: Vault cannot be reached; nothing was recorded.
         """
         now = self._clock()
         try:
             decision = check_start(self._catalog, user, agent=agent, role=role, ttl=ttl, tenant=tenant)
-        except BrokerError as exc:
+            r = decision.role
+            task_id = new_task_id()
+            await self._store.begin_task(Intent(id=task_id, kind="task", task_id=task_id, grant=None, accessor=None,
+                                                created_at=now), user=user.name, agent=str(decision.agent),
+                                         tenant=r.tenant)
+        except (Denied, BadRequest) as exc:
             await self._store.append_audit(
                 AuditRecord(now, "access.denied", "denied", user=user.name, agent=agent, tenant=tenant,
                             resource=f"role:{role}", action="task.start", reason=exc.reason)
             )
             raise
-        r = decision.role
-        task_id = new_task_id()
+        self._crash("task.after_intent")
         auth = await self._vault.create_token_from_role(
             r.vault_policy,
             policies=[r.vault_policy],
-            ttl=decision.ttl,
+            ttl=min(self._bootstrap_ttl, decision.ttl),
             explicit_max_ttl=decision.ttl,
             meta={"task": task_id, "user": user.name, "agent": str(decision.agent), "tenant": r.tenant, "role": r.name},
             display_name=f"task-{r.name}",
         )
-        # Vault's own clock started the token's TTL: anchor the deadline no later than that.
-        expires_at = now + min(decision.ttl, auth.lease_duration)
+        self._crash("task.after_token")
         row = TaskRow(
             id=task_id, user=user.name, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
-            created_at=now, expires_at=expires_at, state=TaskState.ACTIVE, ended_at=None,
+            created_at=now, expires_at=now + decision.ttl, state=TaskState.ACTIVE, ended_at=None,
             token_accessor=auth.accessor, sealed_token=self._sealer.seal(auth.client_token, task_id=task_id),
         )
         record = AuditRecord(now, "task.started", "success", user=user.name, agent=row.agent, task=task_id,
                              tenant=r.tenant, resource=f"role:{r.name}", action="task.start", reason=reason)
         try:
-            await self._store.create_task(row, record)
+            recorded = await self._store.create_task(row, record)
         except BaseException:
-            # No record, no token: the task never existed.
             await _shielded_revoke(self._vault, auth.accessor)
             raise
+        if not recorded:  # the reconciler gave up on this start: it must not become a task
+            await _shielded_revoke(self._vault, auth.accessor)
+            raise VaultUnavailable("the task could not be started; retry", reason=f"intent {task_id} was aborted")
+        self._crash("task.after_record")
+        if decision.ttl > self._bootstrap_ttl:
+            try:
+                await self._vault.renew_self(token=auth.client_token, increment=decision.ttl)
+            except VaultError:
+                await self.end(task_id, by=user, event=TaskEvent.REVOKE, reason="could not extend the task token")
+                raise
         return row
 
     async def get(self, task_id: str) -> tuple[TaskRow, list[LeaseRow]]:
@@ -154,7 +179,8 @@ class TaskManager:
 
         Raises:
             NotFound: no such task.
-            VaultUnavailable: Vault could not confirm; leases stay ``revoke_pending``.
+            VaultUnavailable: Vault did not confirm in time; the leases stay ``revoke_pending`` and the
+                maintenance loop keeps retrying.
         """
         now = self._clock()
         actor = by.name if isinstance(by, UserIdentity) else str(by.spiffe_id)
@@ -168,63 +194,22 @@ class TaskManager:
             record = AuditRecord(now, event_name, "success", user=row.user, agent=row.agent, task=row.id,
                                  tenant=row.tenant, resource=f"role:{row.role}", action=str(event),
                                  reason=reason or f"by {actor}")
-            await self._store.fence_task(task_id, state=target, now=now, record=record)
+            await self._store.fence_tasks([task_id], state=target, now=now, records=[record])
             row = await self._store.get_task(task_id)
             assert row is not None
-        pending = await self._store.list_leases(task_id=task_id, states=("revoke_pending",))
-        if not pending and target is None:
+        if row.token_state == "revoked":
             return EndResult(row, revoked=0, pending=0)
-        await self._vault.revoke_accessor(row.token_accessor)
-        gone = await self._confirm(row, pending)
-        now = self._clock()
-        records = [
-            AuditRecord(now, "lease.revoked", "success", user=row.user, agent=row.agent, task=row.id,
-                        tenant=row.tenant, resource=lease.path, action="revoke", lease=lease.id,
-                        reason=f"task {row.state}")
-            for lease in pending if lease.id in gone
-        ]
-        await self._store.mark_revoked([lease.id for lease in pending if lease.id in gone], now=now, records=records)
-        left = len(pending) - len(gone)
-        if left:
-            raise VaultUnavailable("Vault has not confirmed the revocation yet; retry",
-                                   reason=f"{left} leases of task {row.id} still present in Vault")
-        return EndResult(row, revoked=len(gone), pending=0)
-
-    async def _confirm(self, row: TaskRow, leases: list[LeaseRow]) -> set[str]:
-        """Poll Vault until the task token and each lease are gone, within the confirmation timeout.
-
-        revoke-accessor answers before Vault has revoked the token's leases, so one look is not enough.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._confirm_timeout
-        gone: set[str] = set()
-        delay = 0.02
-        token_gone = False
-        while True:
-            try:
-                if not token_gone:
-                    token_gone = await self._vault.lookup_accessor(row.token_accessor) is None
-                for lease in leases:
-                    if lease.id not in gone and await _lease_gone(self._vault, lease):
-                        gone.add(lease.id)
-            except VaultError:
-                log.warning("confirming revocation of task %s failed; will retry", row.id)
-            if token_gone and len(gone) == len(leases):
-                return gone
-            if loop.time() + delay > deadline:
-                return gone if token_gone else set()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-
-async def _lease_gone(vault: VaultClient, lease: LeaseRow) -> bool:
-    if lease.kind == "token":
-        return await vault.lookup_accessor(lease.vault_lease_id) is None
-    return await vault.lookup_lease(lease.vault_lease_id) is None
+        settled = await self._revoker.settle([row])
+        row = await self._store.get_task(task_id)
+        assert row is not None
+        if settled.pending:
+            raise VaultUnavailable("Vault has not confirmed the revocation yet; the broker keeps retrying",
+                                   reason=f"{settled.pending} leases of task {task_id} not confirmed")
+        return EndResult(row, revoked=settled.revoked, pending=0)
 
 
 async def _shielded_revoke(vault: VaultClient, accessor: str) -> None:
     try:
         await asyncio.shield(vault.revoke_accessor(accessor))
-    except Exception:  # noqa: BLE001 -- best effort; the token still dies at its TTL
-        log.exception("could not revoke an unrecorded task token; it expires at its TTL")
+    except Exception:  # noqa: BLE001 -- best effort; the token still dies at its bootstrap TTL
+        log.exception("could not revoke an unrecorded task token; it expires at its bootstrap TTL")

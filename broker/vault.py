@@ -530,6 +530,47 @@ class VaultClient:
         except _Shape as exc:
             raise self._shape_error(op, exc) from exc
 
+    async def create_child_token(
+        self,
+        *,
+        token: str | Sensitive,
+        policies: Sequence[str],
+        ttl: int,
+        explicit_max_ttl: int,
+        meta: Mapping[str, str],
+        display_name: str,
+    ) -> VaultTokenAuth:
+        """POST /v1/auth/token/create -- a child of ``token`` (an issuance token under a task token).
+
+        The child holds no more than its parent's policies, dies with its parent, and everything read
+        with it is revoked when it is. HTTP 500 may mean it was created (see ``create_token_from_role``).
+        """
+        op = "create child token"
+        body = {
+            "policies": list(policies),
+            "ttl": f"{int(ttl)}s",
+            "explicit_max_ttl": f"{int(explicit_max_ttl)}s",
+            "meta": dict(meta),
+            "display_name": display_name,
+            "no_default_policy": True,
+            "renewable": False,
+        }
+        parsed = await self._call_json("POST", "auth/token/create", op, body=body, token=token)
+        try:
+            return _parse_auth(_mapping(parsed, "auth"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
+    async def renew_self(self, *, token: str | Sensitive, increment: int) -> VaultTokenAuth:
+        """POST /v1/auth/token/renew-self -- extend ``token``'s TTL (never past its explicit max TTL)."""
+        op = "renew token"
+        parsed = await self._call_json("POST", "auth/token/renew-self", op, body={"increment": f"{int(increment)}s"},
+                                       token=token)
+        try:
+            return _parse_auth(_mapping(parsed, "auth"))
+        except _Shape as exc:
+            raise self._shape_error(op, exc) from exc
+
     async def revoke_accessor(self, accessor: str, *, token: str | Sensitive | None = None) -> None:
         """POST /v1/auth/token/revoke-accessor -- revoke a token (and its leases and children) by accessor.
 

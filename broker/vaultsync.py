@@ -1,10 +1,11 @@
 """``broker vault sync``: the Vault side the broker needs, derived from the catalog. Rendering is pure.
 
 Written, each idempotent (a second run changes nothing):
-- one ACL policy per task role, ``broker-task-<role>``: exactly its grants' paths, plus renewing its
-  own leases (to shorten a database lease to the task's cap);
-- one token role per task role, same name: orphan task tokens that may carry only that policy, never
-  renewable, with an explicit max TTL of the role's max TTL (OpenBao ignores ``token_ttl`` on roles);
+- one ACL policy per task role, ``broker-task-<role>``: exactly its grants' paths, plus child tokens
+  of itself (one per issuance), renewing itself (from the bootstrap TTL to the task's end) and
+  renewing its own leases (to shorten a database lease to the task's cap);
+- one token role per task role, same name: orphan task tokens that may carry only that policy, with
+  an explicit max TTL of the role's max TTL (OpenBao ignores ``token_ttl`` on roles);
 - the broker's own policy ``agent-broker``: create tokens through exactly those token roles, look up
   and revoke them by accessor, look up and revoke leases. Nothing else: it cannot read a secret.
 """
@@ -27,8 +28,18 @@ def task_policy_hcl(role: TaskRole) -> str:
     for grant in role.grants.values():
         caps = '["read"]' if grant.method == "GET" else '["create", "update"]'
         lines.append(f'path "{grant.path}" {{ capabilities = {caps} }}  # grant {grant.name}')
-    lines += ["", "# Shorten or extend this task's own leases (the broker caps every TTL at the task's end).",
-              'path "sys/leases/renew" { capabilities = ["update"] }', ""]
+    lines += [
+        "",
+        "# Issuance tokens: each credential is read with a fresh child of the task token (no more than",
+        "# this policy), so that one credential can be revoked alone and a crash mid-issuance leaves an",
+        "# accessor to revoke.",
+        'path "auth/token/create" { capabilities = ["update"] }',
+        "# Extend the task token from its bootstrap TTL to the task's end, once the task is recorded.",
+        'path "auth/token/renew-self" { capabilities = ["update"] }',
+        "# Shorten or extend this task's own leases (the broker caps every TTL at the task's end).",
+        'path "sys/leases/renew" { capabilities = ["update"] }',
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -36,7 +47,8 @@ def task_token_role(role: TaskRole) -> dict[str, Any]:
     return {
         "allowed_policies": [role.vault_policy],
         "orphan": True,
-        "renewable": False,
+        # Renewable only so the broker can extend it from the bootstrap TTL; never past the explicit max.
+        "renewable": True,
         "token_type": "service",
         "token_explicit_max_ttl": role.max_ttl,
         "token_no_default_policy": True,

@@ -62,7 +62,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchlib import (  # noqa: E402
+from _benchlib import (
     BenchStack,
     CpuMeter,
     LoadResult,
@@ -74,10 +74,10 @@ from _benchlib import (  # noqa: E402
     wait_leases_drained,
 )
 
-from broker.config import load_settings  # noqa: E402
-from broker.delegation import Catalog, Grant  # noqa: E402
-from broker.sealing import TokenSealer  # noqa: E402
-from broker.vault import VaultClient  # noqa: E402
+from broker.config import load_settings
+from broker.delegation import Catalog, Grant
+from broker.sealing import TokenSealer
+from broker.vault import VaultClient
 
 ROLE = "bench"
 
@@ -100,6 +100,7 @@ GRANT_KINDS: dict[str, GrantKind] = {
 }
 GOAL_ADDED_P50_MS = 2.0
 GOAL_CPU_MS = 0.5
+END_TIMEOUT = aiohttp.ClientTimeout(total=300)  # ending a task confirms each of its leases in Vault
 
 
 @dataclass
@@ -118,6 +119,7 @@ class PassResult:
     p99_ms: float
     broker_cpu_ms_per_issue: float
     broker_sys_ms_per_issue: float
+    broker_loop_thread_ms_per_issue: float
     bao_cpu_ms_per_issue: float
     loadgen_cpu_ms_per_issue: float
     errors: dict[str, int] = field(default_factory=dict)
@@ -231,7 +233,7 @@ class Bench:
         """End through the broker; retry while it reports that Vault has not confirmed yet (503)."""
         for _ in range(10):
             async with self.session.post(f"{self.stack.broker_url}/v1/tasks/{task_id}/end",
-                                         headers=bearer(self.svids[i])) as resp:
+                                         headers=bearer(self.svids[i]), timeout=END_TIMEOUT) as resp:
                 if resp.status == 200:
                     return
                 if resp.status != 503:
@@ -299,6 +301,7 @@ class Bench:
             grant=kind.key, concurrency=conc, rep=rep, mode=mode, n=n, ok=len(res.latencies),
             elapsed_s=res.elapsed, rps=res.rps, p50_ms=res.p(50), p99_ms=res.p(99),
             broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, broker_sys_ms_per_issue=meters[0].system * 1000 / ok,
+            broker_loop_thread_ms_per_issue=meters[0].main_thread * 1000 / ok,
             bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors,
         )
@@ -417,7 +420,7 @@ def render_goals(rows: Sequence[tuple[str, str, bool]]) -> str:
 
 def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling the broker (GIL-holding and active samples only), raw collapsed stacks to ``out``."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--threads",
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -470,23 +473,32 @@ def profile_summary(raw: Path, top: int = 25) -> str:
 # Main
 
 
-async def run_bench(stack: BenchStack, args: argparse.Namespace, passes_out: list[PassResult]) -> None:
+async def run_bench(stack: BenchStack, args: argparse.Namespace, passes_out: list[PassResult]) -> bool:
+    """Run every cell; False when ``--time-limit`` stopped the run (the passes so far are kept)."""
     progress = Progress()
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        bench = Bench(stack, session, args, progress)
-        try:
-            await bench.run()
-        finally:
-            passes_out.extend(bench.passes)
+    limit = asyncio.timeout(args.time_limit)
+    try:
+        async with limit, aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            bench = Bench(stack, session, args, progress)
+            try:
+                await bench.run()
+            finally:
+                passes_out.extend(bench.passes)
+    except TimeoutError:
+        if not limit.expired():
+            raise  # a request timed out: a failure, not the global limit
+        print(f"time limit of {args.time_limit:.0f}s reached: aborting", file=sys.stderr)
+        return False
+    return True
 
 
 def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[PassResult], complete: bool) -> str:
     cells = summarise(passes)
     lines = [
-        f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, {info['openbao']}, "
-        f"{info['postgresql']}, {info['date']}",
+        (f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, {info['openbao']}, "
+         f"{info['postgresql']}, {info['date']}"),
         f"command: {' '.join(sys.argv)}",
         "" if complete else "INCOMPLETE RUN: only the cells below finished",
         render_table(cells),
@@ -516,10 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.profile:
                 profiler = start_profiler(stack.broker_pid, args.profile)
-            asyncio.run(asyncio.wait_for(run_bench(stack, args, passes), timeout=args.time_limit))
-            complete = True
-        except TimeoutError:
-            print(f"time limit of {args.time_limit:.0f}s reached: aborting", file=sys.stderr)
+            complete = asyncio.run(run_bench(stack, args, passes))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
         except Exception:

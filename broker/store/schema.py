@@ -7,7 +7,7 @@ checks that the migrated schema and this metadata agree.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -28,6 +28,12 @@ tasks = Table(
     Column("token_accessor", String(128), nullable=False),
     # The task token itself, sealed with AES-256-GCM under a key the store does not hold.
     Column("sealed_token", LargeBinary, nullable=False),
+    # Whether Vault still holds the task token: "live", "revoke_pending" (retried with backoff until
+    # Vault confirms) or "revoked". A task can be ended in the store before Vault confirms.
+    Column("token_state", String(16), nullable=False, server_default="live"),
+    Column("revoke_attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
+    Column("revocation_id", String(64)),
     Index("ix_tasks_user", "user"),
     Index("ix_tasks_agent", "agent"),
     Index("ix_tasks_tenant", "tenant"),
@@ -49,8 +55,45 @@ leases = Table(
     Column("renewable", Integer, nullable=False),
     Column("state", String(16), nullable=False),
     Column("revoked_at", Float),
+    # The per-issuance child token the credential was read with: revoking it revokes exactly this lease.
+    Column("issuance_accessor", String(128)),
     Index("ix_leases_task", "task_id"),
     Index("ix_leases_state", "state"),
+)
+
+# Written before every Vault call that creates something, completed after it is recorded. On start-up
+# the reconciler resolves what is still open: what Vault may have issued is revoked.
+intents = Table(
+    "intents",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the task id or lease id it will become
+    Column("kind", String(8), nullable=False),  # "task" or "lease"
+    Column("task_id", String(64), nullable=False),
+    Column("grant", String(64)),
+    Column("accessor", String(128)),  # the issuance token, for a lease intent
+    Column("created_at", Float, nullable=False),
+    Column("state", String(8), nullable=False),  # "open", "done", "aborted"
+    Column("resolved_at", Float),
+    Index("ix_intents_state", "state"),
+)
+
+# An operator's revocation by user, agent, task or tenant. For user, agent and tenant it is also a lock
+# that blocks new tasks and new credentials until an operator lifts it.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("value", String(2048), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_by", String(320), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("lock", Boolean, nullable=False),
+    Column("lifted_at", Float),
+    Column("lifted_by", String(320)),
+    Column("tasks", Integer, nullable=False),
+    Column("leases", Integer, nullable=False),
+    Index("ix_revocations_lock", "lock", "kind", "value"),
 )
 
 audit_events = Table(

@@ -49,7 +49,8 @@ class TestVaultSync:
         stored = await admin.read_policy("broker-task-support-triage")
         assert stored is not None and stored.strip() == task_policy_hcl(role).strip()
         paths = sorted(line.split('"')[1] for line in stored.splitlines() if line.startswith("path"))
-        assert paths == sorted([*(g.path for g in role.grants.values()), "sys/leases/renew"])
+        assert paths == sorted([*(g.path for g in role.grants.values()), "sys/leases/renew", "auth/token/create",
+                                "auth/token/renew-self"])
 
     async def test_broker_token_cannot_read_secrets(self, site: BrokerSite) -> None:
         """The broker's own token (policy agent-broker) is refused every secret path and every foreign token role."""

@@ -13,7 +13,8 @@ import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -21,16 +22,28 @@ import pytest_asyncio
 
 from broker.devstack import (
     DevOpenBao,
+    PersistentOpenBao,
     configure_child_token_role,
     configure_database,
     configure_pki,
     seed_tickets_schema,
+    start_persistent_openbao,
 )
-from broker.vault import VaultClient
+from broker.vault import Sensitive, VaultClient
 from tests.support.openbao import start_test_openbao
 from tests.support.pg import PgCluster, make_workdir, remove_workdir, start_scram_cluster
 
-__all__ = ["BaoEngines", "bao_with_engines", "openbao", "pg_cluster", "throwaway_openbao", "vault_admin"]
+__all__ = [
+    "BaoEngines",
+    "BaoServer",
+    "bao_with_engines",
+    "openbao",
+    "persistent_bao_with_engines",
+    "persistent_openbao",
+    "pg_cluster",
+    "throwaway_openbao",
+    "vault_admin",
+]
 
 T = TypeVar("T")
 
@@ -84,16 +97,34 @@ def pg_cluster() -> Iterator[PgCluster]:
         remove_workdir(workdir)
 
 
+class BaoServer(Protocol):
+    """What ``DevOpenBao`` and ``PersistentOpenBao`` have in common (what engine set-up and tests read)."""
+
+    @property
+    def addr(self) -> str: ...
+    @property
+    def root_token(self) -> Sensitive: ...
+    @property
+    def audit_log(self) -> Path: ...
+    @property
+    def workdir(self) -> Path: ...
+    @property
+    def audit_device(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class BaoEngines:
-    """The session OpenBao with example engines configured against ``pg``.
+    """An OpenBao with example engines configured against ``pg``.
+
+    ``bao`` is the session dev server (``bao_with_engines``) or a ``PersistentOpenBao``
+    (``persistent_bao_with_engines``): narrow it with ``isinstance`` to stop/start it.
 
     ``pki_issue`` = ``pki/issue/agents`` (EC certs with leases), ``child_role`` = token role
     ``agent-child``, database mount ``database`` with roles ``tickets-ro``/``tickets-rw``
     (default TTL 10m, max 1h) on connection ``tickets`` (database ``postgres``, table ``tickets``).
     """
 
-    bao: DevOpenBao
+    bao: BaoServer
     pg: PgCluster
     pki_issue: str = "pki/issue/agents"
     child_role: str = "agent-child"
@@ -101,7 +132,7 @@ class BaoEngines:
     db_creds_rw: str = "database/creds/tickets-rw"
 
 
-async def _configure(bao: DevOpenBao, pg: PgCluster) -> None:
+async def _configure(bao: BaoServer, pg: PgCluster) -> None:
     await seed_tickets_schema(pg.dsn())
     async with aiohttp.ClientSession() as session:
         client = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
@@ -115,3 +146,26 @@ def bao_with_engines(openbao: DevOpenBao, pg_cluster: PgCluster) -> BaoEngines:
     """The session OpenBao with PKI, the child-token role and the PostgreSQL engine set up once."""
     run_coro_in_thread(_configure(openbao, pg_cluster))
     return BaoEngines(bao=openbao, pg=pg_cluster)
+
+
+@pytest.fixture
+def persistent_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersistentOpenBao]:
+    """A non-dev OpenBao on raft storage for one test: ``stop()``/``start()`` keep its data and port.
+
+    Stopped (SIGKILL if SIGTERM does not do it within 10 s) at the end, whatever state the test left it in.
+    """
+    server = start_persistent_openbao(tmp_path_factory.mktemp("openbao-persistent"), startup_timeout=30)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def persistent_bao_with_engines(persistent_openbao: PersistentOpenBao, pg_cluster: PgCluster) -> BaoEngines:
+    """``persistent_openbao`` with PKI, the child-token role and the PostgreSQL engine (as ``bao_with_engines``).
+
+    ``engines.bao`` is the ``PersistentOpenBao`` (use the ``persistent_openbao`` fixture to get it typed).
+    """
+    run_coro_in_thread(_configure(persistent_openbao, pg_cluster))
+    return BaoEngines(bao=persistent_openbao, pg=pg_cluster)

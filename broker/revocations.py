@@ -1,0 +1,278 @@
+"""Revocation that Vault confirms, operator revocations and locks, and the maintenance loop.
+
+Rules this file keeps:
+1. A task is fenced in the store first (it leaves ``active``; its token and leases become
+   ``revoke_pending``); only then is its token revoked by accessor. Nothing new commits after the fence.
+2. "Revoked" means Vault confirmed it: the task token's accessor no longer resolves and every lease
+   (or child token) it held is gone. Until then the lease stays ``revoke_pending`` and is retried with
+   exponential backoff and jitter, by the maintenance loop, without an operator.
+3. A revocation by user, agent or tenant is also a lock, written in the same transaction as the fence,
+   that every later task start and issuance checks in the transaction that records its intent.
+4. Intents still open after a crash are resolved against Vault: the intent is marked ``aborting``
+   first (so a slow issuance can no longer complete it), then its issuance token is revoked, then it is
+   ``aborted``. What Vault issued under it dies with that token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from broker.audit import AuditRecord
+from broker.errors import BadRequest, NotFound, VaultError
+from broker.identity import UserIdentity
+from broker.store import LeaseRow, RevocationRow, Store, TaskRow
+from broker.vault import VaultClient
+
+log = logging.getLogger(__name__)
+
+Selector = Literal["user", "agent", "task", "tenant"]
+_LOCKING: frozenset[str] = frozenset({"user", "agent", "tenant"})
+
+
+@dataclass(frozen=True)
+class Settled:
+    revoked: int
+    pending: int
+
+
+class Revoker:
+    """Revokes fenced tasks' tokens in Vault and records only what Vault confirms."""
+
+    def __init__(self, *, store: Store, vault: VaultClient, clock: Callable[[], float],
+                 confirm_timeout: float = 5.0, max_backoff: float = 60.0, concurrency: int = 16) -> None:
+        self._store = store
+        self._vault = vault
+        self._clock = clock
+        self._confirm_timeout = confirm_timeout
+        self._max_backoff = max_backoff
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def settle(self, tasks: Sequence[TaskRow], *, timeout: float | None = None) -> Settled:
+        """Revoke and confirm each task; a task Vault does not confirm in time is retried later."""
+        results = await asyncio.gather(*(self._one(t, timeout or self._confirm_timeout) for t in tasks))
+        return Settled(revoked=sum(r.revoked for r in results), pending=sum(r.pending for r in results))
+
+    async def _one(self, task: TaskRow, timeout: float) -> Settled:
+        async with self._slots:
+            leases = await self._store.list_leases(task_id=task.id, states=("revoke_pending", "active"))
+            try:
+                await self._vault.revoke_accessor(task.token_accessor)
+                confirmed = await self._confirm(task, leases, timeout)
+            except VaultError as exc:
+                log.warning("revoking task %s: Vault did not answer (%s); will retry", task.id, exc.code)
+                confirmed = False
+            now = self._clock()
+            if not confirmed:
+                attempts = task.revoke_attempts + 1
+                backoff = min(self._max_backoff, 2.0 ** min(attempts, 16)) * random.uniform(0.5, 1.0)  # noqa: S311
+                await self._store.retry_later(task.id, attempts=attempts, next_attempt_at=now + backoff)
+                return Settled(0, len(leases))
+            expired = task.state == "expired"
+            records = [
+                AuditRecord(now, "lease.expired" if expired else "lease.revoked", "success", user=task.user,
+                            agent=task.agent, task=task.id, tenant=task.tenant, resource=lease.path,
+                            action="expire" if expired else "revoke", lease=lease.id,
+                            reason=f"task {task.state}; confirmed gone in Vault")
+                for lease in leases
+            ]
+            await self._store.confirm_revoked(task.id, lease_ids=[x.id for x in leases],
+                                              lease_state="expired" if expired else "revoked", now=now,
+                                              records=records)
+            return Settled(len(leases), 0)
+
+    async def _confirm(self, task: TaskRow, leases: list[LeaseRow], timeout: float) -> bool:
+        """Poll until the task token and every lease are gone (revoke-accessor answers before they are)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        remaining = list(leases)
+        token_gone = False
+        delay = 0.02
+        while True:
+            if not token_gone:
+                token_gone = await self._vault.lookup_accessor(task.token_accessor) is None
+            if token_gone and remaining:
+                alive = await asyncio.gather(*(_alive(self._vault, x) for x in remaining))
+                remaining = [x for x, a in zip(remaining, alive, strict=True) if a]
+            if token_gone and not remaining:
+                return True
+            if loop.time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+async def _alive(vault: VaultClient, lease: LeaseRow) -> bool:
+    if lease.kind == "token":
+        return await vault.lookup_accessor(lease.vault_lease_id) is not None
+    return await vault.lookup_lease(lease.vault_lease_id) is not None
+
+
+@dataclass(frozen=True)
+class RevocationStatus:
+    revocation: RevocationRow
+    revoked: int
+    pending: int
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
+
+
+class Revocations:
+    """Operator revocations by user, agent, task or tenant, and their locks."""
+
+    def __init__(self, *, store: Store, revoker: Revoker, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._revoker = revoker
+        self._clock = clock
+
+    async def revoke(self, operator: UserIdentity, *, kind: Selector, value: str, reason: str,
+                     wait: float) -> RevocationStatus:
+        """Fence every live task matching the selector (and lock it), then revoke in Vault for up to ``wait`` s.
+
+        Raises:
+            BadRequest: an empty selector value.
+        """
+        if not value:
+            raise BadRequest(f"{kind} must not be empty")
+        now = self._clock()
+        matching = await self._store.find_tasks(
+            states=("active",), limit=1_000_000, user=value if kind == "user" else None,
+            agent=value if kind == "agent" else None, task=value if kind == "task" else None,
+            tenant=value if kind == "tenant" else None)
+        live = {t.id for t in matching}
+        lease_count = 0
+        for t in matching:
+            lease_count += len(await self._store.list_leases(task_id=t.id, states=("active",)))
+        rev = RevocationRow(id="rvk_" + secrets.token_urlsafe(12), kind=kind, value=value, reason=reason,
+                            created_by=operator.name, created_at=now, lock=kind in _LOCKING, lifted_at=None,
+                            lifted_by=None, tasks=len(live), leases=lease_count)
+        records = [AuditRecord(now, "revocation.created", "success", user=operator.name,
+                               resource=f"{kind}:{value}", action="revoke",
+                               reason=f"{reason} ({len(live)} tasks{', locked' if rev.lock else ''}; {rev.id})")]
+        records += [AuditRecord(now, "task.revoked", "success", user=t.user, agent=t.agent, task=t.id,
+                                tenant=t.tenant, resource=f"role:{t.role}", action="revoke",
+                                reason=f"by {operator.name}: {reason} ({rev.id})") for t in matching]
+        fenced = await self._store.fence_tasks(sorted(live), state="revoked", now=now, records=records,
+                                               revocation=rev)
+        rows = [t for t in matching if t.id in set(fenced)]
+        await self._revoker.settle([_pending(t, rev.id) for t in rows], timeout=max(wait, 0.1))
+        return await self.status(rev.id)
+
+    async def status(self, revocation_id: str) -> RevocationStatus:
+        """Raises: NotFound."""
+        rev = await self._store.get_revocation(revocation_id)
+        if rev is None:
+            raise NotFound("no such revocation")
+        counts = await self._store.lease_counts(revocation_id=revocation_id)
+        return RevocationStatus(rev, revoked=counts.get("revoked", 0) + counts.get("expired", 0),
+                                pending=counts.get("revoke_pending", 0) + counts.get("active", 0))
+
+    async def lift(self, operator: UserIdentity, revocation_id: str, *, reason: str) -> RevocationStatus:
+        """Lift a lock. Lifting one that is not locked is harmless. Raises: NotFound."""
+        rev = await self._store.get_revocation(revocation_id)
+        if rev is None:
+            raise NotFound("no such revocation")
+        now = self._clock()
+        await self._store.lift_lock(revocation_id, by=operator.name, now=now, record=AuditRecord(
+            now, "lock.lifted", "success", user=operator.name, resource=f"{rev.kind}:{rev.value}", action="unlock",
+            reason=f"{reason} ({revocation_id})"))
+        return await self.status(revocation_id)
+
+
+def _pending(task: TaskRow, revocation_id: str) -> TaskRow:
+    return TaskRow(**{**task.__dict__, "state": "revoked", "token_state": "revoke_pending",
+                      "revocation_id": revocation_id})
+
+
+class Maintenance:
+    """The background loop: expire, reconcile intents, retry revocations. Bounded work per tick."""
+
+    def __init__(self, *, store: Store, vault: VaultClient, revoker: Revoker, clock: Callable[[], float],
+                 interval: float, intent_grace: float, bootstrap_ttl: float, sole_writer: bool) -> None:
+        self._store = store
+        self._vault = vault
+        self._revoker = revoker
+        self._clock = clock
+        self._interval = interval
+        self._grace = intent_grace
+        self._bootstrap_ttl = bootstrap_ttl
+        self._started = clock()
+        # With SQLite there is one broker: at start-up every open intent is a dead process's.
+        self._sole_writer = sole_writer
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 -- the loop must survive a bad tick; the next one retries
+                log.exception("maintenance tick failed")
+            await asyncio.sleep(self._interval)
+
+    async def tick(self) -> None:
+        now = self._clock()
+        await self._expire_tasks(now)
+        await self._reconcile(now)
+        due = await self._store.tasks_due_for_revocation(now=now)
+        if due:
+            await self._revoker.settle(due)
+        await self._expire_leases(now)
+
+    async def _expire_tasks(self, now: float) -> None:
+        due = await self._store.find_tasks(states=("active",), expires_before=now, limit=500)
+        if not due:
+            return
+        records = [AuditRecord(now, "task.expired", "success", user=t.user, agent=t.agent, task=t.id,
+                               tenant=t.tenant, resource=f"role:{t.role}", action="expire",
+                               reason="deadline reached") for t in due]
+        await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records)
+
+    async def _expire_leases(self, now: float) -> None:
+        """Leases past their own expiry, in tasks still running: marked once Vault no longer has them."""
+        due = await self._store.find_leases(states=("active",), expires_before=now, limit=500)
+        gone: list[tuple[LeaseRow, TaskRow]] = []
+        for lease, task in due:
+            try:
+                if not await _alive(self._vault, lease):
+                    gone.append((lease, task))
+            except VaultError:
+                return
+        if gone:
+            await self._store.expire_leases([x.id for x, _ in gone], now=now, records=[
+                AuditRecord(now, "lease.expired", "success", user=t.user, agent=t.agent, task=t.id, tenant=t.tenant,
+                            resource=x.path, action="expire", lease=x.id, reason="TTL elapsed; gone in Vault")
+                for x, t in gone])
+
+    async def _reconcile(self, now: float) -> None:
+        cutoff = max(self._started, now - self._grace) if self._sole_writer else now - self._grace
+        for intent in await self._store.open_intents(created_before=cutoff):
+            if intent.kind == "task":
+                # Its token was created with the bootstrap TTL and dies by itself: wait that long, then close.
+                if intent.created_at + self._bootstrap_ttl < now:
+                    await self._store.abort_intent(intent.id, now=now, record=AuditRecord(
+                        now, "task.aborted", "failure", task=intent.task_id, action="task.start",
+                        reason="the broker stopped before recording the task; its token expired unused"))
+                continue
+            if intent.state == "open" and not await self._store.abort_intent(intent.id, now=now, state="aborting"):
+                continue  # completed meanwhile
+            try:
+                if intent.accessor:
+                    await self._vault.revoke_accessor(intent.accessor)
+                    if await self._vault.lookup_accessor(intent.accessor) is not None:
+                        continue  # not confirmed yet: the next tick retries
+            except VaultError:
+                return
+            task = await self._store.get_task(intent.task_id)
+            await self._store.finish_abort(intent.id, now=now, record=AuditRecord(
+                now, "lease.aborted", "failure", user=task.user if task else None, agent=task.agent if task else None,
+                task=intent.task_id, tenant=task.tenant if task else None, resource=f"grant:{intent.grant}",
+                action="issue", lease=intent.id,
+                reason="the broker stopped mid-issuance; anything Vault issued was revoked"))

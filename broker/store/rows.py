@@ -1,0 +1,85 @@
+"""Rows as the store returns them: frozen dataclasses, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.audit import AuditRecord
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: str
+    user: str
+    agent: str
+    role: str
+    tenant: str
+    reason: str
+    created_at: float
+    expires_at: float
+    state: str
+    ended_at: float | None
+    token_accessor: str
+    sealed_token: bytes
+    token_state: str = "live"
+    revoke_attempts: int = 0
+    next_attempt_at: float | None = None
+    revocation_id: str | None = None
+
+    def __repr__(self) -> str:  # the sealed token is not secret without the key, but keep reprs short
+        return f"TaskRow(id={self.id!r}, user={self.user!r}, agent={self.agent!r}, state={self.state!r})"
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    id: str
+    task_id: str
+    grant: str
+    path: str
+    kind: str
+    vault_lease_id: str
+    issued_at: float
+    expires_at: float
+    renewable: bool
+    state: str
+    revoked_at: float | None
+    issuance_accessor: str | None = None
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: str
+    kind: str
+    task_id: str
+    grant: str | None
+    accessor: str | None
+    created_at: float
+    state: str = "open"
+    resolved_at: float | None = None
+
+
+@dataclass(frozen=True)
+class RevocationRow:
+    id: str
+    kind: str
+    value: str
+    reason: str
+    created_by: str
+    created_at: float
+    lock: bool
+    lifted_at: float | None
+    lifted_by: str | None
+    tasks: int
+    leases: int
+
+
+@dataclass(frozen=True)
+class LeaseLimits:
+    per_agent: int
+    per_user: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    record: AuditRecord
