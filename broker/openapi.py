@@ -10,6 +10,12 @@ from pydantic import BaseModel
 from broker import __version__
 from broker.models import (
     AuditPage,
+    LeasePage,
+    RevocationCreate,
+    RevocationLift,
+    RevocationList,
+    RevocationOut,
+    TaskPage,
     CredentialOut,
     CredentialRequest,
     EndOut,
@@ -23,7 +29,7 @@ from broker.models import (
 
 _MODELS: tuple[type[BaseModel], ...] = (
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
-    Problem,
+    Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage,
 )
 
 
@@ -34,7 +40,8 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 def _problems(*statuses: int) -> dict[str, Any]:
     texts = {400: "Malformed request", 401: "Token did not verify", 403: "Denied by the catalog",
              404: "Not found (or not yours)", 409: "Conflict", 410: "Task no longer active",
-             413: "Body too large", 502: "Vault refused or answered badly",
+             413: "Body too large", 429: "Rate limit or live-credential budget; see Retry-After",
+             502: "Vault refused or answered badly",
              503: "Vault or the store is unavailable; see Retry-After"}
     return {
         str(s): {"description": texts[s], "content": {"application/problem+json": {"schema": _ref(Problem)}}}
@@ -74,8 +81,10 @@ def spec() -> dict[str, Any]:
         for name, sub in schema.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = schema
-    auth_errors = (400, 401, 403, 404, 409, 410, 413, 502, 503)
-    return {
+    auth_errors = (400, 401, 403, 404, 409, 410, 413, 429, 502, 503)
+    filters = [_query("user"), _query("agent"), _query("tenant"), _query("state"), _query("after"),
+               _query("limit", "integer")]
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Agent secrets broker", "version": __version__,
                  "description": "Task-scoped, short-lived Vault credentials for AI agents, delegated by people."},
@@ -88,7 +97,24 @@ def spec() -> dict[str, Any]:
         },
         "paths": {
             "/v1/tasks": {"post": _op("Start a task: delegate a role to an agent", "user", (201, TaskOut),
-                                      (400, 401, 403, 413, 502, 503), body=TaskCreate)},
+                                      (400, 401, 403, 413, 502, 503), body=TaskCreate),
+                          "get": _op("Tasks, filtered and paged (operators, auditors)", "user", (200, TaskPage),
+                                     (400, 401, 403, 503), params=filters)},
+            "/v1/leases": {"get": _op("Leases, filtered and paged (operators, auditors)", "user", (200, LeasePage),
+                                      (400, 401, 403, 503), params=[*filters, _query("task")])},
+            "/v1/revocations": {
+                "post": {**_op("Revoke by user, agent, task or tenant; user/agent/tenant also lock (operators). "
+                               "200 when Vault confirmed everything within `wait`, else 202", "user",
+                               (200, RevocationOut), (400, 401, 403, 413, 503), body=RevocationCreate)},
+                "get": _op("Revocations and locks; ?active=true for live locks (operators, auditors)", "user",
+                           (200, RevocationList), (401, 403, 503), params=[_query("active", "boolean")]),
+            },
+            "/v1/revocations/{revocation_id}": {
+                "get": _op("A revocation's progress (operators, auditors)", "user", (200, RevocationOut),
+                           (401, 403, 404, 503), params=[_path_param("revocation_id")]),
+                "delete": _op("Lift a revocation's lock (operators)", "user", (200, RevocationOut),
+                              (400, 401, 403, 404, 503), body=RevocationLift, params=[_path_param("revocation_id")]),
+            },
             "/v1/tasks/{task_id}": {"get": {**_op("A task and its leases (its user, its agent, operators, auditors)",
                                                   "user", (200, TaskOut), (401, 404, 503),
                                                   params=[_path_param("task_id")]),
@@ -118,3 +144,8 @@ def spec() -> dict[str, Any]:
                                                                "content": {"application/json": {}}}}}},
         },
     }
+    doc["paths"]["/v1/revocations"]["post"]["responses"]["202"] = {
+        "description": "Fenced and locked; Vault has not confirmed every lease yet (poll the revocation)",
+        "content": {"application/json": {"schema": _ref(RevocationOut)}},
+    }
+    return doc

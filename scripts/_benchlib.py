@@ -259,6 +259,16 @@ timeout = 30
 url = "sqlite:///{root}/broker.db"
 key_file = "store.key"
 
+# The broker's budgets are raised so that the benchmarks measure the broker, not its rate limiter: one
+# simulated agent issues ~1,000 credentials a second at most, a user 10,000+ leases in bench_revoke.
+[limits]
+max_live_leases_per_agent = 1000000
+max_live_leases_per_user = 1000000
+issue_rate_per_agent = 100000.0
+issue_burst_per_agent = 100000
+issue_rate_per_user = 100000.0
+issue_burst_per_user = 100000
+
 [[agents.trust]]
 trust_domain = "{td}"
 jwks_file = "spiffe.jwks"
@@ -451,9 +461,13 @@ class BenchStack:
         path = self.workdir / "broker.log"
         return path.read_text(errors="replace")[-limit:] if path.exists() else ""
 
-    def user_token(self) -> str:
-        return self.idp.mint_id_token(issuer=IDP, subject=USER, email=USER, groups=USER_GROUPS, audience=AUDIENCE,
+    def user_token(self, user: str = USER, groups: Sequence[str] = USER_GROUPS) -> str:
+        return self.idp.mint_id_token(issuer=IDP, subject=user, email=user, groups=tuple(groups), audience=AUDIENCE,
                                       auth_time=time.time())
+
+    def operator_token(self) -> str:
+        """An ID token of a member of ``group:secops`` (the config's operators)."""
+        return self.user_token("secops-bench@example.com", ("secops",))
 
     def agent_svid(self, i: int, ttl: float) -> str:
         return self.spiffe.mint_svid(agent_id(i), audience=AUDIENCE, ttl=ttl)
@@ -479,3 +493,51 @@ async def wait_leases_drained(session: aiohttp.ClientSession, bao: DevOpenBao, p
         await asyncio.sleep(0.25)
         left = await admin_lease_count(session, bao, prefix)
     return left
+
+
+async def admin_lease_keys(session: aiohttp.ClientSession, bao: DevOpenBao, prefix: str) -> list[str]:
+    """The keys OpenBao lists one level under ``prefix`` (leases, and sub-prefixes ending in ``/``); 404 = none."""
+    url = f"{bao.addr}/v1/sys/leases/lookup/{prefix.strip('/')}/"
+    async with session.request("LIST", url, headers={"X-Vault-Token": bao.root_token.reveal()}) as resp:
+        if resp.status == 404:
+            return []
+        resp.raise_for_status()
+        body = await resp.json()
+    return list(body.get("data", {}).get("keys", []))
+
+
+class AuditTail:
+    """Vault requests seen by the file audit device from ``mark()`` on, counted by (operation, path).
+
+    Reads only the ``request`` records appended since the mark, so it counts what OpenBao was asked
+    (by anyone) in a window: the broker's Vault calls when nothing else talks to OpenBao.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def mark(self) -> None:
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def counts(self) -> dict[str, int]:
+        import json
+        import re
+        out: dict[str, int] = {}
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        for line in data.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("type") != "request":
+                continue
+            req = rec.get("request", {})
+            path = str(req.get("path", "?"))
+            # Group lease ids and per-role paths so the table stays short.
+            path = re.sub(r"^(sys/leases/(lookup|revoke(-prefix)?))/.*$", r"\1", path)
+            key = f"{req.get('operation', '?')} {path}"
+            out[key] = out.get(key, 0) + 1
+        return out

@@ -11,6 +11,14 @@ What it measures
       (``python -m broker serve``, SQLite store), which verifies the agent's JWT-SVID, checks the
       task, reads the same path with the same task token, and commits the lease plus its audit record.
 
+    and, to price the broker's second Vault call separately,
+
+    * **direct2** (Vault-side cost of the issuance token): the two calls the broker makes per credential
+      since issuance became crash-consistent -- ``POST auth/token/create`` (a child of the task token,
+      same policies, TTL, metadata and display name as ``LeaseManager.issue``), then the read with that
+      child token -- straight from OpenBao, without the broker. ``direct2 - direct`` is what the extra
+      call costs OpenBao; ``broker - direct2`` is what the broker itself adds. Skip with ``--no-direct2``.
+
     Each simulated agent has its own task (started by a user through the broker) and one JWT-SVID
     minted once and reused for the whole run, as a real agent reuses its SVID for minutes. The direct
     calls use the task token the broker holds: read from the broker's SQLite store and opened with the
@@ -18,8 +26,8 @@ What it measures
     the grant's max TTL, so the broker never renews to shorten them in the timed part.
 
     Every (grant, concurrency) cell runs ``--reps`` repetitions (default 3). One repetition: start the
-    tasks, warm up both paths, time direct and broker passes back to back (the order alternates between
-    repetitions, because the machine is shared and noisy), end the tasks through the broker, and wait
+    tasks, warm up every path, time the direct, direct2 and broker passes back to back (the order rotates
+    between repetitions, because the machine is shared and noisy), end the tasks through the broker, and wait
     until OpenBao has revoked every lease of that grant, so revocations never overlap a timed pass.
     Figures are medians over the repetitions.
 
@@ -132,6 +140,7 @@ class Cell:
     grant: str
     concurrency: int
     direct_rps: float
+    direct2_rps: float
     broker_rps: float
     ratio: float
     direct_p50: float
@@ -142,6 +151,10 @@ class Cell:
     broker_cpu_ms: float
     bao_cpu_direct_ms: float
     bao_cpu_broker_ms: float
+    bao_cpu_direct2_ms: float
+    direct2_p50: float
+    broker_loop_ms: float
+    broker_sys_ms: float
     errors: int
 
 
@@ -164,6 +177,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-n", type=int, default=GRANT_KINDS["token"].default_n,
                    help="timed issuances per pass for child tokens (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=40, help="untimed issuances per path before each rep (default: 40)")
+    p.add_argument("--no-direct2", action="store_true",
+                   help="skip the two-call direct pass (issuance token + read) that prices the extra Vault call")
     p.add_argument("--time-limit", type=float, default=900, help="abort after this many seconds (default: 900)")
     p.add_argument("--json", type=Path, help="also write the machine info, every pass and the cells here")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -252,6 +267,25 @@ class Bench:
             raise RuntimeError(msg)
         return self.sealer.open(bytes(row[0]), task_id=task_id).reveal()
 
+    def direct2_op(self, kind: GrantKind, task_id: str, i: int, token: str) -> Callable[[], Awaitable[None]]:
+        """What the broker sends OpenBao per credential: a child of the task token, then the read with it."""
+        grant = self.grant(kind)
+        assert self.stack.bao is not None
+        client = VaultClient(self.session, self.stack.bao.addr, token=token, timeout=30)
+        ttl = grant.max_ttl
+        data = grant.request_params(task=task_id, agent=agent_id(i), user="alice@example.com", tenant="acme",
+                                    role=ROLE, ttl=ttl) if grant.method == "POST" else None
+        remaining = 3000  # the task's remaining life (1h task, a few minutes in); the value does not matter
+
+        async def op() -> None:
+            child = await client.create_child_token(
+                token=token, policies=[f"broker-task-{ROLE}"], ttl=remaining, explicit_max_ttl=remaining,
+                meta={"task": task_id, "lease": "lse_bench", "grant": grant.name},
+                display_name=f"issue-{grant.name}")
+            await client.read_credential(grant.path, token=child.client_token, method=grant.method, data=data)
+
+        return op
+
     def broker_op(self, kind: GrantKind, task_id: str, i: int) -> Callable[[], Awaitable[None]]:
         url = f"{self.stack.broker_url}/v1/tasks/{task_id}/credentials"
         body = {"grant": kind.grant}
@@ -320,11 +354,13 @@ class Bench:
         try:
             direct = [self.direct_op(kind, t, i, self.task_token(t), shortened) for i, t in enumerate(task_ids)]
             broker = [self.broker_op(kind, t, i) for i, t in enumerate(task_ids)]
-            await self.warmup(direct)
-            await self.warmup(broker)
             order = [("direct", direct), ("broker", broker)]
-            if rep % 2:
-                order.reverse()
+            if not self.args.no_direct2:
+                direct2 = [self.direct2_op(kind, t, i, self.task_token(t)) for i, t in enumerate(task_ids)]
+                order.insert(1, ("direct2", direct2))
+            for _, ops in order:
+                await self.warmup(ops)
+            order = order[rep % len(order):] + order[:rep % len(order)]
             for mode, ops in order:
                 self.passes.append(await self.timed_pass(kind, conc, rep, mode, ops))
         finally:
@@ -358,23 +394,26 @@ def summarise(passes: Sequence[PassResult]) -> list[Cell]:
                   key=lambda k: (list(GRANT_KINDS).index(k[0]), k[1]))
     for grant, conc in keys:
         d = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "direct")]
+        d2 = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "direct2")]
         b = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "broker")]
         if not d or not b:
             continue
 
         def med(ps: Sequence[PassResult], attr: str) -> float:
-            return median([float(getattr(p, attr)) for p in ps])
+            return median([float(getattr(p, attr)) for p in ps]) if ps else math.nan
 
         d_rps, b_rps = med(d, "rps"), med(b, "rps")
         cells.append(Cell(
-            grant=grant, concurrency=conc, direct_rps=d_rps, broker_rps=b_rps,
+            grant=grant, concurrency=conc, direct_rps=d_rps, direct2_rps=med(d2, "rps"), broker_rps=b_rps,
             ratio=b_rps / d_rps if d_rps else math.nan,
             direct_p50=med(d, "p50_ms"), direct_p99=med(d, "p99_ms"),
             broker_p50=med(b, "p50_ms"), broker_p99=med(b, "p99_ms"),
             added_p50=med(b, "p50_ms") - med(d, "p50_ms"),
             broker_cpu_ms=med(b, "broker_cpu_ms_per_issue"),
             bao_cpu_direct_ms=med(d, "bao_cpu_ms_per_issue"), bao_cpu_broker_ms=med(b, "bao_cpu_ms_per_issue"),
-            errors=sum(sum(p.errors.values()) for p in (*d, *b)),
+            bao_cpu_direct2_ms=med(d2, "bao_cpu_ms_per_issue"), direct2_p50=med(d2, "p50_ms"),
+            broker_loop_ms=med(b, "broker_loop_thread_ms_per_issue"), broker_sys_ms=med(b, "broker_sys_ms_per_issue"),
+            errors=sum(sum(p.errors.values()) for p in (*d, *d2, *b)),
         ))
     return cells
 
@@ -390,6 +429,24 @@ def render_table(cells: Sequence[Cell]) -> str:
             f"| {c.added_p50:+.2f} | {c.broker_cpu_ms:.2f} | {c.bao_cpu_direct_ms:.2f} / {c.bao_cpu_broker_ms:.2f} "
             f"| {c.errors} |"
         )
+    return "\n".join(lines)
+
+
+def render_two_call_table(cells: Sequence[Cell]) -> str:
+    """The Vault-side price of the issuance token: one call (direct) vs the broker's two calls (direct2)."""
+    lines = ["| grant | agents | direct rps (1 call) | direct2 rps (2 calls) | broker rps | direct2/direct "
+             "| broker/direct2 | bao CPU ms/iss 1 call / 2 calls / broker | direct p50 / direct2 p50 / broker p50 ms "
+             "| broker CPU ms/iss (loop thread, sys) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        if math.isnan(c.direct2_rps):
+            continue
+        lines.append(
+            f"| {c.grant} | {c.concurrency} | {c.direct_rps:.0f} | {c.direct2_rps:.0f} | {c.broker_rps:.0f} "
+            f"| {c.direct2_rps / c.direct_rps:.2f} | {c.broker_rps / c.direct2_rps:.2f} "
+            f"| {c.bao_cpu_direct_ms:.2f} / {c.bao_cpu_direct2_ms:.2f} / {c.bao_cpu_broker_ms:.2f} "
+            f"| {c.direct_p50:.1f} / {c.direct2_p50:.1f} / {c.broker_p50:.1f} "
+            f"| {c.broker_cpu_ms:.2f} ({c.broker_loop_ms:.2f}, {c.broker_sys_ms:.2f}) |")
     return "\n".join(lines)
 
 
@@ -502,6 +559,8 @@ def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[Pass
         f"command: {' '.join(sys.argv)}",
         "" if complete else "INCOMPLETE RUN: only the cells below finished",
         render_table(cells),
+        "",
+        render_two_call_table(cells),
         "",
         render_goals(goals(cells)),
     ]

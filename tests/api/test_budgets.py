@@ -1,0 +1,49 @@
+"""One runaway agent cannot flood Vault: live-lease budgets and issuance rates answer 429 with Retry-After."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from broker.app import make_app
+from broker.config import LimitsSettings
+from tests.api.test_task_flow import start_task
+from tests.conftest import OTHER_AGENT, BrokerSite, bearer
+
+
+async def _client(site: BrokerSite, aiohttp_client: Callable[..., Any], **limits: Any) -> Any:
+    settings = site.settings.model_copy(update={"limits": LimitsSettings(**limits)})
+    return await aiohttp_client(make_app(settings))
+
+
+class TestBudgets:
+    async def test_live_lease_budget_per_agent(self, site: BrokerSite, aiohttp_client: Callable[..., Any]) -> None:
+        """With a budget of 2 live leases, the third request is 429 budget_exceeded and nothing is issued."""
+        client = await _client(site, aiohttp_client, max_live_leases_per_agent=2)
+        task = await start_task(client, site)
+        statuses = []
+        for _ in range(3):
+            resp = await client.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "agent-cert"},
+                                     headers=bearer(site.ids.agent()))
+            statuses.append(resp.status)
+        assert statuses == [200, 200, 429]
+        assert (await resp.json())["code"] == "budget_exceeded" and int(resp.headers["Retry-After"]) > 0
+        view = await (await client.get(f"/v1/tasks/{task['id']}", headers=bearer(site.ids.user()))).json()
+        assert len(view["leases"]) == 2
+
+    async def test_rate_limit_per_agent_spares_others(self, site: BrokerSite,
+                                                      aiohttp_client: Callable[..., Any]) -> None:
+        """A flooding agent gets 429 rate_limited past its burst; another agent is served meanwhile."""
+        client = await _client(site, aiohttp_client, issue_rate_per_agent=0.1, issue_burst_per_agent=2)
+        mine = await start_task(client, site)
+        theirs = await start_task(client, site, agent=OTHER_AGENT)
+        codes = []
+        for _ in range(4):
+            resp = await client.post(f"/v1/tasks/{mine['id']}/credentials", json={"grant": "agent-cert"},
+                                     headers=bearer(site.ids.agent()))
+            codes.append(resp.status)
+        assert codes == [200, 200, 429, 429]
+        assert (await resp.json())["code"] == "rate_limited" and int(resp.headers["Retry-After"]) >= 1
+        resp = await client.post(f"/v1/tasks/{theirs['id']}/credentials", json={"grant": "agent-cert"},
+                                 headers=bearer(site.ids.agent(OTHER_AGENT)))
+        assert resp.status == 200

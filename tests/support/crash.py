@@ -1,0 +1,184 @@
+"""Helpers of the crash-consistency harness: a broker subprocess to SIGKILL, raw Vault listings, a store snapshot.
+
+Nothing here talks to anything but loopback. The broker runs as ``python -m broker serve`` so that a
+``SIGKILL`` (ours, or a named crash point's) is exactly what a power cut does to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BrokerProcess:
+    """One ``broker serve`` subprocess on a fresh loopback port; ``kill()`` is SIGKILL, ``stop()`` SIGTERM."""
+
+    def __init__(self, config: Path, log: Path, *, crash_points: str = "") -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "VAULT_", "BAO_"))}
+        env["BROKER_SERVER_LISTEN"] = f"127.0.0.1:{self.port}"
+        if crash_points:
+            env["BROKER_CRASH_POINTS"] = crash_points
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(  # noqa: S603 -- our own interpreter and package
+            [sys.executable, "-m", "broker", "serve", "--config", str(config), "--log-level", "warning"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
+        """Raises: RuntimeError: the broker died or did not answer 200 on /v1/health in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"the broker exited with {self.proc.returncode} before it was healthy")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(self.base + "/v1/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("the broker did not become healthy in time")
+
+    def kill(self) -> bool:
+        """SIGKILL it; True when it was still alive (we killed it), False when it had already died."""
+        was_alive = self.alive
+        if was_alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log.close()
+        return was_alive
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM), SIGKILL after 10 s; harmless when already gone."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if not self._log.closed:
+            self._log.close()
+
+
+# -- Vault truth, with the root token ----------------------------------------------------------------
+
+
+class RawVault:
+    """The few root calls the oracle needs that ``VaultClient`` has no method for (LIST, full lookups)."""
+
+    def __init__(self, session: aiohttp.ClientSession, addr: str, root_token: str) -> None:
+        self._session = session
+        self._base = addr.rstrip("/") + "/v1/"
+        self._headers = {"X-Vault-Token": root_token, "X-Vault-Request": "true"}
+
+    async def list(self, path: str) -> list[str]:
+        """LIST ``path``; an empty listing answers 404, returned as []."""
+        async with self._session.request("LIST", self._base + path, headers=self._headers) as r:
+            if r.status == 404:
+                return []
+            r.raise_for_status()
+            body = await r.json()
+        return [str(k) for k in (body.get("data") or {}).get("keys") or []]
+
+    async def lookup_accessor(self, accessor: str) -> Mapping[str, Any] | None:
+        """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone."""
+        async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
+                                      headers=self._headers) as r:
+            if r.status == 400:
+                return None
+            r.raise_for_status()
+            body = await r.json()
+        data = body.get("data")
+        return data if isinstance(data, dict) else None
+
+    async def lease_alive(self, lease_id: str) -> bool:
+        async with self._session.put(self._base + "sys/leases/lookup", json={"lease_id": lease_id},
+                                     headers=self._headers) as r:
+            if r.status == 400:
+                return False
+            r.raise_for_status()
+            return True
+
+    async def tokens(self, concurrency: int = 32) -> dict[str, Mapping[str, Any]]:
+        """Every live token's lookup, by accessor."""
+        accessors = await self.list("auth/token/accessors")
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(a: str) -> tuple[str, Mapping[str, Any] | None]:
+            async with slots:
+                return a, await self.lookup_accessor(a)
+
+        found = await asyncio.gather(*(one(a) for a in accessors))
+        return {a: d for a, d in found if d is not None}
+
+    async def leases_under(self, prefix: str) -> list[str]:
+        """Full lease ids under ``prefix`` (one level: the engines' leases sit right under their role path)."""
+        return [prefix + k for k in await self.list("sys/leases/lookup/" + prefix) if not k.endswith("/")]
+
+
+# -- the store, read directly ------------------------------------------------------------------------
+
+
+@dataclass
+class StoreSnapshot:
+    """What the broker's SQLite store says, read with sqlite3 (WAL: safe next to a running broker)."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    issued_records: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> StoreSnapshot:
+        snap = cls()
+        with _connect(path) as db:
+            snap.tasks = {r["id"]: dict(r) for r in db.execute("SELECT * FROM tasks")}
+            snap.leases = {r["id"]: dict(r) for r in db.execute("SELECT * FROM leases")}
+            snap.intents = {r["id"]: dict(r) for r in db.execute("SELECT * FROM intents")}
+            snap.issued_records = {r[0]: r[1] for r in db.execute(
+                "SELECT lease, count(*) FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
+        return snap
+
+    def unsettled(self) -> list[str]:
+        """Why reconciliation is not finished yet (empty when it is)."""
+        out = [f"intent {i} {x['kind']} {x['state']}" for i, x in self.intents.items()
+               if x["state"] in ("open", "aborting")]
+        out += [f"task {t} token revoke_pending" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
+        out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
+        return out
+
+
+@contextlib.contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    db = sqlite3.connect(str(path), timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()
