@@ -137,9 +137,21 @@ def render_table(columns: Sequence[Column], rows: Iterable[Payload], *, iso: boo
     return "\n".join([line([c.header for c in columns])] + [line(v) for v in cells])
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 lease``, ``3 leases``, ``1 active revocation``: nouns here all take a plain ``s``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _lock_cell(rev: Payload) -> str:
+    if rev.get("lifted_at") is not None:
+        return "lifted"
+    return "yes" if rev.get("lock") else "no"
+
+
 def revocation_rows(revocations: Iterable[Payload]) -> list[dict[str, Any]]:
-    """Revocations with the derived ``progress`` column (``revoked/leases``) the table shows."""
-    return [{**r, "progress": f"{r.get('revoked', 0)}/{r.get('leases', 0)}"} for r in revocations]
+    """Revocations as the table shows them: ``progress`` is ``revoked/leases``, ``lock`` is yes/lifted/no."""
+    return [{**r, "progress": f"{r.get('revoked', 0)}/{r.get('leases', 0)}", "lock": _lock_cell(r)}
+            for r in revocations]
 
 
 def progress_line(rev: Payload) -> str:
@@ -180,8 +192,9 @@ def is_complete(rev: Payload) -> bool:
 
 def pending_message(rev: Payload, waited: float) -> str:
     """What the operator reads when ``revoke`` gives up waiting (exit 3): the work is not lost."""
-    return (f"{rev.get('pending', 0)} of {rev.get('leases', 0)} leases not yet confirmed revoked by Vault after "
-            f"{waited:g}s; the broker keeps retrying them with backoff (revoke_pending). "
+    total = plural(rev.get("leases", 0), "lease")
+    return (f"{rev.get('pending', 0)} of {total} not yet confirmed revoked by Vault after {waited:g}s; "
+            "the broker keeps retrying them with backoff (revoke_pending). "
             f"Follow with: broker revocations {rev.get('id')}")
 
 
@@ -534,7 +547,7 @@ def revocations(revocation_id: str | None, show_all: bool, as_json: bool, iso: b
     else:
         rows = revocation_rows(payload.get("revocations") or [])
         click.echo(render_table(REVOCATION_COLUMNS, rows, iso=iso))
-        click.echo(f"{len(rows)} {'revocations' if show_all else 'active revocations'}", err=True)
+        click.echo(plural(len(rows), "revocation" if show_all else "active revocation"), err=True)
 
 
 def _list_command(name: str, key: str, columns: Sequence[Column], states: Sequence[str],
@@ -555,7 +568,7 @@ def _list_command(name: str, key: str, columns: Sequence[Column], states: Sequen
             return
         click.echo(render_table(columns, items, iso=iso))
         more = f" (more after {after}: raise --limit)" if after is not None and len(items) >= limit else ""
-        click.echo(f"{len(items)} {key}{more}", err=True)
+        click.echo(plural(len(items), key.rstrip("s")) + more, err=True)
 
     command.__doc__ = doc
     command = _connection_options(_output_options(command))

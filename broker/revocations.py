@@ -142,27 +142,21 @@ class Revocations:
         if not value:
             raise BadRequest(f"{kind} must not be empty")
         now = self._clock()
-        matching = await self._store.find_tasks(
-            states=("active",), limit=1_000_000, user=value if kind == "user" else None,
-            agent=value if kind == "agent" else None, task=value if kind == "task" else None,
-            tenant=value if kind == "tenant" else None)
-        live = {t.id for t in matching}
-        lease_count = 0
-        for t in matching:
-            lease_count += len(await self._store.list_leases(task_id=t.id, states=("active",)))
         rev = RevocationRow(id="rvk_" + secrets.token_urlsafe(12), kind=kind, value=value, reason=reason,
                             created_by=operator.name, created_at=now, lock=kind in _LOCKING, lifted_at=None,
-                            lifted_by=None, tasks=len(live), leases=lease_count)
-        records = [AuditRecord(now, "revocation.created", "success", user=operator.name,
-                               resource=f"{kind}:{value}", action="revoke",
-                               reason=f"{reason} ({len(live)} tasks{', locked' if rev.lock else ''}; {rev.id})")]
-        records += [AuditRecord(now, "task.revoked", "success", user=t.user, agent=t.agent, task=t.id,
-                                tenant=t.tenant, resource=f"role:{t.role}", action="revoke",
-                                reason=f"by {operator.name}: {reason} ({rev.id})") for t in matching]
-        fenced = await self._store.fence_tasks(sorted(live), state="revoked", now=now, records=records,
-                                               revocation=rev)
-        rows = [t for t in matching if t.id in set(fenced)]
-        await self._revoker.settle([_pending(t, rev.id) for t in rows], timeout=max(wait, 0.1))
+                            lifted_by=None, tasks=0, leases=0)  # counted by the fence's own transaction
+        created = AuditRecord(now, "revocation.created", "success", user=operator.name, resource=f"{kind}:{value}",
+                              action="revoke", reason=f"{reason} ({rev.id}{', locked' if rev.lock else ''})")
+
+        def revoked(t: TaskRow) -> AuditRecord:
+            return AuditRecord(now, "task.revoked", "success", user=t.user, agent=t.agent, task=t.id,
+                               tenant=t.tenant, resource=f"role:{t.role}", action="revoke",
+                               reason=f"by {operator.name}: {reason} ({rev.id})")
+
+        fenced = await self._store.fence_tasks([], state="revoked", now=now, records=[created], revocation=rev,
+                                               record_for=revoked)
+        rows = [t for t in [await self._store.get_task(i) for i in fenced] if t is not None]
+        await self._revoker.settle(rows, timeout=max(wait, 0.1))
         return await self.status(rev.id)
 
     async def status(self, revocation_id: str) -> RevocationStatus:
@@ -184,11 +178,6 @@ class Revocations:
             now, "lock.lifted", "success", user=operator.name, resource=f"{rev.kind}:{rev.value}", action="unlock",
             reason=f"{reason} ({revocation_id})"))
         return await self.status(revocation_id)
-
-
-def _pending(task: TaskRow, revocation_id: str) -> TaskRow:
-    return TaskRow(**{**task.__dict__, "state": "revoked", "token_state": "revoke_pending",
-                      "revocation_id": revocation_id})
 
 
 class Maintenance:

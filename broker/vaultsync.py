@@ -7,7 +7,8 @@ Written, each idempotent (a second run changes nothing):
 - one token role per task role, same name: orphan task tokens that may carry only that policy, with
   an explicit max TTL of the role's max TTL (OpenBao ignores ``token_ttl`` on roles);
 - the broker's own policy ``agent-broker``: create tokens through exactly those token roles, look up
-  and revoke them by accessor, look up and revoke leases. Nothing else: it cannot read a secret.
+  and revoke tokens by accessor, look up leases. Nothing else: it cannot read a secret. (One credential
+  is revoked through the accessor of the issuance token it was read with.)
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ def broker_policy_hcl(catalog: Catalog) -> str:
         'path "auth/token/revoke-accessor" { capabilities = ["update"] }',
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
-        'path "sys/leases/revoke" { capabilities = ["update"] }',
         "",
     ]
     return "\n".join(lines)

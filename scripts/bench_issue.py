@@ -434,9 +434,9 @@ def render_table(cells: Sequence[Cell]) -> str:
 
 def render_two_call_table(cells: Sequence[Cell]) -> str:
     """The Vault-side price of the issuance token: one call (direct) vs the broker's two calls (direct2)."""
-    lines = ["| grant | agents | direct rps (1 call) | direct2 rps (2 calls) | broker rps | direct2/direct "
-             "| broker/direct2 | bao CPU ms/iss 1 call / 2 calls / broker | direct p50 / direct2 p50 / broker p50 ms "
-             "| broker CPU ms/iss (loop thread, sys) |",
+    lines = [("| grant | agents | direct rps (1 call) | direct2 rps (2 calls) | broker rps | direct2/direct "
+              "| broker/direct2 | bao CPU ms/iss 1 call / 2 calls / broker | direct p50 / direct2 p50 / broker p50 ms "
+              "| broker CPU ms/iss (loop thread, sys) |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         if math.isnan(c.direct2_rps):

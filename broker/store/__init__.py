@@ -134,9 +134,15 @@ class Store:
         await self._run(run)
 
     async def create_task(self, row: TaskRow, record: AuditRecord) -> bool:
-        """Record the task and complete its intent. False when the intent was aborted meanwhile."""
+        """Record the task and complete its intent. False when the intent was aborted meanwhile.
+
+        Raises:
+            Locked: a lock on the user, agent or tenant was written since the intent.
+        """
         def run() -> bool:
             with self._tx() as conn:
+                # Checked again here: a lock may have been written since the intent was.
+                _check_locks(conn, user=row.user, agent=row.agent, tenant=row.tenant)
                 if not _resolve_intent(conn, row.id, "done", row.created_at):
                     return False
                 conn.execute(_INSERT_TASK, asdict(row))
@@ -152,19 +158,30 @@ class Store:
         return await self._run(run)
 
     async def fence_tasks(self, task_ids: Sequence[str], *, state: str, now: float,
-                          records: Sequence[AuditRecord], revocation: RevocationRow | None = None) -> list[str]:
+                          records: Sequence[AuditRecord], revocation: RevocationRow | None = None,
+                          record_for: Callable[[TaskRow], AuditRecord] | None = None) -> list[str]:
         """Move active tasks to ``state``; their tokens and active leases become ``revoke_pending``.
 
         From this commit on no lease of these tasks can be recorded. Returns the ids that were still
         active; of ``records``, only those of a won task (or of no task) are written, so two concurrent
         enders cannot both record the end.
+
+        With a ``revocation``, the tasks are the ones its selector matches *inside this transaction*
+        (``task_ids`` is ignored), and its lock is written in the same transaction: a task start that
+        committed before this transaction is fenced here, and one that commits after it meets the lock.
+        ``record_for`` then makes each fenced task's record.
         """
         def run() -> list[str]:
             fenced: list[str] = []
             with self._tx() as conn:
+                ids = list(task_ids)
                 if revocation is not None:
                     conn.execute(_INSERT_REVOCATION, asdict(revocation))
-                for chunk in _chunks(list(task_ids)):
+                    column = {"user": tasks.c.user, "agent": tasks.c.agent, "task": tasks.c.id,
+                              "tenant": tasks.c.tenant}[revocation.kind]
+                    ids = [r[0] for r in conn.execute(select(tasks.c.id).where(column == revocation.value,
+                                                                               tasks.c.state == "active"))]
+                for chunk in _chunks(ids):
                     res = conn.execute(
                         update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state == "active")
                         .values(state=state, ended_at=now, token_state="revoke_pending", next_attempt_at=now,
@@ -172,13 +189,22 @@ class Store:
                         .returning(tasks.c.id)
                     )
                     fenced += [r[0] for r in res]
+                moved = 0
                 for chunk in _chunks(fenced):
-                    conn.execute(update(leases).where(leases.c.task_id.in_(chunk), leases.c.state == "active")
-                                 .values(state="revoke_pending"))
+                    moved += conn.execute(update(leases).where(leases.c.task_id.in_(chunk), leases.c.state == "active")
+                                          .values(state="revoke_pending")).rowcount
+                if revocation is not None:
+                    # The counts as they were at the fence, for the operator's progress report.
+                    conn.execute(update(revocations).where(revocations.c.id == revocation.id)
+                                 .values(tasks=len(fenced), leases=moved))
                 won = set(fenced)
                 for record in records:
                     if record.task is None or record.task in won:
                         _append(conn, record)
+                if record_for is not None:
+                    for chunk in _chunks(fenced):
+                        for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings():
+                            _append(conn, record_for(TaskRow(**r)))
             return fenced
         return await self._run(run)
 

@@ -8,8 +8,10 @@ lease lookups with the root token are the oracle for "revoked", never the CLI's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from aiohttp import web
 
 from broker.api import STORE
 from broker.app import make_app
+from broker.config import Settings, load_settings
 from broker.sdk import AgentClient, UserClient
 from broker.vault import VaultClient
 from tests.conftest import AGENT, USER, BrokerSite, bearer
@@ -55,27 +58,47 @@ class Run:
     err: str
 
 
-@pytest_asyncio.fixture
-async def live(site: BrokerSite) -> AsyncIterator[Live]:
-    app = make_app(site.settings)
+@contextlib.asynccontextmanager
+async def serve(site: BrokerSite, settings: Settings) -> AsyncIterator[Live]:
+    """The broker app on a free loopback port, served by the running loop until the block ends."""
+    app = make_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
     try:
-        yield Live(url=f"http://127.0.0.1:{port}", app=app, site=site)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield Live(url=f"http://127.0.0.1:{runner.addresses[0][1]}", app=app, site=site)
     finally:
         await runner.cleanup()
 
 
-async def cli(live: Live, *args: str, token: str | None = None, timeout: float = 90) -> Run:
-    """``python -m broker ARGS`` with BROKER_URL and BROKER_TOKEN (the operator's unless ``token``)."""
+@pytest_asyncio.fixture
+async def live(site: BrokerSite) -> AsyncIterator[Live]:
+    async with serve(site, site.settings) as broker:
+        yield broker
+
+
+@pytest_asyncio.fixture
+async def cut_off(live: Live) -> AsyncIterator[Live]:
+    """A second broker on the same store whose Vault does not answer: its revocations stay pending."""
+    settings = load_settings({"BROKER_STORE_URL": live.site.settings.store.url,
+                              "BROKER_VAULT_ADDR": "http://127.0.0.1:9"}, live.site.root / "broker.toml")
+    async with serve(live.site, settings) as broker:
+        yield broker
+
+
+async def spawn(live: Live, *args: str, token: str | None = None) -> asyncio.subprocess.Process:
+    """Start ``python -m broker ARGS`` with BROKER_URL and BROKER_TOKEN (the operator's unless ``token``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(BROKER_URL=live.url, BROKER_TOKEN=live.operator() if token is None else token)
     if not env["BROKER_TOKEN"]:
         del env["BROKER_TOKEN"]
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "broker", *args, env=env, cwd=REPO,
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "broker", *args, env=env, cwd=REPO,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def cli(live: Live, *args: str, token: str | None = None, timeout: float = 90) -> Run:
+    """Run ``python -m broker ARGS`` to the end while this loop keeps serving the broker."""
+    proc = await spawn(live, *args, token=token)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
@@ -181,6 +204,39 @@ class TestListings:
         row = run.out.splitlines()[1].split()
         assert row[1:6] == [USER, AGENT, "support-triage", "acme", "active"]
         assert row[6].count(":") == 2
+
+
+class TestPending:
+    async def test_exit_3_while_vault_has_not_confirmed(self, live: Live, cut_off: Live, admin: VaultClient) -> None:
+        """Unconfirmed leases end the wait with exit 3 and a 'keeps retrying' note; the broker then finishes."""
+        leases = await task_with_leases(live, ("agent-cert",))
+        run = await cli(cut_off, "revoke", "--user", USER, "--reason", "offboarding", "--timeout", "1")
+        assert run.code == 3, run.err
+        assert "revoked 0/1 leases (1 pending)" in run.err
+        assert "1 of 1 lease not yet confirmed" in run.err and "keeps retrying" in run.err
+        assert summary(run.out)["state"] == "in_progress"
+        rvk = summary(run.out)["revocation"]
+        # The broker that can reach Vault retries on its own (maintenance loop, with backoff).
+        for _ in range(60):
+            rev = json.loads((await cli(live, "revocations", rvk, "--json")).out)
+            if rev["state"] == "done":
+                break
+            await asyncio.sleep(0.5)
+        assert (rev["state"], rev["revoked"], rev["pending"]) == ("done", 1, 0)
+        assert await admin.lookup_lease(await live.vault_lease(leases[0])) is None
+
+    async def test_ctrl_c_names_the_revocation(self, live: Live, cut_off: Live) -> None:
+        """Ctrl-C while following exits 130 and says how to follow the revocation, which carries on."""
+        await task_with_leases(live, ("agent-cert",))
+        proc = await spawn(cut_off, "revoke", "--user", USER, "--reason", "offboarding", "--timeout", "60")
+        assert proc.stderr is not None
+        first = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert first.decode().startswith("revoked 0/1 leases")
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 130
+        assert "interrupted" in err.decode() and "broker revocations rvk_" in err.decode()
+        assert "Traceback" not in err.decode()
 
 
 class TestLocks:

@@ -16,6 +16,7 @@ from broker.opscli import (
     format_time,
     is_complete,
     pending_message,
+    plural,
     progress_line,
     redact,
     render_summary,
@@ -116,11 +117,23 @@ class TestRenderTable:
         assert lines[1].split()[3] == "yes" and lines[2].split()[3] == "no"
         assert " - " in lines[2]
 
+    def test_lifted_lock_reads_lifted(self) -> None:
+        """A lock an operator lifted shows as 'lifted', not as a lock that never was."""
+        rows = revocation_rows([revocation(lock=False, lifted_at=T0, lifted_by="olivia@example.com")])
+        assert rows[0]["lock"] == "lifted"
+
 
 class TestRevocationRows:
     def test_progress_column(self) -> None:
         """The table's REVOKED column reads revoked/leases."""
         assert revocation_rows([revocation()])[0]["progress"] == "812/1000"
+
+
+class TestPlural:
+    @pytest.mark.parametrize(("n", "text"), [(0, "0 leases"), (1, "1 lease"), (2, "2 leases")])
+    def test_counts(self, n: int, text: str) -> None:
+        """Count lines read naturally for one and for many."""
+        assert plural(n, "lease") == text
 
 
 class TestProgressLine:

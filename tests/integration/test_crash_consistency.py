@@ -1,0 +1,387 @@
+"""Crash consistency (threat TH-15, test plan 4.6): SIGKILL the broker at random and at named crash points
+during issuance, restart it each time, then check the store against Vault itself.
+
+Set-up, kept apart from the rest of the session's OpenBao so that the accounting sees only this test's
+objects: a task role ``crash-test`` (tenant ``crashco``) whose grants live on mounts of its own
+(``pki-crash/``, ``database-crash/``, token role ``agent-child-crash``), its task policy and token role
+written like ``broker vault sync`` does, and a broker token of a policy of its own
+(``agent-broker-crash``), so the session's shared ``agent-broker`` policy is left untouched.
+
+After the kills, one clean start reconciles; then, with the root token:
+
+Orphans (a Vault object that no ACTIVE task in the store owns), by kind:
+- task token (token role ``broker-task-crash-test``): owned iff the store has its ``meta.task`` as an
+  active task whose ``token_accessor`` is this accessor. (An unrecorded start's token must have died at
+  its bootstrap TTL; an ended task's token must be revoked.)
+- issuance token (``meta.lease`` set, ``meta.task`` one of this test's tasks): owned iff its task is
+  active and the store holds the lease ``meta.lease`` as ``active`` with this ``issuance_accessor`` (or an
+  intent still open with this accessor: none is left after reconciliation).
+- agent child token (created through ``auth/token/create/agent-child-crash``): owned iff it is the
+  ``vault_lease_id`` of an active ``token`` lease of an active task.
+- Vault lease under ``pki-crash/issue/agents/`` or ``database-crash/creds/tickets-ro/``: owned iff it is the
+  ``vault_lease_id`` of an active lease of an active task.
+
+Ghosts: an active (or revoke_pending) lease in the store whose Vault lease or token is gone. Also reported,
+not asserted: "ghost tasks", tasks active in the store whose task token Vault no longer has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.config import load_settings
+from broker.delegation import Catalog
+from broker.devstack import DEFAULT_DB_ROLES, configure_child_token_role, configure_database, configure_pki
+from broker.faults import POINTS
+from broker.sealing import TokenSealer
+from broker.vault import VaultClient
+from broker.vaultsync import broker_policy_hcl, task_policy_hcl, task_token_role
+from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
+from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot
+from tests.support.fixtures import BaoEngines, run_coro_in_thread
+
+ROLE = "crash-test"
+TOKEN_ROLE = f"broker-task-{ROLE}"
+BROKER_POLICY = "agent-broker-crash"
+CHILD_ROLE = "agent-child-crash"
+LEASE_PREFIXES = ("pki-crash/issue/agents/", "database-crash/creds/tickets-ro/")
+GRANTS = ("tickets-db-ro", "agent-cert", "child-token")
+USERS = ("carl@crash.example", "cora@crash.example")
+AGENTS = tuple(f"spiffe://{TD}/agent/crash-{i}" for i in range(1, 7))
+BOOTSTRAP_TTL = 5
+
+MIN_KILLS = 20
+MIN_ISSUANCES = 200
+MAX_ROUNDS = 40
+MAX_SECONDS = 150.0
+
+# Task starts are rare next to issuances: their points fire more often to be hit at all.
+POINT_CHANCE = {p: (0.05 if p.startswith("issue.") else 0.3) for p in POINTS}
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+audience = "{audience}"
+
+[vault]
+addr = "{addr}"
+token_file = "vault-token"
+timeout = 5
+revoke_confirm_timeout = 5
+task_token_bootstrap_ttl = {bootstrap}
+
+[store]
+url = "sqlite:///broker.db"
+key_file = "store.key"
+
+[maintenance]
+interval = 0.5
+max_backoff = 2
+
+[[agents.trust]]
+trust_domain = "{td}"
+jwks_file = "{jwks}"
+
+[[users.issuers]]
+issuer = "{idp}"
+jwks_file = "{idp_jwks}"
+groups_claim = "groups"
+
+[[task_roles]]
+name = "{role}"
+tenant = "crashco"
+agents = ["spiffe://{td}/agent/crash-*"]
+delegators = ["group:crash"]
+max_ttl = "30m"
+
+  [[task_roles.grants]]
+  name = "tickets-db-ro"
+  path = "database-crash/creds/tickets-ro"
+  max_ttl = "10m"
+
+  [[task_roles.grants]]
+  name = "agent-cert"
+  path = "pki-crash/issue/agents"
+  max_ttl = "10m"
+  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
+
+  [[task_roles.grants]]
+  name = "child-token"
+  path = "auth/token/create/{child_role}"
+  method = "write"
+  max_ttl = "10m"
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, bao_with_engines: BaoEngines,
+               identities: Identities) -> Path:
+    """This test's config, keys, Vault mounts/policies/token role and broker token (once per module)."""
+    root = tmp_path_factory.mktemp("crash")
+    TokenSealer.generate_key_file(root / "store.key")
+    bao = bao_with_engines.bao
+    (root / "broker.toml").write_text(CONFIG.format(
+        audience=AUDIENCE, addr=bao.addr, bootstrap=BOOTSTRAP_TTL, td=TD, jwks=broker_root / "spiffe.jwks",
+        idp=IDP, idp_jwks=broker_root / "idp.jwks", role=ROLE, child_role=CHILD_ROLE))
+    catalog = Catalog.from_settings(load_settings({}, root / "broker.toml"))
+
+    async def setup() -> None:
+        async with aiohttp.ClientSession() as session:
+            admin = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
+            await configure_pki(admin, mount="pki-crash")
+            await configure_child_token_role(admin, role=CHILD_ROLE)
+            await configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-crash",
+                                     roles={"tickets-ro": DEFAULT_DB_ROLES["tickets-ro"]})
+            # What `broker vault sync` writes, except that the broker policy gets a name of its own: the
+            # session's `agent-broker` policy (other tests' broker token) must stay as it is.
+            for role in catalog.roles.values():
+                await admin.put_policy(role.vault_policy, task_policy_hcl(role))
+                await admin.put_token_role(role.vault_policy, task_token_role(role))
+            await admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
+            auth = await admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
+                                            display_name="agent-broker-crash")
+            (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
+            (root / "vault-token").chmod(0o600)
+
+    run_coro_in_thread(setup())
+    return root
+
+
+@dataclass
+class Tally:
+    kills: int = 0
+    by_point: Counter[str] = field(default_factory=Counter)
+    issuances: int = 0
+    by_grant: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    task_ids: set[str] = field(default_factory=set)
+    delivered: dict[str, str] = field(default_factory=dict)  # broker lease id -> task id
+
+
+class Load:
+    """Agents that start tasks, ask for credentials and sometimes end their task, until the broker dies."""
+
+    def __init__(self, base: str, ids: Identities, tally: Tally, rng: random.Random) -> None:
+        self._base = base
+        self._ids = ids
+        self._tally = tally
+        self._rng = rng
+
+    async def agent(self, session: aiohttp.ClientSession, n: int) -> None:
+        agent = AGENTS[n % len(AGENTS)]
+        user = USERS[n % len(USERS)]
+        agent_auth = bearer(self._ids.agent(agent))
+        user_auth = bearer(self._ids.user(user, ("crash",)))
+        task: str | None = None
+        t = self._tally
+        for _ in range(10_000):  # bounded; in practice the broker dies first
+            try:
+                if task is None or self._rng.random() < 0.04:
+                    async with session.post(self._base + "/v1/tasks", headers=user_auth, json={
+                            "agent": agent, "role": ROLE, "ttl": "20m", "reason": "crash test"}) as r:
+                        t.statuses[r.status] += 1
+                        if r.status != 201:
+                            await asyncio.sleep(0.05)
+                            continue
+                        task = str((await r.json())["id"])
+                        t.task_ids.add(task)
+                grant = self._rng.choice(GRANTS)
+                async with session.post(f"{self._base}/v1/tasks/{task}/credentials", headers=agent_auth,
+                                        json={"grant": grant}) as r:
+                    t.statuses[r.status] += 1
+                    if r.status == 200:
+                        body = await r.json()
+                        t.issuances += 1
+                        t.by_grant[grant] += 1
+                        t.delivered[str(body["lease_id"])] = task
+                    elif r.status == 410:
+                        task = None
+                if task is not None and self._rng.random() < 0.06:
+                    async with session.post(f"{self._base}/v1/tasks/{task}/end", headers=agent_auth) as r:
+                        t.statuses[r.status] += 1
+                    task = None
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return  # the broker died under us
+
+
+async def one_round(config: Path, ids: Identities, tally: Tally, rng: random.Random, point: str | None,
+                    log: Path) -> None:
+    """Start the broker (with ``point`` armed), load it, SIGKILL it after a random delay unless it crashed."""
+    spec = f"{point}={POINT_CHANCE[point]}" if point else ""
+    broker = BrokerProcess(config, log, crash_points=spec)
+    try:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await broker.wait_healthy(session)
+            load = Load(broker.base, ids, tally, rng)
+            agents = [asyncio.create_task(load.agent(session, n)) for n in range(len(AGENTS))]
+            deadline = time.monotonic() + rng.uniform(0.2, 1.5)
+            while broker.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            killed_by_us = broker.kill()
+            tally.kills += 1
+            tally.by_point["random" if killed_by_us else str(point)] += 1
+            done, pending = await asyncio.wait(agents, timeout=15)
+            for a in pending:
+                a.cancel()
+            for a in done:
+                a.result()
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Verdict:
+    orphans: list[str]
+    ghosts: list[str]
+    ghost_tasks: list[str]
+    audit_problems: list[str]
+    vault_tokens: int
+    vault_leases: int
+
+
+async def judge(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Verdict:
+    """Compare Vault (root token) with the store, by the ownership rules of the module docstring."""
+    tokens = await vault.tokens()
+    active_tasks = {tid: t for tid, t in snap.tasks.items() if t["state"] == "active"}
+    live_leases = {lid: x for lid, x in snap.leases.items() if x["state"] in ("active", "revoke_pending")}
+    owned_leases = {x["vault_lease_id"]: lid for lid, x in live_leases.items()
+                    if x["state"] == "active" and x["task_id"] in active_tasks}
+    ours = set(tally.task_ids) | set(snap.tasks) | {i["task_id"] for i in snap.intents.values()}
+    ours |= {str(d.get("meta", {}).get("task")) for d in tokens.values() if d.get("role") == TOKEN_ROLE}
+    open_accessors = {i["accessor"] for i in snap.intents.values() if i["state"] in ("open", "aborting")}
+
+    orphans: list[str] = []
+    n_tokens = 0
+    for accessor, d in tokens.items():
+        meta: Mapping[str, Any] = d.get("meta") or {}
+        task_id = str(meta.get("task", ""))
+        if d.get("role") == TOKEN_ROLE:
+            n_tokens += 1
+            t = active_tasks.get(task_id)
+            if t is None or t["token_accessor"] != accessor:
+                state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
+                orphans.append(f"task token {accessor} of task {task_id} ({state})")
+        elif "lease" in meta and task_id in ours:
+            n_tokens += 1
+            lease = snap.leases.get(str(meta["lease"]))
+            owned = task_id in active_tasks and (
+                (lease is not None and lease["state"] == "active" and lease["issuance_accessor"] == accessor)
+                or accessor in open_accessors)
+            if not owned:
+                intent = snap.intents.get(str(meta["lease"]))
+                why = (f"lease {lease['state']}" if lease else
+                       f"intent {intent['state']}" if intent else "no intent, no lease")
+                task_state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
+                orphans.append(f"issuance token {accessor} (lease {meta['lease']}, grant {meta.get('grant')}, "
+                               f"task {task_state}: {why})")
+        elif str(d.get("path", "")).startswith(f"auth/token/create/{CHILD_ROLE}"):
+            n_tokens += 1
+            if accessor not in owned_leases:
+                orphans.append(f"child token {accessor} not an active lease of an active task")
+    vault_leases: list[str] = []
+    for prefix in LEASE_PREFIXES:
+        vault_leases += await vault.leases_under(prefix)
+    for lease_id in vault_leases:
+        if lease_id not in owned_leases:
+            orphans.append(f"Vault lease {lease_id} not an active lease of an active task")
+
+    ghosts: list[str] = []
+    for lid, x in live_leases.items():
+        alive = (x["vault_lease_id"] in tokens if x["kind"] == "token"
+                 else await vault.lease_alive(x["vault_lease_id"]))
+        if not alive:
+            ghosts.append(f"lease {lid} ({x['grant']}, {x['state']}) is gone in Vault")
+    ghost_tasks = [f"task {tid} active but its token is gone" for tid, t in active_tasks.items()
+                   if t["token_accessor"] not in tokens]
+
+    audit: list[str] = [f"lease {lid} has {snap.issued_records.get(lid, 0)} lease.issued records"
+                        for lid in snap.leases if snap.issued_records.get(lid, 0) != 1]
+    audit += [f"lease.issued record for unrecorded lease {lid}" for lid in snap.issued_records
+              if lid not in snap.leases]
+    audit += [f"credential {lid} was delivered but the store has no lease" for lid in tally.delivered
+              if lid not in snap.leases]
+    return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases))
+
+
+class TestCrashConsistency:
+    @pytest.mark.timeout(600)
+    async def test_sigkill_during_issuance_leaves_no_orphan_and_no_ghost(
+        self, crash_root: Path, bao_with_engines: BaoEngines, identities: Identities, tmp_path: Path
+    ) -> None:
+        """At least 20 SIGKILLs over at least 200 issuances, then reconcile: 0 orphans and 0 ghosts in Vault truth."""
+        db = tmp_path / "broker.db"
+        config = tmp_path / "broker.toml"
+        # A fresh SQLite store for this test; the rest of the config and keys from the module's root.
+        text = (crash_root / "broker.toml").read_text()
+        text = text.replace('url = "sqlite:///broker.db"', f'url = "sqlite:///{db}"')
+        for name in ("vault-token", "store.key"):
+            text = text.replace(f'"{name}"', f'"{crash_root / name}"')
+        config.write_text(text)
+        log = tmp_path / "broker.log"
+        rng = random.Random(int(time.time()))  # noqa: S311 -- fault injection
+        tally = Tally()
+        started = time.monotonic()
+        points = list(POINTS)
+        rounds = 0
+        while rounds < MAX_ROUNDS and time.monotonic() - started < MAX_SECONDS and (
+                tally.kills < MIN_KILLS or tally.issuances < MIN_ISSUANCES):
+            point = points[rounds % len(points)] if rounds % 2 == 0 else None
+            await one_round(config, identities, tally, rng, point, log)
+            rounds += 1
+        last_kill = time.monotonic()
+
+        # One clean start: the reconciler resolves every intent of the dead processes.
+        broker = BrokerProcess(config, log)
+        bao = bao_with_engines.bao
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                await broker.wait_healthy(session)
+                deadline = time.monotonic() + 60
+                snap = StoreSnapshot.read(db)
+                while snap.unsettled() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                    snap = StoreSnapshot.read(db)
+                assert not snap.unsettled(), f"reconciliation did not finish: {snap.unsettled()[:10]}"
+                reconciled = time.monotonic() - last_kill
+                # Unrecorded task tokens die at their bootstrap TTL.
+                await asyncio.sleep(max(0.0, last_kill + BOOTSTRAP_TTL + 1 - time.monotonic()))
+                broker.stop()
+                snap = StoreSnapshot.read(db)
+                vault = RawVault(session, bao.addr, bao.root_token.reveal())
+                # revoke-accessor answers before Vault has revoked the leases: give it a few seconds.
+                verdict = await judge(vault, snap, tally)
+                for _ in range(20):
+                    if not (verdict.orphans or verdict.ghosts):
+                        break
+                    await asyncio.sleep(0.5)
+                    verdict = await judge(vault, snap, tally)
+        finally:
+            broker.stop()
+
+        states = Counter(x["state"] for x in snap.leases.values())
+        intents = Counter(f"{x['kind']}:{x['state']}" for x in snap.intents.values())
+        print(f"\nkills={tally.kills} issuances={tally.issuances} orphans={len(verdict.orphans)} "
+              f"ghosts={len(verdict.ghosts)}")
+        print(f"  rounds={rounds} kills by point: {dict(sorted(tally.by_point.items()))}")
+        print(f"  issuances by grant: {dict(tally.by_grant)}; answers: {dict(sorted(tally.statuses.items()))}")
+        print(f"  store: tasks={len(snap.tasks)} leases={dict(states)} intents={dict(intents)}; "
+              f"reconciled {reconciled:.1f}s after the last kill")
+        print(f"  vault: {verdict.vault_tokens} tokens and {verdict.vault_leases} leases of this test; "
+              f"ghost tasks (active in the store, token gone)={len(verdict.ghost_tasks)}")
+        for line in (verdict.orphans + verdict.ghosts + verdict.ghost_tasks + verdict.audit_problems)[:40]:
+            print("  -", line)
+        assert tally.kills >= MIN_KILLS and tally.issuances >= MIN_ISSUANCES, (tally.kills, tally.issuances)
+        assert verdict.orphans == [], verdict.orphans[:20]
+        assert verdict.ghosts == [], verdict.ghosts[:20]
+        assert verdict.audit_problems == [], verdict.audit_problems[:20]
