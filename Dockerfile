@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir '.[postgres]'
+RUN pip install --no-cache-dir .
 WORKDIR /work
 EXPOSE 8400
 CMD ["broker", "--help"]

@@ -308,11 +308,12 @@ def _describe(data: dict[str, Any]) -> str:
 
 def _db_login_check(dsn: str, data: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        import asyncpg  # an optional dependency: `pip install agent-secrets-broker[postgres]`
+        import psycopg
 
         try:
-            conn = await asyncpg.connect(dsn, user=data["username"], password=data["password"], timeout=5)
-        except (OSError, asyncpg.PostgresError):
+            conn = await psycopg.AsyncConnection.connect(dsn, user=data["username"], password=data["password"],
+                                                         connect_timeout=5)
+        except psycopg.Error:
             return False
         await conn.close()
         return True

@@ -156,6 +156,19 @@ class TestRevoke:
         assert (rev["leases"], rev["revoked"], rev["pending"]) == (1, 1, 0)
         assert rev["id"].startswith("rvk_")
 
+    async def test_no_wait_returns_once_accepted(self, live: Live) -> None:
+        """--no-wait exits 0 as soon as the broker accepted the revocation, which then completes on its own."""
+        await task_with_leases(live, ("agent-cert",))
+        run = await cli(live, "revoke", "--tenant", "acme", "--reason", "incident", "--no-wait", "--json")
+        assert run.code == 0, run.err
+        rev = json.loads(run.out)
+        for _ in range(60):
+            if rev["state"] == "done":
+                break
+            await asyncio.sleep(0.5)
+            rev = json.loads((await cli(live, "revocations", rev["id"], "--json")).out)
+        assert (rev["kind"], rev["value"], rev["state"], rev["revoked"]) == ("tenant", "acme", "done", 1)
+
     async def test_exactly_one_selector(self, live: Live) -> None:
         """Two selectors (or none) is a usage error, exit 2, and nothing is sent."""
         run = await cli(live, "revoke", "--user", USER, "--tenant", "acme", "--reason", "x")

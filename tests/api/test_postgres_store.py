@@ -1,0 +1,49 @@
+"""The same broker on a PostgreSQL store (the scale-out option): migrations, the task flow, revocation."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+import pytest_asyncio
+
+from broker.api import STORE
+from broker.app import make_app
+from broker.config import load_settings
+from broker.vault import VaultClient
+from tests.api.test_revocation import can_login, revoke
+from tests.api.test_task_flow import credential, end, start_task
+from tests.conftest import USER, BrokerSite
+
+
+@pytest_asyncio.fixture
+async def pg_client(site: BrokerSite, aiohttp_client: Callable[..., Any]) -> AsyncIterator[Any]:
+    pg = site.engines.pg
+    name = "broker_" + secrets.token_hex(4)
+    async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    settings = load_settings({"BROKER_STORE_URL": pg.dsn(name)}, site.root / "broker.toml")
+    yield await aiohttp_client(make_app(settings))
+
+
+class TestPostgresStore:
+    async def test_task_flow_and_revocation(self, pg_client: Any, site: BrokerSite, admin: VaultClient) -> None:
+        """Start, issue, end and revoke by user work on PostgreSQL exactly as on SQLite."""
+        client = pg_client
+        task = await start_task(client, site)
+        cred = await credential(client, site, task["id"], "tickets-db-ro")
+        assert await can_login(site, cred["data"])
+        assert (await end(client, site, task["id"]))["revoked"] == 1
+        assert not await can_login(site, cred["data"])
+
+        other = await start_task(client, site)
+        cred2 = await credential(client, site, other["id"], "agent-cert")
+        out = await revoke(client, site, user=USER)
+        assert (out["tasks"], out["revoked"], out["state"]) == (1, 1, "done")
+        row = await client.app[STORE].get_lease(cred2["lease_id"])
+        assert row is not None and row.state == "revoked"
+        assert await admin.lookup_lease(row.vault_lease_id) is None
+        events = [r.record.event for r in await client.app[STORE].query_audit(limit=100)]
+        assert events.count("lease.issued") == 2 and events.count("lease.revoked") == 2
