@@ -1,8 +1,9 @@
 """Audit records: what the broker decided, for whom, on what, with what outcome.
 
-This is the record's first form: every record is written by the store in the same transaction as the
-state change it describes, so there is no state change without its record and no record without its
-change. The hash chain, signed checkpoints and Vault's own audit entries build on these rows.
+Every record is written by the store in the same transaction as the state change it describes, so
+there is no state change without its record and no record without its change, and each record is
+chained to the one before it by a domain-separated SHA-256 (below). Verification is a separate pure
+function.
 
 Before a record is stored it passes through redaction: no field may carry a token, a password or
 anything shaped like one, whatever a caller put there by mistake.
@@ -10,9 +11,14 @@ anything shaped like one, whatever a caller put there by mistake.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
+
+from broker.errors import BrokerError
 
 Outcome = Literal["success", "denied", "failure", "pending"]
 
@@ -54,3 +60,75 @@ class AuditRecord:
             if isinstance(v := getattr(self, f.name), str) and f.name not in ("event", "outcome")
         }
         return replace(self, **changes)
+
+
+# -- the hash chain ----------------------------------------------------------------------------------
+#
+# Each record's hash covers the previous record's hash and the record's canonical bytes, under a domain
+# prefix so that a record hash can never be confused with any other SHA-256 the broker computes:
+#
+#     hash(n) = SHA-256( b"broker.audit.v1\x00" || hash(n-1) || canonical_bytes(record n) )
+#     hash(0) = 32 zero bytes (the genesis)
+#
+# canonical_bytes is UTF-8 JSON with sorted keys, no whitespace, ``ensure_ascii=False``, every field
+# present (null when empty), and time as an integer number of microseconds, so that a verifier in any
+# language reproduces it without float formatting rules. It is pinned by a golden test.
+
+CHAIN_DOMAIN = b"broker.audit.v1\x00"
+GENESIS = bytes(32)
+
+
+def canonical_bytes(record: AuditRecord, seq: int) -> bytes:
+    body = {f.name: getattr(record, f.name) for f in fields(record)}
+    body["time"] = round(record.time * 1_000_000)
+    body["seq"] = seq
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def chain_hash(prev: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(CHAIN_DOMAIN + prev + body).digest()
+
+
+class AuditChainBroken(BrokerError):
+    """The chain does not verify; ``first_bad_seq`` is the first record that is not proven."""
+
+    code = "audit_chain_broken"
+    http_status = 500
+    title = "The audit chain does not verify"
+
+    def __init__(self, first_bad_seq: int, reason: str) -> None:
+        super().__init__(f"audit chain broken at record {first_bad_seq}", reason=reason)
+        self.first_bad_seq = first_bad_seq
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One stored record as the verifier sees it: what the row says, not what it should say."""
+
+    seq: int
+    record: AuditRecord
+    prev_hash: str | None
+    hash: str | None
+
+
+def verify_chain(links: Iterable[ChainLink], *, first_seq: int = 1, prev: bytes = GENESIS) -> tuple[int, bytes]:
+    """Recompute the chain from ``prev``; return (records seen, head hash).
+
+    Raises:
+        AuditChainBroken: a gap or a repeat in the sequence, a ``prev_hash`` that is not the previous
+            record's hash, or a ``hash`` that is not this record's.
+    """
+    expected = first_seq
+    count = 0
+    for link in links:
+        if link.seq != expected:
+            raise AuditChainBroken(expected, f"expected record {expected}, found {link.seq}")
+        if link.prev_hash != prev.hex():
+            raise AuditChainBroken(link.seq, "prev_hash is not the previous record's hash")
+        digest = chain_hash(prev, canonical_bytes(link.record, link.seq))
+        if link.hash != digest.hex():
+            raise AuditChainBroken(link.seq, "the record does not match its hash")
+        prev = digest
+        expected += 1
+        count += 1
+    return count, prev

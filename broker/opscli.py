@@ -583,9 +583,9 @@ def _list_command(name: str, key: str, columns: Sequence[Column], states: Sequen
 
 
 leases = _list_command("leases", "leases", LEASE_COLUMNS, ("active", "revoke_pending", "revoked", "expired"),
-                       SELECTORS, "Leases, live and past, in the broker's order.")
+                       SELECTORS, "Leases, live and past, oldest first.")
 tasks = _list_command("tasks", "tasks", TASK_COLUMNS, ("active", "ended", "expired", "revoked"),
-                      ("user", "agent", "tenant"), "Tasks, live and past, as the broker lists them.")
+                      ("user", "agent", "tenant"), "Tasks, live and past, oldest first.")
 
 
 def register(group: click.Group) -> None:

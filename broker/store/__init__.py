@@ -44,10 +44,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from broker.audit import AuditRecord
+from broker.audit import AuditRecord, canonical_bytes, chain_hash
 from broker.errors import BrokerError, BudgetExceeded, Conflict, Gone, Locked, StoreUnavailable
 from broker.store.rows import AuditRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow
-from broker.store.schema import audit_events, intents, leases, revocations, tasks
+from broker.store.schema import audit_events, audit_head, intents, leases, revocations, tasks
 
 __all__ = ["AuditRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "open_store"]
 
@@ -81,6 +81,9 @@ _LIVE_COUNTS = (
 _RENEW = (update(leases).where(leases.c.id == bindparam("lid"), leases.c.state == "active")
           .values(expires_at=bindparam("new_expiry")))
 _RECORD_FIELDS = tuple(AuditRecord.__dataclass_fields__)
+_HEAD_FOR_UPDATE = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+_MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"),
+                                                                   hash=bindparam("new_hash"))
 
 
 class Store:
@@ -471,7 +474,16 @@ class Store:
 
 
 def _append(conn: Connection, record: AuditRecord) -> None:
-    conn.execute(_INSERT_AUDIT, asdict(record.redacted()))
+    """Append one record to the chain, in the caller's transaction (so with the state change it describes).
+
+    Redaction comes before hashing: a secret can never be part of what the chain commits to.
+    """
+    red = record.redacted()
+    seq, head = conn.execute(_HEAD_FOR_UPDATE).one()
+    seq += 1
+    digest = chain_hash(bytes.fromhex(head), canonical_bytes(red, seq))
+    conn.execute(_INSERT_AUDIT, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
+    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest.hex()})
 
 
 def _resolve_intent(conn: Connection, intent_id: str, state: str, now: float) -> bool:

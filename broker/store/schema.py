@@ -112,11 +112,21 @@ audit_events = Table(
     Column("reason", Text),
     Column("lease", String(64)),
     Column("vault_request_id", String(64)),
-    # Filled by the hash chain (a later migration makes them NOT NULL once every writer chains).
+    # The hash chain (see broker.audit): hex SHA-256 of the previous record and of this one.
     Column("prev_hash", String(64)),
     Column("hash", String(64)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),
     Index("ix_audit_time", "time"),
+)
+
+# The chain's head: one row, updated in every transaction that appends a record. Its row lock is what
+# makes appends single-writer across replicas (PostgreSQL) without an advisory lock.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
 )

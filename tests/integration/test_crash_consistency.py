@@ -336,7 +336,7 @@ class TestCrashConsistency:
         rounds = 0
         while rounds < MAX_ROUNDS and time.monotonic() - started < MAX_SECONDS and (
                 tally.kills < MIN_KILLS or tally.issuances < MIN_ISSUANCES):
-            point = points[rounds % len(points)] if rounds % 2 == 0 else None
+            point = points[(rounds // 2) % len(points)] if rounds % 2 == 0 else None
             await one_round(config, identities, tally, rng, point, log)
             rounds += 1
         last_kill = time.monotonic()
