@@ -189,6 +189,27 @@ class TaskRoleSettings(_Frozen):
         return self
 
 
+class AuditSettings(_Frozen):
+    """The tamper-evident log: signed checkpoints, a witness, Vault's audit device, export sinks."""
+
+    # Ed25519 private key (PKCS#8 PEM) that signs checkpoints. Keep it off the database host.
+    signing_key_file: Path | None = None
+    # A checkpoint every this many records, or this many seconds, whichever comes first.
+    checkpoint_every: int = Field(default=100, ge=1, le=100_000)
+    checkpoint_interval: float = Field(default=60.0, gt=0, le=3600)
+    # Checkpoints are also appended to this file (a witness outside the store).
+    witness_file: Path | None = None
+    origin: str = "agent-broker"
+    # The name of Vault's file audit device (for sys/audit-hash); its file is [vault].audit_log.
+    vault_device: str = "main"
+    # Export sinks: JSON lines (or OCSF) appended to a file, and/or POSTed to a webhook.
+    export_file: Path | None = None
+    export_format: Literal["jsonl", "ocsf"] = "jsonl"
+    export_url: str | None = None
+    # Records not yet exported beyond this many: issuance fails closed until the sink catches up.
+    export_backlog_limit: int = Field(default=10_000, ge=1)
+
+
 class Settings(_Frozen):
     server: ServerSettings
     vault: VaultSettings
@@ -198,6 +219,7 @@ class Settings(_Frozen):
     people: PeopleSettings = PeopleSettings()
     limits: LimitsSettings = LimitsSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    audit: AuditSettings = AuditSettings()
     task_roles: tuple[TaskRoleSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -259,6 +281,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     fix(raw.get("vault"), "token_file")
     fix(raw.get("vault"), "audit_log")
     fix(raw.get("store"), "key_file")
+    for key in ("signing_key_file", "witness_file", "export_file"):
+        fix(raw.get("audit"), key)
     for t in (raw.get("agents") or {}).get("trust") or []:
         fix(t, "jwks_file")
     for i in (raw.get("users") or {}).get("issuers") or []:

@@ -121,7 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="PostgreSQL leases are slow to issue (~100-200/s): counts above this are skipped for them")
     p.add_argument("--tasks", type=int, default=20, help="tasks (one agent each) the user starts (default: 20)")
     p.add_argument("--concurrency", type=int, default=32, help="issuances in flight (default: 32)")
-    p.add_argument("--reps", type=int, default=1, help="repetitions per (kind, count); medians (default: 1)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions per (kind, count) for counts <= 1000; medians (default: 3)")
+    p.add_argument("--reps-large", type=int, default=1, help="repetitions for counts > 1000 (default: 1)")
     p.add_argument("--wait", type=float, default=60, help="the revocation's wait, seconds (max 60)")
     p.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default: 1800)")
     p.add_argument("--json", type=Path, help="also write the machine info and every result here")
@@ -174,6 +176,7 @@ class RevokeBench:
         self.phase_no += 1
         user = f"bench-revoke-{self.phase_no}@example.com"
         agents = [agent_id(1000 * self.phase_no + t) for t in range(self.args.tasks)]
+        itok_before = await self.issuance_token_count()
         tasks = [await self.start_task(user, a) for a in agents]
         svids = [self.stack.spiffe.mint_svid(a, audience="agent-broker", ttl=self.svid_ttl) for a in agents]
 
@@ -229,11 +232,14 @@ class RevokeBench:
             print(f"warning: revocation reports {body.get('revoked')} revoked, {ok} were issued", file=sys.stderr)
         left = len([k for k in await admin_lease_keys(self.session, self.bao, kind.lease_prefix)
                     if not k.endswith("/")])
-        itok = len([k for k in await admin_lease_keys(self.session, self.bao, ISSUANCE_PREFIX)
-                    if not k.endswith("/")])
+        itok = await self.issuance_token_count() - itok_before
         return Result(kind.key, n, rep, "broker", ok, issued.elapsed, revoke_s, post_status=status, post_s=post_s,
                       tasks=len(tasks), broker_cpu_s=broker_cpu, bao_cpu_s=bao_cpu, vault_calls=calls,
                       left_in_vault=left, issuance_tokens_left=itok, issue_errors=issued.errors)
+
+    async def issuance_token_count(self) -> int:
+        """Token leases directly under ``auth/token/create/`` (the broker's issuance tokens, plus its own)."""
+        return len([k for k in await admin_lease_keys(self.session, self.bao, ISSUANCE_PREFIX) if not k.endswith("/")])
 
     # -- OpenBao's own revoke-prefix ----------------------------------------------------------------------
 
@@ -302,7 +308,7 @@ class RevokeBench:
             for n in self.args.count_list:
                 if key == "postgres" and n > self.args.postgres_max:
                     continue
-                for rep in range(self.args.reps):
+                for rep in range(self.args.reps if n <= 1000 else self.args.reps_large):
                     order = [self.broker_run, self.prefix_run]
                     if rep % 2:
                         order.reverse()

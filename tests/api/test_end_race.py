@@ -82,7 +82,7 @@ class TestEndRace:
         self, client: Client, site: BrokerSite, admin: VaultClient
     ) -> None:
         """gather(end, issue x K) with random delays: after the end, 0 live leases in Vault, 0 leases committed after it."""
-        rng = random.Random(int(time.time()))  # noqa: S311 -- test scheduling only
+        rng = random.Random(int(time.time()))
         store = client.app[STORE]
         f = Figures()
         for n in range(ROUNDS):

@@ -21,6 +21,9 @@ Orphans (a Vault object that no ACTIVE task in the store owns), by kind:
 - Vault lease under ``pki-crash/issue/agents/`` or ``database-crash/creds/tickets-ro/``: owned iff it is the
   ``vault_lease_id`` of an active lease of an active task.
 
+The audit trail: every recorded lease has exactly one ``lease.issued`` record (and every such record a lease),
+every credential the client received is a recorded lease, and the hash chain verifies.
+
 Ghosts: an active (or revoke_pending) lease in the store whose Vault lease or token is gone. Also reported,
 not asserted: "ghost tasks", tasks active in the store whose task token Vault no longer has.
 """
@@ -41,7 +44,12 @@ import pytest
 
 from broker.config import load_settings
 from broker.delegation import Catalog
-from broker.devstack import DEFAULT_DB_ROLES, configure_child_token_role, configure_database, configure_pki
+from broker.devstack import (
+    DEFAULT_DB_ROLES,
+    configure_child_token_role,
+    configure_database,
+    configure_pki,
+)
 from broker.faults import POINTS
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
@@ -210,7 +218,7 @@ class Load:
                     async with session.post(f"{self._base}/v1/tasks/{task}/end", headers=agent_auth) as r:
                         t.statuses[r.status] += 1
                     task = None
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the broker died under us
 
 
@@ -246,7 +254,7 @@ class Verdict:
     ghosts: list[str]
     ghost_tasks: list[str]
     audit_problems: list[str]
-    vault_tokens: int
+    vault_tokens: Counter[str]
     vault_leases: int
 
 
@@ -262,18 +270,18 @@ async def judge(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Verdict:
     open_accessors = {i["accessor"] for i in snap.intents.values() if i["state"] in ("open", "aborting")}
 
     orphans: list[str] = []
-    n_tokens = 0
+    n_tokens: Counter[str] = Counter()
     for accessor, d in tokens.items():
         meta: Mapping[str, Any] = d.get("meta") or {}
         task_id = str(meta.get("task", ""))
         if d.get("role") == TOKEN_ROLE:
-            n_tokens += 1
+            n_tokens["task"] += 1
             t = active_tasks.get(task_id)
             if t is None or t["token_accessor"] != accessor:
                 state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
                 orphans.append(f"task token {accessor} of task {task_id} ({state})")
         elif "lease" in meta and task_id in ours:
-            n_tokens += 1
+            n_tokens["issuance"] += 1
             lease = snap.leases.get(str(meta["lease"]))
             owned = task_id in active_tasks and (
                 (lease is not None and lease["state"] == "active" and lease["issuance_accessor"] == accessor)
@@ -286,7 +294,7 @@ async def judge(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Verdict:
                 orphans.append(f"issuance token {accessor} (lease {meta['lease']}, grant {meta.get('grant')}, "
                                f"task {task_state}: {why})")
         elif str(d.get("path", "")).startswith(f"auth/token/create/{CHILD_ROLE}"):
-            n_tokens += 1
+            n_tokens["child"] += 1
             if accessor not in owned_leases:
                 orphans.append(f"child token {accessor} not an active lease of an active task")
     vault_leases: list[str] = []
@@ -329,7 +337,7 @@ class TestCrashConsistency:
             text = text.replace(f'"{name}"', f'"{crash_root / name}"')
         config.write_text(text)
         log = tmp_path / "broker.log"
-        rng = random.Random(int(time.time()))  # noqa: S311 -- fault injection
+        rng = random.Random(int(time.time()))
         tally = Tally()
         started = time.monotonic()
         points = list(POINTS)
@@ -376,12 +384,16 @@ class TestCrashConsistency:
         print(f"  rounds={rounds} kills by point: {dict(sorted(tally.by_point.items()))}")
         print(f"  issuances by grant: {dict(tally.by_grant)}; answers: {dict(sorted(tally.statuses.items()))}")
         print(f"  store: tasks={len(snap.tasks)} leases={dict(states)} intents={dict(intents)}; "
-              f"reconciled {reconciled:.1f}s after the last kill")
-        print(f"  vault: {verdict.vault_tokens} tokens and {verdict.vault_leases} leases of this test; "
+              f"reconciled {reconciled:.1f}s after the last kill; audit chain {snap.chain}")
+        print(f"  vault: tokens {dict(verdict.vault_tokens)} and {verdict.vault_leases} leases of this test; "
               f"ghost tasks (active in the store, token gone)={len(verdict.ghost_tasks)}")
+        kinds = Counter(x.split(" (")[0].split(" ", 2)[0] + (": " + x.rsplit(": ", 1)[1].rstrip(")")
+                        if "issuance" in x else "") for x in verdict.orphans)
+        print(f"  orphans by kind: {dict(kinds)}")
         for line in (verdict.orphans + verdict.ghosts + verdict.ghost_tasks + verdict.audit_problems)[:40]:
             print("  -", line)
         assert tally.kills >= MIN_KILLS and tally.issuances >= MIN_ISSUANCES, (tally.kills, tally.issuances)
         assert verdict.orphans == [], verdict.orphans[:20]
         assert verdict.ghosts == [], verdict.ghosts[:20]
         assert verdict.audit_problems == [], verdict.audit_problems[:20]
+        assert snap.chain.startswith("ok"), snap.chain

@@ -22,6 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from broker.audit import AuditChainBroken, AuditRecord, ChainLink, verify_chain
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -40,7 +42,7 @@ class BrokerProcess:
         if crash_points:
             env["BROKER_CRASH_POINTS"] = crash_points
         self._log = log.open("ab")
-        self.proc = subprocess.Popen(  # noqa: S603 -- our own interpreter and package
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--config", str(config), "--log-level", "warning"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -97,7 +99,7 @@ class RawVault:
         self._base = addr.rstrip("/") + "/v1/"
         self._headers = {"X-Vault-Token": root_token, "X-Vault-Request": "true"}
 
-    async def list(self, path: str) -> list[str]:
+    async def list_keys(self, path: str) -> list[str]:
         """LIST ``path``; an empty listing answers 404, returned as []."""
         async with self._session.request("LIST", self._base + path, headers=self._headers) as r:
             if r.status == 404:
@@ -127,7 +129,7 @@ class RawVault:
 
     async def tokens(self, concurrency: int = 32) -> dict[str, Mapping[str, Any]]:
         """Every live token's lookup, by accessor."""
-        accessors = await self.list("auth/token/accessors")
+        accessors = await self.list_keys("auth/token/accessors")
         slots = asyncio.Semaphore(concurrency)
 
         async def one(a: str) -> tuple[str, Mapping[str, Any] | None]:
@@ -139,7 +141,7 @@ class RawVault:
 
     async def leases_under(self, prefix: str) -> list[str]:
         """Full lease ids under ``prefix`` (one level: the engines' leases sit right under their role path)."""
-        return [prefix + k for k in await self.list("sys/leases/lookup/" + prefix) if not k.endswith("/")]
+        return [prefix + k for k in await self.list_keys("sys/leases/lookup/" + prefix) if not k.endswith("/")]
 
 
 # -- the store, read directly ------------------------------------------------------------------------
@@ -153,6 +155,7 @@ class StoreSnapshot:
     leases: dict[str, dict[str, Any]] = field(default_factory=dict)
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     issued_records: dict[str, int] = field(default_factory=dict)
+    chain: str = "not read"  # "ok, N records" or why the audit hash chain does not verify
 
     @classmethod
     def read(cls, path: Path) -> StoreSnapshot:
@@ -163,6 +166,15 @@ class StoreSnapshot:
             snap.intents = {r["id"]: dict(r) for r in db.execute("SELECT * FROM intents")}
             snap.issued_records = {r[0]: r[1] for r in db.execute(
                 "SELECT lease, count(*) FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
+            names = tuple(AuditRecord.__dataclass_fields__)
+            links = (ChainLink(seq=r["seq"], record=AuditRecord(**{k: r[k] for k in names}),
+                               prev_hash=r["prev_hash"], hash=r["hash"])
+                     for r in db.execute("SELECT * FROM audit_events ORDER BY seq"))
+            try:
+                n, _ = verify_chain(links)
+                snap.chain = f"ok, {n} records"
+            except AuditChainBroken as exc:
+                snap.chain = f"broken at record {exc.first_bad_seq}: {exc.reason}"
         return snap
 
     def unsettled(self) -> list[str]:
