@@ -114,6 +114,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 lim = settings.limits
                 app[api.LEASES] = LeaseManager(
                     catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash,
+                    bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
                     limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
                     agent_rate=RateLimiter(rate=lim.issue_rate_per_agent, burst=lim.issue_burst_per_agent,
                                            clock=time.monotonic),

@@ -92,6 +92,10 @@ class ApprovalRequired(Denied):
     title = "This grant needs a human approval"
 
 
+async def _done() -> None:
+    return None
+
+
 def new_lease_id() -> str:
     return "lse_" + secrets.token_urlsafe(18)
 
@@ -109,7 +113,7 @@ class LeaseManager:
     def __init__(
         self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float],
         limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
-        user_rate: RateLimiter | None = None, crash: CrashHook = no_crash,
+        user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -120,6 +124,7 @@ class LeaseManager:
         self._agent_rate = agent_rate
         self._user_rate = user_rate
         self._crash = crash
+        self._bootstrap_ttl = bootstrap_ttl
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -165,10 +170,16 @@ class LeaseManager:
         task_token = self._sealer.open(task.sealed_token, task_id=task.id)
         lease_id = new_lease_id()
         remaining = max(1, math.floor(task.expires_at - now))
-        issuance = await self._vault.create_child_token(
-            token=task_token, policies=[f"broker-task-{task.role}"], ttl=remaining, explicit_max_ttl=remaining,
-            meta={"task": task.id, "lease": lease_id, "grant": grant.name}, display_name=f"issue-{grant.name}",
-        )
+        try:
+            # Born short-lived: if the broker dies before the intent below holds its accessor, nothing
+            # knows this token, so it must die by itself (within the bootstrap TTL).
+            issuance = await self._vault.create_child_token(
+                token=task_token, policies=[f"broker-task-{task.role}"], ttl=min(self._bootstrap_ttl, remaining),
+                explicit_max_ttl=remaining, renewable=True,
+                meta={"task": task.id, "lease": lease_id, "grant": grant.name}, display_name=f"issue-{grant.name}",
+            )
+        except (VaultDenied, VaultBadResponse) as exc:
+            raise await self._gone_or(exc, caller, task, grant.path) from exc
         self._crash("issue.after_token")
         try:
             await self._store.begin_issuance(
@@ -184,24 +195,34 @@ class LeaseManager:
             raise
         self._crash("issue.after_intent")
         try:
-            secret = await self._vault.read_credential(
+            # Now that the intent holds its accessor, extend the issuance token to the task's end; the read
+            # runs alongside, and the credential is handed out only if both succeed.
+            renewal = self._vault.renew_self(token=issuance.client_token, increment=remaining) \
+                if remaining > self._bootstrap_ttl else _done()
+            read = self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
                 data=grant.request_params(task=task.id, agent=task.agent, user=task.user, tenant=task.tenant,
                                           role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
             )
+            _, secret = await asyncio.gather(renewal, read)
             self._crash("issue.after_vault")
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance)
         except BaseException as exc:
             # Ambiguous or failed: whatever Vault may have issued dies with the issuance token.
             await self._revoke_token(issuance.accessor)
             await self._store.abort_intent(lease_id, now=self._clock())
-            if isinstance(exc, VaultDenied):
-                fresh = await self._store.get_task(task.id)
-                if fresh is None or fresh.state != "active":
-                    gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
-                    await self._denied(caller, task, task_id, grant.path, "issue", gone)
-                    raise gone from exc
+            if isinstance(exc, VaultDenied | VaultBadResponse):
+                raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise
+
+    async def _gone_or(self, exc: BrokerError, caller: AgentIdentity, task: TaskRow, resource: str) -> BrokerError:
+        """Vault refusing the task token (403, or 400 "parent token not found") is the task ending under us."""
+        fresh = await self._store.get_task(task.id)
+        if fresh is None or fresh.state != "active":
+            gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
+            await self._denied(caller, task, task.id, resource, "issue", gone)
+            return gone
+        return exc
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
                       lease_ttl: int, issuance: VaultTokenAuth) -> Issued:

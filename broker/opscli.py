@@ -48,6 +48,9 @@ EXIT_INTERRUPTED = 130
 _FIRST_WAIT = 2.0
 _POLL_FIRST = 0.25
 _POLL_MAX = 2.0
+_RETRY_AFTER_MAX = 10.0
+# While following, these mean "busy or briefly away" (0: no answer, e.g. a replica restarting): poll again.
+_TRANSIENT = frozenset({0, 429, 502, 503, 504})
 _PAGE = 500
 _REQUEST_TIMEOUT = 30.0
 
@@ -403,7 +406,8 @@ async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progr
                   seen: list[dict[str, Any]]) -> dict[str, Any]:
     """Poll ``GET /v1/revocations/{id}`` until complete or ``timeout`` seconds pass; the last state seen.
 
-    A 429 or 503 while polling is a busy broker, not a failure: wait (Retry-After) and poll again.
+    A busy or briefly unreachable broker (``_TRANSIENT``) is not a failure: wait (Retry-After) and poll
+    again; the revocation goes on in the broker regardless.
 
     Raises:
         OpsError: any other error answer.
@@ -416,9 +420,9 @@ async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progr
         try:
             rev = await client.call("GET", f"/v1/revocations/{rev['id']}")
         except OpsError as exc:
-            if exc.status not in (429, 503):
+            if exc.status not in _TRANSIENT:
                 raise
-            delay = min(exc.retry_after or delay, _POLL_MAX * 5)
+            delay = min(exc.retry_after or delay, _RETRY_AFTER_MAX)
             continue
         seen.append(rev)
         progress.show(rev)

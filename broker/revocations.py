@@ -209,6 +209,7 @@ class Maintenance:
     async def tick(self) -> None:
         now = self._clock()
         await self._expire_tasks(now)
+        await self._lost_bootstrap_tokens(now)
         await self._reconcile(now)
         due = await self._store.tasks_due_for_revocation(now=now)
         if due:
@@ -223,6 +224,25 @@ class Maintenance:
                                tenant=t.tenant, resource=f"role:{t.role}", action="expire",
                                reason="deadline reached") for t in due]
         await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records)
+
+    async def _lost_bootstrap_tokens(self, now: float) -> None:
+        """Tasks whose broker died between recording them and extending their token: the token expired
+        at its bootstrap TTL, so the task is over; say so instead of showing it active."""
+        stale = await self._store.find_tasks(states=("active",), token_state="bootstrap",
+                                             created_before=now - self._bootstrap_ttl - 1, limit=100)
+        lost = []
+        for t in stale:
+            try:
+                if await self._vault.lookup_accessor(t.token_accessor) is None:
+                    lost.append(t)
+            except VaultError:
+                return
+        if lost:
+            await self._store.fence_tasks([t.id for t in lost], state="revoked", now=now, records=[
+                AuditRecord(now, "task.revoked", "failure", user=t.user, agent=t.agent, task=t.id, tenant=t.tenant,
+                            resource=f"role:{t.role}", action="revoke",
+                            reason="the broker stopped before extending the task token; it expired unused")
+                for t in lost])
 
     async def _expire_leases(self, now: float) -> None:
         """Leases past their own expiry, in tasks still running: marked once Vault no longer has them."""

@@ -144,6 +144,7 @@ class TaskManager:
             id=task_id, user=user.name, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
             created_at=now, expires_at=now + decision.ttl, state=TaskState.ACTIVE, ended_at=None,
             token_accessor=auth.accessor, sealed_token=self._sealer.seal(auth.client_token, task_id=task_id),
+            token_state="bootstrap" if decision.ttl > self._bootstrap_ttl else "live",
         )
         record = AuditRecord(now, "task.started", "success", user=user.name, agent=row.agent, task=task_id,
                              tenant=r.tenant, resource=f"role:{r.name}", action="task.start", reason=reason)
@@ -162,6 +163,8 @@ class TaskManager:
             except VaultError:
                 await self.end(task_id, by=user, event=TaskEvent.REVOKE, reason="could not extend the task token")
                 raise
+            await self._store.mark_token_live(task_id)
+            row = TaskRow(**{**row.__dict__, "token_state": "live"})
         return row
 
     async def get(self, task_id: str) -> tuple[TaskRow, list[LeaseRow]]:
@@ -195,6 +198,7 @@ class TaskManager:
                                  tenant=row.tenant, resource=f"role:{row.role}", action=str(event),
                                  reason=reason or f"by {actor}")
             await self._store.fence_tasks([task_id], state=target, now=now, records=[record])
+            self._crash("end.after_fence")
             row = await self._store.get_task(task_id)
             assert row is not None
         if row.token_state == "revoked":

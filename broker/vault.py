@@ -539,6 +539,7 @@ class VaultClient:
         explicit_max_ttl: int,
         meta: Mapping[str, str],
         display_name: str,
+        renewable: bool = False,
     ) -> VaultTokenAuth:
         """POST /v1/auth/token/create -- a child of ``token`` (an issuance token under a task token).
 
@@ -553,7 +554,7 @@ class VaultClient:
             "meta": dict(meta),
             "display_name": display_name,
             "no_default_policy": True,
-            "renewable": False,
+            "renewable": renewable,
         }
         parsed = await self._call_json("POST", "auth/token/create", op, body=body, token=token)
         try:

@@ -46,10 +46,20 @@ from sqlalchemy.pool import StaticPool
 
 from broker.audit import AuditRecord, canonical_bytes, chain_hash
 from broker.errors import BrokerError, BudgetExceeded, Conflict, Gone, Locked, StoreUnavailable
-from broker.store.rows import AuditRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow
-from broker.store.schema import audit_events, audit_head, intents, leases, revocations, tasks
+from broker.store.rows import AuditRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow, VaultAuditPosition
+from broker.store.schema import (
+    audit_events,
+    audit_head,
+    intents,
+    leases,
+    revocations,
+    tasks,
+    vault_audit_position,
+    vault_audit_tokens,
+)
 
-__all__ = ["AuditRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "open_store"]
+__all__ = ["AuditRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition",
+           "open_store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -214,8 +224,13 @@ class Store:
     async def find_tasks(self, *, user: str | None = None, agent: str | None = None, task: str | None = None,
                          tenant: str | None = None, states: Sequence[str] | None = None,
                          expires_before: float | None = None, limit: int = 1000, after: str | None = None,
+                         token_state: str | None = None, created_before: float | None = None,
                          ) -> list[TaskRow]:
         q = select(tasks).order_by(tasks.c.created_at, tasks.c.id).limit(limit)
+        if token_state is not None:
+            q = q.where(tasks.c.token_state == token_state)
+        if created_before is not None:
+            q = q.where(tasks.c.created_at < created_before)
         for col, value in ((tasks.c.user, user), (tasks.c.agent, agent), (tasks.c.id, task),
                            (tasks.c.tenant, tenant)):
             if value is not None:
@@ -232,6 +247,14 @@ class Store:
             with self._read() as conn:
                 return [TaskRow(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
+
+    async def mark_token_live(self, task_id: str) -> None:
+        """The task token was extended from its bootstrap TTL to the task's end."""
+        def run() -> None:
+            with self._tx() as conn:
+                conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.token_state == "bootstrap")
+                             .values(token_state="live"))
+        await self._run(run)
 
     async def tasks_due_for_revocation(self, *, now: float, limit: int = 500) -> list[TaskRow]:
         q = (select(tasks).where(tasks.c.token_state == "revoke_pending", tasks.c.next_attempt_at <= now)
@@ -442,6 +465,75 @@ class Store:
             return True
         return await self._run(run)
 
+    # -- Vault's own audit record (broker.tailer) -----------------------------------------------------
+
+    async def vault_audit_position(self, path: str) -> VaultAuditPosition | None:
+        """Where the Vault audit tailer of ``path`` stopped, or None before its first start."""
+        def run() -> VaultAuditPosition | None:
+            with self._read() as conn:
+                r = conn.execute(select(vault_audit_position).where(vault_audit_position.c.path == path)
+                                 ).mappings().first()
+            return None if r is None else VaultAuditPosition(path=r["path"], device=r["device"], inode=r["inode"],
+                                                             offset=r["offset"], lines=r["lines"])
+        return await self._run(run)
+
+    async def vault_audit_context(self, task_ids: Sequence[str], accessors: Sequence[str]
+                                  ) -> tuple[dict[str, TaskRow], dict[str, tuple[str, str | None]]]:
+        """The tasks named by a batch of Vault audit entries, and the learned tokens among ``accessors``."""
+        def run() -> tuple[dict[str, TaskRow], dict[str, tuple[str, str | None]]]:
+            found: dict[str, TaskRow] = {}
+            learned: dict[str, tuple[str, str | None]] = {}
+            with self._read() as conn:
+                for chunk in _chunks(sorted(set(task_ids))):
+                    found.update((r["id"], TaskRow(**r))
+                                 for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings())
+                for chunk in _chunks(sorted(set(accessors))):
+                    learned.update((r[0], (r[1], r[2])) for r in conn.execute(
+                        select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task, vault_audit_tokens.c.lease)
+                        .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
+            return found, learned
+        return await self._run(run)
+
+    async def merge_vault_audit(self, *, expected: VaultAuditPosition | None, new: VaultAuditPosition,
+                                records: Sequence[AuditRecord], tokens: Mapping[str, tuple[str, str | None]],
+                                now: float) -> None:
+        """Append the records merged from Vault's audit file, the tokens learned, and the new position: one
+        transaction, so a crash loses nothing and repeats nothing.
+
+        The position moves only from ``expected`` (compare-and-set): a second tailer on the same file
+        fails here instead of merging the same lines twice.
+
+        Raises:
+            Conflict: the stored position is not ``expected`` (another tailer moved it).
+        """
+        def run() -> None:
+            with self._tx() as conn:
+                vals = {"device": new.device, "inode": new.inode, "offset": new.offset, "lines": new.lines,
+                        "updated_at": now}
+                if expected is None:
+                    if conn.execute(select(vault_audit_position.c.path)
+                                    .where(vault_audit_position.c.path == new.path)).first() is not None:
+                        raise Conflict("the Vault audit position moved", reason="another tailer started first")
+                    conn.execute(insert(vault_audit_position).values(path=new.path, **vals))
+                else:
+                    res = conn.execute(update(vault_audit_position).where(
+                        vault_audit_position.c.path == expected.path, vault_audit_position.c.device == expected.device,
+                        vault_audit_position.c.inode == expected.inode,
+                        vault_audit_position.c.offset == expected.offset).values(**vals))
+                    if res.rowcount != 1:
+                        raise Conflict("the Vault audit position moved", reason="another tailer merged these lines")
+                for record in records:
+                    _append(conn, record)
+                _insert_tokens(conn, tokens, now)
+        await self._run(run)
+
+    async def remember_vault_tokens(self, tokens: Mapping[str, tuple[str, str | None]], *, now: float) -> None:
+        """Learn tokens (HMAC'd accessor -> task, lease) from outside the log (``sys/audit-hash``)."""
+        def run() -> None:
+            with self._tx() as conn:
+                _insert_tokens(conn, tokens, now)
+        await self._run(run)
+
     # -- audit ---------------------------------------------------------------------------------------
 
     async def append_audit(self, record: AuditRecord) -> None:
@@ -484,6 +576,19 @@ def _append(conn: Connection, record: AuditRecord) -> None:
     digest = chain_hash(bytes.fromhex(head), canonical_bytes(red, seq))
     conn.execute(_INSERT_AUDIT, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
     conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest.hex()})
+
+
+def _insert_tokens(conn: Connection, tokens: Mapping[str, tuple[str, str | None]], now: float) -> None:
+    if not tokens:
+        return
+    have: set[str] = set()
+    for chunk in _chunks(sorted(tokens)):
+        have.update(r[0] for r in conn.execute(select(vault_audit_tokens.c.accessor_hmac)
+                                               .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
+    fresh = [{"accessor_hmac": a, "task": t, "lease": lease, "learned_at": now}
+             for a, (t, lease) in tokens.items() if a not in have]
+    if fresh:
+        conn.execute(insert(vault_audit_tokens), fresh)
 
 
 def _resolve_intent(conn: Connection, intent_id: str, state: str, now: float) -> bool:
