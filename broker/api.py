@@ -20,15 +20,24 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
+from broker.checkpoints import StoreVerifier
 from broker.delegation import Catalog, any_includes
 from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, NotFound, PayloadTooLarge
 from broker.identity import AgentIdentity, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
-from broker.leases import LeaseManager
+from broker.approvals import ApprovalManager, InsufficientAuthentication
+from broker.leases import LeaseManager, PendingApproval
+from broker.metrics import Metrics
 from broker.revocations import Revocations, RevocationStatus
 from broker.models import (
+    ApprovalDecision,
+    ApprovalList,
+    ApprovalOut,
+    ApprovalPending,
+    ApprovalVote,
     AuditOut,
     AuditPage,
+    AuditVerifyOut,
     CredentialOut,
     CredentialRequest,
     EndOut,
@@ -47,7 +56,8 @@ from broker.models import (
     TaskOut,
     TaskPage,
 )
-from broker.store import LeaseRow, Store, TaskRow
+from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
+from broker.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
 
@@ -61,6 +71,11 @@ CATALOG = web.AppKey("catalog", Catalog)
 AGENTS = web.AppKey("agent_verifier", VerifiedTokenCache[AgentIdentity])
 USERS = web.AppKey("user_verifier", UserVerifier)
 REVOCATIONS = web.AppKey("revocations", Revocations)
+APPROVALS = web.AppKey("approvals", ApprovalManager)
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
+METRICS = web.AppKey("metrics", Metrics)
+VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 _MAX_TOKEN = 8192
@@ -90,7 +105,12 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         headers = {}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-        if isinstance(exc, InvalidIdentity):
+        if isinstance(exc, InsufficientAuthentication):
+            # RFC 9470: tell the client to come back with a fresher authentication.
+            headers["WWW-Authenticate"] = (f'Bearer error="insufficient_user_authentication", '
+                                           f'error_description="{exc}", max_age={exc.max_age}')
+            log.info("stale authentication on %s %s: %s", request.method, request.path, exc.reason)
+        elif isinstance(exc, InvalidIdentity):
             headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             log.info("rejected credentials on %s %s: %s", request.method, request.path, exc.reason)
         elif exc.http_status >= 500:
@@ -219,7 +239,11 @@ async def get_task(request: web.Request) -> web.Response:
 async def issue_credential(request: web.Request) -> web.Response:
     agent = await agent_identity(request)
     body = await _body(request, CredentialRequest)
-    issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl)
+    issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
+                                             body.approval_id)
+    if isinstance(issued, PendingApproval):
+        a = issued.approval
+        return _json(ApprovalPending(approval_id=a.id, expires_at=a.expires_at), 202)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
                         renewable=issued.lease.renewable, data=dict(issued.data))
     return _json(out, no_store=True)
@@ -272,6 +296,16 @@ async def list_audit(request: web.Request) -> web.Response:
     return _json(AuditPage(records=records, next_after=next_after))
 
 
+async def verify_audit(request: web.Request) -> web.Response:
+    """Recompute the whole chain and check every checkpoint (and the witness, if configured). Auditors only."""
+    user = await user_identity(request)
+    if not any_includes(request.app[CATALOG].auditors, user):
+        raise Denied("auditors only", reason=f"{user.name} is not an auditor")
+    r = await request.app[AUDIT_VERIFIER].verify()
+    return _json(AuditVerifyOut(ok=r.ok, records=r.records, checkpoints=r.checkpoints, witnessed=r.witnessed,
+                                first_bad_seq=r.first_bad_seq, reason=r.reason))
+
+
 async def health(request: web.Request) -> web.Response:
     vault_state: Any = "ok"
     store_state: Any = "ok"
@@ -287,6 +321,12 @@ async def health(request: web.Request) -> web.Response:
     ok = vault_state == "ok" and store_state == "ok"
     out = HealthOut(status="ok" if ok else "unavailable", vault=vault_state, store=store_state, version=__version__)
     return _json(out, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: counters only, no identities or labels (anyone on the network may read it)."""
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -378,6 +418,58 @@ async def list_tasks(request: web.Request) -> web.Response:
     return _json(TaskPage(tasks=[_task_out(t) for t in rows], next_after=next_after))
 
 
+async def _approval_out(request: web.Request, a: ApprovalRow, *, votes: bool) -> ApprovalOut:
+    task = await request.app[STORE].get_task(a.task_id)
+    vs = await request.app[STORE].approval_votes(a.id) if votes else None
+    return ApprovalOut(id=a.id, state=a.state, task=a.task_id, user=a.user, agent=a.agent,
+                       tenant=a.tenant, grant=a.grant, path=a.path, ttl=a.ttl, required=a.required,
+                       created_at=a.created_at, expires_at=a.expires_at, decided_at=a.decided_at,
+                       task_reason=task.reason if task else None,
+                       votes=None if vs is None else [ApprovalVote(**{k: v[k] for k in ApprovalVote.model_fields})
+                                                      for v in vs])
+
+
+def _approver_or_auditor(request: web.Request, user: UserIdentity) -> None:
+    catalog = request.app[CATALOG]
+    if not (any_includes(catalog.approvers, user) or any_includes(catalog.auditors, user)):
+        raise Denied("approvers and auditors only", reason=f"{user.name} is not an approver")
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    _approver_or_auditor(request, user)
+    state = request.query.get("state")
+    if state not in (None, "pending", "approved", "denied", "expired", "consumed"):
+        raise BadRequest("state must be pending, approved, denied, expired or consumed")
+    rows = await request.app[STORE].list_approvals(state=state, now=request.app[CLOCK]())
+    return _json(ApprovalList(approvals=[await _approval_out(request, a, votes=True) for a in rows]))
+
+
+async def get_approval(request: web.Request) -> web.Response:
+    ident = await any_identity(request)
+    manager = request.app[APPROVALS]
+    a = await manager.get(request.match_info["approval_id"])
+    if isinstance(ident, AgentIdentity):
+        if str(ident.spiffe_id) != a.agent:
+            raise NotFound("no such approval")
+    else:
+        _approver_or_auditor(request, ident)
+    try:
+        wait = min(max(float(request.query.get("wait", "0")), 0.0), 60.0)
+    except ValueError as exc:
+        raise BadRequest("wait must be a number of seconds") from exc
+    if wait:
+        a = await manager.wait(a.id, timeout=wait)
+    return _json(await _approval_out(request, a, votes=isinstance(ident, UserIdentity)))
+
+
+async def decide_approval(request: web.Request) -> web.Response:
+    user = await user_identity(request)
+    body = await _body(request, ApprovalDecision)
+    a = await request.app[APPROVALS].decide(user, request.match_info["approval_id"], body.decision, body.reason)
+    return _json(await _approval_out(request, a, votes=True))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
@@ -391,5 +483,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/revocations/{revocation_id}", get_revocation)
     app.router.add_delete("/v1/revocations/{revocation_id}", lift_revocation)
     app.router.add_get("/v1/audit", list_audit)
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_get("/v1/approvals/{approval_id}", get_approval)
+    app.router.add_post("/v1/approvals/{approval_id}", decide_approval)
+    app.router.add_get("/v1/audit/verify", verify_audit)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)

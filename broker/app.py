@@ -16,6 +16,8 @@ import aiohttp
 from aiohttp import web
 
 from broker import api
+from broker.checkpoints import Checkpointer, StoreVerifier
+from broker.console import add_console_routes
 from broker.config import Settings
 from broker.delegation import Catalog
 from broker.errors import ConfigError, VaultError
@@ -29,13 +31,17 @@ from broker.identity import (
     UserVerifier,
 )
 from broker.identity.cache import VerifiedTokenCache
+from broker.approvals import ApprovalManager
 from broker.faults import CrashHook, no_crash
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
+from broker.metrics import Metrics
 from broker.revocations import Maintenance, Revocations, Revoker
 from broker.store import LeaseLimits
 from broker.sealing import TokenSealer
+from broker.signing import load_signing_key
 from broker.store import open_store
+from broker.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
 
@@ -72,8 +78,10 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     ``crash`` is the crash-point hook of the crash-consistency tests; it does nothing by default.
     """
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[api.error_middleware])
+    app[api.METRICS] = Metrics()
     app.cleanup_ctx.append(_dependencies(settings, clock, crash))
     api.add_routes(app)
+    add_console_routes(app)
     return app
 
 
@@ -82,6 +90,8 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         catalog = Catalog.from_settings(settings)
         sealer = TokenSealer.from_file(settings.store.key_file)
+        audit = settings.audit
+        signing_key = load_signing_key(audit.signing_key_file) if audit.signing_key_file is not None else None
         token = read_vault_token(settings)
         timeout = aiohttp.ClientTimeout(total=settings.vault.timeout)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=128)) as session:
@@ -111,10 +121,15 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
                                              clock=clock, bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
                                              crash=crash)
+                approvals = ApprovalManager(catalog=catalog, store=store, clock=clock,
+                                            max_auth_age=settings.people.approval_max_auth_age,
+                                            ttl=settings.people.approval_ttl)
+                app[api.APPROVALS] = approvals
+                app[api.CLOCK] = clock
                 lim = settings.limits
                 app[api.LEASES] = LeaseManager(
                     catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash,
-                    bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
+                    bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, approvals=approvals,
                     limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
                     agent_rate=RateLimiter(rate=lim.issue_rate_per_agent, burst=lim.issue_burst_per_agent,
                                            clock=time.monotonic),
@@ -123,12 +138,28 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 )
                 app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
                 m = settings.maintenance
+                # Signed checkpoints of the audit chain, only with a signing key (broker.checkpoints).
+                checkpointer = None if signing_key is None else Checkpointer(
+                    store=store, key=signing_key, origin=audit.origin, every=audit.checkpoint_every,
+                    interval=audit.checkpoint_interval, witness_file=audit.witness_file, clock=clock)
+                app[api.AUDIT_VERIFIER] = StoreVerifier(store, signing_key.public_key() if signing_key else None,
+                                                        audit.origin, audit.witness_file)
                 maintenance = Maintenance(store=store, vault=vault, revoker=revoker, clock=clock, interval=m.interval,
                                           intent_grace=m.intent_grace,
                                           bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
-                                          sole_writer=settings.store.url.startswith("sqlite"))
+                                          sole_writer=settings.store.url.startswith("sqlite"),
+                                          checkpointer=checkpointer)
                 background = [asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer"),
                               asyncio.create_task(maintenance.run_forever(), name="maintenance")]
+                if settings.vault.audit_log is not None:
+                    # Vault's own record merged into the chain (one tailer per file: see broker.tailer).
+                    device = settings.audit.vault_device
+                    tailer = VaultAuditTailer(
+                        store=store, path=settings.vault.audit_log, metrics=app[api.METRICS], clock=clock,
+                        broker_paths=[g.path for r in catalog.roles.values() for g in r.grants.values()],
+                        hasher=lambda value: vault.audit_hash(device, value))
+                    app[api.VAULT_TAILER] = tailer
+                    background.append(asyncio.create_task(tailer.run_forever(), name="vault-audit-tailer"))
                 try:
                     yield
                 finally:

@@ -141,3 +141,8 @@ def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str, vau
 from broker.opscli import register  # noqa: E402 -- registered on the group defined above
 
 register(main)
+
+# The auditor's commands over the store (audit verify, audit public-key; others attach to broker.auditcli.audit_group).
+from broker.auditcli import register as register_audit  # noqa: E402 -- registered on the group defined above
+
+register_audit(main)

@@ -157,6 +157,8 @@ class PeopleSettings(_Frozen):
     auditors: tuple[str, ...] = ()
     approvers: tuple[str, ...] = ()
     approval_max_auth_age: Duration = 300
+    # How long an approval waits for its approvers, and then for its one use.
+    approval_ttl: Duration = 900
 
 
 class GrantSettings(_Frozen):
@@ -164,6 +166,8 @@ class GrantSettings(_Frozen):
     path: str
     max_ttl: Duration
     risk: Literal["low", "high"] = "low"
+    # For a high-risk grant: how many distinct approvers must approve (a two-person rule is 2).
+    approvals_required: int = Field(default=1, ge=1, le=10)
     # How the credential is obtained: "read" (GET, e.g. database/creds/x) or "write" (POST with
     # `params`, e.g. pki/issue/x). Default: "write" when params are given, else "read".
     method: Literal["read", "write"] | None = None

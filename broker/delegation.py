@@ -71,6 +71,7 @@ class Grant:
     risk: Risk
     method: Literal["GET", "POST"]
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
+    approvals_required: int = 1
 
     def request_params(self, *, task: str, agent: str, user: str, tenant: str, role: str, ttl: int) -> dict[str, object]:
         """The body sent to Vault: the configured params with the task's values substituted, plus the TTL.
@@ -134,7 +135,7 @@ def _role(r: TaskRoleSettings) -> TaskRole:
             msg = f"task role {r.name}, grant {g.name}: max_ttl exceeds the role's max_ttl"
             raise ConfigError(msg)
         method: Literal["GET", "POST"] = "POST" if (g.method == "write" or (g.method is None and g.params)) else "GET"
-        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, method, dict(g.params))
+        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, method, dict(g.params), g.approvals_required)
     return TaskRole(
         name=r.name,
         tenant=r.tenant,

@@ -37,6 +37,7 @@ from broker.devstack import (
 from broker.errors import BrokerError
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
+from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vaultsync import sync, write_broker_token
 
@@ -64,6 +65,10 @@ token_file = "vault-token"
 [store]
 url = "sqlite:///broker.db"
 key_file = "store.key"
+
+[audit]
+signing_key_file = "audit-signing.key"
+witness_file = "audit-witness.txt"
 
 [[agents.trust]]
 trust_domain = "{trust_domain}"
@@ -97,7 +102,7 @@ max_ttl = "30m"
   path = "auth/token/create/agent-child"
   method = "write"
   max_ttl = "10m"
-{db_grant}"""
+{db_grant}{high_grant}"""
 
 _DB_GRANT = """
   [[task_roles.grants]]
@@ -105,6 +110,24 @@ _DB_GRANT = """
   path = "database/creds/tickets-ro"
   max_ttl = "10m"
 """
+
+# The demo's high-risk grant: it waits for an approver (group secops-leads) in the console.
+_HIGH_DB_GRANT = """
+  [[task_roles.grants]]
+  name = "prod-db-write"
+  path = "database/creds/tickets-rw"
+  max_ttl = "5m"
+  risk = "high"
+"""
+_HIGH_PKI_GRANT = """
+  [[task_roles.grants]]
+  name = "prod-cert"
+  path = "pki/issue/agents"
+  max_ttl = "5m"
+  risk = "high"
+  params = {{ common_name = "prod-{{task}}.agents.{trust_domain}", uri_sans = "{{agent}}" }}
+"""
+APPROVER = "lena@dev.example.org"
 
 
 class _Steps:
@@ -149,7 +172,7 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
     assert main_task is not None
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
-    steps = _Steps(7)
+    steps = _Steps(9)
     bao: DevOpenBao | None = None
     audit_log: Path | None
     runner: web.AppRunner | None = None
@@ -175,13 +198,14 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
                                       _sync(admin, catalog, work / "vault-token"))
             click.echo("      " + ", ".join(f"{c.kind} {c.name}: {c.action}" for c in changes))
             TokenSealer.generate_key_file(work / "store.key")
+            generate_signing_key_file(work / "audit-signing.key")
             runner = web.AppRunner(make_app(settings), access_log=None)
             await steps.run(f"Broker on http://{host}:{port} (SQLite {work / 'broker.db'})",
                             _start(runner, host, port))
             idp, spiffe = DevIssuer.load(work / "idp.key"), DevIssuer.load(work / "spiffe.key")
             local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 -- a comparison, not a bind
-            await _demo(steps, f"http://{local}:{port}", idp, spiffe, admin, pg_dsn=pg_dsn)
-        _write_tokens(work, idp, spiffe)
+            _write_tokens(work, idp, spiffe)
+            await _demo(steps, f"http://{local}:{port}", idp, spiffe, admin, pg_dsn=pg_dsn, work=work, once=once)
         if once:
             return 0
         click.secho(f"\nThe broker keeps serving on http://127.0.0.1:{port}. Try it:", bold=True)
@@ -189,6 +213,8 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
                    f"-H 'Content-Type: application/json' -d '{{\"agent\":\"{AGENT}\",\"role\":\"{ROLE}\","
                    f"\"ttl\":\"5m\",\"reason\":\"try it\"}}' http://127.0.0.1:{port}/v1/tasks")
         click.echo(f"  (demo tokens in {work}/demo-*.jwt, valid 1 hour; the audit trail: demo-auditor.jwt)")
+        click.echo(f"  the console: http://127.0.0.1:{port}/console (sign in with demo-approver.jwt to decide "
+                   "approvals; its sign-in counts as fresh for 5 minutes)")
         click.echo("Ctrl-C stops the broker and OpenBao.")
         await asyncio.Event().wait()
         return 0
@@ -231,7 +257,9 @@ def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path |
     path = work / "broker.toml"
     path.write_text(_CONFIG.format(host=host, port=port, audience=AUDIENCE, addr=addr, trust_domain=TRUST_DOMAIN,
                                    audit_log=f'audit_log = "{audit_log}"' if audit_log else "",
-                                   issuer=IDP_ISSUER, role=ROLE, db_grant=_DB_GRANT if with_db else ""))
+                                   issuer=IDP_ISSUER, role=ROLE, db_grant=_DB_GRANT if with_db else "",
+                                   high_grant=_HIGH_DB_GRANT if with_db else
+                                   _HIGH_PKI_GRANT.format(trust_domain=TRUST_DOMAIN)))
     return path
 
 
@@ -244,6 +272,7 @@ def _write_tokens(work: Path, idp: DevIssuer, spiffe: DevIssuer) -> None:
     tokens = {
         "demo-user.jwt": _user_token(idp, USER, ["support"], ttl=3600),
         "demo-auditor.jwt": _user_token(idp, "audrey@dev.example.org", ["audit"], ttl=3600),
+        "demo-approver.jwt": _user_token(idp, APPROVER, ["secops-leads"], ttl=3600),
         "demo-agent.jwt": spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=3600),
     }
     for name, token in tokens.items():
@@ -257,7 +286,7 @@ def _mask(value: object) -> str:
 
 
 async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admin: VaultClient, *,
-                pg_dsn: str | None) -> None:
+                pg_dsn: str | None, work: Path, once: bool) -> None:
     with_db = pg_dsn is not None
     def svid() -> str:
         return spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=120)
@@ -276,6 +305,8 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
         if pg_dsn is not None:
             db_login = _db_login_check(pg_dsn, creds[grants.index("tickets-db-ro")].data)
             click.echo(f"      PostgreSQL login with the issued password: {'works' if await db_login() else 'FAILED'}")
+        await _high_risk(steps, url, idp, svid, task.id, "prod-db-write" if with_db else "prod-cert", work=work,
+                         once=once)
         ended = await steps.run("The agent ends the task; the broker revokes and Vault confirms",
                                 agent.end_task(task.id))
         click.echo(f"      {ended.revoked} leases revoked, task {ended.state}")
@@ -319,6 +350,58 @@ def _db_login_check(dsn: str, data: dict[str, Any]) -> Callable[[], Awaitable[bo
         return True
 
     return check
+
+
+async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[], str], task_id: str, grant: str, *,
+                     work: Path, once: bool) -> None:
+    """The agent asks for a high-risk grant (202), an approver decides in the console, the agent gets it once.
+
+    Interactive: the terminal says where to approve and long-polls the approval; the dev IdP rewrites
+    ``demo-approver.jwt`` before each poll, as if the approver had just signed in again, so its
+    ``auth_time`` stays fresh enough to decide. With ``--once`` the demo approves it itself, through the
+    API, as the demo approver.
+    """
+    agent_auth = {"Authorization": f"Bearer {svid()}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=70)) as http:
+        async def ask(body: dict[str, Any], status: int) -> dict[str, Any]:
+            async with http.post(f"{url}/v1/tasks/{task_id}/credentials", json=body, headers=agent_auth) as resp:
+                payload: dict[str, Any] = await resp.json(content_type=None)
+                if resp.status != status:
+                    raise click.ClickException(f"asking for {grant}: HTTP {resp.status} {payload.get('code')}")
+                return payload
+
+        pending = await steps.run(f"The agent asks for the high-risk grant {grant!r}: 202, approval needed",
+                                  ask({"grant": grant}, 202))
+        approval = pending["approval_id"]
+        approver_file = work / "demo-approver.jwt"
+        click.secho(f"      approve it at {url}/console (sign in with the token in {approver_file})", bold=True)
+        if once:
+            click.echo("      --once: the demo approves it itself, through the API, as the demo approver")
+            token = _user_token(idp, APPROVER, ["secops-leads"])
+            async with http.post(f"{url}/v1/approvals/{approval}", headers={"Authorization": f"Bearer {token}"},
+                                 json={"decision": "approve", "reason": "demo: approved by broker dev --once"}
+                                 ) as resp:
+                if resp.status != 200:
+                    raise click.ClickException(f"approving {approval}: HTTP {resp.status}")
+
+        async def wait_for_decision() -> str:
+            while True:
+                if not once:
+                    approver_file.write_text(_user_token(idp, APPROVER, ["secops-leads"], ttl=3600) + "\n")
+                agent_auth["Authorization"] = f"Bearer {svid()}"
+                async with http.get(f"{url}/v1/approvals/{approval}?wait=30", headers=agent_auth) as resp:
+                    state = str((await resp.json(content_type=None)).get("state"))
+                if state != "pending":
+                    return state
+
+        state = await steps.run(f"The agent long-polls GET /v1/approvals/{approval}?wait=30", wait_for_decision())
+        if state != "approved":
+            click.echo(f"      the approval is {state}: no credential")
+            return
+        agent_auth["Authorization"] = f"Bearer {svid()}"
+        cred = await ask({"grant": grant, "approval_id": approval}, 200)
+    expires = time.strftime("%H:%M:%S", time.localtime(cred["expires_at"]))
+    click.echo(f"      approved: {grant:<14} lease {cred['lease_id']}  expires {expires}  {_describe(cred['data'])}")
 
 
 async def _vault_leases(admin: VaultClient, prefix: str) -> int:

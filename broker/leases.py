@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker.approvals import ApprovalManager
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, cap_ttl, check_grant
 from broker.errors import (
@@ -39,7 +40,7 @@ from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity
 from broker.limits import RateLimiter
 from broker.sealing import TokenSealer
-from broker.store import Intent, LeaseLimits, LeaseRow, Store, TaskRow
+from broker.store import ApprovalRow, Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
 from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
 
@@ -86,7 +87,7 @@ def next_state(state: LeaseState, event: LeaseEvent) -> LeaseState:
 
 
 class ApprovalRequired(Denied):
-    """High-risk grants wait for a human approver; until approvals exist they are refused outright."""
+    """A high-risk grant where no approval can be had (no approvers configured): refused outright."""
 
     code = "approval_required"
     title = "This grant needs a human approval"
@@ -98,6 +99,13 @@ async def _done() -> None:
 
 def new_lease_id() -> str:
     return "lse_" + secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True)
+class PendingApproval:
+    """A high-risk grant asked for without an approval: nothing was issued; people must decide first."""
+
+    approval: ApprovalRow
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class LeaseManager:
         self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float],
         limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
         user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
+        approvals: ApprovalManager | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -125,6 +134,7 @@ class LeaseManager:
         self._user_rate = user_rate
         self._crash = crash
         self._bootstrap_ttl = bootstrap_ttl
+        self._approvals = approvals
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -133,7 +143,8 @@ class LeaseManager:
             task=task_id, tenant=task.tenant if task else None, resource=resource, action=action, reason=exc.reason,
         ))
 
-    async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None) -> Issued:
+    async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None,
+                    approval_id: str | None = None) -> Issued | PendingApproval:
         """Obtain ``grant_name`` for the task's agent, recorded before it is returned.
 
         The credential is read with a fresh child of the task token (the issuance token), whose accessor
@@ -155,16 +166,24 @@ class LeaseManager:
                 raise NotFound("no such task")
             grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
             lease_ttl = cap_ttl(grant, view(task), ttl, now=now)
+            approval: ApprovalRow | None = None
             if grant.risk == "high":
-                raise ApprovalRequired("this grant needs an approval, which this broker does not offer yet",
-                                       reason=f"high-risk grant {grant.name}")
+                if self._approvals is None:
+                    raise ApprovalRequired("this grant needs an approval, and no approvers are configured",
+                                           reason=f"high-risk grant {grant.name} without approvals")
+                # The approval binds the TTL asked for; issuance may still cap it lower as the task runs out.
+                asked = min(ttl or grant.max_ttl, grant.max_ttl)
+                if approval_id is None:
+                    return PendingApproval(await self._approvals.request(task, grant, ttl=asked))
+                approval = await self._approvals.get(approval_id)
+                self._approvals.check_for(approval, caller, task, grant, asked)
             if self._user_rate is not None:
                 self._user_rate.take(task.user, what="user")
         except (NotFound, NotTaskAgent) as exc:
             # Don't let a stranger learn whose task an id is: record it without the task's people.
             await self._denied(caller, None, task_id, f"grant:{grant_name}", "issue", exc)
             raise
-        except (Denied, Gone, BadRequest, RateLimited) as exc:
+        except (Denied, Gone, BadRequest, RateLimited, Conflict) as exc:
             await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
             raise
         task_token = self._sealer.open(task.sealed_token, task_id=task.id)
@@ -185,8 +204,9 @@ class LeaseManager:
             await self._store.begin_issuance(
                 Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=issuance.accessor,
                        created_at=now),
-                user=task.user, agent=task.agent, tenant=task.tenant, limits=self._limits)
-        except (Denied, Gone, RateLimited) as exc:
+                user=task.user, agent=task.agent, tenant=task.tenant, limits=self._limits,
+                approval_id=approval.id if approval else None)
+        except (Denied, Gone, RateLimited, Conflict) as exc:
             await self._revoke_token(issuance.accessor)
             await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
             raise
@@ -206,7 +226,8 @@ class LeaseManager:
             )
             _, secret = await asyncio.gather(renewal, read)
             self._crash("issue.after_vault")
-            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance)
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance,
+                                      approval.id if approval else None)
         except BaseException as exc:
             # Ambiguous or failed: whatever Vault may have issued dies with the issuance token.
             await self._revoke_token(issuance.accessor)
@@ -225,7 +246,7 @@ class LeaseManager:
         return exc
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
-                      lease_ttl: int, issuance: VaultTokenAuth) -> Issued:
+                      lease_ttl: int, issuance: VaultTokenAuth, approval_id: str | None) -> Issued:
         now = self._clock()
         if secret.auth is not None:
             kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
@@ -252,7 +273,9 @@ class LeaseManager:
         )
         record = AuditRecord(now, "lease.issued", "success", user=task.user, agent=task.agent, task=task.id,
                              tenant=task.tenant, resource=grant.path, action="issue", lease=lease.id,
-                             vault_request_id=secret.request_id, reason=f"grant {grant.name}, ttl {lease_ttl}s")
+                             vault_request_id=secret.request_id,
+                             reason=f"grant {grant.name}, ttl {lease_ttl}s"
+                                    + (f", unlocked by approval {approval_id}" if approval_id else ""))
         if not await self._store.complete_issuance(lease, record):
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, grant.path, "issue", gone)

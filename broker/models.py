@@ -36,6 +36,8 @@ class TaskCreate(_Request):
 class CredentialRequest(_Request):
     grant: str = Field(pattern=_GRANT)
     ttl: int | None = Field(default=None, description="Seconds or a duration; capped by the grant and the task")
+    approval_id: str | None = Field(default=None, max_length=64,
+                                    description="For a high-risk grant: the approval that covers this exact request")
 
     _ttl_validator = field_validator("ttl", mode="before")(_ttl)
 
@@ -158,6 +160,47 @@ class CredentialOut(BaseModel):
     __str__ = __repr__
 
 
+class ApprovalPending(BaseModel):
+    approval_id: str
+    state: Literal["pending"] = "pending"
+    expires_at: float
+
+
+class ApprovalVote(BaseModel):
+    approver: str
+    decision: Literal["approve", "deny"]
+    reason: str
+    auth_time: float
+    decided_at: float
+
+
+class ApprovalOut(BaseModel):
+    id: str
+    state: Literal["pending", "approved", "denied", "expired", "consumed"]
+    task: str
+    user: str = Field(description="Who delegated the task")
+    agent: str
+    tenant: str
+    grant: str
+    path: str
+    ttl: int
+    required: int = Field(description="Approvals needed (N of the approvers)")
+    created_at: float
+    expires_at: float
+    decided_at: float | None = None
+    task_reason: str | None = Field(default=None, description="Why the task exists, as its user said")
+    votes: list[ApprovalVote] | None = None
+
+
+class ApprovalList(BaseModel):
+    approvals: list[ApprovalOut]
+
+
+class ApprovalDecision(_Request):
+    decision: Literal["approve", "deny"]
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class RenewOut(BaseModel):
     lease_id: str
     expires_at: float
@@ -188,6 +231,17 @@ class AuditOut(BaseModel):
 class AuditPage(BaseModel):
     records: list[AuditOut]
     next_after: int | None = Field(description="Pass as `after` to get the next page; null at the end")
+
+
+class AuditVerifyOut(BaseModel):
+    """The audit chain recomputed and every checkpoint checked (``broker.verify``)."""
+
+    ok: bool
+    records: int = Field(description="Records whose chain verified")
+    checkpoints: int = Field(description="Stored checkpoints whose signature and head verified")
+    witnessed: int = Field(default=0, description="Witness checkpoints that verified")
+    first_bad_seq: int | None = Field(default=None, description="The first record the log no longer proves")
+    reason: str | None = None
 
 
 class HealthOut(BaseModel):

@@ -9,7 +9,12 @@ from pydantic import BaseModel
 
 from broker import __version__
 from broker.models import (
+    ApprovalDecision,
+    ApprovalList,
+    ApprovalOut,
+    ApprovalPending,
     AuditPage,
+    AuditVerifyOut,
     LeasePage,
     RevocationCreate,
     RevocationLift,
@@ -27,9 +32,10 @@ from broker.models import (
     TaskOut,
 )
 
-_MODELS: tuple[type[BaseModel], ...] = (
+_APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPending, ApprovalOut, ApprovalList, ApprovalDecision)
+_MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
-    Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage,
+    Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
 )
 
 
@@ -133,6 +139,8 @@ def spec() -> dict[str, Any]:
                                      params=[_query("user"), _query("agent"), _query("task"),
                                              _query("since", "number"), _query("until", "number"),
                                              _query("after", "integer"), _query("limit", "integer")])},
+            "/v1/audit/verify": {"get": _op("Recompute the audit chain and check every signed checkpoint (auditors)",
+                                            "user", (200, AuditVerifyOut), (401, 403, 503))},
             "/v1/health": {"get": {**_op("Liveness and readiness (Vault and store)", None, (200, HealthOut), ()),
                                    "responses": {
                                        "200": {"description": "Ready",
@@ -143,6 +151,23 @@ def spec() -> dict[str, Any]:
                                          "responses": {"200": {"description": "OpenAPI 3.1",
                                                                "content": {"application/json": {}}}}}},
         },
+    }
+    doc["paths"]["/v1/tasks/{task_id}/credentials"]["post"]["responses"]["202"] = {
+        "description": "A high-risk grant: nothing issued; an approval is pending (poll it, then repeat the request "
+                       "with its approval_id)",
+        "content": {"application/json": {"schema": _ref(ApprovalPending)}},
+    }
+    doc["paths"]["/v1/approvals"] = {"get": _op(
+        "Approvals with the full request; ?state=pending for the queue (approvers, auditors)", "user",
+        (200, ApprovalList), (400, 401, 403, 503), params=[_query("state")])}
+    doc["paths"]["/v1/approvals/{approval_id}"] = {
+        "get": {**_op("An approval's state; ?wait=N long-polls up to 60 s (its agent, approvers, auditors)", "agent",
+                      (200, ApprovalOut), (400, 401, 403, 404, 503),
+                      params=[_path_param("approval_id"), _query("wait", "number")]),
+                "security": [{"agent": []}, {"user": []}]},
+        "post": _op("Approve or deny (approvers with an authentication no older than people.approval_max_auth_age; "
+                    "401 insufficient_user_authentication otherwise)", "user", (200, ApprovalOut),
+                    (400, 401, 403, 404, 409, 413, 503), body=ApprovalDecision, params=[_path_param("approval_id")]),
     }
     doc["paths"]["/v1/revocations"]["post"]["responses"]["202"] = {
         "description": "Fenced and locked; Vault has not confirmed every lease yet (poll the revocation)",

@@ -21,13 +21,16 @@ import random
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from broker.audit import AuditRecord
 from broker.errors import BadRequest, NotFound, VaultError
 from broker.identity import UserIdentity
 from broker.store import LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
+
+if TYPE_CHECKING:
+    from broker.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +187,10 @@ class Maintenance:
     """The background loop: expire, reconcile intents, retry revocations. Bounded work per tick."""
 
     def __init__(self, *, store: Store, vault: VaultClient, revoker: Revoker, clock: Callable[[], float],
-                 interval: float, intent_grace: float, bootstrap_ttl: float, sole_writer: bool) -> None:
+                 interval: float, intent_grace: float, bootstrap_ttl: float, sole_writer: bool,
+                 checkpointer: Checkpointer | None = None) -> None:
         self._store = store
+        self._checkpointer = checkpointer
         self._vault = vault
         self._revoker = revoker
         self._clock = clock
@@ -210,11 +215,14 @@ class Maintenance:
         now = self._clock()
         await self._expire_tasks(now)
         await self._lost_bootstrap_tokens(now)
+        await self._store.expire_approvals(now=now)
         await self._reconcile(now)
         due = await self._store.tasks_due_for_revocation(now=now)
         if due:
             await self._revoker.settle(due)
         await self._expire_leases(now)
+        if self._checkpointer is not None:  # last: the checkpoint covers this tick's records too
+            await self._checkpointer.maybe_checkpoint()
 
     async def _expire_tasks(self, now: float) -> None:
         due = await self._store.find_tasks(states=("active",), expires_before=now, limit=500)

@@ -71,6 +71,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchlib import (
+    AuditTail,
     BenchStack,
     CpuMeter,
     LoadResult,
@@ -131,6 +132,7 @@ class PassResult:
     bao_cpu_ms_per_issue: float
     loadgen_cpu_ms_per_issue: float
     errors: dict[str, int] = field(default_factory=dict)
+    vault_calls: dict[str, int] = field(default_factory=dict)  # audit-log requests in the pass, by op and path
 
 
 @dataclass
@@ -325,10 +327,14 @@ class Bench:
         n = count_for(self.args, kind)
         self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}/{self.args.reps} {mode}")
         meters = [CpuMeter(self.stack.broker_pid), CpuMeter(self.stack.bao_pid), CpuMeter(os.getpid())]
+        audit = AuditTail(self.stack.bao.audit_log) if self.stack.bao is not None else None
+        if audit is not None:
+            audit.mark()
         for m in meters:
             m.start()
         res: LoadResult = await closed_loop(n, ops, self.progress)
         broker_cpu, bao_cpu, own_cpu = (m.stop() for m in meters)
+        calls = audit.counts() if audit is not None else {}
         self.progress.done()
         ok = len(res.latencies) or 1
         return PassResult(
@@ -337,7 +343,7 @@ class Bench:
             broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, broker_sys_ms_per_issue=meters[0].system * 1000 / ok,
             broker_loop_thread_ms_per_issue=meters[0].main_thread * 1000 / ok,
             bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
-            loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors,
+            loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors, vault_calls=calls,
         )
 
     async def warmup(self, ops: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -564,6 +570,10 @@ def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[Pass
         "",
         render_goals(goals(cells)),
     ]
+    for p in passes:
+        if p.rep == 0 and p.vault_calls:
+            per = ", ".join(f"{k} {v / max(p.ok, 1):.2f}" for k, v in sorted(p.vault_calls.items(), key=lambda kv: -kv[1]))
+            lines.append(f"Vault requests per issuance, {p.grant} c={p.concurrency} {p.mode}: {per}")
     for p in passes:
         if p.errors:
             lines.append(f"errors in {p.grant} c={p.concurrency} rep {p.rep} {p.mode}: {p.errors}")

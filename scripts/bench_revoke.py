@@ -125,6 +125,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="repetitions per (kind, count) for counts <= 1000; medians (default: 3)")
     p.add_argument("--reps-large", type=int, default=1, help="repetitions for counts > 1000 (default: 1)")
     p.add_argument("--wait", type=float, default=60, help="the revocation's wait, seconds (max 60)")
+    p.add_argument("--modes", default="broker,prefix,cascade",
+                   help="comma-separated subset of broker,prefix,cascade (default: all). cascade = the broker's "
+                        "Vault-side design (a child token per credential, revoke the parents by accessor) without "
+                        "the broker, timed until Vault lists nothing")
     p.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default: 1800)")
     p.add_argument("--json", type=Path, help="also write the machine info and every result here")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -133,6 +137,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.kind_list = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if bad := [k for k in args.kind_list if k not in KINDS]:
         p.error(f"unknown kind(s): {', '.join(bad)}")
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if bad := [m for m in args.mode_list if m not in ("broker", "prefix", "cascade")]:
+        p.error(f"unknown mode(s): {', '.join(bad)}")
     args.count_list = [int(c) for c in args.counts.split(",") if c.strip()]
     return args
 
@@ -283,6 +290,55 @@ class RevokeBench:
                       broker_cpu_s=broker_cpu, bao_cpu_s=bao_cpu, vault_calls=calls, left_in_vault=left,
                       issue_errors=issued.errors)
 
+    async def cascade_run(self, kind: Kind, n: int, rep: int) -> Result:
+        """The broker's Vault-side design without the broker: ``--tasks`` task-like tokens, one child token per
+        credential (as ``LeaseManager.issue``), then revoke-accessor on each parent, timed until Vault lists
+        neither the leases nor the child tokens any more (polling ``LIST sys/leases/lookup`` every 0.1 s)."""
+        g = self.grant(kind)
+        itok_before = await self.issuance_token_count()
+        parents = [await self.root.create_token(policies=[f"broker-task-{ROLE}"], ttl="1h",
+                                                display_name="bench-cascade") for _ in range(self.args.tasks)]
+        data = g.request_params(task="tsk_cascade", agent=agent_id(0), user="cascade@example.com", tenant="acme",
+                                role=ROLE, ttl=g.max_ttl) if g.method == "POST" else None
+        client = VaultClient(self.session, self.bao.addr, timeout=60)
+
+        def op_for(w: int) -> Callable[[], Awaitable[None]]:
+            parent = parents[w % len(parents)].client_token
+
+            async def op() -> None:
+                child = await client.create_child_token(
+                    token=parent, policies=[f"broker-task-{ROLE}"], ttl=3000, explicit_max_ttl=3000,
+                    meta={"task": "tsk_cascade", "lease": "lse_cascade", "grant": g.name},
+                    display_name=f"issue-{g.name}")
+                await client.read_credential(g.path, token=child.client_token, method=g.method, data=data)
+            return op
+
+        self.progress.phase(f"{kind.key} N={n} rep {rep + 1}: direct issuance, child token per credential")
+        issued = await closed_loop(n, [op_for(w) for w in range(self.args.concurrency)], self.progress)
+        self.progress.done()
+        await asyncio.sleep(1)
+        self.progress.phase(f"{kind.key} N={n} rep {rep + 1}: revoke-accessor on {len(parents)} parents, "
+                            "until Vault lists nothing")
+        meters = [CpuMeter(self.stack.broker_pid), CpuMeter(self.bao_pid)]
+        self.audit.mark()
+        for m in meters:
+            m.start()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self.root.revoke_accessor(a.accessor) for a in parents))
+        while True:
+            left = len([k for k in await admin_lease_keys(self.session, self.bao, kind.lease_prefix)
+                        if not k.endswith("/")])
+            itok = await self.issuance_token_count() - itok_before
+            if left == 0 and itok <= 0:
+                break
+            await asyncio.sleep(0.1)
+        revoke_s = time.perf_counter() - t0
+        broker_cpu, bao_cpu = (m.stop() for m in meters)
+        calls = self.audit.counts()
+        return Result(kind.key, n, rep, "cascade", len(issued.latencies), issued.elapsed, revoke_s,
+                      tasks=len(parents), broker_cpu_s=broker_cpu, bao_cpu_s=bao_cpu, vault_calls=calls,
+                      left_in_vault=left, issuance_tokens_left=itok, issue_errors=issued.errors)
+
     @property
     def bao_pid(self) -> int:
         return self.stack.bao_pid
@@ -309,9 +365,9 @@ class RevokeBench:
                 if key == "postgres" and n > self.args.postgres_max:
                     continue
                 for rep in range(self.args.reps if n <= 1000 else self.args.reps_large):
-                    order = [self.broker_run, self.prefix_run]
-                    if rep % 2:
-                        order.reverse()
+                    modes = {"broker": self.broker_run, "prefix": self.prefix_run, "cascade": self.cascade_run}
+                    order = [modes[m] for m in self.args.mode_list]
+                    order = order[rep % len(order):] + order[:rep % len(order)]
                     for fn in order:
                         res = await fn(kind, n, rep)
                         self.results.append(res)
@@ -329,17 +385,16 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
     for kind, n in keys:
         b = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "broker")]
         d = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "prefix")]
-        if not b or not d:
+        c = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "cascade")]
+        if not (b or c or d):
             continue
 
         def med(rs: Sequence[Result], f: Callable[[Result], float]) -> float:
-            return median([f(r) for r in rs])
+            return median([f(r) for r in rs]) if rs else math.nan
 
-        calls: dict[str, int] = {}
-        for k, v in b[0].vault_calls.items():
-            calls[k] = v
+        calls: dict[str, int] = dict(b[0].vault_calls) if b else {}
         rows.append({
-            "kind": kind, "n": n, "reps": len(b), "tasks": b[0].tasks,
+            "kind": kind, "n": n, "reps": len(b or c or d), "tasks": (b or c or [Result(kind, n, 0, "", 0, 0, 0)])[0].tasks,
             "broker_s": med(b, lambda r: r.revoke_s), "prefix_s": med(d, lambda r: r.revoke_s),
             "broker_post_s": med(b, lambda r: r.post_s), "post_status": [r.post_status for r in b],
             "broker_lps": med(b, lambda r: r.leases_per_s), "prefix_lps": med(d, lambda r: r.leases_per_s),
@@ -347,12 +402,16 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
             "broker_cpu_s": med(b, lambda r: r.broker_cpu_s), "bao_cpu_broker_s": med(b, lambda r: r.bao_cpu_s),
             "bao_cpu_prefix_s": med(d, lambda r: r.bao_cpu_s),
             "vault_calls_first_rep": calls, "vault_calls_total": med(b, lambda r: sum(r.vault_calls.values())),
-            "left": [r.left_in_vault for r in (*b, *d)], "issuance_tokens_left": [r.issuance_tokens_left for r in b],
-            "issue_errors": sum(sum(r.issue_errors.values()) for r in (*b, *d)),
+            "left": [r.left_in_vault for r in (*b, *d, *c)],
+            "issuance_tokens_left": [r.issuance_tokens_left for r in (*b, *c)] or [0],
+            "issue_errors": sum(sum(r.issue_errors.values()) for r in (*b, *d, *c)),
             "all_broker_s": [round(r.revoke_s, 3) for r in b], "all_prefix_s": [round(r.revoke_s, 3) for r in d],
+            "cascade_s": med(c, lambda r: r.revoke_s), "all_cascade_s": [round(r.revoke_s, 3) for r in c],
+            "bao_cpu_cascade_s": med(c, lambda r: r.bao_cpu_s), "cascade_issue_s": med(c, lambda r: r.issue_s),
+            "cascade_calls_first_rep": c[0].vault_calls if c else {},
         })
     for r in rows:
-        r["ratio"] = r["broker_s"] / r["prefix_s"] if r["prefix_s"] else math.nan
+        r["ratio"] = r["broker_s"] / r["prefix_s"] if r["prefix_s"] > 0 else math.nan
     return rows
 
 
@@ -362,6 +421,8 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
               "| left in Vault | goal <= 1.2 |"),
              "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
     for r in rows:
+        if math.isnan(r["broker_s"]):
+            continue
         lines.append(
             f"| {r['n']} | {r['kind']} | {r['broker_s']:.2f} | {r['prefix_s']:.2f} | {r['ratio']:.2f} "
             f"| {r['broker_lps']:.0f} | {r['prefix_lps']:.0f} | {','.join(map(str, r['post_status']))} "
@@ -370,9 +431,27 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
             f"| {max(r['left'])} (+{max(r['issuance_tokens_left'])} issuance tokens) "
             f"| {'pass' if r['ratio'] <= GOAL_RATIO else 'MISS'} |")
     lines.append("")
+    lines.append("| N | lease kind | broker revoke s | token-tree cascade in Vault s (no broker) | revoke-prefix s "
+                 "| broker / cascade | cascade / prefix | bao CPU s cascade | cascade issuance s |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if math.isnan(r["cascade_s"]):
+            continue
+        lines.append(f"| {r['n']} | {r['kind']} | {r['broker_s']:.2f} | {r['cascade_s']:.2f} | {r['prefix_s']:.2f} "
+                     f"| {r['broker_s'] / r['cascade_s']:.2f} | {r['cascade_s'] / r['prefix_s']:.2f} "
+                     f"| {r['bao_cpu_cascade_s']:.2f} | {r['cascade_issue_s']:.1f} |")
+    lines.append("")
+    lines.append("Per repetition, revoke s (broker | prefix | cascade):")
+    for r in rows:
+        lines.append(f"  {r['kind']} N={r['n']}: {r['all_broker_s']} | {r['all_prefix_s']} | {r['all_cascade_s']}")
+    lines.append("")
     lines.append("Vault calls during the broker's revocation (first repetition), by operation and path:")
     for r in rows:
         top = sorted(r["vault_calls_first_rep"].items(), key=lambda kv: -kv[1])
+        lines.append(f"  {r['kind']} N={r['n']}: " + ", ".join(f"{k} x{v}" for k, v in top))
+    lines.append("Vault calls during the token-tree cascade (first repetition; LIST = this script's polling):")
+    for r in rows:
+        top = sorted(r["cascade_calls_first_rep"].items(), key=lambda kv: -kv[1])
         lines.append(f"  {r['kind']} N={r['n']}: " + ", ".join(f"{k} x{v}" for k, v in top))
     return "\n".join(lines)
 
@@ -415,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("broker log tail:\n" + stack.broker_log_tail(), file=sys.stderr)
             raise
     print(f"run took {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "complete": complete,
+                                         "results": [asdict(r) for r in results]}, indent=2))
     rows = summarise(results)
     print(f"machine: {info['nproc']} x {info['cpu_model']}, load {info['loadavg_before']}, Python {info['python']}, "
           f"{info['openbao']}, {info['postgresql']}, {info['date']}")

@@ -22,6 +22,7 @@ from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.devid import DevIssuer
 from broker.sealing import TokenSealer
+from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vaultsync import sync, write_broker_token
 from tests.support.fixtures import *  # noqa: F403
@@ -50,6 +51,9 @@ revoke_confirm_timeout = 5
 [store]
 url = "sqlite:///broker.db"
 key_file = "store.key"
+
+[audit]
+signing_key_file = "audit-signing.key"
 
 [[agents.trust]]
 trust_domain = "{td}"
@@ -98,6 +102,14 @@ max_ttl = "30m"
   path = "database/creds/tickets-rw"
   max_ttl = "5m"
   risk = "high"
+
+  [[task_roles.grants]]
+  name = "prod-cert"
+  path = "pki/issue/agents"
+  max_ttl = "5m"
+  risk = "high"
+  approvals_required = 2
+  params = {{ common_name = "prod-{{task}}.agents.{td}" }}
 
 [[task_roles]]
 name = "billing-report"
@@ -157,6 +169,7 @@ def broker_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoE
     identities.partner.write_jwks(root / "partner.jwks")
     identities.idp.write_jwks(root / "idp.jwks")
     TokenSealer.generate_key_file(root / "store.key")
+    generate_signing_key_file(root / "audit-signing.key")
     bao = bao_with_engines.bao
     (root / "broker.toml").write_text(CONFIG.format(audience=AUDIENCE, addr=bao.addr, audit_log=bao.audit_log,
                                                     td=TD, partner_td=PARTNER_TD, idp=IDP))

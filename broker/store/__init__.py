@@ -41,13 +41,16 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from broker.audit import AuditRecord, canonical_bytes, chain_hash
+from broker.audit import AuditRecord, ChainLink, canonical_bytes, chain_hash
 from broker.errors import BrokerError, BudgetExceeded, Conflict, Gone, Locked, StoreUnavailable
-from broker.store.rows import AuditRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow, VaultAuditPosition
+from broker.store.schema import approval_votes, approvals
+from broker.store.rows import ApprovalRow
+from broker.store.rows import AuditRow, CheckpointRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow, VaultAuditPosition
 from broker.store.schema import (
+    audit_checkpoints,
     audit_events,
     audit_head,
     intents,
@@ -58,7 +61,7 @@ from broker.store.schema import (
     vault_audit_tokens,
 )
 
-__all__ = ["AuditRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition",
+__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition",
            "open_store"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,14 @@ _RECORD_FIELDS = tuple(AuditRecord.__dataclass_fields__)
 _HEAD_FOR_UPDATE = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
 _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"),
                                                                    hash=bindparam("new_hash"))
+_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+# The chain as stored, in AuditRecord's field order so that a row becomes a record positionally (the
+# verifier reads a million of them).
+_CHAIN_PAGE = (select(audit_events.c.seq, *[audit_events.c[f] for f in _RECORD_FIELDS], audit_events.c.prev_hash,
+                      audit_events.c.hash)
+               .where(audit_events.c.seq > bindparam("after")).order_by(audit_events.c.seq).limit(bindparam("lim")))
+_INSERT_CHECKPOINT = insert(audit_checkpoints)
+_LAST_CHECKPOINT = select(audit_checkpoints).order_by(audit_checkpoints.c.seq.desc()).limit(1)
 
 
 class Store:
@@ -290,7 +301,7 @@ class Store:
     # -- issuance ------------------------------------------------------------------------------------
 
     async def begin_issuance(self, intent: Intent, *, user: str, agent: str, tenant: str,
-                             limits: LeaseLimits | None = None) -> None:
+                             limits: LeaseLimits | None = None, approval_id: str | None = None) -> None:
         """Record the intent to issue, in the transaction that checks the task, the locks and the budgets.
 
         Raises:
@@ -305,6 +316,15 @@ class Store:
                 _check_locks(conn, user=user, agent=agent, tenant=tenant)
                 if limits is not None:
                     _check_budget(conn, user=user, agent=agent, limits=limits)
+                if approval_id is not None:
+                    # Single use: the approval is spent by the transaction that records this issuance's intent.
+                    spent = conn.execute(update(approvals).where(
+                        approvals.c.id == approval_id, approvals.c.state == "approved",
+                        approvals.c.expires_at > intent.created_at).values(state="consumed",
+                                                                           consumed_lease=intent.id))
+                    if spent.rowcount != 1:
+                        raise Conflict("the approval was already used or has expired",
+                                       reason=f"approval {approval_id} not consumable")
                 conn.execute(_INSERT_INTENT, asdict(intent))
         await self._run(run)
 
@@ -467,61 +487,64 @@ class Store:
 
     # -- Vault's own audit record (broker.tailer) -----------------------------------------------------
 
-    async def vault_audit_position(self, path: str) -> VaultAuditPosition | None:
-        """Where the Vault audit tailer of ``path`` stopped, or None before its first start."""
-        def run() -> VaultAuditPosition | None:
+    async def vault_audit_positions(self, path: str) -> list[VaultAuditPosition]:
+        """Where the Vault audit tailer of ``path`` is in each file it knows; empty before its first start."""
+        def run() -> list[VaultAuditPosition]:
             with self._read() as conn:
-                r = conn.execute(select(vault_audit_position).where(vault_audit_position.c.path == path)
-                                 ).mappings().first()
-            return None if r is None else VaultAuditPosition(path=r["path"], device=r["device"], inode=r["inode"],
-                                                             offset=r["offset"], lines=r["lines"])
+                rows = conn.execute(select(vault_audit_position).where(vault_audit_position.c.path == path)
+                                    ).mappings().all()
+            return [VaultAuditPosition(path=r["path"], device=r["device"], inode=r["inode"], offset=r["offset"],
+                                       lines=r["lines"]) for r in rows]
         return await self._run(run)
 
     async def vault_audit_context(self, task_ids: Sequence[str], accessors: Sequence[str]
                                   ) -> tuple[dict[str, TaskRow], dict[str, tuple[str, str | None]]]:
-        """The tasks named by a batch of Vault audit entries, and the learned tokens among ``accessors``."""
+        """The learned tokens among ``accessors``, and the tasks named by ``task_ids`` or by those tokens."""
         def run() -> tuple[dict[str, TaskRow], dict[str, tuple[str, str | None]]]:
             found: dict[str, TaskRow] = {}
             learned: dict[str, tuple[str, str | None]] = {}
             with self._read() as conn:
-                for chunk in _chunks(sorted(set(task_ids))):
-                    found.update((r["id"], TaskRow(**r))
-                                 for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings())
                 for chunk in _chunks(sorted(set(accessors))):
                     learned.update((r[0], (r[1], r[2])) for r in conn.execute(
                         select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task, vault_audit_tokens.c.lease)
                         .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
+                wanted = set(task_ids) | {t for t, _ in learned.values()}
+                for chunk in _chunks(sorted(wanted)):
+                    found.update((r["id"], TaskRow(**r))
+                                 for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings())
             return found, learned
         return await self._run(run)
 
-    async def merge_vault_audit(self, *, expected: VaultAuditPosition | None, new: VaultAuditPosition,
+    async def merge_vault_audit(self, *, moves: Sequence[tuple[VaultAuditPosition | None, VaultAuditPosition]],
                                 records: Sequence[AuditRecord], tokens: Mapping[str, tuple[str, str | None]],
-                                now: float) -> None:
-        """Append the records merged from Vault's audit file, the tokens learned, and the new position: one
+                                now: float, drop: Sequence[VaultAuditPosition] = ()) -> None:
+        """Append the records merged from Vault's audit file, the tokens learned, and the new positions: one
         transaction, so a crash loses nothing and repeats nothing.
 
-        The position moves only from ``expected`` (compare-and-set): a second tailer on the same file
-        fails here instead of merging the same lines twice.
+        Each move is (expected, new) for one file: a compare-and-set from ``expected`` (None: the file is
+        new to the tailer), so a second tailer fails here instead of merging the same lines twice.
+        ``drop`` forgets files that no longer exist.
 
         Raises:
-            Conflict: the stored position is not ``expected`` (another tailer moved it).
+            Conflict: a stored position is not the expected one (another tailer moved it).
         """
+        t = vault_audit_position
+
         def run() -> None:
             with self._tx() as conn:
-                vals = {"device": new.device, "inode": new.inode, "offset": new.offset, "lines": new.lines,
-                        "updated_at": now}
-                if expected is None:
-                    if conn.execute(select(vault_audit_position.c.path)
-                                    .where(vault_audit_position.c.path == new.path)).first() is not None:
-                        raise Conflict("the Vault audit position moved", reason="another tailer started first")
-                    conn.execute(insert(vault_audit_position).values(path=new.path, **vals))
-                else:
-                    res = conn.execute(update(vault_audit_position).where(
-                        vault_audit_position.c.path == expected.path, vault_audit_position.c.device == expected.device,
-                        vault_audit_position.c.inode == expected.inode,
-                        vault_audit_position.c.offset == expected.offset).values(**vals))
-                    if res.rowcount != 1:
+                for expected, new in moves:
+                    key = (t.c.path == new.path, t.c.device == new.device, t.c.inode == new.inode)
+                    vals = {"offset": new.offset, "lines": new.lines, "updated_at": now}
+                    if expected is None:
+                        if conn.execute(select(t.c.path).where(*key)).first() is not None:
+                            raise Conflict("the Vault audit position moved", reason="another tailer started first")
+                        conn.execute(insert(t).values(path=new.path, device=new.device, inode=new.inode, **vals))
+                    elif conn.execute(update(t).where(*key, t.c.offset == expected.offset).values(**vals)
+                                      ).rowcount != 1:
                         raise Conflict("the Vault audit position moved", reason="another tailer merged these lines")
+                for old in drop:
+                    conn.execute(t.delete().where(t.c.path == old.path, t.c.device == old.device,
+                                                  t.c.inode == old.inode))
                 for record in records:
                     _append(conn, record)
                 _insert_tokens(conn, tokens, now)
@@ -533,6 +556,87 @@ class Store:
             with self._tx() as conn:
                 _insert_tokens(conn, tokens, now)
         await self._run(run)
+
+    # -- approvals -----------------------------------------------------------------------------------
+
+    async def add_approval(self, row: ApprovalRow, record: AuditRecord) -> None:
+        def run() -> None:
+            with self._tx() as conn:
+                conn.execute(insert(approvals), asdict(row))
+                _append(conn, record)
+        await self._run(run)
+
+    async def get_approval(self, approval_id: str) -> ApprovalRow | None:
+        def run() -> ApprovalRow | None:
+            with self._read() as conn:
+                r = conn.execute(select(approvals).where(approvals.c.id == approval_id)).mappings().first()
+            return ApprovalRow(**r) if r is not None else None
+        return await self._run(run)
+
+    async def list_approvals(self, *, state: str | None, now: float, limit: int = 200) -> list[ApprovalRow]:
+        q = select(approvals).order_by(approvals.c.created_at).limit(limit)
+        if state == "pending":
+            q = q.where(approvals.c.state == "pending", approvals.c.expires_at > now)
+        elif state is not None:
+            q = q.where(approvals.c.state == state)
+
+        def run() -> list[ApprovalRow]:
+            with self._read() as conn:
+                return [ApprovalRow(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def approval_votes(self, approval_id: str) -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            with self._read() as conn:
+                q = select(approval_votes).where(approval_votes.c.approval_id == approval_id)
+                return [dict(r) for r in conn.execute(q.order_by(approval_votes.c.decided_at)).mappings()]
+        return await self._run(run)
+
+    async def vote(self, approval_id: str, *, approver: str, decision: str, reason: str, auth_time: float,
+                   now: float, record: AuditRecord) -> ApprovalRow:
+        """Record one approver's vote and settle the approval when it is decided.
+
+        Raises:
+            Conflict: the approval is no longer pending, or this approver already voted.
+        """
+        def run() -> ApprovalRow:
+            with self._tx() as conn:
+                r = conn.execute(select(approvals).where(approvals.c.id == approval_id).with_for_update()
+                                 ).mappings().first()
+                if r is None or r["state"] != "pending" or r["expires_at"] <= now:
+                    raise Conflict("the approval is no longer pending")
+                voted = conn.execute(select(func.count()).select_from(approval_votes).where(
+                    approval_votes.c.approval_id == approval_id, approval_votes.c.approver == approver)).scalar_one()
+                if voted:
+                    raise Conflict("you already decided this approval")
+                conn.execute(insert(approval_votes), {"approval_id": approval_id, "approver": approver,
+                                                      "decision": decision, "reason": reason,
+                                                      "auth_time": auth_time, "decided_at": now})
+                _append(conn, record)
+                approvals_so_far = conn.execute(select(func.count()).select_from(approval_votes).where(
+                    approval_votes.c.approval_id == approval_id, approval_votes.c.decision == "approve")).scalar_one()
+                state = "denied" if decision == "deny" else (
+                    "approved" if approvals_so_far >= r["required"] else "pending")
+                if state != "pending":
+                    conn.execute(update(approvals).where(approvals.c.id == approval_id)
+                                 .values(state=state, decided_at=now))
+                return ApprovalRow(**{**dict(r), "state": state, "decided_at": now if state != "pending" else None})
+        return await self._run(run)
+
+    async def expire_approvals(self, *, now: float) -> list[ApprovalRow]:
+        """Pending or approved-but-unused approvals past their expiry become ``expired``, each recorded."""
+        def run() -> list[ApprovalRow]:
+            with self._tx() as conn:
+                due = [ApprovalRow(**r) for r in conn.execute(
+                    select(approvals).where(approvals.c.state.in_(("pending", "approved")),
+                                            approvals.c.expires_at <= now).limit(500)).mappings()]
+                for a in due:
+                    conn.execute(update(approvals).where(approvals.c.id == a.id).values(state="expired"))
+                    _append(conn, AuditRecord(now, "approval.expired", "failure", user=a.user, agent=a.agent,
+                                              task=a.task_id, tenant=a.tenant, resource=a.path, action="issue",
+                                              reason=f"{a.state} approval {a.id} expired unused"))
+                return due
+        return await self._run(run)
 
     # -- audit ---------------------------------------------------------------------------------------
 
@@ -559,6 +663,53 @@ class Store:
             with self._read() as conn:
                 rows = conn.execute(q).mappings().all()
             return [AuditRow(seq=r["seq"], record=AuditRecord(**{k: r[k] for k in _RECORD_FIELDS})) for r in rows]
+        return await self._run(run)
+
+    # -- audit chain and checkpoints (read by broker.checkpoints and the verifier) --------------------
+
+    async def chain_head(self) -> tuple[int, str]:
+        """The chain's head row: (records, hex hash of the last one; 64 zeros when there is none)."""
+        def run() -> tuple[int, str]:
+            with self._read() as conn:
+                seq, head = conn.execute(_HEAD).one()
+            return int(seq), str(head)
+        return await self._run(run)
+
+    async def iter_chain(self, *, after_seq: int = 0, limit: int = 10_000) -> list[ChainLink]:
+        """The next ``limit`` records after ``after_seq``, as stored (hashes included, nothing checked)."""
+        n = len(_RECORD_FIELDS)
+
+        def run() -> list[ChainLink]:
+            with self._read() as conn:
+                rows = conn.execute(_CHAIN_PAGE, {"after": after_seq, "lim": limit}).all()
+            return [ChainLink(r[0], AuditRecord(*r[1:n + 1]), r[n + 1], r[n + 2]) for r in rows]
+        return await self._run(run)
+
+    async def add_checkpoint(self, row: CheckpointRow) -> bool:
+        """Store a signed checkpoint. False when one of that size is stored already (another replica's)."""
+        def run() -> bool:
+            try:
+                with self._tx() as conn:
+                    conn.execute(_INSERT_CHECKPOINT, asdict(row))
+            except IntegrityError:
+                return False
+            return True
+        return await self._run(run)
+
+    async def list_checkpoints(self, *, after_seq: int = -1) -> list[CheckpointRow]:
+        """Every stored checkpoint above ``after_seq``, smallest first."""
+        q = select(audit_checkpoints).where(audit_checkpoints.c.seq > after_seq).order_by(audit_checkpoints.c.seq)
+
+        def run() -> list[CheckpointRow]:
+            with self._read() as conn:
+                return [CheckpointRow(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def last_checkpoint(self) -> CheckpointRow | None:
+        def run() -> CheckpointRow | None:
+            with self._read() as conn:
+                r = conn.execute(_LAST_CHECKPOINT).mappings().first()
+            return CheckpointRow(**r) if r is not None else None
         return await self._run(run)
 
 

@@ -83,3 +83,44 @@ class LeaseLimits:
 class AuditRow:
     seq: int
     record: AuditRecord
+
+
+@dataclass(frozen=True)
+class VaultAuditPosition:
+    """Where the Vault audit tailer is: the file (device, inode) and the offset after the last merged line."""
+
+    path: str
+    device: int
+    inode: int
+    offset: int
+    lines: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """A stored checkpoint: the chain's head at ``seq`` records and the signed note (broker.signing)."""
+
+    seq: int
+    head_hash: str
+    time: float
+    note: str
+    key_id: str
+
+
+@dataclass(frozen=True)
+class ApprovalRow:
+    id: str
+    task_id: str
+    grant: str
+    path: str
+    ttl: int
+    user: str
+    agent: str
+    tenant: str
+    digest: str
+    required: int
+    state: str  # pending, approved, denied, expired, consumed
+    created_at: float
+    expires_at: float
+    decided_at: float | None
+    consumed_lease: str | None

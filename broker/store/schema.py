@@ -7,7 +7,20 @@ checks that the migrated schema and this metadata agree.
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 metadata = MetaData()
 
@@ -129,4 +142,79 @@ audit_head = Table(
     Column("id", Integer, primary_key=True),
     Column("seq", Integer, nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+# Signed checkpoints of the chain (broker.signing): the head at ``seq`` records, as signed in ``note``.
+# One per size: two replicas signing the same head store it once. The verifier trusts the note, and
+# checks that these columns agree with it.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("time", Float, nullable=False),
+    Column("note", Text, nullable=False),
+    Column("key_id", String(8), nullable=False),
+)
+
+# Where the Vault audit tailer is in OpenBao's file audit device (broker.tailer): one row per file of the
+# configured path, the current one and its rotated predecessors, known by device and inode (a rotated file
+# keeps its position under its new name), with the offset just after the last complete line merged. Moved
+# in the same transaction as the records it merged, so nothing is lost or repeated.
+vault_audit_position = Table(
+    "vault_audit_position",
+    metadata,
+    Column("path", String(1024), primary_key=True),
+    Column("device", BigInteger, primary_key=True, autoincrement=False),
+    Column("inode", BigInteger, primary_key=True, autoincrement=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("lines", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Tokens with no metadata of their own (an agent's child token from a token-role grant), known by the
+# HMAC'd accessor that Vault's audit entries show, and the task (and lease) they descend from.
+vault_audit_tokens = Table(
+    "vault_audit_tokens",
+    metadata,
+    Column("accessor_hmac", String(128), primary_key=True),
+    Column("task", String(64), nullable=False),
+    Column("lease", String(64)),
+    Column("learned_at", Float, nullable=False),
+    Index("ix_vault_audit_tokens_task", "task"),
+)
+
+
+# A high-risk request waiting for (or decided by) people: bound to the digest of the exact request.
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("grant", String(64), nullable=False),
+    Column("path", String(512), nullable=False),
+    Column("ttl", Integer, nullable=False),
+    Column("user", String(320), nullable=False),
+    Column("agent", String(2048), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("required", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("decided_at", Float),
+    Column("consumed_lease", String(64), unique=True),
+    Index("ix_approvals_state", "state"),
+)
+
+# One vote per approver per approval (the primary key enforces it).
+approval_votes = Table(
+    "approval_votes",
+    metadata,
+    Column("approval_id", String(64), ForeignKey("approvals.id"), primary_key=True),
+    Column("approver", String(320), primary_key=True),
+    Column("decision", String(8), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("auth_time", Float, nullable=False),
+    Column("decided_at", Float, nullable=False),
 )

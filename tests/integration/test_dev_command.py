@@ -24,6 +24,21 @@ def _children_named(name: str, workdir: Path) -> list[psutil.Process]:
     return found
 
 
+def _approve_as_a_person_would(port: int, token_file: Path) -> None:
+    """What the person at the console does, through the API: approve the one pending request."""
+    import json
+    import urllib.request
+
+    auth = {"Authorization": f"Bearer {token_file.read_text().strip()}", "Content-Type": "application/json"}
+    base = f"http://127.0.0.1:{port}/v1/approvals"
+    with urllib.request.urlopen(urllib.request.Request(f"{base}?state=pending", headers=auth), timeout=10) as r:
+        (pending,) = json.load(r)["approvals"]
+    body = json.dumps({"decision": "approve", "reason": "test: approved at the prompt"}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/{pending['id']}", data=body, headers=auth),
+                                timeout=10) as r:
+        assert json.load(r)["state"] == "approved"
+
+
 def _free_port() -> int:
     import socket
 
@@ -41,12 +56,16 @@ class TestDevCommand:
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
         text = out.stdout
-        assert "[7/7]" in text and "3 leases revoked, task ended" in text
+        assert "[9/9]" in text and "4 leases revoked, task ended" in text
         assert "PostgreSQL login with the issued password: works" in text
         assert "PostgreSQL login with the same password now: refused" in text
         assert "Vault lists 0 leases" in text
         for event in ("task.started", "lease.issued", "task.ended", "lease.revoked"):
             assert event in text
+        assert "The agent asks for the high-risk grant 'prod-db-write'" in text
+        assert "/console (sign in with the token in" in text and "demo-approver.jwt" in text
+        assert "approval.approved" in text and "approved: prod-db-write" in text
+        assert (work / "demo-approver.jwt").exists()
         assert pg_cluster.password not in text + out.stderr
         assert _children_named("bao", work) == []
 
@@ -63,9 +82,12 @@ class TestDevCommand:
             seen = []
             for line in proc.stdout:
                 seen.append(line)
+                if "approve it at" in line:  # the demo waits for an approver: be one
+                    _approve_as_a_person_would(port, work / "demo-approver.jwt")
                 if "Ctrl-C stops" in line or time.monotonic() > deadline:
                     break
             assert any("Ctrl-C stops" in line for line in seen), "".join(seen)
+            assert any("approved: prod-cert" in line for line in seen), "".join(seen)
             assert _children_named("bao", work)
             proc.send_signal(signal.SIGINT)
             rest, _ = proc.communicate(timeout=30)
@@ -91,8 +113,8 @@ class TestDevWithExistingVault:
                              env={**os.environ, "BROKER_DEV_VAULT_TOKEN": throwaway_openbao.root_token.reveal()},
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "[6/6]" in out.stdout and throwaway_openbao.addr in out.stdout
-        assert "2 leases revoked" in out.stdout
+        assert "[8/8]" in out.stdout and throwaway_openbao.addr in out.stdout
+        assert "3 leases revoked" in out.stdout
         assert not (work / "openbao").exists()
         # Vault's own audit device carries the delegation in the task token's metadata (not HMAC'd).
         assert '"role":"demo-support","task":"tsk_' in throwaway_openbao.audit_log.read_text()

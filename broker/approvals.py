@@ -1,0 +1,190 @@
+"""Approvals: a human, freshly re-authenticated, lets one exact high-risk request through, once.
+
+Rules this file keeps:
+1. An approval is bound to a digest of the exact request: task, user, agent, grant, Vault path and TTL.
+   Presenting it with any other task, grant or TTL is refused; it is consumed by the one issuance it
+   unlocks, in the transaction that records that issuance's intent.
+2. An approver must be one of ``people.approvers``, must not be the task's user, may vote once, and
+   must have authenticated (``auth_time``) no longer ago than ``people.approval_max_auth_age``;
+   otherwise the answer is RFC 9470's ``insufficient_user_authentication``.
+3. A grant may need N approvals (two-person rule); one denial ends it. Pending and approved-but-unused
+   approvals expire (default 15 minutes) and deliver nothing.
+4. Request, each vote, the decision, expiry and the lease it unlocked are audit records naming the
+   approver and their authentication time.
+The decisions here are pure; ``ApprovalManager`` orchestrates the store and the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from broker.audit import AuditRecord
+from broker.delegation import Catalog, Grant, any_includes
+from broker.errors import Conflict, Denied, InvalidIdentity, NotFound
+from broker.identity import AgentIdentity, UserIdentity
+from broker.store import ApprovalRow, Store, TaskRow
+
+Decision = Literal["approve", "deny"]
+_DOMAIN = "broker.approval.v1"
+
+
+class InsufficientAuthentication(InvalidIdentity):
+    """RFC 9470: the approver's authentication is too old; re-authenticate and try again."""
+
+    code = "insufficient_user_authentication"
+    title = "Re-authentication required"
+
+    def __init__(self, reason: str, *, max_age: int) -> None:
+        super().__init__(reason)
+        self.args = (f"sign in again (authentication no older than {max_age} s) to decide approvals",)
+        self.max_age = max_age
+
+
+class ApprovalMismatch(Denied):
+    code = "approval_mismatch"
+    title = "The approval does not cover this request"
+
+
+class NotApprover(Denied):
+    code = "not_approver"
+    title = "Not allowed to decide this approval"
+
+
+def request_digest(*, task: str, user: str, agent: str, grant: str, path: str, ttl: int) -> str:
+    """SHA-256 over the canonical JSON of exactly what is approved."""
+    body = json.dumps({"agent": agent, "grant": grant, "path": path, "task": task, "ttl": ttl, "user": user,
+                       "v": _DOMAIN}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def check_fresh(user: UserIdentity, *, now: float, max_age: int) -> float:
+    """Return the approver's authentication time.
+
+    Raises:
+        InsufficientAuthentication: no ``auth_time``, or older than ``max_age`` seconds.
+    """
+    if user.auth_time is None:
+        raise InsufficientAuthentication("the token has no auth_time", max_age=max_age)
+    if now - user.auth_time > max_age:
+        raise InsufficientAuthentication(f"authenticated {int(now - user.auth_time)} s ago", max_age=max_age)
+    return user.auth_time
+
+
+def check_approver(catalog: Catalog, approval: ApprovalRow, approver: UserIdentity, *, now: float) -> None:
+    """Raises: NotApprover (not an approver, the task's own user, already voted), Conflict (not pending)."""
+    if not any_includes(catalog.approvers, approver):
+        raise NotApprover("only approvers decide approvals", reason=f"{approver.name} is not an approver")
+    if approver.name == approval.user:
+        raise NotApprover("the task's own user cannot approve its grants",
+                          reason=f"{approver.name} delegated task {approval.task_id}")
+    if approval.state != "pending" or approval.expires_at <= now:
+        raise Conflict(f"the approval is {'expired' if approval.expires_at <= now else approval.state}")
+
+
+@dataclass(frozen=True)
+class ApprovalView:
+    approval: ApprovalRow
+    task: TaskRow | None
+
+
+class ApprovalManager:
+    def __init__(self, *, catalog: Catalog, store: Store, clock: Callable[[], float], max_auth_age: int,
+                 ttl: int) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._clock = clock
+        self._max_auth_age = max_auth_age
+        self._ttl = ttl
+        self._changed: dict[str, asyncio.Event] = {}
+
+    async def request(self, task: TaskRow, grant: Grant, *, ttl: int) -> ApprovalRow:
+        """Open a pending approval for this exact request; recorded as ``approval.requested``."""
+        now = self._clock()
+        row = ApprovalRow(
+            id="apr_" + secrets.token_urlsafe(12), task_id=task.id, grant=grant.name, path=grant.path, ttl=ttl,
+            user=task.user, agent=task.agent, tenant=task.tenant,
+            digest=request_digest(task=task.id, user=task.user, agent=task.agent, grant=grant.name, path=grant.path,
+                                  ttl=ttl),
+            required=grant.approvals_required, state="pending", created_at=now, expires_at=now + self._ttl,
+            decided_at=None, consumed_lease=None,
+        )
+        await self._store.add_approval(row, AuditRecord(
+            now, "approval.requested", "pending", user=task.user, agent=task.agent, task=task.id, tenant=task.tenant,
+            resource=grant.path, action="issue", reason=f"grant {grant.name}, ttl {ttl}s, needs {row.required} "
+                                                         f"approval(s) ({row.id})"))
+        return row
+
+    async def decide(self, approver: UserIdentity, approval_id: str, decision: Decision, reason: str) -> ApprovalRow:
+        """One approver's vote. Raises: InsufficientAuthentication, NotApprover, NotFound, Conflict."""
+        now = self._clock()
+        if not any_includes(self._catalog.approvers, approver):
+            raise NotApprover("only approvers decide approvals", reason=f"{approver.name} is not an approver")
+        auth_time = check_fresh(approver, now=now, max_age=self._max_auth_age)
+        row = await self._store.get_approval(approval_id)
+        if row is None:
+            raise NotFound("no such approval")
+        check_approver(self._catalog, row, approver, now=now)
+        event = "approval.approved" if decision == "approve" else "approval.denied"
+        record = AuditRecord(now, event, "success" if decision == "approve" else "denied", user=row.user,
+                             agent=row.agent, task=row.task_id, tenant=row.tenant, resource=row.path, action=decision,
+                             reason=f"by {approver.name} (authenticated {_iso(auth_time)}): {reason} ({row.id})")
+        updated = await self._store.vote(row.id, approver=approver.name, decision=decision, reason=reason,
+                                         auth_time=auth_time, now=now, record=record)
+        self._notify(row.id)
+        return updated
+
+    async def get(self, approval_id: str) -> ApprovalRow:
+        """Raises: NotFound."""
+        row = await self._store.get_approval(approval_id)
+        if row is None:
+            raise NotFound("no such approval")
+        return row
+
+    async def wait(self, approval_id: str, *, timeout: float) -> ApprovalRow:
+        """The approval, once it leaves ``pending`` or after ``timeout`` seconds (long poll)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            row = await self.get(approval_id)
+            remaining = deadline - loop.time()
+            if row.state != "pending" or row.expires_at <= self._clock() or remaining <= 0:
+                return row
+            event = self._changed.setdefault(approval_id, asyncio.Event())
+            # Wake on a decision made by this replica, or look again every second for other replicas'.
+            try:
+                await asyncio.wait_for(event.wait(), timeout=min(1.0, remaining))
+            except TimeoutError:
+                pass
+
+    def _notify(self, approval_id: str) -> None:
+        event = self._changed.pop(approval_id, None)
+        if event is not None:
+            event.set()
+
+    def check_for(self, approval: ApprovalRow, caller: AgentIdentity, task: TaskRow, grant: Grant, ttl: int) -> None:
+        """Does this approval cover exactly this request? Raises: ApprovalMismatch, Conflict."""
+        digest = request_digest(task=task.id, user=task.user, agent=task.agent, grant=grant.name, path=grant.path,
+                                ttl=ttl)
+        if approval.agent != str(caller.spiffe_id) or not secrets.compare_digest(approval.digest, digest):
+            raise ApprovalMismatch("this approval was given for another request",
+                                   reason=f"approval {approval.id} digest does not match task {task.id}, "
+                                          f"grant {grant.name}, ttl {ttl}")
+        if approval.state != "approved" or approval.expires_at <= self._clock():
+            state = "expired" if approval.expires_at <= self._clock() else approval.state
+            raise Conflict(f"the approval is {state}", reason=f"approval {approval.id} is {state}")
+
+
+def _iso(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+__all__ = ["ApprovalManager", "ApprovalMismatch", "InsufficientAuthentication", "NotApprover", "check_approver",
+           "check_fresh", "request_digest"]

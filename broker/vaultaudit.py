@@ -1,0 +1,360 @@
+"""Vault's own audit record, read and judged: a parser of OpenBao file-audit lines and a classifier.
+
+Both are pure (no I/O, no clock); ``broker.tailer`` does the reading and the writing.
+
+What a file-audit line holds (measured on OpenBao 2.7.2; see ``docs/vault-audit.md``):
+
+- every request writes a ``request`` entry and then a ``response`` entry with the same ``request.id``;
+- plain: ``auth.display_name``, ``auth.policies``, ``auth.metadata.*``, ``request.id``, ``path``,
+  ``operation``, ``mount_*``, ``remote_address``; HMAC'd (``hmac-sha256:...``): tokens, accessors
+  (unless the device has ``hmac_accessor=false``), every string of ``request.data`` and
+  ``response.data``;
+- a token's metadata is its own: a child token does not inherit its parent's. The broker's task token
+  carries ``{task, user, agent, tenant, role}``, an issuance token (a child of the task token)
+  ``{task, lease, grant}``, and a token the agent obtains through a token-role grant (a child of the
+  issuance token) carries none at all. Such a token is attributed through the ``response`` entry of
+  the request that created it: that entry is made by a token the broker knows and names the new
+  token's HMAC'd accessor in ``response.auth.accessor`` (:func:`created_token`), which is the value
+  later entries show in ``auth.accessor``.
+
+Only ``response`` entries are merged, so each request counts once. A ``request`` entry with no
+``response`` (Vault died mid-request, or could not write the response entry; such a request may still
+have created something) is not merged by the tailer: :func:`orphan_requests` finds them in a window of
+entries for ``broker audit verify --vault-log``.
+
+Nothing from ``request.data`` or ``response.data`` (HMAC'd or not) is ever copied into a record, and
+neither is Vault's error text: a record says "permission denied" or "error", nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from broker.audit import AuditRecord
+from broker.errors import BrokerError
+from broker.store.rows import TaskRow
+
+__all__ = [
+    "DEFAULT_SKEW",
+    "AuditLineInvalid",
+    "TokenOrigin",
+    "VaultAuditEntry",
+    "VaultAuth",
+    "attribute",
+    "classify",
+    "classify_batch",
+    "created_token",
+    "orphan_requests",
+    "parse_line",
+]
+
+# A request the task token made just before the task ended may be written a little after the end.
+DEFAULT_SKEW = 2.0
+_MAX_LINE = 1 << 20  # OpenBao lines are ~1.5 KB; a megabyte is not an audit entry
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
+
+
+class AuditLineInvalid(BrokerError):
+    """A line of the Vault audit file is not an audit entry (not JSON, or missing what every entry has)."""
+
+    code = "vault_audit_line_invalid"
+    title = "Invalid Vault audit line"
+
+
+@dataclass(frozen=True)
+class VaultAuth:
+    """The ``auth`` block of an entry: who made the request. ``accessor`` is HMAC'd unless configured not to be."""
+
+    display_name: str | None
+    policies: tuple[str, ...]
+    metadata: Mapping[str, str]
+    accessor: str | None
+    token_type: str | None
+
+
+@dataclass(frozen=True)
+class VaultAuditEntry:
+    """One line of OpenBao's file audit device, reduced to what the broker may record.
+
+    ``created_accessor`` is ``response.auth.accessor``: the (HMAC'd) accessor of a token this request
+    created, if it created one. ``error`` is whether the entry carries an error; ``error_kind`` is a
+    short fixed label, never Vault's text.
+    """
+
+    type: Literal["request", "response"]
+    time: float
+    request_id: str
+    path: str
+    operation: str
+    mount_point: str | None = None
+    mount_type: str | None = None
+    remote_address: str | None = None
+    auth: VaultAuth | None = None
+    error: bool = False
+    error_kind: str | None = None
+    status: int | None = None
+    created_accessor: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenOrigin:
+    """What the broker knows about a token with no metadata of its own: the task (and lease) it descends from."""
+
+    task: str
+    lease: str | None = None
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from an RFC 3339 time with up to nanosecond precision (``2026-11-28T14:38:05.541346449Z``).
+
+    Raises:
+        AuditLineInvalid: not such a time.
+    """
+    m = _TIME.match(text)
+    if m is None:
+        raise AuditLineInvalid("not an audit entry", reason="the entry's time is not RFC 3339")
+    base, frac, zone = m.groups()
+    micro = (frac or "0")[:6].ljust(6, "0")
+    iso = f"{base}.{micro}{'+00:00' if zone == 'Z' else zone}"
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC).timestamp()
+    except ValueError as exc:
+        raise AuditLineInvalid("not an audit entry", reason="the entry's time is out of range") from exc
+
+
+def _opt_str(m: Mapping[str, Any], key: str) -> str | None:
+    v = m.get(key)
+    return v if isinstance(v, str) and v else None
+
+
+def _parse_auth(a: Any) -> VaultAuth | None:
+    if not isinstance(a, dict) or not a:
+        return None
+    meta_raw = a.get("metadata")
+    meta = {str(k): v for k, v in meta_raw.items() if isinstance(v, str)} if isinstance(meta_raw, dict) else {}
+    pol = a.get("policies")
+    policies = tuple(p for p in pol if isinstance(p, str)) if isinstance(pol, list) else ()
+    return VaultAuth(display_name=_opt_str(a, "display_name"), policies=policies, metadata=meta,
+                     accessor=_opt_str(a, "accessor"), token_type=_opt_str(a, "token_type"))
+
+
+def _error_kind(error: str) -> str:
+    low = error.lower()
+    for kind in ("permission denied", "invalid token", "missing client token", "unsupported path"):
+        if kind in low:
+            return kind
+    return "error"
+
+
+def parse_line(line: str | bytes) -> VaultAuditEntry:
+    """Parse one JSON line of the file audit device. Unknown fields are ignored.
+
+    Raises:
+        AuditLineInvalid: not JSON, not an object, no ``type`` of request/response, no time, no
+            ``request.id`` or no ``request.path``.
+    """
+    if len(line) > _MAX_LINE:
+        raise AuditLineInvalid("not an audit entry", reason="line longer than 1 MiB")
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuditLineInvalid("not an audit entry", reason="not JSON") from exc
+    if not isinstance(obj, dict):
+        raise AuditLineInvalid("not an audit entry", reason="not a JSON object")
+    kind = obj.get("type")
+    if kind not in ("request", "response"):
+        raise AuditLineInvalid("not an audit entry", reason="type is neither request nor response")
+    t = obj.get("time")
+    if not isinstance(t, str):
+        raise AuditLineInvalid("not an audit entry", reason="no time")
+    req = obj.get("request")
+    if not isinstance(req, dict):
+        raise AuditLineInvalid("not an audit entry", reason="no request")
+    rid, path = req.get("id"), req.get("path")
+    if not isinstance(rid, str) or not rid or not isinstance(path, str):
+        raise AuditLineInvalid("not an audit entry", reason="no request id or path")
+    error = obj.get("error")
+    has_error = isinstance(error, str) and bool(error)
+    resp = obj.get("response")
+    status: int | None = None
+    created: str | None = None
+    if isinstance(resp, dict):
+        data = resp.get("data")
+        if isinstance(data, dict) and isinstance(data.get("http_status_code"), int):
+            status = int(data["http_status_code"])
+        rauth = resp.get("auth")
+        if isinstance(rauth, dict):
+            created = _opt_str(rauth, "accessor")
+    return VaultAuditEntry(
+        type=kind,
+        time=parse_time(t),
+        request_id=rid,
+        path=path,
+        operation=_opt_str(req, "operation") or "",
+        mount_point=_opt_str(req, "mount_point"),
+        mount_type=_opt_str(req, "mount_type"),
+        remote_address=_opt_str(req, "remote_address"),
+        auth=_parse_auth(obj.get("auth")),
+        error=has_error,
+        error_kind=_error_kind(error) if isinstance(error, str) and error else None,
+        status=status,
+        created_accessor=created,
+    )
+
+
+# -- classification ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Whose request an entry is: the task it belongs to, through which kind of token, for which lease."""
+
+    task: str
+    via: Literal["task token", "issuance token", "child token"]
+    lease: str | None = None
+
+
+def attribute(entry: VaultAuditEntry, tokens: Mapping[str, TokenOrigin]) -> Attribution | None:
+    """The task an entry belongs to: from the token's metadata, else from a learned HMAC'd accessor."""
+    auth = entry.auth
+    if auth is None:
+        return None
+    task = auth.metadata.get("task")
+    if task:
+        lease = auth.metadata.get("lease")
+        return Attribution(task, "issuance token" if lease else "task token", lease)
+    if auth.accessor is not None:
+        origin = tokens.get(auth.accessor)
+        if origin is not None:
+            return Attribution(origin.task, "child token", origin.lease)
+    return None
+
+
+def created_token(entry: VaultAuditEntry, tokens: Mapping[str, TokenOrigin]) -> tuple[str, TokenOrigin] | None:
+    """A token this (successful) response created by a token of a task: its HMAC'd accessor and origin.
+
+    The issuance token's children inherit the issuance's lease; a task token's child (an issuance
+    token) keeps its own metadata anyway, and is mapped to the task alone.
+    """
+    if entry.type != "response" or entry.error or entry.created_accessor is None:
+        return None
+    who = attribute(entry, tokens)
+    if who is None:
+        return None
+    return entry.created_accessor, TokenOrigin(who.task, who.lease)
+
+
+def _normal(path: str) -> str:
+    return path.strip("/")
+
+
+def _task_end(row: TaskRow) -> float:
+    end = row.expires_at
+    if row.ended_at is not None:
+        end = min(end, row.ended_at)
+    return end
+
+
+def classify(
+    entry: VaultAuditEntry,
+    *,
+    known_tasks: Callable[[str], TaskRow | None],
+    broker_paths: Iterable[str] | frozenset[str],
+    tokens: Mapping[str, TokenOrigin] | None = None,
+    skew: float = DEFAULT_SKEW,
+) -> AuditRecord | None:
+    """The chain record an entry becomes, or None when it is none of the broker's business.
+
+    - a ``response`` entry by a token of a task the store knows, made while the task was active (its
+      end, the earlier of ``ended_at`` and ``expires_at``, plus ``skew``): ``vault.request``, with the
+      task's user, agent and tenant from the store, resource = path, action = operation, outcome
+      success or failure, Vault's request id;
+    - by a token of a task the store does not know, made after the task ended, or whose metadata
+      disagrees with the task's record: ``vault.unexplained``;
+    - on one of ``broker_paths`` (the catalog's grant paths) by a token the broker cannot attribute:
+      ``vault.unexplained``;
+    - anything else (``request`` entries, other tokens on other paths, the broker's own token): None.
+    """
+    if entry.type != "response":
+        return None
+    who = attribute(entry, tokens or {})
+    paths = broker_paths if isinstance(broker_paths, frozenset) else frozenset(_normal(p) for p in broker_paths)
+    on_grant_path = _normal(entry.path) in paths
+    outcome: Literal["success", "failure"] = "failure" if entry.error else "success"
+    src = f" from {entry.remote_address}" if entry.remote_address else ""
+    failed = f"; {entry.error_kind}" if entry.error else ""
+    if who is None:
+        if not on_grant_path:
+            return None
+        name = entry.auth.display_name if entry.auth is not None else None
+        by = f"token {name!r}" if name else "an unauthenticated request"
+        return AuditRecord(entry.time, "vault.unexplained", outcome, resource=entry.path, action=entry.operation,
+                           vault_request_id=entry.request_id,
+                           reason=f"grant path used by {by} the broker did not issue{src}{failed}")
+    row = known_tasks(who.task)
+    if row is None:
+        return AuditRecord(entry.time, "vault.unexplained", outcome, task=who.task, resource=entry.path,
+                           action=entry.operation, lease=who.lease, vault_request_id=entry.request_id,
+                           reason=f"{who.via} of a task the broker never recorded{src}{failed}")
+    base = {"user": row.user, "agent": row.agent, "task": row.id, "tenant": row.tenant, "resource": entry.path,
+            "action": entry.operation, "lease": who.lease, "vault_request_id": entry.request_id}
+    meta = entry.auth.metadata if entry.auth is not None else {}
+    mismatch = [k for k in ("user", "agent", "tenant") if k in meta and meta[k] != getattr(row, k)]
+    if mismatch:
+        return AuditRecord(entry.time, "vault.unexplained", outcome, **base,
+                           reason=f"{who.via} metadata disagrees with the task's record on {', '.join(mismatch)}"
+                                  f"{src}{failed}")
+    if entry.time > _task_end(row) + skew:
+        return AuditRecord(entry.time, "vault.unexplained", outcome, **base,
+                           reason=f"{who.via} used after the task left active ({row.state}){src}{failed}")
+    lease = f" of lease {who.lease}" if who.lease else ""
+    return AuditRecord(entry.time, "vault.request", outcome, **base, reason=f"by the {who.via}{lease}{src}{failed}")
+
+
+def classify_batch(
+    entries: Iterable[VaultAuditEntry],
+    *,
+    known_tasks: Callable[[str], TaskRow | None],
+    broker_paths: Iterable[str],
+    tokens: Mapping[str, TokenOrigin] | None = None,
+    skew: float = DEFAULT_SKEW,
+) -> tuple[list[AuditRecord], dict[str, TokenOrigin]]:
+    """Classify entries in file order, learning the tokens they create as it goes.
+
+    Returns the records and the tokens newly learned (HMAC'd accessor -> origin), which a later batch
+    must be given back in ``tokens``.
+    """
+    paths = frozenset(_normal(p) for p in broker_paths)
+    known = dict(tokens or {})
+    learned: dict[str, TokenOrigin] = {}
+    records: list[AuditRecord] = []
+    for e in entries:
+        if e.type != "response":
+            continue
+        record = classify(e, known_tasks=known_tasks, broker_paths=paths, tokens=known, skew=skew)
+        if record is not None:
+            records.append(record)
+        made = created_token(e, known)
+        if made is not None and made[0] not in known:
+            known[made[0]] = learned[made[0]] = made[1]
+    return records, learned
+
+
+def orphan_requests(entries: Iterable[VaultAuditEntry]) -> list[VaultAuditEntry]:
+    """``request`` entries with no ``response`` entry of the same id in ``entries``, in file order.
+
+    A request near the end of the window may simply not have been answered yet: callers decide how
+    old an orphan must be before it counts.
+    """
+    pending: dict[str, VaultAuditEntry] = {}
+    for e in entries:
+        if e.type == "request":
+            pending.setdefault(e.request_id, e)
+        else:
+            pending.pop(e.request_id, None)
+    return list(pending.values())

@@ -1,0 +1,202 @@
+"""The Vault audit parser and classifier, on lines captured from a real OpenBao 2.7.2 file audit device.
+
+``tests/data/openbao_audit.jsonl`` (tokens and HMAC'd data scrubbed; accessors kept, they are HMACs and
+carry the linkage) holds, in order: the broker token creating a task token; the task token creating an
+issuance token; that issuance token issuing a certificate (pki/issue/agents, lease lse_fixture1); a
+second issuance token (lease lse_fixture2) creating an agent child token through the agent-child token
+role; the child token's lookup-self; the task token's lookup-self (denied); the broker token looking up
+an accessor; and a token the broker never issued issuing a certificate on the grant path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+
+from broker.audit import AuditRecord
+from broker.store.rows import TaskRow
+from broker.vaultaudit import (
+    AuditLineInvalid,
+    TokenOrigin,
+    VaultAuditEntry,
+    attribute,
+    classify,
+    classify_batch,
+    orphan_requests,
+    parse_line,
+    parse_time,
+)
+
+DATA = Path(__file__).parent.parent / "data" / "openbao_audit.jsonl"
+GRANT_PATHS = ("database/creds/tickets-ro", "pki/issue/agents", "auth/token/create/agent-child")
+TASK = "tsk_fixture1"
+USER = "alice@example.com"
+AGENT = "spiffe://example.org/agent/support-1"
+
+
+def lines() -> list[str]:
+    return DATA.read_text().splitlines()
+
+
+def entries() -> list[VaultAuditEntry]:
+    return [parse_line(x) for x in lines()]
+
+
+def task_row(**kw: object) -> TaskRow:
+    t0 = entries()[0].time
+    base = TaskRow(id=TASK, user=USER, agent=AGENT, role="support-triage", tenant="acme", reason="r",
+                   created_at=t0 - 1, expires_at=t0 + 600, state="active", ended_at=None, token_accessor="acc",
+                   sealed_token=b"x")
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def merged(rows: dict[str, TaskRow]) -> list[AuditRecord]:
+    records, _ = classify_batch(entries(), known_tasks=rows.get, broker_paths=GRANT_PATHS)
+    return records
+
+
+class TestParser:
+    def test_every_captured_line_parses(self) -> None:
+        """All 18 captured lines are entries: 9 requests, each followed by its response with the same id."""
+        es = entries()
+        assert [e.type for e in es] == ["request", "response"] * 9
+        assert all(a.request_id == b.request_id for a, b in zip(es[::2], es[1::2], strict=True))
+
+    def test_a_task_token_entry(self) -> None:
+        """The task token's metadata, display name, policies and token type are plain; its accessor is HMAC'd."""
+        e = entries()[3]
+        assert (e.type, e.path, e.operation, e.mount_type) == ("response", "auth/token/create", "update", "token")
+        assert e.auth is not None
+        assert e.auth.metadata == {"agent": AGENT, "role": "support-triage", "task": TASK, "tenant": "acme",
+                                   "user": USER}
+        assert e.auth.display_name == "token-task-support-triage"
+        assert e.auth.policies == ("broker-task-support-triage",)
+        assert e.auth.token_type == "service"
+        assert e.auth.accessor is not None and e.auth.accessor.startswith("hmac-sha256:")
+        assert e.remote_address == "127.0.0.1"
+        assert not e.error and e.error_kind is None
+        # The token it created (an issuance token) is named by its HMAC'd accessor.
+        assert e.created_accessor is not None and e.created_accessor.startswith("hmac-sha256:")
+
+    def test_an_agent_child_token_carries_no_metadata(self) -> None:
+        """A token created through the agent-child role has no metadata: it must be attributed another way."""
+        e = entries()[11]
+        assert e.path == "auth/token/lookup-self" and e.auth is not None
+        assert e.auth.metadata == {} and e.auth.display_name == "token"
+        assert e.auth.accessor == entries()[9].created_accessor
+
+    def test_an_error_is_a_short_label(self) -> None:
+        """A denied request is flagged with a fixed label, not Vault's text."""
+        e = entries()[13]
+        assert e.error and e.error_kind == "permission denied"
+
+    def test_time_keeps_microseconds(self) -> None:
+        """Nanosecond RFC 3339 times become Unix seconds (microsecond precision), any offset."""
+        assert parse_time("2026-11-28T14:38:05.541346449Z") == pytest.approx(1795876685.541346)
+        assert parse_time("2026-11-28T15:38:05+01:00") == pytest.approx(1795876685.0)
+
+    def test_unknown_fields_are_tolerated(self) -> None:
+        """New fields in a future OpenBao do not break the parser."""
+        obj = json.loads(lines()[3])
+        obj["something_new"] = {"x": 1}
+        obj["auth"]["also_new"] = [1, 2]
+        assert parse_line(json.dumps(obj)).request_id == entries()[3].request_id
+
+    @pytest.mark.parametrize("garbage", [
+        "", "not json", "[1, 2]", '{"type": "request"}', '{"type": "other", "time": "2026-11-28T14:38:05Z"}',
+        '{"type": "request", "time": "yesterday", "request": {"id": "x", "path": "p"}}',
+        '{"type": "request", "time": "2026-11-28T14:38:05Z", "request": {"path": "p"}}',
+        b"\xff\xfe{",
+    ])
+    def test_garbage_is_a_typed_error(self, garbage: str | bytes) -> None:
+        """Anything that is not an audit entry raises AuditLineInvalid."""
+        with pytest.raises(AuditLineInvalid):
+            parse_line(garbage)
+
+
+class TestClassifier:
+    def test_a_known_active_task(self) -> None:
+        """Each response by the task, its issuance tokens or the agent's child token is one vault.request with
+        the task's people; the broker's own calls are nothing; the stranger on a grant path is unexplained."""
+        records = merged({TASK: task_row()})
+        got = [(r.event, r.resource, r.action, r.outcome, r.lease) for r in records]
+        assert got == [
+            ("vault.request", "auth/token/create", "update", "success", None),
+            ("vault.request", "pki/issue/agents", "update", "success", "lse_fixture1"),
+            ("vault.request", "auth/token/create", "update", "success", None),
+            ("vault.request", "auth/token/create/agent-child", "update", "success", "lse_fixture2"),
+            ("vault.request", "auth/token/lookup-self", "read", "success", "lse_fixture2"),
+            ("vault.request", "auth/token/lookup-self", "read", "failure", None),
+            ("vault.unexplained", "pki/issue/agents", "update", "success", None),
+        ]
+        for r in records[:-1]:
+            assert (r.user, r.agent, r.task, r.tenant) == (USER, AGENT, TASK, "acme")
+        assert "child token" in (records[4].reason or "") and "permission denied" in (records[5].reason or "")
+        assert records[-1].task is None and "did not issue" in (records[-1].reason or "")
+        responses = [e for e in entries() if e.type == "response"]
+        ids = [r.vault_request_id for r in records]
+        assert len(set(ids)) == len(ids) and set(ids) <= {e.request_id for e in responses}
+
+    def test_records_carry_no_request_or_response_data(self) -> None:
+        """No HMAC, lease id, error text or data value from the entries reaches a record."""
+        raw = DATA.read_text()
+        for r in merged({TASK: task_row()}):
+            for f in fields(r):
+                v = getattr(r, f.name)
+                if isinstance(v, str):
+                    assert "hmac-sha256" not in v and "pki/issue/agents/" not in v and "error occurred" not in v
+        assert "pki/issue/agents/" in raw  # the data was there to leak
+
+    def test_an_unknown_task_is_unexplained(self) -> None:
+        """Every request by a token that names a task the store never recorded is flagged."""
+        records = merged({})
+        assert [r.event for r in records] == ["vault.unexplained"] * 7
+        assert all("never recorded" in (r.reason or "") for r in records[:-1])
+        assert records[0].task == TASK and records[0].user is None
+
+    def test_after_the_task_ended(self) -> None:
+        """Requests after the task's end (beyond the skew) are flagged; within the skew they are not."""
+        es = [e for e in entries() if e.type == "response"]
+        late = task_row(state="ended", ended_at=es[0].time - 10)
+        assert {r.event for r in merged({TASK: late})} == {"vault.unexplained"}
+        assert "left active (ended)" in (merged({TASK: late})[0].reason or "")
+        just = task_row(state="ended", ended_at=es[-1].time - 1)
+        assert {r.event for r in merged({TASK: just})[:-1]} == {"vault.request"}
+        expired = task_row(expires_at=es[0].time - 10)  # still "active" in the store: the sweeper is late
+        assert {r.event for r in merged({TASK: expired})} == {"vault.unexplained"}
+
+    def test_metadata_that_disagrees_with_the_store(self) -> None:
+        """A task token whose metadata names another user than the task's record is flagged."""
+        records = merged({TASK: task_row(user="mallory@example.com")})
+        assert records[0].event == "vault.unexplained" and "user" in (records[0].reason or "")
+
+    def test_request_entries_and_unrelated_paths_are_nothing(self) -> None:
+        """Request entries never become records; an unattributed token off the grant paths is not our business."""
+        es = entries()
+        assert all(classify(e, known_tasks={}.get, broker_paths=GRANT_PATHS) is None for e in es if e.type == "request")
+        assert classify(es[15], known_tasks={}.get, broker_paths=GRANT_PATHS) is None  # broker's lookup-accessor
+
+    def test_child_tokens_need_their_creation(self) -> None:
+        """Without the creating entry the child token is unattributed; with a learned accessor it is the lease's."""
+        child = entries()[11]
+        assert attribute(child, {}) is None
+        assert child.auth is not None and child.auth.accessor is not None
+        who = attribute(child, {child.auth.accessor: TokenOrigin(TASK, "lse_fixture2")})
+        assert who is not None and (who.task, who.via, who.lease) == (TASK, "child token", "lse_fixture2")
+
+    def test_learned_tokens_are_returned(self) -> None:
+        """A batch returns the accessors it learned, so the next batch can attribute their requests."""
+        _, learned = classify_batch(entries()[:10], known_tasks={}.get, broker_paths=GRANT_PATHS)
+        assert learned[entries()[9].created_accessor or ""] == TokenOrigin(TASK, "lse_fixture2")
+        records, _ = classify_batch(entries()[10:12], known_tasks={TASK: task_row()}.get,
+                                    broker_paths=GRANT_PATHS, tokens=learned)
+        assert [(r.event, r.lease) for r in records] == [("vault.request", "lse_fixture2")]
+
+    def test_orphan_requests(self) -> None:
+        """A request whose response entry is missing (Vault died) is reported as an orphan."""
+        es = entries()
+        assert orphan_requests(es) == []
+        assert orphan_requests(es[:5] + es[6:]) == [es[4]]
