@@ -33,6 +33,7 @@ from broker.identity import (
 from broker.identity.cache import VerifiedTokenCache
 from broker.approvals import ApprovalManager
 from broker.faults import CrashHook, no_crash
+from broker.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
 from broker.metrics import Metrics
@@ -40,7 +41,7 @@ from broker.revocations import Maintenance, Revocations, Revoker
 from broker.store import LeaseLimits
 from broker.sealing import TokenSealer
 from broker.signing import load_signing_key
-from broker.store import open_store
+from broker.store import Store, open_store
 from broker.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
@@ -48,6 +49,7 @@ from broker.vault import Sensitive, VaultClient
 log = logging.getLogger(__name__)
 
 _TOKEN_RENEW_EVERY = 3600.0
+EXPORT_INTERVAL = 1.0  # seconds between audit export rounds
 
 
 def read_vault_token(settings: Settings) -> Sensitive:
@@ -121,9 +123,14 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
                                              clock=clock, bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
                                              crash=crash)
+                # Audit export sinks (broker.export), only when one is configured; their backlog gates issuance.
+                exporter = _exporter(settings, store, session, clock, app[api.METRICS])
+                backlog_ok = exporter.check if exporter is not None else None
+                if exporter is not None:
+                    app[EXPORTER] = exporter
                 approvals = ApprovalManager(catalog=catalog, store=store, clock=clock,
                                             max_auth_age=settings.people.approval_max_auth_age,
-                                            ttl=settings.people.approval_ttl)
+                                            ttl=settings.people.approval_ttl, backlog_ok=backlog_ok)
                 app[api.APPROVALS] = approvals
                 app[api.CLOCK] = clock
                 lim = settings.limits
@@ -135,6 +142,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                                            clock=time.monotonic),
                     user_rate=RateLimiter(rate=lim.issue_rate_per_user, burst=lim.issue_burst_per_user,
                                           clock=time.monotonic),
+                    backlog_ok=backlog_ok,
                 )
                 app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
                 m = settings.maintenance
@@ -160,6 +168,8 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                         hasher=lambda value: vault.audit_hash(device, value))
                     app[api.VAULT_TAILER] = tailer
                     background.append(asyncio.create_task(tailer.run_forever(), name="vault-audit-tailer"))
+                if exporter is not None:
+                    background.append(asyncio.create_task(exporter.run_forever(), name="audit-exporter"))
                 try:
                     yield
                 finally:
@@ -172,6 +182,22 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 await store.close()
 
     return ctx
+
+
+def _exporter(settings: Settings, store: Store, session: aiohttp.ClientSession, clock: Callable[[], float],
+              metrics: Metrics) -> Exporter | None:
+    """The audit exporter for ``[audit].export_file`` / ``export_url``; None when neither is set."""
+    audit = settings.audit
+    sinks: list[Sink] = []
+    if audit.export_file is not None:
+        sinks.append(FileSink(audit.export_file, audit.export_format, origin=audit.origin))
+    if audit.export_url is not None:
+        sinks.append(WebhookSink(audit.export_url, audit.export_format, session, origin=audit.origin))
+    if not sinks:
+        return None
+    return Exporter(store=store, sinks=sinks, backlog_limit=audit.export_backlog_limit, clock=clock,
+                    interval=EXPORT_INTERVAL,
+                    on_backlog=lambda n: metrics.set("broker_audit_export_backlog", n))
 
 
 async def _renew_own_token(vault: VaultClient) -> None:

@@ -95,8 +95,10 @@ class ApprovalView:
 
 class ApprovalManager:
     def __init__(self, *, catalog: Catalog, store: Store, clock: Callable[[], float], max_auth_age: int,
-                 ttl: int) -> None:
+                 ttl: int, backlog_ok: Callable[[], None] | None = None) -> None:
         self._catalog = catalog
+        # The audit export's fail-closed gate (broker.export.Exporter.check): raises while the backlog is full.
+        self._backlog_ok = backlog_ok
         self._store = store
         self._clock = clock
         self._max_auth_age = max_auth_age
@@ -121,7 +123,14 @@ class ApprovalManager:
         return row
 
     async def decide(self, approver: UserIdentity, approval_id: str, decision: Decision, reason: str) -> ApprovalRow:
-        """One approver's vote. Raises: InsufficientAuthentication, NotApprover, NotFound, Conflict."""
+        """One approver's vote.
+
+        Raises:
+            InsufficientAuthentication, NotApprover, NotFound, Conflict.
+            AuditBacklogFull: the audit export sinks are too far behind (503, before any other work).
+        """
+        if self._backlog_ok is not None:
+            self._backlog_ok()
         now = self._clock()
         if not any_includes(self._catalog.approvers, approver):
             raise NotApprover("only approvers decide approvals", reason=f"{approver.name} is not an approver")

@@ -135,11 +135,11 @@ class StoreVerifier:
         rows = await self.store.list_checkpoints()
         verifier = LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness, self.origin)
         # Read the next page while this one is checked: SQLite reads largely outside the GIL.
-        links = await self.store.iter_chain(after_seq=0, limit=_PAGE)
-        while links and not verifier.failed:
-            following = asyncio.ensure_future(self.store.iter_chain(after_seq=links[-1].seq, limit=_PAGE))
+        page = await self.store.chain_rows(after_seq=0, limit=_PAGE)
+        while page and not verifier.failed:
+            following = asyncio.ensure_future(self.store.chain_rows(after_seq=page[-1][0], limit=_PAGE))
             try:
-                await asyncio.to_thread(verifier.feed, links)
+                await asyncio.to_thread(verifier.feed_rows, page)
             finally:
-                links = await following
+                page = await following
         return verifier.finish()

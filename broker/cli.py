@@ -146,3 +146,6 @@ register(main)
 from broker.auditcli import register as register_audit  # noqa: E402 -- registered on the group defined above
 
 register_audit(main)
+
+# `broker audit replay` attaches itself to audit_group (broker.replay).
+import broker.replay  # noqa: E402,F401 -- registers its command on import

@@ -27,6 +27,7 @@ Rules this file keeps:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import html
@@ -138,11 +139,15 @@ SESSIONS = web.AppKey("console_sessions", SessionStore)
 
 
 class CsrfRefused(Denied):
+    """A POST without the right synchronizer token or without same-origin evidence."""
+
     code = "csrf"
     title = "Form refused"
 
 
 class SignInRequired(InvalidIdentity):
+    """No (live) console session: GET pages redirect to sign-in, POSTs get a 401 page."""
+
     title = "Sign in required"
 
     def __init__(self) -> None:
@@ -231,7 +236,7 @@ def _when(t: float | None) -> str:
 
 
 def _dur(seconds: float) -> str:
-    s = max(int(round(seconds)), 0)
+    s = max(round(seconds), 0)
     if s < 120:
         return f"{s} s"
     if s < 7200:
@@ -340,6 +345,7 @@ def _reason(form: dict[str, str]) -> str:
 
 
 async def login_page(request: web.Request, *, status: int = 200, note: str = "") -> web.Response:
+    """The sign-in form, with a fresh pre-login cookie for its CSRF token."""
     store = request.app[SESSIONS]
     cookies: list[tuple[str, str]] = []
     body = _login_form(store, cookies, note=note)
@@ -379,6 +385,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    """``POST /console/logout``: end the session (server side) and clear the cookie."""
     store = request.app[SESSIONS]
     session = _session(request)
     await _form(request, session)
@@ -395,7 +402,7 @@ def _approval_card(a: ApprovalRow, task: TaskRow | None, votes: Sequence[dict[st
                    session: Session, can_decide: bool, staff: bool) -> str:
     task_cell = (f'<a href="{PREFIX}/tasks/{e(a.task_id)}">{e(a.task_id)}</a>' if staff else e(a.task_id))
     rows = [
-        ("Requested by (delegated)", e(a.user)),
+        ("Delegated by", e(a.user)),
         ("Agent", f"<code>{e(a.agent)}</code>"),
         ("Grant", f"<strong>{e(a.grant)}</strong>"),
         ("Vault path", f"<code>{e(a.path)}</code>"),
@@ -431,6 +438,7 @@ def _float(value: object) -> float | None:
 
 
 async def approvals_page(request: web.Request) -> web.Response:
+    """``GET /console``: every pending approval in full; approve/deny forms for approvers."""
     session = _session(request)
     catalog = request.app[api.CATALOG]
     if not _can_see_approvals(catalog, session.user):
@@ -456,6 +464,7 @@ async def approvals_page(request: web.Request) -> web.Response:
 
 
 async def decide(request: web.Request) -> web.Response:
+    """``POST /console/approvals/{id}``: one vote through ``ApprovalManager.decide`` as the session's person."""
     session = _session(request)
     form = await _form(request, session)
     decision = form.get("decision")
@@ -516,6 +525,7 @@ def _lease_rows(rows: Sequence[tuple[LeaseRow, TaskRow | None]], *, now: float) 
 
 
 async def tasks_page(request: web.Request) -> web.Response:
+    """``GET /console/tasks``: live tasks (with Revoke for operators) and live leases."""
     session = _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
@@ -545,6 +555,7 @@ async def tasks_page(request: web.Request) -> web.Response:
 
 
 async def task_page(request: web.Request) -> web.Response:
+    """``GET /console/tasks/{id}``: the task, its leases and its timeline from the audit records."""
     session = _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
@@ -571,6 +582,7 @@ async def task_page(request: web.Request) -> web.Response:
 
 
 async def revoke_task(request: web.Request) -> web.Response:
+    """``POST /console/tasks/{id}/revoke``: ``Revocations.revoke(kind="task")`` with the operator's reason."""
     session = _session(request)
     form = await _form(request, session)
     catalog = request.app[api.CATALOG]
@@ -592,14 +604,15 @@ async def revoke_task(request: web.Request) -> web.Response:
 # -- static and wiring -------------------------------------------------------------------------------
 
 
-_CSS: bytes | None = None
+@functools.cache
+def _css() -> bytes:
+    """The stylesheet, read once from the package."""
+    return resources.files("broker").joinpath("static/console.css").read_bytes()
 
 
 async def stylesheet(request: web.Request) -> web.Response:
-    global _CSS  # noqa: PLW0603 -- read once from the package
-    if _CSS is None:
-        _CSS = resources.files("broker").joinpath("static/console.css").read_bytes()
-    return web.Response(body=_CSS, content_type="text/css", charset="utf-8")
+    """``GET /console/static/console.css`` (the CSP allows styles from 'self' only)."""
+    return web.Response(body=_css(), content_type="text/css", charset="utf-8")
 
 
 async def _login_get(request: web.Request) -> web.Response:

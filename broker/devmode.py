@@ -320,10 +320,10 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
     async with UserClient(url, _user_token(idp, "audrey@dev.example.org", ["audit"])) as auditor:
         records = await auditor.audit(task=task.id)
     click.secho(f"\nAudit trail of task {task.id} (GET /v1/audit?task=...):", bold=True)
-    click.echo(f"  {'seq':>4}  {'time':<8}  {'event':<13} {'outcome':<8} {'user':<22} resource")
+    click.echo(f"  {'seq':>4}  {'time':<8}  {'event':<18} {'outcome':<8} {'user':<22} resource")
     for r in records:
         when = time.strftime("%H:%M:%S", time.localtime(r["time"]))
-        click.echo(f"  {r['seq']:>4}  {when:<8}  {r['event']:<13} {r['outcome']:<8} {r['user'] or '':<22} "
+        click.echo(f"  {r['seq']:>4}  {when:<8}  {r['event']:<18} {r['outcome']:<8} {r['user'] or '':<22} "
                    f"{r['resource'] or ''}")
 
 

@@ -122,7 +122,7 @@ class LeaseManager:
         self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float],
         limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
         user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
-        approvals: ApprovalManager | None = None,
+        approvals: ApprovalManager | None = None, backlog_ok: Callable[[], None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -135,6 +135,8 @@ class LeaseManager:
         self._crash = crash
         self._bootstrap_ttl = bootstrap_ttl
         self._approvals = approvals
+        # The audit export's fail-closed gate (broker.export.Exporter.check): raises while the backlog is full.
+        self._backlog_ok = backlog_ok
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -156,7 +158,10 @@ class LeaseManager:
             NotFound, NotTaskAgent, Gone, GrantNotInRole, ApprovalRequired, Locked, BudgetExceeded:
                 recorded as ``access.denied``.
             VaultUnavailable, VaultError, StoreUnavailable: nothing was handed out.
+            AuditBacklogFull: the audit export sinks are too far behind (503, before any other work).
         """
+        if self._backlog_ok is not None:
+            self._backlog_ok()
         if self._agent_rate is not None:
             self._agent_rate.take(str(caller.spiffe_id), what="agent")
         now = self._clock()

@@ -21,6 +21,7 @@ _DEFINED: dict[str, tuple[str, str]] = {
                                                   "(file gone or truncated): entries may be missing.")),
     "broker_vault_audit_errors_total": ("counter", "Tailer polls that failed (store or file); retried."),
     "broker_vault_audit_lag_bytes": ("gauge", "Bytes of Vault's audit file not yet merged."),
+    "broker_audit_export_backlog": ("gauge", "Audit records not yet delivered to the slowest export sink."),
 }
 
 

@@ -55,6 +55,8 @@ class Revoker:
         self._confirm_timeout = confirm_timeout
         self._max_backoff = max_backoff
         self._slots = asyncio.Semaphore(concurrency)
+        # Confirmation lookups are bounded broker-wide: a flood of them slows Vault's own revocations.
+        self._lookups = asyncio.Semaphore(32)
 
     async def settle(self, tasks: Sequence[TaskRow], *, timeout: float | None = None) -> Settled:
         """Revoke and confirm each task; a task Vault does not confirm in time is retried later."""
@@ -100,7 +102,7 @@ class Revoker:
             if not token_gone:
                 token_gone = await self._vault.lookup_accessor(task.token_accessor) is None
             if token_gone and remaining:
-                alive = await asyncio.gather(*(_alive(self._vault, x) for x in remaining))
+                alive = await asyncio.gather(*(self._bounded_alive(x) for x in remaining))
                 remaining = [x for x, a in zip(remaining, alive, strict=True) if a]
             if token_gone and not remaining:
                 return True
@@ -108,6 +110,11 @@ class Revoker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+    async def _bounded_alive(self, lease: LeaseRow) -> bool:
+        async with self._lookups:
+            return await _alive(self._vault, lease)
 
 
 async def _alive(vault: VaultClient, lease: LeaseRow) -> bool:
@@ -157,6 +164,7 @@ class Revocations:
                                reason=f"by {operator.name}: {reason} ({rev.id})")
 
         fenced = await self._store.fence_tasks([], state="revoked", now=now, records=[created], revocation=rev,
+                                               retry_after=wait + 5,
                                                record_for=revoked)
         rows = [t for t in [await self._store.get_task(i) for i in fenced] if t is not None]
         await self._revoker.settle(rows, timeout=max(wait, 0.1))
@@ -231,7 +239,7 @@ class Maintenance:
         records = [AuditRecord(now, "task.expired", "success", user=t.user, agent=t.agent, task=t.id,
                                tenant=t.tenant, resource=f"role:{t.role}", action="expire",
                                reason="deadline reached") for t in due]
-        await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records)
+        await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records, retry_after=0)
 
     async def _lost_bootstrap_tokens(self, now: float) -> None:
         """Tasks whose broker died between recording them and extending their token: the token expired
@@ -246,7 +254,7 @@ class Maintenance:
             except VaultError:
                 return
         if lost:
-            await self._store.fence_tasks([t.id for t in lost], state="revoked", now=now, records=[
+            await self._store.fence_tasks([t.id for t in lost], state="revoked", now=now, retry_after=0, records=[
                 AuditRecord(now, "task.revoked", "failure", user=t.user, agent=t.agent, task=t.id, tenant=t.tenant,
                             resource=f"role:{t.role}", action="revoke",
                             reason="the broker stopped before extending the task token; it expired unused")

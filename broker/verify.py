@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import islice
+from typing import Any
 from json.encoder import encode_basestring
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -58,30 +59,38 @@ _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 
 
 def _body(r: AuditRecord, seq: int) -> bytes:
-    """``canonical_bytes(r, seq)``, faster: the same JSON written out, each string through json's own encoder.
+    """``canonical_bytes(r, seq)``, faster."""
+    return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
+                      r.reason, r.lease, r.vault_request_id))
+
+
+def _row_body(row: Sequence[Any]) -> bytes:
+    """``canonical_bytes`` of a row ``(seq, *AuditRecord fields in order, ...)``: the same JSON written out,
+    each string through json's own encoder.
 
     A field that is not a str or None makes ``encode_basestring`` raise TypeError: such a record goes
-    through ``canonical_bytes`` itself.
+    through ``canonical_bytes`` itself (which then encodes it, or raises as it would anyway).
     """
     if not _FAST:
-        return canonical_bytes(r, seq)
+        return canonical_bytes(AuditRecord(*row[1:13]), row[0])
     e = encode_basestring
+    seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id = row[:13]
     try:
         return (
-            f'{{"action":{"null" if r.action is None else e(r.action)},'
-            f'"agent":{"null" if r.agent is None else e(r.agent)},'
-            f'"event":{"null" if r.event is None else e(r.event)},'
-            f'"lease":{"null" if r.lease is None else e(r.lease)},'
-            f'"outcome":{"null" if r.outcome is None else e(r.outcome)},'
-            f'"reason":{"null" if r.reason is None else e(r.reason)},'
-            f'"resource":{"null" if r.resource is None else e(r.resource)},"seq":{seq:d},'
-            f'"task":{"null" if r.task is None else e(r.task)},'
-            f'"tenant":{"null" if r.tenant is None else e(r.tenant)},"time":{round(r.time * 1_000_000):d},'
-            f'"user":{"null" if r.user is None else e(r.user)},'
-            f'"vault_request_id":{"null" if r.vault_request_id is None else e(r.vault_request_id)}}}'
+            f'{{"action":{"null" if action is None else e(action)},'
+            f'"agent":{"null" if agent is None else e(agent)},'
+            f'"event":{"null" if event is None else e(event)},'
+            f'"lease":{"null" if lease is None else e(lease)},'
+            f'"outcome":{"null" if outcome is None else e(outcome)},'
+            f'"reason":{"null" if reason is None else e(reason)},'
+            f'"resource":{"null" if resource is None else e(resource)},"seq":{seq:d},'
+            f'"task":{"null" if task is None else e(task)},'
+            f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
+            f'"user":{"null" if user is None else e(user)},'
+            f'"vault_request_id":{"null" if vault_request_id is None else e(vault_request_id)}}}'
         ).encode("utf-8")
     except (TypeError, ValueError):
-        return canonical_bytes(r, seq)
+        return canonical_bytes(AuditRecord(*row[1:13]), seq)
 
 
 def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
@@ -102,6 +111,29 @@ def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) 
         prev_hex = prev.hex()
         if link.hash != prev_hex:
             raise AuditChainBroken(link.seq, "the record does not match its hash")
+        expected += 1
+    return expected - first_seq, prev
+
+
+def _verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
+    """:func:`_verify_stretch` over store rows ``(seq, *AuditRecord fields, prev_hash, hash)``, skipping the
+    objects: a million of them cost more than the hashing.
+
+    Raises:
+        AuditChainBroken: a gap or repeat in the sequence, a wrong ``prev_hash``, or a wrong ``hash``.
+    """
+    sha256, body = hashlib.sha256, _row_body
+    expected = first_seq
+    prev_hex = prev.hex()
+    for row in rows:
+        if row[0] != expected:
+            raise AuditChainBroken(expected, f"expected record {expected}, found {row[0]}")
+        if row[13] != prev_hex:
+            raise AuditChainBroken(expected, "prev_hash is not the previous record's hash")
+        prev = sha256(CHAIN_DOMAIN + prev + body(row)).digest()
+        prev_hex = prev.hex()
+        if row[14] != prev_hex:
+            raise AuditChainBroken(expected, "the record does not match its hash")
         expected += 1
     return expected - first_seq, prev
 
@@ -217,7 +249,14 @@ class LogVerifier:
 
     def feed(self, links: Iterable[ChainLink]) -> None:
         """Verify the next links of the chain (seq 1 first). After a failure, further links are ignored."""
-        it = iter(links)
+        self._feed(iter(links), _verify_stretch)
+
+    def feed_rows(self, rows: Iterable[Sequence[Any]]) -> None:
+        """:meth:`feed` for rows as ``Store.chain_rows`` returns them: ``(seq, *AuditRecord fields, prev_hash,
+        hash)``."""
+        self._feed(iter(rows), _verify_row_stretch)
+
+    def _feed(self, it: Iterator[Any], stretch: Callable[..., tuple[int, bytes]]) -> None:
         while self._failure is None:
             want = self._claims[self._next][0].size - self._seen if self._next < len(self._claims) else None
             if want is not None and want <= 0:
@@ -225,7 +264,7 @@ class LogVerifier:
                 continue
             chunk = it if want is None else islice(it, want)
             try:
-                n, self._prev = _verify_stretch(chunk, first_seq=self._seen + 1, prev=self._prev)
+                n, self._prev = stretch(chunk, first_seq=self._seen + 1, prev=self._prev)
             except AuditChainBroken as exc:
                 self._seen = exc.first_bad_seq - 1
                 self._failure = _Failure(exc.first_bad_seq, exc.reason)

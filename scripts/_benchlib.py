@@ -113,6 +113,11 @@ def machine_info() -> dict[str, Any]:
         "openbao": _first_line([find_bao_binary(), "version"]),
         "postgresql": _first_line([str(PG_BIN / "postgres"), "--version"]),
         "loadavg_before": os.getloadavg(),
+        # The tree moves while others work: record which broker code ran (read-only git commands).
+        "git_head": _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "git_dirty_broker_files": len(subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker"], capture_output=True, text=True,
+            check=False).stdout.splitlines()),
     }
 
 

@@ -561,7 +561,8 @@ def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[Pass
     cells = summarise(passes)
     lines = [
         (f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, {info['openbao']}, "
-         f"{info['postgresql']}, {info['date']}"),
+         f"{info['postgresql']}, {info['date']}, load {tuple(round(x, 2) for x in info['loadavg_before'])}, "
+         f"git {info['git_head']} (+{info['git_dirty_broker_files']} changed files under broker/)"),
         f"command: {' '.join(sys.argv)}",
         "" if complete else "INCOMPLETE RUN: only the cells below finished",
         render_table(cells),

@@ -128,7 +128,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="broker,prefix,cascade",
                    help="comma-separated subset of broker,prefix,cascade (default: all). cascade = the broker's "
                         "Vault-side design (a child token per credential, revoke the parents by accessor) without "
-                        "the broker, timed until Vault lists nothing")
+                        "the broker, timed until Vault lists nothing; explicit (not in the default) = the same, "
+                        "but every lease is first revoked with a synchronous sys/leases/revoke, 32 in flight")
     p.add_argument("--time-limit", type=float, default=1800, help="abort after this many seconds (default: 1800)")
     p.add_argument("--json", type=Path, help="also write the machine info and every result here")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -138,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad := [k for k in args.kind_list if k not in KINDS]:
         p.error(f"unknown kind(s): {', '.join(bad)}")
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if bad := [m for m in args.mode_list if m not in ("broker", "prefix", "cascade")]:
+    if bad := [m for m in args.mode_list if m not in ("broker", "prefix", "cascade", "explicit")]:
         p.error(f"unknown mode(s): {', '.join(bad)}")
     args.count_list = [int(c) for c in args.counts.split(",") if c.strip()]
     return args
@@ -290,10 +291,16 @@ class RevokeBench:
                       broker_cpu_s=broker_cpu, bao_cpu_s=bao_cpu, vault_calls=calls, left_in_vault=left,
                       issue_errors=issued.errors)
 
-    async def cascade_run(self, kind: Kind, n: int, rep: int) -> Result:
+    async def explicit_run(self, kind: Kind, n: int, rep: int) -> Result:
+        return await self.cascade_run(kind, n, rep, explicit=True)
+
+    async def cascade_run(self, kind: Kind, n: int, rep: int, *, explicit: bool = False) -> Result:
         """The broker's Vault-side design without the broker: ``--tasks`` task-like tokens, one child token per
         credential (as ``LeaseManager.issue``), then revoke-accessor on each parent, timed until Vault lists
-        neither the leases nor the child tokens any more (polling ``LIST sys/leases/lookup`` every 0.1 s)."""
+        neither the leases nor the child tokens any more (polling ``LIST sys/leases/lookup`` every 0.1 s).
+
+        ``explicit``: first revoke every lease itself, ``PUT sys/leases/revoke {lease_id, sync: true}`` (or
+        ``revoke-accessor`` for token leases), ``--concurrency`` in flight, then the parents as above."""
         g = self.grant(kind)
         itok_before = await self.issuance_token_count()
         parents = [await self.root.create_token(policies=[f"broker-task-{ROLE}"], ttl="1h",
@@ -310,9 +317,11 @@ class RevokeBench:
                     token=parent, policies=[f"broker-task-{ROLE}"], ttl=3000, explicit_max_ttl=3000,
                     meta={"task": "tsk_cascade", "lease": "lse_cascade", "grant": g.name},
                     display_name=f"issue-{g.name}")
-                await client.read_credential(g.path, token=child.client_token, method=g.method, data=data)
+                secret = await client.read_credential(g.path, token=child.client_token, method=g.method, data=data)
+                ids.append(secret.auth.accessor if secret.auth is not None else secret.lease_id)
             return op
 
+        ids: list[str] = []
         self.progress.phase(f"{kind.key} N={n} rep {rep + 1}: direct issuance, child token per credential")
         issued = await closed_loop(n, [op_for(w) for w in range(self.args.concurrency)], self.progress)
         self.progress.done()
@@ -324,6 +333,17 @@ class RevokeBench:
         for m in meters:
             m.start()
         t0 = time.perf_counter()
+        if explicit:
+            queue = list(ids)
+
+            async def revoker() -> None:
+                while queue:
+                    vid = queue.pop()
+                    if kind.key == "token":
+                        await self.root.revoke_accessor(vid)
+                    else:
+                        await self.root.write("sys/leases/revoke", {"lease_id": vid, "sync": True})
+            await asyncio.gather(*(revoker() for _ in range(self.args.concurrency)))
         await asyncio.gather(*(self.root.revoke_accessor(a.accessor) for a in parents))
         while True:
             left = len([k for k in await admin_lease_keys(self.session, self.bao, kind.lease_prefix)
@@ -335,7 +355,7 @@ class RevokeBench:
         revoke_s = time.perf_counter() - t0
         broker_cpu, bao_cpu = (m.stop() for m in meters)
         calls = self.audit.counts()
-        return Result(kind.key, n, rep, "cascade", len(issued.latencies), issued.elapsed, revoke_s,
+        return Result(kind.key, n, rep, "explicit" if explicit else "cascade", len(issued.latencies), issued.elapsed, revoke_s,
                       tasks=len(parents), broker_cpu_s=broker_cpu, bao_cpu_s=bao_cpu, vault_calls=calls,
                       left_in_vault=left, issuance_tokens_left=itok, issue_errors=issued.errors)
 
@@ -365,7 +385,8 @@ class RevokeBench:
                 if key == "postgres" and n > self.args.postgres_max:
                     continue
                 for rep in range(self.args.reps if n <= 1000 else self.args.reps_large):
-                    modes = {"broker": self.broker_run, "prefix": self.prefix_run, "cascade": self.cascade_run}
+                    modes = {"broker": self.broker_run, "prefix": self.prefix_run, "cascade": self.cascade_run,
+                             "explicit": self.explicit_run}
                     order = [modes[m] for m in self.args.mode_list]
                     order = order[rep % len(order):] + order[:rep % len(order)]
                     for fn in order:
@@ -386,7 +407,8 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
         b = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "broker")]
         d = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "prefix")]
         c = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "cascade")]
-        if not (b or c or d):
+        e = [r for r in results if (r.kind, r.n, r.mode) == (kind, n, "explicit")]
+        if not (b or c or d or e):
             continue
 
         def med(rs: Sequence[Result], f: Callable[[Result], float]) -> float:
@@ -394,7 +416,7 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
 
         calls: dict[str, int] = dict(b[0].vault_calls) if b else {}
         rows.append({
-            "kind": kind, "n": n, "reps": len(b or c or d), "tasks": (b or c or [Result(kind, n, 0, "", 0, 0, 0)])[0].tasks,
+            "kind": kind, "n": n, "reps": len(b or c or d or e), "tasks": (b or c or e or [Result(kind, n, 0, "", 0, 0, 0)])[0].tasks,
             "broker_s": med(b, lambda r: r.revoke_s), "prefix_s": med(d, lambda r: r.revoke_s),
             "broker_post_s": med(b, lambda r: r.post_s), "post_status": [r.post_status for r in b],
             "broker_lps": med(b, lambda r: r.leases_per_s), "prefix_lps": med(d, lambda r: r.leases_per_s),
@@ -409,6 +431,8 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
             "cascade_s": med(c, lambda r: r.revoke_s), "all_cascade_s": [round(r.revoke_s, 3) for r in c],
             "bao_cpu_cascade_s": med(c, lambda r: r.bao_cpu_s), "cascade_issue_s": med(c, lambda r: r.issue_s),
             "cascade_calls_first_rep": c[0].vault_calls if c else {},
+            "explicit_s": med(e, lambda r: r.revoke_s), "all_explicit_s": [round(r.revoke_s, 3) for r in e],
+            "bao_cpu_explicit_s": med(e, lambda r: r.bao_cpu_s),
         })
     for r in rows:
         r["ratio"] = r["broker_s"] / r["prefix_s"] if r["prefix_s"] > 0 else math.nan
@@ -441,9 +465,11 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
                      f"| {r['broker_s'] / r['cascade_s']:.2f} | {r['cascade_s'] / r['prefix_s']:.2f} "
                      f"| {r['bao_cpu_cascade_s']:.2f} | {r['cascade_issue_s']:.1f} |")
     lines.append("")
-    lines.append("Per repetition, revoke s (broker | prefix | cascade):")
+    lines.append("Per repetition, revoke s (broker | prefix | cascade | explicit):")
     for r in rows:
-        lines.append(f"  {r['kind']} N={r['n']}: {r['all_broker_s']} | {r['all_prefix_s']} | {r['all_cascade_s']}")
+        lines.append(f"  {r['kind']} N={r['n']}: {r['all_broker_s']} | {r['all_prefix_s']} | {r['all_cascade_s']} "
+                     f"| {r['all_explicit_s']}  (bao CPU s: cascade {r['bao_cpu_cascade_s']:.2f}, "
+                     f"explicit {r['bao_cpu_explicit_s']:.2f})")
     lines.append("")
     lines.append("Vault calls during the broker's revocation (first repetition), by operation and path:")
     for r in rows:
@@ -499,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "results": [asdict(r) for r in results]}, indent=2))
     rows = summarise(results)
     print(f"machine: {info['nproc']} x {info['cpu_model']}, load {info['loadavg_before']}, Python {info['python']}, "
-          f"{info['openbao']}, {info['postgresql']}, {info['date']}")
+          f"{info['openbao']}, {info['postgresql']}, {info['date']}, git {info['git_head']} "
+          f"(+{info['git_dirty_broker_files']} changed files under broker/)")
     print(f"command: {' '.join(sys.argv)}")
     if not complete:
         print("INCOMPLETE RUN: only the rows below finished")

@@ -10,6 +10,13 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+# The console's browser test drives Debian's chromium through Playwright (the `test` extra); Playwright
+# never downloads a browser here, so never run `playwright install`.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing Debian's chromium for the console's browser test" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # pytest exits 5 when no test ran: with `set -e` that fails the run instead of passing silently.
 exec python3 -m pytest "$@"

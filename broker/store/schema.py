@@ -72,6 +72,7 @@ leases = Table(
     Column("issuance_accessor", String(128)),
     Index("ix_leases_task", "task_id"),
     Index("ix_leases_state", "state"),
+    Index("ix_leases_task_state", "task_id", "state"),
 )
 
 # Written before every Vault call that creates something, completed after it is recorded. On start-up
@@ -217,4 +218,14 @@ approval_votes = Table(
     Column("reason", Text, nullable=False),
     Column("auth_time", Float, nullable=False),
     Column("decided_at", Float, nullable=False),
+)
+
+# How far each audit export sink (broker.export: "file", "webhook") has delivered the chain: the last
+# sequence number it wrote. Backlog = the chain's head - the smallest of these.
+audit_export = Table(
+    "audit_export",
+    metadata,
+    Column("sink", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )

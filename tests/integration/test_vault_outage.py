@@ -23,6 +23,7 @@ from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.devstack import PersistentOpenBao
 from broker.sealing import TokenSealer
+from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vaultsync import sync, write_broker_token
 from tests.conftest import AGENT, AUDIENCE, CONFIG, IDP, PARTNER_TD, TD, Identities, bearer
@@ -40,6 +41,7 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
     ids.partner.write_jwks(tmp / "partner.jwks")
     ids.idp.write_jwks(tmp / "idp.jwks")
     TokenSealer.generate_key_file(tmp / "store.key")
+    generate_signing_key_file(tmp / "audit-signing.key")
     text = CONFIG.format(audience=AUDIENCE, addr=bao.addr, audit_log=bao.audit_log, td=TD, partner_td=PARTNER_TD,
                          idp=IDP).replace("revoke_confirm_timeout = 5", "revoke_confirm_timeout = 2\ntimeout = 2")
     (tmp / "broker.toml").write_text(text + FAST_MAINTENANCE)

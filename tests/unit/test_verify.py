@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import GENESIS, AuditChainBroken, AuditRecord, ChainLink, canonical_bytes, chain_hash, verify_chain
 from broker.signing import Checkpoint, sign_checkpoint
-from broker.verify import LogVerifier, _body, _verify_stretch, verify_log
+from broker.verify import LogVerifier, _body, _verify_row_stretch, _verify_stretch, verify_log
 
 KEY = Ed25519PrivateKey.generate()
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
 PUB = KEY.public_key()
 ORIGIN = "test-broker"
 
@@ -214,3 +222,22 @@ class TestFastPath:
         with pytest.raises(AuditChainBroken) as fast:
             _verify_stretch(bad, first_seq=1, prev=GENESIS)
         assert fast.value.first_bad_seq == slow.value.first_bad_seq
+
+    @pytest.mark.parametrize("mutate", ["clean", "edit", "delete", "prev", "hash", "seq"])
+    def test_rows_same_answer_as_links(self, mutate: str) -> None:
+        """Store rows (plain tuples) verify exactly as the same links do."""
+        bad = list(LINKS[:60])
+        x = bad[30]
+        bad[30] = {"clean": x, "edit": dataclasses.replace(x, record=dataclasses.replace(x.record, task="t")),
+                   "prev": dataclasses.replace(x, prev_hash="00" * 32),
+                   "hash": dataclasses.replace(x, hash="00" * 32),
+                   "seq": dataclasses.replace(x, seq=99), "delete": bad[31]}[mutate]
+        rows = [(k.seq, *(getattr(k.record, f.name) for f in dataclasses.fields(AuditRecord)), k.prev_hash, k.hash)
+                for k in bad]
+        by_links, by_rows = LogVerifier(CPS, PUB), LogVerifier(CPS, PUB)
+        by_links.feed(bad)
+        for i in range(0, len(rows), 7):
+            by_rows.feed_rows(rows[i:i + 7])
+        assert by_rows.finish() == by_links.finish()
+        with pytest.raises(AuditChainBroken) if mutate != "clean" else _nothing():
+            _verify_row_stretch(rows, first_seq=1, prev=GENESIS)

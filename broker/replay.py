@@ -1,0 +1,276 @@
+"""``broker audit replay``: the delegation timeline of a user, an agent or a task, from ``GET /v1/audit``.
+
+The command asks a running broker (``BROKER_URL``) as an auditor (``BROKER_TOKEN`` or ``--token-file``,
+as the operator commands of :mod:`broker.opscli` do), follows the pages, and prints:
+
+- ``table`` (default): one block per task, in the order the tasks first appear, records in time order.
+  The header says who started it, for which agent and role; then each record: the credentials issued, and
+  under each credential the Vault requests made with it (``vault.request`` records carrying its
+  lease), approvals, renewals, denials, the end or the revocation. Records outside any task (an
+  operator's revocation, a Vault request nobody can explain) come last.
+- ``jsonl``: one record per line, its canonical JSON exactly as the chain hashes it
+  (:func:`broker.audit.canonical_bytes`).
+- ``ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.ocsf`).
+
+Rendering is pure (functions of the API's records); the HTTP part is opscli's client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+
+from broker.audit import AuditRecord, canonical_bytes
+from broker.auditcli import audit_group
+from broker.ocsf import to_ocsf
+from broker.opscli import (
+    OpsError,
+    _connection_options,
+    _OpsClient,
+    _read_token,
+    _run,
+    format_time,
+)
+
+__all__ = ["ReplayRecord", "TaskBlock", "group_by_task", "parse_time", "records_from_api", "render_jsonl",
+           "render_ocsf", "render_table", "replay"]
+
+Format = Literal["table", "jsonl", "ocsf"]
+_RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
+_MAX_RECORDS = 1_000_000
+_PAGE = 1000
+_ENDS = frozenset({"task.ended", "task.revoked", "task.expired", "task.aborted"})
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    seq: int
+    record: AuditRecord
+
+
+@dataclass
+class TaskBlock:
+    """One task's records in chain order (``task`` None: the records outside any task)."""
+
+    task: str | None
+    records: list[ReplayRecord] = field(default_factory=list)
+
+
+# -- input (pure) ----------------------------------------------------------------------------------------
+
+
+def records_from_api(items: Iterable[Mapping[str, Any]]) -> list[ReplayRecord]:
+    """``GET /v1/audit`` records (``AuditOut``) as chain records, in sequence order.
+
+    Raises:
+        ValueError: an item without ``seq``, ``time``, ``event`` or ``outcome``.
+    """
+    out: list[ReplayRecord] = []
+    for item in items:
+        try:
+            values = {k: item.get(k) for k in _RECORD_FIELDS}
+            rec = AuditRecord(**{**values, "time": float(item["time"]), "event": str(item["event"]),
+                                 "outcome": item["outcome"]})
+            out.append(ReplayRecord(int(item["seq"]), rec))
+        except (KeyError, TypeError) as exc:
+            msg = f"not an audit record: {exc}"
+            raise ValueError(msg) from exc
+    out.sort(key=lambda r: r.seq)
+    return out
+
+
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def parse_time(text: str, *, tz: tzinfo | None = None) -> float:
+    """``--since``/``--until``: Unix seconds, or ISO 8601 (a date, or a date and time; local time without offset).
+
+    Raises:
+        click.BadParameter: neither.
+    """
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if _ISO.match(value):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=tz) if tz is not None else moment.astimezone()
+            return moment.timestamp()
+    msg = f"{text!r} is neither Unix seconds nor an ISO 8601 time"
+    raise click.BadParameter(msg)
+
+
+# -- rendering (pure) -----------------------------------------------------------------------------------
+
+
+def group_by_task(records: Sequence[ReplayRecord]) -> list[TaskBlock]:
+    """Blocks per task, ordered by each task's first record; records with no task in a last block."""
+    blocks: dict[str | None, TaskBlock] = {}
+    for r in records:
+        blocks.setdefault(r.record.task, TaskBlock(r.record.task)).records.append(r)
+    tasks = [b for k, b in blocks.items() if k is not None]
+    return tasks + ([blocks[None]] if None in blocks else [])
+
+
+def _clean(text: object) -> str:
+    # Free text (reasons) must not redraw the auditor's terminal.
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
+
+
+def _kv(*parts: tuple[str, object]) -> str:
+    return "  ".join(f"{k} {_clean(v)}" if k else _clean(v) for k, v in parts if v not in (None, ""))
+
+
+def describe(rec: AuditRecord) -> str:
+    """The detail column of one record: what it says beyond its event, time and outcome."""
+    e = rec.event
+    if e == "task.started":
+        role = (rec.resource or "").removeprefix("role:")
+        return _kv(("by", rec.user), ("for", rec.agent), ("as", role), ("tenant", rec.tenant),
+                   ("reason", rec.reason))
+    if e.startswith("lease."):
+        return _kv(("", rec.resource), ("lease", rec.lease), ("vault request", rec.vault_request_id),
+                   ("", rec.reason))
+    if e.startswith("vault."):
+        return _kv(("", rec.action), ("", rec.resource), ("request", rec.vault_request_id), ("", rec.reason))
+    if e.startswith("approval."):
+        return _kv(("", rec.resource), ("", rec.reason))
+    if e in _ENDS:
+        return _kv(("", rec.reason))
+    return _kv(("user", rec.user), ("agent", rec.agent), ("", rec.action), ("", rec.resource), ("lease", rec.lease),
+               ("", rec.reason))
+
+
+def _line(r: ReplayRecord, indent: int, *, iso: bool, tz: tzinfo | None) -> str:
+    rec = r.record
+    marker = "!" if rec.event == "vault.unexplained" or rec.outcome in ("denied", "failure") else " "
+    head = f"{' ' * indent}{format_time(rec.time, iso=iso, tz=tz)} {marker} #{r.seq:<6} {rec.event:<18} {rec.outcome:<7}"
+    detail = describe(rec)
+    return f"{head}  {detail}".rstrip() if detail else head.rstrip()
+
+
+def _header(block: TaskBlock, *, iso: bool, tz: tzinfo | None) -> str:
+    if block.task is None:
+        return "outside any task"
+    first = block.records[0].record
+    started = next((r.record for r in block.records if r.record.event == "task.started"), None)
+    who = started or first
+    role = (started.resource or "").removeprefix("role:") if started else "?"
+    end = next((r.record for r in reversed(block.records) if r.record.event in _ENDS), None)
+    state = f"{end.event.removeprefix('task.')} {format_time(end.time, iso=True, tz=tz)}" if end else "open"
+    return (f"task {_clean(block.task)}  user {_clean(who.user or '-')}  agent {_clean(who.agent or '-')}  "
+            f"role {_clean(role)}  tenant {_clean(who.tenant or '-')}  "
+            f"since {format_time(first.time, iso=True, tz=tz)}  {state}")
+
+
+def render_block(block: TaskBlock, *, iso: bool = False, tz: tzinfo | None = None) -> list[str]:
+    """One task's block: header, then each record in time order; Vault requests made with a lease under that lease."""
+    lines = [_header(block, iso=iso, tz=tz)]
+    issued = {r.record.lease for r in block.records if r.record.event == "lease.issued" and r.record.lease}
+    by_lease: dict[str, list[ReplayRecord]] = {}
+    top: list[ReplayRecord] = []
+    # Time order, not chain order: Vault's entries are merged into the chain after the broker's own records
+    # of the same moment (Vault's clock and the broker's are one host's, or NTP-close).
+    for r in sorted(block.records, key=lambda r: (r.record.time, r.seq)):
+        lease = r.record.lease
+        if r.record.event.startswith("vault.") and lease in issued and lease is not None:
+            by_lease.setdefault(lease, []).append(r)
+        else:
+            top.append(r)
+    for r in top:
+        lines.append(_line(r, 2, iso=iso, tz=tz))
+        if r.record.event == "lease.issued" and r.record.lease in by_lease:
+            lines += [_line(v, 6, iso=iso, tz=tz) for v in by_lease.pop(r.record.lease)]
+    return lines
+
+
+def render_table(records: Sequence[ReplayRecord], *, iso: bool = False, tz: tzinfo | None = None) -> str:
+    """The timeline: one block per task, a blank line between blocks, a count at the end."""
+    blocks = group_by_task(records)
+    out: list[str] = []
+    for block in blocks:
+        if out:
+            out.append("")
+        out += render_block(block, iso=iso, tz=tz)
+    tasks = sum(1 for b in blocks if b.task is not None)
+    out += ["", f"{len(records)} records, {tasks} task{'s' if tasks != 1 else ''}"]
+    return "\n".join(out)
+
+
+def render_jsonl(records: Sequence[ReplayRecord]) -> str:
+    """One canonical record per line (the bytes the chain hashes)."""
+    return "".join(canonical_bytes(r.record, r.seq).decode("utf-8") + "\n" for r in records)
+
+
+def render_ocsf(records: Sequence[ReplayRecord], *, origin: str = "agent-broker") -> str:
+    """One OCSF event per line."""
+    return "".join(json.dumps(to_ocsf(r.record, r.seq, origin=origin), sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False) + "\n" for r in records)
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+
+async def fetch(url: str, token: str, filters: Mapping[str, str | None], *, limit: int = _MAX_RECORDS
+                ) -> list[ReplayRecord]:
+    """Every record matching ``filters`` (up to ``limit``), following ``next_after``.
+
+    Raises:
+        OpsError: the broker could not be reached, refused, or answered something else than audit records.
+    """
+    async with _OpsClient(url, token) as client:
+        items, _ = await client.pages("/v1/audit", "records", filters, limit, page_size=_PAGE)
+    try:
+        return records_from_api(items)
+    except ValueError as exc:
+        raise OpsError(f"error: unexpected answer from the broker: {exc} (bad_response)", 1) from exc
+
+
+@audit_group.command("replay")
+@click.option("--user", help="Every record naming this user (who delegated, or the operator who acted).")
+@click.option("--agent", help="Every record naming this agent (SPIFFE ID).")
+@click.option("--task", help="Every record of this task.")
+@click.option("--since", help="From this time on (Unix seconds or ISO 8601).")
+@click.option("--until", help="Before this time (Unix seconds or ISO 8601).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "ocsf"]), default="table", show_default=True,
+              help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.9.0 events.")
+@click.option("--iso", is_flag=True, help="Times as ISO 8601 with offset instead of local HH:MM:SS.")
+@click.option("--origin", default="agent-broker", show_default=True,
+              help="The log's origin (OCSF metadata.log_name and delegation issuer).")
+@_connection_options
+def replay(user: str | None, agent: str | None, task: str | None, since: str | None, until: str | None, fmt: str,
+           iso: bool, origin: str, url: str, token_file: Path | None) -> None:
+    """The delegation timeline of a user, an agent or a task: who started it, for which agent and role, each
+    credential, each Vault request made with it, approvals, end or revocation. Needs an auditor's token."""
+    chosen = [(k, v) for k, v in (("user", user), ("agent", agent), ("task", task)) if v is not None]
+    if not chosen:
+        raise click.UsageError("say whose timeline: --user, --agent or --task")
+    filters: dict[str, str | None] = dict(chosen)
+    if since is not None:
+        filters["since"] = repr(parse_time(since))
+    if until is not None:
+        filters["until"] = repr(parse_time(until))
+    token = _read_token(token_file)
+    records = _run(fetch(url, token, filters))
+    if not records:
+        click.echo("no audit records match", err=True)
+        return
+    if fmt == "jsonl":
+        click.echo(render_jsonl(records), nl=False)
+    elif fmt == "ocsf":
+        click.echo(render_ocsf(records, origin=origin), nl=False)
+    else:
+        click.echo(render_table(records, iso=iso))
