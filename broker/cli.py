@@ -20,6 +20,7 @@ import click
 from broker import __version__
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
+from broker.vaultsync import audit_device_of
 from broker.errors import BrokerError
 
 
@@ -86,7 +87,7 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
         raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
     try:
         catalog = Catalog.from_settings(settings)
-        changes = asyncio.run(_sync(addr, token, catalog, write_token))
+        changes = asyncio.run(_sync(addr, token, catalog, write_token, audit_device_of(settings)))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     width = max(len(c.name) for c in changes)
@@ -96,13 +97,14 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
         click.echo(f"  broker token written to {write_token}")
 
 
-async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None) -> list[Any]:
+async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
+                audit_device: str | None) -> list[Any]:
     from broker.vault import VaultClient
     from broker.vaultsync import sync, write_broker_token
 
     async with aiohttp.ClientSession() as session:
         client = VaultClient(session, addr, token=token)
-        changes = await sync(client, catalog)
+        changes = await sync(client, catalog, audit_device=audit_device)
         if write_token is not None:
             await write_broker_token(client, write_token)
         return changes

@@ -39,7 +39,7 @@ from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import sync, write_broker_token
+from broker.vaultsync import audit_device_of, sync, write_broker_token
 
 T = TypeVar("T")
 
@@ -195,7 +195,7 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
             settings = load_settings({}, config_path)
             catalog = Catalog.from_settings(settings)
             changes = await steps.run("broker vault sync (policies, token roles, the broker's own token)",
-                                      _sync(admin, catalog, work / "vault-token"))
+                                      _sync(admin, catalog, work / "vault-token", audit_device_of(settings)))
             click.echo("      " + ", ".join(f"{c.kind} {c.name}: {c.action}" for c in changes))
             TokenSealer.generate_key_file(work / "store.key")
             generate_signing_key_file(work / "audit-signing.key")
@@ -236,8 +236,8 @@ async def _engines(admin: VaultClient, pg_dsn: str | None) -> None:
         await configure_database(admin, dsn_admin=pg_dsn)
 
 
-async def _sync(admin: VaultClient, catalog: Catalog, token_file: Path) -> list[Any]:
-    changes = await sync(admin, catalog)
+async def _sync(admin: VaultClient, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[Any]:
+    changes = await sync(admin, catalog, audit_device=audit_device)
     await write_broker_token(admin, token_file)
     return changes
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.config import Settings
 from broker.delegation import Catalog, TaskRole
 from broker.vault import VaultClient
 
@@ -56,7 +57,12 @@ def task_token_role(role: TaskRole) -> dict[str, Any]:
     }
 
 
-def broker_policy_hcl(catalog: Catalog) -> str:
+def audit_device_of(settings: Settings) -> str | None:
+    """The file audit device the broker reads, if it reads one (then it may HMAC values with it)."""
+    return settings.audit.vault_device if settings.vault.audit_log is not None else None
+
+
+def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> str:
     lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, not read secrets.", ""]
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
         lines.append(f'path "auth/token/create/{role.vault_policy}" {{ capabilities = ["update"] }}')
@@ -64,8 +70,11 @@ def broker_policy_hcl(catalog: Catalog) -> str:
         'path "auth/token/revoke-accessor" { capabilities = ["update"] }',
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
-        "",
     ]
+    if audit_device is not None:
+        # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
+        lines.append(f'path "sys/audit-hash/{audit_device}" {{ capabilities = ["update"] }}')
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -76,7 +85,7 @@ class SyncChange:
     action: str  # "created", "updated", "unchanged"
 
 
-async def sync(client: VaultClient, catalog: Catalog) -> list[SyncChange]:
+async def sync(client: VaultClient, catalog: Catalog, *, audit_device: str | None = None) -> list[SyncChange]:
     """Bring Vault in line with the catalog. Raises: VaultError."""
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
@@ -88,7 +97,7 @@ async def sync(client: VaultClient, catalog: Catalog) -> list[SyncChange]:
         else:
             await client.put_token_role(role.vault_policy, wanted)
             changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
-    changes.append(await _policy(client, BROKER_POLICY, broker_policy_hcl(catalog)))
+    changes.append(await _policy(client, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
     return changes
 
 

@@ -54,7 +54,7 @@ from broker.devstack import (
 )
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
-from broker.vaultsync import sync, write_broker_token
+from broker.vaultsync import audit_device_of, sync, write_broker_token
 from tests.support.pg import (
     PG_BIN,
     PgCluster,
@@ -425,7 +425,7 @@ class BenchStack:
             await admin.write("pki/config/crl", {"auto_rebuild": True})
             await configure_child_token_role(admin)
             await configure_database(admin, dsn_admin=self.pg.dsn())
-            await sync(admin, Catalog.from_settings(settings))
+            await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
             await write_broker_token(admin, root / "vault-token")
 
     def _start_broker(self, extra_args: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ from broker.devid import DevIssuer
 from broker.sealing import TokenSealer
 from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import sync, write_broker_token
+from broker.vaultsync import audit_device_of, sync, write_broker_token
 from tests.support.fixtures import *  # noqa: F403
 from tests.support.fixtures import BaoEngines, run_coro_in_thread
 
@@ -178,7 +178,7 @@ def broker_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoE
     async def setup() -> None:
         async with aiohttp.ClientSession() as session:
             admin = VaultClient(session, bao.addr, token=bao.root_token)
-            await sync(admin, Catalog.from_settings(settings))
+            await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
             await write_broker_token(admin, root / "vault-token")
 
     run_coro_in_thread(setup())

@@ -25,7 +25,7 @@ from broker.devstack import PersistentOpenBao
 from broker.sealing import TokenSealer
 from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import sync, write_broker_token
+from broker.vaultsync import audit_device_of, sync, write_broker_token
 from tests.conftest import AGENT, AUDIENCE, CONFIG, IDP, PARTNER_TD, TD, Identities, bearer
 from tests.support.fixtures import BaoEngines
 
@@ -48,7 +48,7 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
     settings = load_settings({}, tmp / "broker.toml")
     async with aiohttp.ClientSession() as session:
         admin = VaultClient(session, bao.addr, token=bao.root_token)
-        await sync(admin, Catalog.from_settings(settings))
+        await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
         await write_broker_token(admin, tmp / "vault-token")
     return await aiohttp_client(make_app(settings))
 
