@@ -53,16 +53,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _benchlib import machine_info  # noqa: E402
+from _benchlib import machine_info
 
-from broker.audit import GENESIS, AuditRecord, canonical_bytes, chain_hash  # noqa: E402
-from broker.checkpoints import StoreVerifier  # noqa: E402
-from broker.devstack import start_dev_openbao  # noqa: E402
-from broker.signing import Checkpoint, key_id, sign_checkpoint  # noqa: E402
-from broker.store import open_store  # noqa: E402
-from broker.tailer import VaultAuditTailer  # noqa: E402
-from broker.vault import VaultClient  # noqa: E402
-from broker.vaultaudit import TokenOrigin, classify_batch, parse_line  # noqa: E402
+from broker.audit import GENESIS, AuditRecord, canonical_bytes, chain_hash
+from broker.checkpoints import StoreVerifier
+from broker.devstack import start_dev_openbao
+from broker.signing import Checkpoint, key_id, sign_checkpoint
+from broker.store import open_store
+from broker.tailer import VaultAuditTailer
+from broker.vault import VaultClient
+from broker.vaultaudit import classify_batch, parse_line
 
 GOAL_LINES = 20_000.0
 GOAL_VERIFY_S = 30.0
