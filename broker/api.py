@@ -20,15 +20,21 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
+from broker.approvals import ApprovalManager, InsufficientAuthentication
 from broker.checkpoints import StoreVerifier
 from broker.delegation import Catalog, any_includes
-from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, NotFound, PayloadTooLarge
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Denied,
+    InvalidIdentity,
+    NotFound,
+    PayloadTooLarge,
+)
 from broker.identity import AgentIdentity, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
-from broker.approvals import ApprovalManager, InsufficientAuthentication
 from broker.leases import LeaseManager, PendingApproval
 from broker.metrics import Metrics
-from broker.revocations import Revocations, RevocationStatus
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
@@ -56,6 +62,7 @@ from broker.models import (
     TaskOut,
     TaskPage,
 )
+from broker.revocations import Revocations, RevocationStatus
 from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
 from broker.tailer import VaultAuditTailer
 from broker.tasks import TaskManager

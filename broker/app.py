@@ -16,11 +16,14 @@ import aiohttp
 from aiohttp import web
 
 from broker import api
+from broker.approvals import ApprovalManager
 from broker.checkpoints import Checkpointer, StoreVerifier
-from broker.console import add_console_routes
 from broker.config import Settings
+from broker.console import add_console_routes
 from broker.delegation import Catalog
 from broker.errors import ConfigError, VaultError
+from broker.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
+from broker.faults import CrashHook, no_crash
 from broker.identity import (
     AgentVerifier,
     IssuerTrust,
@@ -31,17 +34,13 @@ from broker.identity import (
     UserVerifier,
 )
 from broker.identity.cache import VerifiedTokenCache
-from broker.approvals import ApprovalManager
-from broker.faults import CrashHook, no_crash
-from broker.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
 from broker.metrics import Metrics
 from broker.revocations import Maintenance, Revocations, Revoker
-from broker.store import LeaseLimits
 from broker.sealing import TokenSealer
 from broker.signing import load_signing_key
-from broker.store import Store, open_store
+from broker.store import LeaseLimits, Store, open_store
 from broker.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient

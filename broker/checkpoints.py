@@ -22,9 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
-from broker.signing import Checkpoint, CheckpointInvalid, key_id, parse_checkpoint, parse_notes, sign_checkpoint
+from broker.signing import (
+    Checkpoint,
+    CheckpointInvalid,
+    key_id,
+    parse_checkpoint,
+    parse_notes,
+    sign_checkpoint,
+)
 from broker.store import CheckpointRow, Store
 from broker.verify import LogVerifier, VerifyReport
 

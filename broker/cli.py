@@ -20,8 +20,8 @@ import click
 from broker import __version__
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
-from broker.vaultsync import audit_device_of
 from broker.errors import BrokerError
+from broker.vaultsync import audit_device_of
 
 
 def _setup_logging(level: str) -> None:

@@ -134,7 +134,7 @@ def render_table(columns: Sequence[Column], rows: Iterable[Payload], *, iso: boo
     widths = [max([len(col.header)] + [len(line[i]) for line in cells]) for i, col in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if c.kind == "count" else v.ljust(w) for v, w, c in zip(values, widths, columns)]
+        parts = [v.rjust(w) if c.kind == "count" else v.ljust(w) for v, w, c in zip(values, widths, columns, strict=True)]
         return "  ".join(parts).rstrip()
 
     return "\n".join([line([c.header for c in columns])] + [line(v) for v in cells])

@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import BrokerError, ConfigError
+from broker.keyfiles import read_private_file
 from broker.vault import Sensitive
 
 _VERSION = b"\x01"
@@ -38,15 +39,7 @@ class TokenSealer:
     @classmethod
     def from_file(cls, path: Path) -> TokenSealer:
         """Raises: ConfigError: the key file is missing, unreadable, not base64 of 32 bytes, or readable by others."""
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text().strip()
-        except OSError as exc:
-            msg = f"cannot read store key file {path}: {exc.strerror}"
-            raise ConfigError(msg) from exc
-        if mode & 0o077:
-            msg = f"store key file {path} must not be readable by group or others (chmod 600)"
-            raise ConfigError(msg)
+        text = read_private_file(path, what="store key file").strip()
         try:
             key = base64.b64decode(text, validate=True)
         except ValueError as exc:

@@ -31,9 +31,13 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from broker.errors import BrokerError, ConfigError
+from broker.keyfiles import read_private_file
 
 __all__ = [
     "Checkpoint", "CheckpointInvalid", "checkpoint_body", "generate_signing_key_file", "key_id",
@@ -79,15 +83,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     Raises:
         ConfigError: the file is missing or unreadable, readable by group or others, or not an Ed25519 key.
     """
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as exc:
-        msg = f"cannot read checkpoint signing key {path}: {exc.strerror}"
-        raise ConfigError(msg) from exc
-    if mode & 0o077:
-        msg = f"checkpoint signing key {path} must not be readable by group or others (chmod 600)"
-        raise ConfigError(msg)
+    data = read_private_file(path, what="checkpoint signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

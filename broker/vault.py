@@ -439,7 +439,7 @@ class VaultClient:
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _transport_error(exc, op) from exc
         parsed: Any = None
         if raw:

@@ -33,12 +33,19 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import islice
-from typing import Any
 from json.encoder import encode_basestring
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import CHAIN_DOMAIN, GENESIS, AuditChainBroken, AuditRecord, ChainLink, canonical_bytes
+from broker.audit import (
+    CHAIN_DOMAIN,
+    GENESIS,
+    AuditChainBroken,
+    AuditRecord,
+    ChainLink,
+    canonical_bytes,
+)
 from broker.signing import Checkpoint, CheckpointInvalid, verify_checkpoint
 
 __all__ = ["LogVerifier", "VerifyReport", "verify_log"]

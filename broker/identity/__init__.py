@@ -49,7 +49,6 @@ from broker.identity.tokens import (
 )
 from broker.identity.verifiers import AgentVerifier, IssuerTrust, UserVerifier
 
-
 __all__ = [
     "ALLOWED_ALGS",
     "MAX_TOKEN_BYTES",

@@ -30,7 +30,6 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
-    case,
     create_engine,
     event,
     func,
@@ -45,14 +44,31 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from broker.audit import AuditRecord, ChainLink, canonical_bytes, chain_hash
-from broker.errors import BrokerError, BudgetExceeded, Conflict, Gone, Locked, StoreUnavailable
-from broker.store.schema import approval_votes, approvals
-from broker.store.schema import audit_export
-from broker.store.rows import ApprovalRow
-from broker.store.rows import AuditRow, CheckpointRow, Intent, LeaseLimits, LeaseRow, RevocationRow, TaskRow, VaultAuditPosition
+from broker.errors import (
+    BrokerError,
+    BudgetExceeded,
+    Conflict,
+    Gone,
+    Locked,
+    StoreUnavailable,
+)
+from broker.store.rows import (
+    ApprovalRow,
+    AuditRow,
+    CheckpointRow,
+    Intent,
+    LeaseLimits,
+    LeaseRow,
+    RevocationRow,
+    TaskRow,
+    VaultAuditPosition,
+)
 from broker.store.schema import (
+    approval_votes,
+    approvals,
     audit_checkpoints,
     audit_events,
+    audit_export,
     audit_head,
     intents,
     leases,

@@ -20,7 +20,13 @@ import pytest
 import pytest_asyncio
 
 from broker.devstack import DevOpenBao
-from broker.errors import BadRequest, VaultBadResponse, VaultDenied, VaultError, VaultUnavailable
+from broker.errors import (
+    BadRequest,
+    VaultBadResponse,
+    VaultDenied,
+    VaultError,
+    VaultUnavailable,
+)
 from broker.vault import (
     Sensitive,
     VaultClient,

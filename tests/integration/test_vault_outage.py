@@ -26,7 +26,16 @@ from broker.sealing import TokenSealer
 from broker.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vaultsync import audit_device_of, sync, write_broker_token
-from tests.conftest import AGENT, AUDIENCE, CONFIG, IDP, PARTNER_TD, TD, Identities, bearer
+from tests.conftest import (
+    AGENT,
+    AUDIENCE,
+    CONFIG,
+    IDP,
+    PARTNER_TD,
+    TD,
+    Identities,
+    bearer,
+)
 from tests.support.fixtures import BaoEngines
 
 FAST_MAINTENANCE = """

@@ -31,7 +31,12 @@ from broker.devstack import (
 )
 from broker.vault import Sensitive, VaultClient
 from tests.support.openbao import start_test_openbao
-from tests.support.pg import PgCluster, make_workdir, remove_workdir, start_scram_cluster
+from tests.support.pg import (
+    PgCluster,
+    make_workdir,
+    remove_workdir,
+    start_scram_cluster,
+)
 
 __all__ = [
     "BaoEngines",

@@ -11,7 +11,7 @@ import pytest
 from broker import sdk
 from broker.audit import AuditRecord, redact
 from broker.config import load_settings, parse_duration
-from broker.errors import Conflict, ConfigError
+from broker.errors import ConfigError, Conflict
 from broker.leases import TRANSITIONS as LEASE_TRANSITIONS
 from broker.leases import LeaseEvent, LeaseState
 from broker.leases import next_state as lease_next

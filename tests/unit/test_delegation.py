@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from broker.config import Settings
-from broker.delegation import Catalog, Principal, TaskView, cap_ttl, check_grant, check_start
+from broker.delegation import (
+    Catalog,
+    Principal,
+    TaskView,
+    cap_ttl,
+    check_grant,
+    check_start,
+)
 from broker.errors import (
     AgentNotAllowed,
     BadRequest,

@@ -10,9 +10,23 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import GENESIS, AuditChainBroken, AuditRecord, ChainLink, canonical_bytes, chain_hash, verify_chain
+from broker.audit import (
+    GENESIS,
+    AuditChainBroken,
+    AuditRecord,
+    ChainLink,
+    canonical_bytes,
+    chain_hash,
+    verify_chain,
+)
 from broker.signing import Checkpoint, sign_checkpoint
-from broker.verify import LogVerifier, _body, _verify_row_stretch, _verify_stretch, verify_log
+from broker.verify import (
+    LogVerifier,
+    _body,
+    _verify_row_stretch,
+    _verify_stretch,
+    verify_log,
+)
 
 KEY = Ed25519PrivateKey.generate()
 
