@@ -43,16 +43,56 @@ def audit_group() -> None:
 @click.option("--witness", type=_FILE, help="A witness file of checkpoints (default: [audit].witness_file).")
 @click.option("--public-key", "public_key", type=_FILE,
               help="The checkpoint public key, PEM (default: derived from [audit].signing_key_file).")
-def verify_cmd(config: Path, witness: Path | None, public_key: Path | None) -> None:
+@click.option("--vault-log", "vault_logs", type=_FILE, multiple=True,
+              help="Vault's file audit log (repeat for rotated files): every request made with this broker's "
+                   "task tokens must be in the chain.")
+def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vault_logs: tuple[Path, ...]) -> None:
     """Recompute the chain and check every checkpoint. Exit 0 when the log verifies, 1 when not."""
     settings = _settings(config)
     try:
         key = _public_key(settings, public_key)
         report = asyncio.run(_verify(settings, key, witness or settings.audit.witness_file))
+        missing = asyncio.run(_missing_vault_requests(settings, vault_logs)) if vault_logs else None
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render(report, checked=key is not None))
-    sys.exit(0 if report.ok else 1)
+    if missing is not None:
+        checked, absent = missing
+        click.echo(f"  {'vault log':<14} {checked} task-token requests, {len(absent)} missing from the chain")
+        for request_id in absent[:10]:
+            click.echo(f"  {'missing':<14} {request_id}")
+    sys.exit(0 if report.ok and not (missing and missing[1]) else 1)
+
+
+async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -> tuple[int, list[str]]:
+    """(requests made with this store's task tokens in the Vault logs, those whose request id the chain lacks)."""
+    from broker.store import open_store
+    from broker.vaultaudit import AuditLineInvalid, parse_line, task_token_requests
+
+    entries = []
+    for path in paths:
+        with path.open("rb") as f:
+            for line in f:
+                try:
+                    entries.append(parse_line(line))
+                except AuditLineInvalid:
+                    continue  # a torn last line; the tailer reads only complete lines too
+    store = await open_store(settings.store.url, migrate=False)
+    try:
+        tasks = {t.id for t in await store.find_tasks(limit=10_000_000)}
+        seen: set[str] = set()
+        after = 0
+        while True:
+            rows = await store.query_audit(after_seq=after, limit=5000)
+            if not rows:
+                break
+            seen.update(r.record.vault_request_id for r in rows
+                        if r.record.vault_request_id and r.record.event.startswith("vault."))
+            after = rows[-1].seq
+    finally:
+        await store.close()
+    wanted = task_token_requests(entries, tasks=tasks)
+    return len(wanted), [e.request_id for e in wanted if e.request_id not in seen]
 
 
 @audit_group.command("public-key")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -358,3 +358,14 @@ def orphan_requests(entries: Iterable[VaultAuditEntry]) -> list[VaultAuditEntry]
         else:
             pending.pop(e.request_id, None)
     return list(pending.values())
+
+
+def task_token_requests(entries: Iterable[VaultAuditEntry], *, tasks: Container[str]) -> list[VaultAuditEntry]:
+    """Response entries made by a token carrying the broker's task metadata, for a task of this store.
+
+    These are what ``broker audit verify --vault-log`` requires to be in the chain (as ``vault.request``
+    or ``vault.unexplained``): a request made with a task or issuance token that the chain does not hold
+    means the merge lost it, or the chain was cut.
+    """
+    return [e for e in entries if e.type == "response" and e.auth is not None
+            and e.auth.metadata.get("task") in tasks]

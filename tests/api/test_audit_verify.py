@@ -86,3 +86,38 @@ class TestAuditVerify:
         pem = text[text.index("-----BEGIN"):text.index("-----END PUBLIC KEY-----") + 24] + "\n"
         assert pem == public_key_pem(key)
         assert load_public_key(pem.encode()) == key
+
+
+class TestVerifyAgainstVaultLog:
+    async def test_every_task_token_request_is_in_the_chain(self, client: Client, site: BrokerSite,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """--vault-log: every request Vault logged for this store's task tokens is in the chain; a forged one is not."""
+        import json
+
+        from tests.api.test_vault_merge import tailer_started, window
+
+        start = await tailer_started(client)
+        task = await start_task(client, site)
+        await credential(client, site, task["id"], "agent-cert")
+        await end(client, site, task["id"])
+        vault_log = site.engines.bao.audit_log
+        mine = [e for e in window(vault_log, start) if e.get("type") == "response"
+                and ((e.get("auth") or {}).get("metadata") or {}).get("task") == task["id"]]
+        assert len(mine) >= 3  # task token renew, issuance token create, the read, ...
+        monkeypatch.setenv("BROKER_STORE_URL", site.settings.store.url)
+        config = str(site.root / "broker.toml")
+        deadline = time.monotonic() + 15
+        while True:
+            code, text = await cli("audit", "verify", "--config", config, "--vault-log", str(vault_log))
+            if code == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        assert code == 0, text
+        assert f"{len(mine)} task-token requests, 0 missing" in text or "0 missing from the chain" in text
+
+        forged = dict(mine[-1], request=dict(mine[-1]["request"], id="00000000-dead-beef-0000-000000000000"))
+        extra = tmp_path / "forged.log"
+        extra.write_text(json.dumps(forged) + "\n")
+        code, text = await cli("audit", "verify", "--config", config, "--vault-log", str(vault_log),
+                               "--vault-log", str(extra))
+        assert code == 1 and "1 missing from the chain" in text and "dead-beef" in text
