@@ -14,6 +14,7 @@ is always fresh. Errors arrive as the broker's own ``BrokerError`` subclasses, c
 
 from __future__ import annotations
 
+import asyncio
 import types
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -22,9 +23,9 @@ from typing import Any
 import aiohttp
 
 from broker import errors
-from broker.models import CredentialOut, EndOut, RenewOut, TaskOut
+from broker.models import ApprovalOut, CredentialOut, EndOut, RenewOut, TaskOut
 
-__all__ = ["AgentClient", "UserClient", "TaskSession", "TokenSource"]
+__all__ = ["AgentClient", "ApprovalPending", "UserClient", "TaskSession", "TokenSource"]
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
@@ -33,6 +34,19 @@ _ERRORS: dict[str, type[errors.BrokerError]] = {
     for cls in vars(errors).values()
     if isinstance(cls, type) and issubclass(cls, errors.BrokerError)
 }
+
+
+class ApprovalPending(errors.BrokerError):
+    """A high-risk grant waits for people: ``approval_id`` is what to wait on, ``state`` where it stands."""
+
+    code = "approval_pending"
+    http_status = 202
+    title = "Waiting for approval"
+
+    def __init__(self, approval_id: str, state: str) -> None:
+        super().__init__(f"approval {approval_id} is {state}")
+        self.approval_id = approval_id
+        self.state = state
 
 
 class _Client:
@@ -95,11 +109,43 @@ class AgentClient(_Client):
         await super().__aenter__()
         return self
 
-    async def credential(self, task_id: str, grant: str, *, ttl: int | None = None) -> CredentialOut:
+    async def credential(self, task_id: str, grant: str, *, ttl: int | None = None, approval_id: str | None = None,
+                         wait_for_approval: float = 0) -> CredentialOut:
+        """The grant's credential for the task.
+
+        A high-risk grant is answered with a pending approval. With ``wait_for_approval`` > 0 the client
+        long-polls it for up to that many seconds and, once approved, repeats the request with it (the
+        approval covers this exact request, once).
+
+        Raises:
+            ApprovalPending: the approval is not (yet) approved; ``approval_id`` and ``state`` say which.
+            BrokerError subclasses: as the broker answered.
+        """
         body: dict[str, Any] = {"grant": grant}
         if ttl is not None:
             body["ttl"] = ttl
-        return CredentialOut.model_validate(await self._call("POST", f"/v1/tasks/{task_id}/credentials", body))
+        if approval_id is not None:
+            body["approval_id"] = approval_id
+        payload = await self._call("POST", f"/v1/tasks/{task_id}/credentials", body)
+        if "approval_id" not in payload:
+            return CredentialOut.model_validate(payload)
+        pending = ApprovalPending(payload["approval_id"], "pending")
+        if wait_for_approval <= 0:
+            raise pending
+        approval = await self.wait_for_approval(pending.approval_id, timeout=wait_for_approval)
+        if approval.state != "approved":
+            raise ApprovalPending(approval.id, approval.state)
+        return await self.credential(task_id, grant, ttl=ttl, approval_id=approval.id)
+
+    async def wait_for_approval(self, approval_id: str, *, timeout: float = 300) -> ApprovalOut:
+        """Long-poll an approval until it leaves ``pending`` or ``timeout`` seconds pass."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wait = min(30.0, max(0.0, deadline - loop.time()))
+            approval = ApprovalOut.model_validate(await self._call("GET", f"/v1/approvals/{approval_id}?wait={wait:g}"))
+            if approval.state != "pending" or loop.time() >= deadline:
+                return approval
 
     async def renew(self, lease_id: str, *, increment: int | None = None) -> RenewOut:
         body = {} if increment is None else {"increment": increment}
@@ -132,8 +178,8 @@ class TaskSession:
         if self._end_on_exit:
             self.ended = await self.client.end_task(self.task_id)
 
-    async def credential(self, grant: str, *, ttl: int | None = None) -> CredentialOut:
-        return await self.client.credential(self.task_id, grant, ttl=ttl)
+    async def credential(self, grant: str, *, ttl: int | None = None, wait_for_approval: float = 0) -> CredentialOut:
+        return await self.client.credential(self.task_id, grant, ttl=ttl, wait_for_approval=wait_for_approval)
 
     async def renew(self, lease_id: str, *, increment: int | None = None) -> RenewOut:
         return await self.client.renew(lease_id, increment=increment)

@@ -173,3 +173,31 @@ class TestDenialAndExpiry:
         events = [r.record.event for r in await client.app[STORE].query_audit(task=task["id"], limit=100)]
         assert "approval.expired" in events
         assert await client.app[STORE].list_leases(task_id=task["id"]) == []
+
+
+class TestAgentClient:
+    async def test_sdk_waits_for_the_approval_then_gets_the_credential(self, client: Client, site: BrokerSite) -> None:
+        """AgentClient.credential(wait_for_approval=...) long-polls, then repeats the request with the approval."""
+        from broker.sdk import AgentClient, ApprovalPending
+
+        task = await start_task(client, site)
+        url = str(client.make_url("")).rstrip("/")
+        async with AgentClient(url, site.ids.agent()) as agent:
+            try:
+                await agent.credential(task["id"], "prod-write")
+            except ApprovalPending as pending:
+                apr = pending.approval_id
+            else:
+                raise AssertionError("a high-risk grant was issued without approval")
+
+            async def approve_soon() -> None:
+                await asyncio.sleep(0.5)
+                await decide(client, site, apr)
+
+            approver_task = asyncio.create_task(approve_soon())
+            # A second request opens its own approval; wait on the first one explicitly instead.
+            approval = await agent.wait_for_approval(apr, timeout=20)
+            await approver_task
+            assert approval.state == "approved"
+            cred = await agent.credential(task["id"], "prod-write", approval_id=apr)
+            assert await can_login(site, cred.data)

@@ -157,7 +157,7 @@ class TestStateTables:
 class TestSurfaces:
     def test_sdk_surface_is_pinned(self) -> None:
         """broker.sdk.__all__ is a contract with agents: changing it is a decision, not an accident."""
-        assert sorted(sdk.__all__) == ["AgentClient", "TaskSession", "TokenSource", "UserClient"]
+        assert sorted(sdk.__all__) == ["AgentClient", "ApprovalPending", "TaskSession", "TokenSource", "UserClient"]
 
     def test_sdk_imports_only_models_and_errors(self) -> None:
         """The SDK can be vendored with two modules."""
