@@ -405,9 +405,5 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
 
 
 async def _vault_leases(admin: VaultClient, prefix: str) -> int:
-    try:
-        listed = await admin.read(f"sys/leases/lookup/{prefix.rstrip('/')}?list=true")
-    except BrokerError:
-        return 0
-    keys = (listed or {}).get("keys") or []
-    return len(keys)
+    """How many leases Vault still lists under ``prefix`` (root's view: Vault truth, not the broker's word)."""
+    return len(await admin.list_keys(f"sys/leases/lookup/{prefix}"))

@@ -816,6 +816,14 @@ class VaultClient:
             return d if isinstance(d, dict) else None
         return None
 
+    async def list_keys(self, path: str) -> list[str]:
+        """LIST /v1/:path -- the keys one level below ``path`` (empty on 404, which is how Vault says "none")."""
+        status, parsed = await self._call("LIST", validate_path(path.rstrip("/")), "list", ok_extra=frozenset({404}))
+        if status == 404 or not isinstance(parsed, dict):
+            return []
+        keys = (parsed.get("data") or {}).get("keys") or []
+        return [str(k) for k in keys]
+
     async def audit_hash(self, device: str, value: str) -> str:
         """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""
         op = "audit hash"
