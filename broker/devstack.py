@@ -71,19 +71,25 @@ class DevOpenBao:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server, wait for it, kill it if it does not exit; always reap it."""
-        proc = self.process
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
-        else:
-            proc.wait()
+        _stop(self.process, kill=False, timeout=timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _stop(proc: subprocess.Popen[bytes], *, kill: bool, timeout: float) -> None:
+    """SIGTERM (or SIGKILL), then SIGCONT so a paused server can act on it; wait, escalate, always reap."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    else:
+        proc.wait()
 
 
 def find_bao_binary(explicit: str | None = None) -> str:
@@ -408,19 +414,8 @@ class PersistentOpenBao:
 
         Works on a SIGSTOPped server too (it is sent SIGCONT after the signal). Idempotent.
         """
-        proc = self.process
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-                    proc.send_signal(signal.SIGCONT)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=timeout)
-            else:
-                proc.wait()
+        if self.process is not None:
+            _stop(self.process, kill=kill, timeout=timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -169,6 +169,9 @@ def spec() -> dict[str, Any]:
                     "401 insufficient_user_authentication otherwise)", "user", (200, ApprovalOut),
                     (400, 401, 403, 404, 409, 413, 503), body=ApprovalDecision, params=[_path_param("approval_id")]),
     }
+    doc["paths"]["/metrics"] = {"get": {
+        "summary": "Prometheus metrics (counts only: never an identity, a path or a secret)",
+        "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}}
     doc["paths"]["/v1/revocations"]["post"]["responses"]["202"] = {
         "description": "Fenced and locked; Vault has not confirmed every lease yet (poll the revocation)",
         "content": {"application/json": {"schema": _ref(RevocationOut)}},

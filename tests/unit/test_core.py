@@ -167,10 +167,23 @@ class TestSurfaces:
         assert "from broker import errors" in source
 
     def test_openapi_declares_security_on_every_protected_operation(self) -> None:
-        """Every operation but health and the spec itself declares bearer security."""
+        """Every operation but health, metrics and the spec itself declares bearer security."""
         for path, ops in spec()["paths"].items():
             for method, op in ops.items():
-                if path in ("/v1/health", "/v1/openapi.json"):
+                if path in ("/v1/health", "/v1/openapi.json", "/metrics"):
                     assert "security" not in op
                 else:
                     assert op["security"], (method, path)
+
+    def test_openapi_covers_every_route(self) -> None:
+        """Every API route the app serves is in the OpenAPI document, with its method."""
+        from aiohttp import web
+
+        from broker.api import add_routes
+
+        app = web.Application()
+        add_routes(app)
+        doc = spec()
+        served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
+                  if r.method != "HEAD" and r.resource is not None}
+        assert {(m, p) for m, p in served if p not in doc["paths"] or m not in doc["paths"][p]} == set()
