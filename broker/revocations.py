@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from broker.audit import AuditRecord
-from broker.errors import BadRequest, NotFound, VaultError
+from broker.errors import BadRequest, NotFound, VaultDenied, VaultError
 from broker.identity import UserIdentity
 from broker.store import LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
@@ -99,11 +99,15 @@ class Revoker:
         token_gone = False
         delay = 0.02
         while True:
-            if not token_gone:
-                token_gone = await self._vault.lookup_accessor(task.token_accessor) is None
-            if token_gone and remaining:
-                alive = await asyncio.gather(*(self._bounded_alive(x) for x in remaining))
-                remaining = [x for x, a in zip(remaining, alive, strict=True) if a]
+            try:
+                if not token_gone:
+                    token_gone = await self._vault.lookup_accessor(task.token_accessor) is None
+                if token_gone and remaining:
+                    alive = await asyncio.gather(*(self._bounded_alive(x) for x in remaining))
+                    remaining = [x for x, a in zip(remaining, alive, strict=True) if a]
+            except VaultDenied:
+                # A token Vault is still revoking answers 403 (it is tainted): not gone yet, look again.
+                pass
             if token_gone and not remaining:
                 return True
             if loop.time() + delay > deadline:

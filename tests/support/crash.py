@@ -109,13 +109,24 @@ class RawVault:
         return [str(k) for k in (body.get("data") or {}).get("keys") or []]
 
     async def lookup_accessor(self, accessor: str) -> Mapping[str, Any] | None:
-        """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone."""
-        async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
-                                      headers=self._headers) as r:
-            if r.status == 400:
-                return None
-            r.raise_for_status()
-            body = await r.json()
+        """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone.
+
+        A token Vault is in the middle of revoking answers 403 even to root (it is tainted): wait for the
+        revocation to finish (bounded), and count it as gone if it is still tainted then.
+        """
+        for _ in range(50):
+            async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
+                                          headers=self._headers) as r:
+                if r.status == 400:
+                    return None
+                if r.status == 403:
+                    await asyncio.sleep(0.1)
+                    continue
+                r.raise_for_status()
+                body = await r.json()
+                break
+        else:
+            return None
         data = body.get("data")
         return data if isinstance(data, dict) else None
 
