@@ -34,7 +34,6 @@ from broker.devstack import (
     seed_tickets_schema,
     start_dev_openbao,
 )
-from broker.errors import BrokerError
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.signing import generate_signing_key_file

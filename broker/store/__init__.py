@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import Select
 
 from broker.audit import AuditRecord, ChainLink, canonical_bytes, chain_hash
 from broker.errors import (
@@ -263,10 +264,7 @@ class Store:
             q = q.where(tasks.c.token_state == token_state)
         if created_before is not None:
             q = q.where(tasks.c.created_at < created_before)
-        for col, value in ((tasks.c.user, user), (tasks.c.agent, agent), (tasks.c.id, task),
-                           (tasks.c.tenant, tenant)):
-            if value is not None:
-                q = q.where(col == value)
+        q = _by_task(q, user=user, agent=agent, task=task, tenant=tenant)
         if states is not None:
             q = q.where(tasks.c.state.in_(states))
         if expires_before is not None:
@@ -427,10 +425,7 @@ class Store:
                           ) -> list[tuple[LeaseRow, TaskRow]]:
         q = (select(leases, *[c.label(f"t_{c.name}") for c in tasks.c])
              .join(tasks, leases.c.task_id == tasks.c.id).order_by(leases.c.issued_at, leases.c.id).limit(limit))
-        for col, value in ((tasks.c.user, user), (tasks.c.agent, agent), (tasks.c.id, task),
-                           (tasks.c.tenant, tenant)):
-            if value is not None:
-                q = q.where(col == value)
+        q = _by_task(q, user=user, agent=agent, task=task, tenant=tenant)
         if states is not None:
             q = q.where(leases.c.state.in_(states))
         if expires_before is not None:
@@ -838,6 +833,15 @@ def _check_budget(conn: Connection, *, user: str, agent: str, limits: LeaseLimit
     if (by_user or 0) >= limits.per_user:
         raise BudgetExceeded("this user's agents hold as many live credentials as allowed",
                              reason=f"user {user} holds {by_user} live leases", retry_after=30)
+
+
+def _by_task(q: Select[Any], *, user: str | None, agent: str | None, task: str | None,
+             tenant: str | None) -> Select[Any]:
+    """Narrow a query over tasks (or leases joined to tasks) to a user, agent, task or tenant."""
+    for col, value in ((tasks.c.user, user), (tasks.c.agent, agent), (tasks.c.id, task), (tasks.c.tenant, tenant)):
+        if value is not None:
+            q = q.where(col == value)
+    return q
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:

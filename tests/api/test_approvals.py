@@ -55,7 +55,7 @@ class TestApprovalFlow:
         """202 and no lease; an approver sees the request in full; approval delivers one working credential, once."""
         task, apr = await requested(client, site)
         assert await client.app[STORE].list_leases(task_id=task["id"]) == []
-        resp = await use(client, site, task["id"], apr, status=409)  # not approved yet
+        await use(client, site, task["id"], apr, status=409)  # not approved yet
         queue = await (await client.get("/v1/approvals?state=pending", headers=approver(site))).json()
         mine = next(a for a in queue["approvals"] if a["id"] == apr)
         assert (mine["user"], mine["grant"], mine["path"], mine["task_reason"]) == (

@@ -22,7 +22,7 @@ from broker.devstack import PersistentOpenBao, start_persistent_openbao
 from broker.errors import VaultUnavailable
 from broker.vault import VaultClient, VaultSecret
 from tests.support.fixtures import BaoEngines
-from tests.support.pg import PgCluster
+from tests.support.pg import PgCluster, pg_login_works
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,21 +49,6 @@ def _port_bindable(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-async def pg_login_works(pg: PgCluster, username: str, password: str) -> bool:
-    """True when PostgreSQL accepts the credential and lets it read ``tickets``."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            host=pg.host, port=pg.port, dbname="postgres", user=username, password=password, connect_timeout=5
-        )
-    except psycopg.OperationalError:
-        return False
-    async with conn:
-        cur = await conn.execute("SELECT count(*) FROM tickets")
-        row = await cur.fetchone()
-        assert row is not None and row[0] >= 2
-    return True
 
 
 async def pg_role_exists(pg: PgCluster, username: str) -> bool:

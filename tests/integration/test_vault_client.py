@@ -39,7 +39,7 @@ from broker.vault import (
 )
 from tests.support.fixtures import BaoEngines
 from tests.support.openbao import bao_cli
-from tests.support.pg import PgCluster
+from tests.support.pg import pg_login_works
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,21 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def pg_login_works(pg: PgCluster, username: str, password: str) -> bool:
-    """True when PostgreSQL accepts the credential and lets it read ``tickets``."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            host=pg.host, port=pg.port, dbname="postgres", user=username, password=password, connect_timeout=5
-        )
-    except psycopg.OperationalError:
-        return False
-    async with conn:
-        cur = await conn.execute("SELECT count(*) FROM tickets")
-        row = await cur.fetchone()
-        assert row is not None and row[0] >= 2
-    return True
 
 
 @pytest_asyncio.fixture(loop_scope="function")

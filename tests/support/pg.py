@@ -166,3 +166,20 @@ def start_scram_cluster(workdir: Path, *, startup_timeout: int = 60) -> PgCluste
 def remove_workdir(workdir: Path) -> None:
     """Delete a cluster's directory after ``stop()``."""
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def pg_login_works(pg: PgCluster, username: str, password: str) -> bool:
+    """True when PostgreSQL accepts the credential and lets it read ``tickets``."""
+    import psycopg
+
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            host=pg.host, port=pg.port, dbname="postgres", user=username, password=password, connect_timeout=5
+        )
+    except psycopg.OperationalError:
+        return False
+    async with conn:
+        cur = await conn.execute("SELECT count(*) FROM tickets")
+        row = await cur.fetchone()
+        assert row is not None and row[0] >= 2
+    return True
