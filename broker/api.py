@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,13 +24,16 @@ from broker import __version__
 from broker.approvals import ApprovalManager, InsufficientAuthentication
 from broker.checkpoints import StoreVerifier
 from broker.delegation import Catalog, any_includes
+from broker import jsontext
 from broker.errors import (
     BadRequest,
     BrokerError,
     Denied,
     InvalidIdentity,
     NotFound,
+    NumberOutOfRange,
     PayloadTooLarge,
+    UnsupportedMediaType,
 )
 from broker.identity import AgentIdentity, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
@@ -96,10 +100,19 @@ M = TypeVar("M", bound=BaseModel)
 
 def problem(status: int, code: str, title: str, detail: str, request: web.Request,
             headers: dict[str, str] | None = None) -> web.Response:
+    # ``instance`` names the route, not the path as sent: a path segment is the caller's input, and a
+    # problem never echoes input (a token pasted into a URL stays out of the answer and of the logs).
     body = Problem(type=_PROBLEM_TYPE + code, title=title, status=status, detail=detail, code=code,
-                   instance=request.path, request_id=request.get("request_id"))
+                   instance=_route_of(request), request_id=request.get("request_id"))
     return web.Response(status=status, text=body.model_dump_json(exclude_none=True),
                         content_type="application/problem+json", headers=headers)
+
+
+def _route_of(request: web.Request) -> str | None:
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else None
 
 
 @web.middleware
@@ -140,20 +153,46 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
+    """The body, parsed strictly (``broker.jsontext``) into ``model``; an empty body is ``{}``.
+
+    Raises:
+        UnsupportedMediaType: a non-empty body that is not ``application/json`` in UTF-8.
+        PayloadTooLarge, MalformedJson, JsonTooDeep, NumberOutOfRange, BadRequest (a field that does not
+            validate: named, never its value).
+    """
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge("the request body is too large") from exc
-    try:
-        data = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("the body is not valid JSON") from exc
+    if raw:
+        charset = (request.charset or "utf-8").lower()
+        if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType("send the body as Content-Type: application/json (UTF-8)",
+                                       reason=f"content type {request.content_type[:64]!r}")
+    data = jsontext.loads(raw) if raw else {}
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        # Field names and messages only: never echo the input (it may hold a token pasted by mistake).
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise BadRequest(detail) from exc
+        raise BadRequest(_validation_detail(model, exc)) from exc
+
+
+def _validation_detail(model: type[BaseModel], exc: ValidationError) -> str:
+    """Field names and pydantic's messages, never the input: it may hold a token pasted by mistake.
+
+    A location part that is not one of the model's fields (an unknown member name, which is input too)
+    is not repeated either.
+    """
+    known = set(model.model_fields)
+    parts = []
+    for e in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in e["loc"] if isinstance(p, int) or p in known) or "body"
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field (the fields are {', '.join(sorted(known))})"
+        else:
+            # Our own validators' messages never hold the value (config.parse_duration); pydantic's do not.
+            msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def _bearer(request: web.Request) -> str:
@@ -204,7 +243,8 @@ def _json(model: BaseModel, status: int = 200, *, no_store: bool = False) -> web
 
 def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
     return TaskOut(
-        id=task.id, user=task.user, agent=task.agent, role=task.role, tenant=task.tenant, reason=task.reason,
+        id=task.id, user=task.user, user_name=task.user_name, agent=task.agent, role=task.role, tenant=task.tenant,
+        reason=task.reason,
         state=task.state, created_at=task.created_at, expires_at=task.expires_at,
         ended_at=task.ended_at,
         leases=None if leases is None else [
@@ -218,7 +258,7 @@ def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
 def _is_party(ident: Identity, task: TaskRow) -> bool:
     if isinstance(ident, AgentIdentity):
         return str(ident.spiffe_id) == task.agent
-    return ident.name == task.user
+    return ident.id == task.user
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -273,27 +313,47 @@ async def end_task(request: web.Request) -> web.Response:
     return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))
 
 
-def _float_param(request: web.Request, name: str) -> float | None:
+def _float_param(request: web.Request, name: str, *, lo: float = 0.0, hi: float = 1e11) -> float | None:
+    """A finite number from the query string within [lo, hi], or None when absent.
+
+    Raises:
+        NumberOutOfRange: not a finite number in range (NaN and Infinity included).
+    """
     value = request.query.get(name)
     if value is None:
         return None
     try:
-        return float(value)
-    except ValueError as exc:
-        msg = f"{name} must be a Unix time in seconds"
-        raise BadRequest(msg) from exc
+        number = float(value) if len(value) <= 32 else math.nan
+    except ValueError:
+        number = math.nan
+    if not lo <= number <= hi:  # also false for NaN
+        msg = f"{name} must be a number from {lo:g} to {hi:g}"
+        raise NumberOutOfRange(msg)
+    return number
+
+
+def _int_param(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
+    """A decimal integer from the query string within [lo, hi] (``default`` when absent).
+
+    Raises:
+        NumberOutOfRange: not a decimal integer in range.
+    """
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20) or not lo <= int(value) <= hi:
+        msg = f"{name} must be an integer from {lo} to {hi}"
+        raise NumberOutOfRange(msg)
+    return int(value)
 
 
 async def list_audit(request: web.Request) -> web.Response:
     user = await user_identity(request)
     if not any_includes(request.app[CATALOG].auditors, user):
-        raise Denied("auditors only", reason=f"{user.name} is not an auditor")
+        raise Denied("auditors only", reason=f"{user.id} is not an auditor")
     q = request.query
-    try:
-        limit = min(max(int(q.get("limit", "100")), 1), 1000)
-        after = max(int(q.get("after", "0")), 0)
-    except ValueError as exc:
-        raise BadRequest("limit and after must be integers") from exc
+    limit = _int_param(request, "limit", default=100, lo=1, hi=1000)
+    after = _int_param(request, "after", default=0, lo=0, hi=jsontext.INT64_MAX)
     rows = await request.app[STORE].query_audit(
         user=q.get("user"), agent=q.get("agent"), task=q.get("task"), since=_float_param(request, "since"),
         until=_float_param(request, "until"), after_seq=after, limit=limit,
@@ -307,7 +367,7 @@ async def verify_audit(request: web.Request) -> web.Response:
     """Recompute the whole chain and check every checkpoint (and the witness, if configured). Auditors only."""
     user = await user_identity(request)
     if not any_includes(request.app[CATALOG].auditors, user):
-        raise Denied("auditors only", reason=f"{user.name} is not an auditor")
+        raise Denied("auditors only", reason=f"{user.id} is not an auditor")
     r = await request.app[AUDIT_VERIFIER].verify()
     return _json(AuditVerifyOut(ok=r.ok, records=r.records, checkpoints=r.checkpoints, witnessed=r.witnessed,
                                 first_bad_seq=r.first_bad_seq, reason=r.reason))
@@ -347,14 +407,15 @@ def _staff(request: web.Request, user: UserIdentity, *, auditors: bool) -> None:
     if any_includes(catalog.operators, user) or (auditors and any_includes(catalog.auditors, user)):
         return
     raise Denied("operators only" if not auditors else "operators and auditors only",
-                 reason=f"{user.name} is not an operator")
+                 reason=f"{user.id} is not an operator")
 
 
 def _revocation_out(st: RevocationStatus) -> RevocationOut:
     r = st.revocation
     return RevocationOut(id=r.id, kind=r.kind, value=r.value, reason=r.reason,
-                         created_by=r.created_by, created_at=r.created_at, lock=r.lock, lifted_at=r.lifted_at,
-                         lifted_by=r.lifted_by, tasks=r.tasks, leases=r.leases, revoked=st.revoked, pending=st.pending,
+                         created_by=r.created_by, created_by_name=r.created_by_name, created_at=r.created_at,
+                         lock=r.lock, lifted_at=r.lifted_at, lifted_by=r.lifted_by, lifted_by_name=r.lifted_by_name,
+                         tasks=r.tasks, leases=r.leases, revoked=st.revoked, pending=st.pending,
                          state="done" if st.done else "in_progress")
 
 
@@ -392,10 +453,7 @@ async def lift_revocation(request: web.Request) -> web.Response:
 
 def _page_args(request: web.Request) -> tuple[int, str | None, tuple[str, ...] | None]:
     q = request.query
-    try:
-        limit = min(max(int(q.get("limit", "100")), 1), 1000)
-    except ValueError as exc:
-        raise BadRequest("limit must be an integer") from exc
+    limit = _int_param(request, "limit", default=100, lo=1, hi=1000)
     state = q.get("state")
     return limit, q.get("after"), (state,) if state else None
 
@@ -407,7 +465,8 @@ async def list_leases(request: web.Request) -> web.Response:
     q = request.query
     rows = await request.app[STORE].find_leases(user=q.get("user"), agent=q.get("agent"), task=q.get("task"),
                                                 tenant=q.get("tenant"), states=states, limit=limit, after=after)
-    items = [LeaseListItem(id=x.id, task=t.id, user=t.user, agent=t.agent, tenant=t.tenant, grant=x.grant,
+    items = [LeaseListItem(id=x.id, task=t.id, user=t.user, user_name=t.user_name, agent=t.agent, tenant=t.tenant,
+                           grant=x.grant,
                            path=x.path, state=x.state, issued_at=x.issued_at,
                            expires_at=x.expires_at, revoked_at=x.revoked_at) for x, t in rows]
     next_after = f"{rows[-1][0].issued_at!r}:{rows[-1][0].id}" if len(rows) == limit else None
@@ -428,7 +487,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def _approval_out(request: web.Request, a: ApprovalRow, *, votes: bool) -> ApprovalOut:
     task = await request.app[STORE].get_task(a.task_id)
     vs = await request.app[STORE].approval_votes(a.id) if votes else None
-    return ApprovalOut(id=a.id, state=a.state, task=a.task_id, user=a.user, agent=a.agent,
+    return ApprovalOut(id=a.id, state=a.state, task=a.task_id, user=a.user, user_name=a.user_name, agent=a.agent,
                        tenant=a.tenant, grant=a.grant, path=a.path, ttl=a.ttl, required=a.required,
                        created_at=a.created_at, expires_at=a.expires_at, decided_at=a.decided_at,
                        task_reason=task.reason if task else None,
@@ -439,7 +498,7 @@ async def _approval_out(request: web.Request, a: ApprovalRow, *, votes: bool) ->
 def _approver_or_auditor(request: web.Request, user: UserIdentity) -> None:
     catalog = request.app[CATALOG]
     if not (any_includes(catalog.approvers, user) or any_includes(catalog.auditors, user)):
-        raise Denied("approvers and auditors only", reason=f"{user.name} is not an approver")
+        raise Denied("approvers and auditors only", reason=f"{user.id} is not an approver")
 
 
 async def list_approvals(request: web.Request) -> web.Response:
@@ -461,12 +520,10 @@ async def get_approval(request: web.Request) -> web.Response:
             raise NotFound("no such approval")
     else:
         _approver_or_auditor(request, ident)
-    try:
-        wait = min(max(float(request.query.get("wait", "0")), 0.0), 60.0)
-    except ValueError as exc:
-        raise BadRequest("wait must be a number of seconds") from exc
+    wait = _float_param(request, "wait", lo=0.0, hi=60.0) or 0.0
     if wait:
-        a = await manager.wait(a.id, timeout=wait)
+        waiter = str(ident.spiffe_id) if isinstance(ident, AgentIdentity) else ident.id
+        a = await manager.wait(a.id, timeout=wait, waiter=waiter)
     return _json(await _approval_out(request, a, votes=isinstance(ident, UserIdentity)))
 
 

@@ -82,7 +82,10 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app[api.METRICS] = Metrics()
     app.cleanup_ctx.append(_dependencies(settings, clock, crash))
     api.add_routes(app)
-    add_console_routes(app)
+    lim = settings.limits
+    add_console_routes(app, sessions_per_person=lim.console_sessions_per_person,
+                       sign_in_rate=RateLimiter(rate=lim.sign_in_rate_per_person, burst=lim.sign_in_burst_per_person,
+                                                clock=time.monotonic))
     return app
 
 
@@ -109,7 +112,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 )
                 app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
                 app[api.USERS] = UserVerifier(
-                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim)
+                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email)
                      for i in settings.users.issuers],
                     audience=settings.server.audience, leeway=leeway, clock=clock,
                 )
@@ -119,9 +122,12 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 revoker = Revoker(store=store, vault=vault, clock=clock,
                                   confirm_timeout=settings.vault.revoke_confirm_timeout,
                                   max_backoff=settings.maintenance.max_backoff)
+                lim = settings.limits
                 app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
                                              clock=clock, bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
-                                             crash=crash)
+                                             crash=crash, start_rate=RateLimiter(
+                                                 rate=lim.task_start_rate_per_user,
+                                                 burst=lim.task_start_burst_per_user, clock=time.monotonic))
                 # Audit export sinks (broker.export), only when one is configured; their backlog gates issuance.
                 exporter = _exporter(settings, store, session, clock, app[api.METRICS])
                 backlog_ok = exporter.check if exporter is not None else None
@@ -129,10 +135,13 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                     app[EXPORTER] = exporter
                 approvals = ApprovalManager(catalog=catalog, store=store, clock=clock,
                                             max_auth_age=settings.people.approval_max_auth_age,
-                                            ttl=settings.people.approval_ttl, backlog_ok=backlog_ok)
+                                            ttl=settings.people.approval_ttl, backlog_ok=backlog_ok,
+                                            decide_rate=RateLimiter(rate=lim.decide_rate_per_approver,
+                                                                    burst=lim.decide_burst_per_approver,
+                                                                    clock=time.monotonic),
+                                            max_waits=lim.long_polls_per_identity)
                 app[api.APPROVALS] = approvals
                 app[api.CLOCK] = clock
-                lim = settings.limits
                 app[api.LEASES] = LeaseManager(
                     catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash,
                     bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, approvals=approvals,
@@ -141,6 +150,8 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                                            clock=time.monotonic),
                     user_rate=RateLimiter(rate=lim.issue_rate_per_user, burst=lim.issue_burst_per_user,
                                           clock=time.monotonic),
+                    renew_rate=RateLimiter(rate=lim.renew_rate_per_agent, burst=lim.renew_burst_per_agent,
+                                           clock=time.monotonic),
                     backlog_ok=backlog_ok,
                 )
                 app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)

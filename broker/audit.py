@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from broker.errors import BrokerError
 
@@ -37,6 +37,21 @@ def redact(text: str) -> str:
     return _SECRET_SHAPES.sub("[redacted]", text)[:_MAX_FIELD]
 
 
+class TaskLike(Protocol):
+    """What a record about a task copies from it (a store row or anything shaped like one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def user_name(self) -> str | None: ...
+    @property
+    def agent(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     time: float
@@ -51,6 +66,14 @@ class AuditRecord:
     reason: str | None = None
     lease: str | None = None
     vault_request_id: str | None = None
+    # ``user`` is the person id ("<issuer>#<subject>"); this is their display name, for people to read.
+    user_name: str | None = None
+
+    @classmethod
+    def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
+        """A record about ``task``: its person (id and display name), agent, id and tenant, plus ``fields``."""
+        return cls(time, event, outcome, user=task.user, user_name=task.user_name, agent=task.agent, task=task.id,
+                   tenant=task.tenant, **fields)
 
     def redacted(self) -> AuditRecord:
         """This record with every string field passed through :func:`redact` (itself when nothing changes)."""
@@ -73,16 +96,23 @@ _TEXT_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name not in ("time
 #     hash(n) = SHA-256( b"broker.audit.v1\x00" || hash(n-1) || canonical_bytes(record n) )
 #     hash(0) = 32 zero bytes (the genesis)
 #
-# canonical_bytes is UTF-8 JSON with sorted keys, no whitespace, ``ensure_ascii=False``, every field
-# present (null when empty), and time as an integer number of microseconds, so that a verifier in any
-# language reproduces it without float formatting rules. It is pinned by a golden test.
+# canonical_bytes is UTF-8 JSON with sorted keys, no whitespace, ``ensure_ascii=False``, every field of
+# version 1 present (null when empty), and time as an integer number of microseconds, so that a verifier
+# in any language reproduces it without float formatting rules. It is pinned by a golden test. Fields
+# added since (``ADDED_FIELDS``) appear only when set, so records written before them keep their hashes.
 
 CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
+ADDED_FIELDS = ("user_name",)
+
+
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:
     body = {f.name: getattr(record, f.name) for f in fields(record)}
+    for name in ADDED_FIELDS:
+        if body[name] is None:
+            del body[name]
     body["time"] = round(record.time * 1_000_000)
     body["seq"] = seq
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -49,19 +49,18 @@ def main() -> None:
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def serve(config: Path, log_level: str) -> None:
     """Serve the HTTP API on [server].listen."""
-    from aiohttp import web
-
     from broker.app import make_app
 
     _setup_logging(log_level)
     settings = _settings(config)
     host, port = settings.server.host_port
     try:
-        # The access log names method, path, status and time: never headers, so never a bearer token.
+        # broker.server: the access log names method, path (never the query string), status and time, and
+        # requests the HTTP parser refuses are answered as problems without repeating their bytes.
         from broker.faults import from_environ
+        from broker.server import serve as serve_app
 
-        web.run_app(make_app(settings, crash=from_environ(os.environ)), host=host, port=port, print=None,
-                    access_log_format='%a "%r" %s %b %Tfs', handle_signals=True)
+        asyncio.run(serve_app(make_app(settings, crash=from_environ(os.environ)), host, port))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
 

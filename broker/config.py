@@ -27,6 +27,7 @@ from broker.errors import ConfigError
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+MAX_DURATION = 366 * 86400
 
 
 def parse_duration(value: object) -> int:
@@ -41,18 +42,23 @@ def parse_duration(value: object) -> int:
         seconds = value
     elif isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if len(text) > 20:
+            raise ValueError("not a duration (use a number of seconds or e.g. '90s', '10m', '1h30m')")
+        if text.isascii() and text.isdigit():
             seconds = int(text)
         else:
-            m = _DURATION.match(text)
+            m = _DURATION.fullmatch(text) if text.isascii() else None
             if not text or m is None:
-                raise ValueError(f"not a duration: {value!r} (use e.g. '90s', '10m', '1h30m')")
+                # The value is not repeated: over HTTP it is the caller's input (never echoed, TH-21).
+                raise ValueError("not a duration (use a number of seconds or e.g. '90s', '10m', '1h30m')")
             h, mi, s = (int(g) if g else 0 for g in m.groups())
             seconds = h * 3600 + mi * 60 + s
     else:
         raise ValueError("a duration is a number of seconds or a string like '10m'")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration must be at most 366 days")
     return seconds
 
 
@@ -107,6 +113,21 @@ class LimitsSettings(_Frozen):
     issue_burst_per_agent: int = Field(default=100, ge=1)
     issue_rate_per_user: float = Field(default=200.0, gt=0)
     issue_burst_per_user: int = Field(default=400, ge=1)
+    # Every other call that costs Vault or store work, per person or per agent (429 + Retry-After):
+    # a task start creates a Vault token (a refused one writes an audit row), a renewal calls Vault,
+    # a decision writes a vote, a console sign-in makes a session.
+    task_start_rate_per_user: float = Field(default=5.0, gt=0)
+    task_start_burst_per_user: int = Field(default=20, ge=1)
+    renew_rate_per_agent: float = Field(default=10.0, gt=0)
+    renew_burst_per_agent: int = Field(default=50, ge=1)
+    decide_rate_per_approver: float = Field(default=2.0, gt=0)
+    decide_burst_per_approver: int = Field(default=20, ge=1)
+    sign_in_rate_per_person: float = Field(default=0.2, gt=0)
+    sign_in_burst_per_person: int = Field(default=10, ge=1)
+    # Long polls (GET /v1/approvals/{id}?wait=) one identity may hold at once.
+    long_polls_per_identity: int = Field(default=4, ge=1, le=100)
+    # Console sessions one person may hold; a new sign-in past it ends that person's oldest session.
+    console_sessions_per_person: int = Field(default=5, ge=1, le=100)
 
 
 class MaintenanceSettings(_Frozen):
@@ -148,6 +169,9 @@ class UserIssuer(_Frozen):
     jwks_file: Path | None = None
     jwks_url: str | None = None
     groups_claim: str = "groups"
+    # Trust every email this issuer puts in a token, verified or not (only for an IdP whose directory
+    # assigns the addresses). Otherwise only `email_verified: true` makes an address match anything.
+    trust_email: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> UserIssuer:

@@ -42,10 +42,11 @@ from typing import Literal
 from aiohttp import web
 
 from broker import api
-from broker.approvals import InsufficientAuthentication
+from broker.approvals import InsufficientAuthentication, is_same_person
 from broker.delegation import Catalog, any_includes
-from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity
+from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, RateLimited
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
+from broker.limits import RateLimiter
 from broker.store import ApprovalRow, LeaseRow, TaskRow
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,18 @@ class Session:
 
 @dataclass
 class SessionStore:
-    """Server-side sessions, bounded: expired ones go first, then the oldest."""
+    """Server-side sessions, bounded per person and in all.
+
+    Signing in past ``per_person`` ends that person's own oldest session, never anyone else's; past
+    ``limit`` in all (after expired sessions go) a sign-in is refused rather than evicting another
+    person, so no one can sign everybody else out by signing in many times. Sign-ins are rate-limited
+    per person (``sign_in_rate``).
+    """
 
     clock: Callable[[], float] = time.time
     limit: int = MAX_SESSIONS
+    per_person: int = 5
+    sign_in_rate: RateLimiter | None = None
     login_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _sessions: dict[str, Session] = field(default_factory=dict)
 
@@ -95,12 +104,22 @@ class SessionStore:
         return hashlib.sha256(session_id.encode()).hexdigest()
 
     def create(self, user: UserIdentity) -> tuple[str, Session]:
-        """A new session (new id: nothing from before sign-in carries over). Returns (cookie value, session)."""
+        """A new session (new id: nothing from before sign-in carries over). Returns (cookie value, session).
+
+        Raises:
+            RateLimited: this person signs in too often, or the console holds ``limit`` live sessions.
+        """
+        if self.sign_in_rate is not None:
+            self.sign_in_rate.take(user.id, what="person")
         now = self.clock()
         self._purge(now)
-        while len(self._sessions) >= self.limit:
-            oldest = min(self._sessions, key=lambda k: self._sessions[k].created_at)
-            del self._sessions[oldest]
+        own = sorted((k for k, s in self._sessions.items() if s.user.id == user.id),
+                     key=lambda k: self._sessions[k].created_at)
+        for key in own[:max(len(own) - self.per_person + 1, 0)]:
+            del self._sessions[key]
+        if len(self._sessions) >= self.limit:
+            msg = "the console holds as many sessions as it can; try again later"
+            raise RateLimited(msg, reason=f"{len(self._sessions)} live console sessions", retry_after=60)
         session_id = secrets.token_urlsafe(32)
         session = Session(user=user, csrf=secrets.token_urlsafe(32), created_at=now, expires_at=user.expires_at)
         self._sessions[self._key(session_id)] = session
@@ -373,14 +392,14 @@ async def login(request: web.Request) -> web.Response:
         return await login_page(request, status=401, note='<p class="error">The token was not accepted.</p>')
     catalog = request.app[api.CATALOG]
     if not (_can_see_approvals(catalog, user) or _is_staff(catalog, user)):
-        raise Denied("this console is for approvers, operators and auditors", reason=f"{user.name} has no role")
+        raise Denied("this console is for approvers, operators and auditors", reason=f"{user.id} has no role")
     store.drop(request.cookies.get(COOKIE))
     session_id, session = store.create(user)
     session.flash = f"Signed in as {user.name}."
     response = _redirect(PREFIX if _can_see_approvals(catalog, user) else f"{PREFIX}/tasks")
     _set_cookie(request, response, COOKIE, session_id, max_age=max(int(user.expires_at - store.clock()), 1))
     response.del_cookie(LOGIN_COOKIE, path=PREFIX)
-    log.info("console sign-in: %s", user.name)
+    log.info("console sign-in: %s", user.id)
     return response
 
 
@@ -402,7 +421,7 @@ def _approval_card(a: ApprovalRow, task: TaskRow | None, votes: Sequence[dict[st
                    session: Session, can_decide: bool, staff: bool) -> str:
     task_cell = (f'<a href="{PREFIX}/tasks/{e(a.task_id)}">{e(a.task_id)}</a>' if staff else e(a.task_id))
     rows = [
-        ("Delegated by", e(a.user)),
+        ("Delegated by", _person(a.user, a.user_name)),
         ("Agent", f"<code>{e(a.agent)}</code>"),
         ("Grant", f"<strong>{e(a.grant)}</strong>"),
         ("Vault path", f"<code>{e(a.path)}</code>"),
@@ -415,7 +434,7 @@ def _approval_card(a: ApprovalRow, task: TaskRow | None, votes: Sequence[dict[st
     ]
     facts = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     vote_list = "".join(
-        f"<li><strong>{e(v.get('approver'))}</strong> {e(v.get('decision'))}d: <q>{e(v.get('reason'))}</q> "
+        f"<li><strong>{_person(str(v.get('approver')), _opt(v.get('approver_name')))}</strong> {e(v.get('decision'))}d: <q>{e(v.get('reason'))}</q> "
         f"<span class=\"muted\">(signed in {e(_when(_float(v.get('auth_time'))))}, "
         f"at {e(_when(_float(v.get('decided_at'))))})</span></li>" for v in votes)
     votes_html = f'<h3>Votes so far</h3><ul class="votes">{vote_list}</ul>' if votes else ""
@@ -428,9 +447,22 @@ def _approval_card(a: ApprovalRow, task: TaskRow | None, votes: Sequence[dict[st
                   f'<div class="buttons"><button type="submit" name="decision" value="approve" class="approve">'
                   f'Approve</button><button type="submit" name="decision" value="deny" class="deny">Deny</button>'
                   f'</div></form>')
-    return (f'<section class="card approval" id="{e(a.id)}"><h2>{e(a.grant)} for {e(a.user)} '
+    return (f'<section class="card approval" id="{e(a.id)}"><h2>{e(a.grant)} for {e(a.user_name or a.user)} '
             f'<span class="badge">{e(a.state)}</span></h2><p class="muted">approval <code>{e(a.id)}</code></p>'
             f'<dl>{facts}</dl>{votes_html}{decide}</section>')
+
+
+def _person(person: str | None, name: str | None) -> str:
+    """A person for the page: the display name, with the stable id (what the broker compares) beside it."""
+    if person is None:
+        return "-"
+    if not name or name == person:
+        return f"<code>{e(person)}</code>"
+    return f'{e(name)} <span class="muted"><code>{e(person)}</code></span>'
+
+
+def _opt(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _float(value: object) -> float | None:
@@ -444,7 +476,7 @@ async def approvals_page(request: web.Request) -> web.Response:
     if not _can_see_approvals(catalog, session.user):
         if _is_staff(catalog, session.user):
             return _redirect(f"{PREFIX}/tasks")
-        raise Denied("approvers and auditors only", reason=f"{session.user.name} is not an approver")
+        raise Denied("approvers and auditors only", reason=f"{session.user.id} is not an approver")
     store = request.app[api.STORE]
     now = request.app[api.CLOCK]()
     can_decide = any_includes(catalog.approvers, session.user)
@@ -454,7 +486,9 @@ async def approvals_page(request: web.Request) -> web.Response:
         task = await store.get_task(a.task_id)
         votes = await store.approval_votes(a.id)
         cards.append(_approval_card(a, task, votes, now=now, session=session,
-                                    can_decide=can_decide and a.user != session.user.name, staff=staff))
+                                    can_decide=can_decide and not is_same_person(
+                                        session.user, a.user, task.user_email if task else None),
+                                    staff=staff))
     age = "" if session.user.auth_time is None else f", signed in {_dur(now - session.user.auth_time)} ago"
     intro = (f'<p class="muted">{len(cards)} pending request(s). You are {e(session.user.name)}{e(age)}. '
              f'Deciding needs a recent sign-in; if yours is too old you will be asked to sign in again.</p>')
@@ -479,7 +513,7 @@ async def decide(request: web.Request) -> web.Response:
         return await _reauthenticate(request, session, exc)
     word = "approved" if choice == "approve" else "denied"
     more = "" if row.state != "pending" else f"; it still needs {row.required} approval(s) in all"
-    session.flash = f"You {word} {row.grant} for {row.user} ({row.id}): now {row.state}{more}."
+    session.flash = f"You {word} {row.grant} for {row.user_name or row.user} ({row.id}): now {row.state}{more}."
     return _redirect(PREFIX)
 
 
@@ -506,7 +540,7 @@ async def _reauthenticate(request: web.Request, session: Session, exc: Insuffici
 
 def _staff_or_denied(catalog: Catalog, user: UserIdentity) -> None:
     if not _is_staff(catalog, user):
-        raise Denied("operators and auditors only", reason=f"{user.name} is not an operator")
+        raise Denied("operators and auditors only", reason=f"{user.id} is not an operator")
 
 
 def _lease_rows(rows: Sequence[tuple[LeaseRow, TaskRow | None]], *, now: float) -> str:
@@ -541,7 +575,7 @@ async def tasks_page(request: web.Request) -> web.Response:
                       f'{_csrf_field(session)}<input type="text" name="reason" required maxlength="{_MAX_REASON}" '
                       f'placeholder="reason" aria-label="reason for revoking {e(t.id)}">'
                       f'<button type="submit" class="deny">Revoke</button></form>')
-        rows.append(f'<tr><td><a href="{PREFIX}/tasks/{e(t.id)}">{e(t.id)}</a></td><td>{e(t.user)}</td>'
+        rows.append(f'<tr><td><a href="{PREFIX}/tasks/{e(t.id)}">{e(t.id)}</a></td><td>{_person(t.user, t.user_name)}</td>'
                     f"<td><code>{e(t.agent)}</code></td><td>{e(t.role)}</td><td>{e(t.tenant)}</td>"
                     f"<td>{e(t.reason)}</td><td>{e(_when(t.expires_at))} (in {e(_dur(t.expires_at - now))})</td>"
                     f"<td>{revoke}</td></tr>")
@@ -563,7 +597,7 @@ async def task_page(request: web.Request) -> web.Response:
     task, leases = await request.app[api.TASKS].get(request.match_info["task_id"])
     records = await request.app[api.STORE].query_audit(task=task.id, limit=1000)
     facts = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in (
-        ("User", e(task.user)), ("Agent", f"<code>{e(task.agent)}</code>"), ("Role", e(task.role)),
+        ("User", _person(task.user, task.user_name)), ("Agent", f"<code>{e(task.agent)}</code>"), ("Role", e(task.role)),
         ("Tenant", e(task.tenant)), ("Reason", f"<q>{e(task.reason)}</q>"),
         ("State", f'<span class="state {e(task.state)}">{e(task.state)}</span>'),
         ("Started", e(_when(task.created_at))), ("Expires", e(_when(task.expires_at))),
@@ -571,7 +605,7 @@ async def task_page(request: web.Request) -> web.Response:
     timeline = "".join(
         f"<tr><td>{e(r.seq)}</td><td>{e(_when(r.record.time))}</td><td><strong>{e(r.record.event)}</strong></td>"
         f'<td><span class="state {e(r.record.outcome)}">{e(r.record.outcome)}</span></td>'
-        f"<td>{e(r.record.user)}</td><td><code>{e(r.record.resource)}</code></td><td>{e(r.record.action)}</td>"
+        f"<td>{_person(r.record.user, r.record.user_name)}</td><td><code>{e(r.record.resource)}</code></td><td>{e(r.record.action)}</td>"
         f"<td>{e(r.record.reason)}</td></tr>" for r in records)
     body = (f'<section class="card"><dl>{facts}</dl></section>'
             f'<h2>Leases ({len(leases)})</h2>{_lease_rows([(x, None) for x in leases], now=now)}'
@@ -587,7 +621,7 @@ async def revoke_task(request: web.Request) -> web.Response:
     form = await _form(request, session)
     catalog = request.app[api.CATALOG]
     if not any_includes(catalog.operators, session.user):
-        raise Denied("operators only", reason=f"{session.user.name} is not an operator")
+        raise Denied("operators only", reason=f"{session.user.id} is not an operator")
     reason = _reason(form)
     task_id = request.match_info["task_id"]
     st = await request.app[api.REVOCATIONS].revoke(session.user, kind="task", value=task_id, reason=reason,
@@ -619,9 +653,11 @@ async def _login_get(request: web.Request) -> web.Response:
     return await login_page(request)
 
 
-def add_console_routes(app: web.Application) -> None:
+def add_console_routes(app: web.Application, *, sessions_per_person: int = 5,
+                       sign_in_rate: RateLimiter | None = None) -> None:
     """Register the console's pages, its session table and its middleware on the broker's app."""
-    app[SESSIONS] = SessionStore(clock=lambda: app[api.CLOCK]() if api.CLOCK in app else time.time())
+    app[SESSIONS] = SessionStore(clock=lambda: app[api.CLOCK]() if api.CLOCK in app else time.time(),
+                                 per_person=sessions_per_person, sign_in_rate=sign_in_rate)
     app.middlewares.append(console_middleware)
     app.router.add_get(PREFIX, approvals_page)
     app.router.add_get(f"{PREFIX}/", approvals_page)

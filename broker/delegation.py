@@ -28,7 +28,7 @@ from broker.errors import (
     NotDelegator,
     NotTaskAgent,
 )
-from broker.identity import AgentIdentity, SpiffeId, SpiffePattern, UserIdentity
+from broker.identity import AgentIdentity, SpiffeId, SpiffePattern, UserIdentity, is_person_id
 from broker.vault import validate_path
 
 Risk = Literal["low", "high"]
@@ -37,7 +37,12 @@ _PLACEHOLDER = re.compile(r"\{(task|agent|user|tenant|role)\}")
 
 @dataclass(frozen=True)
 class Principal:
-    """A delegator, operator, auditor or approver entry: ``group:NAME`` or ``user:NAME`` (bare = user)."""
+    """A delegator, operator, auditor or approver entry: ``group:NAME`` or ``user:NAME`` (bare = user).
+
+    A user is named by their person id (``user:https://idp.example.com#248289761001``: issuer, ``#``,
+    subject), which matches that pair exactly, or by an email address, which matches only a person whose
+    token carries that address *trusted* (verified by the issuer, or the issuer's ``trust_email``).
+    """
 
     kind: Literal["user", "group"]
     name: str
@@ -51,12 +56,16 @@ class Principal:
         if kind not in ("user", "group") or not name:
             msg = f"principal must be 'user:NAME' or 'group:NAME', got {text!r}"
             raise ConfigError(msg)
+        if kind == "user" and not is_person_id(name):
+            name = name.lower()  # an email address: compared as the verifier stores them
         return cls(kind, name)  # type: ignore[arg-type]
 
     def includes(self, user: UserIdentity) -> bool:
         if self.kind == "group":
             return self.name in user.groups
-        return self.name == user.name
+        if is_person_id(self.name):
+            return self.name == user.id
+        return user.trusted_email is not None and self.name == user.trusted_email
 
 
 def any_includes(principals: Iterable[Principal], user: UserIdentity) -> bool:
@@ -173,7 +182,7 @@ def check_start(
     r = catalog.roles.get(role)
     if r is None or not any_includes(r.delegators, user) or (tenant is not None and tenant != r.tenant):
         msg = "this role cannot be delegated by this user"
-        raise NotDelegator(msg, reason=f"user {user.name} may not delegate role {role!r} (tenant {tenant!r})")
+        raise NotDelegator(msg, reason=f"user {user.id} may not delegate role {role!r} (tenant {tenant!r})")
     if not any(p.matches(agent_id) for p in r.agents):
         msg = "this agent may not take this role"
         raise AgentNotAllowed(msg, reason=f"agent {agent_id} matches no pattern of role {role}")

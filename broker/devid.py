@@ -173,13 +173,17 @@ class DevIssuer:
         subject: str,
         audience: str,
         email: str | None = None,
+        email_verified: bool | None = True,
         groups: Sequence[str] = (),
         auth_time: float | None = None,
         ttl: float = 300,
         now: float | None = None,
         extra_claims: Mapping[str, Any] | None = None,
     ) -> str:
-        """An OIDC ID token (DEV/TEST ONLY). ``extra_claims`` override the defaults."""
+        """An OIDC ID token (DEV/TEST ONLY). ``extra_claims`` override the defaults.
+
+        With an ``email``, ``email_verified`` is claimed as given (``None``: the claim is left out).
+        """
         issued = time.time() if now is None else now
         claims: dict[str, Any] = {
             "iss": issuer,
@@ -190,6 +194,8 @@ class DevIssuer:
         }
         if email is not None:
             claims["email"] = email
+            if email_verified is not None:
+                claims["email_verified"] = email_verified
         if groups:
             claims["groups"] = list(groups)
         if auth_time is not None:

@@ -23,6 +23,7 @@ import click
 from aiohttp import web
 
 from broker.app import make_app
+from broker.server import BrokerRunner
 from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.devid import DevIssuer
@@ -198,7 +199,7 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
             click.echo("      " + ", ".join(f"{c.kind} {c.name}: {c.action}" for c in changes))
             TokenSealer.generate_key_file(work / "store.key")
             generate_signing_key_file(work / "audit-signing.key")
-            runner = web.AppRunner(make_app(settings), access_log=None)
+            runner = BrokerRunner(make_app(settings), access_log=None)
             await steps.run(f"Broker on http://{host}:{port} (SQLite {work / 'broker.db'})",
                             _start(runner, host, port))
             idp, spiffe = DevIssuer.load(work / "idp.key"), DevIssuer.load(work / "spiffe.key")

@@ -8,7 +8,12 @@ Hierarchy::
 
     BrokerError (500 internal)
     ├── BadRequest (400 bad_request)
-    │   └── ConfigError (400 invalid_config)         -- raised at start-up, never over HTTP
+    │   ├── ConfigError (400 invalid_config)         -- raised at start-up, never over HTTP
+    │   ├── MalformedJson (400 invalid_json)         -- not UTF-8 JSON, or a repeated member name
+    │   ├── JsonTooDeep (400 json_too_deep)
+    │   └── NumberOutOfRange (400 number_out_of_range) -- NaN, Infinity, beyond int64 or the query's bounds
+    ├── UnsupportedMediaType (415 unsupported_media_type) -- a body that is not application/json (UTF-8)
+    ├── HeaderTooLarge (431 header_too_large)        -- answered by the broker, not by aiohttp's parser
     ├── InvalidIdentity (401 invalid_token)          -- one generic message whatever failed (no oracle)
     ├── Denied (403 denied)
     │   ├── NotDelegator (403 not_delegator)
@@ -60,6 +65,33 @@ class BadRequest(BrokerError):
 class ConfigError(BadRequest):
     code = "invalid_config"
     title = "Invalid configuration"
+
+
+class MalformedJson(BadRequest):
+    code = "invalid_json"
+    title = "The body is not valid JSON"
+
+
+class JsonTooDeep(BadRequest):
+    code = "json_too_deep"
+    title = "The body is nested too deeply"
+
+
+class NumberOutOfRange(BadRequest):
+    code = "number_out_of_range"
+    title = "A number is out of range"
+
+
+class UnsupportedMediaType(BrokerError):
+    code = "unsupported_media_type"
+    http_status = 415
+    title = "The body must be application/json in UTF-8"
+
+
+class HeaderTooLarge(BrokerError):
+    code = "header_too_large"
+    http_status = 431
+    title = "Request header fields too large"
 
 
 class InvalidIdentity(BrokerError):

@@ -123,6 +123,7 @@ class LeaseManager:
         limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
         user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
         approvals: ApprovalManager | None = None, backlog_ok: Callable[[], None] | None = None,
+        renew_rate: RateLimiter | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -132,6 +133,8 @@ class LeaseManager:
         self._limits = limits
         self._agent_rate = agent_rate
         self._user_rate = user_rate
+        # Renewals cost a Vault call and an audit row each: per agent, before any other work.
+        self._renew_rate = renew_rate
         self._crash = crash
         self._bootstrap_ttl = bootstrap_ttl
         self._approvals = approvals
@@ -141,7 +144,8 @@ class LeaseManager:
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
         await self._store.append_audit(AuditRecord(
-            self._clock(), "access.denied", "denied", user=task.user if task else None, agent=str(caller.spiffe_id),
+            self._clock(), "access.denied", "denied", user=task.user if task else None,
+            user_name=task.user_name if task else None, agent=str(caller.spiffe_id),
             task=task_id, tenant=task.tenant if task else None, resource=resource, action=action, reason=exc.reason,
         ))
 
@@ -209,7 +213,7 @@ class LeaseManager:
             await self._store.begin_issuance(
                 Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=issuance.accessor,
                        created_at=now),
-                user=task.user, agent=task.agent, tenant=task.tenant, limits=self._limits,
+                user=task.user, user_email=task.user_email, agent=task.agent, tenant=task.tenant, limits=self._limits,
                 approval_id=approval.id if approval else None)
         except (Denied, Gone, RateLimited, Conflict) as exc:
             await self._revoke_token(issuance.accessor)
@@ -226,7 +230,8 @@ class LeaseManager:
                 if remaining > self._bootstrap_ttl else _done()
             read = self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
-                data=grant.request_params(task=task.id, agent=task.agent, user=task.user, tenant=task.tenant,
+                data=grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
+                                          tenant=task.tenant,
                                           role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
             )
             _, secret = await asyncio.gather(renewal, read)
@@ -276,8 +281,7 @@ class LeaseManager:
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
             state=LeaseState.ACTIVE, revoked_at=None, issuance_accessor=issuance.accessor,
         )
-        record = AuditRecord(now, "lease.issued", "success", user=task.user, agent=task.agent, task=task.id,
-                             tenant=task.tenant, resource=grant.path, action="issue", lease=lease.id,
+        record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue", lease=lease.id,
                              vault_request_id=secret.request_id,
                              reason=f"grant {grant.name}, ttl {lease_ttl}s"
                                     + (f", unlocked by approval {approval_id}" if approval_id else ""))
@@ -299,9 +303,12 @@ class LeaseManager:
         """Extend a lease, never past its grant's max TTL from now nor its task's end.
 
         Raises:
+            RateLimited: the agent renews faster than ``limits.renew_rate_per_agent``.
             NotFound: no such lease, or not the caller's (one answer for both).
             Gone: the task ended. Conflict: the lease is not active or not renewable.
         """
+        if self._renew_rate is not None:
+            self._renew_rate.take(str(caller.spiffe_id), what="agent")
         now = self._clock()
         lease = await self._store.get_lease(lease_id)
         task = await self._store.get_task(lease.task_id) if lease else None
@@ -316,8 +323,7 @@ class LeaseManager:
         # The task token may renew any lease of its own tree; the lease's own child token holds the same policy.
         info = await self._vault.renew_lease(lease.vault_lease_id, increment=ttl, token=token)
         expires_at = min(now + info.ttl, task.expires_at)
-        record = AuditRecord(now, "lease.renewed", "success", user=task.user, agent=task.agent, task=task.id,
-                             tenant=task.tenant, resource=lease.path, action="renew", lease=lease.id,
+        record = AuditRecord.for_task(task, now, "lease.renewed", "success", resource=lease.path, action="renew", lease=lease.id,
                              reason=f"ttl {info.ttl}s")
         await self._store.renew_lease(lease.id, expires_at=expires_at, record=record)
         return LeaseRow(**{**lease.__dict__, "expires_at": expires_at})

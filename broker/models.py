@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _GRANT = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_PERSON = "The person: their id, '<issuer>#<subject>' of their ID token (what every decision compares)"
+_PERSON_NAME = "Their display name (the trusted email, else the subject): for people to read, never matched"
 
 
 def _ttl(value: object) -> object:
@@ -51,7 +53,9 @@ class RenewRequest(_Request):
 class RevocationCreate(_Request):
     """Exactly one selector, and a reason for the audit trail."""
 
-    user: str | None = Field(default=None, min_length=1, max_length=320)
+    user: str | None = Field(default=None, min_length=1, max_length=320,
+                             description="A person id ('<issuer>#<subject>'), or an email address: every person "
+                                         "whose tokens carried it trusted, whatever their next token says")
     agent: str | None = Field(default=None, min_length=1, max_length=2048)
     task: str | None = Field(default=None, min_length=1, max_length=64)
     tenant: str | None = Field(default=None, pattern=_GRANT)
@@ -83,11 +87,13 @@ class RevocationOut(BaseModel):
     kind: Literal["user", "agent", "task", "tenant"]
     value: str
     reason: str
-    created_by: str
+    created_by: str = Field(description="The operator. " + _PERSON)
+    created_by_name: str | None = Field(default=None, description=_PERSON_NAME)
     created_at: float
     lock: bool = Field(description="Whether new tasks and credentials are blocked for this user, agent or tenant")
     lifted_at: float | None = None
     lifted_by: str | None = None
+    lifted_by_name: str | None = None
     tasks: int = Field(description="Live tasks the revocation ended")
     leases: int = Field(description="Live leases those tasks held")
     revoked: int = Field(description="Leases Vault confirmed gone")
@@ -102,7 +108,8 @@ class RevocationList(BaseModel):
 class LeaseListItem(BaseModel):
     id: str
     task: str
-    user: str
+    user: str = Field(description=_PERSON)
+    user_name: str | None = Field(default=None, description=_PERSON_NAME)
     agent: str
     tenant: str
     grant: str
@@ -130,7 +137,8 @@ class LeaseOut(BaseModel):
 
 class TaskOut(BaseModel):
     id: str
-    user: str
+    user: str = Field(description=_PERSON)
+    user_name: str | None = Field(default=None, description=_PERSON_NAME)
     agent: str
     role: str
     tenant: str
@@ -167,7 +175,8 @@ class ApprovalPending(BaseModel):
 
 
 class ApprovalVote(BaseModel):
-    approver: str
+    approver: str = Field(description=_PERSON)
+    approver_name: str | None = Field(default=None, description=_PERSON_NAME)
     decision: Literal["approve", "deny"]
     reason: str
     auth_time: float
@@ -178,7 +187,8 @@ class ApprovalOut(BaseModel):
     id: str
     state: Literal["pending", "approved", "denied", "expired", "consumed"]
     task: str
-    user: str = Field(description="Who delegated the task")
+    user: str = Field(description="Who delegated the task. " + _PERSON)
+    user_name: str | None = Field(default=None, description=_PERSON_NAME)
     agent: str
     tenant: str
     grant: str
@@ -217,7 +227,8 @@ class AuditOut(BaseModel):
     time: float
     event: str
     outcome: str
-    user: str | None = None
+    user: str | None = Field(default=None, description=_PERSON)
+    user_name: str | None = Field(default=None, description=_PERSON_NAME)
     agent: str | None = None
     task: str | None = None
     tenant: str | None = None

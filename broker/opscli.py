@@ -75,16 +75,18 @@ class Column:
     kind: Literal["text", "time", "count"] = "text"
     width: int | None = None
     keep_tail: bool = False
+    # Shown when ``key`` is empty: a person's display name falls back to their id (older rows have none).
+    fallback: str | None = None
 
 
 LEASE_COLUMNS = (
-    Column("LEASE", "id"), Column("TASK", "task"), Column("USER", "user", width=32),
+    Column("LEASE", "id"), Column("TASK", "task"), Column("USER", "user_name", width=32, fallback="user"),
     Column("AGENT", "agent", width=40, keep_tail=True), Column("TENANT", "tenant"), Column("GRANT", "grant"),
     Column("STATE", "state"), Column("ISSUED", "issued_at", "time"), Column("EXPIRES", "expires_at", "time"),
     Column("REVOKED", "revoked_at", "time"),
 )
 TASK_COLUMNS = (
-    Column("TASK", "id"), Column("USER", "user", width=32), Column("AGENT", "agent", width=40, keep_tail=True),
+    Column("TASK", "id"), Column("USER", "user_name", width=32, fallback="user"), Column("AGENT", "agent", width=40, keep_tail=True),
     Column("ROLE", "role"), Column("TENANT", "tenant"), Column("STATE", "state"),
     Column("CREATED", "created_at", "time"), Column("EXPIRES", "expires_at", "time"),
     Column("ENDED", "ended_at", "time"), Column("REASON", "reason", width=30),
@@ -93,7 +95,7 @@ REVOCATION_COLUMNS = (
     Column("REVOCATION", "id"), Column("KIND", "kind"), Column("VALUE", "value", width=40, keep_tail=True),
     Column("LOCK", "lock"), Column("STATE", "state"), Column("REVOKED", "progress", "count"),
     Column("PENDING", "pending", "count"), Column("CREATED", "created_at", "time"),
-    Column("BY", "created_by", width=32), Column("REASON", "reason", width=30),
+    Column("BY", "created_by_name", width=32, fallback="created_by"), Column("REASON", "reason", width=30),
 )
 
 
@@ -116,6 +118,8 @@ def _cut(text: str, width: int | None, keep_tail: bool) -> str:
 
 def _cell(row: Payload, col: Column, *, iso: bool, tz: tzinfo | None) -> str:
     value = row.get(col.key)
+    if value is None and col.fallback is not None:
+        value = row.get(col.fallback)
     if col.kind == "time":
         return format_time(value, iso=iso, tz=tz)
     if value is None:

@@ -134,12 +134,21 @@ def _kv(*parts: tuple[str, object]) -> str:
     return "  ".join(f"{k} {_clean(v)}" if k else _clean(v) for k, v in parts if v not in (None, ""))
 
 
+def _who(rec: AuditRecord) -> str | None:
+    """The person for a reader: the display name, and the id (what the broker compares) beside it."""
+    if rec.user is None:
+        return None
+    if rec.user_name and rec.user_name != rec.user:
+        return f"{rec.user_name} <{rec.user}>"
+    return rec.user
+
+
 def describe(rec: AuditRecord) -> str:
     """The detail column of one record: what it says beyond its event, time and outcome."""
     e = rec.event
     if e == "task.started":
         role = (rec.resource or "").removeprefix("role:")
-        return _kv(("by", rec.user), ("for", rec.agent), ("as", role), ("tenant", rec.tenant),
+        return _kv(("by", _who(rec)), ("for", rec.agent), ("as", role), ("tenant", rec.tenant),
                    ("reason", rec.reason))
     if e.startswith("lease."):
         return _kv(("", rec.resource), ("lease", rec.lease), ("vault request", rec.vault_request_id),
@@ -150,7 +159,7 @@ def describe(rec: AuditRecord) -> str:
         return _kv(("", rec.resource), ("", rec.reason))
     if e in _ENDS:
         return _kv(("", rec.reason))
-    return _kv(("user", rec.user), ("agent", rec.agent), ("", rec.action), ("", rec.resource), ("lease", rec.lease),
+    return _kv(("user", _who(rec)), ("agent", rec.agent), ("", rec.action), ("", rec.resource), ("lease", rec.lease),
                ("", rec.reason))
 
 
@@ -171,7 +180,7 @@ def _header(block: TaskBlock, *, iso: bool, tz: tzinfo | None) -> str:
     role = (started.resource or "").removeprefix("role:") if started else "?"
     end = next((r.record for r in reversed(block.records) if r.record.event in _ENDS), None)
     state = f"{end.event.removeprefix('task.')} {format_time(end.time, iso=True, tz=tz)}" if end else "open"
-    return (f"task {_clean(block.task)}  user {_clean(who.user or '-')}  agent {_clean(who.agent or '-')}  "
+    return (f"task {_clean(block.task)}  user {_clean(_who(who) or '-')}  agent {_clean(who.agent or '-')}  "
             f"role {_clean(role)}  tenant {_clean(who.tenant or '-')}  "
             f"since {format_time(first.time, iso=True, tz=tz)}  {state}")
 

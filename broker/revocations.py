@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from broker.audit import AuditRecord
 from broker.errors import BadRequest, NotFound, VaultDenied, VaultError
-from broker.identity import UserIdentity
+from broker.identity import UserIdentity, is_person_id
 from broker.store import LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
 
@@ -80,8 +80,7 @@ class Revoker:
                 return Settled(0, len(leases))
             expired = task.state == "expired"
             records = [
-                AuditRecord(now, "lease.expired" if expired else "lease.revoked", "success", user=task.user,
-                            agent=task.agent, task=task.id, tenant=task.tenant, resource=lease.path,
+                AuditRecord.for_task(task, now, "lease.expired" if expired else "lease.revoked", "success", resource=lease.path,
                             action="expire" if expired else "revoke", lease=lease.id,
                             reason=f"task {task.state}; confirmed gone in Vault")
                 for lease in leases
@@ -155,17 +154,21 @@ class Revocations:
         """
         if not value:
             raise BadRequest(f"{kind} must not be empty")
+        if kind == "user" and not is_person_id(value):
+            # An email address: it names every person whose tokens carried it trusted, now and later.
+            value = value.lower()
         now = self._clock()
         rev = RevocationRow(id="rvk_" + secrets.token_urlsafe(12), kind=kind, value=value, reason=reason,
-                            created_by=operator.name, created_at=now, lock=kind in _LOCKING, lifted_at=None,
-                            lifted_by=None, tasks=0, leases=0)  # counted by the fence's own transaction
-        created = AuditRecord(now, "revocation.created", "success", user=operator.name, resource=f"{kind}:{value}",
-                              action="revoke", reason=f"{reason} ({rev.id}{', locked' if rev.lock else ''})")
+                            created_by=operator.id, created_at=now, lock=kind in _LOCKING, lifted_at=None,
+                            lifted_by=None, tasks=0, leases=0,  # counted by the fence's own transaction
+                            created_by_name=operator.name)
+        created = AuditRecord(now, "revocation.created", "success", user=operator.id, user_name=operator.name,
+                              resource=f"{kind}:{value}", action="revoke",
+                              reason=f"{reason} ({rev.id}{', locked' if rev.lock else ''})")
 
         def revoked(t: TaskRow) -> AuditRecord:
-            return AuditRecord(now, "task.revoked", "success", user=t.user, agent=t.agent, task=t.id,
-                               tenant=t.tenant, resource=f"role:{t.role}", action="revoke",
-                               reason=f"by {operator.name}: {reason} ({rev.id})")
+            return AuditRecord.for_task(t, now, "task.revoked", "success", resource=f"role:{t.role}", action="revoke",
+                               reason=f"by {operator.name} ({operator.id}): {reason} ({rev.id})")
 
         fenced = await self._store.fence_tasks([], state="revoked", now=now, records=[created], revocation=rev,
                                                retry_after=wait + 5,
@@ -189,9 +192,9 @@ class Revocations:
         if rev is None:
             raise NotFound("no such revocation")
         now = self._clock()
-        await self._store.lift_lock(revocation_id, by=operator.name, now=now, record=AuditRecord(
-            now, "lock.lifted", "success", user=operator.name, resource=f"{rev.kind}:{rev.value}", action="unlock",
-            reason=f"{reason} ({revocation_id})"))
+        await self._store.lift_lock(revocation_id, by=operator.id, by_name=operator.name, now=now, record=AuditRecord(
+            now, "lock.lifted", "success", user=operator.id, user_name=operator.name,
+            resource=f"{rev.kind}:{rev.value}", action="unlock", reason=f"{reason} ({revocation_id})"))
         return await self.status(revocation_id)
 
 
@@ -240,8 +243,7 @@ class Maintenance:
         due = await self._store.find_tasks(states=("active",), expires_before=now, limit=500)
         if not due:
             return
-        records = [AuditRecord(now, "task.expired", "success", user=t.user, agent=t.agent, task=t.id,
-                               tenant=t.tenant, resource=f"role:{t.role}", action="expire",
+        records = [AuditRecord.for_task(t, now, "task.expired", "success", resource=f"role:{t.role}", action="expire",
                                reason="deadline reached") for t in due]
         await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records, retry_after=0)
 
@@ -259,7 +261,7 @@ class Maintenance:
                 return
         if lost:
             await self._store.fence_tasks([t.id for t in lost], state="revoked", now=now, retry_after=0, records=[
-                AuditRecord(now, "task.revoked", "failure", user=t.user, agent=t.agent, task=t.id, tenant=t.tenant,
+                AuditRecord.for_task(t, now, "task.revoked", "failure",
                             resource=f"role:{t.role}", action="revoke",
                             reason="the broker stopped before extending the task token; it expired unused")
                 for t in lost])
@@ -276,7 +278,7 @@ class Maintenance:
                 return
         if gone:
             await self._store.expire_leases([x.id for x, _ in gone], now=now, records=[
-                AuditRecord(now, "lease.expired", "success", user=t.user, agent=t.agent, task=t.id, tenant=t.tenant,
+                AuditRecord.for_task(t, now, "lease.expired", "success",
                             resource=x.path, action="expire", lease=x.id, reason="TTL elapsed; gone in Vault")
                 for x, t in gone])
 

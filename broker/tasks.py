@@ -25,9 +25,10 @@ from broker.delegation import Catalog, TaskView, check_start
 from broker.errors import BadRequest, Denied, NotFound, VaultError, VaultUnavailable
 from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity, UserIdentity
+from broker.limits import RateLimiter
 from broker.revocations import Revoker
 from broker.sealing import TokenSealer
-from broker.store import Intent, LeaseRow, Store, TaskRow
+from broker.store import Intent, LeaseRow, Person, Store, TaskRow
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,11 @@ class TaskManager:
         clock: Callable[[], float],
         bootstrap_ttl: int = 30,
         crash: CrashHook = no_crash,
+        start_rate: RateLimiter | None = None,
     ) -> None:
         self._catalog = catalog
+        # Per person, before any other work: each start costs a Vault token, each refusal an audit row.
+        self._start_rate = start_rate
         self._store = store
         self._vault = vault
         self._sealer = sealer
@@ -114,20 +118,24 @@ class TaskManager:
         Raises:
             Denied subclasses: the delegation is not allowed (recorded as ``access.denied``).
             Locked: an operator lock covers the user, the agent or the tenant.
+            RateLimited: this person starts tasks faster than ``limits.task_start_rate_per_user``.
             VaultUnavailable: Vault cannot be reached; nothing was recorded.
         """
+        if self._start_rate is not None:
+            self._start_rate.take(user.id, what="person")
         now = self._clock()
+        person = Person(id=user.id, name=user.name, trusted_email=user.trusted_email)
         try:
             decision = check_start(self._catalog, user, agent=agent, role=role, ttl=ttl, tenant=tenant)
             r = decision.role
             task_id = new_task_id()
             await self._store.begin_task(Intent(id=task_id, kind="task", task_id=task_id, grant=None, accessor=None,
-                                                created_at=now), user=user.name, agent=str(decision.agent),
+                                                created_at=now), user=person, agent=str(decision.agent),
                                          tenant=r.tenant)
         except (Denied, BadRequest) as exc:
             await self._store.append_audit(
-                AuditRecord(now, "access.denied", "denied", user=user.name, agent=agent, tenant=tenant,
-                            resource=f"role:{role}", action="task.start", reason=exc.reason)
+                AuditRecord(now, "access.denied", "denied", user=user.id, user_name=user.name, agent=agent,
+                            tenant=tenant, resource=f"role:{role}", action="task.start", reason=exc.reason)
             )
             raise
         self._crash("task.after_intent")
@@ -136,18 +144,19 @@ class TaskManager:
             policies=[r.vault_policy],
             ttl=min(self._bootstrap_ttl, decision.ttl),
             explicit_max_ttl=decision.ttl,
-            meta={"task": task_id, "user": user.name, "agent": str(decision.agent), "tenant": r.tenant, "role": r.name},
+            meta={"task": task_id, "user": user.id, "agent": str(decision.agent), "tenant": r.tenant, "role": r.name},
             display_name=f"task-{r.name}",
         )
         self._crash("task.after_token")
         row = TaskRow(
-            id=task_id, user=user.name, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
+            id=task_id, user=user.id, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
             created_at=now, expires_at=now + decision.ttl, state=TaskState.ACTIVE, ended_at=None,
             token_accessor=auth.accessor, sealed_token=self._sealer.seal(auth.client_token, task_id=task_id),
             token_state="bootstrap" if decision.ttl > self._bootstrap_ttl else "live",
+            user_name=user.name, user_email=user.trusted_email,
         )
-        record = AuditRecord(now, "task.started", "success", user=user.name, agent=row.agent, task=task_id,
-                             tenant=r.tenant, resource=f"role:{r.name}", action="task.start", reason=reason)
+        record = AuditRecord.for_task(row, now, "task.started", "success", resource=f"role:{r.name}",
+                                      action="task.start", reason=reason)
         try:
             recorded = await self._store.create_task(row, record)
         except BaseException:
@@ -186,7 +195,7 @@ class TaskManager:
                 maintenance loop keeps retrying.
         """
         now = self._clock()
-        actor = by.name if isinstance(by, UserIdentity) else str(by.spiffe_id)
+        actor = f"{by.name} ({by.id})" if isinstance(by, UserIdentity) else str(by.spiffe_id)
         row = await self._store.get_task(task_id)
         if row is None:
             raise NotFound("no such task")
@@ -194,8 +203,7 @@ class TaskManager:
         if target is not None:
             event_name = {TaskEvent.END: "task.ended", TaskEvent.EXPIRE: "task.expired",
                           TaskEvent.REVOKE: "task.revoked"}[event]
-            record = AuditRecord(now, event_name, "success", user=row.user, agent=row.agent, task=row.id,
-                                 tenant=row.tenant, resource=f"role:{row.role}", action=str(event),
+            record = AuditRecord.for_task(row, now, event_name, "success", resource=f"role:{row.role}", action=str(event),
                                  reason=reason or f"by {actor}")
             await self._store.fence_tasks([task_id], state=target, now=now, records=[record])
             self._crash("end.after_fence")

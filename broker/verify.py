@@ -61,14 +61,17 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 # canonical_bytes itself.
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id")
+                 "lease", "vault_request_id", "user_name")
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
+# Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
+_N = len(fields(AuditRecord))
+_PREV, _HASH = _N + 1, _N + 2
 
 
 def _body(r: AuditRecord, seq: int) -> bytes:
     """``canonical_bytes(r, seq)``, faster."""
     return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id))
+                      r.reason, r.lease, r.vault_request_id, r.user_name))
 
 
 def _row_body(row: Sequence[Any]) -> bytes:
@@ -79,9 +82,10 @@ def _row_body(row: Sequence[Any]) -> bytes:
     through ``canonical_bytes`` itself (which then encodes it, or raises as it would anyway).
     """
     if not _FAST:
-        return canonical_bytes(AuditRecord(*row[1:13]), row[0])
+        return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
     e = encode_basestring
-    seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id = row[:13]
+    (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
+     user_name) = row[:14]
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
@@ -94,10 +98,12 @@ def _row_body(row: Sequence[Any]) -> bytes:
             f'"task":{"null" if task is None else e(task)},'
             f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
             f'"user":{"null" if user is None else e(user)},'
+            # An added field (audit.ADDED_FIELDS) is written only when set, and sorts after "user".
+            f'{"" if user_name is None else chr(34) + "user_name" + chr(34) + ":" + e(user_name) + ","}'
             f'"vault_request_id":{"null" if vault_request_id is None else e(vault_request_id)}}}'
         ).encode("utf-8")
     except (TypeError, ValueError):
-        return canonical_bytes(AuditRecord(*row[1:13]), seq)
+        return canonical_bytes(AuditRecord(*row[1:_N + 1]), seq)
 
 
 def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
@@ -135,11 +141,11 @@ def _verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: 
     for row in rows:
         if row[0] != expected:
             raise AuditChainBroken(expected, f"expected record {expected}, found {row[0]}")
-        if row[13] != prev_hex:
+        if row[_PREV] != prev_hex:
             raise AuditChainBroken(expected, "prev_hash is not the previous record's hash")
         prev = sha256(CHAIN_DOMAIN + prev + body(row)).digest()
         prev_hex = prev.hex()
-        if row[14] != prev_hex:
+        if row[_HASH] != prev_hex:
             raise AuditChainBroken(expected, "the record does not match its hash")
         expected += 1
     return expected - first_seq, prev

@@ -37,6 +37,14 @@ OTHER_AGENT = f"spiffe://{TD}/agent/support-2"
 OUTSIDER_AGENT = f"spiffe://{TD}/agent/billing-1"
 USER = "alice@example.com"
 
+
+def person(name: str = USER) -> str:
+    """The person id the broker records for a test user minted by ``Identities.user(name)`` (sub = name)."""
+    return f"{IDP}#{name}"
+
+
+USER_ID = person(USER)
+
 CONFIG = """
 [server]
 listen = "127.0.0.1:0"

@@ -22,12 +22,17 @@ __all__ = [
     "KeyRef",
     "UserIdentity",
     "id_token_key_ref",
+    "person_id",
     "svid_key_ref",
     "verify_id_token",
     "verify_svid",
 ]
 
 MAX_TOKEN_BYTES: Final = 8 * 1024
+MAX_SUBJECT: Final = 255
+MAX_EMAIL: Final = 320
+# The store's columns for a person hold 320 characters: issuer, "#" and subject must fit.
+MAX_PERSON_ID: Final = 320
 _ALLOWED_HEADERS: Final = frozenset({"alg", "kid", "typ"})
 _ALLOWED_TYP: Final = frozenset({"JWT", "JOSE"})
 _SEGMENT_CHARS_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -44,20 +49,53 @@ class AgentIdentity:
     token_id: str | None
 
 
+def person_id(issuer: str, subject: str) -> str:
+    """A person's stable id: ``<issuer>#<subject>``.
+
+    Unambiguous: an OIDC issuer is an https URL without a fragment (the configuration refuses an issuer
+    holding ``#``), so the first ``#`` ends the issuer, and everything after it is the subject, verbatim.
+    It always contains ``://``, which no email address does.
+    """
+    return f"{issuer}#{subject}"
+
+
+def is_person_id(text: str) -> bool:
+    """Whether ``text`` has the form of :func:`person_id` (else it is an email address or a legacy name)."""
+    issuer, sep, subject = text.partition("#")
+    return bool(sep and subject) and "://" in issuer
+
+
 @dataclass(frozen=True)
 class UserIdentity:
     """A verified person from an OIDC ID token.
 
-    ``name`` is what the broker records and matches delegators against: the ``email`` claim when it is a
-    non-empty string and ``email_verified`` is not present-and-untrue, else ``sub``.
+    A person *is* the pair (``issuer``, ``subject``), exposed as ``id``: every decision about a person
+    (ownership, self-approval, votes, locks, budgets) compares ``id``. The email address is a display
+    name; it is ``trusted`` only where the issuer marks it verified (``email_verified: true``, exactly)
+    or the issuer's configuration says ``trust_email``, and only a trusted address ever matches a
+    ``user:EMAIL`` principal or an operator's lock named by email. ``email`` is lower-cased.
     """
 
     subject: str
     issuer: str
-    name: str
     groups: frozenset[str]
     auth_time: float | None
     expires_at: float
+    email: str | None = None
+    email_trusted: bool = False
+
+    @property
+    def id(self) -> str:
+        return person_id(self.issuer, self.subject)
+
+    @property
+    def trusted_email(self) -> str | None:
+        return self.email if self.email_trusted else None
+
+    @property
+    def name(self) -> str:
+        """For people to read (logs, pages, audit ``user_name``): the trusted email, else ``sub``. Never matched on."""
+        return self.trusted_email or self.subject
 
 
 # --------------------------------------------------------------------------------------- JWS structure
@@ -305,11 +343,14 @@ def verify_id_token(
     leeway: float = 30.0,
     max_lifetime: float = 86400.0,
     groups_claim: str = "groups",
+    trust_email: bool = False,
 ) -> UserIdentity:
     """Verify an OIDC ID token with ``key``, which the caller took from ``issuer``'s key source.
 
     ``groups`` comes from ``groups_claim``: absent means no groups; anything but a list of strings is
-    rejected rather than read as "no groups", so an IdP misconfiguration is visible.
+    rejected rather than read as "no groups", so an IdP misconfiguration is visible. The email is
+    trusted only when ``email_verified`` is exactly ``true`` or ``trust_email`` is set: a missing or
+    false ``email_verified`` may be an address the user typed in themselves.
 
     Raises:
         InvalidIdentity: if the token is malformed; its header breaks the rules; ``iss`` is not exactly
@@ -325,6 +366,11 @@ def verify_id_token(
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         _fail("sub missing or not a string")
+    if len(sub) > MAX_SUBJECT:
+        # OIDC Core 2: "It MUST NOT exceed 255 ASCII characters in length."
+        _fail("sub longer than 255 characters")
+    if len(person_id(issuer, sub)) > MAX_PERSON_ID:
+        _fail("issuer and sub together longer than 320 characters")
     # TH-31: a SPIFFE ID is an agent, never a person, whatever key signed it.
     if _looks_like_spiffe(sub):
         _fail("sub is a SPIFFE ID: agent tokens are not user tokens")
@@ -336,15 +382,18 @@ def verify_id_token(
     groups_value = claims.get(groups_claim, [])
     if not isinstance(groups_value, list) or not all(isinstance(g, str) for g in groups_value):
         _fail("groups claim is not a list of strings")
-    email = _optional_str(claims, "email")
-    # An unverified address may be one the user typed in themselves: fall back to sub.
-    verified = claims.get("email_verified", True) is True
-    name = email if email and verified else sub
+    email = _optional_str(claims, "email") or None
+    if email is not None and len(email) > MAX_EMAIL:
+        _fail("email longer than 320 characters")
+    # Only the JSON literal true verifies: a missing claim, false, or the string "true" some IdPs send
+    # leaves the address untrusted (shown, never matched), which costs nothing since people match by id.
+    verified = claims.get("email_verified")
     return UserIdentity(
         subject=sub,
         issuer=issuer,
-        name=name,
         groups=frozenset(groups_value),
         auth_time=auth_time,
         expires_at=exp,
+        email=email.lower() if email else None,
+        email_trusted=bool(email) and (verified is True or trust_email),
     )

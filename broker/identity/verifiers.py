@@ -111,6 +111,9 @@ class IssuerTrust:
     issuer: str
     keys: KeySource
     groups_claim: str = "groups"
+    # The issuer vouches for every email it puts in a token, verified or not (an enterprise IdP whose
+    # directory is the source of addresses). Off by default: then only ``email_verified: true`` counts.
+    trust_email: bool = False
 
 
 class UserVerifier:
@@ -135,6 +138,10 @@ class UserVerifier:
         for trust in issuers:
             if not trust.issuer or trust.issuer in by_issuer:
                 msg = f"issuer {trust.issuer!r} is empty or configured twice"
+                raise ConfigError(msg)
+            if "#" in trust.issuer or "://" not in trust.issuer:
+                # A person is "<issuer>#<sub>": an issuer is a URL, and OIDC forbids it a fragment.
+                msg = f"issuer {trust.issuer!r} must be a URL without a fragment ('#')"
                 raise ConfigError(msg)
             if not trust.groups_claim:
                 msg = f"issuer {trust.issuer!r}: groups_claim must not be empty"
@@ -174,4 +181,5 @@ class UserVerifier:
             leeway=self._leeway,
             max_lifetime=self._max_lifetime,
             groups_claim=trust.groups_claim,
+            trust_email=trust.trust_email,
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from broker.errors import (
     Locked,
     StoreUnavailable,
 )
+from broker.identity import is_person_id
 from broker.store.rows import (
     ApprovalRow,
     AuditRow,
@@ -60,6 +62,7 @@ from broker.store.rows import (
     Intent,
     LeaseLimits,
     LeaseRow,
+    Person,
     RevocationRow,
     TaskRow,
     VaultAuditPosition,
@@ -73,14 +76,15 @@ from broker.store.schema import (
     audit_head,
     intents,
     leases,
+    person_emails,
     revocations,
     tasks,
     vault_audit_position,
     vault_audit_tokens,
 )
 
-__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", "LeaseRow", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition",
-           "open_store"]
+__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", "LeaseRow", "Person", "RevocationRow",
+           "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,9 +101,15 @@ _TASK_STATE_FOR_UPDATE = select(tasks.c.state).where(tasks.c.id == bindparam("id
 _LEASE_BY_ID = select(leases).where(leases.c.id == bindparam("id"))
 _RESOLVE_INTENT = (update(intents).where(intents.c.id == bindparam("iid"), intents.c.state == "open")
                    .values(state=bindparam("new_state"), resolved_at=bindparam("at")))
+# A lock on a user names their person id or an email address. An address holds the person behind it:
+# it matches the address their token carries trusted now, and every address any of their tokens carried
+# trusted before (person_emails), so a token that drops or unverifies the address is still locked.
 _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
     revocations.c.lock.is_(True),
-    or_(and_(revocations.c.kind == "user", revocations.c.value == bindparam("user")),
+    or_(and_(revocations.c.kind == "user",
+             or_(revocations.c.value == bindparam("user"), revocations.c.value == bindparam("email"),
+                 revocations.c.value.in_(select(person_emails.c.email)
+                                         .where(person_emails.c.person == bindparam("user"))))),
         and_(revocations.c.kind == "agent", revocations.c.value == bindparam("agent")),
         and_(revocations.c.kind == "tenant", revocations.c.value == bindparam("tenant"))),
 ).limit(1)
@@ -163,16 +173,27 @@ class Store:
 
     # -- tasks ---------------------------------------------------------------------------------------
 
-    async def begin_task(self, intent: Intent, *, user: str, agent: str, tenant: str) -> None:
+    async def begin_task(self, intent: Intent, *, user: Person, agent: str, tenant: str) -> None:
         """Record the intent to create a task token, unless an operator lock covers the user, agent or tenant.
+
+        The person's trusted email is remembered first, and kept even when a lock refuses the start: a
+        lock by that address then holds them through any later token (see ``_LOCK_HIT``).
 
         Raises:
             Locked: an active lock covers the user, agent or tenant.
         """
         def run() -> None:
+            refused: Locked | None = None
             with self._tx() as conn:
-                _check_locks(conn, user=user, agent=agent, tenant=tenant)
-                conn.execute(_INSERT_INTENT, asdict(intent))
+                _remember_person(conn, user, intent.created_at)
+                try:
+                    _check_locks(conn, user=user.id, email=user.trusted_email, agent=agent, tenant=tenant)
+                except Locked as exc:
+                    refused = exc  # commit what was learnt about the person, then refuse
+                else:
+                    conn.execute(_INSERT_INTENT, asdict(intent))
+            if refused is not None:
+                raise refused
         await self._run(run)
 
     async def create_task(self, row: TaskRow, record: AuditRecord) -> bool:
@@ -184,7 +205,7 @@ class Store:
         def run() -> bool:
             with self._tx() as conn:
                 # Checked again here: a lock may have been written since the intent was.
-                _check_locks(conn, user=row.user, agent=row.agent, tenant=row.tenant)
+                _check_locks(conn, user=row.user, email=row.user_email, agent=row.agent, tenant=row.tenant)
                 if not _resolve_intent(conn, row.id, "done", row.created_at):
                     return False
                 conn.execute(_INSERT_TASK, asdict(row))
@@ -220,10 +241,10 @@ class Store:
                 ids = list(task_ids)
                 if revocation is not None:
                     conn.execute(_INSERT_REVOCATION, asdict(revocation))
-                    column = {"user": tasks.c.user, "agent": tasks.c.agent, "task": tasks.c.id,
-                              "tenant": tasks.c.tenant}[revocation.kind]
-                    ids = [r[0] for r in conn.execute(select(tasks.c.id).where(column == revocation.value,
-                                                                               tasks.c.state == "active"))]
+                    q = _by_task(select(tasks.c.id).where(tasks.c.state == "active"),
+                                 **{k: revocation.value if k == revocation.kind else None
+                                    for k in ("user", "agent", "task", "tenant")})
+                    ids = [r[0] for r in conn.execute(q)]
                 for chunk in _chunks(ids):
                     res = conn.execute(
                         update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state == "active")
@@ -319,7 +340,7 @@ class Store:
 
     # -- issuance ------------------------------------------------------------------------------------
 
-    async def begin_issuance(self, intent: Intent, *, user: str, agent: str, tenant: str,
+    async def begin_issuance(self, intent: Intent, *, user: str, user_email: str | None, agent: str, tenant: str,
                              limits: LeaseLimits | None = None, approval_id: str | None = None) -> None:
         """Record the intent to issue, in the transaction that checks the task, the locks and the budgets.
 
@@ -332,7 +353,7 @@ class Store:
                 state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": intent.task_id}).scalar_one_or_none()
                 if state != "active":
                     raise Gone("the task is no longer active", reason=f"task {intent.task_id} is {state}")
-                _check_locks(conn, user=user, agent=agent, tenant=tenant)
+                _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
                 if limits is not None:
                     _check_budget(conn, user=user, agent=agent, limits=limits)
                 if approval_id is not None:
@@ -489,12 +510,12 @@ class Store:
                 return [RevocationRow(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
-    async def lift_lock(self, revocation_id: str, *, by: str, now: float, record: AuditRecord) -> bool:
+    async def lift_lock(self, revocation_id: str, *, by: str, by_name: str, now: float, record: AuditRecord) -> bool:
         def run() -> bool:
             with self._tx() as conn:
                 res = conn.execute(update(revocations)
                                    .where(revocations.c.id == revocation_id, revocations.c.lock.is_(True))
-                                   .values(lock=False, lifted_at=now, lifted_by=by))
+                                   .values(lock=False, lifted_at=now, lifted_by=by, lifted_by_name=by_name))
                 if res.rowcount != 1:
                     return False
                 _append(conn, record)
@@ -607,12 +628,16 @@ class Store:
                 return [dict(r) for r in conn.execute(q.order_by(approval_votes.c.decided_at)).mappings()]
         return await self._run(run)
 
-    async def vote(self, approval_id: str, *, approver: str, decision: str, reason: str, auth_time: float,
+    async def vote(self, approval_id: str, *, approver: Person, decision: str, reason: str, auth_time: float,
                    now: float, record: AuditRecord) -> ApprovalRow:
         """Record one approver's vote and settle the approval when it is decided.
 
+        One vote per person: a second vote by the same person id, or by the same trusted email (one person
+        through two issuers), is refused, so N-of-M counts N people.
+
         Raises:
-            Conflict: the approval is no longer pending, or this approver already voted.
+            Conflict: the approval is no longer pending, or this person already voted.
+            Locked: an operator's lock covers the approver.
         """
         def run() -> ApprovalRow:
             with self._tx() as conn:
@@ -620,11 +645,20 @@ class Store:
                                  ).mappings().first()
                 if r is None or r["state"] != "pending" or r["expires_at"] <= now:
                     raise Conflict("the approval is no longer pending")
+                # An offboarded approver decides nothing either.
+                _check_locks(conn, user=approver.id, email=approver.trusted_email, agent="", tenant="")
+                same = approval_votes.c.approver == approver.id
+                if approver.trusted_email is not None:
+                    same = or_(same, approval_votes.c.approver_email == approver.trusted_email)
                 voted = conn.execute(select(func.count()).select_from(approval_votes).where(
-                    approval_votes.c.approval_id == approval_id, approval_votes.c.approver == approver)).scalar_one()
+                    approval_votes.c.approval_id == approval_id, same)).scalar_one()
                 if voted:
-                    raise Conflict("you already decided this approval")
-                conn.execute(insert(approval_votes), {"approval_id": approval_id, "approver": approver,
+                    raise Conflict("you already decided this approval",
+                                   reason=f"{approver.id} already voted on {approval_id}")
+                _remember_person(conn, approver, now)
+                conn.execute(insert(approval_votes), {"approval_id": approval_id, "approver": approver.id,
+                                                      "approver_name": approver.name,
+                                                      "approver_email": approver.trusted_email,
                                                       "decision": decision, "reason": reason,
                                                       "auth_time": auth_time, "decided_at": now})
                 _append(conn, record)
@@ -647,7 +681,8 @@ class Store:
                                             approvals.c.expires_at <= now).limit(500)).mappings()]
                 for a in due:
                     conn.execute(update(approvals).where(approvals.c.id == a.id).values(state="expired"))
-                    _append(conn, AuditRecord(now, "approval.expired", "failure", user=a.user, agent=a.agent,
+                    _append(conn, AuditRecord(now, "approval.expired", "failure", user=a.user,
+                                              user_name=a.user_name, agent=a.agent,
                                               task=a.task_id, tenant=a.tenant, resource=a.path, action="issue",
                                               reason=f"{a.state} approval {a.id} expired unused"))
                 return due
@@ -666,7 +701,9 @@ class Store:
                           since: float | None = None, until: float | None = None, after_seq: int = 0,
                           limit: int = 100) -> list[AuditRow]:
         q = select(audit_events).where(audit_events.c.seq > after_seq).order_by(audit_events.c.seq).limit(limit)
-        for col, value in ((audit_events.c.user, user), (audit_events.c.agent, agent), (audit_events.c.task, task)):
+        if user is not None:
+            q = q.where(_user_is(audit_events.c.user, user))
+        for col, value in ((audit_events.c.agent, agent), (audit_events.c.task, task)):
             if value is not None:
                 q = q.where(col == value)
         if since is not None:
@@ -817,8 +854,10 @@ def _resolve_intent(conn: Connection, intent_id: str, state: str, now: float) ->
     return bool(conn.execute(_RESOLVE_INTENT, {"iid": intent_id, "new_state": state, "at": now}).rowcount == 1)
 
 
-def _check_locks(conn: Connection, *, user: str, agent: str, tenant: str) -> None:
-    hit = conn.execute(_LOCK_HIT, {"user": user, "agent": agent, "tenant": tenant}).first()
+def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, tenant: str) -> None:
+    # An absent email binds as "" (never a lock's value: selectors are non-empty), not NULL, so the SQL
+    # stays one shape.
+    hit = conn.execute(_LOCK_HIT, {"user": user, "email": email or "", "agent": agent, "tenant": tenant}).first()
     if hit is not None:
         msg = f"an operator has locked this {hit[1]}"
         raise Locked(msg, reason=f"lock {hit[0]} on {hit[1]}")
@@ -837,11 +876,38 @@ def _check_budget(conn: Connection, *, user: str, agent: str, limits: LeaseLimit
 
 def _by_task(q: Select[Any], *, user: str | None, agent: str | None, task: str | None,
              tenant: str | None) -> Select[Any]:
-    """Narrow a query over tasks (or leases joined to tasks) to a user, agent, task or tenant."""
-    for col, value in ((tasks.c.user, user), (tasks.c.agent, agent), (tasks.c.id, task), (tasks.c.tenant, tenant)):
+    """Narrow a query over tasks (or leases joined to tasks) to a user, agent, task or tenant.
+
+    ``user`` is a person id, or an email address meaning every person whose tokens carried it trusted
+    (and the tasks that recorded it): what an operator who names someone by address means.
+    """
+    if user is not None:
+        q = q.where(_user_is(tasks.c.user, user, email_column=tasks.c.user_email))
+    for col, value in ((tasks.c.agent, agent), (tasks.c.id, task), (tasks.c.tenant, tenant)):
         if value is not None:
             q = q.where(col == value)
     return q
+
+
+def _user_is(column: Any, user: str, *, email_column: Any = None) -> Any:
+    """``column`` (a person id) is ``user``: that id, or, for an address, any person known by it."""
+    if is_person_id(user):
+        return column == user
+    email = user.lower()
+    known = column.in_(select(person_emails.c.person).where(person_emails.c.email == email))
+    # Rows from before person ids (migration 0009) hold the old name itself.
+    legacy = column == user
+    return or_(known, legacy, email_column == email) if email_column is not None else or_(known, legacy)
+
+
+def _remember_person(conn: Connection, person: Person, now: float) -> None:
+    """Note that ``person`` carried their trusted email (once per address)."""
+    if person.trusted_email is None:
+        return
+    seen = conn.execute(select(person_emails.c.person).where(person_emails.c.person == person.id,
+                                                            person_emails.c.email == person.trusted_email)).first()
+    if seen is None:
+        conn.execute(insert(person_emails).values(person=person.id, email=person.trusted_email, first_seen=now))
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
@@ -856,9 +922,13 @@ def _cursor(after: str) -> tuple[float, str]:
 
     at, sep, last = after.partition(":")
     try:
-        return float(at), last
-    except ValueError as exc:
-        raise BadRequest("after is not a cursor this API returned") from exc
+        when = float(at) if len(at) <= 32 and len(last) <= 64 else math.nan
+    except ValueError:
+        when = math.nan
+    if not sep or not math.isfinite(when):
+        msg = "after is not a cursor this API returned"
+        raise BadRequest(msg)
+    return when, last
 
 
 def _lease(r: Any) -> LeaseRow:

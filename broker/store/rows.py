@@ -25,6 +25,8 @@ class TaskRow:
     revoke_attempts: int = 0
     next_attempt_at: float | None = None
     revocation_id: str | None = None
+    user_name: str | None = None
+    user_email: str | None = None
 
     def __repr__(self) -> str:  # the sealed token is not secret without the key, but keep reprs short
         return f"TaskRow(id={self.id!r}, user={self.user!r}, agent={self.agent!r}, state={self.state!r})"
@@ -71,6 +73,8 @@ class RevocationRow:
     lifted_by: str | None
     tasks: int
     leases: int
+    created_by_name: str | None = None
+    lifted_by_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,3 +128,13 @@ class ApprovalRow:
     expires_at: float
     decided_at: float | None
     consumed_lease: str | None
+    user_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Person:
+    """The person behind a row: id, display name and the email their token carried trusted (or None)."""
+
+    id: str
+    name: str
+    trusted_email: str | None

@@ -28,6 +28,9 @@ tasks = Table(
     "tasks",
     metadata,
     Column("id", String(64), primary_key=True),
+    # The person who delegated: their id, "<issuer>#<subject>" (broker.identity.person_id). Every
+    # decision compares this column; user_name is for people to read, user_email the address their
+    # token carried *trusted* (else null), which operators' locks by email match.
     Column("user", String(320), nullable=False),
     Column("agent", String(2048), nullable=False),
     Column("role", String(64), nullable=False),
@@ -47,7 +50,10 @@ tasks = Table(
     Column("revoke_attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Float),
     Column("revocation_id", String(64)),
+    Column("user_name", String(320)),
+    Column("user_email", String(320)),
     Index("ix_tasks_user", "user"),
+    Index("ix_tasks_user_email", "user_email"),
     Index("ix_tasks_agent", "agent"),
     Index("ix_tasks_tenant", "tenant"),
     Index("ix_tasks_state", "state"),
@@ -107,6 +113,8 @@ revocations = Table(
     Column("lifted_by", String(320)),
     Column("tasks", Integer, nullable=False),
     Column("leases", Integer, nullable=False),
+    Column("created_by_name", String(320)),
+    Column("lifted_by_name", String(320)),
     Index("ix_revocations_lock", "lock", "kind", "value"),
 )
 
@@ -129,6 +137,8 @@ audit_events = Table(
     # The hash chain (see broker.audit): hex SHA-256 of the previous record and of this one.
     Column("prev_hash", String(64)),
     Column("hash", String(64)),
+    # The person's display name beside ``user`` (their id); null in records from before it existed.
+    Column("user_name", String(320)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),
@@ -205,10 +215,12 @@ approvals = Table(
     Column("expires_at", Float, nullable=False),
     Column("decided_at", Float),
     Column("consumed_lease", String(64), unique=True),
+    Column("user_name", String(320)),
     Index("ix_approvals_state", "state"),
 )
 
-# One vote per approver per approval (the primary key enforces it).
+# One vote per person per approval: the primary key holds the approver's person id; a second vote by
+# the same trusted email (the same person through another issuer) is refused by the store too.
 approval_votes = Table(
     "approval_votes",
     metadata,
@@ -218,6 +230,19 @@ approval_votes = Table(
     Column("reason", Text, nullable=False),
     Column("auth_time", Float, nullable=False),
     Column("decided_at", Float, nullable=False),
+    Column("approver_name", String(320)),
+    Column("approver_email", String(320)),
+)
+
+# Every address a person's tokens carried trusted, as the broker saw them at task start, console sign-in
+# and approval: a lock named by email then holds the person behind it whatever their next token says.
+person_emails = Table(
+    "person_emails",
+    metadata,
+    Column("person", String(320), primary_key=True),
+    Column("email", String(320), primary_key=True),
+    Column("first_seen", Float, nullable=False),
+    Index("ix_person_emails_email", "email"),
 )
 
 # How far each audit export sink (broker.export: "file", "webhook") has delivered the chain: the last

@@ -13,7 +13,7 @@ from broker.api import STORE
 from broker.app import make_app
 from tests.api.test_revocation import can_login
 from tests.api.test_task_flow import credential, start_task
-from tests.conftest import USER, BrokerSite, bearer
+from tests.conftest import USER, USER_ID, BrokerSite, bearer, person
 
 Client = TestClient[Any, Any]
 LEAD = ("lena@example.com", ("secops-leads",))
@@ -58,11 +58,12 @@ class TestApprovalFlow:
         await use(client, site, task["id"], apr, status=409)  # not approved yet
         queue = await (await client.get("/v1/approvals?state=pending", headers=approver(site))).json()
         mine = next(a for a in queue["approvals"] if a["id"] == apr)
-        assert (mine["user"], mine["grant"], mine["path"], mine["task_reason"]) == (
-            USER, "prod-write", "database/creds/tickets-rw", "ticket 42")
+        assert (mine["user"], mine["user_name"], mine["grant"], mine["path"], mine["task_reason"]) == (
+            USER_ID, USER, "prod-write", "database/creds/tickets-rw", "ticket 42")
 
         decided = await decide(client, site, apr)
-        assert decided["state"] == "approved" and decided["votes"][0]["approver"] == LEAD[0]
+        assert decided["state"] == "approved" and decided["votes"][0]["approver"] == person(LEAD[0])
+        assert decided["votes"][0]["approver_name"] == LEAD[0]
         polled = await (await client.get(f"/v1/approvals/{apr}?wait=5", headers=bearer(site.ids.agent()))).json()
         assert polled["state"] == "approved"
 

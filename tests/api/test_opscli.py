@@ -23,10 +23,11 @@ from aiohttp import web
 
 from broker.api import STORE
 from broker.app import make_app
+from broker.server import BrokerRunner
 from broker.config import Settings, load_settings
 from broker.sdk import AgentClient, UserClient
 from broker.vault import VaultClient
-from tests.conftest import AGENT, USER, BrokerSite, bearer
+from tests.conftest import AGENT, USER, USER_ID, BrokerSite, bearer
 
 REPO = Path(__file__).resolve().parents[2]
 BOB = "bob@example.com"
@@ -62,7 +63,7 @@ class Run:
 async def serve(site: BrokerSite, settings: Settings) -> AsyncIterator[Live]:
     """The broker app on a free loopback port, served by the running loop until the block ends."""
     app = make_app(settings)
-    runner = web.AppRunner(app)
+    runner = BrokerRunner(app)  # as `broker serve` runs it: its access log and parser-error answers
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -197,9 +198,9 @@ class TestListings:
         assert run.code == 0, run.err
         page = json.loads(run.out)
         assert [x["id"] for x in page["leases"]] == alice and page["next_after"] is None
-        assert page["leases"][0]["user"] == USER and page["leases"][0]["state"] == "active"
+        assert page["leases"][0]["user"] == USER_ID and page["leases"][0]["user_name"] == USER and page["leases"][0]["state"] == "active"
         tasks = json.loads((await cli(live, "tasks", "--user", USER, "--json")).out)["tasks"]
-        assert [t["state"] for t in tasks] == ["active"] and tasks[0]["user"] == USER
+        assert [t["state"] for t in tasks] == ["active"] and tasks[0]["user"] == USER_ID
 
     async def test_pages_are_followed_up_to_the_limit(self, live: Live) -> None:
         """--limit collects across next_after pages and says when more remain."""

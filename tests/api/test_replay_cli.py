@@ -19,7 +19,7 @@ from broker.sdk import AgentClient, UserClient
 from broker.store import AuditRow
 from broker.vault import VaultClient
 from tests.api.test_opscli import Live, cli, serve
-from tests.conftest import AGENT, USER, BrokerSite
+from tests.conftest import AGENT, USER, USER_ID, BrokerSite
 
 AUDITOR = "audrey@example.com"
 
@@ -69,7 +69,8 @@ class TestReplay:
         run = await cli(live, "audit", "replay", "--task", task_id, "--iso", token=auditor(live))
         assert run.code == 0, run.err
         lines = run.out.splitlines()
-        assert lines[0].startswith(f"task {task_id}  user {USER}  agent {AGENT}  role support-triage  tenant acme")
+        assert lines[0].startswith(f"task {task_id}  user {USER} <{USER_ID}>  agent {AGENT}  role support-triage  "
+                                   "tenant acme")
         assert "  ended " in lines[0]
         for grant, lease in leases.items():
             assert any("lease.issued" in l and f"lease {lease}" in l for l in lines), grant
@@ -104,7 +105,7 @@ class TestReplay:
         run = await cli(live, "audit", "replay", "--user", USER, "--format", "jsonl", token=auditor(live))
         assert run.code == 0, run.err
         assert {json.loads(l)["task"] for l in run.out.splitlines()} >= {task_id}
-        assert all(json.loads(l)["user"] == USER for l in run.out.splitlines())
+        assert all(json.loads(l)["user"] == USER_ID for l in run.out.splitlines())
         run = await cli(live, "audit", "replay", "--task", task_id, "--since", "2999-01-01", token=auditor(live))
         assert (run.code, run.out) == (0, "") and "no audit records match" in run.err
 

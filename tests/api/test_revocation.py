@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from broker.api import STORE
 from broker.vault import VaultClient
 from tests.api.test_task_flow import pg_connect
-from tests.conftest import TD, BrokerSite, bearer
+from tests.conftest import TD, BrokerSite, bearer, person
 
 Client = TestClient[Any, Any]
 USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
@@ -168,7 +168,7 @@ class TestListings:
         await population(client, site)
         op = bearer(site.ids.user(*OPERATOR))
         page = await (await client.get(f"/v1/leases?user={USERS[0]}", headers=op)).json()
-        assert len(page["leases"]) == 3 and {x["user"] for x in page["leases"]} == {USERS[0]}
+        assert len(page["leases"]) == 3 and {x["user"] for x in page["leases"]} == {person(USERS[0])}
         page = await (await client.get("/v1/leases?tenant=globex&state=active", headers=op)).json()
         assert [x["grant"] for x in page["leases"]] == ["tickets-db-rw"]
         first = await (await client.get("/v1/tasks?limit=4", headers=op)).json()

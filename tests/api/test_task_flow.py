@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from broker.api import STORE
 from broker.vault import VaultClient
-from tests.conftest import AGENT, OTHER_AGENT, OUTSIDER_AGENT, USER, BrokerSite, bearer
+from tests.conftest import AGENT, OTHER_AGENT, OUTSIDER_AGENT, USER, USER_ID, BrokerSite, bearer
 
 Client = TestClient[Any, Any]
 
@@ -255,7 +255,7 @@ class TestDenied:
         records = await client.app[STORE].query_audit(task=task["id"])
         denied = [r.record for r in records if r.record.event == "access.denied"]
         assert len(denied) == 1
-        assert denied[0].user == USER and denied[0].agent == AGENT and denied[0].outcome == "denied"
+        assert (denied[0].user, denied[0].user_name) == (USER_ID, USER) and denied[0].agent == AGENT and denied[0].outcome == "denied"
         assert "tickets-db-rw" in (denied[0].reason or "")
 
     async def test_high_risk_grant_waits_for_approval(self, client: Client, site: BrokerSite) -> None:
@@ -341,10 +341,10 @@ class TestVisibility:
         events = [(r["event"], r["outcome"], r["user"], r["agent"]) for r in (await resp.json())["records"]
                   if not r["event"].startswith("vault.")]
         assert events == [
-            ("task.started", "success", USER, AGENT),
-            ("lease.issued", "success", USER, AGENT),
-            ("task.ended", "success", USER, AGENT),
-            ("lease.revoked", "success", USER, AGENT),
+            ("task.started", "success", USER_ID, AGENT),
+            ("lease.issued", "success", USER_ID, AGENT),
+            ("task.ended", "success", USER_ID, AGENT),
+            ("lease.revoked", "success", USER_ID, AGENT),
         ]
 
 
@@ -354,7 +354,8 @@ class TestProblems:
         for body in (b"{not json", b'{"agent": "x", "role": "support-triage", "ttl": 60, "reason": "r", "x": 1}',
                      b'{"agent": "spiffe://example.org/agent/support-1", "role": "support-triage", '
                      b'"ttl": "forever", "reason": "s.AAAAAAAAAAAAAAAAAAAAAAAAsecret"}'):
-            resp = await client.post("/v1/tasks", data=body, headers=bearer(site.ids.user()))
+            resp = await client.post("/v1/tasks", data=body,
+                                     headers={**bearer(site.ids.user()), "Content-Type": "application/json"})
             assert resp.status == 400
             assert resp.headers["Content-Type"].startswith("application/problem+json")
             assert "secret" not in await resp.text()

@@ -18,7 +18,7 @@ from broker.api import METRICS, STORE, VAULT_TAILER
 from broker.store import AuditRow
 from broker.vault import VaultClient
 from tests.api.test_task_flow import Client, credential, end, start_task
-from tests.conftest import AGENT, USER, BrokerSite
+from tests.conftest import AGENT, USER, USER_ID, BrokerSite
 
 WAIT = 15.0
 
@@ -99,7 +99,7 @@ class TestVaultMerge:
         for e in by_task:
             rec = records[e["request"]["id"]]
             assert rec.event == "vault.request", (e["request"]["path"], rec.reason)
-            assert (rec.user, rec.agent, rec.task, rec.tenant) == (USER, AGENT, task["id"], "acme")
+            assert (rec.user, rec.agent, rec.task, rec.tenant) == (USER_ID, AGENT, task["id"], "acme")
             assert (rec.resource, rec.action) == (e["request"]["path"], e["request"]["operation"])
             assert rec.outcome == ("failure" if e.get("error") else "success")
         for e in by_child:

@@ -43,9 +43,10 @@ def catalog(**role_overrides: object) -> Catalog:
     return Catalog.from_settings(Settings.model_validate({**BASE, "task_roles": [role]}))
 
 
-def user(name: str = "alice@example.com", groups: tuple[str, ...] = ("support",)) -> UserIdentity:
-    return UserIdentity(subject=name, issuer="https://idp", name=name, groups=frozenset(groups), auth_time=NOW,
-                        expires_at=NOW + 300)
+def user(name: str = "alice@example.com", groups: tuple[str, ...] = ("support",), *,
+         email_trusted: bool = True, issuer: str = "https://idp") -> UserIdentity:
+    return UserIdentity(subject=name, issuer=issuer, groups=frozenset(groups), auth_time=NOW,
+                        expires_at=NOW + 300, email=name, email_trusted=email_trusted)
 
 
 def agent(sid: str = "spiffe://example.org/agent/support-1") -> AgentIdentity:

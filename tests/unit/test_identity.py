@@ -509,12 +509,41 @@ class TestUserVerifier:
             ({"email": "a@x", "email_verified": False}, "u-1"),
             ({"email": "a@x", "email_verified": "true"}, "u-1"),
             ({"email": "a@x", "email_verified": True}, "a@x"),
+            ({"email": "A@X", "email_verified": True}, "a@x"),
         ],
     )
     async def test_name(self, idp: DevIssuer, verifier: UserVerifier, extra: dict[str, Any], name: str) -> None:
-        """name is a verified (or not-marked-unverified) non-empty email, else sub."""
+        """name is the email only when email_verified is exactly true (lower-cased), else sub; id is always iss#sub."""
         token = idp.mint_id_token(issuer=IDP, subject="u-1", audience=AUD, now=NOW, extra_claims=extra)
-        assert (await verifier.verify(token)).name == name
+        user = await verifier.verify(token)
+        assert user.name == name and user.id == f"{IDP}#u-1"
+        assert user.email_trusted is (name != "u-1")
+
+    async def test_missing_email_verified_is_untrusted(self, idp: DevIssuer, verifier: UserVerifier) -> None:
+        """An email without email_verified is shown but not trusted: it matches no principal or lock."""
+        token = idp.mint_id_token(issuer=IDP, subject="u-1", audience=AUD, now=NOW, email="a@x", email_verified=None)
+        user = await verifier.verify(token)
+        assert (user.email, user.email_trusted, user.trusted_email, user.name) == ("a@x", False, None, "u-1")
+
+    async def test_trust_email_issuer(self, idp: DevIssuer) -> None:
+        """An issuer configured with trust_email vouches for its addresses even without email_verified."""
+        src = StaticKeySource(JwksKeySet.from_json(json.dumps(idp.jwks())))
+        verifier = UserVerifier([IssuerTrust(IDP, src, trust_email=True)], audience=AUD, clock=lambda: NOW)
+        token = idp.mint_id_token(issuer=IDP, subject="u-1", audience=AUD, now=NOW, email="a@x", email_verified=None)
+        assert (await verifier.verify(token)).trusted_email == "a@x"
+
+    @pytest.mark.parametrize("issuer", ["https://idp.example#frag", "idp.example", ""])
+    def test_issuer_must_be_a_url_without_fragment(self, idp: DevIssuer, issuer: str) -> None:
+        """A person id is '<issuer>#<sub>': an issuer holding '#' (or not a URL) is refused at start-up."""
+        src = StaticKeySource(JwksKeySet.from_json(json.dumps(idp.jwks())))
+        with pytest.raises(ConfigError):
+            UserVerifier([IssuerTrust(issuer, src)], audience=AUD)
+
+    async def test_subject_over_255_characters(self, idp: DevIssuer, verifier: UserVerifier) -> None:
+        """OIDC caps sub at 255 characters; a longer one is refused, not truncated."""
+        token = idp.mint_id_token(issuer=IDP, subject="u" * 256, audience=AUD, now=NOW)
+        with pytest.raises(InvalidIdentity):
+            await verifier.verify(token)
 
     @pytest.mark.parametrize(
         ("extra", "why"),
