@@ -39,7 +39,6 @@ import requests
 import schemathesis
 from aiohttp import web
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
 
 from broker.app import make_app
 from broker.config import load_settings
@@ -78,7 +77,8 @@ class LiveBroker:
     def __init__(self, app: web.Application) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fuzz-broker", daemon=True)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A short shutdown: a long poll the broker failed to bound would otherwise hold teardown for 60 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         self.base_url = ""
 
     def start(self) -> None:
@@ -202,6 +202,10 @@ def _config() -> schemathesis.Config:
             # The harness sends real tokens itself (``_caller_for``); generated Authorization headers would only
             # ever be garbage, and a negative case "without Authorization" would then carry one.
             "with-security-parameters": False,
+            # Off, on purpose: unknown query parameters are ignored by every handler (aiohttp's ``request.query``),
+            # so each negative case "with an extra parameter" fails. Whether to reject them (a misspelt filter on
+            # GET /v1/leases lists everything) is a design decision, reported rather than fuzzed into the ground.
+            "allow-extra-parameters": False,
             "dictionaries": {"integer": {"dictionary": "edge-integers", "probability": 0.15},
                              "number": {"dictionary": "edge-numbers", "probability": 0.2}},
         },
@@ -216,7 +220,7 @@ def _config() -> schemathesis.Config:
 
 @pytest.fixture(scope="module")
 def api_schema(fuzzing: Fuzzing, seeds: Seeds) -> Iterator[Any]:
-    """The broker's own document, fetched from it; cases go through ``_prepare`` while this is in use."""
+    """The broker's own document, fetched from it; ``before_call`` prepares cases while this is in use."""
     _HARNESS.append((fuzzing, seeds))
     try:
         yield schemathesis.openapi.from_url(fuzzing.broker.base_url + "/v1/openapi.json", config=_config())
@@ -303,6 +307,10 @@ def _caller_for(case: schemathesis.Case) -> tuple[str, bool]:
 # -- the fuzz test ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "known: GET /v1/audit?after=99999999999999999999 is a 500 (OverflowError: Python int too large to convert to "
+    "SQLite INTEGER). New, also found by this run: every 405 lacks the Allow header RFC 9110 requires (TRACE on "
+    "any route); GET /v1/revocations?active=AAA (or 2, null) answers 200 for a boolean parameter"))
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
@@ -312,20 +320,13 @@ def test_api_conforms_and_never_fails(case: schemathesis.Case, fuzzing: Fuzzing)
     token = fuzzing.token(who)
     headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     mark = len(fuzzing.log.records)
-    if os.environ.get("FUZZ_TRACE"):
-        with open(os.environ["FUZZ_TRACE"], "a") as f:
-            f.write(json.dumps({"op": case.operation.label, "who": who, "real": _real,
-                                "phase": str(case.meta.phase.name) if case.meta else None,
-                                "mode": str(case.meta.generation.mode) if case.meta else None,
-                                "path": case.formatted_path, "query": case.query,
-                                "body": repr(case.body)[:200]}) + "\n")
     try:
         case.call_and_validate(base_url=fuzzing.broker.base_url, session=fuzzing.session, headers=headers,
                                additional_checks=[problem_json_errors])
-    except BaseException as exc:
+    except Exception as exc:
         server_log = fuzzing.log.since(mark)
-        if os.environ.get("FUZZ_COLLECT"):
-            with open(os.environ["FUZZ_COLLECT"], "a") as f:
+        if os.environ.get("FUZZ_REPORT"):  # catalogue every failing case instead of stopping at the first
+            with open(os.environ["FUZZ_REPORT"], "a") as f:
                 f.write(json.dumps({"op": case.operation.label, "who": who, "path": case.formatted_path,
                                     "query": case.query, "body": repr(case.body)[:300],
                                     "error": str(exc)[:3000], "log": server_log[-3000:]}) + "\n")
@@ -333,3 +334,160 @@ def test_api_conforms_and_never_fails(case: schemathesis.Case, fuzzing: Fuzzing)
         if server_log:
             exc.add_note(f"broker log:\n{server_log}")
         raise
+
+
+# -- hostile but schema-shaped bodies ------------------------------------------------------------------------
+
+# One body per operation that takes one, with a slot (@V@) where a number (or, for bodies without one, a
+# string) goes; the caller who may use it; and the slot's valid value (for the whole-body encodings).
+_BODIES: dict[str, tuple[str, str, str]] = {
+    "POST /v1/tasks": (f'{{"agent": "{AGENT}", "role": "support-triage", "ttl": @V@, "reason": "hostile"}}',
+                       "user", '"10m"'),
+    "POST /v1/tasks/{task_id}/credentials": ('{"grant": "tickets-db-ro", "ttl": @V@}', "agent", "60"),
+    "POST /v1/leases/{lease_id}/renew": ('{"increment": @V@}', "agent", "60"),
+    "POST /v1/revocations": ('{"task": "tsk_no_such_task", "reason": "hostile", "wait": @V@}', "user", "0"),
+    "POST /v1/approvals/{approval_id}": ('{"decision": "deny", "reason": @V@}', "user", '"hostile"'),
+    "DELETE /v1/revocations/{revocation_id}": ('{"reason": @V@}', "user", '"hostile"'),
+}
+_NESTED = "[" * 10_000 + "]" * 10_000
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A request body the broker must refuse with a 4xx problem that does not repeat ``marker``."""
+
+    name: str
+    value: str | None  # JSON text for the slot; None: the slot holds its valid value
+    marker: str
+    content_type: str = "application/json"
+    encoding: str = "utf-8"
+    raw: bytes | None = None  # replaces the slot's value with these bytes (not valid UTF-8)
+
+
+_HOSTILE = [
+    Hostile("nan", "NaN", "NaN"),
+    Hostile("infinity", "Infinity", "Infinity"),
+    Hostile("minus-infinity", "-Infinity", "Infinity"),
+    Hostile("1e400", "1e400", "1e400"),
+    Hostile("huge-integer", "99999999999999999999", "99999999999999999999"),
+    Hostile("string-for-number", '"seventy-two-ninety-nine"', "seventy-two-ninety-nine"),
+    Hostile("nested-10000", _NESTED, "[[[["),
+    Hostile("non-utf8", None, "\ufffd", raw=b'"\xff\xfe\xc3\x28"'),
+    Hostile("text-plain", None, "@@never@@", content_type="text/plain"),
+    Hostile("utf-16", None, "@@never@@", encoding="utf-16"),
+]
+
+
+_KNOWN_DEEP = "known: a 10 000-deep JSON array is a 500 (RecursionError from json.loads, not caught by _body)"
+_KNOWN_ECHO = "known: the validation error echoes the value (parse_duration: \"not a duration: '...'\")"
+_NEW_CTYPE = "new: Content-Type is not checked; a text/plain body is parsed as JSON and acted on (should be 415)"
+_NEW_UTF16 = "new: a UTF-16 body is accepted (json.loads detects UTF-16/32 in bytes; RFC 8259 wants UTF-8)"
+_NEW_HUGE = "new: ttl 99999999999999999999 (past 64 bits) is accepted and silently capped; the models set no maximum"
+# What fails today, each for the reason given; everything else must pass. Remove an entry once it is fixed.
+_BODY_XFAIL: dict[tuple[str, str], str] = {
+    **{(label, "nested-10000"): _KNOWN_DEEP for label in _BODIES},
+    **{(label, "string-for-number"): _KNOWN_ECHO for label in
+       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/leases/{lease_id}/renew")},
+    **{(label, "text-plain"): _NEW_CTYPE for label in
+       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/revocations",
+        "DELETE /v1/revocations/{revocation_id}")},
+    **{(label, "utf-16"): _NEW_UTF16 for label in
+       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/revocations",
+        "DELETE /v1/revocations/{revocation_id}")},
+    ("POST /v1/tasks", "huge-integer"): _NEW_HUGE,
+    ("POST /v1/tasks/{task_id}/credentials", "huge-integer"): _NEW_HUGE,
+}
+
+
+def _body_operations() -> list[str]:
+    from broker.openapi import spec
+
+    return [f"{method.upper()} {path}" for path, ops in spec()["paths"].items() for method, op in ops.items()
+            if "requestBody" in op]
+
+
+def test_every_body_operation_has_a_hostile_template() -> None:
+    """The hostile-body test covers every operation whose document declares a request body."""
+    assert sorted(_body_operations()) == sorted(_BODIES)
+
+
+@pytest.mark.parametrize("hostile", _HOSTILE, ids=lambda h: h.name)
+@pytest.mark.parametrize("label", sorted(_BODIES))
+def test_hostile_bodies_get_a_problem_without_an_echo(label: str, hostile: Hostile, fuzzing: Fuzzing,
+                                                      seeds: Seeds, request: pytest.FixtureRequest) -> None:
+    """NaN, Infinity, 1e400, huge integers, strings for numbers, 10 000-deep arrays, bytes that are not UTF-8,
+    text/plain and UTF-16: each is a 4xx application/problem+json with a code, and the value is not echoed."""
+    template, who, valid = _BODIES[label]
+    if hostile.name == "string-for-number" and valid.startswith('"'):
+        pytest.skip("this body has no number: its slot is a string already")
+    if (label, hostile.name) in _BODY_XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=False, reason=_BODY_XFAIL[(label, hostile.name)]))
+    method, path = label.split(" ", 1)
+    seeded = seeds.for_operation(f"hostile {label}")
+    for name, value in seeded.items():
+        path = path.replace("{" + name + "}", value)
+    if hostile.raw is not None:
+        body = template.replace("@V@", "\0").encode().replace(b"\0", hostile.raw)
+    else:
+        body = template.replace("@V@", hostile.value or valid).encode(hostile.encoding)
+    mark = len(fuzzing.log.records)
+    resp = fuzzing.session.request(method, fuzzing.broker.base_url + path, data=body, timeout=REQUEST_TIMEOUT,
+                                   headers={"Authorization": f"Bearer {fuzzing.token(who)}",
+                                            "Content-Type": hostile.content_type})
+    context = f"{label} {hostile.name}: {resp.status_code} {resp.text[:300]}\nbroker log:\n{fuzzing.log.since(mark)}"
+    assert 400 <= resp.status_code < 500, context
+    assert resp.headers.get("Content-Type", "").startswith("application/problem+json"), context
+    assert isinstance(resp.json().get("code"), str), context
+    assert hostile.marker not in resp.text, context
+
+
+# -- hostile query values ---------------------------------------------------------------------------------------
+
+_KNOWN_AFTER = "known: after past 64 bits is a 500 (OverflowError: Python int too large to convert to SQLite INTEGER)"
+_KNOWN_WAIT = ("known: wait=nan is taken; the long poll then never ends while the approval is pending "
+               "(deadline = now + nan: never reached, each round waits min(1.0, nan) = 1.0 s)")
+_NEW_WAIT_INF = "new: wait=inf / 1e400 is taken and clamped to a 60 s hold, not refused; the document sets no maximum"
+_NEW_TIME = "new: a non-finite since/until is taken and compared in SQL (nan silently matches nothing)"
+_NEW_CURSOR = "new: a paging cursor with a nan time is taken (an empty page), not refused"
+# (operation, caller, query, reason it fails today or None)
+_QUERIES: list[tuple[str, str, dict[str, str], str | None]] = [
+    ("GET /v1/audit", "user", {"after": "99999999999999999999"}, _KNOWN_AFTER),
+    ("GET /v1/audit", "user", {"since": "nan"}, _NEW_TIME),
+    ("GET /v1/audit", "user", {"until": "inf"}, _NEW_TIME),
+    ("GET /v1/audit", "user", {"since": "-1e400"}, _NEW_TIME),
+    ("GET /v1/audit", "user", {"limit": "1e400"}, None),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "nan"}, _KNOWN_WAIT),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "inf"}, _NEW_WAIT_INF),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "1e400"}, _NEW_WAIT_INF),
+    ("GET /v1/leases", "user", {"limit": "1e400"}, None),
+    ("GET /v1/tasks", "user", {"after": "nan:tsk_x"}, _NEW_CURSOR),
+]
+_QUERY_TIMEOUT = 5.0  # a long poll that does not end in this time was not refused
+
+
+@pytest.mark.parametrize(
+    ("label", "who", "query"),
+    [pytest.param(label, who, q, id=f"{label.split()[1]}?{'&'.join(f'{k}={v}' for k, v in q.items())}",
+                  marks=[pytest.mark.xfail(strict=False, reason=why)] if why else [])
+     for label, who, q, why in _QUERIES])
+def test_hostile_query_values_never_fail_or_hang(label: str, who: str, query: dict[str, str], fuzzing: Fuzzing,
+                                                 seeds: Seeds) -> None:
+    """Non-finite and overflowing numbers in query parameters: a prompt answer below 500, problems for errors,
+    no echo of the value; non-finite numbers and integers past 64 bits are refused with a 400."""
+    method, path = label.split(" ", 1)
+    for name, value in seeds.for_operation(f"query {label}").items():
+        path = path.replace("{" + name + "}", value)
+    mark = len(fuzzing.log.records)
+    started = time.monotonic()
+    try:
+        resp = fuzzing.session.request(method, fuzzing.broker.base_url + path, params=query, timeout=_QUERY_TIMEOUT,
+                                       headers={"Authorization": f"Bearer {fuzzing.token(who)}"})
+    except requests.Timeout:
+        pytest.fail(f"{label} {query}: no answer within {_QUERY_TIMEOUT} s (the value was taken, not refused)")
+    context = (f"{label} {query}: {resp.status_code} after {time.monotonic() - started:.1f} s {resp.text[:300]}"
+               f"\nbroker log:\n{fuzzing.log.since(mark)}")
+    assert resp.status_code == 400, context
+    assert resp.headers.get("Content-Type", "").startswith("application/problem+json"), context
+    assert isinstance(resp.json().get("code"), str), context
+    for value in query.values():
+        assert value not in resp.text, context
