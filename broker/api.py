@@ -142,7 +142,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         if exc.status == 413:
             return problem(413, code, "Payload too large", "the request body is too large", request)
-        return problem(exc.status, code, exc.reason, exc.reason, request)
+        # A 405 names the methods the route takes (RFC 9110 §15.5.6); nothing else of aiohttp's headers.
+        allow = {"Allow": exc.headers["Allow"]} if exc.status == 405 and "Allow" in exc.headers else None
+        return problem(exc.status, code, exc.reason, exc.reason, request, allow)
     except Exception:
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request["request_id"])
         return problem(500, "internal", "Internal error", "the broker failed; the request id identifies it in its log",
@@ -332,6 +334,17 @@ def _float_param(request: web.Request, name: str, *, lo: float = 0.0, hi: float 
     return number
 
 
+def _bool_param(request: web.Request, name: str) -> bool:
+    """``true`` or ``false`` (absent: false). Raises: BadRequest: anything else, or the parameter twice."""
+    values = request.query.getall(name, [])
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        msg = f"{name} must be true or false"
+        raise BadRequest(msg)
+    return values[0] == "true"
+
+
 def _int_param(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
     """A decimal integer from the query string within [lo, hi] (``default`` when absent).
 
@@ -437,7 +450,7 @@ async def get_revocation(request: web.Request) -> web.Response:
 async def list_revocations(request: web.Request) -> web.Response:
     user = await user_identity(request)
     _staff(request, user, auditors=True)
-    active = request.query.get("active", "false").lower() in ("1", "true", "yes")
+    active = _bool_param(request, "active")
     rows = await request.app[STORE].list_revocations(active_only=active)
     statuses = [await request.app[REVOCATIONS].status(r.id) for r in rows]
     return _json(RevocationList(revocations=[_revocation_out(s) for s in statuses]))

@@ -77,7 +77,7 @@ def _object(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _constant(_name: str) -> Any:
-    msg = "NaN and Infinity are not numbers this API takes"
+    msg = "the body holds a number that is not finite"
     raise NumberOutOfRange(msg)
 
 

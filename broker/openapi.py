@@ -46,7 +46,8 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 def _problems(*statuses: int) -> dict[str, Any]:
     texts = {400: "Malformed request", 401: "Token did not verify", 403: "Denied by the catalog",
              404: "Not found (or not yours)", 409: "Conflict", 410: "Task no longer active",
-             413: "Body too large", 429: "Rate limit or live-credential budget; see Retry-After",
+             413: "Body too large", 415: "The body is not application/json in UTF-8",
+             429: "Rate limit or live-credential budget; see Retry-After",
              502: "Vault refused or answered badly",
              503: "Vault or the store is unavailable; see Retry-After"}
     return {
@@ -75,8 +76,12 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 
 
-def _query(name: str, type_: str = "string") -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": {"type": type_}}
+def _query(name: str, type_: str = "string", **bounds: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": type_, **bounds}}
+
+
+_INT64_MAX = 2**63 - 1
+_LIMIT = _query("limit", "integer", minimum=1, maximum=1000)
 
 
 @functools.cache
@@ -87,9 +92,8 @@ def spec() -> dict[str, Any]:
         for name, sub in schema.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = schema
-    auth_errors = (400, 401, 403, 404, 409, 410, 413, 429, 502, 503)
-    filters = [_query("user"), _query("agent"), _query("tenant"), _query("state"), _query("after"),
-               _query("limit", "integer")]
+    auth_errors = (400, 401, 403, 404, 409, 410, 413, 415, 429, 502, 503)
+    filters = [_query("user"), _query("agent"), _query("tenant"), _query("state"), _query("after"), _LIMIT]
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Agent secrets broker", "version": __version__,
@@ -103,7 +107,7 @@ def spec() -> dict[str, Any]:
         },
         "paths": {
             "/v1/tasks": {"post": _op("Start a task: delegate a role to an agent", "user", (201, TaskOut),
-                                      (400, 401, 403, 413, 502, 503), body=TaskCreate),
+                                      (400, 401, 403, 413, 415, 429, 502, 503), body=TaskCreate),
                           "get": _op("Tasks, filtered and paged (operators, auditors)", "user", (200, TaskPage),
                                      (400, 401, 403, 503), params=filters)},
             "/v1/leases": {"get": _op("Leases, filtered and paged (operators, auditors)", "user", (200, LeasePage),
@@ -111,15 +115,16 @@ def spec() -> dict[str, Any]:
             "/v1/revocations": {
                 "post": {**_op("Revoke by user, agent, task or tenant; user/agent/tenant also lock (operators). "
                                "200 when Vault confirmed everything within `wait`, else 202", "user",
-                               (200, RevocationOut), (400, 401, 403, 413, 503), body=RevocationCreate)},
+                               (200, RevocationOut), (400, 401, 403, 413, 415, 503), body=RevocationCreate)},
                 "get": _op("Revocations and locks; ?active=true for live locks (operators, auditors)", "user",
-                           (200, RevocationList), (401, 403, 503), params=[_query("active", "boolean")]),
+                           (200, RevocationList), (400, 401, 403, 503), params=[_query("active", "boolean")]),
             },
             "/v1/revocations/{revocation_id}": {
                 "get": _op("A revocation's progress (operators, auditors)", "user", (200, RevocationOut),
                            (401, 403, 404, 503), params=[_path_param("revocation_id")]),
                 "delete": _op("Lift a revocation's lock (operators)", "user", (200, RevocationOut),
-                              (400, 401, 403, 404, 503), body=RevocationLift, params=[_path_param("revocation_id")]),
+                              (400, 401, 403, 404, 413, 415, 503), body=RevocationLift,
+                              params=[_path_param("revocation_id")]),
             },
             "/v1/tasks/{task_id}": {"get": {**_op("A task and its leases (its user, its agent, operators, auditors)",
                                                   "user", (200, TaskOut), (401, 404, 503),
@@ -137,8 +142,9 @@ def spec() -> dict[str, Any]:
             "/v1/audit": {"get": _op("Audit records, oldest first (auditors)", "user", (200, AuditPage),
                                      (400, 401, 403, 503),
                                      params=[_query("user"), _query("agent"), _query("task"),
-                                             _query("since", "number"), _query("until", "number"),
-                                             _query("after", "integer"), _query("limit", "integer")])},
+                                             _query("since", "number", minimum=0, maximum=1e11),
+                                             _query("until", "number", minimum=0, maximum=1e11),
+                                             _query("after", "integer", minimum=0, maximum=_INT64_MAX), _LIMIT])},
             "/v1/audit/verify": {"get": _op("Recompute the audit chain and check every signed checkpoint (auditors)",
                                             "user", (200, AuditVerifyOut), (401, 403, 503))},
             "/v1/health": {"get": {**_op("Liveness and readiness (Vault and store)", None, (200, HealthOut), ()),
@@ -162,12 +168,13 @@ def spec() -> dict[str, Any]:
         (200, ApprovalList), (400, 401, 403, 503), params=[_query("state")])}
     doc["paths"]["/v1/approvals/{approval_id}"] = {
         "get": {**_op("An approval's state; ?wait=N long-polls up to 60 s (its agent, approvers, auditors)", "agent",
-                      (200, ApprovalOut), (400, 401, 403, 404, 503),
-                      params=[_path_param("approval_id"), _query("wait", "number")]),
+                      (200, ApprovalOut), (400, 401, 403, 404, 429, 503),
+                      params=[_path_param("approval_id"), _query("wait", "number", minimum=0, maximum=60)]),
                 "security": [{"agent": []}, {"user": []}]},
         "post": _op("Approve or deny (approvers with an authentication no older than people.approval_max_auth_age; "
                     "401 insufficient_user_authentication otherwise)", "user", (200, ApprovalOut),
-                    (400, 401, 403, 404, 409, 413, 503), body=ApprovalDecision, params=[_path_param("approval_id")]),
+                    (400, 401, 403, 404, 409, 413, 415, 429, 503), body=ApprovalDecision,
+                    params=[_path_param("approval_id")]),
     }
     doc["paths"]["/metrics"] = {"get": {
         "summary": "Prometheus metrics (counts only: never an identity, a path or a secret)",

@@ -307,10 +307,6 @@ def _caller_for(case: schemathesis.Case) -> tuple[str, bool]:
 # -- the fuzz test ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known: GET /v1/audit?after=99999999999999999999 is a 500 (OverflowError: Python int too large to convert to "
-    "SQLite INTEGER). New, also found by this run: every 405 lacks the Allow header RFC 9110 requires (TRACE on "
-    "any route); GET /v1/revocations?active=AAA (or 2, null) answers 200 for a boolean parameter"))
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
@@ -378,25 +374,9 @@ _HOSTILE = [
 ]
 
 
-_KNOWN_DEEP = "known: a 10 000-deep JSON array is a 500 (RecursionError from json.loads, not caught by _body)"
-_KNOWN_ECHO = "known: the validation error echoes the value (parse_duration: \"not a duration: '...'\")"
-_NEW_CTYPE = "new: Content-Type is not checked; a text/plain body is parsed as JSON and acted on (should be 415)"
-_NEW_UTF16 = "new: a UTF-16 body is accepted (json.loads detects UTF-16/32 in bytes; RFC 8259 wants UTF-8)"
-_NEW_HUGE = "new: ttl 99999999999999999999 (past 64 bits) is accepted and silently capped; the models set no maximum"
-# What fails today, each for the reason given; everything else must pass. Remove an entry once it is fixed.
-_BODY_XFAIL: dict[tuple[str, str], str] = {
-    **{(label, "nested-10000"): _KNOWN_DEEP for label in _BODIES},
-    **{(label, "string-for-number"): _KNOWN_ECHO for label in
-       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/leases/{lease_id}/renew")},
-    **{(label, "text-plain"): _NEW_CTYPE for label in
-       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/revocations",
-        "DELETE /v1/revocations/{revocation_id}")},
-    **{(label, "utf-16"): _NEW_UTF16 for label in
-       ("POST /v1/tasks", "POST /v1/tasks/{task_id}/credentials", "POST /v1/revocations",
-        "DELETE /v1/revocations/{revocation_id}")},
-    ("POST /v1/tasks", "huge-integer"): _NEW_HUGE,
-    ("POST /v1/tasks/{task_id}/credentials", "huge-integer"): _NEW_HUGE,
-}
+# What fails today, each for the reason given; everything else must pass. Empty: every finding is fixed
+# (tests/api/test_advisories.py holds a regression for each).
+_BODY_XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _body_operations() -> list[str]:
@@ -443,24 +423,18 @@ def test_hostile_bodies_get_a_problem_without_an_echo(label: str, hostile: Hosti
 
 # -- hostile query values ---------------------------------------------------------------------------------------
 
-_KNOWN_AFTER = "known: after past 64 bits is a 500 (OverflowError: Python int too large to convert to SQLite INTEGER)"
-_KNOWN_WAIT = ("known: wait=nan is taken; the long poll then never ends while the approval is pending "
-               "(deadline = now + nan: never reached, each round waits min(1.0, nan) = 1.0 s)")
-_NEW_WAIT_INF = "new: wait=inf / 1e400 is taken and clamped to a 60 s hold, not refused; the document sets no maximum"
-_NEW_TIME = "new: a non-finite since/until is taken and compared in SQL (nan silently matches nothing)"
-_NEW_CURSOR = "new: a paging cursor with a nan time is taken (an empty page), not refused"
 # (operation, caller, query, reason it fails today or None)
 _QUERIES: list[tuple[str, str, dict[str, str], str | None]] = [
-    ("GET /v1/audit", "user", {"after": "99999999999999999999"}, _KNOWN_AFTER),
-    ("GET /v1/audit", "user", {"since": "nan"}, _NEW_TIME),
-    ("GET /v1/audit", "user", {"until": "inf"}, _NEW_TIME),
-    ("GET /v1/audit", "user", {"since": "-1e400"}, _NEW_TIME),
+    ("GET /v1/audit", "user", {"after": "99999999999999999999"}, None),
+    ("GET /v1/audit", "user", {"since": "nan"}, None),
+    ("GET /v1/audit", "user", {"until": "inf"}, None),
+    ("GET /v1/audit", "user", {"since": "-1e400"}, None),
     ("GET /v1/audit", "user", {"limit": "1e400"}, None),
-    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "nan"}, _KNOWN_WAIT),
-    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "inf"}, _NEW_WAIT_INF),
-    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "1e400"}, _NEW_WAIT_INF),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "nan"}, None),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "inf"}, None),
+    ("GET /v1/approvals/{approval_id}", "agent", {"wait": "1e400"}, None),
     ("GET /v1/leases", "user", {"limit": "1e400"}, None),
-    ("GET /v1/tasks", "user", {"after": "nan:tsk_x"}, _NEW_CURSOR),
+    ("GET /v1/tasks", "user", {"after": "nan:tsk_x"}, None),
 ]
 _QUERY_TIMEOUT = 5.0  # a long poll that does not end in this time was not refused
 
