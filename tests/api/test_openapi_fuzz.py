@@ -391,15 +391,19 @@ def test_every_body_operation_has_a_hostile_template() -> None:
     assert sorted(_body_operations()) == sorted(_BODIES)
 
 
-@pytest.mark.parametrize("hostile", _HOSTILE, ids=lambda h: h.name)
-@pytest.mark.parametrize("label", sorted(_BODIES))
+def _hostile_cases() -> list[Any]:
+    # "A string where a number goes" applies only to bodies whose slot holds a number.
+    return [pytest.param(label, hostile, id=f"{label}-{hostile.name}")
+            for label in sorted(_BODIES) for hostile in _HOSTILE
+            if not (hostile.name == "string-for-number" and _BODIES[label][2].startswith('"'))]
+
+
+@pytest.mark.parametrize(("label", "hostile"), _hostile_cases())
 def test_hostile_bodies_get_a_problem_without_an_echo(label: str, hostile: Hostile, fuzzing: Fuzzing,
                                                       seeds: Seeds, request: pytest.FixtureRequest) -> None:
     """NaN, Infinity, 1e400, huge integers, strings for numbers, 10 000-deep arrays, bytes that are not UTF-8,
     text/plain and UTF-16: each is a 4xx application/problem+json with a code, and the value is not echoed."""
     template, who, valid = _BODIES[label]
-    if hostile.name == "string-for-number" and valid.startswith('"'):
-        pytest.skip("this body has no number: its slot is a string already")
     if (label, hostile.name) in _BODY_XFAIL:
         request.applymarker(pytest.mark.xfail(strict=False, reason=_BODY_XFAIL[(label, hostile.name)]))
     method, path = label.split(" ", 1)

@@ -181,3 +181,20 @@ class TestCatalog:
         """Principals are user:NAME, group:NAME or a bare user name."""
         with pytest.raises(ConfigError):
             Principal.parse(text)
+
+
+class TestPrincipals:
+    """``user:`` principals name a person by id or by a *trusted* email; never by a name a token chooses."""
+
+    def test_email_principal_needs_a_trusted_email(self) -> None:
+        """user:EMAIL matches the address only when the IdP vouched for it (any case)."""
+        p = Principal.parse("user:Carol@Example.com")
+        assert p.includes(user("carol@example.com"))
+        assert not p.includes(user("carol@example.com", email_trusted=False))
+
+    def test_person_id_principal_is_exact(self) -> None:
+        """user:<issuer>#<sub> matches that pair only: not the same sub at another issuer, not the email."""
+        p = Principal.parse("user:https://idp#carol@example.com")
+        assert p.includes(user("carol@example.com"))
+        assert not p.includes(user("carol@example.com", issuer="https://idp2"))
+        assert not Principal.parse("user:https://idp#carol").includes(user("carol@example.com"))
