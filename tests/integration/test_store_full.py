@@ -115,7 +115,7 @@ class TestFullDisk:
             writes += 1
             await original(now=now)
 
-        store.probe_write = counting  # type: ignore[method-assign]
+        store.probe_write = counting  # type: ignore[method-assign,unused-ignore]
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         answers = await asyncio.gather(*(client.get("/v1/health") for _ in range(50)))
