@@ -422,8 +422,8 @@ class Store:
         and ``aborting`` ones whose next cleanup is due, the longest-waiting first."""
         due_at = func.coalesce(intents.c.next_attempt_at, intents.c.created_at)
         q = (select(intents).where(or_(
-            and_(intents.c.state == IntentState.OPEN, intents.c.created_at < open_before),
-            and_(intents.c.state == IntentState.ABORTING,
+            and_(intents.c.state == IntentState.OPEN.value, intents.c.created_at < open_before),
+            and_(intents.c.state == IntentState.ABORTING.value,
                  or_(intents.c.next_attempt_at.is_(None), intents.c.next_attempt_at <= now))))
              .order_by(due_at).limit(limit))
 
@@ -850,7 +850,7 @@ def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, even
                  next_attempt_at: float | None = None) -> bool:
     """One transition of the intent table, compare-and-set, in the caller's transaction."""
     to = next_state(from_state, event)
-    values: dict[str, Any] = {"state": str(to)}
+    values: dict[str, Any] = {"state": to.value}
     if to in FINAL:
         values.update(resolved_at=now, next_attempt_at=None)
     else:
@@ -859,7 +859,7 @@ def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, even
         values["attempts"] = attempts
     if accessor is not None:
         values["accessor"] = accessor
-    res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == str(from_state))
+    res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == from_state.value)
                        .values(**values))
     return bool(res.rowcount == 1)
 
