@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -66,6 +66,7 @@ from broker.models import (
     TaskOut,
     TaskPage,
 )
+from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
 from broker.tailer import VaultAuditTailer
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 TASKS = web.AppKey("tasks", TaskManager)
 LEASES = web.AppKey("leases", LeaseManager)
 STORE = web.AppKey("store", Store)
+READINESS = web.AppKey("readiness", Readiness)
 VAULT = web.AppKey("vault", VaultClient)
 CATALOG = web.AppKey("catalog", Catalog)
 AGENTS = web.AppKey("agent_verifier", VerifiedTokenCache[AgentIdentity])
@@ -387,20 +389,11 @@ async def verify_audit(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    vault_state: Any = "ok"
-    store_state: Any = "ok"
-    try:
-        h = await request.app[VAULT].health()
-        vault_state = "sealed" if h.sealed else "standby" if h.standby else "ok"
-    except BrokerError:
-        vault_state = "unreachable"
-    try:
-        await request.app[STORE].ping()
-    except BrokerError:
-        store_state = "unavailable"
-    ok = vault_state == "ok" and store_state == "ok"
-    out = HealthOut(status="ok" if ok else "unavailable", vault=vault_state, store=store_state, version=__version__)
-    return _json(out, 200 if ok else 503)
+    """Readiness for what issuing needs (broker.readiness): 503 names the part that is down."""
+    r = await request.app[READINESS].check()
+    out = HealthOut.model_validate({"status": "ok" if r.ok else "unavailable", "vault": r.vault, "store": r.store,
+                                    "version": __version__})
+    return _json(out, 200 if r.ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

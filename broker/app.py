@@ -37,7 +37,8 @@ from broker.identity.cache import VerifiedTokenCache
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
 from broker.metrics import Metrics
-from broker.revocations import Maintenance, Revocations, Revoker
+from broker.readiness import Readiness
+from broker.revocations import IntentSettler, Maintenance, Revocations, Revoker
 from broker.sealing import TokenSealer
 from broker.signing import load_signing_key
 from broker.store import LeaseLimits, Store, open_store
@@ -119,15 +120,24 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 app[api.CATALOG] = catalog
                 app[api.STORE] = store
                 app[api.VAULT] = vault
+                # Readiness probes Vault no longer than an agent's health check would wait.
+                app[api.READINESS] = Readiness(store=store, vault=vault, clock=clock,
+                                               timeout=min(2.0, settings.vault.timeout))
                 revoker = Revoker(store=store, vault=vault, clock=clock,
                                   confirm_timeout=settings.vault.revoke_confirm_timeout,
                                   max_backoff=settings.maintenance.max_backoff)
                 lim = settings.limits
+                settler = IntentSettler(store=store, vault=vault, clock=clock,
+                                        bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
+                                        vault_timeout=settings.vault.timeout,
+                                        attempt_timeout=settings.vault.revoke_confirm_timeout,
+                                        max_backoff=settings.maintenance.max_backoff)
                 app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
-                                             clock=clock, bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
-                                             crash=crash, start_rate=RateLimiter(
-                                                 rate=lim.task_start_rate_per_user,
-                                                 burst=lim.task_start_burst_per_user, clock=time.monotonic))
+                                             settler=settler, clock=clock,
+                                             bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, crash=crash,
+                                             start_rate=RateLimiter(rate=lim.task_start_rate_per_user,
+                                                                    burst=lim.task_start_burst_per_user,
+                                                                    clock=time.monotonic))
                 # Audit export sinks (broker.export), only when one is configured; their backlog gates issuance.
                 exporter = _exporter(settings, store, session, clock, app[api.METRICS])
                 backlog_ok = exporter.check if exporter is not None else None
@@ -143,7 +153,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 app[api.APPROVALS] = approvals
                 app[api.CLOCK] = clock
                 app[api.LEASES] = LeaseManager(
-                    catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash,
+                    catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash, settler=settler,
                     bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, approvals=approvals,
                     limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
                     agent_rate=RateLimiter(rate=lim.issue_rate_per_agent, burst=lim.issue_burst_per_agent,
@@ -162,7 +172,8 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                     interval=audit.checkpoint_interval, witness_file=audit.witness_file, clock=clock)
                 app[api.AUDIT_VERIFIER] = StoreVerifier(store, signing_key.public_key() if signing_key else None,
                                                         audit.origin, audit.witness_file)
-                maintenance = Maintenance(store=store, vault=vault, revoker=revoker, clock=clock, interval=m.interval,
+                maintenance = Maintenance(store=store, vault=vault, revoker=revoker, settler=settler, clock=clock,
+                                          interval=m.interval,
                                           intent_grace=m.intent_grace,
                                           bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
                                           sole_writer=settings.store.url.startswith("sqlite"),

@@ -5,8 +5,10 @@ Rules this file keeps:
 2. A credential is read from Vault with the task's own token, so Vault enforces the task's scope too,
    and revoking the task token revokes the credential.
 3. No audit record, no credential: the lease and its ``lease.issued`` record commit together, only
-   while the task is still active and the issuance's intent still open; otherwise the issuance token
-   is revoked (taking the credential with it) before the error is returned, and nothing is handed out.
+   while the task is still active and the issuance's intent still open; otherwise the intent is given
+   up (``aborting``) and its issuance token revoked, taking the credential with it, before the error is
+   returned, and nothing is handed out. The intent is ``aborted`` only once Vault confirms the token is
+   gone; until then the maintenance loop retries (``revocations.IntentSettler``, ``broker.intents``).
 4. The agent never sees Vault's lease id or the task token: only the broker's own lease id.
 """
 
@@ -39,6 +41,7 @@ from broker.errors import (
 from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity
 from broker.limits import RateLimiter
+from broker.revocations import IntentSettler
 from broker.sealing import TokenSealer
 from broker.store import ApprovalRow, Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
@@ -120,7 +123,7 @@ class Issued:
 class LeaseManager:
     def __init__(
         self, *, catalog: Catalog, store: Store, vault: VaultClient, sealer: TokenSealer, clock: Callable[[], float],
-        limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
+        settler: IntentSettler, limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
         user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
         approvals: ApprovalManager | None = None, backlog_ok: Callable[[], None] | None = None,
         renew_rate: RateLimiter | None = None,
@@ -130,6 +133,7 @@ class LeaseManager:
         self._vault = vault
         self._sealer = sealer
         self._clock = clock
+        self._settler = settler
         self._limits = limits
         self._agent_rate = agent_rate
         self._user_rate = user_rate
@@ -220,7 +224,9 @@ class LeaseManager:
             await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
             raise
         except BaseException:
-            await self._revoke_token(issuance.accessor)
+            # The intent may have committed all the same (a cancelled call still finishes on the store's
+            # thread): give it up if it is there, else just revoke the token no intent holds.
+            await self._settler.abandon(lease_id, accessor=issuance.accessor)
             raise
         self._crash("issue.after_intent")
         try:
@@ -239,9 +245,9 @@ class LeaseManager:
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance,
                                       approval.id if approval else None)
         except BaseException as exc:
-            # Ambiguous or failed: whatever Vault may have issued dies with the issuance token.
-            await self._revoke_token(issuance.accessor)
-            await self._store.abort_intent(lease_id, now=self._clock())
+            # Ambiguous or failed: whatever Vault may have issued dies with the issuance token. The intent
+            # stays retryable until Vault confirms that (a partition makes this first revoke fail too).
+            await self._settler.abandon(lease_id, accessor=issuance.accessor)
             if isinstance(exc, VaultDenied | VaultBadResponse):
                 raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise
@@ -293,7 +299,10 @@ class LeaseManager:
         return Issued(lease, data)
 
     async def _revoke_token(self, accessor: str) -> None:
-        """Revoke an issuance token whose credential must not be handed out. It dies with its task anyway."""
+        """Revoke an issuance token that no intent holds (its intent could not be written): best effort.
+
+        It was born with the bootstrap TTL and nothing extends it, so it dies by itself soon anyway.
+        """
         try:
             await asyncio.shield(self._vault.revoke_accessor(accessor))
         except Exception:  # noqa: BLE001 -- the reconciler and the task token's end still get it

@@ -256,9 +256,13 @@ class AuditVerifyOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """Readiness: whether this replica can issue now, and which part cannot when it cannot."""
+
     status: Literal["ok", "unavailable"]
-    vault: Literal["ok", "sealed", "unreachable", "standby"]
-    store: Literal["ok", "unavailable"]
+    vault: Literal["ok", "sealed", "unreachable", "standby"] = Field(
+        description="unreachable: Vault did not answer sys/health in time")
+    store: Literal["ok", "unavailable", "unwritable"] = Field(
+        description="unwritable: reads work but a write cannot commit (a full disk, a read-only file)")
     version: str
 
 

@@ -147,11 +147,13 @@ def spec() -> dict[str, Any]:
                                              _query("after", "integer", minimum=0, maximum=_INT64_MAX), _LIMIT])},
             "/v1/audit/verify": {"get": _op("Recompute the audit chain and check every signed checkpoint (auditors)",
                                             "user", (200, AuditVerifyOut), (401, 403, 503))},
-            "/v1/health": {"get": {**_op("Liveness and readiness (Vault and store)", None, (200, HealthOut), ()),
+            "/v1/health": {"get": {**_op("Readiness for issuing: Vault answers and the store commits a write "
+                                         "(probes cached for about a second)", None, (200, HealthOut), ()),
                                    "responses": {
                                        "200": {"description": "Ready",
                                                "content": {"application/json": {"schema": _ref(HealthOut)}}},
-                                       "503": {"description": "Vault or store unavailable",
+                                       "503": {"description": "Not ready: `vault` or `store` names the part "
+                                                              "that is down",
                                                "content": {"application/json": {"schema": _ref(HealthOut)}}}}}},
             "/v1/openapi.json": {"get": {"summary": "This document",
                                          "responses": {"200": {"description": "OpenAPI 3.1",

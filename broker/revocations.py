@@ -8,25 +8,28 @@ Rules this file keeps:
    exponential backoff and jitter, by the maintenance loop, without an operator.
 3. A revocation by user, agent or tenant is also a lock, written in the same transaction as the fence,
    that every later task start and issuance checks in the transaction that records its intent.
-4. Intents still open after a crash are resolved against Vault: the intent is marked ``aborting``
-   first (so a slow issuance can no longer complete it), then its issuance token is revoked, then it is
-   ``aborted``. What Vault issued under it dies with that token.
+4. An intent the broker gives up on (a failed or ambiguous Vault call in a task start or an issuance,
+   or one still open after a crash) is marked ``aborting`` first, so a slow issuance can no longer
+   complete it; then its token is revoked, and it is ``aborted`` only when Vault confirms the token is
+   gone (``IntentSettler``; the state table is ``broker.intents``). What Vault issued under it dies with
+   that token. A cleanup Vault does not confirm (a partition, a sealed Vault) leaves it ``aborting``,
+   retried with backoff by the maintenance loop until Vault confirms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from broker.audit import AuditRecord
-from broker.errors import BadRequest, NotFound, VaultDenied, VaultError
+from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
 from broker.identity import UserIdentity, is_person_id
-from broker.store import LeaseRow, RevocationRow, Store, TaskRow
+from broker.intents import FINAL, IntentEvent, IntentState, backoff
+from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
 
 if TYPE_CHECKING:
@@ -75,8 +78,9 @@ class Revoker:
             now = self._clock()
             if not confirmed:
                 attempts = task.revoke_attempts + 1
-                backoff = min(self._max_backoff, 2.0 ** min(attempts, 16)) * random.uniform(0.5, 1.0)  # noqa: S311
-                await self._store.retry_later(task.id, attempts=attempts, next_attempt_at=now + backoff)
+                # From 1-2 s after the first failure, doubling, up to maintenance.max_backoff.
+                delay = backoff(attempts + 1, cap=self._max_backoff)
+                await self._store.retry_later(task.id, attempts=attempts, next_attempt_at=now + delay)
                 return Settled(0, len(leases))
             expired = task.state == "expired"
             records = [
@@ -124,6 +128,169 @@ async def _alive(vault: VaultClient, lease: LeaseRow) -> bool:
     if lease.kind == "token":
         return await vault.lookup_accessor(lease.vault_lease_id) is not None
     return await vault.lookup_lease(lease.vault_lease_id) is not None
+
+
+class IntentSettler:
+    """Cleans up intents the broker gave up on; calls one ``aborted`` only when Vault confirms its token is gone.
+
+    Used by the request paths (a task start or an issuance that failed after Vault may have created
+    something) and by the maintenance loop (intents left open by a crash, or whose cleanup failed).
+    Neither a store nor a Vault failure escapes: what cannot be confirmed now stays ``aborting`` (or
+    ``open``, if even the store is down) and is retried.
+    """
+
+    def __init__(self, *, store: Store, vault: VaultClient, clock: Callable[[], float], bootstrap_ttl: float,
+                 vault_timeout: float, attempt_timeout: float = 5.0, max_backoff: float = 60.0,
+                 concurrency: int = 16) -> None:
+        self._store = store
+        self._vault = vault
+        self._clock = clock
+        self._bootstrap_ttl = bootstrap_ttl
+        self._vault_timeout = vault_timeout
+        self._attempt_timeout = attempt_timeout
+        self._max_backoff = max_backoff
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def _unknown_token_expiry(self, now: float) -> float:
+        """When a token created by a call still in flight at ``now`` has died at its bootstrap TTL (rule 4
+        of broker.intents): the call reaches Vault within one Vault timeout, the token lives its TTL."""
+        return now + self._vault_timeout + self._bootstrap_ttl + 1.0
+
+    async def abandon(self, intent_id: str, *, accessor: str | None) -> None:
+        """A request path gives up on an open intent: fence it (``aborting``), then try the cleanup once now.
+
+        ``accessor`` is the token to revoke when the intent does not hold it yet (a task start that
+        created its token but could not record the task). Shielded: a cancelled request still cleans up.
+        """
+        await asyncio.shield(self._abandon(intent_id, accessor))
+
+    async def _abandon(self, intent_id: str, accessor: str | None) -> None:
+        now = self._clock()
+        try:
+            intent = await self._store.get_intent(intent_id)
+            if intent is None:
+                if accessor is not None:  # no intent holds this token: best effort, it dies at its bootstrap TTL
+                    await self._revoke_confirmed_within(accessor)
+                return
+            if intent.state in FINAL:
+                return  # done: recorded, nothing to undo; aborted: Vault confirmed already
+            token = intent.accessor or accessor
+            # The reconciler leaves it alone while this attempt runs, and takes over if this process dies.
+            hold = now + self._attempt_timeout + 1.0 if token else self._unknown_token_expiry(now)
+            if intent.state == IntentState.OPEN:
+                if not await self._store.move_intent(intent_id, from_state=IntentState.OPEN,
+                                                     event=IntentEvent.ABANDONED, now=now, accessor=accessor,
+                                                     next_attempt_at=hold):
+                    intent = await self._store.get_intent(intent_id)
+                    if intent is None or intent.state in FINAL:
+                        return
+            elif intent.accessor is None and accessor is not None:
+                # The reconciler fenced this start before the start learned its token: hand it the accessor.
+                await self._store.move_intent(intent_id, from_state=IntentState.ABORTING,
+                                              event=IntentEvent.CLEANUP_FAILED, now=now, accessor=accessor,
+                                              attempts=intent.attempts, next_attempt_at=hold)
+            intent = replace(intent, state=IntentState.ABORTING, accessor=token, next_attempt_at=hold)
+        except StoreUnavailable:
+            # The store is down too: revoke now if Vault answers. The intent stays open; the reconciler
+            # resolves it after its grace, and revoking an accessor twice is harmless.
+            if accessor is not None:
+                await self._revoke_confirmed_within(accessor)
+            return
+        await self.attempt(intent)
+
+    async def reconcile(self, intent: Intent) -> bool:
+        """The maintenance loop's turn at one due intent: fence it if it is still open, then one cleanup attempt.
+
+        Returns True when it reached ``aborted``.
+        """
+        now = self._clock()
+        if intent.state == IntentState.OPEN:
+            hold = now if intent.accessor else self._unknown_token_expiry(now)
+            try:
+                if not await self._store.move_intent(intent.id, from_state=IntentState.OPEN,
+                                                     event=IntentEvent.ABANDONED, now=now, next_attempt_at=hold):
+                    return False  # completed (or taken) meanwhile
+            except StoreUnavailable:
+                return False
+            intent = replace(intent, state=IntentState.ABORTING, next_attempt_at=hold)
+        return await self.attempt(intent)
+
+    async def attempt(self, intent: Intent) -> bool:
+        """One cleanup of an ``aborting`` intent: revoke its token and wait (bounded) for Vault to confirm.
+
+        Confirmed: ``aborted``, with its record. Not confirmed: still ``aborting``, one attempt more, the
+        next one after ``backoff``. Returns True when it reached ``aborted``; never raises a store or
+        Vault error.
+        """
+        async with self._slots:
+            now = self._clock()
+            if intent.accessor is None:
+                # Nothing to look up (rule 4): final once its token, if any, is past its bootstrap TTL.
+                if intent.next_attempt_at is not None and intent.next_attempt_at > now:
+                    return False
+                return await self._finish(intent, IntentEvent.BOOTSTRAP_ELAPSED, now)
+            confirmed = await self._revoke_confirmed_within(intent.accessor)
+            now = self._clock()
+            if confirmed:
+                return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, now)
+            attempts = intent.attempts + 1
+            delay = backoff(attempts, cap=self._max_backoff)
+            log.warning("intent %s: Vault has not confirmed that its token is gone (attempt %d); retry in %.1fs",
+                        intent.id, attempts, delay)
+            try:
+                await self._store.move_intent(intent.id, from_state=IntentState.ABORTING,
+                                              event=IntentEvent.CLEANUP_FAILED, now=now, attempts=attempts,
+                                              next_attempt_at=now + delay)
+            except StoreUnavailable:
+                pass  # it stays due: the next tick tries again
+            return False
+
+    async def _revoke_confirmed_within(self, accessor: str) -> bool:
+        try:
+            return await asyncio.wait_for(self._revoke_confirmed(accessor), timeout=self._attempt_timeout)
+        except (VaultError, TimeoutError):
+            return False
+
+    async def _revoke_confirmed(self, accessor: str) -> bool:
+        """Revoke by accessor, then poll until ``lookup-accessor`` says the token is gone.
+
+        The revoke's answer proves nothing (200 for an unknown accessor; the leases go after it answers),
+        and a token Vault is still revoking answers 403 (tainted): only "invalid accessor" is gone.
+        A lost revoke shows as a token that stays alive: the caller's bound ends this attempt.
+
+        Raises:
+            VaultError: Vault did not answer.
+        """
+        await self._vault.revoke_accessor(accessor)
+        delay = 0.02
+        while True:
+            try:
+                if await self._vault.lookup_accessor(accessor) is None:
+                    return True
+            except VaultDenied:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _finish(self, intent: Intent, event: IntentEvent, now: float) -> bool:
+        try:
+            record = await self._final_record(intent, event, now)
+            return await self._store.move_intent(intent.id, from_state=IntentState.ABORTING, event=event, now=now,
+                                                 record=record)
+        except StoreUnavailable:
+            return False
+
+    async def _final_record(self, intent: Intent, event: IntentEvent, now: float) -> AuditRecord:
+        gone = ("Vault confirmed its token is gone" if event == IntentEvent.VAULT_CONFIRMED
+                else "its token, if Vault created one, expired unused at its bootstrap TTL")
+        if intent.kind == "task":
+            return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
+                               reason=f"the task could not be recorded; {gone}")
+        task = await self._store.get_task(intent.task_id)
+        return AuditRecord(now, "lease.aborted", "failure", user=task.user if task else None,
+                           user_name=task.user_name if task else None, agent=task.agent if task else None, task=intent.task_id,
+                           tenant=task.tenant if task else None, resource=f"grant:{intent.grant}", action="issue",
+                           lease=intent.id, reason=f"the issuance was given up; {gone}")
 
 
 @dataclass(frozen=True)
@@ -201,13 +368,14 @@ class Revocations:
 class Maintenance:
     """The background loop: expire, reconcile intents, retry revocations. Bounded work per tick."""
 
-    def __init__(self, *, store: Store, vault: VaultClient, revoker: Revoker, clock: Callable[[], float],
-                 interval: float, intent_grace: float, bootstrap_ttl: float, sole_writer: bool,
-                 checkpointer: Checkpointer | None = None) -> None:
+    def __init__(self, *, store: Store, vault: VaultClient, revoker: Revoker, settler: IntentSettler,
+                 clock: Callable[[], float], interval: float, intent_grace: float, bootstrap_ttl: float,
+                 sole_writer: bool, checkpointer: Checkpointer | None = None) -> None:
         self._store = store
         self._checkpointer = checkpointer
         self._vault = vault
         self._revoker = revoker
+        self._settler = settler
         self._clock = clock
         self._interval = interval
         self._grace = intent_grace
@@ -283,27 +451,8 @@ class Maintenance:
                 for x, t in gone])
 
     async def _reconcile(self, now: float) -> None:
+        """Intents left open by a dead issuer, and ``aborting`` ones whose next cleanup is due (broker.intents)."""
         cutoff = max(self._started, now - self._grace) if self._sole_writer else now - self._grace
-        for intent in await self._store.open_intents(created_before=cutoff):
-            if intent.kind == "task":
-                # Its token was created with the bootstrap TTL and dies by itself: wait that long, then close.
-                if intent.created_at + self._bootstrap_ttl < now:
-                    await self._store.abort_intent(intent.id, now=now, record=AuditRecord(
-                        now, "task.aborted", "failure", task=intent.task_id, action="task.start",
-                        reason="the broker stopped before recording the task; its token expired unused"))
-                continue
-            if intent.state == "open" and not await self._store.abort_intent(intent.id, now=now, state="aborting"):
-                continue  # completed meanwhile
-            try:
-                if intent.accessor:
-                    await self._vault.revoke_accessor(intent.accessor)
-                    if await self._vault.lookup_accessor(intent.accessor) is not None:
-                        continue  # not confirmed yet: the next tick retries
-            except VaultError:
-                return
-            task = await self._store.get_task(intent.task_id)
-            await self._store.finish_abort(intent.id, now=now, record=AuditRecord(
-                now, "lease.aborted", "failure", user=task.user if task else None, agent=task.agent if task else None,
-                task=intent.task_id, tenant=task.tenant if task else None, resource=f"grant:{intent.grant}",
-                action="issue", lease=intent.id,
-                reason="the broker stopped mid-issuance; anything Vault issued was revoked"))
+        due = await self._store.intents_due(now=now, open_before=cutoff)
+        if due:
+            await asyncio.gather(*(self._settler.reconcile(i) for i in due))

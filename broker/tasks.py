@@ -4,8 +4,12 @@ Rules this file keeps:
 1. The state machine is the table below; nothing else changes a task's state.
 2. Starting a task writes an intent (checking operator locks), creates the Vault task token with a
    short bootstrap TTL, records the task with ``task.started`` in one transaction, then extends the
-   token to the task's end. If the record fails, the token is revoked; if the broker dies, the token
-   dies by itself within the bootstrap TTL.
+   token to the task's end. If the token create or the record fails, the intent is given up
+   (``aborting``, with the token's accessor when the start learned it) and the token revoked; the
+   intent is ``aborted`` only once Vault confirms the token is gone, or, when its accessor is unknown,
+   once the bootstrap TTL has killed it (``broker.intents``). If the broker dies, the token dies by
+   itself within the bootstrap TTL. If the extension fails, the task is revoked like any other
+   (fenced, then ``revocations.Revoker``, retried until Vault confirms).
 3. Ending is a fence, then a revocation (``revocations.Revoker``): the task leaves ``active`` in the
    store first, so no new lease can commit; then its token is revoked by accessor, which makes Vault
    revoke every lease and child token it created; only when Vault confirms are the leases ``revoked``.
@@ -13,7 +17,6 @@ Rules this file keeps:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import secrets
@@ -26,7 +29,7 @@ from broker.errors import BadRequest, Denied, NotFound, VaultError, VaultUnavail
 from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
-from broker.revocations import Revoker
+from broker.revocations import IntentSettler, Revoker
 from broker.sealing import TokenSealer
 from broker.store import Intent, LeaseRow, Person, Store, TaskRow
 from broker.vault import VaultClient
@@ -90,6 +93,7 @@ class TaskManager:
         vault: VaultClient,
         sealer: TokenSealer,
         revoker: Revoker,
+        settler: IntentSettler,
         clock: Callable[[], float],
         bootstrap_ttl: int = 30,
         crash: CrashHook = no_crash,
@@ -102,6 +106,7 @@ class TaskManager:
         self._vault = vault
         self._sealer = sealer
         self._revoker = revoker
+        self._settler = settler
         self._clock = clock
         self._bootstrap_ttl = bootstrap_ttl
         self._crash = crash
@@ -139,14 +144,21 @@ class TaskManager:
             )
             raise
         self._crash("task.after_intent")
-        auth = await self._vault.create_token_from_role(
-            r.vault_policy,
-            policies=[r.vault_policy],
-            ttl=min(self._bootstrap_ttl, decision.ttl),
-            explicit_max_ttl=decision.ttl,
-            meta={"task": task_id, "user": user.id, "agent": str(decision.agent), "tenant": r.tenant, "role": r.name},
-            display_name=f"task-{r.name}",
-        )
+        try:
+            auth = await self._vault.create_token_from_role(
+                r.vault_policy,
+                policies=[r.vault_policy],
+                ttl=min(self._bootstrap_ttl, decision.ttl),
+                explicit_max_ttl=decision.ttl,
+                meta={"task": task_id, "user": user.id, "agent": str(decision.agent), "tenant": r.tenant,
+                      "role": r.name},
+                display_name=f"task-{r.name}",
+            )
+        except BaseException:
+            # A timeout is ambiguous: Vault may hold a token whose accessor we never saw. It dies at its
+            # bootstrap TTL; the intent says so only once that has passed.
+            await self._settler.abandon(task_id, accessor=None)
+            raise
         self._crash("task.after_token")
         row = TaskRow(
             id=task_id, user=user.id, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
@@ -160,10 +172,10 @@ class TaskManager:
         try:
             recorded = await self._store.create_task(row, record)
         except BaseException:
-            await _shielded_revoke(self._vault, auth.accessor)
+            await self._settler.abandon(task_id, accessor=auth.accessor)
             raise
         if not recorded:  # the reconciler gave up on this start: it must not become a task
-            await _shielded_revoke(self._vault, auth.accessor)
+            await self._settler.abandon(task_id, accessor=auth.accessor)
             raise VaultUnavailable("the task could not be started; retry", reason=f"intent {task_id} was aborted")
         self._crash("task.after_record")
         if decision.ttl > self._bootstrap_ttl:
@@ -219,9 +231,3 @@ class TaskManager:
                                    reason=f"{settled.pending} leases of task {task_id} not confirmed")
         return EndResult(row, revoked=settled.revoked, pending=0)
 
-
-async def _shielded_revoke(vault: VaultClient, accessor: str) -> None:
-    try:
-        await asyncio.shield(vault.revoke_accessor(accessor))
-    except Exception:  # noqa: BLE001 -- best effort; the token still dies at its bootstrap TTL
-        log.exception("could not revoke an unrecorded task token; it expires at its bootstrap TTL")

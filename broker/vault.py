@@ -413,6 +413,7 @@ class VaultClient:
         token: str | Sensitive | None = None,
         use_token: bool = True,
         ok_extra: frozenset[int] = frozenset(),
+        timeout: float | None = None,
     ) -> tuple[int, Any]:
         """Send one request; return ``(status, parsed JSON or None)`` for 2xx and ``ok_extra`` statuses.
 
@@ -434,7 +435,7 @@ class VaultClient:
                 data=payload,
                 params=params,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
@@ -472,15 +473,16 @@ class VaultClient:
 
     # -- health ---------------------------------------------------------------------------------
 
-    async def health(self) -> VaultHealth:
+    async def health(self, *, timeout: float | None = None) -> VaultHealth:
         """GET /v1/sys/health (no token).
 
         200 active, 429 standby, 472 DR secondary, 473 performance standby, 501 not initialised and
-        503 sealed all come back as data; the caller decides what is healthy.
+        503 sealed all come back as data; the caller decides what is healthy. ``timeout`` overrides the
+        client's for this call (a readiness check must answer sooner than a partition's timeout).
         """
         op = "health"
         _, parsed = await self._call(
-            "GET", "sys/health", op, use_token=False, ok_extra=frozenset({429, 472, 473, 501, 503})
+            "GET", "sys/health", op, use_token=False, ok_extra=frozenset({429, 472, 473, 501, 503}), timeout=timeout
         )
         if not isinstance(parsed, dict):
             msg = f"unexpected answer from Vault to {op}"

@@ -55,6 +55,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.identity import is_person_id
+from broker.intents import FINAL, IntentEvent, IntentState, next_state
 from broker.store.rows import (
     ApprovalRow,
     AuditRow,
@@ -74,6 +75,7 @@ from broker.store.schema import (
     audit_events,
     audit_export,
     audit_head,
+    health_probe,
     intents,
     leases,
     person_emails,
@@ -99,8 +101,8 @@ _INSERT_REVOCATION = insert(revocations)
 _TASK_BY_ID = select(tasks).where(tasks.c.id == bindparam("id"))
 _TASK_STATE_FOR_UPDATE = select(tasks.c.state).where(tasks.c.id == bindparam("id")).with_for_update()
 _LEASE_BY_ID = select(leases).where(leases.c.id == bindparam("id"))
-_RESOLVE_INTENT = (update(intents).where(intents.c.id == bindparam("iid"), intents.c.state == "open")
-                   .values(state=bindparam("new_state"), resolved_at=bindparam("at")))
+_INTENT_BY_ID = select(intents).where(intents.c.id == bindparam("id"))
+_PROBE = update(health_probe).where(health_probe.c.id == 1).values(probed_at=bindparam("at"))
 # A lock on a user names their person id or an email address. An address holds the person behind it:
 # it matches the address their token carries trusted now, and every address any of their tokens carried
 # trusted before (person_emails), so a token that drops or unverifies the address is still locked.
@@ -171,6 +173,25 @@ class Store:
                 conn.execute(select(1))
         await self._run(run)
 
+    async def probe_write(self, *, now: float) -> None:
+        """Commit a one-row write, as issuing must: a readable store that cannot commit is not ready.
+
+        Callers rate-limit it (``broker.readiness``): one small transaction per probe.
+
+        Raises:
+            StoreUnavailable: the write or its commit failed (a full disk, a read-only file or database).
+        """
+        def run() -> None:
+            with self._tx() as conn:
+                if conn.execute(_PROBE, {"at": now}).rowcount == 0:
+                    conn.execute(insert(health_probe).values(id=1, probed_at=now))
+        try:
+            await self._run(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                return  # another replica inserted the row first: its write proves the same
+            raise
+
     # -- tasks ---------------------------------------------------------------------------------------
 
     async def begin_task(self, intent: Intent, *, user: Person, agent: str, tenant: str) -> None:
@@ -206,7 +227,7 @@ class Store:
             with self._tx() as conn:
                 # Checked again here: a lock may have been written since the intent was.
                 _check_locks(conn, user=row.user, email=row.user_email, agent=row.agent, tenant=row.tenant)
-                if not _resolve_intent(conn, row.id, "done", row.created_at):
+                if not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED, row.created_at):
                     return False
                 conn.execute(_INSERT_TASK, asdict(row))
                 _append(conn, record)
@@ -376,7 +397,8 @@ class Store:
         def run() -> bool:
             with self._tx() as conn:
                 state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": row.task_id}).scalar_one_or_none()
-                if state != "active" or not _resolve_intent(conn, row.id, "done", row.issued_at):
+                if state != "active" or not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED,
+                                                         row.issued_at):
                     conn.rollback()
                     return False
                 values = asdict(row)
@@ -386,35 +408,45 @@ class Store:
             return True
         return await self._run(run)
 
-    async def abort_intent(self, intent_id: str, *, now: float, record: AuditRecord | None = None,
-                           state: str = "aborted") -> bool:
-        """Move an open intent to ``aborted`` (or ``aborting``, until Vault confirms); the first writer wins.
+    async def move_intent(self, intent_id: str, *, from_state: IntentState, event: IntentEvent, now: float,
+                          accessor: str | None = None, attempts: int | None = None,
+                          next_attempt_at: float | None = None, record: AuditRecord | None = None) -> bool:
+        """Move an intent along the table (``broker.intents.next_state``), compare-and-set on ``from_state``.
 
-        False when it was no longer open: it completed, or another reconciler took it.
+        The first writer wins: False, writing nothing, when the intent was no longer in ``from_state``
+        (it completed, or another cleanup moved it). ``accessor`` records the token a failed task start
+        learned; ``attempts`` and ``next_attempt_at`` schedule the next cleanup of an ``aborting`` intent.
+        A final state clears the schedule and stamps ``resolved_at``. ``record`` commits with the move.
+
+        Raises:
+            IntentTransitionError: ``event`` does not apply to ``from_state`` (a caller's bug).
         """
         def run() -> bool:
             with self._tx() as conn:
-                if not _resolve_intent(conn, intent_id, state, now):
+                if not _move_intent(conn, intent_id, from_state, event, now, accessor=accessor, attempts=attempts,
+                                    next_attempt_at=next_attempt_at):
                     return False
                 if record is not None:
                     _append(conn, record)
             return True
         return await self._run(run)
 
-    async def finish_abort(self, intent_id: str, *, now: float, record: AuditRecord) -> None:
-        """Vault confirmed that an aborting intent's issuance token is gone."""
-        def run() -> None:
-            with self._tx() as conn:
-                res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == "aborting")
-                                   .values(state="aborted", resolved_at=now))
-                if res.rowcount == 1:
-                    _append(conn, record)
-        await self._run(run)
+    async def get_intent(self, intent_id: str) -> Intent | None:
+        def run() -> Intent | None:
+            with self._read() as conn:
+                r = conn.execute(_INTENT_BY_ID, {"id": intent_id}).mappings().first()
+            return Intent(**r) if r is not None else None
+        return await self._run(run)
 
-    async def open_intents(self, *, created_before: float) -> list[Intent]:
-        """Intents still ``open`` from before ``created_before``, and every one left ``aborting``."""
-        q = select(intents).where(or_(and_(intents.c.state == "open", intents.c.created_at < created_before),
-                                      intents.c.state == "aborting"))
+    async def intents_due(self, *, now: float, open_before: float, limit: int = 200) -> list[Intent]:
+        """Intents to reconcile: ``open`` ones from before ``open_before`` (their issuer is presumed dead),
+        and ``aborting`` ones whose next cleanup is due, the longest-waiting first."""
+        due_at = func.coalesce(intents.c.next_attempt_at, intents.c.created_at)
+        q = (select(intents).where(or_(
+            and_(intents.c.state == IntentState.OPEN.value, intents.c.created_at < open_before),
+            and_(intents.c.state == IntentState.ABORTING.value,
+                 or_(intents.c.next_attempt_at.is_(None), intents.c.next_attempt_at <= now))))
+             .order_by(due_at).limit(limit))
 
         def run() -> list[Intent]:
             with self._read() as conn:
@@ -850,8 +882,23 @@ def _insert_tokens(conn: Connection, tokens: Mapping[str, tuple[str, str | None]
         conn.execute(insert(vault_audit_tokens), fresh)
 
 
-def _resolve_intent(conn: Connection, intent_id: str, state: str, now: float) -> bool:
-    return bool(conn.execute(_RESOLVE_INTENT, {"iid": intent_id, "new_state": state, "at": now}).rowcount == 1)
+def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, event: IntentEvent, now: float, *,
+                 accessor: str | None = None, attempts: int | None = None,
+                 next_attempt_at: float | None = None) -> bool:
+    """One transition of the intent table, compare-and-set, in the caller's transaction."""
+    to = next_state(from_state, event)
+    values: dict[str, Any] = {"state": to.value}
+    if to in FINAL:
+        values.update(resolved_at=now, next_attempt_at=None)
+    else:
+        values["next_attempt_at"] = next_attempt_at
+    if attempts is not None:
+        values["attempts"] = attempts
+    if accessor is not None:
+        values["accessor"] = accessor
+    res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == from_state.value)
+                       .values(**values))
+    return bool(res.rowcount == 1)
 
 
 def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, tenant: str) -> None:

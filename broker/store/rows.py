@@ -58,6 +58,8 @@ class Intent:
     created_at: float
     state: str = "open"
     resolved_at: float | None = None
+    attempts: int = 0
+    next_attempt_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,9 @@ leases = Table(
     Index("ix_leases_task_state", "task_id", "state"),
 )
 
-# Written before every Vault call that creates something, completed after it is recorded. On start-up
-# the reconciler resolves what is still open: what Vault may have issued is revoked.
+# Written before every Vault call that creates something, completed after it is recorded. What is given
+# up on is ``aborting`` until Vault confirms its token is gone (broker.intents has the state table): the
+# maintenance loop retries it with backoff, so a partition that fails the first revoke leaves nothing.
 intents = Table(
     "intents",
     metadata,
@@ -90,10 +91,15 @@ intents = Table(
     Column("kind", String(8), nullable=False),  # "task" or "lease"
     Column("task_id", String(64), nullable=False),
     Column("grant", String(64)),
-    Column("accessor", String(128)),  # the issuance token, for a lease intent
+    # The token to revoke if the intent is given up: the issuance token (lease intent), or the task token
+    # once a failed start has learned it (task intent).
+    Column("accessor", String(128)),
     Column("created_at", Float, nullable=False),
-    Column("state", String(8), nullable=False),  # "open", "done", "aborted"
+    Column("state", String(8), nullable=False),  # broker.intents.IntentState
     Column("resolved_at", Float),
+    # Cleanups Vault has not confirmed yet, and when the next one is due (``aborting`` only).
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
     Index("ix_intents_state", "state"),
 )
 
@@ -253,4 +259,14 @@ audit_export = Table(
     Column("sink", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+
+# One row that the readiness check rewrites (rate-limited): a store that can be read but cannot commit a
+# write (a full disk, a read-only file, a PostgreSQL replica) cannot issue, so it is not ready.
+health_probe = Table(
+    "health_probe",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("probed_at", Float, nullable=False),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest_asyncio
 from broker.api import STORE
 from broker.app import make_app
 from broker.config import load_settings
+from broker.intents import IntentEvent, IntentState
+from broker.store import Intent
 from broker.vault import VaultClient
 from tests.api.test_revocation import can_login, revoke
 from tests.api.test_task_flow import credential, end, start_task
@@ -47,3 +50,26 @@ class TestPostgresStore:
         assert await admin.lookup_lease(row.vault_lease_id) is None
         events = [r.record.event for r in await client.app[STORE].query_audit(limit=100)]
         assert events.count("lease.issued") == 2 and events.count("lease.revoked") == 2
+
+    async def test_intent_retries_and_write_probe(self, pg_client: Any) -> None:
+        """The intent table's compare-and-set, the due-intent query and readiness's write probe on PostgreSQL."""
+        store = pg_client.app[STORE]
+        # Real times, far enough ahead that the app's own maintenance loop leaves this intent alone.
+        t = time.time()
+        intent = Intent(id="lse_pg_retry", kind="lease", task_id="tsk_none", grant="g", accessor="acc", created_at=t)
+        await store.begin_task(intent, user="u", agent="a", tenant="t")
+        assert await store.move_intent(intent.id, from_state=IntentState.OPEN, event=IntentEvent.ABANDONED, now=t,
+                                       next_attempt_at=t + 3600)
+        assert not await store.move_intent(intent.id, from_state=IntentState.OPEN, event=IntentEvent.RECORDED, now=t)
+        assert [i.id for i in await store.intents_due(now=t + 1200, open_before=t - 60)] == []
+        assert await store.move_intent(intent.id, from_state=IntentState.ABORTING,
+                                       event=IntentEvent.CLEANUP_FAILED, now=t, attempts=1, next_attempt_at=t + 600)
+        due = await store.intents_due(now=t + 1200, open_before=t - 60)
+        assert [(i.id, i.state, i.attempts) for i in due] == [(intent.id, "aborting", 1)]
+        assert await store.move_intent(intent.id, from_state=IntentState.ABORTING,
+                                       event=IntentEvent.VAULT_CONFIRMED, now=t)
+        assert await store.intents_due(now=t + 1200, open_before=t - 60) == []
+        await store.probe_write(now=t)
+        await store.probe_write(now=t + 1)
+        health = await pg_client.get("/v1/health")
+        assert health.status == 200 and (await health.json())["store"] == "ok"

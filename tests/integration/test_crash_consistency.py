@@ -34,10 +34,9 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -55,7 +54,7 @@ from broker.sealing import TokenSealer
 from broker.vault import VaultClient
 from broker.vaultsync import broker_policy_hcl, task_policy_hcl, task_token_role
 from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
-from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot
+from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
 from tests.support.fixtures import BaoEngines, run_coro_in_thread
 
 ROLE = "crash-test"
@@ -248,78 +247,9 @@ async def one_round(config: Path, ids: Identities, tally: Tally, rng: random.Ran
         broker.stop()
 
 
-@dataclass
-class Verdict:
-    orphans: list[str]
-    ghosts: list[str]
-    ghost_tasks: list[str]
-    audit_problems: list[str]
-    vault_tokens: Counter[str]
-    vault_leases: int
-
-
-async def judge(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Verdict:
-    """Compare Vault (root token) with the store, by the ownership rules of the module docstring."""
-    tokens = await vault.tokens()
-    active_tasks = {tid: t for tid, t in snap.tasks.items() if t["state"] == "active"}
-    live_leases = {lid: x for lid, x in snap.leases.items() if x["state"] in ("active", "revoke_pending")}
-    owned_leases = {x["vault_lease_id"]: lid for lid, x in live_leases.items()
-                    if x["state"] == "active" and x["task_id"] in active_tasks}
-    ours = set(tally.task_ids) | set(snap.tasks) | {i["task_id"] for i in snap.intents.values()}
-    ours |= {str(d.get("meta", {}).get("task")) for d in tokens.values() if d.get("role") == TOKEN_ROLE}
-    open_accessors = {i["accessor"] for i in snap.intents.values() if i["state"] in ("open", "aborting")}
-
-    orphans: list[str] = []
-    n_tokens: Counter[str] = Counter()
-    for accessor, d in tokens.items():
-        meta: Mapping[str, Any] = d.get("meta") or {}
-        task_id = str(meta.get("task", ""))
-        if d.get("role") == TOKEN_ROLE:
-            n_tokens["task"] += 1
-            t = active_tasks.get(task_id)
-            if t is None or t["token_accessor"] != accessor:
-                state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
-                orphans.append(f"task token {accessor} of task {task_id} ({state})")
-        elif "lease" in meta and task_id in ours:
-            n_tokens["issuance"] += 1
-            lease = snap.leases.get(str(meta["lease"]))
-            owned = task_id in active_tasks and (
-                (lease is not None and lease["state"] == "active" and lease["issuance_accessor"] == accessor)
-                or accessor in open_accessors)
-            if not owned:
-                intent = snap.intents.get(str(meta["lease"]))
-                why = (f"lease {lease['state']}" if lease else
-                       f"intent {intent['state']}" if intent else "no intent, no lease")
-                task_state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
-                orphans.append(f"issuance token {accessor} (lease {meta['lease']}, grant {meta.get('grant')}, "
-                               f"task {task_state}: {why})")
-        elif str(d.get("path", "")).startswith(f"auth/token/create/{CHILD_ROLE}"):
-            n_tokens["child"] += 1
-            if accessor not in owned_leases:
-                orphans.append(f"child token {accessor} not an active lease of an active task")
-    vault_leases: list[str] = []
-    for prefix in LEASE_PREFIXES:
-        vault_leases += await vault.leases_under(prefix)
-    for lease_id in vault_leases:
-        if lease_id not in owned_leases:
-            orphans.append(f"Vault lease {lease_id} not an active lease of an active task")
-
-    ghosts: list[str] = []
-    for lid, x in live_leases.items():
-        alive = (x["vault_lease_id"] in tokens if x["kind"] == "token"
-                 else await vault.lease_alive(x["vault_lease_id"]))
-        if not alive:
-            ghosts.append(f"lease {lid} ({x['grant']}, {x['state']}) is gone in Vault")
-    ghost_tasks = [f"task {tid} active but its token is gone" for tid, t in active_tasks.items()
-                   if t["token_accessor"] not in tokens]
-
-    audit: list[str] = [f"lease {lid} has {snap.issued_records.get(lid, 0)} lease.issued records"
-                        for lid in snap.leases if snap.issued_records.get(lid, 0) != 1]
-    audit += [f"lease.issued record for unrecorded lease {lid}" for lid in snap.issued_records
-              if lid not in snap.leases]
-    audit += [f"credential {lid} was delivered but the store has no lease" for lid in tally.delivered
-              if lid not in snap.leases]
-    return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases))
+def judge_crash(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Awaitable[Verdict]:
+    return judge(vault, snap, task_ids=tally.task_ids, delivered=tally.delivered, token_role=TOKEN_ROLE,
+                 child_role=CHILD_ROLE, lease_prefixes=LEASE_PREFIXES)
 
 
 class TestCrashConsistency:
@@ -368,12 +298,12 @@ class TestCrashConsistency:
                 snap = StoreSnapshot.read(db)
                 vault = RawVault(session, bao.addr, bao.root_token.reveal())
                 # revoke-accessor answers before Vault has revoked the leases: give it a few seconds.
-                verdict = await judge(vault, snap, tally)
+                verdict = await judge_crash(vault, snap, tally)
                 for _ in range(20):
                     if not (verdict.orphans or verdict.ghosts):
                         break
                     await asyncio.sleep(0.5)
-                    verdict = await judge(vault, snap, tally)
+                    verdict = await judge_crash(vault, snap, tally)
         finally:
             broker.stop()
 

@@ -15,7 +15,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,95 @@ class StoreSnapshot:
         out += [f"task {t} token revoke_pending" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
         out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
         return out
+
+
+@dataclass
+class Verdict:
+    orphans: list[str]
+    ghosts: list[str]
+    ghost_tasks: list[str]
+    audit_problems: list[str]
+    vault_tokens: Counter[str]
+    vault_leases: int
+
+
+async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str], delivered: Iterable[str],
+                token_role: str, child_role: str, lease_prefixes: Sequence[str]) -> Verdict:
+    """Compare Vault (root token) with the store: orphans, ghosts, and the audit trail's bookkeeping.
+
+    Orphans (a Vault object that no ACTIVE task in the store owns), by kind:
+    - task token (token role ``token_role``): owned iff the store has its ``meta.task`` as an active task
+      whose ``token_accessor`` is this accessor.
+    - issuance token (``meta.lease`` set, ``meta.task`` one of the test's tasks): owned iff its task is
+      active and the store holds the lease ``meta.lease`` as ``active`` with this ``issuance_accessor`` (or
+      an intent still open or aborting with this accessor).
+    - agent child token (created through ``auth/token/create/<child_role>``): owned iff it is the
+      ``vault_lease_id`` of an active ``token`` lease of an active task.
+    - Vault lease under one of ``lease_prefixes``: owned iff it is the ``vault_lease_id`` of an active lease
+      of an active task.
+    Ghosts: an active (or revoke_pending) lease in the store whose Vault lease or token is gone.
+    ``task_ids`` are the tasks the test saw started; ``delivered`` the broker lease ids a client received.
+    """
+    tokens = await vault.tokens()
+    active_tasks = {tid: t for tid, t in snap.tasks.items() if t["state"] == "active"}
+    live_leases = {lid: x for lid, x in snap.leases.items() if x["state"] in ("active", "revoke_pending")}
+    owned_leases = {x["vault_lease_id"]: lid for lid, x in live_leases.items()
+                    if x["state"] == "active" and x["task_id"] in active_tasks}
+    ours = set(task_ids) | set(snap.tasks) | {i["task_id"] for i in snap.intents.values()}
+    ours |= {str(d.get("meta", {}).get("task")) for d in tokens.values() if d.get("role") == token_role}
+    open_accessors = {i["accessor"] for i in snap.intents.values() if i["state"] in ("open", "aborting")}
+
+    orphans: list[str] = []
+    n_tokens: Counter[str] = Counter()
+    for accessor, d in tokens.items():
+        meta: Mapping[str, Any] = d.get("meta") or {}
+        task_id = str(meta.get("task", ""))
+        if d.get("role") == token_role:
+            n_tokens["task"] += 1
+            t = active_tasks.get(task_id)
+            if t is None or t["token_accessor"] != accessor:
+                state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
+                orphans.append(f"task token {accessor} of task {task_id} ({state})")
+        elif "lease" in meta and task_id in ours:
+            n_tokens["issuance"] += 1
+            lease = snap.leases.get(str(meta["lease"]))
+            owned = task_id in active_tasks and (
+                (lease is not None and lease["state"] == "active" and lease["issuance_accessor"] == accessor)
+                or accessor in open_accessors)
+            if not owned:
+                intent = snap.intents.get(str(meta["lease"]))
+                why = (f"lease {lease['state']}" if lease else
+                       f"intent {intent['state']}" if intent else "no intent, no lease")
+                task_state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
+                orphans.append(f"issuance token {accessor} (lease {meta['lease']}, grant {meta.get('grant')}, "
+                               f"task {task_state}: {why})")
+        elif str(d.get("path", "")).startswith(f"auth/token/create/{child_role}"):
+            n_tokens["child"] += 1
+            if accessor not in owned_leases:
+                orphans.append(f"child token {accessor} not an active lease of an active task")
+    vault_leases: list[str] = []
+    for prefix in lease_prefixes:
+        vault_leases += await vault.leases_under(prefix)
+    for lease_id in vault_leases:
+        if lease_id not in owned_leases:
+            orphans.append(f"Vault lease {lease_id} not an active lease of an active task")
+
+    ghosts: list[str] = []
+    for lid, x in live_leases.items():
+        alive = (x["vault_lease_id"] in tokens if x["kind"] == "token"
+                 else await vault.lease_alive(x["vault_lease_id"]))
+        if not alive:
+            ghosts.append(f"lease {lid} ({x['grant']}, {x['state']}) is gone in Vault")
+    ghost_tasks = [f"task {tid} active but its token is gone" for tid, t in active_tasks.items()
+                   if t["token_accessor"] not in tokens]
+
+    audit: list[str] = [f"lease {lid} has {snap.issued_records.get(lid, 0)} lease.issued records"
+                        for lid in snap.leases if snap.issued_records.get(lid, 0) != 1]
+    audit += [f"lease.issued record for unrecorded lease {lid}" for lid in snap.issued_records
+              if lid not in snap.leases]
+    audit += [f"credential {lid} was delivered but the store has no lease" for lid in delivered
+              if lid not in snap.leases]
+    return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,232 @@
+"""Every path that gives up on Vault mid-operation, driven through a partition (threat TH-15).
+
+The broker talks to OpenBao through the loopback fault proxy (tests/support/faultproxy.py);
+``drop_after(path)`` lets a request reach OpenBao, so Vault does the work, and then drops everything,
+its answer included. The rule under test: what the broker gave up on is final only once Vault
+confirms that what it may have created is gone; until then it stays retryable, and the maintenance
+loop retries it with backoff. Vault truth comes from the root token on OpenBao's direct address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient
+
+from broker.api import STORE
+from broker.app import make_app
+from broker.vault import VaultClient
+from tests.conftest import AGENT, BrokerSite, bearer
+from tests.support.crash import RawVault, StoreSnapshot
+from tests.support.faultproxy import FaultProxy
+from tests.support.pg import pg_login_works
+
+Client = TestClient[Any, Any]
+BOOTSTRAP_TTL = 6
+DB_PREFIX = "database/creds/tickets-ro/"
+
+
+@pytest_asyncio.fixture
+async def proxy(site: BrokerSite) -> AsyncIterator[FaultProxy]:
+    u = urlsplit(site.engines.bao.addr)
+    p = await FaultProxy(u.hostname or "127.0.0.1", u.port or 8200).start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest_asyncio.fixture
+async def pclient(site: BrokerSite, proxy: FaultProxy, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+    """The broker with Vault behind the proxy: short timeouts, a fast maintenance loop."""
+    s = site.settings
+    settings = s.model_copy(update={
+        "vault": s.vault.model_copy(update={"addr": proxy.addr, "timeout": 1.5, "revoke_confirm_timeout": 1.0,
+                                            "task_token_bootstrap_ttl": BOOTSTRAP_TTL}),
+        "maintenance": s.maintenance.model_copy(update={"interval": 0.3, "max_backoff": 1.0, "intent_grace": 1.0}),
+    })
+    client = await aiohttp_client(make_app(settings))
+    # The broker renews its own token once at start-up: let that pass before a test arms renew-self.
+    deadline = time.monotonic() + 5
+    while proxy.requests["auth/token/renew-self"] == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return client
+
+
+@pytest_asyncio.fixture
+async def truth(site: BrokerSite) -> AsyncIterator[tuple[VaultClient, RawVault]]:
+    async with aiohttp.ClientSession() as session:
+        bao = site.engines.bao
+        yield VaultClient(session, bao.addr, token=bao.root_token), RawVault(session, bao.addr,
+                                                                             bao.root_token.reveal())
+
+
+def snapshot(site: BrokerSite) -> StoreSnapshot:
+    return StoreSnapshot.read(Path(site.settings.store.url.removeprefix("sqlite:///")))
+
+
+async def start(client: Client, site: BrokerSite, status: int = 201) -> dict[str, Any]:
+    resp = await client.post("/v1/tasks", json={"agent": AGENT, "role": "support-triage", "ttl": "10m",
+                                                "reason": "partition drill"}, headers=bearer(site.ids.user()))
+    assert resp.status == status, await resp.text()
+    return await resp.json()  # type: ignore[no-any-return]
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+class TestGivingUpOnVault:
+    async def test_issuance_whose_answer_is_lost_stays_aborting_until_vault_confirms(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """The read reaches Vault, the partition eats the answer and the first revoke: the intent stays
+        aborting and is retried with backoff; it is aborted only after heal, with the token and lease gone."""
+        admin, raw = truth
+        task = await start(pclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        proxy.drop_after("database/creds/")
+        resp = await pclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503, await resp.text()
+        assert proxy.dropping
+        created = set(await raw.leases_under(DB_PREFIX)) - before
+        assert created, "the read reached Vault: it holds a database lease nobody received"
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        assert intent["state"] == "aborting" and intent["attempts"] >= 1 and intent["next_attempt_at"] is not None
+        assert await admin.lookup_accessor(intent["accessor"]) is not None  # the issuance token is alive
+        health = await pclient.get("/v1/health")
+        assert health.status == 503 and (await health.json())["vault"] == "unreachable"
+
+        await asyncio.sleep(2.5)  # maintenance ticks retry against the partition
+        intent = snapshot(site).intents[lease_id]
+        assert intent["state"] == "aborting" and intent["attempts"] >= 2, intent
+        assert all([await raw.lease_alive(x) for x in created])
+
+        proxy.heal()
+
+        async def aborted() -> bool:
+            return bool(snapshot(site).intents[lease_id]["state"] == "aborted")
+
+        assert await wait_for(aborted, timeout=15), snapshot(site).intents[lease_id]
+        assert await admin.lookup_accessor(intent["accessor"]) is None
+        assert not any([await raw.lease_alive(x) for x in created])
+        assert await pclient.app[STORE].get_lease(lease_id) is None
+        events = [r.record.event for r in await pclient.app[STORE].query_audit(task=task["id"], limit=100)]
+        assert "lease.aborted" in events and "lease.issued" not in events
+
+    async def test_task_start_whose_token_create_is_lost_waits_for_the_bootstrap_ttl(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """The task token is created but its accessor never reaches the broker: the intent is aborted only
+        once Vault no longer has that token (its bootstrap TTL), never while it is alive."""
+        _, raw = truth
+        proxy.drop_after("auth/token/create/broker-task-")
+        await start(pclient, site, status=503)
+        [(task_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "task"]
+        assert intent["state"] == "aborting" and intent["accessor"] is None
+        proxy.heal()
+        tokens = {a: d for a, d in (await raw.tokens()).items() if (d.get("meta") or {}).get("task") == task_id}
+        assert len(tokens) == 1, "the token create reached Vault"
+        [accessor] = tokens
+        deadline = time.monotonic() + BOOTSTRAP_TTL + 15
+        while time.monotonic() < deadline:
+            state = snapshot(site).intents[task_id]["state"]
+            alive = await raw.lookup_accessor(accessor) is not None
+            assert not (state == "aborted" and alive), "aborted while Vault still holds the task token"
+            if state == "aborted":
+                break
+            await asyncio.sleep(0.25)
+        assert snapshot(site).intents[task_id]["state"] == "aborted"
+        assert await pclient.app[STORE].get_task(task_id) is None
+
+    async def test_task_start_whose_extension_is_lost_is_revoked_once_vault_is_back(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """Vault extends the task token but the answer is lost: the task is revoked, pending until Vault
+        confirms, retried by the maintenance loop after heal; the token is gone in Vault at the end."""
+        admin, _ = truth
+        proxy.drop_after("auth/token/renew-self")
+        resp = await pclient.post("/v1/tasks", json={"agent": AGENT, "role": "support-triage", "ttl": "10m",
+                                                     "reason": "partition drill"}, headers=bearer(site.ids.user()))
+        assert resp.status == 503, await resp.text()
+        [task] = [t for t in snapshot(site).tasks.values()]
+        assert task["state"] == "revoked" and task["token_state"] == "revoke_pending" and task["revoke_attempts"] >= 1
+        info = await admin.lookup_accessor(task["token_accessor"])
+        assert info is not None and info.ttl > BOOTSTRAP_TTL  # Vault did extend it
+        proxy.heal()
+
+        async def confirmed() -> bool:
+            return bool(snapshot(site).tasks[task["id"]]["token_state"] == "revoked")
+
+        assert await wait_for(confirmed, timeout=15)
+        assert await admin.lookup_accessor(task["token_accessor"]) is None
+
+    async def test_renewal_whose_answer_is_lost_changes_nothing_the_broker_does_not_list(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """A lost renewal answer: 503, the lease stays active (Vault still has it, so no ghost), no intent is
+        left behind, and renewing after heal works."""
+        admin, _ = truth
+        task = await start(pclient, site)
+        resp = await pclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 200
+        lease_id = (await resp.json())["lease_id"]
+        row = await pclient.app[STORE].get_lease(lease_id)
+        assert row is not None
+        proxy.drop_after("sys/leases/renew")
+        resp = await pclient.post(f"/v1/leases/{lease_id}/renew", json={"increment": 120},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503
+        after = await pclient.app[STORE].get_lease(lease_id)
+        assert after is not None and after.state == "active" and after.expires_at == row.expires_at
+        assert {x["state"] for x in snapshot(site).intents.values()} == {"done"}
+        proxy.heal()
+        assert await admin.lookup_lease(row.vault_lease_id) is not None
+        resp = await pclient.post(f"/v1/leases/{lease_id}/renew", json={"increment": 120},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 200, await resp.text()
+
+    async def test_end_during_a_partition_is_pending_until_vault_confirms(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """Ending a task while Vault is partitioned away: 503, revoke_pending, still alive in Vault; after heal
+        the maintenance loop revokes it, Vault confirms, and the PostgreSQL login is refused."""
+        admin, _ = truth
+        task = await start(pclient, site)
+        resp = await pclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 200
+        cred = await resp.json()
+        row = await pclient.app[STORE].get_lease(cred["lease_id"])
+        assert row is not None
+        proxy.drop()
+        resp = await pclient.post(f"/v1/tasks/{task['id']}/end", headers=bearer(site.ids.agent()))
+        assert resp.status == 503 and "Retry-After" in resp.headers
+        await asyncio.sleep(1.5)
+        pending = await pclient.app[STORE].get_lease(cred["lease_id"])
+        assert pending is not None and pending.state == "revoke_pending"
+        assert await admin.lookup_lease(row.vault_lease_id) is not None
+        proxy.heal()
+
+        async def revoked() -> bool:
+            x = await pclient.app[STORE].get_lease(cred["lease_id"])
+            return x is not None and x.state == "revoked"
+
+        assert await wait_for(revoked, timeout=20)
+        assert await admin.lookup_lease(row.vault_lease_id) is None
+        assert not await pg_login_works(site.engines.pg, cred["data"]["username"], cred["data"]["password"])

@@ -1,0 +1,135 @@
+"""The intent state table (broker/intents.py), exhaustively, and through the store's compare-and-set."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from broker.intents import (
+    FINAL,
+    TRANSITIONS,
+    IntentEvent,
+    IntentState,
+    IntentTransitionError,
+    backoff,
+    next_state,
+)
+from broker.store import Intent, Store, open_store
+
+ALLOWED = {
+    (IntentState.OPEN, IntentEvent.RECORDED): IntentState.DONE,
+    (IntentState.OPEN, IntentEvent.ABANDONED): IntentState.ABORTING,
+    (IntentState.ABORTING, IntentEvent.CLEANUP_FAILED): IntentState.ABORTING,
+    (IntentState.ABORTING, IntentEvent.VAULT_CONFIRMED): IntentState.ABORTED,
+    (IntentState.ABORTING, IntentEvent.BOOTSTRAP_ELAPSED): IntentState.ABORTED,
+}
+PAIRS = list(itertools.product(IntentState, IntentEvent))
+
+
+class TestTable:
+    @pytest.mark.parametrize(("state", "event"), PAIRS)
+    def test_every_pair(self, state: IntentState, event: IntentEvent) -> None:
+        """Each (state, event) pair either moves as listed or is refused."""
+        if (state, event) in ALLOWED:
+            assert next_state(state, event) == ALLOWED[(state, event)]
+        else:
+            with pytest.raises(IntentTransitionError):
+                next_state(state, event)
+
+    def test_final_states_have_no_way_out(self) -> None:
+        """done and aborted are final: no event leaves them."""
+        assert {IntentState.DONE, IntentState.ABORTED} == FINAL
+        assert all(not TRANSITIONS[s] for s in FINAL)
+
+    def test_aborted_only_after_vault_or_the_bootstrap_ttl(self) -> None:
+        """Nothing reaches aborted from open directly, and only a Vault confirmation (or an accessor-less
+        token's expiry) gets there: a failed cleanup keeps the intent retryable."""
+        into_aborted = {(s, e) for (s, e), t in ALLOWED.items() if t == IntentState.ABORTED}
+        assert into_aborted == {(IntentState.ABORTING, IntentEvent.VAULT_CONFIRMED),
+                                (IntentState.ABORTING, IntentEvent.BOOTSTRAP_ELAPSED)}
+        assert next_state(IntentState.ABORTING, IntentEvent.CLEANUP_FAILED) == IntentState.ABORTING
+
+
+def _const(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+class TestBackoff:
+    def test_exponential_capped_and_jittered(self) -> None:
+        """From 0.5-1 s after the first failure, doubling, never above the cap, never below half of it."""
+        for attempts in range(0, 40):
+            for r in (0.0, 0.5, 0.999):
+                d = backoff(attempts, cap=8.0, rand=_const(r))
+                base = min(8.0, 2.0 ** min(attempts, 16) / 2)
+                assert base / 2 <= d < base + 1e-9
+        assert backoff(1, cap=60, rand=lambda: 0.0) == 0.5
+        assert backoff(30, cap=60, rand=lambda: 0.999) < 60
+        rng = random.Random(1)
+        assert len({backoff(5, cap=60, rand=rng.random) for _ in range(20)}) > 1
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(f"sqlite:///{tmp_path / 'i.db'}")
+    yield s
+    await s.close()
+
+
+async def _intent(store: Store, state: IntentState) -> str:
+    """An intent brought to ``state`` through the table."""
+    iid = f"lse_{state}"
+    await store.begin_task(Intent(id=iid, kind="lease", task_id="tsk_x", grant="g", accessor="acc", created_at=1.0),
+                           user="u", agent="a", tenant="t")
+    path = {IntentState.OPEN: [], IntentState.ABORTING: [IntentEvent.ABANDONED],
+            IntentState.DONE: [IntentEvent.RECORDED],
+            IntentState.ABORTED: [IntentEvent.ABANDONED, IntentEvent.VAULT_CONFIRMED]}[state]
+    current = IntentState.OPEN
+    for event in path:
+        assert await store.move_intent(iid, from_state=current, event=event, now=2.0)
+        current = next_state(current, event)
+    return iid
+
+
+class TestStoreTransitions:
+    @pytest.mark.parametrize(("state", "event"), PAIRS)
+    async def test_every_pair_through_the_store(self, store: Store, state: IntentState, event: IntentEvent) -> None:
+        """The store applies exactly the table's transitions, and refuses the others without writing."""
+        iid = await _intent(store, state)
+        if (state, event) in ALLOWED:
+            assert await store.move_intent(iid, from_state=state, event=event, now=3.0, attempts=1,
+                                           next_attempt_at=9.0)
+            row = await store.get_intent(iid)
+            assert row is not None and row.state == ALLOWED[(state, event)]
+            if row.state in FINAL:
+                assert row.resolved_at == 3.0 and row.next_attempt_at is None
+            else:
+                assert row.next_attempt_at == 9.0 and row.attempts == 1
+        else:
+            with pytest.raises(IntentTransitionError):
+                await store.move_intent(iid, from_state=state, event=event, now=3.0)
+            row = await store.get_intent(iid)
+            assert row is not None and row.state == state
+
+    async def test_compare_and_set_first_writer_wins(self, store: Store) -> None:
+        """A transition from a state the intent has left writes nothing: a completed issuance cannot be aborted."""
+        iid = await _intent(store, IntentState.DONE)
+        assert not await store.move_intent(iid, from_state=IntentState.OPEN, event=IntentEvent.ABANDONED, now=3.0)
+        row = await store.get_intent(iid)
+        assert row is not None and row.state == IntentState.DONE
+
+    async def test_due_intents_are_stale_open_ones_and_aborting_ones_whose_retry_is_due(self, store: Store) -> None:
+        """intents_due: open before the cutoff, aborting with next_attempt_at passed; never done, aborted or later."""
+        await _intent(store, IntentState.OPEN)
+        await _intent(store, IntentState.DONE)
+        await _intent(store, IntentState.ABORTED)
+        later = await _intent(store, IntentState.ABORTING)
+        assert await store.move_intent(later, from_state=IntentState.ABORTING, event=IntentEvent.CLEANUP_FAILED,
+                                       now=3.0, attempts=1, next_attempt_at=50.0)
+        assert {i.state for i in await store.intents_due(now=10.0, open_before=0.5)} == set()
+        assert {i.state for i in await store.intents_due(now=10.0, open_before=5.0)} == {"open"}
+        assert {i.state for i in await store.intents_due(now=60.0, open_before=5.0)} == {"open", "aborting"}
