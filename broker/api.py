@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from broker import __version__
 from broker.approvals import ApprovalManager, InsufficientAuthentication
-from broker.checkpoints import StoreVerifier
+from broker.audit.checkpoints import StoreVerifier
 from broker.delegation import Catalog, any_includes
 from broker import jsontext
 from broker.errors import (
@@ -69,7 +69,7 @@ from broker.models import (
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
-from broker.tailer import VaultAuditTailer
+from broker.audit.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
 

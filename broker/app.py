@@ -17,12 +17,12 @@ from aiohttp import web
 
 from broker import api
 from broker.approvals import ApprovalManager
-from broker.checkpoints import Checkpointer, StoreVerifier
+from broker.audit.checkpoints import Checkpointer, StoreVerifier
 from broker.config import Settings
 from broker.console import add_console_routes
 from broker.delegation import Catalog
 from broker.errors import ConfigError, VaultError
-from broker.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
+from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
 from broker.faults import CrashHook, no_crash
 from broker.identity import (
     AgentVerifier,
@@ -40,9 +40,9 @@ from broker.metrics import Metrics
 from broker.readiness import Readiness
 from broker.revocations import IntentSettler, Maintenance, Revocations, Revoker
 from broker.sealing import TokenSealer
-from broker.signing import load_signing_key
+from broker.audit.signing import load_signing_key
 from broker.store import LeaseLimits, Store, open_store
-from broker.tailer import VaultAuditTailer
+from broker.audit.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
 
@@ -138,7 +138,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                                              start_rate=RateLimiter(rate=lim.task_start_rate_per_user,
                                                                     burst=lim.task_start_burst_per_user,
                                                                     clock=time.monotonic))
-                # Audit export sinks (broker.export), only when one is configured; their backlog gates issuance.
+                # Audit export sinks (broker.audit.export), only when one is configured; their backlog gates issuance.
                 exporter = _exporter(settings, store, session, clock, app[api.METRICS])
                 backlog_ok = exporter.check if exporter is not None else None
                 if exporter is not None:
@@ -166,7 +166,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 )
                 app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
                 m = settings.maintenance
-                # Signed checkpoints of the audit chain, only with a signing key (broker.checkpoints).
+                # Signed checkpoints of the audit chain, only with a signing key (broker.audit.checkpoints).
                 checkpointer = None if signing_key is None else Checkpointer(
                     store=store, key=signing_key, origin=audit.origin, every=audit.checkpoint_every,
                     interval=audit.checkpoint_interval, witness_file=audit.witness_file, clock=clock)
@@ -181,7 +181,7 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 background = [asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer"),
                               asyncio.create_task(maintenance.run_forever(), name="maintenance")]
                 if settings.vault.audit_log is not None:
-                    # Vault's own record merged into the chain (one tailer per file: see broker.tailer).
+                    # Vault's own record merged into the chain (one tailer per file: see broker.audit.tailer).
                     device = settings.audit.vault_device
                     tailer = VaultAuditTailer(
                         store=store, path=settings.vault.audit_log, metrics=app[api.METRICS], clock=clock,

@@ -245,7 +245,7 @@ class AuditPage(BaseModel):
 
 
 class AuditVerifyOut(BaseModel):
-    """The audit chain recomputed and every checkpoint checked (``broker.verify``)."""
+    """The audit chain recomputed and every checkpoint checked (``broker.audit.verify``)."""
 
     ok: bool
     records: int = Field(description="Records whose chain verified")

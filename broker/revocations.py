@@ -33,7 +33,7 @@ from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
 
 if TYPE_CHECKING:
-    from broker.checkpoints import Checkpointer
+    from broker.audit.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
 

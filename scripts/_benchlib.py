@@ -2,7 +2,7 @@
 
 ``BenchStack`` starts, all on 127.0.0.1 and free ports: a dev OpenBao with its file audit device (as the
 broker would run), a SCRAM PostgreSQL cluster in its own ``/tmp`` directory, the example engines
-(``broker.devstack``), the broker's keys and config, ``vault sync`` plus a broker token (as
+(``broker.dev.stack``), the broker's keys and config, ``vault sync`` plus a broker token (as
 ``tests/conftest.py`` does), and finally the broker itself as a SEPARATE PROCESS
 (``python -m broker serve``) so that its CPU time can be read from ``/proc`` without counting the load
 generator. ``BenchStack.close()`` stops everything it started and removes its directories; it is safe to
@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:  # the broker and tests.support are imported from 
 
 from broker.config import load_settings
 from broker.delegation import Catalog
-from broker.devid import DevIssuer
-from broker.devstack import (
+from broker.dev.identities import DevIssuer
+from broker.dev.stack import (
     DevOpenBao,
     configure_child_token_role,
     configure_database,
@@ -54,7 +54,7 @@ from broker.devstack import (
 )
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
-from broker.vaultsync import audit_device_of, sync, write_broker_token
+from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.support.pg import (
     PG_BIN,
     PgCluster,

@@ -19,7 +19,7 @@ in < 30 s)
     ``GET /v1/audit/verify`` run it, over ``--records`` chained records in a SQLite store: the records
     are generated with the real ``broker.audit.canonical_bytes`` / ``chain_hash`` (a realistic mix:
     task starts, issuances, Vault requests, ends), bulk-inserted, and signed checkpoints
-    (``broker.signing``, Ed25519) added every ``--checkpoint-every`` records; the verifier then reads the
+    (``broker.audit.signing``, Ed25519) added every ``--checkpoint-every`` records; the verifier then reads the
     store page by page and recomputes everything. records/s = records / wall time (read + verify).
 
     **where ingest time goes**: the same stages timed separately on a sample (parse alone, classify
@@ -56,13 +56,13 @@ if str(ROOT) not in sys.path:
 from _benchlib import machine_info
 
 from broker.audit import GENESIS, AuditRecord, canonical_bytes, chain_hash
-from broker.checkpoints import StoreVerifier
-from broker.devstack import start_dev_openbao
-from broker.signing import Checkpoint, key_id, sign_checkpoint
+from broker.audit.checkpoints import StoreVerifier
+from broker.dev.stack import start_dev_openbao
+from broker.audit.signing import Checkpoint, key_id, sign_checkpoint
 from broker.store import open_store
-from broker.tailer import VaultAuditTailer
+from broker.audit.tailer import VaultAuditTailer
 from broker.vault import VaultClient
-from broker.vaultaudit import classify_batch, parse_line
+from broker.audit.vaultlog import classify_batch, parse_line
 
 GOAL_LINES = 20_000.0
 GOAL_VERIFY_S = 30.0
@@ -345,7 +345,7 @@ async def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     # The replayed sessions hold one vault.unexplained each (root on the grant path): don't log every chunk's.
-    logging.getLogger("broker.tailer").setLevel(logging.ERROR)
+    logging.getLogger("broker.audit.tailer").setLevel(logging.ERROR)
     workdir = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     out: dict[str, Any] = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
     try:

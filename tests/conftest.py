@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient
 from broker.app import make_app
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
-from broker.devid import DevIssuer
+from broker.dev.identities import DevIssuer
 from broker.sealing import TokenSealer
-from broker.signing import generate_signing_key_file
+from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import audit_device_of, sync, write_broker_token
+from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.support.fixtures import *  # noqa: F403
 from tests.support.fixtures import BaoEngines, run_coro_in_thread
 

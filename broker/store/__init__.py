@@ -554,7 +554,7 @@ class Store:
             return True
         return await self._run(run)
 
-    # -- Vault's own audit record (broker.tailer) -----------------------------------------------------
+    # -- Vault's own audit record (broker.audit.tailer) -----------------------------------------------------
 
     async def vault_audit_positions(self, path: str) -> list[VaultAuditPosition]:
         """Where the Vault audit tailer of ``path`` is in each file it knows; empty before its first start."""
@@ -749,7 +749,7 @@ class Store:
             return [AuditRow(seq=r["seq"], record=AuditRecord(**{k: r[k] for k in _RECORD_FIELDS})) for r in rows]
         return await self._run(run)
 
-    # -- audit chain and checkpoints (read by broker.checkpoints and the verifier) --------------------
+    # -- audit chain and checkpoints (read by broker.audit.checkpoints and the verifier) --------------------
 
     async def chain_head(self) -> tuple[int, str]:
         """The chain's head row: (records, hex hash of the last one; 64 zeros when there is none)."""
@@ -803,7 +803,7 @@ class Store:
             return CheckpointRow(**r) if r is not None else None
         return await self._run(run)
 
-    # -- audit export cursors (broker.export) ----------------------------------------------------------
+    # -- audit export cursors (broker.audit.export) ----------------------------------------------------------
 
     async def export_positions(self) -> dict[str, int]:
         """Every export sink's last delivered sequence number (empty before the first export)."""

@@ -104,7 +104,7 @@ class VaultAuditPosition:
 
 @dataclass(frozen=True)
 class CheckpointRow:
-    """A stored checkpoint: the chain's head at ``seq`` records and the signed note (broker.signing)."""
+    """A stored checkpoint: the chain's head at ``seq`` records and the signed note (broker.audit.signing)."""
 
     seq: int
     head_hash: str

@@ -161,7 +161,7 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
 )
 
-# Signed checkpoints of the chain (broker.signing): the head at ``seq`` records, as signed in ``note``.
+# Signed checkpoints of the chain (broker.audit.signing): the head at ``seq`` records, as signed in ``note``.
 # One per size: two replicas signing the same head store it once. The verifier trusts the note, and
 # checks that these columns agree with it.
 audit_checkpoints = Table(
@@ -174,7 +174,7 @@ audit_checkpoints = Table(
     Column("key_id", String(8), nullable=False),
 )
 
-# Where the Vault audit tailer is in OpenBao's file audit device (broker.tailer): one row per file of the
+# Where the Vault audit tailer is in OpenBao's file audit device (broker.audit.tailer): one row per file of the
 # configured path, the current one and its rotated predecessors, known by device and inode (a rotated file
 # keeps its position under its new name), with the offset just after the last complete line merged. Moved
 # in the same transaction as the records it merged, so nothing is lost or repeated.
@@ -251,7 +251,7 @@ person_emails = Table(
     Index("ix_person_emails_email", "email"),
 )
 
-# How far each audit export sink (broker.export: "file", "webhook") has delivered the chain: the last
+# How far each audit export sink (broker.audit.export: "file", "webhook") has delivered the chain: the last
 # sequence number it wrote. Backlog = the chain's head - the smallest of these.
 audit_export = Table(
     "audit_export",

@@ -1,4 +1,4 @@
-"""Audit export sinks (broker.export) on the real broker: a file, a webhook on loopback, the bounded backlog.
+"""Audit export sinks (broker.audit.export) on the real broker: a file, a webhook on loopback, the bounded backlog.
 
 Oracles: the store's chain itself (every sequence number exactly once, in order, with its hash) and what
 the local webhook server received; Vault truth for the revocation that must keep working.
@@ -22,7 +22,7 @@ from broker.api import STORE
 from broker.app import make_app
 from broker.audit import GENESIS, canonical_bytes, chain_hash
 from broker.config import Settings
-from broker.export import EXPORTER, FileSink
+from broker.audit.export import EXPORTER, FileSink
 from broker.store import Store
 from broker.vault import VaultClient
 from tests.api.test_task_flow import credential, end, start_task

@@ -5,7 +5,7 @@ state change) with the real ``Checkpointer`` signing a checkpoint whenever 100 r
 appending it to a witness file. Copies of it are then mutated -- in memory (the links and checkpoint
 rows as the store returns them) and, for a sample of each class, with SQL on a copy of the SQLite file
 -- under a seeded RNG. For every mutation the expected ``first_bad_seq`` is computed from the
-definition in ``broker.verify`` and must be exactly what the verifier reports. A hundred clean logs
+definition in ``broker.audit.verify`` and must be exactly what the verifier reports. A hundred clean logs
 of varied sizes and checkpoint spacing must raise no alarm.
 """
 
@@ -28,10 +28,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
-from broker.checkpoints import Checkpointer, StoreVerifier, checkpoint_of, read_witness
-from broker.signing import Checkpoint, sign_checkpoint
+from broker.audit.checkpoints import Checkpointer, StoreVerifier, checkpoint_of, read_witness
+from broker.audit.signing import Checkpoint, sign_checkpoint
 from broker.store import Store, _append, open_store
-from broker.verify import VerifyReport, _body, verify_log
+from broker.audit.verify import VerifyReport, _body, verify_log
 from tests.support.fixtures import run_coro_in_thread
 
 SEED = 20261128

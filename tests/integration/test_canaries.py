@@ -31,8 +31,8 @@ from aiohttp.test_utils import TestClient
 from broker.api import STORE, VAULT_TAILER
 from broker.app import make_app
 from broker.audit import _SECRET_SHAPES
-from broker.export import EXPORTER
-from broker.replay import ReplayRecord, render_ocsf, render_table
+from broker.audit.export import EXPORTER
+from broker.audit.replay import ReplayRecord, render_ocsf, render_table
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
 from tests.api.test_export import Receiver, drain, with_audit

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from broker.devstack import DevOpenBao
+from broker.dev.stack import DevOpenBao
 from tests.support.pg import PgCluster
 
 

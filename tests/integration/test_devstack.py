@@ -1,4 +1,4 @@
-"""Integration tests: ``broker.devstack`` starts and stops a real dev OpenBao cleanly."""
+"""Integration tests: ``broker.dev.stack`` starts and stops a real dev OpenBao cleanly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from broker.devstack import start_dev_openbao
+from broker.dev.stack import start_dev_openbao
 from broker.vault import VaultClient
 from tests.support.pg import PgCluster
 

@@ -29,10 +29,10 @@ import pytest
 
 from broker.config import load_settings
 from broker.delegation import Catalog
-from broker.devstack import DEFAULT_DB_ROLES, RoleSQL, configure_child_token_role, configure_database, configure_pki
+from broker.dev.stack import DEFAULT_DB_ROLES, RoleSQL, configure_child_token_role, configure_database, configure_pki
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
-from broker.vaultsync import broker_policy_hcl, task_policy_hcl, task_token_role
+from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
 from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
 from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
 from tests.support.faultproxy import FaultProxy

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from broker.devstack import PersistentOpenBao, start_persistent_openbao
+from broker.dev.stack import PersistentOpenBao, start_persistent_openbao
 from broker.errors import VaultUnavailable
 from broker.vault import VaultClient, VaultSecret
 from tests.support.fixtures import BaoEngines

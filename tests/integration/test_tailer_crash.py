@@ -25,14 +25,14 @@ from pathlib import Path
 import aiohttp
 
 from broker.audit import AuditRecord, ChainLink, verify_chain
-from broker.devstack import DevOpenBao
+from broker.dev.stack import DevOpenBao
 from broker.store import open_store
 from broker.vault import VaultClient
 
 TAILER = """
 import asyncio, sys
 from broker.store import open_store
-from broker.tailer import VaultAuditTailer
+from broker.audit.tailer import VaultAuditTailer
 
 async def main() -> None:
     store = await open_store(sys.argv[1], migrate=False)

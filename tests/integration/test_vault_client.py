@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from broker.devstack import DevOpenBao
+from broker.dev.stack import DevOpenBao
 from broker.errors import (
     BadRequest,
     VaultBadResponse,
@@ -27,7 +27,7 @@ from broker.errors import (
     VaultError,
     VaultUnavailable,
 )
-from broker.vault import (
+from broker.vault.client import (
     Sensitive,
     VaultClient,
     VaultSecret,

@@ -21,11 +21,11 @@ from broker.api import STORE
 from broker.app import make_app
 from broker.config import load_settings
 from broker.delegation import Catalog
-from broker.devstack import PersistentOpenBao
+from broker.dev.stack import PersistentOpenBao
 from broker.sealing import TokenSealer
-from broker.signing import generate_signing_key_file
+from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import audit_device_of, sync, write_broker_token
+from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.conftest import (
     AGENT,
     AUDIENCE,

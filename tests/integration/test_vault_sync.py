@@ -14,7 +14,7 @@ from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.errors import VaultBadResponse, VaultDenied
 from broker.vault import VaultClient
-from broker.vaultsync import BROKER_POLICY, task_policy_hcl
+from broker.vault.sync import BROKER_POLICY, task_policy_hcl
 from tests.conftest import BrokerSite
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from broker.devstack import (
+from broker.dev.stack import (
     DevOpenBao,
     PersistentOpenBao,
     configure_child_token_role,

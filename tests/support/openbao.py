@@ -1,4 +1,4 @@
-"""Test helpers around ``broker.devstack``: a dev OpenBao per test session, and CLI calls against it."""
+"""Test helpers around ``broker.dev.stack``: a dev OpenBao per test session, and CLI calls against it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from broker.devstack import DevOpenBao, find_bao_binary, start_dev_openbao
+from broker.dev.stack import DevOpenBao, find_bao_binary, start_dev_openbao
 
 
 def start_test_openbao(workdir: Path) -> DevOpenBao:

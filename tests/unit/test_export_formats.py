@@ -1,4 +1,4 @@
-"""Export formats and the fail-closed gate of broker.export, without a store or a sink."""
+"""Export formats and the fail-closed gate of broker.audit.export, without a store or a sink."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
-from broker.export import AuditBacklogFull, Exporter, export_line, seq_of
+from broker.audit.export import AuditBacklogFull, Exporter, export_line, seq_of
 
 REC = AuditRecord(1_800_000_000.5, "lease.issued", "success", user="alice@example.com", task="tsk_1",
                   resource="pki/issue/agents", lease="lse_1")

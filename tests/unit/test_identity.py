@@ -16,7 +16,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from broker.devid import DevIssuer
+from broker.dev.identities import DevIssuer
 from broker.errors import ConfigError, InvalidIdentity
 from broker.identity import (
     ALLOWED_ALGS,

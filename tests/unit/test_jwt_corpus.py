@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.devid import DevIssuer
+from broker.dev.identities import DevIssuer
 from broker.errors import InvalidIdentity
 from broker.identity import (
     AgentVerifier,

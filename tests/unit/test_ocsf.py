@@ -1,4 +1,4 @@
-"""The OCSF mapping (broker.ocsf), pinned by golden events: a change to any field must change a test."""
+"""The OCSF mapping (broker.audit.ocsf), pinned by golden events: a change to any field must change a test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from broker import __version__
 from broker.audit import AuditRecord
-from broker.ocsf import OCSF_VERSION, activity_of, to_ocsf
+from broker.audit.ocsf import OCSF_VERSION, activity_of, to_ocsf
 
 AGENT = "spiffe://example.org/agent/support-1"
 T = 1_800_000_000.123456

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.opscli import (
+from broker.cli.ops import (
     LEASE_COLUMNS,
     REVOCATION_COLUMNS,
     Column,

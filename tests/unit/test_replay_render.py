@@ -1,4 +1,4 @@
-"""Rendering of ``broker audit replay`` (broker.replay), without a server."""
+"""Rendering of ``broker audit replay`` (broker.audit.replay), without a server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 import pytest
 
 from broker.audit import AuditRecord, canonical_bytes
-from broker.replay import (
+from broker.audit.replay import (
     ReplayRecord,
     group_by_task,
     parse_time,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.errors import ConfigError
-from broker.signing import (
+from broker.audit.signing import (
     Checkpoint,
     CheckpointInvalid,
     checkpoint_body,

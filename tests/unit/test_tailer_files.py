@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from broker.store import Store, open_store
-from broker.tailer import VaultAuditTailer
+from broker.audit.tailer import VaultAuditTailer
 
 DATA = Path(__file__).parent.parent / "data" / "openbao_audit.jsonl"
 PER_COPY = 7

@@ -18,7 +18,7 @@ import pytest
 
 from broker.audit import AuditRecord
 from broker.store.rows import TaskRow
-from broker.vaultaudit import (
+from broker.audit.vaultlog import (
     AuditLineInvalid,
     TokenOrigin,
     VaultAuditEntry,

@@ -19,8 +19,8 @@ from broker.audit import (
     chain_hash,
     verify_chain,
 )
-from broker.signing import Checkpoint, sign_checkpoint
-from broker.verify import (
+from broker.audit.signing import Checkpoint, sign_checkpoint
+from broker.audit.verify import (
     LogVerifier,
     _body,
     _verify_row_stretch,

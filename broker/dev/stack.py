@@ -141,7 +141,7 @@ def _hcl_string(value: str) -> str:
 def _write_config(workdir: Path, audit_log: Path) -> Path:
     config = workdir / "openbao.hcl"
     config.write_text(
-        "# Written by broker.devstack: the file audit device must be declared here, not via the API.\n"
+        "# Written by broker.dev.stack: the file audit device must be declared here, not via the API.\n"
         f'audit "file" "{AUDIT_DEVICE}" {{\n'
         f"  options {{\n    file_path = {_hcl_string(str(audit_log))}\n  }}\n}}\n",
         encoding="utf-8",

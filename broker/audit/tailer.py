@@ -51,7 +51,7 @@ from broker.audit import AuditRecord
 from broker.errors import BrokerError
 from broker.metrics import Metrics
 from broker.store import Store, VaultAuditPosition
-from broker.vaultaudit import (
+from broker.audit.vaultlog import (
     DEFAULT_SKEW,
     AuditLineInvalid,
     TokenOrigin,

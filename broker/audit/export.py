@@ -14,7 +14,7 @@ last sequence number it delivered, table ``audit_export``), advanced only after 
 
 Formats (``[audit].export_format``): ``jsonl``, the record's canonical JSON as hashed by the chain
 (:func:`broker.audit.canonical_bytes`) plus its ``prev_hash`` and ``hash``, so a receiver can re-verify
-the chain; or ``ocsf``, one OCSF event per record (:mod:`broker.ocsf`).
+the chain; or ``ocsf``, one OCSF event per record (:mod:`broker.audit.ocsf`).
 
 **Backlog** = the chain's head - the smallest sink cursor. Above ``export_backlog_limit``, issuance and
 approval votes fail closed with 503 ``audit_backlog`` (``Retry-After``) while revocation and task ends
@@ -39,7 +39,7 @@ from aiohttp import web
 
 from broker.audit import ChainLink, canonical_bytes
 from broker.errors import BrokerError
-from broker.ocsf import to_ocsf
+from broker.audit.ocsf import to_ocsf
 from broker.store import Store
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Vault's own audit record, read and judged: a parser of OpenBao file-audit lines and a classifier.
 
-Both are pure (no I/O, no clock); ``broker.tailer`` does the reading and the writing.
+Both are pure (no I/O, no clock); ``broker.audit.tailer`` does the reading and the writing.
 
 What a file-audit line holds (measured on OpenBao 2.7.2; see ``docs/vault-audit.md``):
 

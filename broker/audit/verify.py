@@ -46,7 +46,7 @@ from broker.audit import (
     ChainLink,
     canonical_bytes,
 )
-from broker.signing import Checkpoint, CheckpointInvalid, verify_checkpoint
+from broker.audit.signing import Checkpoint, CheckpointInvalid, verify_checkpoint
 
 __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 

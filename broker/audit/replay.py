@@ -1,7 +1,7 @@
 """``broker audit replay``: the delegation timeline of a user, an agent or a task, from ``GET /v1/audit``.
 
 The command asks a running broker (``BROKER_URL``) as an auditor (``BROKER_TOKEN`` or ``--token-file``,
-as the operator commands of :mod:`broker.opscli` do), follows the pages, and prints:
+as the operator commands of :mod:`broker.cli.ops` do), follows the pages, and prints:
 
 - ``table`` (default): one block per task, in the order the tasks first appear, records in time order.
   The header says who started it, for which agent and role; then each record: the credentials issued, and
@@ -10,7 +10,7 @@ as the operator commands of :mod:`broker.opscli` do), follows the pages, and pri
   operator's revocation, a Vault request nobody can explain) come last.
 - ``jsonl``: one record per line, its canonical JSON exactly as the chain hashes it
   (:func:`broker.audit.canonical_bytes`).
-- ``ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.ocsf`).
+- ``ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.audit.ocsf`).
 
 Rendering is pure (functions of the API's records); the HTTP part is opscli's client.
 """
@@ -28,9 +28,9 @@ from typing import Any, Literal
 import click
 
 from broker.audit import AuditRecord, canonical_bytes
-from broker.auditcli import audit_group
-from broker.ocsf import to_ocsf
-from broker.opscli import (
+from broker.cli.audit import audit_group
+from broker.audit.ocsf import to_ocsf
+from broker.cli.ops import (
     OpsError,
     _connection_options,
     _OpsClient,

@@ -26,8 +26,8 @@ from broker.app import make_app
 from broker.server import BrokerRunner
 from broker.config import load_settings
 from broker.delegation import Catalog
-from broker.devid import DevIssuer
-from broker.devstack import (
+from broker.dev.identities import DevIssuer
+from broker.dev.stack import (
     DevOpenBao,
     configure_child_token_role,
     configure_database,
@@ -37,9 +37,9 @@ from broker.devstack import (
 )
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
-from broker.signing import generate_signing_key_file
+from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
-from broker.vaultsync import audit_device_of, sync, write_broker_token
+from broker.vault.sync import audit_device_of, sync, write_broker_token
 
 T = TypeVar("T")
 

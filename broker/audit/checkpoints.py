@@ -1,4 +1,4 @@
-"""Checkpointing the audit chain, and verifying a store: the I/O around ``broker.signing`` and ``broker.verify``.
+"""Checkpointing the audit chain, and verifying a store: the I/O around ``broker.audit.signing`` and ``broker.audit.verify``.
 
 The ``Checkpointer`` runs in the maintenance loop: every ``checkpoint_every`` records or
 ``checkpoint_interval`` seconds, whichever comes first, it signs the chain's head, stores the
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from broker.signing import (
+from broker.audit.signing import (
     Checkpoint,
     CheckpointInvalid,
     key_id,
@@ -36,7 +36,7 @@ from broker.signing import (
     sign_checkpoint,
 )
 from broker.store import CheckpointRow, Store
-from broker.verify import LogVerifier, VerifyReport
+from broker.audit.verify import LogVerifier, VerifyReport
 
 __all__ = ["Checkpointer", "StoreVerifier", "append_witness", "checkpoint_of", "read_witness"]
 

@@ -21,7 +21,7 @@ from broker import __version__
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.errors import BrokerError
-from broker.vaultsync import audit_device_of
+from broker.vault.sync import audit_device_of
 
 
 def _setup_logging(level: str) -> None:
@@ -99,7 +99,7 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
 async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
                 audit_device: str | None) -> list[Any]:
     from broker.vault import VaultClient
-    from broker.vaultsync import sync, write_broker_token
+    from broker.vault.sync import sync, write_broker_token
 
     async with aiohttp.ClientSession() as session:
         client = VaultClient(session, addr, token=token)
@@ -125,7 +125,7 @@ async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | Non
 def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str, vault_addr: str | None,
         vault_token: str | None, vault_audit_log: Path | None) -> None:
     """DEV ONLY: a dev OpenBao, dev identities, the broker on SQLite, and a demo agent walked through a task."""
-    from broker.devmode import run_dev
+    from broker.dev.demo import run_dev
 
     _setup_logging("warning")
     try:
@@ -139,14 +139,14 @@ def dev(workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str, vau
 
 
 # Operator commands over the HTTP API (revoke, unlock, revocations, leases, tasks).
-from broker.opscli import register  # noqa: E402 -- registered on the group defined above
+from broker.cli.ops import register  # noqa: E402 -- registered on the group defined above
 
 register(main)
 
 # The auditor's commands over the store (audit verify, audit public-key; others attach to broker.auditcli.audit_group).
-from broker.auditcli import register as register_audit  # noqa: E402 -- registered on the group defined above
+from broker.cli.audit import register as register_audit  # noqa: E402 -- registered on the group defined above
 
 register_audit(main)
 
-# `broker audit replay` attaches itself to audit_group (broker.replay).
-import broker.replay  # noqa: E402,F401 -- registers its command on import
+# `broker audit replay` attaches itself to audit_group (broker.audit.replay).
+import broker.audit.replay  # noqa: E402,F401 -- registers its command on import
