@@ -19,7 +19,7 @@ from broker.intents import (
     backoff,
     next_state,
 )
-from broker.store import Intent, Store, open_store
+from broker.store import Intent, Person, Store, open_store
 
 ALLOWED = {
     (IntentState.OPEN, IntentEvent.RECORDED): IntentState.DONE,
@@ -84,7 +84,7 @@ async def _intent(store: Store, state: IntentState) -> str:
     """An intent brought to ``state`` through the table."""
     iid = f"lse_{state}"
     await store.begin_task(Intent(id=iid, kind="lease", task_id="tsk_x", grant="g", accessor="acc", created_at=1.0),
-                           user="u", agent="a", tenant="t")
+                           user=Person(id="https://idp#u", name="u", trusted_email=None), agent="a", tenant="t")
     path = {IntentState.OPEN: [], IntentState.ABORTING: [IntentEvent.ABANDONED],
             IntentState.DONE: [IntentEvent.RECORDED],
             IntentState.ABORTED: [IntentEvent.ABANDONED, IntentEvent.VAULT_CONFIRMED]}[state]
