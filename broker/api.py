@@ -13,11 +13,14 @@ import binascii
 import json
 import logging
 import math
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
@@ -68,8 +71,14 @@ from broker.models import (
 )
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
+<<<<<<< HEAD
 from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
 from broker.audit.tailer import VaultAuditTailer
+=======
+from broker.server import log_path, route_of
+from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
+from broker.tailer import VaultAuditTailer
+>>>>>>> main
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
 
@@ -91,6 +100,8 @@ METRICS = web.AppKey("metrics", Metrics)
 VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
+_DECIMAL = re.compile(r"-?[0-9]{1,19}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_TOKEN = 8192
 
 Identity = AgentIdentity | UserIdentity
@@ -105,16 +116,22 @@ def problem(status: int, code: str, title: str, detail: str, request: web.Reques
     # ``instance`` names the route, not the path as sent: a path segment is the caller's input, and a
     # problem never echoes input (a token pasted into a URL stays out of the answer and of the logs).
     body = Problem(type=_PROBLEM_TYPE + code, title=title, status=status, detail=detail, code=code,
-                   instance=_route_of(request), request_id=request.get("request_id"))
+                   instance=route_of(request), request_id=request.get("request_id"))
     return web.Response(status=status, text=body.model_dump_json(exclude_none=True),
                         content_type="application/problem+json", headers=headers)
 
 
-def _route_of(request: web.Request) -> str | None:
-    info = request.match_info
-    route = getattr(info, "route", None)
-    resource = route.resource if route is not None else None
-    return resource.canonical if resource is not None else None
+def _check_edge(request: web.Request) -> None:
+    """Control characters or oversized values in the path or the query are refused before any handler.
+
+    Raises:
+        BadRequest: a control character (NUL, CR, LF...) anywhere in the path or a query value, or a query
+            value over 2,048 characters.
+    """
+    texts = [request.path, *request.query.keys(), *request.query.values()]
+    if any(_CONTROL.search(t) for t in texts) or any(len(v) > 2048 for v in request.query.values()):
+        msg = "the path or query holds a control character or an oversized value"
+        raise BadRequest(msg)
 
 
 @web.middleware
@@ -122,6 +139,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
                            ) -> web.StreamResponse:
     request["request_id"] = secrets.token_hex(8)
     try:
+        _check_edge(request)
         return await handler(request)
     except BrokerError as exc:
         headers = {}
@@ -131,12 +149,12 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             # RFC 9470: tell the client to come back with a fresher authentication.
             headers["WWW-Authenticate"] = (f'Bearer error="insufficient_user_authentication", '
                                            f'error_description="{exc}", max_age={exc.max_age}')
-            log.info("stale authentication on %s %s: %s", request.method, request.path, exc.reason)
+            log.info("stale authentication on %s %s: %s", request.method, log_path(request), exc.reason)
         elif isinstance(exc, InvalidIdentity):
             headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-            log.info("rejected credentials on %s %s: %s", request.method, request.path, exc.reason)
+            log.info("rejected credentials on %s %s: %s", request.method, log_path(request), exc.reason)
         elif exc.http_status >= 500:
-            log.warning("%s %s failed: %s (%s)", request.method, request.path, exc.code, exc.reason)
+            log.warning("%s %s failed: %s (%s)", request.method, log_path(request), exc.code, exc.reason)
         return problem(exc.http_status, exc.code, exc.title, str(exc), request, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -148,7 +166,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         allow = {"Allow": exc.headers["Allow"]} if exc.status == 405 and "Allow" in exc.headers else None
         return problem(exc.status, code, exc.reason, exc.reason, request, allow)
     except Exception:
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request["request_id"])
+        log.exception("unhandled error on %s %s (request %s)", request.method, log_path(request),
+                      request["request_id"])
         return problem(500, "internal", "Internal error", "the broker failed; the request id identifies it in its log",
                        request)
 
@@ -168,6 +187,10 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge("the request body is too large") from exc
+    except (BadHttpMessage, RequestPayloadError) as exc:
+        # A body that does not decode (Content-Encoding: gzip over junk, a bad chunk): the caller's bytes,
+        # never repeated.
+        raise BadRequest("the request body could not be read", reason=type(exc).__name__) from exc
     if raw:
         charset = (request.charset or "utf-8").lower()
         if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
@@ -284,6 +307,8 @@ async def get_task(request: web.Request) -> web.Response:
                                                    or any_includes(catalog.auditors, ident))
     if not (_is_party(ident, task) or staff):
         raise NotFound("no such task")  # the same answer as for a missing task
+    if staff and isinstance(ident, UserIdentity) and not _is_party(ident, task):
+        await _unlocked(request, ident)
     return _json(_task_out(task, leases))
 
 
@@ -356,7 +381,7 @@ def _int_param(request: web.Request, name: str, *, default: int, lo: int, hi: in
     value = request.query.get(name)
     if value is None:
         return default
-    if not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20) or not lo <= int(value) <= hi:
+    if _DECIMAL.fullmatch(value) is None or not lo <= int(value) <= hi:
         msg = f"{name} must be an integer from {lo} to {hi}"
         raise NumberOutOfRange(msg)
     return int(value)
@@ -364,8 +389,7 @@ def _int_param(request: web.Request, name: str, *, default: int, lo: int, hi: in
 
 async def list_audit(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    if not any_includes(request.app[CATALOG].auditors, user):
-        raise Denied("auditors only", reason=f"{user.id} is not an auditor")
+    await _auditor(request, user)
     q = request.query
     limit = _int_param(request, "limit", default=100, lo=1, hi=1000)
     after = _int_param(request, "after", default=0, lo=0, hi=jsontext.INT64_MAX)
@@ -381,8 +405,7 @@ async def list_audit(request: web.Request) -> web.Response:
 async def verify_audit(request: web.Request) -> web.Response:
     """Recompute the whole chain and check every checkpoint (and the witness, if configured). Auditors only."""
     user = await user_identity(request)
-    if not any_includes(request.app[CATALOG].auditors, user):
-        raise Denied("auditors only", reason=f"{user.id} is not an auditor")
+    await _auditor(request, user)
     r = await request.app[AUDIT_VERIFIER].verify()
     return _json(AuditVerifyOut(ok=r.ok, records=r.records, checkpoints=r.checkpoints, witnessed=r.witnessed,
                                 first_bad_seq=r.first_bad_seq, reason=r.reason))
@@ -408,9 +431,23 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(spec())
 
 
-def _staff(request: web.Request, user: UserIdentity, *, auditors: bool) -> None:
+async def _unlocked(request: web.Request, user: UserIdentity) -> None:
+    """Raises: Locked: an operator's lock covers this person (an offboarded operator or auditor acts no more)."""
+    await request.app[STORE].check_unlocked(
+        Person(user.id, user.name, user.trusted_email, user.email), now=request.app[CLOCK]())
+
+
+async def _auditor(request: web.Request, user: UserIdentity) -> None:
+    if not any_includes(request.app[CATALOG].auditors, user):
+        raise Denied("auditors only", reason=f"{user.id} is not an auditor")
+    await _unlocked(request, user)
+    await _unlocked(request, user)
+
+
+async def _staff(request: web.Request, user: UserIdentity, *, auditors: bool) -> None:
     catalog = request.app[CATALOG]
     if any_includes(catalog.operators, user) or (auditors and any_includes(catalog.auditors, user)):
+        await _unlocked(request, user)
         return
     raise Denied("operators only" if not auditors else "operators and auditors only",
                  reason=f"{user.id} is not an operator")
@@ -427,7 +464,7 @@ def _revocation_out(st: RevocationStatus) -> RevocationOut:
 
 async def create_revocation(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=False)
+    await _staff(request, user, auditors=False)
     body = await _body(request, RevocationCreate)
     kind, value = body.selector
     st = await request.app[REVOCATIONS].revoke(user, kind=kind, value=value, reason=body.reason, wait=body.wait)
@@ -436,13 +473,13 @@ async def create_revocation(request: web.Request) -> web.Response:
 
 async def get_revocation(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=True)
+    await _staff(request, user, auditors=True)
     return _json(_revocation_out(await request.app[REVOCATIONS].status(request.match_info["revocation_id"])))
 
 
 async def list_revocations(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=True)
+    await _staff(request, user, auditors=True)
     active = _bool_param(request, "active")
     rows = await request.app[STORE].list_revocations(active_only=active)
     statuses = [await request.app[REVOCATIONS].status(r.id) for r in rows]
@@ -451,7 +488,7 @@ async def list_revocations(request: web.Request) -> web.Response:
 
 async def lift_revocation(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=False)
+    await _staff(request, user, auditors=False)
     body = await _body(request, RevocationLift)
     st = await request.app[REVOCATIONS].lift(user, request.match_info["revocation_id"], reason=body.reason)
     return _json(_revocation_out(st))
@@ -466,7 +503,7 @@ def _page_args(request: web.Request) -> tuple[int, str | None, tuple[str, ...] |
 
 async def list_leases(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=True)
+    await _staff(request, user, auditors=True)
     limit, after, states = _page_args(request)
     q = request.query
     rows = await request.app[STORE].find_leases(user=q.get("user"), agent=q.get("agent"), task=q.get("task"),
@@ -481,7 +518,7 @@ async def list_leases(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _staff(request, user, auditors=True)
+    await _staff(request, user, auditors=True)
     limit, after, states = _page_args(request)
     q = request.query
     rows = await request.app[STORE].find_tasks(user=q.get("user"), agent=q.get("agent"), tenant=q.get("tenant"),
@@ -501,15 +538,16 @@ async def _approval_out(request: web.Request, a: ApprovalRow, *, votes: bool) ->
                                                       for v in vs])
 
 
-def _approver_or_auditor(request: web.Request, user: UserIdentity) -> None:
+async def _approver_or_auditor(request: web.Request, user: UserIdentity) -> None:
     catalog = request.app[CATALOG]
     if not (any_includes(catalog.approvers, user) or any_includes(catalog.auditors, user)):
         raise Denied("approvers and auditors only", reason=f"{user.id} is not an approver")
+    await _unlocked(request, user)
 
 
 async def list_approvals(request: web.Request) -> web.Response:
     user = await user_identity(request)
-    _approver_or_auditor(request, user)
+    await _approver_or_auditor(request, user)
     state = request.query.get("state")
     if state not in (None, "pending", "approved", "denied", "expired", "consumed"):
         raise BadRequest("state must be pending, approved, denied, expired or consumed")
@@ -525,7 +563,7 @@ async def get_approval(request: web.Request) -> web.Response:
         if str(ident.spiffe_id) != a.agent:
             raise NotFound("no such approval")
     else:
-        _approver_or_auditor(request, ident)
+        await _approver_or_auditor(request, ident)
     wait = _float_param(request, "wait", lo=0.0, hi=60.0) or 0.0
     if wait:
         waiter = str(ident.spiffe_id) if isinstance(ident, AgentIdentity) else ident.id

@@ -113,7 +113,8 @@ def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHo
                 )
                 app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
                 app[api.USERS] = UserVerifier(
-                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email)
+                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email,
+                                 i.email_domains)
                      for i in settings.users.issuers],
                     audience=settings.server.audience, leeway=leeway, clock=clock,
                 )

@@ -87,18 +87,21 @@ def is_same_person(user: UserIdentity, person_id: str, trusted_email: str | None
     """
     if user.id == person_id:
         return True
-    return trusted_email is not None and user.trusted_email == trusted_email
+    return trusted_email is not None and user.email == trusted_email
 
 
 def check_approver(catalog: Catalog, approval: ApprovalRow, approver: UserIdentity, *, now: float,
-                   user_email: str | None = None) -> None:
-    """May ``approver`` vote on ``approval``? ``user_email`` is the task user's trusted email, if recorded.
+                   user_email: str | None = None, related: bool = False) -> None:
+    """May ``approver`` vote on ``approval``?
+
+    ``user_email`` is the task user's trusted email, if recorded; ``related`` says the store found the
+    approver sharing an address with the task's user, now or before (``Store.same_person``).
 
     Raises: NotApprover (not an approver, the task's own user), Conflict (not pending).
     """
     if not any_includes(catalog.approvers, approver):
         raise NotApprover("only approvers decide approvals", reason=f"{approver.id} is not an approver")
-    if is_same_person(approver, approval.user, user_email):
+    if related or is_same_person(approver, approval.user, user_email):
         raise NotApprover("the task's own user cannot approve its grants",
                           reason=f"{approver.id} delegated task {approval.task_id}")
     if approval.state != "pending" or approval.expires_at <= now:
@@ -165,14 +168,17 @@ class ApprovalManager:
         if row is None:
             raise NotFound("no such approval")
         task = await self._store.get_task(row.task_id)
-        check_approver(self._catalog, row, approver, now=now, user_email=task.user_email if task else None)
+        person = Person(approver.id, approver.name, approver.trusted_email, approver.email)
+        related = await self._store.same_person(person, row.user, now=now)
+        check_approver(self._catalog, row, approver, now=now, user_email=task.user_email if task else None,
+                       related=related)
         event = "approval.approved" if decision == "approve" else "approval.denied"
         record = AuditRecord(now, event, "success" if decision == "approve" else "denied", user=row.user,
                              user_name=row.user_name, agent=row.agent, task=row.task_id, tenant=row.tenant,
                              resource=row.path, action=decision,
                              reason=f"by {approver.name} ({approver.id}, authenticated {_iso(auth_time)}): "
                                     f"{reason} ({row.id})")
-        updated = await self._store.vote(row.id, approver=Person(approver.id, approver.name, approver.trusted_email),
+        updated = await self._store.vote(row.id, approver=person,
                                          decision=decision, reason=reason, auth_time=auth_time, now=now,
                                          record=record)
         self._notify(row.id)

@@ -172,6 +172,14 @@ class UserIssuer(_Frozen):
     # Trust every email this issuer puts in a token, verified or not (only for an IdP whose directory
     # assigns the addresses). Otherwise only `email_verified: true` makes an address match anything.
     trust_email: bool = False
+    # The email domains this issuer may vouch for (e.g. ["example.com"]); empty: any. With several
+    # issuers, give each its own: otherwise one IdP can mint a trusted address another one owns.
+    email_domains: tuple[str, ...] = ()
+
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(d.strip().casefold() for d in v)
 
     @model_validator(mode="after")
     def _one_source(self) -> UserIssuer:
@@ -204,8 +212,9 @@ class GrantSettings(_Frozen):
     # `params`, e.g. pki/issue/x). Default: "write" when params are given, else "read".
     method: Literal["read", "write"] | None = None
     # Fixed request parameters. The agent cannot supply parameters: that would let it widen what it
-    # gets (a certificate for any name). `{task}`, `{agent}`, `{user}`, `{tenant}`, `{role}` are
-    # substituted with the task's values.
+    # gets (a certificate for any name). `{task}`, `{agent}`, `{user}` (display name), `{user_id}`
+    # (the person id, unique), `{user_email}` (trusted email; required if named), `{tenant}`, `{role}`
+    # are substituted with the task's values.
     params: Mapping[str, str | int | bool] = Field(default_factory=dict)
 
 

@@ -44,10 +44,11 @@ from aiohttp import web
 from broker import api
 from broker.approvals import InsufficientAuthentication, is_same_person
 from broker.delegation import Catalog, any_includes
-from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, RateLimited
+from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, RateLimited, UnsupportedMediaType
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
 from broker.limits import RateLimiter
-from broker.store import ApprovalRow, LeaseRow, TaskRow
+from broker.server import log_path
+from broker.store import ApprovalRow, LeaseRow, Person, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +227,14 @@ async def console_middleware(request: web.Request,
             request, 401, "Sign in required", "Your session has ended or you have not signed in.", sign_in=True)
     except BrokerError as exc:
         if exc.http_status >= 500:
-            log.warning("console %s %s failed: %s (%s)", request.method, request.path, exc.code, exc.reason)
+            log.warning("console %s %s failed: %s (%s)", request.method, log_path(request), exc.code, exc.reason)
         else:
-            log.info("console %s %s refused: %s (%s)", request.method, request.path, exc.code, exc.reason)
+            log.info("console %s %s refused: %s (%s)", request.method, log_path(request), exc.code, exc.reason)
         response = _error_page(request, exc.http_status, exc.title, str(exc))
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
     except Exception:
-        log.exception("console error on %s %s (request %s)", request.method, request.path,
+        log.exception("console error on %s %s (request %s)", request.method, log_path(request),
                       request.get("request_id"))
         response = _error_page(request, 500, "Internal error",
                                f"The broker failed; request id {request.get('request_id', '-')} identifies it "
@@ -346,7 +349,16 @@ def _session(request: web.Request) -> Session:
 async def _form(request: web.Request, session: Session | None) -> dict[str, str]:
     """The posted form after the same-origin and synchronizer-token checks. Raises: CsrfRefused."""
     check_same_origin(request)
-    data = await request.post()
+    # Only what the console's own forms send; aiohttp's multipart and charset handling raise on a
+    # malformed body with the attacker's text in the message.
+    charset = (request.charset or "utf-8").lower()
+    if request.content_type != "application/x-www-form-urlencoded" or charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("send the form as application/x-www-form-urlencoded (UTF-8)",
+                                   reason=f"content type {request.content_type[:64]!r}")
+    try:
+        data = await request.post()
+    except (ValueError, LookupError, UnicodeDecodeError, web.HTTPException) as exc:
+        raise BadRequest("the form could not be read", reason=type(exc).__name__) from exc
     form = {k: v for k, v in data.items() if isinstance(v, str)}
     if session is not None:
         _check_csrf(session.csrf, form.get("csrf", ""))
@@ -393,8 +405,12 @@ async def login(request: web.Request) -> web.Response:
     catalog = request.app[api.CATALOG]
     if not (_can_see_approvals(catalog, user) or _is_staff(catalog, user)):
         raise Denied("this console is for approvers, operators and auditors", reason=f"{user.id} has no role")
-    store.drop(request.cookies.get(COOKIE))
+    # An offboarded approver or operator signs in no more.
+    await request.app[api.STORE].check_unlocked(Person(user.id, user.name, user.trusted_email, user.email),
+                                                now=store.clock())
+    # Only once the new session exists is the old one dropped: a refused sign-in leaves the person signed in.
     session_id, session = store.create(user)
+    store.drop(request.cookies.get(COOKIE))
     session.flash = f"Signed in as {user.name}."
     response = _redirect(PREFIX if _can_see_approvals(catalog, user) else f"{PREFIX}/tasks")
     _set_cookie(request, response, COOKIE, session_id, max_age=max(int(user.expires_at - store.clock()), 1))

@@ -23,16 +23,17 @@ from broker.errors import (
     AgentNotAllowed,
     BadRequest,
     ConfigError,
+    Denied,
     Gone,
     GrantNotInRole,
     NotDelegator,
     NotTaskAgent,
 )
-from broker.identity import AgentIdentity, SpiffeId, SpiffePattern, UserIdentity, is_person_id
+from broker.identity import AgentIdentity, SpiffeId, SpiffePattern, UserIdentity, is_person_id, normalize_email
 from broker.vault import validate_path
 
 Risk = Literal["low", "high"]
-_PLACEHOLDER = re.compile(r"\{(task|agent|user|tenant|role)\}")
+_PLACEHOLDER = re.compile(r"\{(task|agent|user|user_id|user_email|tenant|role)\}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Principal:
             msg = f"principal must be 'user:NAME' or 'group:NAME', got {text!r}"
             raise ConfigError(msg)
         if kind == "user" and not is_person_id(name):
-            name = name.lower()  # an email address: compared as the verifier stores them
+            name = normalize_email(name)  # an email address: compared as the verifier stores them
         return cls(kind, name)  # type: ignore[arg-type]
 
     def includes(self, user: UserIdentity) -> bool:
@@ -82,13 +83,23 @@ class Grant:
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
     approvals_required: int = 1
 
-    def request_params(self, *, task: str, agent: str, user: str, tenant: str, role: str, ttl: int) -> dict[str, object]:
+    def request_params(self, *, task: str, agent: str, user: str, tenant: str, role: str, ttl: int,
+                       user_id: str | None = None, user_email: str | None = None) -> dict[str, object]:
         """The body sent to Vault: the configured params with the task's values substituted, plus the TTL.
 
         Substitution is literal (no format-string evaluation), so a user or agent name cannot inject
-        further placeholders.
+        further placeholders. ``{user}`` is the person's display name (their trusted email, else ``sub``:
+        two issuers' "alice" read alike), ``{user_id}`` their person id (unique), ``{user_email}`` their
+        trusted email, which a grant that names it requires.
+
+        Raises:
+            Denied: a parameter names ``{user_email}`` and the task's person has no trusted email.
         """
-        values = {"task": task, "agent": agent, "user": user, "tenant": tenant, "role": role}
+        if user_email is None and any(isinstance(v, str) and "{user_email}" in v for v in self.params.values()):
+            msg = "this grant needs a verified email address for the task's user"
+            raise Denied(msg, reason=f"grant {self.name} uses {{user_email}}; the task's user has none trusted")
+        values = {"task": task, "agent": agent, "user": user, "tenant": tenant, "role": role,
+                  "user_id": user_id or user, "user_email": user_email or ""}
         out: dict[str, object] = {}
         for key, value in self.params.items():
             # One pass: a substituted value is never scanned again.

@@ -17,7 +17,6 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from itertools import accumulate
 from typing import Any, Final
 
 from broker.errors import JsonTooDeep, MalformedJson, NumberOutOfRange
@@ -26,10 +25,9 @@ __all__ = ["INT64_MAX", "MAX_DEPTH", "loads"]
 
 MAX_DEPTH: Final = 32
 INT64_MAX: Final = 2**63 - 1
-# A JSON string literal, escapes included: removed before counting brackets, which may appear inside.
-_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS: Final = re.compile(r"[\[\]{}]")
-_DELTA: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
+# The tokens that matter for depth, in one left-to-right pass: an escape (so an escaped quote does not
+# end a string), a quote, a bracket. Linear in the body, whatever it holds (an unclosed string included).
+_TOKENS: Final = re.compile(r'\\.|["\[\]{}]', re.S)
 
 
 def loads(raw: bytes) -> Any:
@@ -62,10 +60,25 @@ def loads(raw: bytes) -> Any:
 
 
 def _depth(text: str) -> int:
-    brackets = _BRACKETS.findall(_STRING.sub("", text)) if ("[" in text or "{" in text) else []
-    if not brackets:
+    """The deepest nesting of arrays and objects outside string literals (a guard: the parser checks the rest)."""
+    if "[" not in text and "{" not in text:
         return 0
-    return max(accumulate(_DELTA[b] for b in brackets))
+    depth = deepest = 0
+    in_string = False
+    for token in _TOKENS.findall(text):
+        if token == '"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        else:
+            depth -= 1
+    return deepest
 
 
 def _object(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -237,7 +237,7 @@ class LeaseManager:
             read = self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
                 data=grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
-                                          tenant=task.tenant,
+                                          user_id=task.user, user_email=task.user_email, tenant=task.tenant,
                                           role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
             )
             _, secret = await asyncio.gather(renewal, read)

@@ -58,10 +58,12 @@ def _problems(*statuses: int) -> dict[str, Any]:
 
 def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], errors: tuple[int, ...],
         body: type[BaseModel] | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    # Any request may meet the edge check (a control character or an oversized value in the path or query).
+    statuses = sorted({400, *errors})
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {str(ok[0]): {"description": "OK", "content": {"application/json": {"schema": _ref(ok[1])}}},
-                      **_problems(*errors)},
+                      **_problems(*statuses)},
     }
     if security:
         op["security"] = [{security: []}]
@@ -73,7 +75,8 @@ def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], err
 
 
 def _path_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"}}
 
 
 def _query(name: str, type_: str = "string", **bounds: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from broker.audit import AuditRecord
 from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
-from broker.identity import UserIdentity, is_person_id
+from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, backoff
 from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
@@ -322,8 +322,11 @@ class Revocations:
         if not value:
             raise BadRequest(f"{kind} must not be empty")
         if kind == "user" and not is_person_id(value):
-            # An email address: it names every person whose tokens carried it trusted, now and later.
-            value = value.lower()
+            # An email address: it names every person whose tokens claim or claimed it, now and later.
+            value = normalize_email(value)
+            if "@" not in value:
+                msg = "user must be a person id ('<issuer>#<subject>') or an email address"
+                raise BadRequest(msg)
         now = self._clock()
         rev = RevocationRow(id="rvk_" + secrets.token_urlsafe(12), kind=kind, value=value, reason=reason,
                             created_by=operator.id, created_at=now, lock=kind in _LOCKING, lifted_at=None,

@@ -30,7 +30,7 @@ from aiohttp.web_request import BaseRequest
 from broker.errors import BadRequest, BrokerError, HeaderTooLarge
 from broker.models import Problem
 
-__all__ = ["AccessLogger", "BrokerRunner", "serve"]
+__all__ = ["AccessLogger", "BrokerRunner", "log_path", "route_of", "serve"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("aiohttp.access")
@@ -39,11 +39,30 @@ _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: ``client "METHOD /path" status bytes seconds``; the query string is left out."""
+    """One line per request: ``client "METHOD /route" status bytes seconds``.
+
+    The route (``/v1/tasks/{task_id}``), not the path as sent: no query string, no path segment (the
+    caller's input: a pasted token, a CR-LF that would forge a log line).
+    """
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %d %d %.6fs', request.remote, request.method, request.rel_url.path,
+        self.logger.info('%s "%s %s" %d %d %.6fs', request.remote, request.method, log_path(request),
                          response.status, response.body_length, time)
+
+
+def route_of(request: BaseRequest) -> str | None:
+    """The route a request matched (``/v1/tasks/{task_id}``), or None."""
+    # A request the parser refused, or a bare BaseRequest, has no match info (aiohttp asserts on it).
+    info = getattr(request, "_match_info", None)
+    route = getattr(info, "route", None)
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else None
+
+
+def log_path(request: BaseRequest) -> str:
+    """The request's path for a log line: its route, never the path as sent, whose segments are the caller's
+    input (a token pasted into a URL, a CR-LF that forges a log line)."""
+    return route_of(request) or "<no route>"
 
 
 def _problem_body(error: BrokerError, request_id: str) -> str:
@@ -53,6 +72,15 @@ def _problem_body(error: BrokerError, request_id: str) -> str:
 
 class _RequestHandler(web_protocol.RequestHandler):
     """aiohttp's protocol handler, answering the requests its parser refused as problems (rule 2)."""
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, BadHttpMessage | web_protocol.RequestPayloadError):
+            # A body that would not decode, met again while draining it after the answer: one line, no
+            # traceback (its text is the parser's, its cause the caller's bytes).
+            log.info("dropped the rest of a malformed request body: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

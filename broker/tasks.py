@@ -129,7 +129,7 @@ class TaskManager:
         if self._start_rate is not None:
             self._start_rate.take(user.id, what="person")
         now = self._clock()
-        person = Person(id=user.id, name=user.name, trusted_email=user.trusted_email)
+        person = Person(id=user.id, name=user.name, trusted_email=user.trusted_email, email=user.email)
         try:
             decision = check_start(self._catalog, user, agent=agent, role=role, ttl=ttl, tenant=tenant)
             r = decision.role

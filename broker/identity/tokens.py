@@ -6,6 +6,7 @@ import base64
 import binascii
 import math
 import re
+import unicodedata
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, NoReturn
@@ -22,6 +23,7 @@ __all__ = [
     "KeyRef",
     "UserIdentity",
     "id_token_key_ref",
+    "normalize_email",
     "person_id",
     "svid_key_ref",
     "verify_id_token",
@@ -59,6 +61,15 @@ def person_id(issuer: str, subject: str) -> str:
     return f"{issuer}#{subject}"
 
 
+def normalize_email(text: str) -> str:
+    """An email address as the broker compares it: NFKC, surrounding space stripped, case-folded.
+
+    Applied alike to token claims, catalog principals and operators' selectors, so that no spelling of
+    an address (``Zoe@Example.test``, a full-width letter, a trailing space) slips past a lock on it.
+    """
+    return unicodedata.normalize("NFKC", text).strip().casefold()
+
+
 def is_person_id(text: str) -> bool:
     """Whether ``text`` has the form of :func:`person_id` (else it is an email address or a legacy name)."""
     issuer, sep, subject = text.partition("#")
@@ -70,10 +81,12 @@ class UserIdentity:
     """A verified person from an OIDC ID token.
 
     A person *is* the pair (``issuer``, ``subject``), exposed as ``id``: every decision about a person
-    (ownership, self-approval, votes, locks, budgets) compares ``id``. The email address is a display
-    name; it is ``trusted`` only where the issuer marks it verified (``email_verified: true``, exactly)
-    or the issuer's configuration says ``trust_email``, and only a trusted address ever matches a
-    ``user:EMAIL`` principal or an operator's lock named by email. ``email`` is lower-cased.
+    (ownership, self-approval, votes, locks, budgets) compares ``id``. ``email`` is the address the token
+    claims (normalised by :func:`normalize_email`); it is ``trusted`` only where the issuer marks it
+    verified (``email_verified: true``, exactly) or the issuer's configuration says ``trust_email`` (and,
+    with ``email_domains``, only within those domains). Only a trusted address *grants* anything (a
+    ``user:EMAIL`` principal); any claimed address may *refuse* (a lock by email holds whoever claims it:
+    a presenter can only lock themselves out).
     """
 
     subject: str
@@ -246,6 +259,13 @@ def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
+def _in_domains(email: str | None, domains: Collection[str]) -> bool:
+    """No ``email_domains`` configured: any domain; else the address's domain must be one of them."""
+    if not domains or email is None:
+        return True
+    return email.rpartition("@")[2] in domains
+
+
 def _looks_like_spiffe(value: str) -> bool:
     return value[:7].lower() == "spiffe:"
 
@@ -344,6 +364,7 @@ def verify_id_token(
     max_lifetime: float = 86400.0,
     groups_claim: str = "groups",
     trust_email: bool = False,
+    email_domains: Collection[str] = (),
 ) -> UserIdentity:
     """Verify an OIDC ID token with ``key``, which the caller took from ``issuer``'s key source.
 
@@ -385,6 +406,7 @@ def verify_id_token(
     email = _optional_str(claims, "email") or None
     if email is not None and len(email) > MAX_EMAIL:
         _fail("email longer than 320 characters")
+    email = normalize_email(email) if email else None
     # Only the JSON literal true verifies: a missing claim, false, or the string "true" some IdPs send
     # leaves the address untrusted (shown, never matched), which costs nothing since people match by id.
     verified = claims.get("email_verified")
@@ -394,6 +416,6 @@ def verify_id_token(
         groups=frozenset(groups_value),
         auth_time=auth_time,
         expires_at=exp,
-        email=email.lower() if email else None,
-        email_trusted=bool(email) and (verified is True or trust_email),
+        email=email or None,
+        email_trusted=bool(email) and (verified is True or trust_email) and _in_domains(email, email_domains),
     )

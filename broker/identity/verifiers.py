@@ -114,6 +114,9 @@ class IssuerTrust:
     # The issuer vouches for every email it puts in a token, verified or not (an enterprise IdP whose
     # directory is the source of addresses). Off by default: then only ``email_verified: true`` counts.
     trust_email: bool = False
+    # The domains whose addresses this issuer may vouch for; empty: any. With several issuers, give each
+    # its own, so that one IdP cannot mint a trusted address another organisation owns.
+    email_domains: tuple[str, ...] = ()
 
 
 class UserVerifier:
@@ -182,4 +185,5 @@ class UserVerifier:
             max_lifetime=self._max_lifetime,
             groups_claim=trust.groups_claim,
             trust_email=trust.trust_email,
+            email_domains=trust.email_domains,
         )

@@ -40,6 +40,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -54,7 +56,7 @@ from broker.errors import (
     Locked,
     StoreUnavailable,
 )
-from broker.identity import is_person_id
+from broker.identity import is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, next_state
 from broker.store.rows import (
     ApprovalRow,
@@ -104,12 +106,15 @@ _LEASE_BY_ID = select(leases).where(leases.c.id == bindparam("id"))
 _INTENT_BY_ID = select(intents).where(intents.c.id == bindparam("id"))
 _PROBE = update(health_probe).where(health_probe.c.id == 1).values(probed_at=bindparam("at"))
 # A lock on a user names their person id or an email address. An address holds the person behind it:
-# it matches the address their token carries trusted now, and every address any of their tokens carried
-# trusted before (person_emails), so a token that drops or unverifies the address is still locked.
+# it matches the address their token claims now (verified or not: a claim can only lock its presenter
+# out), and every address any of their tokens claimed before (person_emails), so a token that drops or
+# changes the address is still locked. A lock from before person ids (migration 0009) may hold a bare
+# subject: it matches that subject at any issuer (a lock only refuses, so matching wider is safe).
 _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
     revocations.c.lock.is_(True),
     or_(and_(revocations.c.kind == "user",
              or_(revocations.c.value == bindparam("user"), revocations.c.value == bindparam("email"),
+                 revocations.c.value == bindparam("subject"),
                  revocations.c.value.in_(select(person_emails.c.email)
                                          .where(person_emails.c.person == bindparam("user"))))),
         and_(revocations.c.kind == "agent", revocations.c.value == bindparam("agent")),
@@ -208,7 +213,7 @@ class Store:
             with self._tx() as conn:
                 _remember_person(conn, user, intent.created_at)
                 try:
-                    _check_locks(conn, user=user.id, email=user.trusted_email, agent=agent, tenant=tenant)
+                    _check_locks(conn, user=user.id, email=user.email, agent=agent, tenant=tenant)
                 except Locked as exc:
                     refused = exc  # commit what was learnt about the person, then refuse
                 else:
@@ -232,6 +237,37 @@ class Store:
                 conn.execute(_INSERT_TASK, asdict(row))
                 _append(conn, record)
             return True
+        return await self._run(run)
+
+    async def check_unlocked(self, person: Person, *, now: float) -> None:
+        """Refuse a locked person (staff too: an offboarded operator or auditor acts no more).
+
+        Raises:
+            Locked: an operator's lock covers ``person`` (by id, by an address they claim or claimed).
+        """
+        def run() -> None:
+            refused: Locked | None = None
+            with self._tx() as conn:
+                _remember_person(conn, person, now)
+                try:
+                    _check_locks(conn, user=person.id, email=person.email, agent="", tenant="")
+                except Locked as exc:
+                    refused = exc
+            if refused is not None:
+                raise refused
+        await self._run(run)
+
+    async def same_person(self, person: Person, other: str, *, now: float) -> bool:
+        """Whether ``person`` may be the person recorded as ``other``: the same id, or an address shared now
+        or before. For rules that refuse on a match (self-approval), so it leans to "the same"."""
+        def run() -> bool:
+            if person.id == other:
+                return True
+            with self._tx() as conn:
+                _remember_person(conn, person, now)
+                hit = conn.execute(_persons_sharing_email(person.id).where(person_emails.c.person == other)
+                                   .limit(1)).first()
+            return hit is not None
         return await self._run(run)
 
     async def get_task(self, task_id: str) -> TaskRow | None:
@@ -678,19 +714,21 @@ class Store:
                 if r is None or r["state"] != "pending" or r["expires_at"] <= now:
                     raise Conflict("the approval is no longer pending")
                 # An offboarded approver decides nothing either.
-                _check_locks(conn, user=approver.id, email=approver.trusted_email, agent="", tenant="")
-                same = approval_votes.c.approver == approver.id
-                if approver.trusted_email is not None:
-                    same = or_(same, approval_votes.c.approver_email == approver.trusted_email)
+                _check_locks(conn, user=approver.id, email=approver.email, agent="", tenant="")
+                _remember_person(conn, approver, now)
+                # The same person: the same id, or anyone sharing an address with them, now or before.
+                same = or_(approval_votes.c.approver == approver.id,
+                           approval_votes.c.approver.in_(_persons_sharing_email(approver.id)))
+                if approver.email is not None:
+                    same = or_(same, approval_votes.c.approver_email == approver.email)
                 voted = conn.execute(select(func.count()).select_from(approval_votes).where(
                     approval_votes.c.approval_id == approval_id, same)).scalar_one()
                 if voted:
                     raise Conflict("you already decided this approval",
                                    reason=f"{approver.id} already voted on {approval_id}")
-                _remember_person(conn, approver, now)
                 conn.execute(insert(approval_votes), {"approval_id": approval_id, "approver": approver.id,
                                                       "approver_name": approver.name,
-                                                      "approver_email": approver.trusted_email,
+                                                      "approver_email": approver.email,
                                                       "decision": decision, "reason": reason,
                                                       "auth_time": auth_time, "decided_at": now})
                 _append(conn, record)
@@ -902,9 +940,11 @@ def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, even
 
 
 def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, tenant: str) -> None:
-    # An absent email binds as "" (never a lock's value: selectors are non-empty), not NULL, so the SQL
-    # stays one shape.
-    hit = conn.execute(_LOCK_HIT, {"user": user, "email": email or "", "agent": agent, "tenant": tenant}).first()
+    # An absent email or subject binds as "" (never a lock's value: selectors are non-empty), not NULL, so
+    # the SQL stays one shape.
+    subject = user.partition("#")[2]
+    hit = conn.execute(_LOCK_HIT, {"user": user, "email": email or "", "subject": subject, "agent": agent,
+                                   "tenant": tenant}).first()
     if hit is not None:
         msg = f"an operator has locked this {hit[1]}"
         raise Locked(msg, reason=f"lock {hit[0]} on {hit[1]}")
@@ -940,7 +980,7 @@ def _user_is(column: Any, user: str, *, email_column: Any = None) -> Any:
     """``column`` (a person id) is ``user``: that id, or, for an address, any person known by it."""
     if is_person_id(user):
         return column == user
-    email = user.lower()
+    email = normalize_email(user)
     known = column.in_(select(person_emails.c.person).where(person_emails.c.email == email))
     # Rows from before person ids (migration 0009) hold the old name itself.
     legacy = column == user
@@ -948,13 +988,20 @@ def _user_is(column: Any, user: str, *, email_column: Any = None) -> Any:
 
 
 def _remember_person(conn: Connection, person: Person, now: float) -> None:
-    """Note that ``person`` carried their trusted email (once per address)."""
-    if person.trusted_email is None:
+    """Note the address ``person``'s token claimed (once per address; concurrent first sightings are fine)."""
+    if person.email is None:
         return
-    seen = conn.execute(select(person_emails.c.person).where(person_emails.c.person == person.id,
-                                                            person_emails.c.email == person.trusted_email)).first()
-    if seen is None:
-        conn.execute(insert(person_emails).values(person=person.id, email=person.trusted_email, first_seen=now))
+    values = {"person": person.id, "email": person.email, "first_seen": now}
+    if conn.dialect.name == "postgresql":
+        conn.execute(pg_insert(person_emails).values(**values).on_conflict_do_nothing())
+    else:
+        conn.execute(sqlite_insert(person_emails).values(**values).on_conflict_do_nothing())
+
+
+def _persons_sharing_email(person: str) -> Select[Any]:
+    """Every person id that claimed an address ``person`` claimed (``person`` included)."""
+    mine = select(person_emails.c.email).where(person_emails.c.person == person)
+    return select(person_emails.c.person).where(person_emails.c.email.in_(mine))
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:

@@ -135,8 +135,10 @@ class ApprovalRow:
 
 @dataclass(frozen=True)
 class Person:
-    """The person behind a row: id, display name and the email their token carried trusted (or None)."""
+    """The person behind a request: id, display name, the email their token carried trusted (or None), and
+    the email it claimed at all (or None), which only ever refuses (locks, self-approval, second votes)."""
 
     id: str
     name: str
     trusted_email: str | None
+    email: str | None = None

@@ -240,8 +240,10 @@ approval_votes = Table(
     Column("approver_email", String(320)),
 )
 
-# Every address a person's tokens carried trusted, as the broker saw them at task start, console sign-in
-# and approval: a lock named by email then holds the person behind it whatever their next token says.
+# Every address a person's tokens claimed (verified or not), as the broker saw them at task start, at
+# approval and at any staff request: a lock named by email then holds the person behind it whatever
+# their next token says, and two ids that shared an address count as one person where that refuses
+# (self-approval, a second vote). It never grants anything: a claim can only lock its presenter out.
 person_emails = Table(
     "person_emails",
     metadata,

@@ -151,6 +151,54 @@ class TestPeopleAreIssuerAndSubject:
             body = await start(client, evasion, status=403)
             assert body["code"] == "locked"
 
+    async def test_lock_by_email_holds_a_person_whose_idp_never_verifies(self, client: Client,
+                                                                          site: BrokerSite) -> None:
+        """An IdP that leaves out email_verified (Entra ID, ADFS): a lock by the claimed address still holds.
+
+        A claim can only lock its presenter out, so locks match every address a person claimed."""
+        zoe = token(site, "u-zoe-entra", email="Zoe.E@example.test", verified=None)
+        task = await start(client, zoe)
+        resp = await client.post("/v1/revocations", json={"user": " zoe.e@EXAMPLE.test ", "reason": "offboarding"},
+                                 headers=h(token(site, "u-olivia", email="olivia@example.com", groups=("secops",))))
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["tasks"] == 1  # her live task was fenced too
+        assert (await client.get(f"/v1/tasks/{task['id']}", headers=h(zoe))).status == 200
+        for evasion in (zoe, token(site, "u-zoe-entra"), token(site, "u-zoe-entra", email="other@example.net")):
+            assert (await start(client, evasion, status=403))["code"] == "locked"
+
+    async def test_a_locked_operator_acts_no_more(self, client: Client, site: BrokerSite) -> None:
+        """Offboarding holds staff too: a locked operator can neither lift their own lock nor read as staff."""
+        ops = ("secops", "audit")
+        oscar = token(site, "u-oscar", email="oscar@example.com", groups=ops)
+        olivia = token(site, "u-olivia", email="olivia@example.com", groups=ops)
+        assert (await client.get("/v1/tasks", headers=h(oscar))).status == 200
+        resp = await client.post("/v1/revocations", json={"user": f"{IDP}#u-oscar", "reason": "offboarding"},
+                                 headers=h(olivia))
+        lock = (await resp.json())["id"]
+        for method, url in (("DELETE", f"/v1/revocations/{lock}"), ("GET", "/v1/tasks"), ("GET", "/v1/audit"),
+                            ("GET", "/v1/revocations")):
+            r = await client.request(method, url, json={"reason": "let me back in"} if method == "DELETE" else None,
+                                     headers=h(token(site, "u-oscar", groups=ops)))
+            assert r.status == 403 and (await r.json())["code"] == "locked", (method, url, await r.text())
+        assert (await client.get("/v1/tasks", headers=h(olivia))).status == 200
+
+    async def test_self_approval_through_a_second_issuer(self, aiohttp_client: Any, site: BrokerSite) -> None:
+        """Alice starts a task without a verified email, then approves it as her account at another issuer:
+        refused, because both ids claimed one address (now or before)."""
+        both = ("support", "secops-leads")
+        async with app_client(aiohttp_client, with_second_issuer(site)) as client:
+            await start(client, token(site, "u-alice", email="alice@example.com", groups=both))  # seen verified
+            task = await start(client, token(site, "u-alice", email="alice@example.com", verified=False, groups=both))
+            pending = await credential(client, site, task["id"], "prod-cert", status=202)
+            twin = token(site, "alice-b", email="alice@example.com", groups=both, issuer=IDP2)
+            assert (await vote(client, pending["approval_id"], twin, status=403))["code"] == "not_approver"
+            # And one person's two accounts are one vote.
+            lead = ("secops-leads",)
+            await vote(client, pending["approval_id"],
+                       token(site, "u-lena", email="lena@example.com", verified=False, groups=lead), status=200)
+            lena_b = token(site, "lena-b", email="lena@example.com", groups=lead, issuer=IDP2)
+            assert (await vote(client, pending["approval_id"], lena_b, status=409))["code"] == "conflict"
+
     async def test_missing_email_verified_is_not_trusted(self, aiohttp_client: Any, site: BrokerSite) -> None:
         """An email without email_verified matches no `user:EMAIL` principal; the verified one does."""
         people = site.settings.people.model_copy(update={"approvers": ("user:vera@example.com",)})
@@ -229,6 +277,46 @@ class TestInput:
         resp = await client.post("/v1/tasks", json={"agent": AGENT, "role": "support-triage", "ttl": 60,
                                                     "reason": "r", CANARY: 1}, headers=h(token(site, "u-alice")))
         assert resp.status == 400 and CANARY not in await resp.text()
+
+    @pytest.mark.parametrize("url", ["/v1/tasks/%00", "/v1/tasks?user=%00", "/v1/leases?agent=a%0d%0ab",
+                                     "/v1/tasks?after=1:%00", "/v1/audit?limit=--5", "/v1/tasks?limit=--5"])
+    async def test_control_characters_and_malformed_numbers(self, client: Client, site: BrokerSite,
+                                                            caplog: pytest.LogCaptureFixture, url: str) -> None:
+        """NUL or CR-LF in a path or query, a number like --5: a 400 problem before any store work, nothing
+        of it in the log (PostgreSQL refuses NUL with an error, and a CR-LF would forge a log line)."""
+        staff = h(token(site, "u-oscar", email="oscar@example.com", groups=("secops", "audit")))
+        with caplog.at_level(logging.DEBUG):
+            resp = await client.get(url, headers=staff)
+            body = await resp.text()
+        assert 400 <= resp.status < 500 and resp.status != 404, body
+        assert resp.headers["Content-Type"].startswith("application/problem+json")
+        # The test server's own access log (aiohttp's, not the broker's) repeats the request line.
+        ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
+        assert "\x00" not in ours and "Traceback" not in ours and "--5" not in ours
+
+    async def test_undecodable_body(self, site: BrokerSite, caplog: pytest.LogCaptureFixture) -> None:
+        """Content-Encoding: gzip over junk is a 400, not a 500, and the served broker logs no traceback."""
+        async with serve(site, site.settings) as live, aiohttp.ClientSession() as http:
+            with caplog.at_level(logging.DEBUG):
+                resp = await http.post(f"{live.url}/v1/tasks", data=b"\x1f\x8bnot gzip at all",
+                                       headers={**h(token(site, "u-alice")), "Content-Type": "application/json",
+                                                "Content-Encoding": "gzip"})
+                assert_problem(await resp.text(), resp, 400, "bad_request")
+                await asyncio.sleep(0.2)  # aiohttp drains the rest of the body after the answer
+        assert "Traceback" not in caplog.text
+
+    @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded; charset=nosuch",
+                                              "application/x-www-form-urlencoded; charset=utf-16",
+                                              "multipart/form-data", "text/plain"])
+    async def test_console_forms_are_urlencoded_utf8(self, client: Client, site: BrokerSite,
+                                                     caplog: pytest.LogCaptureFixture, content_type: str) -> None:
+        """The sign-in form refuses any other encoding with a 4xx page, and logs none of the body."""
+        with caplog.at_level(logging.DEBUG):
+            resp = await client.post("/console/login", data=f"csrf=x&token={CANARY}".encode(),
+                                     headers={"Content-Type": content_type, "Sec-Fetch-Site": "same-origin"})
+        assert resp.status in (400, 403, 415), await resp.text()
+        ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
+        assert CANARY not in ours and "Traceback" not in caplog.text
 
     @pytest.mark.parametrize("wait", ["nan", "NaN", "inf", "-inf", "1e309", "-1", "61", "x"])
     async def test_finding_7_approval_wait_bounds(self, client: Client, site: BrokerSite, wait: str) -> None:

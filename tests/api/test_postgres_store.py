@@ -14,7 +14,7 @@ from broker.api import STORE
 from broker.app import make_app
 from broker.config import load_settings
 from broker.intents import IntentEvent, IntentState
-from broker.store import Intent
+from broker.store import Intent, Person
 from broker.vault import VaultClient
 from tests.api.test_revocation import can_login, revoke
 from tests.api.test_task_flow import credential, end, start_task
@@ -57,7 +57,7 @@ class TestPostgresStore:
         # Real times, far enough ahead that the app's own maintenance loop leaves this intent alone.
         t = time.time()
         intent = Intent(id="lse_pg_retry", kind="lease", task_id="tsk_none", grant="g", accessor="acc", created_at=t)
-        await store.begin_task(intent, user="u", agent="a", tenant="t")
+        await store.begin_task(intent, user=Person("https://idp#u", "u", None), agent="a", tenant="t")
         assert await store.move_intent(intent.id, from_state=IntentState.OPEN, event=IntentEvent.ABANDONED, now=t,
                                        next_attempt_at=t + 3600)
         assert not await store.move_intent(intent.id, from_state=IntentState.OPEN, event=IntentEvent.RECORDED, now=t)

@@ -17,6 +17,7 @@ from broker.errors import (
     AgentNotAllowed,
     BadRequest,
     ConfigError,
+    Denied,
     Gone,
     GrantNotInRole,
     NotDelegator,
@@ -198,3 +199,15 @@ class TestPrincipals:
         assert p.includes(user("carol@example.com"))
         assert not p.includes(user("carol@example.com", issuer="https://idp2"))
         assert not Principal.parse("user:https://idp#carol").includes(user("carol@example.com"))
+
+    def test_user_placeholders(self) -> None:
+        """{user_id} is the person id, {user_email} their trusted email, which a grant naming it requires."""
+        grant = catalog(grants=[{"name": "cert", "path": "pki/issue/agents", "max_ttl": "5m",
+                                 "params": {"common_name": "{user_email}", "alt": "{user_id}"}}]
+                        ).roles["support-triage"].grants["cert"]
+        body = grant.request_params(task="t", agent="a", user="Alice", user_id="https://idp#u1",
+                                    user_email="alice@example.com", tenant="x", role="r", ttl=60)
+        assert (body["common_name"], body["alt"]) == ("alice@example.com", "https://idp#u1")
+        with pytest.raises(Denied):
+            grant.request_params(task="t", agent="a", user="u1", user_id="https://idp#u1", user_email=None,
+                                 tenant="x", role="r", ttl=60)

@@ -693,3 +693,25 @@ class TestDevIssuer:
         for alg in ALLOWED_ALGS:
             jwk = DevIssuer.generate(alg=alg).public_jwk()
             assert not {"d", "p", "q", "dp", "dq", "qi", "k"} & jwk.keys()
+
+
+class TestEmails:
+    """Addresses are compared normalised; an issuer may be held to its own domains."""
+
+    @pytest.mark.parametrize("spelling", ["Zoe@Example.test", " zoe@example.test ", "ＺＯＥ@example.test"])
+    def test_normalize_email(self, spelling: str) -> None:
+        """NFKC, stripped, case-folded: every spelling of one address is one address."""
+        from broker.identity import normalize_email
+
+        assert normalize_email(spelling) == "zoe@example.test"
+
+    async def test_email_domains_bound_what_an_issuer_vouches_for(self, idp: DevIssuer) -> None:
+        """With email_domains, a verified address outside them is shown but not trusted."""
+        src = StaticKeySource(JwksKeySet.from_json(json.dumps(idp.jwks())))
+        verifier = UserVerifier([IssuerTrust(IDP, src, email_domains=("example.com",))], audience=AUD,
+                                clock=lambda: NOW)
+        inside = idp.mint_id_token(issuer=IDP, subject="u-1", audience=AUD, now=NOW, email="a@example.com")
+        outside = idp.mint_id_token(issuer=IDP, subject="u-2", audience=AUD, now=NOW, email="a@other.example")
+        assert (await verifier.verify(inside)).trusted_email == "a@example.com"
+        user = await verifier.verify(outside)
+        assert (user.email, user.trusted_email) == ("a@other.example", None)

@@ -5,7 +5,8 @@ person ids (``<issuer>#<subject>``). Rows written before this revision hold the 
 ``sub`` when the email was unverified) with no issuer: they are kept as they are, copied into the new
 display-name columns, and an old name that is an address becomes the row's trusted email, so an
 operator's lock or revocation by that address still covers them. No new token yields such an id, so a
-legacy task is reachable by operators and auditors, not by its user (tasks live minutes).
+legacy task is reachable by operators and auditors, not by its user (tasks live minutes). Operators'
+locks by email are lower-cased; a lock naming a bare subject keeps holding that subject, at any issuer.
 
 Revision ID: 0009
 Revises: 0008
@@ -50,6 +51,10 @@ def upgrade() -> None:
     op.execute("UPDATE approval_votes SET approver_name = approver, approver_email = CASE WHEN approver LIKE "
                "'%@%' THEN lower(approver) END")
     op.execute("UPDATE revocations SET created_by_name = created_by, lifted_by_name = lifted_by")
+    # Locks by email are compared case-folded from now on (broker.identity.normalize_email); a lock that
+    # holds an old bare subject matches that subject at any issuer (the store's _LOCK_HIT).
+    op.execute("UPDATE revocations SET value = lower(value) WHERE kind = 'user' AND value LIKE '%@%' "
+               "AND value NOT LIKE '%://%'")
 
 
 def downgrade() -> None:
