@@ -71,14 +71,9 @@ from broker.models import (
 )
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
-<<<<<<< HEAD
-from broker.store import ApprovalRow, LeaseRow, Store, TaskRow
-from broker.audit.tailer import VaultAuditTailer
-=======
 from broker.server import log_path, route_of
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
-from broker.tailer import VaultAuditTailer
->>>>>>> main
+from broker.audit.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
 
