@@ -1,0 +1,105 @@
+"""The store's engine and its one hop to the store thread: every public method runs one whole transaction there."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from broker.errors import (
+    StoreUnavailable,
+)
+from broker.store.rows import (
+    ApprovalRow,
+    AuditRow,
+    CheckpointRow,
+    Intent,
+    LeaseLimits,
+    LeaseRow,
+    Person,
+    RevocationRow,
+    TaskRow,
+    VaultAuditPosition,
+)
+from broker.store.schema import (
+    health_probe,
+)
+
+__all__ = ["StoreBase"]
+
+log = logging.getLogger("broker.store")
+T = TypeVar("T")
+
+from broker.store.statements import (
+    _PROBE,
+)
+
+
+
+
+class StoreBase:
+    def __init__(self, engine: Engine, *, sqlite: bool, threads: int = 4) -> None:
+        self._engine = engine
+        # SQLite has one writer (and here one connection): one thread serialises every transaction,
+        # which is what SQLite would do anyway, without "database is locked" retries.
+        self._executor = ThreadPoolExecutor(max_workers=1 if sqlite else threads, thread_name_prefix="broker-store")
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        except SQLAlchemyError as exc:
+            log.error("store operation %s failed: %s", getattr(fn, "__name__", "?"), type(exc).__name__)
+            raise StoreUnavailable("the store is unavailable", reason=type(exc).__name__) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self._engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            yield conn
+
+    async def ping(self) -> None:
+        """Raises: StoreUnavailable."""
+        def run() -> None:
+            with self._read() as conn:
+                conn.execute(select(1))
+        await self._run(run)
+
+    async def probe_write(self, *, now: float) -> None:
+        """Commit a one-row write, as issuing must: a readable store that cannot commit is not ready.
+
+        Callers rate-limit it (``broker.readiness``): one small transaction per probe.
+
+        Raises:
+            StoreUnavailable: the write or its commit failed (a full disk, a read-only file or database).
+        """
+        def run() -> None:
+            with self._tx() as conn:
+                if conn.execute(_PROBE, {"at": now}).rowcount == 0:
+                    conn.execute(insert(health_probe).values(id=1, probed_at=now))
+        try:
+            await self._run(run)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                return  # another replica inserted the row first: its write proves the same
+            raise

@@ -1,0 +1,217 @@
+"""Issuance and leases: an intent checked against the task, the locks and the budgets; the lease it becomes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from sqlalchemy import (
+    and_,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+
+from broker.audit import AuditRecord
+from broker.errors import (
+    Conflict,
+    Gone,
+)
+from broker.intents import IntentEvent, IntentState
+from broker.store.rows import (
+    Intent,
+    LeaseLimits,
+    LeaseRow,
+    TaskRow,
+)
+from broker.store.schema import (
+    approvals,
+    intents,
+    leases,
+    tasks,
+)
+
+
+
+from broker.store._base import StoreBase
+
+from broker.store.statements import (
+    _INSERT_LEASE,
+    _INSERT_INTENT,
+    _TASK_STATE_FOR_UPDATE,
+    _LEASE_BY_ID,
+    _INTENT_BY_ID,
+    _RENEW,
+    _append,
+    _move_intent,
+    _check_locks,
+    _check_budget,
+    _by_task,
+    _chunks,
+    _cursor,
+    _lease,
+)
+
+
+class LeaseStore(StoreBase):
+    async def begin_issuance(self, intent: Intent, *, user: str, user_email: str | None, agent: str, tenant: str,
+                             limits: LeaseLimits | None = None, approval_id: str | None = None) -> None:
+        """Record the intent to issue, in the transaction that checks the task, the locks and the budgets.
+
+        Raises:
+            Gone: the task is no longer active. Locked: an operator lock covers the user, agent or tenant.
+            BudgetExceeded: the agent or the user holds as many live leases as allowed.
+        """
+        def run() -> None:
+            with self._tx() as conn:
+                state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": intent.task_id}).scalar_one_or_none()
+                if state != "active":
+                    raise Gone("the task is no longer active", reason=f"task {intent.task_id} is {state}")
+                _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
+                if limits is not None:
+                    _check_budget(conn, user=user, agent=agent, limits=limits)
+                if approval_id is not None:
+                    # Single use: the approval is spent by the transaction that records this issuance's intent.
+                    spent = conn.execute(update(approvals).where(
+                        approvals.c.id == approval_id, approvals.c.state == "approved",
+                        approvals.c.expires_at > intent.created_at).values(state="consumed",
+                                                                           consumed_lease=intent.id))
+                    if spent.rowcount != 1:
+                        raise Conflict("the approval was already used or has expired",
+                                       reason=f"approval {approval_id} not consumable")
+                conn.execute(_INSERT_INTENT, asdict(intent))
+        await self._run(run)
+
+    async def complete_issuance(self, row: LeaseRow, record: AuditRecord) -> bool:
+        """Record the lease and complete its intent, only while the task is active and the intent still open.
+
+        Returns False, writing nothing, otherwise: the caller then revokes what it got.
+        """
+        def run() -> bool:
+            with self._tx() as conn:
+                state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": row.task_id}).scalar_one_or_none()
+                if state != "active" or not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED,
+                                                         row.issued_at):
+                    conn.rollback()
+                    return False
+                values = asdict(row)
+                values["renewable"] = int(row.renewable)
+                conn.execute(_INSERT_LEASE, values)
+                _append(conn, record)
+            return True
+        return await self._run(run)
+
+    async def move_intent(self, intent_id: str, *, from_state: IntentState, event: IntentEvent, now: float,
+                          accessor: str | None = None, attempts: int | None = None,
+                          next_attempt_at: float | None = None, record: AuditRecord | None = None) -> bool:
+        """Move an intent along the table (``broker.intents.next_state``), compare-and-set on ``from_state``.
+
+        The first writer wins: False, writing nothing, when the intent was no longer in ``from_state``
+        (it completed, or another cleanup moved it). ``accessor`` records the token a failed task start
+        learned; ``attempts`` and ``next_attempt_at`` schedule the next cleanup of an ``aborting`` intent.
+        A final state clears the schedule and stamps ``resolved_at``. ``record`` commits with the move.
+
+        Raises:
+            IntentTransitionError: ``event`` does not apply to ``from_state`` (a caller's bug).
+        """
+        def run() -> bool:
+            with self._tx() as conn:
+                if not _move_intent(conn, intent_id, from_state, event, now, accessor=accessor, attempts=attempts,
+                                    next_attempt_at=next_attempt_at):
+                    return False
+                if record is not None:
+                    _append(conn, record)
+            return True
+        return await self._run(run)
+
+    async def get_intent(self, intent_id: str) -> Intent | None:
+        def run() -> Intent | None:
+            with self._read() as conn:
+                r = conn.execute(_INTENT_BY_ID, {"id": intent_id}).mappings().first()
+            return Intent(**r) if r is not None else None
+        return await self._run(run)
+
+    async def intents_due(self, *, now: float, open_before: float, limit: int = 200) -> list[Intent]:
+        """Intents to reconcile: ``open`` ones from before ``open_before`` (their issuer is presumed dead),
+        and ``aborting`` ones whose next cleanup is due, the longest-waiting first."""
+        due_at = func.coalesce(intents.c.next_attempt_at, intents.c.created_at)
+        q = (select(intents).where(or_(
+            and_(intents.c.state == IntentState.OPEN.value, intents.c.created_at < open_before),
+            and_(intents.c.state == IntentState.ABORTING.value,
+                 or_(intents.c.next_attempt_at.is_(None), intents.c.next_attempt_at <= now))))
+             .order_by(due_at).limit(limit))
+
+        def run() -> list[Intent]:
+            with self._read() as conn:
+                return [Intent(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def get_lease(self, lease_id: str) -> LeaseRow | None:
+        def run() -> LeaseRow | None:
+            with self._read() as conn:
+                r = conn.execute(_LEASE_BY_ID, {"id": lease_id}).mappings().first()
+            return _lease(r) if r is not None else None
+        return await self._run(run)
+
+    async def list_leases(self, *, task_id: str, states: Sequence[str] | None = None) -> list[LeaseRow]:
+        q = select(leases).where(leases.c.task_id == task_id).order_by(leases.c.issued_at)
+        if states is not None:
+            q = q.where(leases.c.state.in_(states))
+
+        def run() -> list[LeaseRow]:
+            with self._read() as conn:
+                return [_lease(r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def find_leases(self, *, user: str | None = None, agent: str | None = None, task: str | None = None,
+                          tenant: str | None = None, states: Sequence[str] | None = None,
+                          expires_before: float | None = None, limit: int = 1000, after: str | None = None,
+                          ) -> list[tuple[LeaseRow, TaskRow]]:
+        q = (select(leases, *[c.label(f"t_{c.name}") for c in tasks.c])
+             .join(tasks, leases.c.task_id == tasks.c.id).order_by(leases.c.issued_at, leases.c.id).limit(limit))
+        q = _by_task(q, user=user, agent=agent, task=task, tenant=tenant)
+        if states is not None:
+            q = q.where(leases.c.state.in_(states))
+        if expires_before is not None:
+            q = q.where(leases.c.expires_at <= expires_before)
+        if after is not None:
+            issued, last_id = _cursor(after)
+            q = q.where(tuple_(leases.c.issued_at, leases.c.id) > tuple_(issued, last_id))
+
+        def run() -> list[tuple[LeaseRow, TaskRow]]:
+            with self._read() as conn:
+                rows = conn.execute(q).mappings().all()
+            return [(_lease({c.name: r[c.name] for c in leases.c}),
+                     TaskRow(**{c.name: r[f"t_{c.name}"] for c in tasks.c})) for r in rows]
+        return await self._run(run)
+
+    async def renew_lease(self, lease_id: str, *, expires_at: float, record: AuditRecord) -> None:
+        """Raises: Conflict: the lease is no longer active."""
+        def run() -> None:
+            with self._tx() as conn:
+                if conn.execute(_RENEW, {"lid": lease_id, "new_expiry": expires_at}).rowcount != 1:
+                    raise Conflict("the lease is no longer active")
+                _append(conn, record)
+        await self._run(run)
+
+    async def expire_leases(self, lease_ids: Sequence[str], *, now: float, records: Sequence[AuditRecord]) -> None:
+        def run() -> None:
+            with self._tx() as conn:
+                for chunk in _chunks(list(lease_ids)):
+                    conn.execute(update(leases).where(leases.c.id.in_(chunk), leases.c.state == "active")
+                                 .values(state="expired", revoked_at=now))
+                for record in records:
+                    _append(conn, record)
+        await self._run(run)
+
+    async def lease_counts(self, *, revocation_id: str) -> dict[str, int]:
+        """Leases of the tasks a revocation fenced, by state."""
+        q = (select(leases.c.state, func.count()).join(tasks, leases.c.task_id == tasks.c.id)
+             .where(tasks.c.revocation_id == revocation_id).group_by(leases.c.state))
+
+        def run() -> dict[str, int]:
+            with self._read() as conn:
+                return {state: n for state, n in conn.execute(q).all()}
+        return await self._run(run)
