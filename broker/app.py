@@ -1,7 +1,8 @@
 """Wiring: settings in, a running aiohttp application out.
 
-Dependencies are built in one ``cleanup_ctx`` so they open in order at start-up and close in reverse at
-shutdown, and handlers reach them through typed ``AppKey``s. Nothing here decides anything.
+Each resource has its own ``cleanup_ctx`` (the HTTP session, the store, the Vault client, identity, the
+domain, and each background task), so they open in order at start-up and close in reverse at shutdown,
+and handlers reach them through typed ``AppKey``s. Nothing here decides anything.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -18,11 +20,13 @@ from aiohttp import web
 from broker import api
 from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import Checkpointer, StoreVerifier
+from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
+from broker.audit.signing import load_signing_key
+from broker.audit.tailer import VaultAuditTailer
 from broker.config import Settings
 from broker.console import add_console_routes
 from broker.delegation import Catalog
 from broker.errors import ConfigError, VaultError
-from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
 from broker.faults import CrashHook, no_crash
 from broker.identity import (
     AgentVerifier,
@@ -40,9 +44,7 @@ from broker.metrics import Metrics
 from broker.readiness import Readiness
 from broker.revocations import IntentSettler, Maintenance, Revocations, Revoker
 from broker.sealing import TokenSealer
-from broker.audit.signing import load_signing_key
 from broker.store import LeaseLimits, Store, open_store
-from broker.audit.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
 
@@ -73,135 +75,163 @@ def _key_source(jwks_file: object, jwks_url: str | None, session: aiohttp.Client
     return StaticKeySource(JwksKeySet.from_file(str(jwks_file)))
 
 
+SETTINGS = web.AppKey("settings", Settings)
+CRASH: web.AppKey[CrashHook] = web.AppKey("crash_hook")
+HTTP = web.AppKey("http_session", aiohttp.ClientSession)
+REVOKER = web.AppKey("revoker", Revoker)
+SETTLER = web.AppKey("intent_settler", IntentSettler)
+MAINTENANCE = web.AppKey("maintenance", Maintenance)
+
+
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
              crash: CrashHook = no_crash) -> web.Application:
-    """The broker's application. Dependencies open when it starts (``cleanup_ctx``).
+    """The broker's application. Its resources open when it starts, one ``cleanup_ctx`` each, in order.
 
     ``crash`` is the crash-point hook of the crash-consistency tests; it does nothing by default.
     """
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[api.error_middleware])
+    app[SETTINGS] = settings
+    app[CRASH] = crash
+    app[api.CLOCK] = clock
     app[api.METRICS] = Metrics()
-    app.cleanup_ctx.append(_dependencies(settings, clock, crash))
+    app.cleanup_ctx.extend([
+        _http_session, _store, _vault, _identity, _domain,
+        _background("vault-token-renewer", lambda a: _renew_own_token(a[api.VAULT])),
+        _background("maintenance", lambda a: a[MAINTENANCE].run_forever()),
+        _background("vault-audit-tailer", lambda a: a[api.VAULT_TAILER].run_forever() if api.VAULT_TAILER in a
+                    else None),
+        _background("audit-exporter", lambda a: a[EXPORTER].run_forever() if EXPORTER in a else None),
+    ])
     api.add_routes(app)
     lim = settings.limits
     add_console_routes(app, sessions_per_person=lim.console_sessions_per_person,
-                       sign_in_rate=RateLimiter(rate=lim.sign_in_rate_per_person, burst=lim.sign_in_burst_per_person,
-                                                clock=time.monotonic))
+                       sign_in_rate=_rate(lim.sign_in_rate_per_person, lim.sign_in_burst_per_person))
     return app
 
 
-def _dependencies(settings: Settings, clock: Callable[[], float], crash: CrashHook
-                  ) -> Callable[[web.Application], AsyncIterator[None]]:
+def _rate(rate: float, burst: int) -> RateLimiter:
+    return RateLimiter(rate=rate, burst=burst, clock=time.monotonic)
+
+
+# -- one context per resource (aiohttp's background_tasks example) --------------------------------------
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    """The one HTTP client session: Vault, JWKS URLs and the export webhook."""
+    timeout = aiohttp.ClientTimeout(total=app[SETTINGS].vault.timeout)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=128)) as session:
+        app[HTTP] = session
+        yield
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    """The store, migrated to head; closed last but the session."""
+    store = await open_store(app[SETTINGS].store.url)
+    app[api.STORE] = store
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+async def _vault(app: web.Application) -> AsyncIterator[None]:
+    """The broker's Vault client (its own token, read once) and the readiness probe over it and the store."""
+    settings = app[SETTINGS]
+    vault = VaultClient(app[HTTP], settings.vault.addr, token=read_vault_token(settings), timeout=settings.vault.timeout,
+                        namespace=settings.vault.namespace)
+    app[api.VAULT] = vault
+    # Readiness probes Vault no longer than an agent's health check would wait.
+    app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],
+                                   timeout=min(2.0, settings.vault.timeout))
+    yield
+
+
+async def _identity(app: web.Application) -> AsyncIterator[None]:
+    """Who is calling: the agents' trust domains and the people's issuers, with their key sources."""
+    settings, session, clock = app[SETTINGS], app[HTTP], app[api.CLOCK]
+    leeway = float(settings.server.token_leeway)
+    agents = AgentVerifier(
+        {t.trust_domain: _key_source(t.jwks_file, t.jwks_url, session) for t in settings.agents.trust},
+        audience=settings.server.audience, leeway=leeway, max_lifetime=float(settings.agents.max_token_lifetime),
+        clock=clock, user_issuers=[i.issuer for i in settings.users.issuers])
+    app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
+    app[api.USERS] = UserVerifier(
+        [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email,
+                     i.email_domains) for i in settings.users.issuers],
+        audience=settings.server.audience, leeway=leeway, clock=clock)
+    yield
+
+
+async def _domain(app: web.Application) -> AsyncIterator[None]:
+    """The catalog and the orchestrators: tasks, leases, approvals, revocations, maintenance, the audit side."""
+    settings, store, vault, clock = app[SETTINGS], app[api.STORE], app[api.VAULT], app[api.CLOCK]
+    catalog = Catalog.from_settings(settings)
+    sealer = TokenSealer.from_file(settings.store.key_file)
+    app[api.CATALOG] = catalog
+    v, m, lim, audit = settings.vault, settings.maintenance, settings.limits, settings.audit
+    revoker = app[REVOKER] = Revoker(store=store, vault=vault, clock=clock, confirm_timeout=v.revoke_confirm_timeout,
+                                     max_backoff=m.max_backoff)
+    settler = app[SETTLER] = IntentSettler(store=store, vault=vault, clock=clock, bootstrap_ttl=v.task_token_bootstrap_ttl,
+                                           vault_timeout=v.timeout, attempt_timeout=v.revoke_confirm_timeout,
+                                           max_backoff=m.max_backoff)
+    app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
+                                 settler=settler, clock=clock, bootstrap_ttl=v.task_token_bootstrap_ttl,
+                                 crash=app[CRASH],
+                                 start_rate=_rate(lim.task_start_rate_per_user, lim.task_start_burst_per_user))
+    # Audit export sinks (broker.audit.export), only when one is configured; their backlog gates issuance.
+    exporter = _exporter(settings, store, app[HTTP], clock, app[api.METRICS])
+    backlog_ok = exporter.check if exporter is not None else None
+    if exporter is not None:
+        app[EXPORTER] = exporter
+    approvals = app[api.APPROVALS] = ApprovalManager(
+        catalog=catalog, store=store, clock=clock, max_auth_age=settings.people.approval_max_auth_age,
+        ttl=settings.people.approval_ttl, backlog_ok=backlog_ok,
+        decide_rate=_rate(lim.decide_rate_per_approver, lim.decide_burst_per_approver),
+        max_waits=lim.long_polls_per_identity)
+    app[api.LEASES] = LeaseManager(
+        catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=app[CRASH], settler=settler,
+        bootstrap_ttl=v.task_token_bootstrap_ttl, approvals=approvals,
+        limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
+        agent_rate=_rate(lim.issue_rate_per_agent, lim.issue_burst_per_agent),
+        user_rate=_rate(lim.issue_rate_per_user, lim.issue_burst_per_user),
+        renew_rate=_rate(lim.renew_rate_per_agent, lim.renew_burst_per_agent), backlog_ok=backlog_ok)
+    app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
+    # Signed checkpoints of the audit chain, only with a signing key (broker.audit.checkpoints).
+    signing_key = load_signing_key(audit.signing_key_file) if audit.signing_key_file is not None else None
+    checkpointer = None if signing_key is None else Checkpointer(
+        store=store, key=signing_key, origin=audit.origin, every=audit.checkpoint_every,
+        interval=audit.checkpoint_interval, witness_file=audit.witness_file, clock=clock)
+    app[api.AUDIT_VERIFIER] = StoreVerifier(store, signing_key.public_key() if signing_key else None, audit.origin,
+                                            audit.witness_file)
+    app[MAINTENANCE] = Maintenance(store=store, vault=vault, revoker=revoker, settler=settler, clock=clock,
+                                   interval=m.interval, intent_grace=m.intent_grace,
+                                   bootstrap_ttl=v.task_token_bootstrap_ttl,
+                                   sole_writer=settings.store.url.startswith("sqlite"), checkpointer=checkpointer)
+    if v.audit_log is not None:
+        # Vault's own record merged into the chain (one tailer per file: see broker.audit.tailer).
+        device = audit.vault_device
+        app[api.VAULT_TAILER] = VaultAuditTailer(
+            store=store, path=v.audit_log, metrics=app[api.METRICS], clock=clock,
+            broker_paths=[g.path for r in catalog.roles.values() for g in r.grants.values()],
+            hasher=lambda value: vault.audit_hash(device, value))
+    yield
+
+
+def _background(name: str, start: Callable[[web.Application], Coroutine[Any, Any, None] | None]
+                ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A background task as its own context: started after what it needs, cancelled and awaited first."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        catalog = Catalog.from_settings(settings)
-        sealer = TokenSealer.from_file(settings.store.key_file)
-        audit = settings.audit
-        signing_key = load_signing_key(audit.signing_key_file) if audit.signing_key_file is not None else None
-        token = read_vault_token(settings)
-        timeout = aiohttp.ClientTimeout(total=settings.vault.timeout)
-        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=128)) as session:
-            vault = VaultClient(session, settings.vault.addr, token=token, timeout=settings.vault.timeout,
-                                namespace=settings.vault.namespace)
-            store = await open_store(settings.store.url)
-            try:
-                leeway = float(settings.server.token_leeway)
-                agents = AgentVerifier(
-                    {t.trust_domain: _key_source(t.jwks_file, t.jwks_url, session) for t in settings.agents.trust},
-                    audience=settings.server.audience, leeway=leeway,
-                    max_lifetime=float(settings.agents.max_token_lifetime), clock=clock,
-                    user_issuers=[i.issuer for i in settings.users.issuers],
-                )
-                app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
-                app[api.USERS] = UserVerifier(
-                    [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email,
-                                 i.email_domains)
-                     for i in settings.users.issuers],
-                    audience=settings.server.audience, leeway=leeway, clock=clock,
-                )
-                app[api.CATALOG] = catalog
-                app[api.STORE] = store
-                app[api.VAULT] = vault
-                # Readiness probes Vault no longer than an agent's health check would wait.
-                app[api.READINESS] = Readiness(store=store, vault=vault, clock=clock,
-                                               timeout=min(2.0, settings.vault.timeout))
-                revoker = Revoker(store=store, vault=vault, clock=clock,
-                                  confirm_timeout=settings.vault.revoke_confirm_timeout,
-                                  max_backoff=settings.maintenance.max_backoff)
-                lim = settings.limits
-                settler = IntentSettler(store=store, vault=vault, clock=clock,
-                                        bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
-                                        vault_timeout=settings.vault.timeout,
-                                        attempt_timeout=settings.vault.revoke_confirm_timeout,
-                                        max_backoff=settings.maintenance.max_backoff)
-                app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
-                                             settler=settler, clock=clock,
-                                             bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, crash=crash,
-                                             start_rate=RateLimiter(rate=lim.task_start_rate_per_user,
-                                                                    burst=lim.task_start_burst_per_user,
-                                                                    clock=time.monotonic))
-                # Audit export sinks (broker.audit.export), only when one is configured; their backlog gates issuance.
-                exporter = _exporter(settings, store, session, clock, app[api.METRICS])
-                backlog_ok = exporter.check if exporter is not None else None
-                if exporter is not None:
-                    app[EXPORTER] = exporter
-                approvals = ApprovalManager(catalog=catalog, store=store, clock=clock,
-                                            max_auth_age=settings.people.approval_max_auth_age,
-                                            ttl=settings.people.approval_ttl, backlog_ok=backlog_ok,
-                                            decide_rate=RateLimiter(rate=lim.decide_rate_per_approver,
-                                                                    burst=lim.decide_burst_per_approver,
-                                                                    clock=time.monotonic),
-                                            max_waits=lim.long_polls_per_identity)
-                app[api.APPROVALS] = approvals
-                app[api.CLOCK] = clock
-                app[api.LEASES] = LeaseManager(
-                    catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=crash, settler=settler,
-                    bootstrap_ttl=settings.vault.task_token_bootstrap_ttl, approvals=approvals,
-                    limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
-                    agent_rate=RateLimiter(rate=lim.issue_rate_per_agent, burst=lim.issue_burst_per_agent,
-                                           clock=time.monotonic),
-                    user_rate=RateLimiter(rate=lim.issue_rate_per_user, burst=lim.issue_burst_per_user,
-                                          clock=time.monotonic),
-                    renew_rate=RateLimiter(rate=lim.renew_rate_per_agent, burst=lim.renew_burst_per_agent,
-                                           clock=time.monotonic),
-                    backlog_ok=backlog_ok,
-                )
-                app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
-                m = settings.maintenance
-                # Signed checkpoints of the audit chain, only with a signing key (broker.audit.checkpoints).
-                checkpointer = None if signing_key is None else Checkpointer(
-                    store=store, key=signing_key, origin=audit.origin, every=audit.checkpoint_every,
-                    interval=audit.checkpoint_interval, witness_file=audit.witness_file, clock=clock)
-                app[api.AUDIT_VERIFIER] = StoreVerifier(store, signing_key.public_key() if signing_key else None,
-                                                        audit.origin, audit.witness_file)
-                maintenance = Maintenance(store=store, vault=vault, revoker=revoker, settler=settler, clock=clock,
-                                          interval=m.interval,
-                                          intent_grace=m.intent_grace,
-                                          bootstrap_ttl=settings.vault.task_token_bootstrap_ttl,
-                                          sole_writer=settings.store.url.startswith("sqlite"),
-                                          checkpointer=checkpointer)
-                background = [asyncio.create_task(_renew_own_token(vault), name="vault-token-renewer"),
-                              asyncio.create_task(maintenance.run_forever(), name="maintenance")]
-                if settings.vault.audit_log is not None:
-                    # Vault's own record merged into the chain (one tailer per file: see broker.audit.tailer).
-                    device = settings.audit.vault_device
-                    tailer = VaultAuditTailer(
-                        store=store, path=settings.vault.audit_log, metrics=app[api.METRICS], clock=clock,
-                        broker_paths=[g.path for r in catalog.roles.values() for g in r.grants.values()],
-                        hasher=lambda value: vault.audit_hash(device, value))
-                    app[api.VAULT_TAILER] = tailer
-                    background.append(asyncio.create_task(tailer.run_forever(), name="vault-audit-tailer"))
-                if exporter is not None:
-                    background.append(asyncio.create_task(exporter.run_forever(), name="audit-exporter"))
-                try:
-                    yield
-                finally:
-                    for t in background:
-                        t.cancel()
-                    for t in background:
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await t
-            finally:
-                await store.close()
+        coro = start(app)
+        if coro is None:  # not configured (no audit log to tail, no export sink)
+            yield
+            return
+        task = asyncio.create_task(coro, name=name)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return ctx
 

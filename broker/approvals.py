@@ -1,112 +1,30 @@
-"""Approvals: a human, freshly re-authenticated, lets one exact high-risk request through, once.
+"""Approvals in motion: ``ApprovalManager`` requests, records votes, long-polls and checks use, over the store.
 
-Rules this file keeps:
-1. An approval is bound to a digest of the exact request: task, user, agent, grant, Vault path and TTL.
-   Presenting it with any other task, grant or TTL is refused; it is consumed by the one issuance it
-   unlocks, in the transaction that records that issuance's intent.
-2. An approver must be one of ``people.approvers``, must not be the task's user, may vote once, and
-   must have authenticated (``auth_time``) no longer ago than ``people.approval_max_auth_age``;
-   otherwise the answer is RFC 9470's ``insufficient_user_authentication``. "The task's user" and "once"
-   are about the person: the same (issuer, subject), or the same trusted email (one person through
-   another issuer), never a display name a token can change.
-3. A grant may need N approvals (two-person rule); one denial ends it. Pending and approved-but-unused
-   approvals expire (default 15 minutes) and deliver nothing.
-4. Request, each vote, the decision, expiry and the lease it unlocked are audit records naming the
-   approver and their authentication time.
-The decisions here are pure; ``ApprovalManager`` orchestrates the store and the clock.
+The rules (digest, freshness, who may decide, the tally) are ``broker.approval_rules``, pure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, any_includes
-from broker.errors import BadRequest, Conflict, Denied, InvalidIdentity, NotFound, RateLimited
+from broker.approval_rules import Decision, check_approver, check_fresh, is_same_person, request_digest
+from broker.errors import (
+    ApprovalMismatch,
+    BadRequest,
+    Conflict,
+    InsufficientAuthentication,
+    NotApprover,
+    NotFound,
+    RateLimited,
+)
 from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
 from broker.store import ApprovalRow, Person, Store, TaskRow
-
-Decision = Literal["approve", "deny"]
-_DOMAIN = "broker.approval.v1"
-
-
-class InsufficientAuthentication(InvalidIdentity):
-    """RFC 9470: the approver's authentication is too old; re-authenticate and try again."""
-
-    code = "insufficient_user_authentication"
-    title = "Re-authentication required"
-
-    def __init__(self, reason: str, *, max_age: int) -> None:
-        super().__init__(reason)
-        self.args = (f"sign in again (authentication no older than {max_age} s) to decide approvals",)
-        self.max_age = max_age
-
-
-class ApprovalMismatch(Denied):
-    code = "approval_mismatch"
-    title = "The approval does not cover this request"
-
-
-class NotApprover(Denied):
-    code = "not_approver"
-    title = "Not allowed to decide this approval"
-
-
-def request_digest(*, task: str, user: str, agent: str, grant: str, path: str, ttl: int) -> str:
-    """SHA-256 over the canonical JSON of exactly what is approved."""
-    body = json.dumps({"agent": agent, "grant": grant, "path": path, "task": task, "ttl": ttl, "user": user,
-                       "v": _DOMAIN}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def check_fresh(user: UserIdentity, *, now: float, max_age: int) -> float:
-    """Return the approver's authentication time.
-
-    Raises:
-        InsufficientAuthentication: no ``auth_time``, or older than ``max_age`` seconds.
-    """
-    if user.auth_time is None:
-        raise InsufficientAuthentication("the token has no auth_time", max_age=max_age)
-    if now - user.auth_time > max_age:
-        raise InsufficientAuthentication(f"authenticated {int(now - user.auth_time)} s ago", max_age=max_age)
-    return user.auth_time
-
-
-def is_same_person(user: UserIdentity, person_id: str, trusted_email: str | None) -> bool:
-    """Whether ``user`` is the person recorded as ``person_id`` (with that trusted email, if any).
-
-    Used where a match *refuses* (self-approval, a second vote), so it leans to "same": the same
-    (issuer, subject), or both sides carrying the same trusted address.
-    """
-    if user.id == person_id:
-        return True
-    return trusted_email is not None and user.email == trusted_email
-
-
-def check_approver(catalog: Catalog, approval: ApprovalRow, approver: UserIdentity, *, now: float,
-                   user_email: str | None = None, related: bool = False) -> None:
-    """May ``approver`` vote on ``approval``?
-
-    ``user_email`` is the task user's trusted email, if recorded; ``related`` says the store found the
-    approver sharing an address with the task's user, now or before (``Store.same_person``).
-
-    Raises: NotApprover (not an approver, the task's own user), Conflict (not pending).
-    """
-    if not any_includes(catalog.approvers, approver):
-        raise NotApprover("only approvers decide approvals", reason=f"{approver.id} is not an approver")
-    if related or is_same_person(approver, approval.user, user_email):
-        raise NotApprover("the task's own user cannot approve its grants",
-                          reason=f"{approver.id} delegated task {approval.task_id}")
-    if approval.state != "pending" or approval.expires_at <= now:
-        raise Conflict(f"the approval is {'expired' if approval.expires_at <= now else approval.state}")
-
 
 @dataclass(frozen=True)
 class ApprovalView:

@@ -29,8 +29,15 @@ from broker.errors import (
     NotDelegator,
     NotTaskAgent,
 )
-from broker.identity import AgentIdentity, SpiffeId, SpiffePattern, UserIdentity, is_person_id, normalize_email
-from broker.vault import validate_path
+from broker.identity import (
+    AgentIdentity,
+    SpiffeId,
+    SpiffePattern,
+    UserIdentity,
+    is_person_id,
+    normalize_email,
+)
+from broker.paths import validate_path
 
 Risk = Literal["low", "high"]
 _PLACEHOLDER = re.compile(r"\{(task|agent|user|user_id|user_email|tenant|role)\}")

@@ -15,7 +15,10 @@ Hierarchy::
     ├── UnsupportedMediaType (415 unsupported_media_type) -- a body that is not application/json (UTF-8)
     ├── HeaderTooLarge (431 header_too_large)        -- answered by the broker, not by aiohttp's parser
     ├── InvalidIdentity (401 invalid_token)          -- one generic message whatever failed (no oracle)
+    │   └── InsufficientAuthentication (401 insufficient_user_authentication)  -- RFC 9470 step-up
     ├── Denied (403 denied)
+    │   ├── NotApprover (403 not_approver)
+    │   ├── ApprovalMismatch (403 approval_mismatch)
     │   ├── NotDelegator (403 not_delegator)
     │   ├── AgentNotAllowed (403 agent_not_allowed)
     │   ├── NotTaskAgent (403 not_task_agent)
@@ -105,10 +108,32 @@ class InvalidIdentity(BrokerError):
         super().__init__("the bearer token was not accepted", reason=reason)
 
 
+class InsufficientAuthentication(InvalidIdentity):
+    """RFC 9470: the approver's authentication is too old; re-authenticate and try again."""
+
+    code = "insufficient_user_authentication"
+    title = "Re-authentication required"
+
+    def __init__(self, reason: str, *, max_age: int) -> None:
+        super().__init__(reason)
+        self.args = (f"sign in again (authentication no older than {max_age} s) to decide approvals",)
+        self.max_age = max_age
+
+
 class Denied(BrokerError):
     code = "denied"
     http_status = 403
     title = "Denied"
+
+
+class NotApprover(Denied):
+    code = "not_approver"
+    title = "Not allowed to decide this approval"
+
+
+class ApprovalMismatch(Denied):
+    code = "approval_mismatch"
+    title = "The approval does not cover this request"
 
 
 class NotDelegator(Denied):

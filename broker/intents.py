@@ -29,6 +29,8 @@ import enum
 import random
 from collections.abc import Callable
 
+from broker.states import StateTable, TransitionError
+
 
 class IntentState(enum.StrEnum):
     OPEN = "open"
@@ -45,7 +47,7 @@ class IntentEvent(enum.StrEnum):
     BOOTSTRAP_ELAPSED = "bootstrap_elapsed"  # an accessor-less task intent: its token expired by itself (rule 4)
 
 
-TRANSITIONS: dict[IntentState, dict[IntentEvent, IntentState]] = {
+INTENTS: StateTable[IntentState, IntentEvent] = StateTable("intent", {
     IntentState.OPEN: {
         IntentEvent.RECORDED: IntentState.DONE,
         IntentEvent.ABANDONED: IntentState.ABORTING,
@@ -57,26 +59,20 @@ TRANSITIONS: dict[IntentState, dict[IntentEvent, IntentState]] = {
     },
     IntentState.DONE: {},
     IntentState.ABORTED: {},
-}
-
-FINAL: frozenset[IntentState] = frozenset(s for s, exits in TRANSITIONS.items() if not exits)
-
-
-class IntentTransitionError(ValueError):
-    """An event that does not apply to an intent in this state (a bug in the caller, not a race)."""
+})
+TRANSITIONS = INTENTS.transitions
+FINAL: frozenset[IntentState] = INTENTS.final
+# The table's error, under the name this module's callers know.
+IntentTransitionError = TransitionError
 
 
 def next_state(state: IntentState, event: IntentEvent) -> IntentState:
-    """The state after ``event``.
+    """The state after ``event`` (``INTENTS.next_state``).
 
     Raises:
-        IntentTransitionError: the event does not apply in this state.
+        TransitionError: the event does not apply in this state.
     """
-    target = TRANSITIONS[state].get(event)
-    if target is None:
-        msg = f"an intent that is {state} cannot take {event}"
-        raise IntentTransitionError(msg)
-    return target
+    return INTENTS.next_state(state, event)
 
 
 def backoff(attempts: int, *, cap: float, rand: Callable[[], float] = random.random) -> float:

@@ -1,7 +1,8 @@
 """Leases: the credentials a task's agent obtained, and the rules of their life.
 
 Rules this file keeps:
-1. The state machine is the table below; nothing else changes a lease's state.
+1. The state machine is ``broker.states.LEASES``; the store moves a lease only by an event from it, as a
+   compare-and-set (fenced with its task, confirmed gone by Vault, renewed).
 2. A credential is read from Vault with the task's own token, so Vault enforces the task's scope too,
    and revoking the task token revokes the credential.
 3. No audit record, no credential: the lease and its ``lease.issued`` record commit together, only
@@ -43,50 +44,12 @@ from broker.identity import AgentIdentity
 from broker.limits import RateLimiter
 from broker.revocations import IntentSettler
 from broker.sealing import TokenSealer
+from broker.states import LEASES, LeaseEvent, LeaseState, TransitionError
 from broker.store import ApprovalRow, Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
 from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
 
 log = logging.getLogger(__name__)
-
-
-class LeaseState(enum.StrEnum):
-    ACTIVE = "active"
-    REVOKE_PENDING = "revoke_pending"
-    REVOKED = "revoked"
-    EXPIRED = "expired"
-
-
-class LeaseEvent(enum.StrEnum):
-    RENEWED = "renewed"
-    REVOKE_REQUESTED = "revoke_requested"
-    VAULT_REVOKED = "vault_revoked"
-    TTL_ELAPSED = "ttl_elapsed"
-
-
-TRANSITIONS: dict[LeaseState, dict[LeaseEvent, LeaseState]] = {
-    LeaseState.ACTIVE: {
-        LeaseEvent.RENEWED: LeaseState.ACTIVE,
-        LeaseEvent.REVOKE_REQUESTED: LeaseState.REVOKE_PENDING,
-        LeaseEvent.TTL_ELAPSED: LeaseState.EXPIRED,
-    },
-    LeaseState.REVOKE_PENDING: {
-        LeaseEvent.VAULT_REVOKED: LeaseState.REVOKED,
-        # Vault expired it before confirming our revocation: gone either way, and said truthfully.
-        LeaseEvent.TTL_ELAPSED: LeaseState.EXPIRED,
-    },
-    LeaseState.REVOKED: {},
-    LeaseState.EXPIRED: {},
-}
-
-
-def next_state(state: LeaseState, event: LeaseEvent) -> LeaseState:
-    """Raises: Conflict: the event does not apply in this state."""
-    target = TRANSITIONS[state].get(event)
-    if target is None:
-        msg = f"the lease is {state}"
-        raise Conflict(msg)
-    return target
 
 
 class ApprovalRequired(Denied):
@@ -285,7 +248,7 @@ class LeaseManager:
         lease = LeaseRow(
             id=lease_id, task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
-            state=LeaseState.ACTIVE, revoked_at=None, issuance_accessor=issuance.accessor,
+            state=LeaseState.ACTIVE.value, revoked_at=None, issuance_accessor=issuance.accessor,
         )
         record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue", lease=lease.id,
                              vault_request_id=secret.request_id,
@@ -324,7 +287,11 @@ class LeaseManager:
         if lease is None or task is None or task.agent != str(caller.spiffe_id):
             raise NotFound("no such lease")
         grant = check_grant(self._catalog, view(task), caller, lease.grant, now=now)
-        next_state(LeaseState(lease.state), LeaseEvent.RENEWED)
+        try:
+            LEASES.next_state(LeaseState(lease.state), LeaseEvent.RENEWED)
+        except TransitionError as exc:
+            msg = f"the lease is {lease.state}"
+            raise Conflict(msg) from exc
         if not lease.renewable:
             raise Conflict("this credential cannot be renewed; request a new one")
         ttl = cap_ttl(grant, view(task), increment, now=now)

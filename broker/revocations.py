@@ -29,6 +29,7 @@ from broker.audit import AuditRecord
 from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, backoff
+from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
 from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Selector = Literal["user", "agent", "task", "tenant"]
 _LOCKING: frozenset[str] = frozenset({"user", "agent", "tenant"})
+# Leases a task's revocation must still see gone in Vault.
+_UNSETTLED = (LeaseState.REVOKE_PENDING, LeaseState.ACTIVE)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Revoker:
 
     async def _one(self, task: TaskRow, timeout: float) -> Settled:
         async with self._slots:
-            leases = await self._store.list_leases(task_id=task.id, states=("revoke_pending", "active"))
+            leases = await self._store.list_leases(task_id=task.id, states=_UNSETTLED)
             try:
                 await self._vault.revoke_accessor(task.token_accessor)
                 confirmed = await self._confirm(task, leases, timeout)
@@ -82,16 +85,17 @@ class Revoker:
                 delay = backoff(attempts + 1, cap=self._max_backoff)
                 await self._store.retry_later(task.id, attempts=attempts, next_attempt_at=now + delay)
                 return Settled(0, len(leases))
-            expired = task.state == "expired"
+            expired = task.state == TaskState.EXPIRED
             records = [
-                AuditRecord.for_task(task, now, "lease.expired" if expired else "lease.revoked", "success", resource=lease.path,
-                            action="expire" if expired else "revoke", lease=lease.id,
-                            reason=f"task {task.state}; confirmed gone in Vault")
+                AuditRecord.for_task(task, now, "lease.expired" if expired else "lease.revoked", "success",
+                                     resource=lease.path, action="expire" if expired else "revoke", lease=lease.id,
+                                     reason=f"task {task.state}; confirmed gone in Vault")
                 for lease in leases
             ]
-            await self._store.confirm_revoked(task.id, lease_ids=[x.id for x in leases],
-                                              lease_state="expired" if expired else "revoked", now=now,
-                                              records=records)
+            event = LeaseEvent.VAULT_EXPIRED if expired else LeaseEvent.VAULT_REVOKED
+            if not await self._store.confirm_revoked(task.id, lease_ids=[x.id for x in leases], lease_event=event,
+                                                     now=now, records=records):
+                return Settled(0, 0)  # another settler confirmed it (and recorded it) first
             return Settled(len(leases), 0)
 
     async def _confirm(self, task: TaskRow, leases: list[LeaseRow], timeout: float) -> bool:
@@ -336,15 +340,10 @@ class Revocations:
                               resource=f"{kind}:{value}", action="revoke",
                               reason=f"{reason} ({rev.id}{', locked' if rev.lock else ''})")
 
-        def revoked(t: TaskRow) -> AuditRecord:
-            return AuditRecord.for_task(t, now, "task.revoked", "success", resource=f"role:{t.role}", action="revoke",
-                               reason=f"by {operator.name} ({operator.id}): {reason} ({rev.id})")
-
-        fenced = await self._store.fence_tasks([], state="revoked", now=now, records=[created], revocation=rev,
-                                               retry_after=wait + 5,
-                                               record_for=revoked)
-        rows = [t for t in [await self._store.get_task(i) for i in fenced] if t is not None]
-        await self._revoker.settle(rows, timeout=max(wait, 0.1))
+        fenced = await self._store.fence_selected(
+            rev, now=now, created=created, retry_after=wait + 5,
+            reason=f"by {operator.name} ({operator.id}): {reason} ({rev.id})")
+        await self._revoker.settle(fenced, timeout=max(wait, 0.1))
         return await self.status(rev.id)
 
     async def status(self, revocation_id: str) -> RevocationStatus:
@@ -353,8 +352,8 @@ class Revocations:
         if rev is None:
             raise NotFound("no such revocation")
         counts = await self._store.lease_counts(revocation_id=revocation_id)
-        return RevocationStatus(rev, revoked=counts.get("revoked", 0) + counts.get("expired", 0),
-                                pending=counts.get("revoke_pending", 0) + counts.get("active", 0))
+        return RevocationStatus(rev, revoked=counts.get(LeaseState.REVOKED, 0) + counts.get(LeaseState.EXPIRED, 0),
+                                pending=counts.get(LeaseState.REVOKE_PENDING, 0) + counts.get(LeaseState.ACTIVE, 0))
 
     async def lift(self, operator: UserIdentity, revocation_id: str, *, reason: str) -> RevocationStatus:
         """Lift a lock. Lifting one that is not locked is harmless. Raises: NotFound."""
@@ -411,17 +410,18 @@ class Maintenance:
             await self._checkpointer.maybe_checkpoint()
 
     async def _expire_tasks(self, now: float) -> None:
-        due = await self._store.find_tasks(states=("active",), expires_before=now, limit=500)
+        due = await self._store.find_tasks(states=(TaskState.ACTIVE,), expires_before=now, limit=500)
         if not due:
             return
-        records = [AuditRecord.for_task(t, now, "task.expired", "success", resource=f"role:{t.role}", action="expire",
-                               reason="deadline reached") for t in due]
-        await self._store.fence_tasks([t.id for t in due], state="expired", now=now, records=records, retry_after=0)
+        records = [AuditRecord.for_task(t, now, "task.expired", "success", resource=f"role:{t.role}",
+                                        action="expire", reason="deadline reached") for t in due]
+        await self._store.fence_tasks([t.id for t in due], event=TaskEvent.EXPIRE, now=now, records=records,
+                                      retry_after=0)
 
     async def _lost_bootstrap_tokens(self, now: float) -> None:
         """Tasks whose broker died between recording them and extending their token: the token expired
         at its bootstrap TTL, so the task is over; say so instead of showing it active."""
-        stale = await self._store.find_tasks(states=("active",), token_state="bootstrap",
+        stale = await self._store.find_tasks(states=(TaskState.ACTIVE,), token_state=TokenState.BOOTSTRAP,
                                              created_before=now - self._bootstrap_ttl - 1, limit=100)
         lost = []
         for t in stale:
@@ -431,15 +431,16 @@ class Maintenance:
             except VaultError:
                 return
         if lost:
-            await self._store.fence_tasks([t.id for t in lost], state="revoked", now=now, retry_after=0, records=[
-                AuditRecord.for_task(t, now, "task.revoked", "failure",
-                            resource=f"role:{t.role}", action="revoke",
-                            reason="the broker stopped before extending the task token; it expired unused")
-                for t in lost])
+            await self._store.fence_tasks([t.id for t in lost], event=TaskEvent.REVOKE, now=now, retry_after=0,
+                                          records=[AuditRecord.for_task(
+                                              t, now, "task.revoked", "failure", resource=f"role:{t.role}",
+                                              action="revoke", reason="the broker stopped before extending the "
+                                                                      "task token; it expired unused")
+                                              for t in lost])
 
     async def _expire_leases(self, now: float) -> None:
         """Leases past their own expiry, in tasks still running: marked once Vault no longer has them."""
-        due = await self._store.find_leases(states=("active",), expires_before=now, limit=500)
+        due = await self._store.find_leases(states=(LeaseState.ACTIVE,), expires_before=now, limit=500)
         gone: list[tuple[LeaseRow, TaskRow]] = []
         for lease, task in due:
             try:

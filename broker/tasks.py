@@ -1,7 +1,8 @@
 """Tasks: one user's delegation of one role to one agent, until a deadline.
 
 Rules this file keeps:
-1. The state machine is the table below; nothing else changes a task's state.
+1. The state machine is ``broker.states.TASKS`` (and ``TOKENS`` for the task token); the store moves a
+   task only by an event from it, as a compare-and-set.
 2. Starting a task writes an intent (checking operator locks), creates the Vault task token with a
    short bootstrap TTL, records the task with ``task.started`` in one transaction, then extends the
    token to the task's end. If the token create or the record fails, the intent is given up
@@ -17,7 +18,6 @@ Rules this file keeps:
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 from collections.abc import Callable
@@ -31,40 +31,18 @@ from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
 from broker.revocations import IntentSettler, Revoker
 from broker.sealing import TokenSealer
+from broker.states import TASKS, TaskEvent, TaskState, TokenState
 from broker.store import Intent, LeaseRow, Person, Store, TaskRow
 from broker.vault import VaultClient
 
 log = logging.getLogger(__name__)
 
 
-class TaskState(enum.StrEnum):
-    ACTIVE = "active"
-    ENDED = "ended"
-    EXPIRED = "expired"
-    REVOKED = "revoked"
+# Re-exported: the task table lives with the others in broker.states.
+__all__ = ["TASKS", "EndResult", "TaskEvent", "TaskManager", "TaskState", "new_task_id", "view"]
 
-
-class TaskEvent(enum.StrEnum):
-    END = "end"
-    EXPIRE = "expire"
-    REVOKE = "revoke"
-
-
-TRANSITIONS: dict[TaskState, dict[TaskEvent, TaskState]] = {
-    TaskState.ACTIVE: {
-        TaskEvent.END: TaskState.ENDED,
-        TaskEvent.EXPIRE: TaskState.EXPIRED,
-        TaskEvent.REVOKE: TaskState.REVOKED,
-    },
-    TaskState.ENDED: {},
-    TaskState.EXPIRED: {},
-    TaskState.REVOKED: {},
-}
-
-
-def next_state(state: TaskState, event: TaskEvent) -> TaskState | None:
-    """The state after ``event``, or None when the event does not apply (the task already left ``active``)."""
-    return TRANSITIONS[state].get(event)
+_RECORDED: dict[TaskEvent, str] = {TaskEvent.END: "task.ended", TaskEvent.EXPIRE: "task.expired",
+                                   TaskEvent.REVOKE: "task.revoked"}
 
 
 def new_task_id() -> str:
@@ -162,9 +140,9 @@ class TaskManager:
         self._crash("task.after_token")
         row = TaskRow(
             id=task_id, user=user.id, agent=str(decision.agent), role=r.name, tenant=r.tenant, reason=reason,
-            created_at=now, expires_at=now + decision.ttl, state=TaskState.ACTIVE, ended_at=None,
+            created_at=now, expires_at=now + decision.ttl, state=TaskState.ACTIVE.value, ended_at=None,
             token_accessor=auth.accessor, sealed_token=self._sealer.seal(auth.client_token, task_id=task_id),
-            token_state="bootstrap" if decision.ttl > self._bootstrap_ttl else "live",
+            token_state=(TokenState.BOOTSTRAP if decision.ttl > self._bootstrap_ttl else TokenState.LIVE).value,
             user_name=user.name, user_email=user.trusted_email,
         )
         record = AuditRecord.for_task(row, now, "task.started", "success", resource=f"role:{r.name}",
@@ -185,7 +163,7 @@ class TaskManager:
                 await self.end(task_id, by=user, event=TaskEvent.REVOKE, reason="could not extend the task token")
                 raise
             await self._store.mark_token_live(task_id)
-            row = TaskRow(**{**row.__dict__, "token_state": "live"})
+            row = TaskRow(**{**row.__dict__, "token_state": TokenState.LIVE.value})
         return row
 
     async def get(self, task_id: str) -> tuple[TaskRow, list[LeaseRow]]:
@@ -211,17 +189,18 @@ class TaskManager:
         row = await self._store.get_task(task_id)
         if row is None:
             raise NotFound("no such task")
-        target = next_state(TaskState(row.state), event)
-        if target is not None:
-            event_name = {TaskEvent.END: "task.ended", TaskEvent.EXPIRE: "task.expired",
-                          TaskEvent.REVOKE: "task.revoked"}[event]
-            record = AuditRecord.for_task(row, now, event_name, "success", resource=f"role:{row.role}", action=str(event),
-                                 reason=reason or f"by {actor}")
-            await self._store.fence_tasks([task_id], state=target, now=now, records=[record])
+        if TASKS.allows(TaskState(row.state), event):
+            record = AuditRecord.for_task(row, now, _RECORDED[event], "success", resource=f"role:{row.role}",
+                                          action=str(event), reason=reason or f"by {actor}")
+            fenced = await self._store.fence_tasks([task_id], event=event, now=now, records=[record])
             self._crash("end.after_fence")
-            row = await self._store.get_task(task_id)
-            assert row is not None
-        if row.token_state == "revoked":
+            if fenced:
+                row = fenced[0]
+            else:  # another ender won: read what it made of the task
+                again = await self._store.get_task(task_id)
+                assert again is not None
+                row = again
+        if row.token_state == TokenState.REVOKED:
             return EndResult(row, revoked=0, pending=0)
         settled = await self._revoker.settle([row])
         row = await self._store.get_task(task_id)

@@ -21,18 +21,6 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from broker.errors import (
     StoreUnavailable,
 )
-from broker.store.rows import (
-    ApprovalRow,
-    AuditRow,
-    CheckpointRow,
-    Intent,
-    LeaseLimits,
-    LeaseRow,
-    Person,
-    RevocationRow,
-    TaskRow,
-    VaultAuditPosition,
-)
 from broker.store.schema import (
     health_probe,
 )

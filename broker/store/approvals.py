@@ -30,7 +30,10 @@ from broker.store.schema import (
 
 from broker.store._base import StoreBase
 
+from broker.approval_rules import tally
+from broker.states import APPROVALS, ApprovalEvent, ApprovalState
 from broker.store.statements import (
+    _vals,
     _append,
     _check_locks,
     _remember_person,
@@ -55,8 +58,8 @@ class ApprovalStore(StoreBase):
 
     async def list_approvals(self, *, state: str | None, now: float, limit: int = 200) -> list[ApprovalRow]:
         q = select(approvals).order_by(approvals.c.created_at).limit(limit)
-        if state == "pending":
-            q = q.where(approvals.c.state == "pending", approvals.c.expires_at > now)
+        if state == ApprovalState.PENDING:
+            q = q.where(approvals.c.state == ApprovalState.PENDING.value, approvals.c.expires_at > now)
         elif state is not None:
             q = q.where(approvals.c.state == state)
 
@@ -87,7 +90,8 @@ class ApprovalStore(StoreBase):
             with self._tx() as conn:
                 r = conn.execute(select(approvals).where(approvals.c.id == approval_id).with_for_update()
                                  ).mappings().first()
-                if r is None or r["state"] != "pending" or r["expires_at"] <= now:
+                if r is None or not APPROVALS.allows(ApprovalState(r["state"]), ApprovalEvent.VOTED) \
+                        or r["expires_at"] <= now:
                     raise Conflict("the approval is no longer pending")
                 # An offboarded approver decides nothing either.
                 _check_locks(conn, user=approver.id, email=approver.email, agent="", tenant="")
@@ -108,25 +112,31 @@ class ApprovalStore(StoreBase):
                                                       "decision": decision, "reason": reason,
                                                       "auth_time": auth_time, "decided_at": now})
                 _append(conn, record)
-                approvals_so_far = conn.execute(select(func.count()).select_from(approval_votes).where(
-                    approval_votes.c.approval_id == approval_id, approval_votes.c.decision == "approve")).scalar_one()
-                state = "denied" if decision == "deny" else (
-                    "approved" if approvals_so_far >= r["required"] else "pending")
-                if state != "pending":
-                    conn.execute(update(approvals).where(approvals.c.id == approval_id)
-                                 .values(state=state, decided_at=now))
-                return ApprovalRow(**{**dict(r), "state": state, "decided_at": now if state != "pending" else None})
+                decisions = [d for (d,) in conn.execute(
+                    select(approval_votes.c.decision).where(approval_votes.c.approval_id == approval_id)
+                    .order_by(approval_votes.c.decided_at))]
+                outcome = tally(decisions, required=r["required"])
+                state = APPROVALS.next_state(ApprovalState(r["state"]), outcome)
+                decided = state is not ApprovalState.PENDING
+                if decided:
+                    conn.execute(update(approvals)
+                                 .where(approvals.c.id == approval_id,
+                                        approvals.c.state.in_(_vals(APPROVALS.sources(outcome))))
+                                 .values(state=state.value, decided_at=now))
+                return ApprovalRow(**{**dict(r), "state": state.value, "decided_at": now if decided else None})
         return await self._run(run)
 
     async def expire_approvals(self, *, now: float) -> list[ApprovalRow]:
         """Pending or approved-but-unused approvals past their expiry become ``expired``, each recorded."""
         def run() -> list[ApprovalRow]:
             with self._tx() as conn:
+                lapsing = _vals(APPROVALS.sources(ApprovalEvent.LAPSED))
                 due = [ApprovalRow(**r) for r in conn.execute(
-                    select(approvals).where(approvals.c.state.in_(("pending", "approved")),
+                    select(approvals).where(approvals.c.state.in_(lapsing),
                                             approvals.c.expires_at <= now).limit(500)).mappings()]
                 for a in due:
-                    conn.execute(update(approvals).where(approvals.c.id == a.id).values(state="expired"))
+                    conn.execute(update(approvals).where(approvals.c.id == a.id, approvals.c.state.in_(lapsing))
+                                 .values(state=APPROVALS.target(ApprovalEvent.LAPSED).value))
                     _append(conn, AuditRecord(now, "approval.expired", "failure", user=a.user,
                                               user_name=a.user_name, agent=a.agent,
                                               task=a.task_id, tenant=a.tenant, resource=a.path, action="issue",

@@ -37,7 +37,10 @@ from broker.store.schema import (
 
 from broker.store._base import StoreBase
 
+from broker.states import APPROVALS, ApprovalEvent, LeaseEvent, TaskState
 from broker.store.statements import (
+    _move_leases,
+    _vals,
     _INSERT_LEASE,
     _INSERT_INTENT,
     _TASK_STATE_FOR_UPDATE,
@@ -67,7 +70,7 @@ class LeaseStore(StoreBase):
         def run() -> None:
             with self._tx() as conn:
                 state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": intent.task_id}).scalar_one_or_none()
-                if state != "active":
+                if state != TaskState.ACTIVE.value:
                     raise Gone("the task is no longer active", reason=f"task {intent.task_id} is {state}")
                 _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
                 if limits is not None:
@@ -75,8 +78,10 @@ class LeaseStore(StoreBase):
                 if approval_id is not None:
                     # Single use: the approval is spent by the transaction that records this issuance's intent.
                     spent = conn.execute(update(approvals).where(
-                        approvals.c.id == approval_id, approvals.c.state == "approved",
-                        approvals.c.expires_at > intent.created_at).values(state="consumed",
+                        approvals.c.id == approval_id,
+                        approvals.c.state.in_(_vals(APPROVALS.sources(ApprovalEvent.CONSUMED))),
+                        approvals.c.expires_at > intent.created_at).values(
+                            state=APPROVALS.target(ApprovalEvent.CONSUMED).value,
                                                                            consumed_lease=intent.id))
                     if spent.rowcount != 1:
                         raise Conflict("the approval was already used or has expired",
@@ -92,7 +97,7 @@ class LeaseStore(StoreBase):
         def run() -> bool:
             with self._tx() as conn:
                 state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": row.task_id}).scalar_one_or_none()
-                if state != "active" or not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED,
+                if state != TaskState.ACTIVE.value or not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED,
                                                          row.issued_at):
                     conn.rollback()
                     return False
@@ -200,8 +205,7 @@ class LeaseStore(StoreBase):
         def run() -> None:
             with self._tx() as conn:
                 for chunk in _chunks(list(lease_ids)):
-                    conn.execute(update(leases).where(leases.c.id.in_(chunk), leases.c.state == "active")
-                                 .values(state="expired", revoked_at=now))
+                    _move_leases(conn, leases.c.id.in_(chunk), LeaseEvent.VAULT_EXPIRED, revoked_at=now)
                 for record in records:
                     _append(conn, record)
         await self._run(run)

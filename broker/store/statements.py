@@ -3,6 +3,8 @@ budgets, intents moved along their table, selectors. All run inside the caller's
 
 from __future__ import annotations
 
+import enum
+
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -29,7 +31,9 @@ from broker.errors import (
 )
 from broker.identity import is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, next_state
+from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TokenEvent
 from broker.store.rows import (
+    TaskRow,
     LeaseLimits,
     LeaseRow,
     Person,
@@ -47,6 +51,11 @@ from broker.store.schema import (
     vault_audit_tokens,
 )
 
+
+
+def _vals(states: Sequence[enum.StrEnum]) -> list[str]:
+    # Plain strings for the driver: psycopg binds a str subclass by its exact type.
+    return [s.value for s in states]
 
 
 # -- statements, compiled once -----------------------------------------------------------------------
@@ -79,10 +88,10 @@ _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
 # Live leases of one agent and of one user: from the task indexes to the (task_id, state) index, so the
 # cost follows that agent's and that user's tasks, not every live lease in the store.
 _LIVE_BY_AGENT = select(func.count()).select_from(leases).where(
-    leases.c.state == "active", leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"))))
+    leases.c.state == LeaseState.ACTIVE.value, leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"))))
 _LIVE_BY_USER = select(func.count()).select_from(leases).where(
-    leases.c.state == "active", leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"))))
-_RENEW = (update(leases).where(leases.c.id == bindparam("lid"), leases.c.state == "active")
+    leases.c.state == LeaseState.ACTIVE.value, leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"))))
+_RENEW = (update(leases).where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
           .values(expires_at=bindparam("new_expiry")))
 _RECORD_FIELDS = tuple(AuditRecord.__dataclass_fields__)
 _HEAD_FOR_UPDATE = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
@@ -169,6 +178,49 @@ def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, even
     res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == from_state.value)
                        .values(**values))
     return bool(res.rowcount == 1)
+
+
+def _fence(conn: Connection, task_ids: list[str], *, event: TaskEvent, now: float, retry_after: float,
+           revocation_id: str | None) -> list[TaskRow]:
+    """Move the tasks along ``event`` (``TASKS``), fence their tokens (``TOKENS``) and leases (``LEASES``).
+
+    Compare-and-set on the table's source states: a task that left active meanwhile is not matched, and
+    is not among the rows returned.
+    """
+    fenced: list[TaskRow] = []
+    for chunk in _chunks(task_ids):
+        res = conn.execute(
+            update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state.in_(_vals(TASKS.sources(event))),
+                                tasks.c.token_state.in_(_vals(TOKENS.sources(TokenEvent.FENCED))))
+            # The caller settles these now; the maintenance loop takes over only if it has not finished by
+            # then (else both would revoke and confirm the same task at once).
+            .values(state=TASKS.target(event).value, ended_at=now, token_state=TOKENS.target(TokenEvent.FENCED).value,
+                    next_attempt_at=now + retry_after, revocation_id=revocation_id)
+            .returning(*tasks.c)
+        )
+        fenced += [TaskRow(**r) for r in res.mappings()]
+    moved = 0
+    for chunk in _chunks([t.id for t in fenced]):
+        moved += _move_leases(conn, leases.c.task_id.in_(chunk), LeaseEvent.FENCED)
+    if revocation_id is not None:
+        # The counts as they were at the fence, for the operator's progress report.
+        conn.execute(update(revocations).where(revocations.c.id == revocation_id)
+                     .values(tasks=len(fenced), leases=moved))
+    return fenced
+
+
+def _move_token(conn: Connection, task_id: str, event: TokenEvent, **values: Any) -> bool:
+    """A task token along ``TOKENS`` (compare-and-set); False when it was in no state ``event`` applies in."""
+    res = conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.token_state.in_(_vals(TOKENS.sources(event))))
+                       .values(token_state=TOKENS.target(event).value, **values))
+    return bool(res.rowcount == 1)
+
+
+def _move_leases(conn: Connection, which: Any, event: LeaseEvent, **values: Any) -> int:
+    """The leases ``which`` selects along ``LEASES`` (compare-and-set); how many moved."""
+    res = conn.execute(update(leases).where(which, leases.c.state.in_(_vals(LEASES.sources(event))))
+                       .values(state=LEASES.target(event).value, **values))
+    return int(res.rowcount)
 
 
 def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, tenant: str) -> None:

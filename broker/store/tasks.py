@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from sqlalchemy import (
     select,
     tuple_,
-    update,
 )
 
 from broker.audit import AuditRecord
@@ -24,7 +23,6 @@ from broker.store.rows import (
 )
 from broker.store.schema import (
     leases,
-    revocations,
     tasks,
 )
 
@@ -32,7 +30,12 @@ from broker.store.schema import (
 
 from broker.store._base import StoreBase
 
+from broker.states import TASKS, LeaseEvent, TaskEvent, TokenEvent, TokenState
 from broker.store.statements import (
+    _fence,
+    _move_leases,
+    _move_token,
+    _vals,
     _INSERT_TASK,
     _INSERT_INTENT,
     _INSERT_REVOCATION,
@@ -95,58 +98,45 @@ class TaskStore(StoreBase):
             return TaskRow(**r) if r is not None else None
         return await self._run(run)
 
-    async def fence_tasks(self, task_ids: Sequence[str], *, state: str, now: float,
-                          records: Sequence[AuditRecord], revocation: RevocationRow | None = None,
-                          record_for: Callable[[TaskRow], AuditRecord] | None = None,
-                          retry_after: float = 60.0) -> list[str]:
-        """Move active tasks to ``state``; their tokens and active leases become ``revoke_pending``.
+    async def fence_tasks(self, task_ids: Sequence[str], *, event: TaskEvent, now: float,
+                          records: Sequence[AuditRecord], retry_after: float = 60.0) -> list[TaskRow]:
+        """Move these tasks along ``event`` (end, expire, revoke) from active; their tokens and leases are fenced.
 
-        From this commit on no lease of these tasks can be recorded. Returns the ids that were still
-        active; of ``records``, only those of a won task (or of no task) are written, so two concurrent
-        enders cannot both record the end.
-
-        With a ``revocation``, the tasks are the ones its selector matches *inside this transaction*
-        (``task_ids`` is ignored), and its lock is written in the same transaction: a task start that
-        committed before this transaction is fenced here, and one that commits after it meets the lock.
-        ``record_for`` then makes each fenced task's record.
+        From this commit on no lease of these tasks can be recorded. Returns the rows it fenced, as they now
+        are (tasks no longer active are not among them); of ``records``, only those of a fenced task (or of
+        no task) are written, so two concurrent enders cannot both record the end.
         """
-        def run() -> list[str]:
-            fenced: list[str] = []
+        def run() -> list[TaskRow]:
             with self._tx() as conn:
-                ids = list(task_ids)
-                if revocation is not None:
-                    conn.execute(_INSERT_REVOCATION, asdict(revocation))
-                    q = _by_task(select(tasks.c.id).where(tasks.c.state == "active"),
-                                 **{k: revocation.value if k == revocation.kind else None
-                                    for k in ("user", "agent", "task", "tenant")})
-                    ids = [r[0] for r in conn.execute(q)]
-                for chunk in _chunks(ids):
-                    res = conn.execute(
-                        update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state == "active")
-                        # The caller settles these now; the maintenance loop takes over only if it has not
-                        # finished by then (else both would revoke and confirm the same task at once).
-                        .values(state=state, ended_at=now, token_state="revoke_pending",
-                                next_attempt_at=now + retry_after,
-                                revocation_id=revocation.id if revocation else None)
-                        .returning(tasks.c.id)
-                    )
-                    fenced += [r[0] for r in res]
-                moved = 0
-                for chunk in _chunks(fenced):
-                    moved += conn.execute(update(leases).where(leases.c.task_id.in_(chunk), leases.c.state == "active")
-                                          .values(state="revoke_pending")).rowcount
-                if revocation is not None:
-                    # The counts as they were at the fence, for the operator's progress report.
-                    conn.execute(update(revocations).where(revocations.c.id == revocation.id)
-                                 .values(tasks=len(fenced), leases=moved))
-                won = set(fenced)
+                fenced = _fence(conn, list(task_ids), event=event, now=now, retry_after=retry_after,
+                                revocation_id=None)
+                won = {t.id for t in fenced}
                 for record in records:
                     if record.task is None or record.task in won:
                         _append(conn, record)
-                if record_for is not None:
-                    for chunk in _chunks(fenced):
-                        for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings():
-                            _append(conn, record_for(TaskRow(**r)))
+            return fenced
+        return await self._run(run)
+
+    async def fence_selected(self, revocation: RevocationRow, *, now: float, created: AuditRecord, reason: str,
+                             retry_after: float = 60.0) -> list[TaskRow]:
+        """Write an operator's revocation (and its lock) and revoke every active task its selector matches.
+
+        The tasks are selected *inside this transaction*: a task start that committed before it is fenced
+        here, and one that commits after it meets the lock. Each fenced task gets a ``task.revoked`` record
+        with ``reason``; the revocation counts the tasks and leases as they were at the fence.
+        """
+        def run() -> list[TaskRow]:
+            with self._tx() as conn:
+                conn.execute(_INSERT_REVOCATION, asdict(revocation))
+                _append(conn, created)
+                q = _by_task(select(tasks.c.id).where(tasks.c.state.in_(_vals(TASKS.sources(TaskEvent.REVOKE)))),
+                             **{k: revocation.value if k == revocation.kind else None
+                                for k in ("user", "agent", "task", "tenant")})
+                fenced = _fence(conn, [r[0] for r in conn.execute(q)], event=TaskEvent.REVOKE, now=now,
+                                retry_after=retry_after, revocation_id=revocation.id)
+                for t in fenced:
+                    _append(conn, AuditRecord.for_task(t, now, "task.revoked", "success", resource=f"role:{t.role}",
+                                                       action="revoke", reason=reason))
             return fenced
         return await self._run(run)
 
@@ -174,16 +164,18 @@ class TaskStore(StoreBase):
                 return [TaskRow(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
-    async def mark_token_live(self, task_id: str) -> None:
-        """The task token was extended from its bootstrap TTL to the task's end."""
-        def run() -> None:
+    async def mark_token_live(self, task_id: str) -> bool:
+        """The task token was extended from its bootstrap TTL to the task's end (``TokenEvent.EXTENDED``).
+
+        False when its token was no longer in bootstrap (fenced meanwhile).
+        """
+        def run() -> bool:
             with self._tx() as conn:
-                conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.token_state == "bootstrap")
-                             .values(token_state="live"))
-        await self._run(run)
+                return _move_token(conn, task_id, TokenEvent.EXTENDED)
+        return await self._run(run)
 
     async def tasks_due_for_revocation(self, *, now: float, limit: int = 500) -> list[TaskRow]:
-        q = (select(tasks).where(tasks.c.token_state == "revoke_pending", tasks.c.next_attempt_at <= now)
+        q = (select(tasks).where(tasks.c.token_state == TokenState.REVOKE_PENDING.value, tasks.c.next_attempt_at <= now)
              .order_by(tasks.c.next_attempt_at).limit(limit))
 
         def run() -> list[TaskRow]:
@@ -191,24 +183,29 @@ class TaskStore(StoreBase):
                 return [TaskRow(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
-    async def confirm_revoked(self, task_id: str, *, lease_ids: Sequence[str], lease_state: str, now: float,
-                              records: Sequence[AuditRecord]) -> None:
-        """Vault confirmed: the task token is gone and so are these leases."""
-        def run() -> None:
+    async def confirm_revoked(self, task_id: str, *, lease_ids: Sequence[str], lease_event: LeaseEvent, now: float,
+                              records: Sequence[AuditRecord]) -> bool:
+        """Vault confirmed: the task token is gone (``TokenEvent.VAULT_CONFIRMED``) and so are these leases
+        (``lease_event``: ``VAULT_REVOKED``, or ``VAULT_EXPIRED`` for an expired task).
+
+        False, writing nothing, when the token was no longer pending (another settler confirmed it first).
+        """
+        def run() -> bool:
             with self._tx() as conn:
-                conn.execute(update(tasks).where(tasks.c.id == task_id)
-                             .values(token_state="revoked", next_attempt_at=None))
+                if not _move_token(conn, task_id, TokenEvent.VAULT_CONFIRMED, next_attempt_at=None):
+                    conn.rollback()
+                    return False
                 for chunk in _chunks(list(lease_ids)):
-                    conn.execute(update(leases)
-                                 .where(leases.c.id.in_(chunk), leases.c.state.in_(("revoke_pending", "active")))
-                                 .values(state=lease_state, revoked_at=now))
+                    _move_leases(conn, leases.c.id.in_(chunk), lease_event, revoked_at=now)
                 for record in records:
                     _append(conn, record)
-        await self._run(run)
+            return True
+        return await self._run(run)
 
     async def retry_later(self, task_id: str, *, attempts: int, next_attempt_at: float) -> None:
+        """Vault did not confirm the revocation: try again at ``next_attempt_at`` (``TokenEvent.RETRY_SCHEDULED``)."""
         def run() -> None:
             with self._tx() as conn:
-                conn.execute(update(tasks).where(tasks.c.id == task_id)
-                             .values(revoke_attempts=attempts, next_attempt_at=next_attempt_at))
+                _move_token(conn, task_id, TokenEvent.RETRY_SCHEDULED, revoke_attempts=attempts,
+                            next_attempt_at=next_attempt_at)
         await self._run(run)

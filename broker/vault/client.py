@@ -30,12 +30,12 @@ from typing import Any, Final, Literal
 import aiohttp
 
 from broker.errors import (
-    BadRequest,
     VaultBadResponse,
     VaultDenied,
     VaultError,
     VaultUnavailable,
 )
+from broker.paths import validate_name, validate_path
 
 __all__ = [
     "Sensitive",
@@ -160,43 +160,7 @@ class VaultHealth:
 
 
 # --------------------------------------------------------------------------------------------------
-# Paths
-
-_SEGMENT: Final = re.compile(r"[A-Za-z0-9_.\-]+")
-_MAX_PATH: Final = 512
-
-
-def validate_path(path: str) -> str:
-    """Return ``path`` unchanged if it is a safe Vault API path relative to ``/v1/``.
-
-    Segments are ``[A-Za-z0-9_.-]+``; no empty, ``.`` or ``..`` segment; no leading or trailing ``/``;
-    at most 512 characters.
-
-    Raises:
-        BadRequest: the path does not match.
-    """
-    if not isinstance(path, str) or not path or len(path) > _MAX_PATH:
-        msg = "invalid Vault path"
-        raise BadRequest(msg, reason=f"invalid Vault path (length {len(path) if isinstance(path, str) else '?'})")
-    for segment in path.split("/"):
-        if segment in (".", "..") or _SEGMENT.fullmatch(segment) is None:
-            msg = "invalid Vault path"
-            raise BadRequest(msg, reason=f"invalid Vault path segment in {path[:80]!r}")
-    return path
-
-
-def _validate_name(name: str) -> str:
-    """A single path segment (role, policy, device name).
-
-    Raises:
-        BadRequest: not one safe segment.
-    """
-    validate_path(name)
-    if "/" in name:
-        msg = "invalid Vault name"
-        raise BadRequest(msg, reason=f"a name must be one path segment: {name[:80]!r}")
-    return name
-
+# Paths: broker.paths (pure), shared with the catalog, which checks every grant's path at start-up.
 
 # --------------------------------------------------------------------------------------------------
 # The error boundary
@@ -517,7 +481,7 @@ class VaultClient:
         (the audit log or a metadata search can find it; it expires at ``explicit_max_ttl`` anyway).
         """
         op = "create token"
-        path = "auth/token/create/" + _validate_name(role)
+        path = "auth/token/create/" + validate_name(role)
         body = {
             "policies": list(policies),
             "ttl": f"{int(ttl)}s",
@@ -699,13 +663,13 @@ class VaultClient:
 
     async def put_policy(self, name: str, hcl: str) -> None:
         """PUT /v1/sys/policies/acl/:name -- create or replace an ACL policy."""
-        await self._call("PUT", "sys/policies/acl/" + _validate_name(name), "write policy", body={"policy": hcl})
+        await self._call("PUT", "sys/policies/acl/" + validate_name(name), "write policy", body={"policy": hcl})
 
     async def read_policy(self, name: str) -> str | None:
         """GET /v1/sys/policies/acl/:name -- the policy's HCL; ``None`` when there is none."""
         op = "read policy"
         status, parsed = await self._call(
-            "GET", "sys/policies/acl/" + _validate_name(name), op, ok_extra=frozenset({404})
+            "GET", "sys/policies/acl/" + validate_name(name), op, ok_extra=frozenset({404})
         )
         if status == 404:
             return None
@@ -718,13 +682,13 @@ class VaultClient:
 
     async def put_token_role(self, name: str, params: Mapping[str, Any]) -> None:
         """POST /v1/auth/token/roles/:name -- create or update a token role."""
-        await self._call("POST", "auth/token/roles/" + _validate_name(name), "write token role", body=dict(params))
+        await self._call("POST", "auth/token/roles/" + validate_name(name), "write token role", body=dict(params))
 
     async def read_token_role(self, name: str) -> Mapping[str, Any] | None:
         """GET /v1/auth/token/roles/:name -- the role's settings; ``None`` when there is none."""
         op = "read token role"
         status, parsed = await self._call(
-            "GET", "auth/token/roles/" + _validate_name(name), op, ok_extra=frozenset({404})
+            "GET", "auth/token/roles/" + validate_name(name), op, ok_extra=frozenset({404})
         )
         if status == 404:
             return None

@@ -30,7 +30,7 @@ from aiohttp.test_utils import TestClient
 
 from broker.api import STORE, VAULT_TAILER
 from broker.app import make_app
-from broker.audit import _SECRET_SHAPES
+from broker.audit.chain import _SECRET_SHAPES
 from broker.audit.export import EXPORTER
 from broker.audit.replay import ReplayRecord, render_ocsf, render_table
 from broker.sealing import TokenSealer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
@@ -11,15 +10,9 @@ import pytest
 from broker import sdk
 from broker.audit import AuditRecord, redact
 from broker.config import load_settings, parse_duration
-from broker.errors import ConfigError, Conflict
-from broker.leases import TRANSITIONS as LEASE_TRANSITIONS
-from broker.leases import LeaseEvent, LeaseState
-from broker.leases import next_state as lease_next
+from broker.errors import ConfigError
 from broker.openapi import spec
 from broker.sealing import SealBroken, TokenSealer
-from broker.tasks import TRANSITIONS as TASK_TRANSITIONS
-from broker.tasks import TaskEvent, TaskState
-from broker.tasks import next_state as task_next
 from broker.vault import Sensitive
 
 MINIMAL = """
@@ -130,28 +123,6 @@ class TestRedaction:
         """Paths, SPIFFE IDs and lease ids survive redaction unchanged."""
         text = "database/creds/tickets-ro spiffe://example.org/agent/support-1 lse_abc"
         assert redact(text) == text
-
-
-class TestStateTables:
-    def test_task_table_is_complete_and_terminal_states_are_final(self) -> None:
-        """Only an active task moves; every event from active lands in a terminal state."""
-        for state, event in itertools.product(TaskState, TaskEvent):
-            target = task_next(state, event)
-            assert (target is not None) == (state is TaskState.ACTIVE)
-            if target is not None:
-                assert TASK_TRANSITIONS[target] == {}
-
-    def test_lease_table(self) -> None:
-        """Revoked and expired leases are final; revocation passes through revoke_pending."""
-        assert lease_next(LeaseState.ACTIVE, LeaseEvent.REVOKE_REQUESTED) is LeaseState.REVOKE_PENDING
-        assert lease_next(LeaseState.REVOKE_PENDING, LeaseEvent.VAULT_REVOKED) is LeaseState.REVOKED
-        for state in (LeaseState.REVOKED, LeaseState.EXPIRED):
-            assert LEASE_TRANSITIONS[state] == {}
-            for event in LeaseEvent:
-                with pytest.raises(Conflict):
-                    lease_next(state, event)
-        with pytest.raises(Conflict):
-            lease_next(LeaseState.ACTIVE, LeaseEvent.VAULT_REVOKED)
 
 
 class TestSurfaces:

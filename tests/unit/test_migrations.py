@@ -38,6 +38,7 @@ class TestMigrations:
         from alembic.config import Config
         from sqlalchemy import text
 
+        from broker.audit import AuditRecord
         from broker.store import RevocationRow
 
         url = f"sqlite:///{tmp_path / 'm.db'}"
@@ -62,7 +63,8 @@ class TestMigrations:
             rev = RevocationRow(id="rvk_1", kind="user", value="zoe@example.test", reason="offboarding",
                                 created_by="https://idp#op", created_at=2, lock=True, lifted_at=None,
                                 lifted_by=None, tasks=0, leases=0)
-            fenced = await store.fence_tasks([], state="revoked", now=2, records=[], revocation=rev)
-            assert fenced == ["tsk_legacy_mail"]
+            fenced = await store.fence_selected(rev, now=2, created=AuditRecord(2, "revocation.created", "success"),
+                                                reason="offboarding")
+            assert [t.id for t in fenced] == ["tsk_legacy_mail"]
         finally:
             await store.close()
