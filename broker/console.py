@@ -251,9 +251,9 @@ async def console_middleware(request: web.Request,
 # -- rendering ---------------------------------------------------------------------------------------
 #
 # Markup lives in broker/templates/console/*.html; this section only prepares values. The environment escapes
-# every value (autoescape=True for every template, whatever its name), prints None as nothing (as html.escape
-# of "" did before), and fails on an undefined name rather than printing nothing. Never mark a value ``|safe``
-# or ``Markup``: task reasons, names, ids and audit records are typed by agents and users.
+# every value (autoescape=True for every template, whatever its name), prints None as nothing, and fails on an
+# undefined name rather than printing nothing. Never mark a value ``|safe`` or ``Markup``: task reasons, names,
+# ids, approval reasons and audit records are typed by agents and users (tests/api/test_console_escaping.py).
 
 
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
