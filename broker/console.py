@@ -1,6 +1,7 @@
 """The web console: server-rendered pages for approvers, operators and auditors, on the broker's own app.
 
-Pages (no JavaScript, plain forms, every value through ``html.escape``):
+Pages (no JavaScript, plain forms), rendered from ``broker/templates/console/*.html`` by Jinja2 through
+aiohttp-jinja2 with autoescape on for every template:
 
 * ``GET/POST /console/login``: sign in by pasting an OIDC ID token, verified by the app's ``UserVerifier``;
   ``POST /console/logout``.
@@ -23,6 +24,9 @@ Rules this file keeps:
    step-up, in browser form).
 4. Every console response carries a strict CSP and the other headers below; errors are a plain page with
    the error's public message, never a traceback and never a token.
+5. Python decides, templates only lay out: sessions, CSRF, roles and every message are computed here; the
+   templates receive plain values, and autoescape escapes each one. Nothing a user or agent typed (task
+   reasons, names, ids, approval reasons, audit records) is ever marked safe.
 """
 
 from __future__ import annotations
@@ -30,15 +34,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import html
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from broker import api
@@ -48,7 +53,7 @@ from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, Rate
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
 from broker.limits import RateLimiter
 from broker.server import log_path
-from broker.store import ApprovalRow, LeaseRow, Person, TaskRow
+from broker.store import ApprovalRow, Person, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +249,14 @@ async def console_middleware(request: web.Request,
 
 
 # -- rendering ---------------------------------------------------------------------------------------
+#
+# Markup lives in broker/templates/console/*.html; this section only prepares values. The environment escapes
+# every value (autoescape=True for every template, whatever its name), prints None as nothing, and fails on an
+# undefined name rather than printing nothing. Never mark a value ``|safe`` or ``Markup``: task reasons, names,
+# ids, approval reasons and audit records are typed by agents and users (tests/api/test_console_escaping.py).
 
 
-def e(value: object) -> str:
-    """HTML-escape anything (quotes too)."""
-    return html.escape("" if value is None else str(value), quote=True)
+TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 
 
 def _when(t: float | None) -> str:
@@ -266,60 +274,64 @@ def _dur(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def _layout(title: str, body: str, *, session: Session | None = None, active: str = "",
-            catalog: Catalog | None = None, status: int = 200) -> web.Response:
-    nav = ""
-    if session is not None and catalog is not None:
+def _finalize(value: object) -> object:
+    return "" if value is None else value
+
+
+def _setup_templates(app: web.Application) -> None:
+    env = aiohttp_jinja2.setup(
+        app, app_key=TEMPLATES, loader=jinja2.PackageLoader("broker", "templates/console"), autoescape=True,
+        undefined=jinja2.StrictUndefined, finalize=_finalize, trim_blocks=True, lstrip_blocks=True,
+        default_helpers=False, filters={"when": _when, "dur": _dur})
+    del env.globals["app"]  # templates see what a handler passes, not the app and its keys
+    env.globals.update(prefix=PREFIX, max_reason=_MAX_REASON, max_token_bytes=MAX_TOKEN_BYTES)
+
+
+@dataclass(frozen=True)
+class _Nav:
+    """The header of a signed-in page: the links this person's roles open, their name, sign-out's token."""
+
+    links: list[tuple[str, str, str]]
+    active: str
+    who: str
+    csrf: str
+
+
+def _page(request: web.Request, template: str, title: str, *, session: Session | None = None, active: str = "",
+          status: int = 200, **context: object) -> web.Response:
+    """Render one console page; a signed-in page gets the navigation and (once) the session's flash message."""
+    nav = None
+    flash = None
+    if session is not None:
+        catalog = request.app[api.CATALOG]
         links = []
         if _can_see_approvals(catalog, session.user):
             links.append(("approvals", PREFIX, "Approvals"))
         if _is_staff(catalog, session.user):
             links.append(("tasks", f"{PREFIX}/tasks", "Tasks and leases"))
-        current = ' class="active"'
-        items = "".join(f'<a href="{e(href)}"{current if key == active else ""}>{e(label)}</a>'
-                        for key, href, label in links)
-        nav = (f'<nav>{items}<span class="who">{e(session.user.name)}</span>'
-               f'<form method="post" action="{PREFIX}/logout" class="inline">{_csrf_field(session)}'
-               f'<button type="submit" class="link">Sign out</button></form></nav>')
-    flash = ""
-    if session is not None and session.flash:
-        flash = f'<p class="flash">{e(session.flash)}</p>'
-        session.flash = None
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{e(title)} - agent secrets broker</title>'
-            f'<link rel="stylesheet" href="{PREFIX}/static/console.css"></head><body>'
-            f'<header><span class="brand">agent secrets broker</span>{nav}</header>'
-            f'<main><h1>{e(title)}</h1>{flash}{body}</main></body></html>')
-    return web.Response(status=status, text=page, content_type="text/html", charset="utf-8")
+        nav = _Nav(links=links, active=active, who=session.user.name, csrf=session.csrf)
+        flash, session.flash = session.flash, None
+    return aiohttp_jinja2.render_template(f"{template}.html", request,
+                                          {"title": title, "nav": nav, "flash": flash, **context},
+                                          app_key=TEMPLATES, status=status)
 
 
 def _error_page(request: web.Request, status: int, title: str, message: str, *, sign_in: bool = False
                 ) -> web.Response:
-    link = f'<p><a href="{PREFIX}/login">Sign in</a></p>' if sign_in else f'<p><a href="{PREFIX}">Back</a></p>'
-    return _layout(title, f'<p class="error">{e(message)}</p>{link}', status=status)
+    return _page(request, "error", title, status=status, message=message, sign_in=sign_in)
 
 
 def _redirect(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
-def _csrf_field(session: Session) -> str:
-    return f'<input type="hidden" name="csrf" value="{e(session.csrf)}">'
-
-
-def _login_form(store: SessionStore, response_cookies: list[tuple[str, str]], *, note: str = "") -> str:
+def _login_form(request: web.Request, title: str, *, status: int, note: str = "") -> web.Response:
+    """The sign-in form (``note``: a refusal to show above it), with a fresh pre-login cookie for its CSRF token."""
     nonce = secrets.token_urlsafe(32)
-    response_cookies.append((LOGIN_COOKIE, nonce))
-    return (f'{note}<form method="post" action="{PREFIX}/login" class="card">'
-            f'<input type="hidden" name="csrf" value="{e(store.login_token(nonce))}">'
-            f'<label for="token">OIDC ID token</label>'
-            f'<textarea id="token" name="token" rows="6" required maxlength="{MAX_TOKEN_BYTES}" '
-            f'autocomplete="off" spellcheck="false"></textarea>'
-            f'<p class="hint">Paste an ID token from your identity provider (with <code>broker dev</code>: '
-            f'the contents of <code>.broker-dev/demo-approver.jwt</code>). It is verified and then discarded: '
-            f'the broker keeps a server-side session, not the token.</p>'
-            f'<button type="submit">Sign in</button></form>')
+    response = _page(request, "login", title, status=status, note=note,
+                     login_csrf=request.app[SESSIONS].login_token(nonce))
+    _set_cookie(request, response, LOGIN_COOKIE, nonce, max_age=1800)
+    return response
 
 
 def _set_cookie(request: web.Request, response: web.Response, name: str, value: str, *, max_age: int | None) -> None:
@@ -377,13 +389,7 @@ def _reason(form: dict[str, str]) -> str:
 
 async def login_page(request: web.Request, *, status: int = 200, note: str = "") -> web.Response:
     """The sign-in form, with a fresh pre-login cookie for its CSRF token."""
-    store = request.app[SESSIONS]
-    cookies: list[tuple[str, str]] = []
-    body = _login_form(store, cookies, note=note)
-    response = _layout("Sign in", body, status=status)
-    for name, value in cookies:
-        _set_cookie(request, response, name, value, max_age=1800)
-    return response
+    return _login_form(request, "Sign in", status=status, note=note)
 
 
 async def login(request: web.Request) -> web.Response:
@@ -396,12 +402,12 @@ async def login(request: web.Request) -> web.Response:
     _check_csrf(store.login_token(nonce), form.get("csrf", ""))
     token = form.get("token", "").strip()
     if not token or len(token) > MAX_TOKEN_BYTES:
-        return await login_page(request, status=401, note='<p class="error">The token was not accepted.</p>')
+        return await login_page(request, status=401, note="The token was not accepted.")
     try:
         user = await request.app[api.USERS].verify(token)
     except InvalidIdentity as exc:
         log.info("console sign-in refused: %s", exc.reason)
-        return await login_page(request, status=401, note='<p class="error">The token was not accepted.</p>')
+        return await login_page(request, status=401, note="The token was not accepted.")
     catalog = request.app[api.CATALOG]
     if not (_can_see_approvals(catalog, user) or _is_staff(catalog, user)):
         raise Denied("this console is for approvers, operators and auditors", reason=f"{user.id} has no role")
@@ -433,52 +439,34 @@ async def logout(request: web.Request) -> web.Response:
 # -- approvals ---------------------------------------------------------------------------------------
 
 
-def _approval_card(a: ApprovalRow, task: TaskRow | None, votes: Sequence[dict[str, object]], *, now: float,
-                   session: Session, can_decide: bool, staff: bool) -> str:
-    task_cell = (f'<a href="{PREFIX}/tasks/{e(a.task_id)}">{e(a.task_id)}</a>' if staff else e(a.task_id))
-    rows = [
-        ("Delegated by", _person(a.user, a.user_name)),
-        ("Agent", f"<code>{e(a.agent)}</code>"),
-        ("Grant", f"<strong>{e(a.grant)}</strong>"),
-        ("Vault path", f"<code>{e(a.path)}</code>"),
-        ("TTL", f"{e(_dur(a.ttl))} ({e(a.ttl)} s)"),
-        ("Task", f"{task_cell} (role {e(task.role) if task else '-'}, tenant {e(a.tenant)})"),
-        ("Task reason", f"<q>{e(task.reason) if task else '-'}</q>"),
-        ("Requested", e(_when(a.created_at))),
-        ("Expires", f"{e(_when(a.expires_at))} (in {e(_dur(a.expires_at - now))})"),
-        ("Approvals", f"{sum(1 for v in votes if v.get('decision') == 'approve')} of {e(a.required)} needed"),
-    ]
-    facts = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
-    vote_list = "".join(
-        f"<li><strong>{_person(str(v.get('approver')), _opt(v.get('approver_name')))}</strong> {e(v.get('decision'))}d: <q>{e(v.get('reason'))}</q> "
-        f"<span class=\"muted\">(signed in {e(_when(_float(v.get('auth_time'))))}, "
-        f"at {e(_when(_float(v.get('decided_at'))))})</span></li>" for v in votes)
-    votes_html = f'<h3>Votes so far</h3><ul class="votes">{vote_list}</ul>' if votes else ""
-    decide = ""
-    if can_decide:
-        decide = (f'<form method="post" action="{PREFIX}/approvals/{e(a.id)}" class="decide">{_csrf_field(session)}'
-                  f'<label for="reason-{e(a.id)}">Reason (recorded in the audit trail)</label>'
-                  f'<input type="text" id="reason-{e(a.id)}" name="reason" required maxlength="{_MAX_REASON}" '
-                  f'autocomplete="off">'
-                  f'<div class="buttons"><button type="submit" name="decision" value="approve" class="approve">'
-                  f'Approve</button><button type="submit" name="decision" value="deny" class="deny">Deny</button>'
-                  f'</div></form>')
-    return (f'<section class="card approval" id="{e(a.id)}"><h2>{e(a.grant)} for {e(a.user_name or a.user)} '
-            f'<span class="badge">{e(a.state)}</span></h2><p class="muted">approval <code>{e(a.id)}</code></p>'
-            f'<dl>{facts}</dl>{votes_html}{decide}</section>')
+@dataclass(frozen=True)
+class _Vote:
+    """One recorded vote as the queue shows it (from ``Store.approval_votes``' loosely typed dicts)."""
+
+    approver: str
+    approver_name: str | None
+    decision: object
+    reason: object
+    auth_time: float | None
+    decided_at: float | None
+
+    @classmethod
+    def of(cls, vote: dict[str, object]) -> _Vote:
+        name = vote.get("approver_name")
+        return cls(approver=str(vote.get("approver")), approver_name=name if isinstance(name, str) else None,
+                   decision=vote.get("decision"), reason=vote.get("reason"),
+                   auth_time=_float(vote.get("auth_time")), decided_at=_float(vote.get("decided_at")))
 
 
-def _person(person: str | None, name: str | None) -> str:
-    """A person for the page: the display name, with the stable id (what the broker compares) beside it."""
-    if person is None:
-        return "-"
-    if not name or name == person:
-        return f"<code>{e(person)}</code>"
-    return f'{e(name)} <span class="muted"><code>{e(person)}</code></span>'
+@dataclass(frozen=True)
+class _Card:
+    """One pending request in the queue, with what the viewer may do about it."""
 
-
-def _opt(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    approval: ApprovalRow
+    task: TaskRow | None
+    votes: list[_Vote]
+    approved: int
+    can_decide: bool
 
 
 def _float(value: object) -> float | None:
@@ -496,21 +484,18 @@ async def approvals_page(request: web.Request) -> web.Response:
     store = request.app[api.STORE]
     now = request.app[api.CLOCK]()
     can_decide = any_includes(catalog.approvers, session.user)
-    staff = _is_staff(catalog, session.user)
     cards = []
     for a in await store.list_approvals(state="pending", now=now):
         task = await store.get_task(a.task_id)
-        votes = await store.approval_votes(a.id)
-        cards.append(_approval_card(a, task, votes, now=now, session=session,
-                                    can_decide=can_decide and not is_same_person(
-                                        session.user, a.user, task.user_email if task else None),
-                                    staff=staff))
-    age = "" if session.user.auth_time is None else f", signed in {_dur(now - session.user.auth_time)} ago"
-    intro = (f'<p class="muted">{len(cards)} pending request(s). You are {e(session.user.name)}{e(age)}. '
-             f'Deciding needs a recent sign-in; if yours is too old you will be asked to sign in again.</p>')
-    empty = '<p class="card">Nothing is waiting for approval.</p>' if not cards else ""
-    return _layout("Approvals waiting", intro + empty + "".join(cards), session=session, active="approvals",
-                   catalog=catalog)
+        votes = [_Vote.of(v) for v in await store.approval_votes(a.id)]
+        cards.append(_Card(approval=a, task=task, votes=votes,
+                           approved=sum(1 for v in votes if v.decision == "approve"),
+                           can_decide=can_decide and not is_same_person(session.user, a.user,
+                                                                        task.user_email if task else None)))
+    signed_in_ago = None if session.user.auth_time is None else now - session.user.auth_time
+    return _page(request, "approvals", "Approvals waiting", session=session, active="approvals", cards=cards,
+                 now=now, staff=_is_staff(catalog, session.user), who=session.user.name, signed_in_ago=signed_in_ago,
+                 csrf=session.csrf)
 
 
 async def decide(request: web.Request) -> web.Response:
@@ -538,14 +523,9 @@ async def _reauthenticate(request: web.Request, session: Session, exc: Insuffici
     """RFC 9470 step-up, in browser form: the decision was not recorded; sign in again with a fresh token."""
     now = request.app[api.CLOCK]()
     when = "" if session.user.auth_time is None else f" You signed in {_dur(now - session.user.auth_time)} ago."
-    note = (f'<p class="error">Deciding an approval needs a sign-in no older than {e(_dur(exc.max_age))}.'
-            f'{e(when)} Nothing was recorded: sign in again with a fresh token from your identity provider, '
-            f'then decide.</p>')
-    store = request.app[SESSIONS]
-    cookies: list[tuple[str, str]] = []
-    response = _layout("Re-authenticate", _login_form(store, cookies, note=note), status=401)
-    for name, value in cookies:
-        _set_cookie(request, response, name, value, max_age=1800)
+    note = (f"Deciding an approval needs a sign-in no older than {_dur(exc.max_age)}.{when} Nothing was recorded: "
+            "sign in again with a fresh token from your identity provider, then decide.")
+    response = _login_form(request, "Re-authenticate", status=401, note=note)
     response.headers["WWW-Authenticate"] = (f'Bearer error="insufficient_user_authentication", '
                                             f'max_age={exc.max_age}')
     return response
@@ -559,21 +539,6 @@ def _staff_or_denied(catalog: Catalog, user: UserIdentity) -> None:
         raise Denied("operators and auditors only", reason=f"{user.id} is not an operator")
 
 
-def _lease_rows(rows: Sequence[tuple[LeaseRow, TaskRow | None]], *, now: float) -> str:
-    if not rows:
-        return '<p class="muted">No leases.</p>'
-    body = "".join(
-        f"<tr><td><code>{e(x.id)}</code></td>"
-        + (f'<td><a href="{PREFIX}/tasks/{e(t.id)}">{e(t.id)}</a></td><td>{e(t.agent)}</td>' if t else "")
-        + f"<td>{e(x.grant)}</td><td><code>{e(x.path)}</code></td>"
-        f'<td><span class="state {e(x.state)}">{e(x.state)}</span></td><td>{e(_when(x.issued_at))}</td>'
-        f"<td>{e(_when(x.expires_at))}</td></tr>" for x, t in rows)
-    with_task = any(t is not None for _, t in rows)
-    head = "<th>lease</th>" + ("<th>task</th><th>agent</th>" if with_task else "") + (
-        "<th>grant</th><th>Vault path</th><th>state</th><th>issued</th><th>expires</th>")
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
 async def tasks_page(request: web.Request) -> web.Response:
     """``GET /console/tasks``: live tasks (with Revoke for operators) and live leases."""
     session = _session(request)
@@ -581,27 +546,11 @@ async def tasks_page(request: web.Request) -> web.Response:
     _staff_or_denied(catalog, session.user)
     store = request.app[api.STORE]
     now = request.app[api.CLOCK]()
-    operator = any_includes(catalog.operators, session.user)
     live = await store.find_tasks(states=("active",), limit=200)
-    rows = []
-    for t in live:
-        revoke = ""
-        if operator:
-            revoke = (f'<form method="post" action="{PREFIX}/tasks/{e(t.id)}/revoke" class="revoke">'
-                      f'{_csrf_field(session)}<input type="text" name="reason" required maxlength="{_MAX_REASON}" '
-                      f'placeholder="reason" aria-label="reason for revoking {e(t.id)}">'
-                      f'<button type="submit" class="deny">Revoke</button></form>')
-        rows.append(f'<tr><td><a href="{PREFIX}/tasks/{e(t.id)}">{e(t.id)}</a></td><td>{_person(t.user, t.user_name)}</td>'
-                    f"<td><code>{e(t.agent)}</code></td><td>{e(t.role)}</td><td>{e(t.tenant)}</td>"
-                    f"<td>{e(t.reason)}</td><td>{e(_when(t.expires_at))} (in {e(_dur(t.expires_at - now))})</td>"
-                    f"<td>{revoke}</td></tr>")
-    tasks_html = ('<p class="muted">No live tasks.</p>' if not rows else
-                  '<table><thead><tr><th>task</th><th>user</th><th>agent</th><th>role</th><th>tenant</th>'
-                  f'<th>reason</th><th>expires</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
     leases = await store.find_leases(states=("active", "revoke_pending"), limit=500)
-    body = (f'<h2>Live tasks ({len(rows)})</h2>{tasks_html}'
-            f'<h2>Live leases ({len(leases)})</h2>{_lease_rows([(x, t) for x, t in leases], now=now)}')
-    return _layout("Tasks and leases", body, session=session, active="tasks", catalog=catalog)
+    return _page(request, "tasks", "Tasks and leases", session=session, active="tasks", tasks=live, now=now,
+                 operator=any_includes(catalog.operators, session.user), csrf=session.csrf, leases=leases,
+                 leases_with_task=any(t is not None for _, t in leases))
 
 
 async def task_page(request: web.Request) -> web.Response:
@@ -609,26 +558,10 @@ async def task_page(request: web.Request) -> web.Response:
     session = _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
-    now = request.app[api.CLOCK]()
     task, leases = await request.app[api.TASKS].get(request.match_info["task_id"])
     records = await request.app[api.STORE].query_audit(task=task.id, limit=1000)
-    facts = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in (
-        ("User", _person(task.user, task.user_name)), ("Agent", f"<code>{e(task.agent)}</code>"), ("Role", e(task.role)),
-        ("Tenant", e(task.tenant)), ("Reason", f"<q>{e(task.reason)}</q>"),
-        ("State", f'<span class="state {e(task.state)}">{e(task.state)}</span>'),
-        ("Started", e(_when(task.created_at))), ("Expires", e(_when(task.expires_at))),
-        ("Ended", e(_when(task.ended_at)))))
-    timeline = "".join(
-        f"<tr><td>{e(r.seq)}</td><td>{e(_when(r.record.time))}</td><td><strong>{e(r.record.event)}</strong></td>"
-        f'<td><span class="state {e(r.record.outcome)}">{e(r.record.outcome)}</span></td>'
-        f"<td>{_person(r.record.user, r.record.user_name)}</td><td><code>{e(r.record.resource)}</code></td><td>{e(r.record.action)}</td>"
-        f"<td>{e(r.record.reason)}</td></tr>" for r in records)
-    body = (f'<section class="card"><dl>{facts}</dl></section>'
-            f'<h2>Leases ({len(leases)})</h2>{_lease_rows([(x, None) for x in leases], now=now)}'
-            f'<h2>Timeline ({len(records)} audit records)</h2>'
-            '<table><thead><tr><th>seq</th><th>time</th><th>event</th><th>outcome</th><th>user</th>'
-            f'<th>resource</th><th>action</th><th>reason</th></tr></thead><tbody>{timeline}</tbody></table>')
-    return _layout(f"Task {task.id}", body, session=session, active="tasks", catalog=catalog)
+    return _page(request, "task", f"Task {task.id}", session=session, active="tasks", task=task,
+                 leases=[(x, None) for x in leases], records=records)
 
 
 async def revoke_task(request: web.Request) -> web.Response:
@@ -675,6 +608,7 @@ def add_console_routes(app: web.Application, *, sessions_per_person: int = 5,
     app[SESSIONS] = SessionStore(clock=lambda: app[api.CLOCK]() if api.CLOCK in app else time.time(),
                                  per_person=sessions_per_person, sign_in_rate=sign_in_rate)
     app.middlewares.append(console_middleware)
+    _setup_templates(app)
     app.router.add_get(PREFIX, approvals_page)
     app.router.add_get(f"{PREFIX}/", approvals_page)
     app.router.add_get(f"{PREFIX}/login", _login_get)
