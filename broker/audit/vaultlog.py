@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from broker.audit import AuditRecord
 from broker.errors import BrokerError
-from broker.store.rows import TaskRow
+from broker.rows import TaskRow
 
 __all__ = [
     "DEFAULT_SKEW",

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from broker.errors import BrokerError
-from broker.store.rows import (
+from broker.rows import (
     ApprovalRow,
     AuditRow,
     CheckpointRow,

@@ -35,8 +35,6 @@ from broker.store.statements import (
 )
 
 
-
-
 class StoreBase:
     def __init__(self, engine: Engine, *, sqlite: bool, threads: int = 4) -> None:
         self._engine = engine

@@ -13,31 +13,27 @@ from sqlalchemy import (
     update,
 )
 
+from broker.approval_rules import tally
 from broker.audit import AuditRecord
 from broker.errors import (
     Conflict,
 )
-from broker.store.rows import (
+from broker.rows import (
     ApprovalRow,
     Person,
 )
+from broker.states import APPROVALS, ApprovalEvent, ApprovalState
+from broker.store._base import StoreBase
 from broker.store.schema import (
     approval_votes,
     approvals,
 )
-
-
-
-from broker.store._base import StoreBase
-
-from broker.approval_rules import tally
-from broker.states import APPROVALS, ApprovalEvent, ApprovalState
 from broker.store.statements import (
-    _vals,
     _append,
     _check_locks,
-    _remember_person,
     _persons_sharing_email,
+    _remember_person,
+    _vals,
 )
 
 

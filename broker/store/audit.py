@@ -13,26 +13,22 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from broker.audit import AuditRecord, ChainLink
-from broker.store.rows import (
+from broker.rows import (
     AuditRow,
     CheckpointRow,
 )
+from broker.store._base import StoreBase
 from broker.store.schema import (
     audit_checkpoints,
     audit_events,
     audit_export,
 )
-
-
-
-from broker.store._base import StoreBase
-
 from broker.store.statements import (
-    _RECORD_FIELDS,
-    _HEAD,
     _CHAIN_PAGE,
+    _HEAD,
     _INSERT_CHECKPOINT,
     _LAST_CHECKPOINT,
+    _RECORD_FIELDS,
     _append,
     _user_is,
 )

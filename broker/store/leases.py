@@ -20,41 +20,37 @@ from broker.errors import (
     Gone,
 )
 from broker.intents import IntentEvent, IntentState
-from broker.store.rows import (
+from broker.rows import (
     Intent,
     LeaseLimits,
     LeaseRow,
     TaskRow,
 )
+from broker.states import APPROVALS, ApprovalEvent, LeaseEvent, TaskState
+from broker.store._base import StoreBase
 from broker.store.schema import (
     approvals,
     intents,
     leases,
     tasks,
 )
-
-
-
-from broker.store._base import StoreBase
-
-from broker.states import APPROVALS, ApprovalEvent, LeaseEvent, TaskState
 from broker.store.statements import (
-    _move_leases,
-    _vals,
-    _INSERT_LEASE,
     _INSERT_INTENT,
-    _TASK_STATE_FOR_UPDATE,
-    _LEASE_BY_ID,
+    _INSERT_LEASE,
     _INTENT_BY_ID,
+    _LEASE_BY_ID,
     _RENEW,
+    _TASK_STATE_FOR_UPDATE,
     _append,
-    _move_intent,
-    _check_locks,
-    _check_budget,
     _by_task,
+    _check_budget,
+    _check_locks,
     _chunks,
     _cursor,
     _lease,
+    _move_intent,
+    _move_leases,
+    _vals,
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from sqlalchemy import (
     select,
     update,
@@ -12,24 +11,20 @@ from broker.audit import AuditRecord
 from broker.errors import (
     Locked,
 )
-from broker.store.rows import (
+from broker.rows import (
     Person,
     RevocationRow,
 )
+from broker.store._base import StoreBase
 from broker.store.schema import (
     person_emails,
     revocations,
 )
-
-
-
-from broker.store._base import StoreBase
-
 from broker.store.statements import (
     _append,
     _check_locks,
-    _remember_person,
     _persons_sharing_email,
+    _remember_person,
 )
 
 

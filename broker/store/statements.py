@@ -4,7 +4,6 @@ budgets, intents moved along their table, selectors. All run inside the caller's
 from __future__ import annotations
 
 import enum
-
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -31,13 +30,13 @@ from broker.errors import (
 )
 from broker.identity import is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, next_state
-from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TokenEvent
-from broker.store.rows import (
-    TaskRow,
+from broker.rows import (
     LeaseLimits,
     LeaseRow,
     Person,
+    TaskRow,
 )
+from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TokenEvent
 from broker.store.schema import (
     audit_checkpoints,
     audit_events,
@@ -50,7 +49,6 @@ from broker.store.schema import (
     tasks,
     vault_audit_tokens,
 )
-
 
 
 def _vals(states: Sequence[enum.StrEnum]) -> list[str]:

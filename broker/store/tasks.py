@@ -15,38 +15,34 @@ from broker.errors import (
     Locked,
 )
 from broker.intents import IntentEvent, IntentState
-from broker.store.rows import (
+from broker.rows import (
     Intent,
     Person,
     RevocationRow,
     TaskRow,
 )
+from broker.states import TASKS, LeaseEvent, TaskEvent, TokenEvent, TokenState
+from broker.store._base import StoreBase
 from broker.store.schema import (
     leases,
     tasks,
 )
-
-
-
-from broker.store._base import StoreBase
-
-from broker.states import TASKS, LeaseEvent, TaskEvent, TokenEvent, TokenState
 from broker.store.statements import (
-    _fence,
-    _move_leases,
-    _move_token,
-    _vals,
-    _INSERT_TASK,
     _INSERT_INTENT,
     _INSERT_REVOCATION,
+    _INSERT_TASK,
     _TASK_BY_ID,
     _append,
-    _move_intent,
-    _check_locks,
     _by_task,
-    _remember_person,
+    _check_locks,
     _chunks,
     _cursor,
+    _fence,
+    _move_intent,
+    _move_leases,
+    _move_token,
+    _remember_person,
+    _vals,
 )
 
 

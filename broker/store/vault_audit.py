@@ -14,24 +14,20 @@ from broker.audit import AuditRecord
 from broker.errors import (
     Conflict,
 )
-from broker.store.rows import (
+from broker.rows import (
     TaskRow,
     VaultAuditPosition,
 )
+from broker.store._base import StoreBase
 from broker.store.schema import (
     tasks,
     vault_audit_position,
     vault_audit_tokens,
 )
-
-
-
-from broker.store._base import StoreBase
-
 from broker.store.statements import (
     _append_many,
-    _insert_tokens,
     _chunks,
+    _insert_tokens,
 )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import AuditRecord
-from broker.store.rows import TaskRow
+from broker.rows import TaskRow
 from broker.audit.vaultlog import (
     AuditLineInvalid,
     TokenOrigin,

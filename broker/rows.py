@@ -1,4 +1,4 @@
-"""Rows as the store returns them: frozen dataclasses, no behaviour."""
+"""The broker's records as the store returns them: frozen dataclasses, no behaviour, no I/O (pure code may import them)."""
 
 from __future__ import annotations
 
