@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
 from broker.audit.checkpoints import Checkpointer, StoreVerifier, checkpoint_of, read_witness
 from broker.audit.signing import Checkpoint, sign_checkpoint
-from broker.store import Store, _append, open_store
+from broker.store import Store, open_store
+from broker.store.statements import _append
 from broker.audit.verify import VerifyReport, _body, verify_log
 from tests.support.fixtures import run_coro_in_thread
 
@@ -375,6 +376,7 @@ def _check_mutations(jobs: list[tuple[int, int]]) -> tuple[float, list[tuple[str
     return time.process_time() - cpu, out
 
 
+@pytest.mark.slow
 class TestMutationSuite:
     def test_every_mutation_detected_at_the_right_seq(self, log: Log) -> None:
         """>= 1,000 random mutations over 8 classes: 100% detected, each with exactly the defined first_bad_seq."""

@@ -252,6 +252,7 @@ def judge_crash(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Awaitable
                  child_role=CHILD_ROLE, lease_prefixes=LEASE_PREFIXES)
 
 
+@pytest.mark.slow
 class TestCrashConsistency:
     @pytest.mark.timeout(600)
     async def test_sigkill_during_issuance_leaves_no_orphan_and_no_ghost(

@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 import aiohttp
 
 from broker.audit import AuditRecord, ChainLink, verify_chain
@@ -91,6 +93,7 @@ def merged_ids(db: Path) -> Counter[str]:
     return Counter(r[0] for r in rows)
 
 
+@pytest.mark.slow
 class TestTailerCrash:
     async def test_kills_and_rotations_lose_and_duplicate_nothing(self, throwaway_openbao: DevOpenBao,
                                                                  tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ async def _wait_for(check: Callable[[], Any], timeout: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 class TestVaultOutage:
     @pytest.mark.timeout(180)
     async def test_revocation_survives_an_outage(self, tmp_path: Path, persistent_openbao: PersistentOpenBao,
