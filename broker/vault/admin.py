@@ -24,7 +24,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import hvac
 import hvac.adapters
@@ -208,8 +208,11 @@ class VaultAdmin:
     def __init__(
         self, addr: str, *, token: str | Sensitive, timeout: float = 30.0, namespace: str | None = None
     ) -> None:
+        checked_namespace = validate_path(namespace) if namespace else None
         session = requests.Session()
-        # Like aiohttp's default for VaultClient: no proxy or .netrc credentials from the environment.
+        # Configuration comes in as arguments, never from the environment (as for VaultClient): no proxy or
+        # .netrc credentials (trust_env), and hvac's own VAULT_CACERT/VAULT_CAPATH/VAULT_CLIENT_CERT look-ups
+        # are overridden by an explicit ``verify`` and an empty ``cert``.
         session.trust_env = False
         self._addr = addr.rstrip("/")
         self._session = session
@@ -217,10 +220,13 @@ class VaultAdmin:
             url=self._addr,
             token=token.reveal() if isinstance(token, Sensitive) else token,
             timeout=timeout,
+            verify=True,
+            cert=(),
+            proxies={},
             allow_redirects=False,
             session=session,
             adapter=_Adapter,
-            namespace=validate_path(namespace) if namespace else None,
+            namespace=checked_namespace,
         )
 
     def __repr__(self) -> str:
@@ -230,7 +236,7 @@ class VaultAdmin:
         """Close the HTTP session (idempotent)."""
         self._session.close()
 
-    def __enter__(self) -> VaultAdmin:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

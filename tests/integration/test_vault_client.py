@@ -30,6 +30,12 @@ from broker.errors import (
     VaultError,
     VaultUnavailable,
 )
+from broker.vault.admin import (
+    TokenRole,
+    VaultAdmin,
+    hvac_error_class,
+    transport_error_class,
+)
 from broker.vault.client import (
     Sensitive,
     VaultClient,
@@ -40,7 +46,6 @@ from broker.vault.client import (
     _transport_error_class,
     validate_path,
 )
-from broker.vault.admin import TokenRole, VaultAdmin, hvac_error_class, transport_error_class
 from tests.support.fixtures import BaoEngines
 from tests.support.openbao import bao_cli
 from tests.support.pg import pg_login_works
