@@ -256,7 +256,7 @@ async def _renew_own_token(vault: VaultClient) -> None:
     """Keep the broker's periodic Vault token alive. A failure is logged and retried, never fatal."""
     while True:
         try:
-            await vault.write("auth/token/renew-self", {})
+            await vault.renew_self()
         except VaultError as exc:
             log.warning("could not renew the broker's Vault token: %s", exc.code)
         await asyncio.sleep(_TOKEN_RENEW_EVERY)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the broker and tests.support are imported from the checkout
     sys.path.insert(0, str(ROOT))
 
-from broker.config import load_settings
+from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.dev.identities import DevIssuer
 from broker.dev.stack import (
@@ -53,7 +53,7 @@ from broker.dev.stack import (
     start_dev_openbao,
 )
 from broker.sealing import TokenSealer
-from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.support.pg import (
     PG_BIN,
@@ -416,17 +416,21 @@ class BenchStack:
         self.broker_url = f"http://127.0.0.1:{port}"
         settings = load_settings({}, self.config_path)
         await seed_tickets_schema(self.pg.dsn())
-        async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, self.bao.addr, token=self.bao.root_token, timeout=30)
-            await configure_pki(admin)
+        await asyncio.to_thread(self._vault_setup, settings, root)
+
+    def _vault_setup(self, settings: Settings, root: Path) -> None:
+        """Engines, `broker vault sync` and the broker token, through VaultAdmin (hvac: synchronous)."""
+        assert self.bao is not None and self.pg is not None
+        with VaultAdmin(self.bao.addr, token=self.bao.root_token, timeout=30) as admin:
+            configure_pki(admin)
             # Without this every revoked certificate rebuilds the CRL synchronously: ending one task with
             # 1,000 certificates kept this OpenBao busy for ~55 s (quadratic as the CRL grows), and that
             # work would spill into the next timed pass. Issuance itself does not touch the CRL.
-            await admin.write("pki/config/crl", {"auto_rebuild": True})
-            await configure_child_token_role(admin)
-            await configure_database(admin, dsn_admin=self.pg.dsn())
-            await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
-            await write_broker_token(admin, root / "vault-token")
+            admin.write("pki/config/crl", {"auto_rebuild": True})
+            configure_child_token_role(admin)
+            configure_database(admin, dsn_admin=self.pg.dsn())
+            sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
+            write_broker_token(admin, root / "vault-token")
 
     def _start_broker(self, extra_args: Sequence[str]) -> None:
         assert self.config_path is not None

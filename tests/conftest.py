@@ -7,7 +7,7 @@ trust domain ``partner.example`` (trusted for its own agents only), a user IdP, 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ from broker.dev.identities import DevIssuer
 from broker.sealing import TokenSealer
 from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.support.fixtures import *  # noqa: F403
-from tests.support.fixtures import BaoEngines, run_coro_in_thread
+from tests.support.fixtures import BaoEngines
 
 AUDIENCE = "agent-broker"
 IDP = "https://idp.test.example"
@@ -183,13 +184,9 @@ def broker_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoE
                                                     td=TD, partner_td=PARTNER_TD, idp=IDP))
     settings = load_settings({}, root / "broker.toml")
 
-    async def setup() -> None:
-        async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, bao.addr, token=bao.root_token)
-            await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
-            await write_broker_token(admin, root / "vault-token")
-
-    run_coro_in_thread(setup())
+    with VaultAdmin(bao.addr, token=bao.root_token) as admin:
+        sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
+        write_broker_token(admin, root / "vault-token")
     return root
 
 
@@ -210,6 +207,13 @@ async def admin(site: BrokerSite) -> AsyncIterator[VaultClient]:
     """Root access to the same OpenBao: the tests' source of Vault truth."""
     async with aiohttp.ClientSession() as session:
         yield VaultClient(session, site.engines.bao.addr, token=site.engines.bao.root_token)
+
+
+@pytest.fixture
+def hvac_admin(site: BrokerSite) -> Iterator[VaultAdmin]:
+    """Root set-up access (hvac, synchronous) to the same OpenBao; async tests call it with ``asyncio.to_thread``."""
+    with VaultAdmin(site.engines.bao.addr, token=site.engines.bao.root_token) as admin:
+        yield admin
 
 
 def bearer(token: str) -> dict[str, str]:

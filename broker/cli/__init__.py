@@ -12,16 +12,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import aiohttp
 import click
 
 from broker import __version__
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.errors import BrokerError
-from broker.vault.sync import audit_device_of
+
+if TYPE_CHECKING:
+    from broker.vault.sync import SyncChange
 
 
 def _setup_logging(level: str) -> None:
@@ -79,6 +80,8 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
 
     Uses an admin token from VAULT_TOKEN or BAO_TOKEN, and VAULT_ADDR or BAO_ADDR (else [vault].addr).
     """
+    from broker.vault.sync import audit_device_of
+
     settings = _settings(config)
     addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addr
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
@@ -86,7 +89,7 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
         raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
     try:
         catalog = Catalog.from_settings(settings)
-        changes = asyncio.run(_sync(addr, token, catalog, write_token, audit_device_of(settings)))
+        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     width = max(len(c.name) for c in changes)
@@ -96,16 +99,16 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
         click.echo(f"  broker token written to {write_token}")
 
 
-async def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
-                audit_device: str | None) -> list[Any]:
-    from broker.vault import VaultClient
+def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
+          audit_device: str | None) -> list[SyncChange]:
+    # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
+    from broker.vault.admin import VaultAdmin
     from broker.vault.sync import sync, write_broker_token
 
-    async with aiohttp.ClientSession() as session:
-        client = VaultClient(session, addr, token=token)
-        changes = await sync(client, catalog, audit_device=audit_device)
+    with VaultAdmin(addr, token=token) as admin:
+        changes = sync(admin, catalog, audit_device=audit_device)
         if write_token is not None:
-            await write_broker_token(client, write_token)
+            write_broker_token(admin, write_token)
         return changes
 
 

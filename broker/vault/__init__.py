@@ -1,9 +1,11 @@
-"""Vault/OpenBao: the hot-path client, the set-up the broker needs, and the values that cross the boundary.
+"""Vault/OpenBao: the hot-path client, the admin client for set-up, and the values that cross the boundary.
 
 ``client`` holds ``VaultClient``: one async method per endpoint the broker calls while serving, status
 codes and aiohttp errors translated to ``VaultError`` subclasses at one boundary, tokens wrapped in
-``Sensitive``. ``sync`` derives the policies and token roles from the catalog and writes them
-(``broker vault sync``) through the admin client.
+``Sensitive``. ``admin`` holds ``VaultAdmin``, a small typed wrapper around hvac (synchronous) for
+set-up only: policies, token roles, mounts, engine configuration. It is not imported here, so that
+the serving broker never loads it. ``sync`` derives the policies and token roles from the catalog and
+writes them through ``VaultAdmin`` (``broker vault sync``).
 """
 
 from __future__ import annotations

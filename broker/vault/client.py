@@ -2,9 +2,10 @@
 
 Rules this file keeps:
 
-1. It is the only place that speaks Vault's HTTP API. Every method names its endpoint in its docstring
-   (hvac style) and returns a frozen dataclass, never a raw ``dict`` from the wire (the generic admin
-   ``read``/``write`` are the one exception: they are for set-up, never for the hot path).
+1. It is the only place the serving broker speaks Vault's HTTP API through. Every method names its
+   endpoint in its docstring (hvac style) and returns a frozen dataclass, never a raw ``dict`` from the
+   wire. Set-up (policies, token roles, mounts, engine configuration) is not here: it is on hvac, in
+   ``broker.vault.admin``, which the serving broker never calls.
 2. No foreign exception leaves this module. ``aiohttp``/``asyncio`` failures go through
    ``_transport_error`` and HTTP statuses through ``_status_error``; both return a ``VaultError``
    subclass that is raised ``from`` the original. ``tests/integration/test_vault_client.py`` checks that
@@ -528,11 +529,15 @@ class VaultClient:
         except _Shape as exc:
             raise self._shape_error(op, exc) from exc
 
-    async def renew_self(self, *, token: str | Sensitive, increment: int) -> VaultTokenAuth:
-        """POST /v1/auth/token/renew-self -- extend ``token``'s TTL (never past its explicit max TTL)."""
+    async def renew_self(self, *, token: str | Sensitive | None = None, increment: int | None = None) -> VaultTokenAuth:
+        """POST /v1/auth/token/renew-self -- extend ``token``'s TTL (never past its explicit max TTL).
+
+        Without ``token``, the client's own (the broker's periodic token); without ``increment``, Vault's
+        default (a periodic token's period).
+        """
         op = "renew token"
-        parsed = await self._call_json("POST", "auth/token/renew-self", op, body={"increment": f"{int(increment)}s"},
-                                       token=token)
+        body = {} if increment is None else {"increment": f"{int(increment)}s"}
+        parsed = await self._call_json("POST", "auth/token/renew-self", op, body=body, token=token)
         try:
             return _parse_auth(_mapping(parsed, "auth"))
         except _Shape as exc:
@@ -655,79 +660,7 @@ class VaultClient:
         except _Shape as exc:
             raise self._shape_error(op, exc) from exc
 
-    async def revoke_lease(self, lease_id: str, *, token: str | Sensitive | None = None) -> None:
-        """PUT /v1/sys/leases/revoke -- revoke one lease, synchronously (the PostgreSQL role is gone on return)."""
-        await self._call("PUT", "sys/leases/revoke", "revoke lease", body={"lease_id": lease_id}, token=token)
-
-    # -- admin calls (broker vault sync, devstack) --------------------------------------------------
-
-    async def put_policy(self, name: str, hcl: str) -> None:
-        """PUT /v1/sys/policies/acl/:name -- create or replace an ACL policy."""
-        await self._call("PUT", "sys/policies/acl/" + validate_name(name), "write policy", body={"policy": hcl})
-
-    async def read_policy(self, name: str) -> str | None:
-        """GET /v1/sys/policies/acl/:name -- the policy's HCL; ``None`` when there is none."""
-        op = "read policy"
-        status, parsed = await self._call(
-            "GET", "sys/policies/acl/" + validate_name(name), op, ok_extra=frozenset({404})
-        )
-        if status == 404:
-            return None
-        try:
-            if not isinstance(parsed, dict):
-                raise _Shape("body")
-            return _str(_mapping(parsed, "data"), "policy")
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
-
-    async def put_token_role(self, name: str, params: Mapping[str, Any]) -> None:
-        """POST /v1/auth/token/roles/:name -- create or update a token role."""
-        await self._call("POST", "auth/token/roles/" + validate_name(name), "write token role", body=dict(params))
-
-    async def read_token_role(self, name: str) -> Mapping[str, Any] | None:
-        """GET /v1/auth/token/roles/:name -- the role's settings; ``None`` when there is none."""
-        op = "read token role"
-        status, parsed = await self._call(
-            "GET", "auth/token/roles/" + validate_name(name), op, ok_extra=frozenset({404})
-        )
-        if status == 404:
-            return None
-        try:
-            if not isinstance(parsed, dict):
-                raise _Shape("body")
-            return _mapping(parsed, "data")
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
-
-    async def create_token(
-        self,
-        *,
-        policies: Sequence[str],
-        ttl: str | None = None,
-        period: str | None = None,
-        no_parent: bool = False,
-        display_name: str = "",
-        meta: Mapping[str, str] | None = None,
-    ) -> VaultTokenAuth:
-        """POST /v1/auth/token/create -- a token for the broker itself (``no_parent`` needs root/sudo).
-
-        HTTP 500 may mean the token was created (see ``create_token_from_role``).
-        """
-        op = "create token"
-        body: dict[str, Any] = {"policies": list(policies), "no_parent": no_parent}
-        if ttl is not None:
-            body["ttl"] = ttl
-        if period is not None:
-            body["period"] = period
-        if display_name:
-            body["display_name"] = display_name
-        if meta:
-            body["meta"] = dict(meta)
-        parsed = await self._call_json("POST", "auth/token/create", op, body=body)
-        try:
-            return _parse_auth(_mapping(parsed, "auth"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
+    # -- the calling token ----------------------------------------------------------------------
 
     async def lookup_self(self, *, token: str | Sensitive | None = None) -> VaultTokenInfo:
         """GET /v1/auth/token/lookup-self -- the calling token's own state (``num_uses`` counts this call)."""
@@ -738,57 +671,7 @@ class VaultClient:
         except _Shape as exc:
             raise self._shape_error(op, exc) from exc
 
-    async def enable_secrets_engine(self, path: str, type_: str, *, config: Mapping[str, Any] | None = None) -> None:
-        """POST /v1/sys/mounts/:path -- mount a secrets engine; idempotent when the same type is there.
-
-        Raises:
-            VaultBadResponse: the path is in use by an engine of another type (besides the usual errors).
-        """
-        op = "enable secrets engine"
-        path = validate_path(path)
-        body: dict[str, Any] = {"type": type_}
-        if config:
-            body["config"] = dict(config)
-        status, parsed = await self._call("POST", "sys/mounts/" + path, op, body=body, ok_extra=frozenset({400}))
-        if status != 400:
-            return
-        if not self._is_error(parsed, "already in use"):
-            raise _status_error(status, parsed, op)
-        existing = await self._call_json("GET", "sys/mounts/" + path, "read secrets engine")
-        found = existing.get("type")
-        if found == type_:
-            return
-        msg = f"unexpected answer from Vault to {op}"
-        raise VaultBadResponse(msg, reason=f"{op}: {path} already mounted with type {found!r}, wanted {type_!r}")
-
-    async def write(self, path: str, data: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """POST /v1/:path -- generic admin write for set-up; the answer's ``data`` (``None`` on 204).
-
-        Never on the hot path: it returns Vault's ``data`` untyped.
-        """
-        _, parsed = await self._call("POST", validate_path(path), "write", body=dict(data))
-        if isinstance(parsed, dict):
-            d = parsed.get("data")
-            return d if isinstance(d, dict) else None
-        return None
-
-    async def read(self, path: str) -> Mapping[str, Any] | None:
-        """GET /v1/:path -- generic admin read for set-up; the answer's ``data``, ``None`` on 404."""
-        status, parsed = await self._call("GET", validate_path(path), "read", ok_extra=frozenset({404}))
-        if status == 404:
-            return None
-        if isinstance(parsed, dict):
-            d = parsed.get("data")
-            return d if isinstance(d, dict) else None
-        return None
-
-    async def list_keys(self, path: str) -> list[str]:
-        """LIST /v1/:path -- the keys one level below ``path`` (empty on 404, which is how Vault says "none")."""
-        status, parsed = await self._call("LIST", validate_path(path.rstrip("/")), "list", ok_extra=frozenset({404}))
-        if status == 404 or not isinstance(parsed, dict):
-            return []
-        keys = (parsed.get("data") or {}).get("keys") or []
-        return [str(k) for k in keys]
+    # -- Vault's audit device ---------------------------------------------------------------------
 
     async def audit_hash(self, device: str, value: str) -> str:
         """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""

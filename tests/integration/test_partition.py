@@ -31,12 +31,12 @@ from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.dev.stack import DEFAULT_DB_ROLES, RoleSQL, configure_child_token_role, configure_database, configure_pki
 from broker.sealing import TokenSealer
-from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
 from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
 from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
 from tests.support.faultproxy import FaultProxy
-from tests.support.fixtures import BaoEngines, run_coro_in_thread
+from tests.support.fixtures import BaoEngines
 
 ROLE = "partition-test"
 TOKEN_ROLE = f"broker-task-{ROLE}"
@@ -129,23 +129,19 @@ def partition_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, 
     slow = RoleSQL(creation_statements=(f"SELECT pg_sleep({SLOW_CREATE});", *ro.creation_statements),
                    revocation_statements=ro.revocation_statements)
 
-    async def setup() -> None:
-        async with aiohttp.ClientSession() as session:
-            admin = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
-            await configure_pki(admin, mount="pki-part")
-            await configure_child_token_role(admin, role=CHILD_ROLE)
-            await configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-part",
-                                     roles={"tickets-ro": slow})
-            for role in catalog.roles.values():
-                await admin.put_policy(role.vault_policy, task_policy_hcl(role))
-                await admin.put_token_role(role.vault_policy, task_token_role(role))
-            await admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
-            auth = await admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
-                                            display_name="agent-broker-partition")
-            (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
-            (root / "vault-token").chmod(0o600)
-
-    run_coro_in_thread(setup())
+    with VaultAdmin(bao.addr, token=bao.root_token, timeout=30) as admin:
+        configure_pki(admin, mount="pki-part")
+        configure_child_token_role(admin, role=CHILD_ROLE)
+        configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-part",
+                           roles={"tickets-ro": slow})
+        for role in catalog.roles.values():
+            admin.put_policy(role.vault_policy, task_policy_hcl(role))
+            admin.put_token_role(role.vault_policy, task_token_role(role))
+        admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
+        auth = admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
+                                  display_name="agent-broker-partition")
+        (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
+        (root / "vault-token").chmod(0o600)
     return root
 
 

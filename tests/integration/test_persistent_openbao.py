@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +21,7 @@ import pytest_asyncio
 from broker.dev.stack import PersistentOpenBao, start_persistent_openbao
 from broker.errors import VaultUnavailable
 from broker.vault import VaultClient, VaultSecret
+from broker.vault.admin import VaultAdmin
 from tests.support.fixtures import BaoEngines
 from tests.support.pg import PgCluster, pg_login_works
 
@@ -88,19 +89,26 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+@pytest.fixture
+def setup_admin(persistent_openbao: PersistentOpenBao) -> Iterator[VaultAdmin]:
+    """Root set-up access (hvac) to the persistent server: policies and lease revocation, in a thread."""
+    with VaultAdmin(persistent_openbao.addr, token=persistent_openbao.root_token, timeout=30) as admin:
+        yield admin
+
+
 class TestRestartKeepsData:
     async def test_policy_written_before_stop_is_there_after_start(
-        self, persistent_openbao: PersistentOpenBao, session: aiohttp.ClientSession
+        self, persistent_openbao: PersistentOpenBao, session: aiohttp.ClientSession, setup_admin: VaultAdmin
     ) -> None:
         """A policy written before stop() is read back after start(), on the same addr, with the same root token."""
         bao = persistent_openbao
         addr = bao.addr
         admin = VaultClient(session, bao.addr, token=bao.root_token)
-        await admin.put_policy("survivor", POLICY_HCL)
+        await asyncio.to_thread(setup_admin.put_policy, "survivor", POLICY_HCL)
         old_pid = bao.process.pid if bao.process else None
         await _restart(bao)
         assert bao.addr == addr and bao.process is not None and bao.process.pid != old_pid
-        assert await admin.read_policy("survivor") == POLICY_HCL
+        assert await asyncio.to_thread(setup_admin.read_policy, "survivor") == POLICY_HCL
         assert "root" in (await admin.lookup_self()).policies
 
     async def test_audit_log_keeps_growing_across_restarts(
@@ -120,6 +128,7 @@ class TestRestartKeepsData:
         persistent_bao_with_engines: BaoEngines,
         persistent_openbao: PersistentOpenBao,
         session: aiohttp.ClientSession,
+        setup_admin: VaultAdmin,
     ) -> None:
         """Leases issued before a restart are listed and looked up after it; the PostgreSQL credential still
         logs in; revoking it after the restart drops the role."""
@@ -137,8 +146,8 @@ class TestRestartKeepsData:
         info = await admin.lookup_lease(cred.lease_id)
         assert info is not None and 0 < info.ttl <= 600
         assert await pg_login_works(pg, user, password)
-        await admin.revoke_lease(cred.lease_id)
-        await admin.revoke_lease(cert.lease_id)
+        await asyncio.to_thread(setup_admin.revoke_lease, cred.lease_id)
+        await asyncio.to_thread(setup_admin.revoke_lease, cert.lease_id)
         assert await admin.lookup_lease(cred.lease_id) is None
         assert await admin.lookup_lease(cert.lease_id) is None
         assert not await pg_role_exists(pg, user)
@@ -148,18 +157,19 @@ class TestRestartKeepsData:
         persistent_bao_with_engines: BaoEngines,
         persistent_openbao: PersistentOpenBao,
         session: aiohttp.ClientSession,
+        setup_admin: VaultAdmin,
     ) -> None:
         """After SIGKILL (no graceful shutdown) start() brings back the policy and the lease, still revocable."""
         bao, pg = persistent_openbao, persistent_bao_with_engines.pg
         admin = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
-        await admin.put_policy("survivor", POLICY_HCL)
+        await asyncio.to_thread(setup_admin.put_policy, "survivor", POLICY_HCL)
         cred = await admin.read_credential(persistent_bao_with_engines.db_creds_ro, token=bao.root_token)
         user, password = _creds(cred)
         await _restart(bao, kill=True)
-        assert await admin.read_policy("survivor") == POLICY_HCL
+        assert await asyncio.to_thread(setup_admin.read_policy, "survivor") == POLICY_HCL
         assert await admin.lookup_lease(cred.lease_id) is not None
         assert await pg_login_works(pg, user, password)
-        await admin.revoke_lease(cred.lease_id)
+        await asyncio.to_thread(setup_admin.revoke_lease, cred.lease_id)
         assert not await pg_role_exists(pg, user)
 
     async def test_lease_that_expired_while_down_is_revoked_by_the_server_after_start(

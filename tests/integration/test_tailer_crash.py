@@ -30,6 +30,7 @@ from broker.audit import AuditRecord, ChainLink, verify_chain
 from broker.dev.stack import DevOpenBao
 from broker.store import open_store
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 
 TAILER = """
 import asyncio, sys
@@ -108,10 +109,11 @@ class TestTailerCrash:
         sent = 0
 
         async with aiohttp.ClientSession() as session:
-            root = VaultClient(session, bao.addr, token=bao.root_token)
-            tokens = [await root.create_token(policies=["default"], ttl="10m", display_name=f"load-{i}",
-                                              meta={"task": f"tsk_load{i}", "user": "u", "agent": "a"})
-                      for i in range(TOKENS)]
+            with VaultAdmin(bao.addr, token=bao.root_token) as root:
+                tokens = [await asyncio.to_thread(root.create_token, policies=["default"], ttl="10m",
+                                                  display_name=f"load-{i}",
+                                                  meta={"task": f"tsk_load{i}", "user": "u", "agent": "a"})
+                          for i in range(TOKENS)]
             clients = [VaultClient(session, bao.addr, token=t.client_token) for t in tokens]
 
             async def load(worker: int) -> None:

@@ -25,6 +25,7 @@ from broker.dev.stack import PersistentOpenBao
 from broker.sealing import TokenSealer
 from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
+from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.conftest import (
     AGENT,
@@ -55,10 +56,9 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
                          idp=IDP).replace("revoke_confirm_timeout = 5", "revoke_confirm_timeout = 2\ntimeout = 2")
     (tmp / "broker.toml").write_text(text + FAST_MAINTENANCE)
     settings = load_settings({}, tmp / "broker.toml")
-    async with aiohttp.ClientSession() as session:
-        admin = VaultClient(session, bao.addr, token=bao.root_token)
-        await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
-        await write_broker_token(admin, tmp / "vault-token")
+    with VaultAdmin(bao.addr, token=bao.root_token) as admin:
+        await asyncio.to_thread(sync, admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
+        await asyncio.to_thread(write_broker_token, admin, tmp / "vault-token")
     return await aiohttp_client(make_app(settings))
 
 

@@ -30,6 +30,7 @@ from broker.dev.stack import (
     start_persistent_openbao,
 )
 from broker.vault import Sensitive, VaultClient
+from broker.vault.admin import VaultAdmin
 from tests.support.openbao import start_test_openbao
 from tests.support.pg import (
     PgCluster,
@@ -46,6 +47,7 @@ __all__ = [
     "persistent_bao_with_engines",
     "persistent_openbao",
     "pg_cluster",
+    "root_admin",
     "throwaway_openbao",
     "vault_admin",
 ]
@@ -88,6 +90,13 @@ async def vault_admin(openbao: DevOpenBao) -> AsyncIterator[VaultClient]:
     """A ``VaultClient`` with the root token on a fresh ``aiohttp`` session."""
     async with aiohttp.ClientSession() as session:
         yield VaultClient(session, openbao.addr, token=openbao.root_token)
+
+
+@pytest.fixture
+def root_admin(openbao: DevOpenBao) -> Iterator[VaultAdmin]:
+    """A ``VaultAdmin`` (hvac) with the root token of the session OpenBao; async tests call it in a thread."""
+    with VaultAdmin(openbao.addr, token=openbao.root_token) as admin:
+        yield admin
 
 
 @pytest.fixture(scope="session")
@@ -137,19 +146,18 @@ class BaoEngines:
     db_creds_rw: str = "database/creds/tickets-rw"
 
 
-async def _configure(bao: BaoServer, pg: PgCluster) -> None:
-    await seed_tickets_schema(pg.dsn())
-    async with aiohttp.ClientSession() as session:
-        client = VaultClient(session, bao.addr, token=bao.root_token, timeout=30)
-        await configure_pki(client)
-        await configure_child_token_role(client)
-        await configure_database(client, dsn_admin=pg.dsn())
+def _configure(bao: BaoServer, pg: PgCluster) -> None:
+    run_coro_in_thread(seed_tickets_schema(pg.dsn()))
+    with VaultAdmin(bao.addr, token=bao.root_token, timeout=30) as admin:
+        configure_pki(admin)
+        configure_child_token_role(admin)
+        configure_database(admin, dsn_admin=pg.dsn())
 
 
 @pytest.fixture(scope="session")
 def bao_with_engines(openbao: DevOpenBao, pg_cluster: PgCluster) -> BaoEngines:
     """The session OpenBao with PKI, the child-token role and the PostgreSQL engine set up once."""
-    run_coro_in_thread(_configure(openbao, pg_cluster))
+    _configure(openbao, pg_cluster)
     return BaoEngines(bao=openbao, pg=pg_cluster)
 
 
@@ -172,5 +180,5 @@ def persistent_bao_with_engines(persistent_openbao: PersistentOpenBao, pg_cluste
 
     ``engines.bao`` is the ``PersistentOpenBao`` (use the ``persistent_openbao`` fixture to get it typed).
     """
-    run_coro_in_thread(_configure(persistent_openbao, pg_cluster))
+    _configure(persistent_openbao, pg_cluster)
     return BaoEngines(bao=persistent_openbao, pg=pg_cluster)
