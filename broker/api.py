@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
-from broker.approvals import ApprovalManager, InsufficientAuthentication
+from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import StoreVerifier
 from broker.delegation import Catalog, any_includes
 from broker import jsontext
@@ -29,6 +29,7 @@ from broker.errors import (
     BadRequest,
     BrokerError,
     Denied,
+    InsufficientAuthentication,
     InvalidIdentity,
     NotFound,
     NumberOutOfRange,
@@ -43,7 +44,7 @@ from broker.models import (
     ApprovalDecision,
     ApprovalList,
     ApprovalOut,
-    ApprovalPending,
+    ApprovalPendingOut,
     ApprovalVote,
     AuditOut,
     AuditPage,
@@ -294,7 +295,7 @@ async def issue_credential(request: web.Request) -> web.Response:
                                              body.approval_id)
     if isinstance(issued, PendingApproval):
         a = issued.approval
-        return _json(ApprovalPending(approval_id=a.id, expires_at=a.expires_at), 202)
+        return _json(ApprovalPendingOut(approval_id=a.id, expires_at=a.expires_at), 202)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
                         renewable=issued.lease.renewable, data=dict(issued.data))
     return _json(out, no_store=True)

@@ -28,35 +28,13 @@ from typing import Literal
 
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, any_includes
-from broker.errors import BadRequest, Conflict, Denied, InvalidIdentity, NotFound, RateLimited
+from broker.errors import ApprovalMismatch, BadRequest, Conflict, InsufficientAuthentication, NotApprover, NotFound, RateLimited
 from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
 from broker.store import ApprovalRow, Person, Store, TaskRow
 
 Decision = Literal["approve", "deny"]
 _DOMAIN = "broker.approval.v1"
-
-
-class InsufficientAuthentication(InvalidIdentity):
-    """RFC 9470: the approver's authentication is too old; re-authenticate and try again."""
-
-    code = "insufficient_user_authentication"
-    title = "Re-authentication required"
-
-    def __init__(self, reason: str, *, max_age: int) -> None:
-        super().__init__(reason)
-        self.args = (f"sign in again (authentication no older than {max_age} s) to decide approvals",)
-        self.max_age = max_age
-
-
-class ApprovalMismatch(Denied):
-    code = "approval_mismatch"
-    title = "The approval does not cover this request"
-
-
-class NotApprover(Denied):
-    code = "not_approver"
-    title = "Not allowed to decide this approval"
 
 
 def request_digest(*, task: str, user: str, agent: str, grant: str, path: str, ttl: int) -> str:
@@ -250,5 +228,5 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-__all__ = ["ApprovalManager", "ApprovalMismatch", "InsufficientAuthentication", "NotApprover", "check_approver",
+__all__ = ["ApprovalManager", "check_approver",
            "check_fresh", "is_same_person", "request_digest"]

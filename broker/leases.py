@@ -27,6 +27,7 @@ from broker.approvals import ApprovalManager
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, cap_ttl, check_grant
 from broker.errors import (
+    ApprovalRequired,
     BadRequest,
     BrokerError,
     Conflict,
@@ -87,13 +88,6 @@ def next_state(state: LeaseState, event: LeaseEvent) -> LeaseState:
         msg = f"the lease is {state}"
         raise Conflict(msg)
     return target
-
-
-class ApprovalRequired(Denied):
-    """A high-risk grant where no approval can be had (no approvers configured): refused outright."""
-
-    code = "approval_required"
-    title = "This grant needs a human approval"
 
 
 async def _done() -> None:

@@ -12,7 +12,7 @@ from broker.models import (
     ApprovalDecision,
     ApprovalList,
     ApprovalOut,
-    ApprovalPending,
+    ApprovalPendingOut,
     AuditPage,
     AuditVerifyOut,
     CredentialOut,
@@ -32,7 +32,7 @@ from broker.models import (
     TaskPage,
 )
 
-_APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPending, ApprovalOut, ApprovalList, ApprovalDecision)
+_APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPendingOut, ApprovalOut, ApprovalList, ApprovalDecision)
 _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
@@ -163,7 +163,7 @@ def spec() -> dict[str, Any]:
     doc["paths"]["/v1/tasks/{task_id}/credentials"]["post"]["responses"]["202"] = {
         "description": "A high-risk grant: nothing issued; an approval is pending (poll it, then repeat the request "
                        "with its approval_id)",
-        "content": {"application/json": {"schema": _ref(ApprovalPending)}},
+        "content": {"application/json": {"schema": _ref(ApprovalPendingOut)}},
     }
     doc["paths"]["/v1/approvals"] = {"get": _op(
         "Approvals with the full request; ?state=pending for the queue (approvers, auditors)", "user",

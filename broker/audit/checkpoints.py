@@ -29,12 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from broker.audit.signing import (
     Checkpoint,
-    CheckpointInvalid,
     key_id,
     parse_checkpoint,
     parse_notes,
     sign_checkpoint,
 )
+from broker.errors import CheckpointInvalid
 from broker.store import CheckpointRow, Store
 from broker.audit.verify import LogVerifier, VerifyReport
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit.checkpoints import StoreVerifier
 from broker.config import Settings, load_settings
-from broker.errors import BrokerError
+from broker.errors import AuditLineInvalid, BrokerError
 from broker.audit.signing import key_id, load_public_key, load_signing_key, public_key_pem
 from broker.audit.verify import VerifyReport
 
@@ -67,7 +67,7 @@ def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vaul
 async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -> tuple[int, list[str]]:
     """(requests made with this store's task tokens in the Vault logs, those whose request id the chain lacks)."""
     from broker.store import open_store
-    from broker.audit.vaultlog import AuditLineInvalid, parse_line, task_token_requests
+    from broker.audit.vaultlog import parse_line, task_token_requests
 
     entries = []
     for path in paths:

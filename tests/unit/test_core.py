@@ -11,12 +11,12 @@ import pytest
 from broker import sdk
 from broker.audit import AuditRecord, redact
 from broker.config import load_settings, parse_duration
-from broker.errors import ConfigError, Conflict
+from broker.errors import ConfigError, Conflict, SealBroken
 from broker.leases import TRANSITIONS as LEASE_TRANSITIONS
 from broker.leases import LeaseEvent, LeaseState
 from broker.leases import next_state as lease_next
 from broker.openapi import spec
-from broker.sealing import SealBroken, TokenSealer
+from broker.sealing import TokenSealer
 from broker.tasks import TRANSITIONS as TASK_TRANSITIONS
 from broker.tasks import TaskEvent, TaskState
 from broker.tasks import next_state as task_next

@@ -11,10 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.errors import ConfigError
+from broker.errors import CheckpointInvalid, ConfigError
 from broker.audit.signing import (
     Checkpoint,
-    CheckpointInvalid,
     checkpoint_body,
     generate_signing_key_file,
     key_id,

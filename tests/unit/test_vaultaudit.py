@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from broker.audit import AuditRecord
+from broker.errors import AuditLineInvalid
 from broker.store.rows import TaskRow
 from broker.audit.vaultlog import (
-    AuditLineInvalid,
     TokenOrigin,
     VaultAuditEntry,
     attribute,
