@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from broker import __version__
+from broker import __version__, errors
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
@@ -37,6 +37,24 @@ _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
 )
+
+
+# Codes no API route answers with, left out of ``Problem.code``'s enum: raised at start-up
+# (invalid_config) or by the SDK itself for a 202 (approval_pending); the console's, shown as HTML pages
+# (csrf, sign_in_required); and those caught where they are raised -- the audit verifier reports a broken
+# chain or checkpoint in its answer, and the Vault audit tailer and the export sinks run in the background.
+NOT_ANSWERED: frozenset[str] = frozenset({
+    "invalid_config", "approval_pending", "csrf", "sign_in_required", "audit_chain_broken", "checkpoint_invalid",
+    "vault_audit_line_invalid", "audit_export_failed",
+})
+# What ``api.error_middleware`` answers for aiohttp's own HTTP errors that no BrokerError stands for.
+_HTTP_ERROR_CODES = ("method_not_allowed", "http_error")
+
+
+def problem_codes() -> list[str]:
+    """Every ``code`` an API problem can carry: the errors' codes but ``NOT_ANSWERED``, and aiohttp's."""
+    codes = {cls.code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.BrokerError)}
+    return sorted((codes - NOT_ANSWERED).union(_HTTP_ERROR_CODES))
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -92,6 +110,7 @@ def spec() -> dict[str, Any]:
         for name, sub in schema.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = schema
+    schemas[Problem.__name__]["properties"]["code"]["enum"] = problem_codes()
     auth_errors = (400, 401, 403, 404, 409, 410, 413, 415, 429, 502, 503)
     filters = [_query("user"), _query("agent"), _query("tenant"), _query("state"), _query("after"), _LIMIT]
     doc: dict[str, Any] = {
