@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from broker import __version__, errors
+import broker.errors
+from broker import __version__
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
@@ -53,7 +54,8 @@ _HTTP_ERROR_CODES = ("method_not_allowed", "http_error")
 
 def problem_codes() -> list[str]:
     """Every ``code`` an API problem can carry: the errors' codes but ``NOT_ANSWERED``, and aiohttp's."""
-    codes = {cls.code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.BrokerError)}
+    codes = {cls.code for cls in vars(broker.errors).values()
+             if isinstance(cls, type) and issubclass(cls, broker.errors.BrokerError)}
     return sorted((codes - NOT_ANSWERED).union(_HTTP_ERROR_CODES))
 
 
