@@ -23,15 +23,16 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
-from broker import __version__
-from broker.approvals import ApprovalManager, InsufficientAuthentication
+from broker import __version__, jsontext
+from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import StoreVerifier
+from broker.audit.tailer import VaultAuditTailer
 from broker.delegation import Catalog, any_includes
-from broker import jsontext
 from broker.errors import (
     BadRequest,
     BrokerError,
     Denied,
+    InsufficientAuthentication,
     InvalidIdentity,
     NotFound,
     NumberOutOfRange,
@@ -46,7 +47,7 @@ from broker.models import (
     ApprovalDecision,
     ApprovalList,
     ApprovalOut,
-    ApprovalPending,
+    ApprovalPendingOut,
     ApprovalVote,
     AuditOut,
     AuditPage,
@@ -73,7 +74,6 @@ from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
-from broker.audit.tailer import VaultAuditTailer
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
 
@@ -314,7 +314,7 @@ async def issue_credential(request: web.Request) -> web.Response:
                                              body.approval_id)
     if isinstance(issued, PendingApproval):
         a = issued.approval
-        return _json(ApprovalPending(approval_id=a.id, expires_at=a.expires_at), 202)
+        return _json(ApprovalPendingOut(approval_id=a.id, expires_at=a.expires_at), 202)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
                         renewable=issued.lease.renewable, data=dict(issued.data))
     return _json(out, no_store=True)

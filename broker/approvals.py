@@ -10,14 +10,13 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker.approval_rules import Decision, check_approver, check_fresh, is_same_person, request_digest
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, any_includes
-from broker.approval_rules import Decision, check_approver, check_fresh, is_same_person, request_digest
 from broker.errors import (
     ApprovalMismatch,
     BadRequest,
     Conflict,
-    InsufficientAuthentication,
     NotApprover,
     NotFound,
     RateLimited,
@@ -25,6 +24,7 @@ from broker.errors import (
 from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
 from broker.store import ApprovalRow, Person, Store, TaskRow
+
 
 @dataclass(frozen=True)
 class ApprovalView:
@@ -174,5 +174,5 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-__all__ = ["ApprovalManager", "ApprovalMismatch", "InsufficientAuthentication", "NotApprover", "check_approver",
+__all__ = ["ApprovalManager", "check_approver",
            "check_fresh", "is_same_person", "request_digest"]

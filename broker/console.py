@@ -47,9 +47,19 @@ import jinja2
 from aiohttp import web
 
 from broker import api
-from broker.approvals import InsufficientAuthentication, is_same_person
+from broker.approvals import is_same_person
 from broker.delegation import Catalog, any_includes
-from broker.errors import BadRequest, BrokerError, Denied, InvalidIdentity, RateLimited, UnsupportedMediaType
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    CsrfRefused,
+    Denied,
+    InsufficientAuthentication,
+    InvalidIdentity,
+    RateLimited,
+    SignInRequired,
+    UnsupportedMediaType,
+)
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
 from broker.limits import RateLimiter
 from broker.server import log_path
@@ -161,23 +171,6 @@ SESSIONS = web.AppKey("console_sessions", SessionStore)
 
 
 # -- errors, headers, same-origin --------------------------------------------------------------------
-
-
-class CsrfRefused(Denied):
-    """A POST without the right synchronizer token or without same-origin evidence."""
-
-    code = "csrf"
-    title = "Form refused"
-
-
-class SignInRequired(InvalidIdentity):
-    """No (live) console session: GET pages redirect to sign-in, POSTs get a 401 page."""
-
-    title = "Sign in required"
-
-    def __init__(self) -> None:
-        super().__init__("no console session")
-        self.args = ("your session has ended or you have not signed in",)
 
 
 def _origin(request: web.Request) -> str:

@@ -15,26 +15,39 @@ Hierarchy::
     ├── UnsupportedMediaType (415 unsupported_media_type) -- a body that is not application/json (UTF-8)
     ├── HeaderTooLarge (431 header_too_large)        -- answered by the broker, not by aiohttp's parser
     ├── InvalidIdentity (401 invalid_token)          -- one generic message whatever failed (no oracle)
-    │   └── InsufficientAuthentication (401 insufficient_user_authentication)  -- RFC 9470 step-up
+    │   ├── InsufficientAuthentication (401 insufficient_user_authentication) -- RFC 9470: sign in again
+    │   └── SignInRequired (401 sign_in_required)    -- the console: no live session (a page, never a problem)
     ├── Denied (403 denied)
-    │   ├── NotApprover (403 not_approver)
-    │   ├── ApprovalMismatch (403 approval_mismatch)
     │   ├── NotDelegator (403 not_delegator)
     │   ├── AgentNotAllowed (403 agent_not_allowed)
     │   ├── NotTaskAgent (403 not_task_agent)
     │   ├── GrantNotInRole (403 grant_not_in_role)
-    │   └── Locked (403 locked)                        -- an operator's lock on the user, agent or tenant
+    │   ├── Locked (403 locked)                        -- an operator's lock on the user, agent or tenant
+    │   ├── ApprovalRequired (403 approval_required)   -- a high-risk grant, and no approvers configured
+    │   ├── ApprovalMismatch (403 approval_mismatch)   -- the approval was given for another request
+    │   ├── NotApprover (403 not_approver)
+    │   └── CsrfRefused (403 csrf)                     -- the console: a form not sent from it (a page)
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
     ├── Gone (410 gone)                                -- the task is no longer active
     ├── RateLimited (429 rate_limited, Retry-After)
     │   └── BudgetExceeded (429 budget_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
+    ├── StoreUnavailable (503 store_unavailable)       -- the store cannot be written
+    ├── AuditBacklogFull (503 audit_backlog, Retry-After) -- the audit export is behind: nothing is issued
+    ├── ExportFailed (503 audit_export_failed)         -- an export sink did not take a batch (background)
+    ├── AuditChainBroken (500 audit_chain_broken)      -- verification reports it; never a problem
+    ├── CheckpointInvalid (500 checkpoint_invalid)     -- verification reports it; never a problem
+    ├── AuditLineInvalid (500 vault_audit_line_invalid) -- a Vault audit line that is not an entry (tailer)
+    ├── SealBroken (500 seal_broken)                   -- a sealed task token does not open with the key
+    ├── ApprovalPending (202 approval_pending)         -- raised by the SDK for a 202 answer, never sent
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
         ├── VaultBadResponse (502 vault_bad_response)
         └── VaultUnavailable (503 vault_unavailable)  -- unreachable, sealed, standby: retry later
-        StoreUnavailable (503 store_unavailable)      -- (a BrokerError) the store cannot be written
+
+Every code is unique, the SDK decodes each into its class, and the OpenAPI document lists every code an
+API route can answer (``tests/unit/test_errors.py``).
 """
 
 from __future__ import annotations
@@ -120,20 +133,21 @@ class InsufficientAuthentication(InvalidIdentity):
         self.max_age = max_age
 
 
+class SignInRequired(InvalidIdentity):
+    """No (live) console session: GET pages redirect to sign-in, POSTs get a 401 page."""
+
+    code = "sign_in_required"
+    title = "Sign in required"
+
+    def __init__(self) -> None:
+        super().__init__("no console session")
+        self.args = ("your session has ended or you have not signed in",)
+
+
 class Denied(BrokerError):
     code = "denied"
     http_status = 403
     title = "Denied"
-
-
-class NotApprover(Denied):
-    code = "not_approver"
-    title = "Not allowed to decide this approval"
-
-
-class ApprovalMismatch(Denied):
-    code = "approval_mismatch"
-    title = "The approval does not cover this request"
 
 
 class NotDelegator(Denied):
@@ -161,6 +175,30 @@ class Locked(Denied):
 
     code = "locked"
     title = "Locked by an operator"
+
+
+class ApprovalRequired(Denied):
+    """A high-risk grant where no approval can be had (no approvers configured): refused outright."""
+
+    code = "approval_required"
+    title = "This grant needs a human approval"
+
+
+class ApprovalMismatch(Denied):
+    code = "approval_mismatch"
+    title = "The approval does not cover this request"
+
+
+class NotApprover(Denied):
+    code = "not_approver"
+    title = "Not allowed to decide this approval"
+
+
+class CsrfRefused(Denied):
+    """A POST without the right synchronizer token or without same-origin evidence."""
+
+    code = "csrf"
+    title = "Form refused"
 
 
 class NotFound(BrokerError):
@@ -207,6 +245,71 @@ class StoreUnavailable(BrokerError):
     http_status = 503
     title = "Store unavailable"
     retry_after = 5
+
+
+class AuditBacklogFull(BrokerError):
+    """The export sinks are more than ``export_backlog_limit`` records behind: no issuance until they catch up."""
+
+    code = "audit_backlog"
+    http_status = 503
+    title = "The audit export is behind; try again later"
+    retry_after = 5
+
+
+class ExportFailed(BrokerError):
+    """A sink did not take a batch (after its retries): the batch stays in the backlog."""
+
+    code = "audit_export_failed"
+    http_status = 503
+    title = "An audit export sink is unavailable"
+
+
+class AuditChainBroken(BrokerError):
+    """The chain does not verify; ``first_bad_seq`` is the first record that is not proven."""
+
+    code = "audit_chain_broken"
+    http_status = 500
+    title = "The audit chain does not verify"
+
+    def __init__(self, first_bad_seq: int, reason: str) -> None:
+        super().__init__(f"audit chain broken at record {first_bad_seq}", reason=reason)
+        self.first_bad_seq = first_bad_seq
+
+
+class CheckpointInvalid(BrokerError):
+    """A checkpoint is malformed, names another origin or key, or its signature does not verify."""
+
+    code = "checkpoint_invalid"
+    http_status = 500
+    title = "A checkpoint does not verify"
+
+
+class AuditLineInvalid(BrokerError):
+    """A line of the Vault audit file is not an audit entry (not JSON, or missing what every entry has)."""
+
+    code = "vault_audit_line_invalid"
+    title = "Invalid Vault audit line"
+
+
+class SealBroken(BrokerError):
+    code = "seal_broken"
+    title = "A sealed task token could not be opened"
+
+
+class ApprovalPending(BrokerError):
+    """Raised by the SDK, never sent: a high-risk grant waits for people (the API answers 202 with the approval).
+
+    ``approval_id`` is what to wait on, ``state`` where it stands.
+    """
+
+    code = "approval_pending"
+    http_status = 202
+    title = "Waiting for approval"
+
+    def __init__(self, approval_id: str, state: str) -> None:
+        super().__init__(f"approval {approval_id} is {state}")
+        self.approval_id = approval_id
+        self.state = state
 
 
 class VaultError(BrokerError):

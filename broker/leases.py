@@ -16,7 +16,6 @@ Rules this file keeps:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import secrets
@@ -28,6 +27,7 @@ from broker.approvals import ApprovalManager
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, Grant, cap_ttl, check_grant
 from broker.errors import (
+    ApprovalRequired,
     BadRequest,
     BrokerError,
     Conflict,
@@ -52,11 +52,6 @@ from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
 log = logging.getLogger(__name__)
 
 
-class ApprovalRequired(Denied):
-    """A high-risk grant where no approval can be had (no approvers configured): refused outright."""
-
-    code = "approval_required"
-    title = "This grant needs a human approval"
 
 
 async def _done() -> None:

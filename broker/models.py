@@ -168,7 +168,7 @@ class CredentialOut(BaseModel):
     __str__ = __repr__
 
 
-class ApprovalPending(BaseModel):
+class ApprovalPendingOut(BaseModel):
     approval_id: str
     state: Literal["pending"] = "pending"
     expires_at: float

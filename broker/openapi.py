@@ -7,12 +7,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+import broker.errors
 from broker import __version__
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
     ApprovalOut,
-    ApprovalPending,
+    ApprovalPendingOut,
     AuditPage,
     AuditVerifyOut,
     CredentialOut,
@@ -32,11 +33,30 @@ from broker.models import (
     TaskPage,
 )
 
-_APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPending, ApprovalOut, ApprovalList, ApprovalDecision)
+_APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPendingOut, ApprovalOut, ApprovalList, ApprovalDecision)
 _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
 )
+
+
+# Codes no API route answers with, left out of ``Problem.code``'s enum: raised at start-up
+# (invalid_config) or by the SDK itself for a 202 (approval_pending); the console's, shown as HTML pages
+# (csrf, sign_in_required); and those caught where they are raised -- the audit verifier reports a broken
+# chain or checkpoint in its answer, and the Vault audit tailer and the export sinks run in the background.
+NOT_ANSWERED: frozenset[str] = frozenset({
+    "invalid_config", "approval_pending", "csrf", "sign_in_required", "audit_chain_broken", "checkpoint_invalid",
+    "vault_audit_line_invalid", "audit_export_failed",
+})
+# What ``api.error_middleware`` answers for aiohttp's own HTTP errors that no BrokerError stands for.
+_HTTP_ERROR_CODES = ("method_not_allowed", "http_error")
+
+
+def problem_codes() -> list[str]:
+    """Every ``code`` an API problem can carry: the errors' codes but ``NOT_ANSWERED``, and aiohttp's."""
+    codes = {cls.code for cls in vars(broker.errors).values()
+             if isinstance(cls, type) and issubclass(cls, broker.errors.BrokerError)}
+    return sorted((codes - NOT_ANSWERED).union(_HTTP_ERROR_CODES))
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -95,6 +115,7 @@ def spec() -> dict[str, Any]:
         for name, sub in schema.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = schema
+    schemas[Problem.__name__]["properties"]["code"]["enum"] = problem_codes()
     auth_errors = (400, 401, 403, 404, 409, 410, 413, 415, 429, 502, 503)
     filters = [_query("user"), _query("agent"), _query("tenant"), _query("state"), _query("after"), _LIMIT]
     doc: dict[str, Any] = {
@@ -166,7 +187,7 @@ def spec() -> dict[str, Any]:
     doc["paths"]["/v1/tasks/{task_id}/credentials"]["post"]["responses"]["202"] = {
         "description": "A high-risk grant: nothing issued; an approval is pending (poll it, then repeat the request "
                        "with its approval_id)",
-        "content": {"application/json": {"schema": _ref(ApprovalPending)}},
+        "content": {"application/json": {"schema": _ref(ApprovalPendingOut)}},
     }
     doc["paths"]["/v1/approvals"] = {"get": _op(
         "Approvals with the full request; ?state=pending for the queue (approvers, auditors)", "user",

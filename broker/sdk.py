@@ -15,9 +15,10 @@ is always fresh. Errors arrive as the broker's own ``BrokerError`` subclasses, c
 from __future__ import annotations
 
 import asyncio
+import re
 import types
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -35,18 +36,8 @@ _ERRORS: dict[str, type[errors.BrokerError]] = {
     if isinstance(cls, type) and issubclass(cls, errors.BrokerError)
 }
 
-
-class ApprovalPending(errors.BrokerError):
-    """A high-risk grant waits for people: ``approval_id`` is what to wait on, ``state`` where it stands."""
-
-    code = "approval_pending"
-    http_status = 202
-    title = "Waiting for approval"
-
-    def __init__(self, approval_id: str, state: str) -> None:
-        super().__init__(f"approval {approval_id} is {state}")
-        self.approval_id = approval_id
-        self.state = state
+# Raised by ``AgentClient.credential`` for a 202 (a pending approval); defined with the other errors.
+ApprovalPending = errors.ApprovalPending
 
 
 class _Client:
@@ -86,18 +77,27 @@ class _Client:
             async with self._session.request(method, self._base + path, json=body, headers=headers) as resp:
                 payload = await resp.json(content_type=None)
                 if resp.status >= 400:
-                    raise _error(resp.status, payload, resp.headers.get("Retry-After"))
+                    raise _error(resp.status, payload, resp.headers)
                 return payload
         except aiohttp.ClientError as exc:
             raise errors.BrokerError("cannot reach the broker", reason=type(exc).__name__) from exc
 
 
-def _error(status: int, payload: Any, retry_after: str | None) -> errors.BrokerError:
+def _error(status: int, payload: Any, headers: Mapping[str, str]) -> errors.BrokerError:
+    """The problem an answer carries, as the ``BrokerError`` subclass its ``code`` names."""
     code = payload.get("code", "") if isinstance(payload, dict) else ""
     detail = payload.get("detail", "") if isinstance(payload, dict) else ""
     cls = _ERRORS.get(code, errors.BrokerError)
-    exc = errors.InvalidIdentity(detail) if cls is errors.InvalidIdentity else cls(detail or f"HTTP {status}")
-    if retry_after and retry_after.isdigit():
+    # Not ``cls(detail)``: a subclass's constructor takes what the broker knew when it raised (a max_age, a
+    # record number); over the wire there is the message, and the class says the rest.
+    exc = cls.__new__(cls)
+    errors.BrokerError.__init__(exc, detail or f"HTTP {status}")
+    if isinstance(exc, errors.InsufficientAuthentication):
+        # RFC 9470: WWW-Authenticate names the authentication age the broker accepts.
+        max_age = re.search(r"max_age=(\d+)", headers.get("WWW-Authenticate", ""))
+        exc.max_age = int(max_age.group(1)) if max_age else 0
+    retry_after = headers.get("Retry-After", "")
+    if retry_after.isdigit():
         exc.retry_after = int(retry_after)
     return exc
 

@@ -14,16 +14,11 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.errors import BrokerError, ConfigError
+from broker.errors import ConfigError, SealBroken
 from broker.keyfiles import read_private_file
 from broker.vault import Sensitive
 
 _VERSION = b"\x01"
-
-
-class SealBroken(BrokerError):
-    code = "seal_broken"
-    title = "A sealed task token could not be opened"
 
 
 class TokenSealer:

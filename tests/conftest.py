@@ -18,11 +18,11 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient
 
 from broker.app import make_app
+from broker.audit.signing import generate_signing_key_file
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.dev.identities import DevIssuer
 from broker.sealing import TokenSealer
-from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token

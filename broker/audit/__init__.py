@@ -18,7 +18,6 @@ from broker.audit.chain import (
     ADDED_FIELDS,
     CHAIN_DOMAIN,
     GENESIS,
-    AuditChainBroken,
     AuditRecord,
     ChainLink,
     Outcome,
@@ -29,5 +28,5 @@ from broker.audit.chain import (
     verify_chain,
 )
 
-__all__ = ["ADDED_FIELDS", "CHAIN_DOMAIN", "GENESIS", "AuditChainBroken", "AuditRecord", "ChainLink", "Outcome",
+__all__ = ["ADDED_FIELDS", "CHAIN_DOMAIN", "GENESIS", "AuditRecord", "ChainLink", "Outcome",
            "TaskLike", "canonical_bytes", "chain_hash", "redact", "verify_chain"]

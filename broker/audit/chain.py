@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
-from broker.errors import BrokerError
+from broker.errors import AuditChainBroken
 
 Outcome = Literal["success", "denied", "failure", "pending"]
 
@@ -120,18 +120,6 @@ def canonical_bytes(record: AuditRecord, seq: int) -> bytes:
 
 def chain_hash(prev: bytes, body: bytes) -> bytes:
     return hashlib.sha256(CHAIN_DOMAIN + prev + body).digest()
-
-
-class AuditChainBroken(BrokerError):
-    """The chain does not verify; ``first_bad_seq`` is the first record that is not proven."""
-
-    code = "audit_chain_broken"
-    http_status = 500
-    title = "The audit chain does not verify"
-
-    def __init__(self, first_bad_seq: int, reason: str) -> None:
-        super().__init__(f"audit chain broken at record {first_bad_seq}", reason=reason)
-        self.first_bad_seq = first_bad_seq
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from broker.audit.signing import (
     Checkpoint,
-    CheckpointInvalid,
     key_id,
     parse_checkpoint,
     parse_notes,
     sign_checkpoint,
 )
-from broker.store import CheckpointRow, Store
 from broker.audit.verify import LogVerifier, VerifyReport
+from broker.errors import CheckpointInvalid
+from broker.store import CheckpointRow, Store
 
 __all__ = ["Checkpointer", "StoreVerifier", "append_witness", "checkpoint_of", "read_witness"]
 

@@ -38,14 +38,12 @@ import aiohttp
 from aiohttp import web
 
 from broker.audit import ChainLink, canonical_bytes
-from broker.errors import BrokerError
 from broker.audit.ocsf import to_ocsf
+from broker.errors import AuditBacklogFull, BrokerError, ExportFailed
 from broker.store import Store
 
 __all__ = [
     "EXPORTER",
-    "AuditBacklogFull",
-    "ExportFailed",
     "Exporter",
     "FileSink",
     "Sink",
@@ -59,23 +57,6 @@ log = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "ocsf"]
 _TAIL_MAX = 1 << 20  # the longest line we expect at the end of an export file (records are a few KB)
-
-
-class AuditBacklogFull(BrokerError):
-    """The export sinks are more than ``export_backlog_limit`` records behind: no issuance until they catch up."""
-
-    code = "audit_backlog"
-    http_status = 503
-    title = "The audit export is behind; try again later"
-    retry_after = 5
-
-
-class ExportFailed(BrokerError):
-    """A sink did not take a batch (after its retries): the batch stays in the backlog."""
-
-    code = "audit_export_failed"
-    http_status = 503
-    title = "An audit export sink is unavailable"
 
 
 # -- formats (pure) ----------------------------------------------------------------------------------

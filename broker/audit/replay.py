@@ -28,8 +28,8 @@ from typing import Any, Literal
 import click
 
 from broker.audit import AuditRecord, canonical_bytes
-from broker.cli.audit import audit_group
 from broker.audit.ocsf import to_ocsf
+from broker.cli.audit import audit_group
 from broker.cli.ops import (
     OpsError,
     _connection_options,

@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from broker.errors import BrokerError, ConfigError
+from broker.errors import CheckpointInvalid, ConfigError
 from broker.keyfiles import read_private_file
 
 __all__ = [
-    "Checkpoint", "CheckpointInvalid", "checkpoint_body", "generate_signing_key_file", "key_id",
+    "Checkpoint", "checkpoint_body", "generate_signing_key_file", "key_id",
     "load_public_key", "load_signing_key", "parse_checkpoint", "parse_notes", "public_key_pem",
     "sign_checkpoint", "verify_checkpoint",
 ]
@@ -49,14 +49,6 @@ _SIG_PREFIX = "\u2014 "  # an em dash and a space, as in C2SP signed notes
 _KEY_ID_LEN = 4
 _SIG_LEN = 64
 _MAX_NOTE = 4096
-
-
-class CheckpointInvalid(BrokerError):
-    """A checkpoint is malformed, names another origin or key, or its signature does not verify."""
-
-    code = "checkpoint_invalid"
-    http_status = 500
-    title = "A checkpoint does not verify"
 
 
 @dataclass(frozen=True)

@@ -48,17 +48,16 @@ from pathlib import Path
 from typing import Literal
 
 from broker.audit import AuditRecord
-from broker.errors import BrokerError
-from broker.metrics import Metrics
-from broker.store import Store, VaultAuditPosition
 from broker.audit.vaultlog import (
     DEFAULT_SKEW,
-    AuditLineInvalid,
     TokenOrigin,
     VaultAuditEntry,
     classify_batch,
     parse_line,
 )
+from broker.errors import AuditLineInvalid, BrokerError
+from broker.metrics import Metrics
+from broker.store import Store, VaultAuditPosition
 
 log = logging.getLogger(__name__)
 

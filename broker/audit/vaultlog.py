@@ -36,12 +36,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from broker.audit import AuditRecord
-from broker.errors import BrokerError
+from broker.errors import AuditLineInvalid
 from broker.rows import TaskRow
 
 __all__ = [
     "DEFAULT_SKEW",
-    "AuditLineInvalid",
     "TokenOrigin",
     "VaultAuditEntry",
     "VaultAuth",
@@ -57,13 +56,6 @@ __all__ = [
 DEFAULT_SKEW = 2.0
 _MAX_LINE = 1 << 20  # OpenBao lines are ~1.5 KB; a megabyte is not an audit entry
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
-
-
-class AuditLineInvalid(BrokerError):
-    """A line of the Vault audit file is not an audit entry (not JSON, or missing what every entry has)."""
-
-    code = "vault_audit_line_invalid"
-    title = "Invalid Vault audit line"
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.audit import (
     CHAIN_DOMAIN,
     GENESIS,
-    AuditChainBroken,
     AuditRecord,
     ChainLink,
     canonical_bytes,
 )
-from broker.audit.signing import Checkpoint, CheckpointInvalid, verify_checkpoint
+from broker.audit.signing import Checkpoint, verify_checkpoint
+from broker.errors import AuditChainBroken, CheckpointInvalid
 
 __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 

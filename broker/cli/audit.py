@@ -16,10 +16,10 @@ import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit.checkpoints import StoreVerifier
-from broker.config import Settings, load_settings
-from broker.errors import BrokerError
 from broker.audit.signing import key_id, load_public_key, load_signing_key, public_key_pem
 from broker.audit.verify import VerifyReport
+from broker.config import Settings, load_settings
+from broker.errors import AuditLineInvalid, BrokerError
 
 __all__ = ["audit_group", "register"]
 
@@ -66,8 +66,8 @@ def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vaul
 
 async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -> tuple[int, list[str]]:
     """(requests made with this store's task tokens in the Vault logs, those whose request id the chain lacks)."""
+    from broker.audit.vaultlog import parse_line, task_token_requests
     from broker.store import open_store
-    from broker.audit.vaultlog import AuditLineInvalid, parse_line, task_token_requests
 
     entries = []
     for path in paths:

@@ -23,7 +23,7 @@ import click
 from aiohttp import web
 
 from broker.app import make_app
-from broker.server import BrokerRunner
+from broker.audit.signing import generate_signing_key_file
 from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.dev.identities import DevIssuer
@@ -38,7 +38,7 @@ from broker.dev.stack import (
 )
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
-from broker.audit.signing import generate_signing_key_file
+from broker.server import BrokerRunner
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import SyncChange, audit_device_of, sync, write_broker_token
 

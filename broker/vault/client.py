@@ -8,8 +8,10 @@ Rules this file keeps:
    ``broker.vault.admin``, which the serving broker never calls.
 2. No foreign exception leaves this module. ``aiohttp``/``asyncio`` failures go through
    ``_transport_error`` and HTTP statuses through ``_status_error``; both return a ``VaultError``
-   subclass that is raised ``from`` the original. ``tests/integration/test_vault_client.py`` checks that
-   both maps are complete.
+   subclass that is raised ``from`` the original. An answer's fields are read inside ``with
+   _parsing(op)``, which turns a missing or mistyped one into ``VaultBadResponse``.
+   ``tests/integration/test_vault_client.py`` checks that the maps are complete and that every method
+   that reads an answer reads it that way.
 3. A token is never put in an exception message, a ``repr`` or a log line. Tokens Vault returns are
    wrapped in ``Sensitive``; Vault's own error strings go (scrubbed, truncated) to ``reason`` only.
 4. Paths are validated with ``validate_path`` before they are put in a URL: URL-escaping alone would let
@@ -21,10 +23,11 @@ Rules this file keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -240,7 +243,21 @@ def _transport_error(exc: BaseException, op: str) -> VaultError:
 
 
 class _Shape(Exception):
-    """Internal: the answer lacks a field or has a wrong type (turned into VaultBadResponse)."""
+    """Internal: the answer lacks a field or has a wrong type (turned into VaultBadResponse by ``_parsing``)."""
+
+
+@contextlib.contextmanager
+def _parsing(op: str) -> Iterator[None]:
+    """Around the reading of one answer: a missing or mistyped field leaves as ``VaultBadResponse``.
+
+    The one place ``_Shape`` is translated (the shape of httpx's ``map_httpcore_exceptions``); every
+    method that reads fields of an answer does so inside it.
+    """
+    try:
+        yield
+    except _Shape as exc:
+        msg = f"unexpected answer from Vault to {op}"
+        raise VaultBadResponse(msg, reason=f"{op}: bad or missing field {exc}") from exc
 
 
 def _str(m: Mapping[str, Any], key: str, default: str | None = None) -> str:
@@ -429,10 +446,6 @@ class VaultClient:
         return parsed
 
     @staticmethod
-    def _shape_error(op: str, exc: _Shape) -> VaultBadResponse:
-        return VaultBadResponse(f"unexpected answer from Vault to {op}", reason=f"{op}: bad or missing field {exc}")
-
-    @staticmethod
     def _is_error(parsed: Any, text: str) -> bool:
         return text in _errors_of(parsed)
 
@@ -446,21 +459,16 @@ class VaultClient:
         client's for this call (a readiness check must answer sooner than a partition's timeout).
         """
         op = "health"
-        _, parsed = await self._call(
+        parsed = await self._call_json(
             "GET", "sys/health", op, use_token=False, ok_extra=frozenset({429, 472, 473, 501, 503}), timeout=timeout
         )
-        if not isinstance(parsed, dict):
-            msg = f"unexpected answer from Vault to {op}"
-            raise VaultBadResponse(msg, reason=f"{op}: expected a JSON object")
-        try:
+        with _parsing(op):
             return VaultHealth(
                 initialized=_bool(parsed, "initialized"),
                 sealed=_bool(parsed, "sealed"),
                 standby=_bool(parsed, "standby", False),
                 version=_str(parsed, "version", ""),
             )
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     # -- task tokens (hot path) --------------------------------------------------------------------
 
@@ -492,10 +500,8 @@ class VaultClient:
             "no_default_policy": no_default_policy,
         }
         parsed = await self._call_json("POST", path, op, body=body, token=token)
-        try:
+        with _parsing(op):
             return _parse_auth(_mapping(parsed, "auth"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     async def create_child_token(
         self,
@@ -524,10 +530,8 @@ class VaultClient:
             "renewable": renewable,
         }
         parsed = await self._call_json("POST", "auth/token/create", op, body=body, token=token)
-        try:
+        with _parsing(op):
             return _parse_auth(_mapping(parsed, "auth"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     async def renew_self(self, *, token: str | Sensitive | None = None, increment: int | None = None) -> VaultTokenAuth:
         """POST /v1/auth/token/renew-self -- extend ``token``'s TTL (never past its explicit max TTL).
@@ -538,10 +542,8 @@ class VaultClient:
         op = "renew token"
         body = {} if increment is None else {"increment": f"{int(increment)}s"}
         parsed = await self._call_json("POST", "auth/token/renew-self", op, body=body, token=token)
-        try:
+        with _parsing(op):
             return _parse_auth(_mapping(parsed, "auth"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     async def revoke_accessor(self, accessor: str, *, token: str | Sensitive | None = None) -> None:
         """POST /v1/auth/token/revoke-accessor -- revoke a token (and its leases and children) by accessor.
@@ -562,12 +564,10 @@ class VaultClient:
             if self._is_error(parsed, _INVALID_ACCESSOR):
                 return None
             raise _status_error(status, parsed, op)
-        if not isinstance(parsed, dict):
-            raise self._shape_error(op, _Shape("body"))
-        try:
+        with _parsing(op):
+            if not isinstance(parsed, dict):
+                raise _Shape("body")
             return _parse_token_info(_mapping(parsed, "data"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     async def lookup_lease(self, lease_id: str, *, token: str | Sensitive | None = None) -> VaultLeaseInfo | None:
         """PUT /v1/sys/leases/lookup -- a lease's expiry; ``None`` when it is gone ("invalid lease")."""
@@ -579,9 +579,9 @@ class VaultClient:
             if self._is_error(parsed, _INVALID_LEASE):
                 return None
             raise _status_error(status, parsed, op)
-        if not isinstance(parsed, dict):
-            raise self._shape_error(op, _Shape("body"))
-        try:
+        with _parsing(op):
+            if not isinstance(parsed, dict):
+                raise _Shape("body")
             d = _mapping(parsed, "data")
             expire = d.get("expire_time")
             if expire is not None and not isinstance(expire, str):
@@ -589,8 +589,6 @@ class VaultClient:
             return VaultLeaseInfo(
                 lease_id=_str(d, "id"), expire_time=expire, ttl=_int(d, "ttl", 0), renewable=_bool(d, "renewable", False)
             )
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     async def read_credential(
         self,
@@ -613,10 +611,8 @@ class VaultClient:
             parsed = await self._call_json("GET", path, op, params=params or None, token=token)
         else:
             parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token)
-        try:
+        with _parsing(op):
             return self._parse_secret(parsed)
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     @staticmethod
     def _parse_secret(parsed: Mapping[str, Any]) -> VaultSecret:
@@ -650,15 +646,13 @@ class VaultClient:
         parsed = await self._call_json(
             "PUT", "sys/leases/renew", op, body={"lease_id": lease_id, "increment": int(increment)}, token=token
         )
-        try:
+        with _parsing(op):
             return VaultLeaseInfo(
                 lease_id=_str(parsed, "lease_id"),
                 expire_time=None,
                 ttl=_int(parsed, "lease_duration"),
                 renewable=_bool(parsed, "renewable", False),
             )
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     # -- the calling token ----------------------------------------------------------------------
 
@@ -666,10 +660,8 @@ class VaultClient:
         """GET /v1/auth/token/lookup-self -- the calling token's own state (``num_uses`` counts this call)."""
         op = "lookup self"
         parsed = await self._call_json("GET", "auth/token/lookup-self", op, token=token)
-        try:
+        with _parsing(op):
             return _parse_token_info(_mapping(parsed, "data"))
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc
 
     # -- Vault's audit device ---------------------------------------------------------------------
 
@@ -677,9 +669,7 @@ class VaultClient:
         """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""
         op = "audit hash"
         parsed = await self._call_json("POST", "sys/audit-hash/" + validate_path(device), op, body={"input": value})
-        try:
+        with _parsing(op):
             # OpenBao answers with the hash both at the top level and under ``data``.
             d = parsed.get("data")
             return _str(d if isinstance(d, dict) and "hash" in d else parsed, "hash")
-        except _Shape as exc:
-            raise self._shape_error(op, exc) from exc

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from broker.app import make_app
+from broker.audit.signing import load_public_key, load_signing_key, public_key_pem
 from broker.cli import main
 from broker.config import Settings
-from broker.audit.signing import load_public_key, load_signing_key, public_key_pem
 from tests.api.test_task_flow import credential, end, start_task
 from tests.conftest import BrokerSite, bearer
 

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 from broker.api import STORE
 from broker.app import make_app
 from broker.audit import GENESIS, canonical_bytes, chain_hash
-from broker.config import Settings
 from broker.audit.export import EXPORTER, FileSink
+from broker.config import Settings
 from broker.store import Store
 from broker.vault import VaultClient
 from tests.api.test_task_flow import credential, end, start_task

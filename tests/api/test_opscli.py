@@ -23,9 +23,9 @@ from aiohttp import web
 
 from broker.api import STORE
 from broker.app import make_app
-from broker.server import BrokerRunner
 from broker.config import Settings, load_settings
 from broker.sdk import AgentClient, UserClient
+from broker.server import BrokerRunner
 from broker.vault import VaultClient
 from tests.conftest import AGENT, USER, USER_ID, BrokerSite, bearer
 

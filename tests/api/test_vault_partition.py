@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
 

@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
 from broker.audit.checkpoints import Checkpointer, StoreVerifier, checkpoint_of, read_witness
 from broker.audit.signing import Checkpoint, sign_checkpoint
+from broker.audit.verify import VerifyReport, _body, verify_log
 from broker.store import Store, open_store
 from broker.store.statements import _append
-from broker.audit.verify import VerifyReport, _body, verify_log
 from tests.support.fixtures import run_coro_in_thread
 
 SEED = 20261128

@@ -22,9 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 import aiohttp
+import pytest
 
 from broker.audit import AuditRecord, ChainLink, verify_chain
 from broker.dev.stack import DevOpenBao

@@ -8,6 +8,7 @@ top are pure (they pin the translation tables, httpx ``tests/test_exceptions.py`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import pickle
 import socket
@@ -338,6 +339,74 @@ class TestTransport:
         client = VaultClient(session, f"http://127.0.0.1:{free_port()}", token="t")
         with pytest.raises(BadRequest):
             await client.read_credential("database/../sys/seal", token="t")
+
+
+# Every VaultClient method that reads fields of Vault's answer, with arguments. A new public method fails
+# the completeness test below until it is put here or in UNPARSED.
+PARSERS: dict[str, Callable[[VaultClient], Awaitable[object]]] = {
+    "health": lambda c: c.health(),
+    "create_token_from_role": lambda c: c.create_token_from_role(
+        "r", policies=["p"], ttl=60, explicit_max_ttl=60, meta={}, display_name="d"),
+    "create_child_token": lambda c: c.create_child_token(
+        token="t", policies=["p"], ttl=60, explicit_max_ttl=60, meta={}, display_name="d"),
+    "renew_self": lambda c: c.renew_self(token="t", increment=60),
+    "lookup_accessor": lambda c: c.lookup_accessor("a"),
+    "lookup_lease": lambda c: c.lookup_lease("l"),
+    "read_credential": lambda c: c.read_credential("database/creds/r", token="t"),
+    "renew_lease": lambda c: c.renew_lease("l", increment=60),
+    "read_policy": lambda c: c.read_policy("p"),
+    "read_token_role": lambda c: c.read_token_role("r"),
+    "create_token": lambda c: c.create_token(policies=["p"]),
+    "lookup_self": lambda c: c.lookup_self(),
+    "list_keys": lambda c: c.list_keys("sys/leases/lookup/x"),
+    "audit_hash": lambda c: c.audit_hash("file", "v"),
+}
+# Methods that read nothing of the answer, or hand Vault's ``data`` back untyped (set-up only).
+UNPARSED = frozenset({"revoke_accessor", "revoke_lease", "put_policy", "put_token_role", "enable_secrets_engine",
+                      "write", "read"})
+# Each field a parser reads first, with the wrong type.
+MISTYPED = {"auth": 7, "data": 7, "hash": 7, "initialized": 7, "lease_id": 7}
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def not_vault() -> AsyncIterator[str]:
+    """Not a Vault: a loopback server that answers any request (LIST too) 200 with MISTYPED's fields."""
+    body = json.dumps(MISTYPED).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+class TestAnswerShapes:
+    def test_every_method_is_classified(self) -> None:
+        """Each public VaultClient method either reads its answer (PARSERS) or does not (UNPARSED)."""
+        methods = {name for name, f in vars(VaultClient).items()
+                   if not name.startswith("_") and inspect.iscoroutinefunction(f)}
+        assert methods == set(PARSERS) | UNPARSED
+
+    @pytest.mark.parametrize("name", sorted(PARSERS))
+    async def test_a_mistyped_answer_is_a_bad_response(
+        self, name: str, not_vault: str, session: aiohttp.ClientSession
+    ) -> None:
+        """A 200 whose fields have the wrong type raises VaultBadResponse naming the field, never anything else."""
+        client = VaultClient(session, not_vault, token="t", timeout=2)
+        with pytest.raises(VaultBadResponse) as info:
+            await PARSERS[name](client)
+        assert "bad or missing field" in info.value.reason
+        assert str(info.value).startswith("unexpected answer from Vault to ")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from broker.audit import AuditChainBroken, AuditRecord, ChainLink, verify_chain
+from broker.audit import AuditRecord, ChainLink, verify_chain
+from broker.errors import AuditChainBroken
 
 
 def free_port() -> int:

@@ -10,13 +10,13 @@ import pytest
 from broker.audit import (
     CHAIN_DOMAIN,
     GENESIS,
-    AuditChainBroken,
     AuditRecord,
     ChainLink,
     canonical_bytes,
     chain_hash,
     verify_chain,
 )
+from broker.errors import AuditChainBroken
 
 RECORD = AuditRecord(1795877399.123456, "lease.issued", "success", user="alice@example.com",
                      agent="spiffe://example.org/agent/support-1", task="tsk_1", tenant="acme",

@@ -10,9 +10,9 @@ import pytest
 from broker import sdk
 from broker.audit import AuditRecord, redact
 from broker.config import load_settings, parse_duration
-from broker.errors import ConfigError
+from broker.errors import ConfigError, SealBroken
 from broker.openapi import spec
-from broker.sealing import SealBroken, TokenSealer
+from broker.sealing import TokenSealer
 from broker.vault import Sensitive
 
 MINIMAL = """

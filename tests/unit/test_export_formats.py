@@ -8,7 +8,8 @@ from typing import Any, cast
 import pytest
 
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
-from broker.audit.export import AuditBacklogFull, Exporter, export_line, seq_of
+from broker.audit.export import Exporter, export_line, seq_of
+from broker.errors import AuditBacklogFull
 
 REC = AuditRecord(1_800_000_000.5, "lease.issued", "success", user="alice@example.com", task="tsk_1",
                   resource="pki/issue/agents", lease="lse_1")

@@ -11,10 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.errors import ConfigError
 from broker.audit.signing import (
     Checkpoint,
-    CheckpointInvalid,
     checkpoint_body,
     generate_signing_key_file,
     key_id,
@@ -26,6 +24,7 @@ from broker.audit.signing import (
     sign_checkpoint,
     verify_checkpoint,
 )
+from broker.errors import CheckpointInvalid, ConfigError
 
 # A fixed test key (seed 0..31), so the golden signature below is reproducible. Not a real key.
 SEED = bytes(range(32))

@@ -12,8 +12,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from broker.store import Store, open_store
 from broker.audit.tailer import VaultAuditTailer
+from broker.store import Store, open_store
 
 DATA = Path(__file__).parent.parent / "data" / "openbao_audit.jsonl"
 PER_COPY = 7

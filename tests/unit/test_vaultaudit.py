@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import AuditRecord
-from broker.rows import TaskRow
 from broker.audit.vaultlog import (
-    AuditLineInvalid,
     TokenOrigin,
     VaultAuditEntry,
     attribute,
@@ -29,6 +27,8 @@ from broker.audit.vaultlog import (
     parse_line,
     parse_time,
 )
+from broker.errors import AuditLineInvalid
+from broker.rows import TaskRow
 
 DATA = Path(__file__).parent.parent / "data" / "openbao_audit.jsonl"
 GRANT_PATHS = ("database/creds/tickets-ro", "pki/issue/agents", "auth/token/create/agent-child")

@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import (
     GENESIS,
-    AuditChainBroken,
     AuditRecord,
     ChainLink,
     canonical_bytes,
@@ -27,6 +26,7 @@ from broker.audit.verify import (
     _verify_stretch,
     verify_log,
 )
+from broker.errors import AuditChainBroken
 
 KEY = Ed25519PrivateKey.generate()
 
