@@ -37,6 +37,7 @@ from broker.dev.stack import (
 )
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
+from broker.timefmt import format_time
 from broker.audit.signing import generate_signing_key_file
 from broker.vault import VaultClient
 from broker.vault.sync import audit_device_of, sync, write_broker_token
@@ -294,12 +295,12 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
     async with UserClient(url, _user_token(idp, USER, ["support"])) as user, AgentClient(url, svid) as agent:
         task = await steps.run(f"{USER} delegates role {ROLE!r} to {AGENT} for 10 minutes",
                                user.start_task(agent=AGENT, role=ROLE, ttl="10m", reason="demo: triage ticket 42"))
-        click.echo(f"      task {task.id}, expires {time.strftime('%H:%M:%S', time.localtime(task.expires_at))}")
+        click.echo(f"      task {task.id}, expires {format_time(task.expires_at)}")
         grants = ["agent-cert", "child-token"] + (["tickets-db-ro"] if with_db else [])
         creds = await steps.run("The agent obtains its credentials with its SVID",
                                 asyncio.gather(*(agent.credential(task.id, g) for g in grants)))
         for grant, cred in zip(grants, creds, strict=True):
-            expires = time.strftime("%H:%M:%S", time.localtime(cred.expires_at))
+            expires = format_time(cred.expires_at)
             click.echo(f"      {grant:<14} lease {cred.lease_id}  expires {expires}  {_describe(cred.data)}")
         db_login: Callable[[], Awaitable[bool]] | None = None
         if pg_dsn is not None:
@@ -322,7 +323,7 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
     click.secho(f"\nAudit trail of task {task.id} (GET /v1/audit?task=...):", bold=True)
     click.echo(f"  {'seq':>4}  {'time':<8}  {'event':<18} {'outcome':<8} {'user':<22} resource")
     for r in records:
-        when = time.strftime("%H:%M:%S", time.localtime(r["time"]))
+        when = format_time(r["time"])
         click.echo(f"  {r['seq']:>4}  {when:<8}  {r['event']:<18} {r['outcome']:<8} {r['user'] or '':<22} "
                    f"{r['resource'] or ''}")
 
@@ -400,7 +401,7 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
             return
         agent_auth["Authorization"] = f"Bearer {svid()}"
         cred = await ask({"grant": grant, "approval_id": approval}, 200)
-    expires = time.strftime("%H:%M:%S", time.localtime(cred["expires_at"]))
+    expires = format_time(cred["expires_at"])
     click.echo(f"      approved: {grant:<14} lease {cred['lease_id']}  expires {expires}  {_describe(cred['data'])}")
 
 
