@@ -39,6 +39,8 @@ from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.timefmt import format_time
 from broker.audit.signing import generate_signing_key_file
+from broker.client import BrokerClient, problem_of
+from broker.errors import BrokerError
 from broker.vault import VaultClient
 from broker.vault.sync import audit_device_of, sync, write_broker_token
 
@@ -362,36 +364,42 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
     ``auth_time`` stays fresh enough to decide. With ``--once`` the demo approves it itself, through the
     API, as the demo approver.
     """
-    agent_auth = {"Authorization": f"Bearer {svid()}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=70)) as http:
-        async def ask(body: dict[str, Any], status: int) -> dict[str, Any]:
-            async with http.post(f"{url}/v1/tasks/{task_id}/credentials", json=body, headers=agent_auth) as resp:
-                payload: dict[str, Any] = await resp.json(content_type=None)
-                if resp.status != status:
-                    raise click.ClickException(f"asking for {grant}: HTTP {resp.status} {payload.get('code')}")
-                return payload
+    def approver_token() -> str:
+        return _user_token(idp, APPROVER, ["secops-leads"])
+
+    # The raw calls (not AgentClient.credential) so that each step shows on the terminal; 70 s outlasts ?wait=30.
+    async with BrokerClient(url, svid, timeout=70) as agent, BrokerClient(url, approver_token, timeout=70) as approver:
+        async def ask(body: dict[str, Any], expect: str) -> dict[str, Any]:
+            try:
+                payload = await agent.call("POST", f"/v1/tasks/{task_id}/credentials", body=body)
+            except BrokerError as exc:
+                problem = problem_of(exc)
+                status = f"HTTP {problem.status} {problem.code}" if problem is not None else str(exc)
+                raise click.ClickException(f"asking for {grant}: {status}") from exc
+            if expect not in payload:
+                raise click.ClickException(f"asking for {grant}: no {expect} in the answer")
+            return payload
 
         pending = await steps.run(f"The agent asks for the high-risk grant {grant!r}: 202, approval needed",
-                                  ask({"grant": grant}, 202))
+                                  ask({"grant": grant}, "approval_id"))
         approval = pending["approval_id"]
         approver_file = work / "demo-approver.jwt"
         click.secho(f"      approve it at {url}/console (sign in with the token in {approver_file})", bold=True)
         if once:
             click.echo("      --once: the demo approves it itself, through the API, as the demo approver")
-            token = _user_token(idp, APPROVER, ["secops-leads"])
-            async with http.post(f"{url}/v1/approvals/{approval}", headers={"Authorization": f"Bearer {token}"},
-                                 json={"decision": "approve", "reason": "demo: approved by broker dev --once"}
-                                 ) as resp:
-                if resp.status != 200:
-                    raise click.ClickException(f"approving {approval}: HTTP {resp.status}")
+            try:
+                await approver.call("POST", f"/v1/approvals/{approval}",
+                                    body={"decision": "approve", "reason": "demo: approved by broker dev --once"})
+            except BrokerError as exc:
+                problem = problem_of(exc)
+                status = f"HTTP {problem.status}" if problem is not None else str(exc)
+                raise click.ClickException(f"approving {approval}: {status}") from exc
 
         async def wait_for_decision() -> str:
             while True:
                 if not once:
                     approver_file.write_text(_user_token(idp, APPROVER, ["secops-leads"], ttl=3600) + "\n")
-                agent_auth["Authorization"] = f"Bearer {svid()}"
-                async with http.get(f"{url}/v1/approvals/{approval}?wait=30", headers=agent_auth) as resp:
-                    state = str((await resp.json(content_type=None)).get("state"))
+                state = str((await agent.call("GET", f"/v1/approvals/{approval}?wait=30")).get("state"))
                 if state != "pending":
                     return state
 
@@ -399,8 +407,7 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
         if state != "approved":
             click.echo(f"      the approval is {state}: no credential")
             return
-        agent_auth["Authorization"] = f"Bearer {svid()}"
-        cred = await ask({"grant": grant, "approval_id": approval}, 200)
+        cred = await ask({"grant": grant, "approval_id": approval}, "lease_id")
     expires = format_time(cred["expires_at"])
     click.echo(f"      approved: {grant:<14} lease {cred['lease_id']}  expires {expires}  {_describe(cred['data'])}")
 
