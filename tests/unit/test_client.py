@@ -6,7 +6,13 @@ import pytest
 
 from broker import errors
 from broker.cli.common import failure
-from broker.client import BadResponse, ProblemResponse, Unreachable, decode_problem, problem_of
+from broker.client import (
+    BadResponse,
+    ProblemResponse,
+    Unreachable,
+    decode_problem,
+    problem_of,
+)
 
 
 def raised(problem: ProblemResponse) -> errors.BrokerError:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from broker import client, sdk
+from broker import sdk
 from broker.audit import AuditRecord, redact
 from broker.config import load_settings, parse_duration
 from broker.errors import ConfigError, Conflict
@@ -170,6 +168,11 @@ class TestSurfaces:
 
     def test_client_imports_nothing_heavier_than_aiohttp_yarl_errors_and_models(self) -> None:
         """broker.client travels with the SDK: beyond the standard library, only aiohttp, yarl, errors, models."""
+        import ast
+        import sys
+
+        from broker import client
+
         tree = ast.parse(Path(client.__file__).read_text())
         modules: set[str] = set()
         for node in ast.walk(tree):
