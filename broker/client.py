@@ -89,12 +89,15 @@ class ProblemResponse(Exception):
         self.retry_after = retry_after
 
     def error(self) -> errors.BrokerError:
-        """The ``broker.errors`` instance for this answer's ``code``, with its Retry-After."""
+        """The ``broker.errors`` instance for this answer's ``code``: its message is the detail, plus Retry-After.
+
+        Every class is built the same way, from the answer alone. Their constructors are the server's,
+        and take what only the server knows (an audit ``reason``, an authentication ``max_age``), so
+        none of them is called here: a new required argument must not make decoding fail.
+        """
         cls = _ERRORS.get(self.code, errors.BrokerError)
-        if cls is errors.InvalidIdentity:
-            exc: errors.BrokerError = errors.InvalidIdentity(self.detail)
-        else:
-            exc = cls(self.detail or f"HTTP {self.status}")
+        exc = cls.__new__(cls)
+        errors.BrokerError.__init__(exc, self.detail or f"HTTP {self.status}")
         if self.retry_after is not None and self.retry_after >= 0 and self.retry_after.is_integer():
             exc.retry_after = int(self.retry_after)
         return exc

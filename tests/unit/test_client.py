@@ -35,7 +35,7 @@ class TestDecodeProblem:
         assert type(exc) is cls
 
     def test_detail_is_the_message(self) -> None:
-        """The problem's detail is what the caller reads; an invalid token keeps its one generic message."""
+        """The problem's detail is what the caller reads, whatever the class's own constructor would say."""
         assert str(decode_problem(403, {"code": "locked", "detail": "user is locked"}).error()) == "user is locked"
         exc = decode_problem(401, {"code": "invalid_token", "detail": "the bearer token was not accepted"}).error()
         assert isinstance(exc, errors.InvalidIdentity) and str(exc) == "the bearer token was not accepted"
@@ -49,7 +49,7 @@ class TestDecodeProblem:
     def test_retry_after(self) -> None:
         """Retry-After in whole seconds reaches the error; anything else is ignored, never an exception."""
         assert decode_problem(429, {"code": "rate_limited"}, retry_after="7").error().retry_after == 7
-        assert decode_problem(429, {"code": "rate_limited"}, retry_after="soon").error().retry_after == 1
+        assert decode_problem(503, {"code": "store_unavailable"}, retry_after="soon").error().retry_after == 5
         assert decode_problem(503, {}, retry_after="2.5").retry_after == 2.5
         assert decode_problem(503, {}, retry_after="2.5").error().retry_after is None
 
