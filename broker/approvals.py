@@ -24,6 +24,7 @@ from broker.errors import (
 from broker.identity import AgentIdentity, UserIdentity
 from broker.limits import RateLimiter
 from broker.store import ApprovalRow, Person, Store, TaskRow
+from broker.timefmt import utc_stamp
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class ApprovalManager:
         record = AuditRecord(now, event, "success" if decision == "approve" else "denied", user=row.user,
                              user_name=row.user_name, agent=row.agent, task=row.task_id, tenant=row.tenant,
                              resource=row.path, action=decision,
-                             reason=f"by {approver.name} ({approver.id}, authenticated {_iso(auth_time)}): "
+                             reason=f"by {approver.name} ({approver.id}, authenticated {utc_stamp(auth_time)}): "
                                     f"{reason} ({row.id})")
         updated = await self._store.vote(row.id, approver=person,
                                          decision=decision, reason=reason, auth_time=auth_time, now=now,
@@ -166,12 +167,6 @@ class ApprovalManager:
         if approval.state != "approved" or approval.expires_at <= self._clock():
             state = "expired" if approval.expires_at <= self._clock() else approval.state
             raise Conflict(f"the approval is {state}", reason=f"approval {approval.id} is {state}")
-
-
-def _iso(t: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 __all__ = ["ApprovalManager", "check_approver",

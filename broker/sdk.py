@@ -1,7 +1,8 @@
 """Agent-side client of the broker (and the user calls a demo or a test needs).
 
-Imports only ``broker.models`` and ``broker.errors``, so an agent can vendor it with those two. Its
-public surface, ``__all__``, is a contract with agents and is pinned by a test.
+Imports only ``broker.client`` (the one HTTP client to the broker), ``broker.models`` and
+``broker.errors``, so an agent can vendor it with those three. Its public surface, ``__all__``, is a
+contract with agents and is pinned by a test.
 
     async with AgentClient(url, svid=lambda: read_svid()) as agent:
         async with agent.task(task_id) as task:           # ends the task on exit
@@ -9,105 +10,30 @@ public surface, ``__all__``, is a contract with agents and is pinned by a test.
             ... cred.data["username"], cred.data["password"] ...
 
 The SVID is asked for on every request (a callable), so a rotating SVID from the SPIFFE Workload API
-is always fresh. Errors arrive as the broker's own ``BrokerError`` subclasses, chosen by problem code.
+is always fresh. Errors arrive as the broker's own ``BrokerError`` subclasses, chosen by problem code
+(``broker.client.decode_problem``); a broker that cannot be reached is ``broker.client.Unreachable``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import types
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
-
 from broker import errors
+from broker.client import BrokerClient, TokenSource
 from broker.models import ApprovalOut, CredentialOut, EndOut, RenewOut, TaskOut
 
 __all__ = ["AgentClient", "ApprovalPending", "UserClient", "TaskSession", "TokenSource"]
 
-TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
-
-_ERRORS: dict[str, type[errors.BrokerError]] = {
-    cls.code: cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, errors.BrokerError)
-}
 
 # Raised by ``AgentClient.credential`` for a 202 (a pending approval); defined with the other errors.
 ApprovalPending = errors.ApprovalPending
 
 
-class _Client:
-    def __init__(self, base_url: str, token: TokenSource, *, session: aiohttp.ClientSession | None = None,
-                 timeout: float = 30.0) -> None:
-        self._base = base_url.rstrip("/")
-        self._token = token
-        self._own_session = session is None
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-
-    async def __aenter__(self) -> _Client:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _bearer(self) -> str:
-        if isinstance(self._token, str):
-            return self._token
-        value = self._token()
-        return value if isinstance(value, str) else await value
-
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-            self._own_session = True
-        headers = {"Authorization": f"Bearer {await self._bearer()}"}
-        try:
-            async with self._session.request(method, self._base + path, json=body, headers=headers) as resp:
-                payload = await resp.json(content_type=None)
-                if resp.status >= 400:
-                    raise _error(resp.status, payload, resp.headers)
-                return payload
-        except aiohttp.ClientError as exc:
-            raise errors.BrokerError("cannot reach the broker", reason=type(exc).__name__) from exc
-
-
-def _error(status: int, payload: Any, headers: Mapping[str, str]) -> errors.BrokerError:
-    """The problem an answer carries, as the ``BrokerError`` subclass its ``code`` names."""
-    code = payload.get("code", "") if isinstance(payload, dict) else ""
-    detail = payload.get("detail", "") if isinstance(payload, dict) else ""
-    cls = _ERRORS.get(code, errors.BrokerError)
-    # Not ``cls(detail)``: a subclass's constructor takes what the broker knew when it raised (a max_age, a
-    # record number); over the wire there is the message, and the class says the rest.
-    exc = cls.__new__(cls)
-    errors.BrokerError.__init__(exc, detail or f"HTTP {status}")
-    if isinstance(exc, errors.InsufficientAuthentication):
-        # RFC 9470: WWW-Authenticate names the authentication age the broker accepts.
-        max_age = re.search(r"max_age=(\d+)", headers.get("WWW-Authenticate", ""))
-        exc.max_age = int(max_age.group(1)) if max_age else 0
-    retry_after = headers.get("Retry-After", "")
-    if retry_after.isdigit():
-        exc.retry_after = int(retry_after)
-    return exc
-
-
-class AgentClient(_Client):
+class AgentClient(BrokerClient):
     """Calls made by an agent, authenticated with its JWT-SVID."""
-
-    async def __aenter__(self) -> AgentClient:
-        await super().__aenter__()
-        return self
 
     async def credential(self, task_id: str, grant: str, *, ttl: int | None = None, approval_id: str | None = None,
                          wait_for_approval: float = 0) -> CredentialOut:
@@ -126,7 +52,7 @@ class AgentClient(_Client):
             body["ttl"] = ttl
         if approval_id is not None:
             body["approval_id"] = approval_id
-        payload = await self._call("POST", f"/v1/tasks/{task_id}/credentials", body)
+        payload = await self.call("POST", f"/v1/tasks/{task_id}/credentials", body=body)
         if "approval_id" not in payload:
             return CredentialOut.model_validate(payload)
         pending = ApprovalPending(payload["approval_id"], "pending")
@@ -143,19 +69,19 @@ class AgentClient(_Client):
         deadline = loop.time() + timeout
         while True:
             wait = min(30.0, max(0.0, deadline - loop.time()))
-            approval = ApprovalOut.model_validate(await self._call("GET", f"/v1/approvals/{approval_id}?wait={wait:g}"))
+            approval = ApprovalOut.model_validate(await self.call("GET", f"/v1/approvals/{approval_id}?wait={wait:g}"))
             if approval.state != "pending" or loop.time() >= deadline:
                 return approval
 
     async def renew(self, lease_id: str, *, increment: int | None = None) -> RenewOut:
         body = {} if increment is None else {"increment": increment}
-        return RenewOut.model_validate(await self._call("POST", f"/v1/leases/{lease_id}/renew", body))
+        return RenewOut.model_validate(await self.call("POST", f"/v1/leases/{lease_id}/renew", body=body))
 
     async def end_task(self, task_id: str) -> EndOut:
-        return EndOut.model_validate(await self._call("POST", f"/v1/tasks/{task_id}/end", {}))
+        return EndOut.model_validate(await self.call("POST", f"/v1/tasks/{task_id}/end", body={}))
 
     async def get_task(self, task_id: str) -> TaskOut:
-        return TaskOut.model_validate(await self._call("GET", f"/v1/tasks/{task_id}"))
+        return TaskOut.model_validate(await self.call("GET", f"/v1/tasks/{task_id}"))
 
     def task(self, task_id: str, *, end_on_exit: bool = True) -> TaskSession:
         return TaskSession(self, task_id, end_on_exit=end_on_exit)
@@ -185,27 +111,23 @@ class TaskSession:
         return await self.client.renew(lease_id, increment=increment)
 
 
-class UserClient(_Client):
+class UserClient(BrokerClient):
     """Calls made by a person, authenticated with an OIDC ID token."""
-
-    async def __aenter__(self) -> UserClient:
-        await super().__aenter__()
-        return self
 
     async def start_task(self, *, agent: str, role: str, ttl: int | str, reason: str,
                          tenant: str | None = None) -> TaskOut:
         body: dict[str, Any] = {"agent": agent, "role": role, "ttl": ttl, "reason": reason}
         if tenant is not None:
             body["tenant"] = tenant
-        return TaskOut.model_validate(await self._call("POST", "/v1/tasks", body))
+        return TaskOut.model_validate(await self.call("POST", "/v1/tasks", body=body))
 
     async def get_task(self, task_id: str) -> TaskOut:
-        return TaskOut.model_validate(await self._call("GET", f"/v1/tasks/{task_id}"))
+        return TaskOut.model_validate(await self.call("GET", f"/v1/tasks/{task_id}"))
 
     async def end_task(self, task_id: str) -> EndOut:
-        return EndOut.model_validate(await self._call("POST", f"/v1/tasks/{task_id}/end", {}))
+        return EndOut.model_validate(await self.call("POST", f"/v1/tasks/{task_id}/end", body={}))
 
     async def audit(self, **filters: str | float) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode(filters)
-        page = await self._call("GET", "/v1/audit" + (f"?{query}" if query else ""))
+        page = await self.call("GET", "/v1/audit" + (f"?{query}" if query else ""))
         return list(page["records"])

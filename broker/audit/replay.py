@@ -1,18 +1,19 @@
-"""``broker audit replay``: the delegation timeline of a user, an agent or a task, from ``GET /v1/audit``.
+"""The delegation timeline of a user, an agent or a task, from ``GET /v1/audit`` records (pure).
 
-The command asks a running broker (``BROKER_URL``) as an auditor (``BROKER_TOKEN`` or ``--token-file``,
-as the operator commands of :mod:`broker.cli.ops` do), follows the pages, and prints:
+``broker audit replay`` (:mod:`broker.cli.audit`) reads the records through ``broker.client`` and
+prints them with one of:
 
-- ``table`` (default): one block per task, in the order the tasks first appear, records in time order.
-  The header says who started it, for which agent and role; then each record: the credentials issued, and
-  under each credential the Vault requests made with it (``vault.request`` records carrying its
-  lease), approvals, renewals, denials, the end or the revocation. Records outside any task (an
+- ``render_table`` (default): one block per task, in the order the tasks first appear, records in time
+  order. The header says who started it, for which agent and role; then each record: the credentials
+  issued, and under each credential the Vault requests made with it (``vault.request`` records carrying
+  its lease), approvals, renewals, denials, the end or the revocation. Records outside any task (an
   operator's revocation, a Vault request nobody can explain) come last.
-- ``jsonl``: one record per line, its canonical JSON exactly as the chain hashes it
+- ``render_jsonl``: one record per line, its canonical JSON exactly as the chain hashes it
   (:func:`broker.audit.canonical_bytes`).
-- ``ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.audit.ocsf`).
+- ``render_ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.audit.ocsf`).
 
-Rendering is pure (functions of the API's records); the HTTP part is opscli's client.
+Everything here is a function of the API's records: no I/O, and no import of a CLI module.
+``parse_time`` raises click's ``BadParameter`` because it parses ``--since``/``--until``.
 """
 
 from __future__ import annotations
@@ -22,30 +23,19 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, tzinfo
-from pathlib import Path
 from typing import Any, Literal
 
 import click
 
 from broker.audit import AuditRecord, canonical_bytes
 from broker.audit.ocsf import to_ocsf
-from broker.cli.audit import audit_group
-from broker.cli.ops import (
-    OpsError,
-    _connection_options,
-    _OpsClient,
-    _read_token,
-    _run,
-    format_time,
-)
+from broker.timefmt import format_time
 
 __all__ = ["ReplayRecord", "TaskBlock", "group_by_task", "parse_time", "records_from_api", "render_jsonl",
-           "render_ocsf", "render_table", "replay"]
+           "render_ocsf", "render_table"]
 
 Format = Literal["table", "jsonl", "ocsf"]
 _RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
-_MAX_RECORDS = 1_000_000
-_PAGE = 1000
 _ENDS = frozenset({"task.ended", "task.revoked", "task.expired", "task.aborted"})
 
 
@@ -229,57 +219,3 @@ def render_ocsf(records: Sequence[ReplayRecord], *, origin: str = "agent-broker"
     return "".join(json.dumps(to_ocsf(r.record, r.seq, origin=origin), sort_keys=True, separators=(",", ":"),
                               ensure_ascii=False) + "\n" for r in records)
 
-
-# -- the command ------------------------------------------------------------------------------------------
-
-
-async def fetch(url: str, token: str, filters: Mapping[str, str | None], *, limit: int = _MAX_RECORDS
-                ) -> list[ReplayRecord]:
-    """Every record matching ``filters`` (up to ``limit``), following ``next_after``.
-
-    Raises:
-        OpsError: the broker could not be reached, refused, or answered something else than audit records.
-    """
-    async with _OpsClient(url, token) as client:
-        items, _ = await client.pages("/v1/audit", "records", filters, limit, page_size=_PAGE)
-    try:
-        return records_from_api(items)
-    except ValueError as exc:
-        raise OpsError(f"error: unexpected answer from the broker: {exc} (bad_response)", 1) from exc
-
-
-@audit_group.command("replay")
-@click.option("--user", help="Every record naming this user (who delegated, or the operator who acted).")
-@click.option("--agent", help="Every record naming this agent (SPIFFE ID).")
-@click.option("--task", help="Every record of this task.")
-@click.option("--since", help="From this time on (Unix seconds or ISO 8601).")
-@click.option("--until", help="Before this time (Unix seconds or ISO 8601).")
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "ocsf"]), default="table", show_default=True,
-              help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.9.0 events.")
-@click.option("--iso", is_flag=True, help="Times as ISO 8601 with offset instead of local HH:MM:SS.")
-@click.option("--origin", default="agent-broker", show_default=True,
-              help="The log's origin (OCSF metadata.log_name and delegation issuer).")
-@_connection_options
-def replay(user: str | None, agent: str | None, task: str | None, since: str | None, until: str | None, fmt: str,
-           iso: bool, origin: str, url: str, token_file: Path | None) -> None:
-    """The delegation timeline of a user, an agent or a task: who started it, for which agent and role, each
-    credential, each Vault request made with it, approvals, end or revocation. Needs an auditor's token."""
-    chosen = [(k, v) for k, v in (("user", user), ("agent", agent), ("task", task)) if v is not None]
-    if not chosen:
-        raise click.UsageError("say whose timeline: --user, --agent or --task")
-    filters: dict[str, str | None] = dict(chosen)
-    if since is not None:
-        filters["since"] = repr(parse_time(since))
-    if until is not None:
-        filters["until"] = repr(parse_time(until))
-    token = _read_token(token_file)
-    records = _run(fetch(url, token, filters))
-    if not records:
-        click.echo("no audit records match", err=True)
-        return
-    if fmt == "jsonl":
-        click.echo(render_jsonl(records), nl=False)
-    elif fmt == "ocsf":
-        click.echo(render_ocsf(records, origin=origin), nl=False)
-    else:
-        click.echo(render_table(records, iso=iso))

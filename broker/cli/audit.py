@@ -1,36 +1,56 @@
-"""``broker audit``: the auditor's commands, reading the store directly (a copy of the database will do).
+"""``broker audit``: the auditor's commands.
 
 ``verify`` recomputes the hash chain, checks every signed checkpoint and the witness file, prints a
 short table and exits 0 when the log verifies, 1 when it does not. ``public-key`` prints the PEM that
-auditors verify checkpoints with. Other modules attach more commands to ``audit_group``.
+auditors verify checkpoints with. Both read the store directly (a copy of the database will do).
+
+``replay`` asks a running broker instead (``GET /v1/audit``, through ``broker.client``, as an auditor
+with ``BROKER_TOKEN`` or ``--token-file``), follows the pages, and prints the timeline that
+:mod:`broker.audit.replay` renders.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit.checkpoints import StoreVerifier
-from broker.audit.signing import key_id, load_public_key, load_signing_key, public_key_pem
+from broker.audit.replay import (
+    ReplayRecord,
+    parse_time,
+    records_from_api,
+    render_jsonl,
+    render_ocsf,
+    render_table,
+)
+from broker.audit.signing import (
+    key_id,
+    load_public_key,
+    load_signing_key,
+    public_key_pem,
+)
 from broker.audit.verify import VerifyReport
-from broker.config import Settings, load_settings
+from broker.cli.common import (
+    EXISTING_FILE,
+    connection_options,
+    iso_option,
+    read_token,
+    run,
+    settings_from,
+)
+from broker.client import BadResponse, BrokerClient
+from broker.config import Settings
 from broker.errors import AuditLineInvalid, BrokerError
 
-__all__ = ["audit_group", "register"]
+__all__ = ["audit_group", "fetch_records", "render"]
 
-_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
-
-
-def _settings(config: Path) -> Settings:
-    try:
-        return load_settings(os.environ, config)
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from exc
+_MAX_RECORDS = 1_000_000
+_PAGE = 1000
 
 
 @click.group("audit")
@@ -39,16 +59,16 @@ def audit_group() -> None:
 
 
 @audit_group.command("verify")
-@click.option("--config", "config", type=_FILE, required=True, help="The broker's TOML configuration.")
-@click.option("--witness", type=_FILE, help="A witness file of checkpoints (default: [audit].witness_file).")
-@click.option("--public-key", "public_key", type=_FILE,
+@click.option("--config", "config", type=EXISTING_FILE, required=True, help="The broker's TOML configuration.")
+@click.option("--witness", type=EXISTING_FILE, help="A witness file of checkpoints (default: [audit].witness_file).")
+@click.option("--public-key", "public_key", type=EXISTING_FILE,
               help="The checkpoint public key, PEM (default: derived from [audit].signing_key_file).")
-@click.option("--vault-log", "vault_logs", type=_FILE, multiple=True,
+@click.option("--vault-log", "vault_logs", type=EXISTING_FILE, multiple=True,
               help="Vault's file audit log (repeat for rotated files): every request made with this broker's "
                    "task tokens must be in the chain.")
 def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vault_logs: tuple[Path, ...]) -> None:
     """Recompute the chain and check every checkpoint. Exit 0 when the log verifies, 1 when not."""
-    settings = _settings(config)
+    settings = settings_from(config)
     try:
         key = _public_key(settings, public_key)
         report = asyncio.run(_verify(settings, key, witness or settings.audit.witness_file))
@@ -96,10 +116,10 @@ async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -
 
 
 @audit_group.command("public-key")
-@click.option("--config", "config", type=_FILE, required=True, help="The broker's TOML configuration.")
+@click.option("--config", "config", type=EXISTING_FILE, required=True, help="The broker's TOML configuration.")
 def public_key_cmd(config: Path) -> None:
     """Print the checkpoint signing key's public half (PEM); its key id goes to stderr."""
-    settings = _settings(config)
+    settings = settings_from(config)
     if settings.audit.signing_key_file is None:
         raise click.ClickException("[audit].signing_key_file is not set: checkpoints are not signed")
     try:
@@ -142,6 +162,54 @@ def render(report: VerifyReport, *, checked: bool = True) -> str:
     return "\n".join(f"  {k:<14} {v}" for k, v in rows)
 
 
-def register(group: click.Group) -> None:
-    """Attach ``audit`` to the ``broker`` command."""
-    group.add_command(audit_group)
+
+async def fetch_records(client: BrokerClient, filters: Mapping[str, str | None], *, limit: int = _MAX_RECORDS
+                        ) -> list[ReplayRecord]:
+    """Every record matching ``filters`` (up to ``limit``), following ``next_after``.
+
+    Raises:
+        BrokerError: as ``broker.client`` raises it; ``BadResponse`` for items that are not audit records.
+    """
+    async with client:
+        items, _ = await client.pages("/v1/audit", "records", filters, limit, page_size=_PAGE)
+    try:
+        return records_from_api(items)
+    except ValueError as exc:
+        raise BadResponse(str(exc)) from exc
+
+
+@audit_group.command("replay")
+@click.option("--user", help="Every record naming this user (who delegated, or the operator who acted).")
+@click.option("--agent", help="Every record naming this agent (SPIFFE ID).")
+@click.option("--task", help="Every record of this task.")
+@click.option("--since", help="From this time on (Unix seconds or ISO 8601).")
+@click.option("--until", help="Before this time (Unix seconds or ISO 8601).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "ocsf"]), default="table", show_default=True,
+              help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.9.0 events.")
+@iso_option
+@click.option("--origin", default="agent-broker", show_default=True,
+              help="The log's origin (OCSF metadata.log_name and delegation issuer).")
+@connection_options
+def replay(user: str | None, agent: str | None, task: str | None, since: str | None, until: str | None, fmt: str,
+           iso: bool, origin: str, url: str, token_file: Path | None) -> None:
+    """The delegation timeline of a user, an agent or a task: who started it, for which agent and role, each
+    credential, each Vault request made with it, approvals, end or revocation. Needs an auditor's token."""
+    chosen = [(k, v) for k, v in (("user", user), ("agent", agent), ("task", task)) if v is not None]
+    if not chosen:
+        raise click.UsageError("say whose timeline: --user, --agent or --task")
+    filters: dict[str, str | None] = dict(chosen)
+    if since is not None:
+        filters["since"] = repr(parse_time(since))
+    if until is not None:
+        filters["until"] = repr(parse_time(until))
+    token = read_token(token_file)
+    records = run(fetch_records(BrokerClient(url, token), filters), token=token)
+    if not records:
+        click.echo("no audit records match", err=True)
+        return
+    if fmt == "jsonl":
+        click.echo(render_jsonl(records), nl=False)
+    elif fmt == "ocsf":
+        click.echo(render_ocsf(records, origin=origin), nl=False)
+    else:
+        click.echo(render_table(records, iso=iso))

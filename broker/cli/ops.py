@@ -1,47 +1,54 @@
 """The operator's commands: ``broker revoke``, ``unlock``, ``revocations``, ``leases``, ``tasks``.
 
-They talk to a running broker over its HTTP API (never to the store or to Vault), authenticated with
-the operator's OIDC ID token from ``--token-file`` or ``BROKER_TOKEN``. The file has three parts:
+They talk to a running broker over its HTTP API (never to the store or to Vault), through
+``broker.client``, authenticated with the operator's OIDC ID token from ``--token-file`` or
+``BROKER_TOKEN``. The file has two parts:
 
-1. rendering: pure functions from wire payloads to text (tables, the progress line, the summary, the
-   error line), unit-tested without a server;
-2. ``_OpsClient``: the one place that does HTTP, and the one boundary where aiohttp's exceptions and
-   problem responses become ``OpsError``;
-3. the click commands, which glue the two together and choose the exit code.
+1. rendering: pure functions from wire payloads to text (tables, the progress line, the summary),
+   unit-tested without a server;
+2. the click commands, which glue the client and the rendering together and choose the exit code.
 
-Rules this file keeps:
-
-- The token is never printed and never part of an error line. There is deliberately no ``--token``
-  option: a token on the command line is visible to every user of the machine through ``ps``.
-- Every failure ends as one line on stderr and an exit code, never a traceback.
-- Exit codes: 0 done; 1 an error; 2 not authenticated or not allowed (401/403), or bad usage (click's
-  own 2); 3 a revocation still has leases Vault has not confirmed after ``--timeout``; 130 Ctrl-C.
-- Tables go to stdout, progress and notes to stderr, so ``broker leases --json | jq`` stays clean.
+The rules every command keeps (the token never printed, one line on stderr per failure, the exit
+codes) are in ``broker.cli.common``, with the shared options. Here in addition: tables go to stdout,
+progress and notes to stderr, so ``broker leases --json | jq`` stays clean; exit 3 when a revocation
+still has leases Vault has not confirmed after ``--timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import tzinfo
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal
 
-import aiohttp
 import click
-import yarl
 
-DEFAULT_URL = "http://127.0.0.1:8400"
+from broker.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_PENDING,
+    connection_options,
+    error_line,
+    exit_code_for,
+    failure,
+    output_options,
+    print_json,
+    read_token,
+    redact,
+    run,
+)
+from broker.client import BrokerClient
+from broker.errors import BrokerError
+from broker.timefmt import format_time
+
+__all__ = ["LEASE_COLUMNS", "REVOCATION_COLUMNS", "SELECTORS", "TASK_COLUMNS", "Column", "error_line",
+           "exit_code_for", "format_time", "is_complete", "leases", "pending_message", "plural", "progress_line",
+           "redact", "render_summary", "render_table", "revocation_rows", "revocations", "revoke", "tasks",
+           "unlock"]
+
 SELECTORS = ("user", "agent", "task", "tenant")
-
-EXIT_ERROR = 1
-EXIT_DENIED = 2
-EXIT_PENDING = 3
-EXIT_INTERRUPTED = 130
 
 # The first POST asks the server to wait this long for Vault: short, so the operator sees progress
 # from the polls instead of a silent terminal while a large revocation runs.
@@ -55,8 +62,6 @@ _PAGE = 500
 _REQUEST_TIMEOUT = 30.0
 
 Payload = Mapping[str, Any]
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 
 # -- rendering (pure) --------------------------------------------------------------------------------
@@ -97,17 +102,6 @@ REVOCATION_COLUMNS = (
     Column("PENDING", "pending", "count"), Column("CREATED", "created_at", "time"),
     Column("BY", "created_by_name", width=32, fallback="created_by"), Column("REASON", "reason", width=30),
 )
-
-
-def format_time(ts: float | None, *, iso: bool = False, tz: tzinfo | None = None) -> str:
-    """A Unix time as ``HH:MM:SS`` (or ISO 8601 with offset when ``iso``) in ``tz``, local by default.
-
-    ``None`` (never happened) is ``-``.
-    """
-    if ts is None:
-        return "-"
-    moment = datetime.fromtimestamp(ts, tz).astimezone(tz)
-    return moment.isoformat(timespec="seconds") if iso else moment.strftime("%H:%M:%S")
 
 
 def _cut(text: str, width: int | None, keep_tail: bool) -> str:
@@ -205,184 +199,13 @@ def pending_message(rev: Payload, waited: float) -> str:
             f"Follow with: broker revocations {rev.get('id')}")
 
 
-def error_line(status: int, payload: object, reason: str = "") -> str:
-    """``error: <title>: <detail> (code)`` from a problem+json body, or from the bare status without one."""
-    problem = payload if isinstance(payload, Mapping) else {}
-    title = str(problem.get("title") or reason or f"HTTP {status}")
-    detail = str(problem.get("detail") or title)
-    code = str(problem.get("code") or "http_error")
-    return f"error: {title}: {detail} ({code})"
-
-
-def exit_code_for(status: int) -> int:
-    """2 when the broker does not know or does not allow the caller (401/403), else 1."""
-    return EXIT_DENIED if status in (401, 403) else EXIT_ERROR
-
-
-def redact(text: str, secret: str) -> str:
-    """``text`` with every occurrence of ``secret`` replaced: the last guard before anything is printed."""
-    return text.replace(secret, "<redacted>") if secret else text
-
-
-# -- HTTP (the one boundary) -------------------------------------------------------------------------
-
-
-class OpsError(Exception):
-    """A failure ready to print: ``line`` is the whole stderr line, ``exit_code`` the process's status."""
-
-    def __init__(self, line: str, exit_code: int, *, status: int = 0, retry_after: float | None = None) -> None:
-        super().__init__(line)
-        self.line = line
-        self.exit_code = exit_code
-        self.status = status
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-class _OpsClient:
-    """The broker's operator endpoints over one ``aiohttp`` session, authenticated with a person's token."""
-
-    def __init__(self, base_url: str, token: str) -> None:
-        self._base = base_url.rstrip("/")
-        self._token = token
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _shown_url(self) -> str:
-        # A URL with user:password@ would otherwise end up in an error line.
-        return str(yarl.URL(self._base).with_user(None))
-
-    async def call(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                   body: Mapping[str, Any] | None = None, timeout: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
-        """One request; the decoded JSON object it answers.
-
-        Raises:
-            OpsError: the broker could not be reached, answered an error status, or not with a JSON object.
-        """
-        assert self._session is not None, "use `async with _OpsClient(...)`"
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
-        try:
-            async with self._session.request(method, self._base + path, params=query, json=body, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                try:
-                    payload = await resp.json(content_type=None)
-                except ValueError:
-                    payload = None
-                status, reason = resp.status, resp.reason or ""
-                retry = _retry_after(resp.headers.get("Retry-After"))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            line = f"error: cannot reach the broker at {self._shown_url()}: {type(exc).__name__} (unreachable)"
-            raise OpsError(redact(line, self._token), EXIT_ERROR) from exc
-        if status >= 400:
-            raise OpsError(redact(error_line(status, payload, reason), self._token), exit_code_for(status),
-                           status=status, retry_after=retry)
-        if not isinstance(payload, dict):
-            line = f"error: unexpected answer from the broker: HTTP {status} without a JSON object (bad_response)"
-            raise OpsError(line, EXIT_ERROR, status=status)
-        return payload
-
-    async def pages(self, path: str, key: str, filters: Mapping[str, str | None], limit: int,
-                    page_size: int = _PAGE) -> tuple[list[dict[str, Any]], str | None]:
-        """Up to ``limit`` items of a paginated list, following ``next_after``; and the cursor after them.
-
-        Raises:
-            OpsError: as ``call``.
-        """
-        items: list[dict[str, Any]] = []
-        after: str | None = None
-        while len(items) < limit:
-            query = {k: v for k, v in filters.items() if v is not None}
-            query["limit"] = str(min(limit - len(items), page_size))
-            if after is not None:
-                query["after"] = after
-            page = await self.call("GET", path, query=query)
-            batch = list(page.get(key) or [])
-            items.extend(batch)
-            cursor = page.get("next_after")
-            after = None if cursor is None else str(cursor)
-            if after is None or not batch:
-                break
-        return items[:limit], after
-
-
 # -- glue ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Conn:
-    url: str
-    token: str
-
-    def client(self) -> _OpsClient:
-        return _OpsClient(self.url, self.token)
-
-
-def _read_token(token_file: Path | None) -> str:
-    """The operator's token: ``--token-file`` first, then ``BROKER_TOKEN``.
-
-    Raises:
-        click.UsageError: neither is set, or the file cannot be read or is empty (exit 2).
-    """
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            msg = f"cannot read the token file {token_file}: {exc.strerror}"
-            raise click.UsageError(msg) from exc
-        if not token:
-            msg = f"the token file {token_file} is empty"
-            raise click.UsageError(msg)
-        return token
-    token = os.environ.get("BROKER_TOKEN", "").strip()
-    if not token:
-        raise click.UsageError("no token: set BROKER_TOKEN or pass --token-file (your OIDC ID token)")
-    return token
-
-
-def _connection_options(f: F) -> F:
-    f = click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), envvar="BROKER_TOKEN_FILE",
-                     help="File holding your OIDC ID token (else env BROKER_TOKEN).")(f)
-    f = click.option("--url", envvar="BROKER_URL", default=DEFAULT_URL, show_default=True,
-                     help="The broker's base URL (env BROKER_URL).")(f)
-    return f
-
-
-def _output_options(f: F) -> F:
-    f = click.option("--iso", is_flag=True, help="Times as ISO 8601 with offset instead of local HH:MM:SS.")(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Machine output: the API's JSON on stdout.")(f)
-    return f
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run the command's coroutine; an ``OpsError`` becomes its line on stderr and its exit code."""
-    try:
-        return asyncio.run(coro)
-    except OpsError as exc:
-        click.echo(exc.line, err=True)
-        sys.exit(exc.exit_code)
-
-
-def _print_json(payload: object) -> None:
-    click.echo(json.dumps(payload, indent=2))
 
 
 def _show(rev: Payload, *, as_json: bool, iso: bool) -> None:
     """One revocation on stdout: the API's JSON, or the summary."""
     if as_json:
-        _print_json(rev)
+        print_json(rev)
     else:
         click.echo(render_summary(rev, iso=iso))
 
@@ -406,7 +229,7 @@ class _Progress:
             click.echo("", err=True)
 
 
-async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progress: _Progress,
+async def _follow(client: BrokerClient, rev: dict[str, Any], timeout: float, progress: _Progress,
                   seen: list[dict[str, Any]]) -> dict[str, Any]:
     """Poll ``GET /v1/revocations/{id}`` until complete or ``timeout`` seconds pass; the last state seen.
 
@@ -414,7 +237,7 @@ async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progr
     again; the revocation goes on in the broker regardless.
 
     Raises:
-        OpsError: any other error answer.
+        BrokerError: any other failure (as ``broker.client`` raises it).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -423,10 +246,11 @@ async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progr
         await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
         try:
             rev = await client.call("GET", f"/v1/revocations/{rev['id']}")
-        except OpsError as exc:
-            if exc.status not in _TRANSIENT:
+        except BrokerError as exc:
+            answer = failure(exc, token="")  # only its status and Retry-After are used: the line is never shown
+            if answer.status not in _TRANSIENT:
                 raise
-            delay = min(exc.retry_after or delay, _RETRY_AFTER_MAX)
+            delay = min(answer.retry_after or delay, _RETRY_AFTER_MAX)
             continue
         seen.append(rev)
         progress.show(rev)
@@ -434,20 +258,20 @@ async def _follow(client: _OpsClient, rev: dict[str, Any], timeout: float, progr
     return rev
 
 
-async def _revoke(conn: _Conn, selector: tuple[str, str], reason: str, *, wait: bool, timeout: float,
+async def _revoke(client: BrokerClient, selector: tuple[str, str], reason: str, *, wait: bool, timeout: float,
                   seen: list[dict[str, Any]]) -> dict[str, Any]:
     """POST the revocation, then (unless ``wait`` is off) follow it; the last state seen.
 
     Every state received is appended to ``seen`` so that Ctrl-C can still name the revocation.
 
     Raises:
-        OpsError: the broker refused or could not be reached.
+        BrokerError: the broker refused or could not be reached (as ``broker.client`` raises it).
     """
     progress = _Progress()
     server_wait = min(_FIRST_WAIT, timeout) if wait else 0
     body = {selector[0]: selector[1], "reason": reason, "wait": server_wait}
     try:
-        async with conn.client() as client:
+        async with client:
             rev = await client.call("POST", "/v1/revocations", body=body, timeout=_REQUEST_TIMEOUT + server_wait)
             seen.append(rev)
             progress.show(rev)
@@ -487,8 +311,8 @@ def _selector(values: Mapping[str, str | None]) -> tuple[str, str]:
               help="Follow until Vault confirms every lease; --no-wait returns once the broker accepted it.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds to follow before giving up with exit 3 (the broker keeps going).")
-@_output_options
-@_connection_options
+@output_options
+@connection_options
 def revoke(user: str | None, agent: str | None, task: str | None, tenant: str | None, reason: str, wait: bool,
            timeout: float, as_json: bool, iso: bool, url: str, token_file: Path | None) -> None:
     """Revoke everything of a user, agent, task or tenant, and follow until Vault confirms it.
@@ -497,10 +321,11 @@ def revoke(user: str | None, agent: str | None, task: str | None, tenant: str | 
     broker keeps retrying them), 2 when you are not an operator, 130 on Ctrl-C (the revocation goes on).
     """
     selector = _selector({"user": user, "agent": agent, "task": task, "tenant": tenant})
-    conn = _Conn(url, _read_token(token_file))
+    token = read_token(token_file)
     seen: list[dict[str, Any]] = []
     try:
-        rev = _run(_revoke(conn, selector, reason, wait=wait, timeout=timeout, seen=seen))
+        rev = run(_revoke(BrokerClient(url, token, timeout=_REQUEST_TIMEOUT), selector, reason, wait=wait,
+                          timeout=timeout, seen=seen), token=token)
     except KeyboardInterrupt:
         where = f": follow with `broker revocations {seen[-1]['id']}`" if seen else ""
         click.echo(f"interrupted; the broker carries on with the revocation{where}", err=True)
@@ -518,38 +343,38 @@ def revoke(user: str | None, agent: str | None, task: str | None, tenant: str | 
 @click.command("unlock")
 @click.argument("revocation_id")
 @click.option("--reason", required=True, help="Why the lock is lifted, for the audit trail.")
-@_output_options
-@_connection_options
+@output_options
+@connection_options
 def unlock(revocation_id: str, reason: str, as_json: bool, iso: bool, url: str, token_file: Path | None) -> None:
     """Lift the lock a revocation put on a user, agent or tenant, so new tasks may be issued again."""
-    conn = _Conn(url, _read_token(token_file))
+    token = read_token(token_file)
 
     async def go() -> dict[str, Any]:
-        async with conn.client() as client:
+        async with BrokerClient(url, token, timeout=_REQUEST_TIMEOUT) as client:
             return await client.call("DELETE", f"/v1/revocations/{revocation_id}", body={"reason": reason})
 
-    _show(_run(go()), as_json=as_json, iso=iso)
+    _show(run(go(), token=token), as_json=as_json, iso=iso)
 
 
 @click.command("revocations")
 @click.argument("revocation_id", required=False)
 @click.option("--all", "show_all", is_flag=True, help="Also lifted locks and finished task revocations.")
-@_output_options
-@_connection_options
+@output_options
+@connection_options
 def revocations(revocation_id: str | None, show_all: bool, as_json: bool, iso: bool, url: str,
                 token_file: Path | None) -> None:
     """The active revocations (the locks in force) as a table, or one revocation in detail."""
-    conn = _Conn(url, _read_token(token_file))
+    token = read_token(token_file)
 
     async def go() -> dict[str, Any]:
-        async with conn.client() as client:
+        async with BrokerClient(url, token, timeout=_REQUEST_TIMEOUT) as client:
             if revocation_id is not None:
                 return await client.call("GET", f"/v1/revocations/{revocation_id}")
             return await client.call("GET", "/v1/revocations", query=None if show_all else {"active": "true"})
 
-    payload = _run(go())
+    payload = run(go(), token=token)
     if as_json:
-        _print_json(payload)
+        print_json(payload)
     elif revocation_id is not None:
         click.echo(render_summary(payload, iso=iso))
     else:
@@ -564,22 +389,22 @@ def _list_command(name: str, key: str, columns: Sequence[Column], states: Sequen
 
     def command(limit: int, page_size: int, state: str | None, as_json: bool, iso: bool, url: str,
                 token_file: Path | None, **chosen: str | None) -> None:
-        conn = _Conn(url, _read_token(token_file))
+        token = read_token(token_file)
 
         async def go() -> tuple[list[dict[str, Any]], str | None]:
-            async with conn.client() as client:
+            async with BrokerClient(url, token, timeout=_REQUEST_TIMEOUT) as client:
                 return await client.pages(f"/v1/{key}", key, {**chosen, "state": state}, limit, page_size)
 
-        items, after = _run(go())
+        items, after = run(go(), token=token)
         if as_json:
-            _print_json({key: items, "next_after": after})
+            print_json({key: items, "next_after": after})
             return
         click.echo(render_table(columns, items, iso=iso))
         more = f" (more after {after}: raise --limit)" if after is not None and len(items) >= limit else ""
         click.echo(plural(len(items), key.rstrip("s")) + more, err=True)
 
     command.__doc__ = doc
-    command = _connection_options(_output_options(command))
+    command = connection_options(output_options(command))
     # Hidden: lets the tests walk several pages without creating hundreds of leases.
     command = click.option("--page-size", type=click.IntRange(1, 1000), default=_PAGE, hidden=True)(command)
     command = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
@@ -595,8 +420,3 @@ leases = _list_command("leases", "leases", LEASE_COLUMNS, ("active", "revoke_pen
 tasks = _list_command("tasks", "tasks", TASK_COLUMNS, ("active", "ended", "expired", "revoked"),
                       ("user", "agent", "tenant"), "Tasks, live and past, oldest first.")
 
-
-def register(group: click.Group) -> None:
-    """Add the operator commands to the ``broker`` group."""
-    for command in (revoke, unlock, revocations, leases, tasks):
-        group.add_command(command)

@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import click
 from aiohttp import web
 
 from broker.app import make_app
 from broker.audit.signing import generate_signing_key_file
+from broker.client import BrokerClient, problem_of
 from broker.config import load_settings
 from broker.delegation import Catalog
 from broker.dev.identities import DevIssuer
@@ -36,9 +36,11 @@ from broker.dev.stack import (
     seed_tickets_schema,
     start_dev_openbao,
 )
+from broker.errors import BrokerError
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.server import BrokerRunner
+from broker.timefmt import format_time
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import SyncChange, audit_device_of, sync, write_broker_token
 
@@ -301,12 +303,12 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
     async with UserClient(url, _user_token(idp, USER, ["support"])) as user, AgentClient(url, svid) as agent:
         task = await steps.run(f"{USER} delegates role {ROLE!r} to {AGENT} for 10 minutes",
                                user.start_task(agent=AGENT, role=ROLE, ttl="10m", reason="demo: triage ticket 42"))
-        click.echo(f"      task {task.id}, expires {time.strftime('%H:%M:%S', time.localtime(task.expires_at))}")
+        click.echo(f"      task {task.id}, expires {format_time(task.expires_at)}")
         grants = ["agent-cert", "child-token"] + (["tickets-db-ro"] if with_db else [])
         creds = await steps.run("The agent obtains its credentials with its SVID",
                                 asyncio.gather(*(agent.credential(task.id, g) for g in grants)))
         for grant, cred in zip(grants, creds, strict=True):
-            expires = time.strftime("%H:%M:%S", time.localtime(cred.expires_at))
+            expires = format_time(cred.expires_at)
             click.echo(f"      {grant:<14} lease {cred.lease_id}  expires {expires}  {_describe(cred.data)}")
         db_login: Callable[[], Awaitable[bool]] | None = None
         if pg_dsn is not None:
@@ -329,7 +331,7 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
     click.secho(f"\nAudit trail of task {task.id} (GET /v1/audit?task=...):", bold=True)
     click.echo(f"  {'seq':>4}  {'time':<8}  {'event':<18} {'outcome':<8} {'user':<22} resource")
     for r in records:
-        when = time.strftime("%H:%M:%S", time.localtime(r["time"]))
+        when = format_time(r["time"])
         click.echo(f"  {r['seq']:>4}  {when:<8}  {r['event']:<18} {r['outcome']:<8} {r['user'] or '':<22} "
                    f"{r['resource'] or ''}")
 
@@ -368,36 +370,42 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
     ``auth_time`` stays fresh enough to decide. With ``--once`` the demo approves it itself, through the
     API, as the demo approver.
     """
-    agent_auth = {"Authorization": f"Bearer {svid()}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=70)) as http:
-        async def ask(body: dict[str, Any], status: int) -> dict[str, Any]:
-            async with http.post(f"{url}/v1/tasks/{task_id}/credentials", json=body, headers=agent_auth) as resp:
-                payload: dict[str, Any] = await resp.json(content_type=None)
-                if resp.status != status:
-                    raise click.ClickException(f"asking for {grant}: HTTP {resp.status} {payload.get('code')}")
-                return payload
+    def approver_token() -> str:
+        return _user_token(idp, APPROVER, ["secops-leads"])
+
+    # The raw calls (not AgentClient.credential) so that each step shows on the terminal; 70 s outlasts ?wait=30.
+    async with BrokerClient(url, svid, timeout=70) as agent, BrokerClient(url, approver_token, timeout=70) as approver:
+        async def ask(body: dict[str, Any], expect: str) -> dict[str, Any]:
+            try:
+                payload = await agent.call("POST", f"/v1/tasks/{task_id}/credentials", body=body)
+            except BrokerError as exc:
+                problem = problem_of(exc)
+                status = f"HTTP {problem.status} {problem.code}" if problem is not None else str(exc)
+                raise click.ClickException(f"asking for {grant}: {status}") from exc
+            if expect not in payload:
+                raise click.ClickException(f"asking for {grant}: no {expect} in the answer")
+            return payload
 
         pending = await steps.run(f"The agent asks for the high-risk grant {grant!r}: 202, approval needed",
-                                  ask({"grant": grant}, 202))
+                                  ask({"grant": grant}, "approval_id"))
         approval = pending["approval_id"]
         approver_file = work / "demo-approver.jwt"
         click.secho(f"      approve it at {url}/console (sign in with the token in {approver_file})", bold=True)
         if once:
             click.echo("      --once: the demo approves it itself, through the API, as the demo approver")
-            token = _user_token(idp, APPROVER, ["secops-leads"])
-            async with http.post(f"{url}/v1/approvals/{approval}", headers={"Authorization": f"Bearer {token}"},
-                                 json={"decision": "approve", "reason": "demo: approved by broker dev --once"}
-                                 ) as resp:
-                if resp.status != 200:
-                    raise click.ClickException(f"approving {approval}: HTTP {resp.status}")
+            try:
+                await approver.call("POST", f"/v1/approvals/{approval}",
+                                    body={"decision": "approve", "reason": "demo: approved by broker dev --once"})
+            except BrokerError as exc:
+                problem = problem_of(exc)
+                status = f"HTTP {problem.status}" if problem is not None else str(exc)
+                raise click.ClickException(f"approving {approval}: {status}") from exc
 
         async def wait_for_decision() -> str:
             while True:
                 if not once:
                     approver_file.write_text(_user_token(idp, APPROVER, ["secops-leads"], ttl=3600) + "\n")
-                agent_auth["Authorization"] = f"Bearer {svid()}"
-                async with http.get(f"{url}/v1/approvals/{approval}?wait=30", headers=agent_auth) as resp:
-                    state = str((await resp.json(content_type=None)).get("state"))
+                state = str((await agent.call("GET", f"/v1/approvals/{approval}?wait=30")).get("state"))
                 if state != "pending":
                     return state
 
@@ -405,9 +413,8 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
         if state != "approved":
             click.echo(f"      the approval is {state}: no credential")
             return
-        agent_auth["Authorization"] = f"Bearer {svid()}"
-        cred = await ask({"grant": grant, "approval_id": approval}, 200)
-    expires = time.strftime("%H:%M:%S", time.localtime(cred["expires_at"]))
+        cred = await ask({"grant": grant, "approval_id": approval}, "lease_id")
+    expires = format_time(cred["expires_at"])
     click.echo(f"      approved: {grant:<14} lease {cred['lease_id']}  expires {expires}  {_describe(cred['data'])}")
 
 

@@ -130,12 +130,32 @@ class TestSurfaces:
         """broker.sdk.__all__ is a contract with agents: changing it is a decision, not an accident."""
         assert sorted(sdk.__all__) == ["AgentClient", "ApprovalPending", "TaskSession", "TokenSource", "UserClient"]
 
-    def test_sdk_imports_only_models_and_errors(self) -> None:
-        """The SDK can be vendored with two modules."""
+    def test_sdk_imports_only_client_models_and_errors(self) -> None:
+        """The SDK can be vendored with three modules: the shared client, the wire models and the errors."""
         source = Path(sdk.__file__).read_text()
         imports = {line.split()[1] for line in source.splitlines() if line.startswith(("from broker", "import broker"))}
-        assert imports <= {"broker", "broker.models"}
+        assert imports <= {"broker", "broker.client", "broker.models"}
         assert "from broker import errors" in source
+
+    def test_client_imports_nothing_heavier_than_aiohttp_yarl_errors_and_models(self) -> None:
+        """broker.client travels with the SDK: beyond the standard library, only aiohttp, yarl, errors, models."""
+        import ast
+        import sys
+
+        from broker import client
+
+        tree = ast.parse(Path(client.__file__).read_text())
+        modules: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "broker":
+                modules |= {f"broker.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                modules.add(node.module)
+        outside = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
+        assert outside <= {"aiohttp", "yarl", "broker.errors", "broker.models"}
+        assert "broker.errors" in outside
 
     def test_openapi_declares_security_on_every_protected_operation(self) -> None:
         """Every operation but health, metrics and the spec itself declares bearer security."""

@@ -1,0 +1,36 @@
+"""``broker serve``: the HTTP API on ``[server].listen``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import click
+
+from broker.cli.common import EXISTING_FILE, settings_from, setup_logging
+from broker.errors import BrokerError
+
+__all__ = ["serve"]
+
+
+@click.command("serve")
+@click.option("--config", "config", type=EXISTING_FILE, required=True, help="The broker's TOML configuration.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def serve(config: Path, log_level: str) -> None:
+    """Serve the HTTP API on [server].listen."""
+    from broker.app import make_app
+
+    setup_logging(log_level)
+    settings = settings_from(config)
+    host, port = settings.server.host_port
+    try:
+        # broker.server: the access log names method, path (never the query string), status and time, and
+        # requests the HTTP parser refuses are answered as problems without repeating their bytes.
+        from broker.faults import from_environ
+        from broker.server import serve as serve_app
+
+        asyncio.run(serve_app(make_app(settings, crash=from_environ(os.environ)), host, port))
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc

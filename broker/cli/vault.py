@@ -1,0 +1,63 @@
+"""``broker vault sync``: write what the broker needs on the Vault/OpenBao side (idempotent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from broker.cli.common import EXISTING_FILE, settings_from
+from broker.delegation import Catalog
+from broker.errors import BrokerError
+from broker.vault.sync import audit_device_of
+
+if TYPE_CHECKING:
+    from broker.vault.sync import SyncChange
+
+__all__ = ["vault"]
+
+
+@click.group("vault")
+def vault() -> None:
+    """Set up the Vault/OpenBao side the broker needs."""
+
+
+@vault.command("sync")
+@click.option("--config", "config", type=EXISTING_FILE, required=True)
+@click.option("--write-token", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also create a periodic token of the agent-broker policy and write it here (mode 0600).")
+def vault_sync(config: Path, write_token: Path | None) -> None:
+    """Write the task roles' policies and token roles and the broker's own policy. Idempotent.
+
+    Uses an admin token from VAULT_TOKEN or BAO_TOKEN, and VAULT_ADDR or BAO_ADDR (else [vault].addr).
+    """
+    settings = settings_from(config)
+    addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addr
+    token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    if not token:
+        raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
+    try:
+        catalog = Catalog.from_settings(settings)
+        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings))
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    width = max(len(c.name) for c in changes)
+    for c in changes:
+        click.echo(f"  {c.kind:<11} {c.name:<{width}}  {c.action}")
+    if write_token is not None:
+        click.echo(f"  broker token written to {write_token}")
+
+
+def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
+          audit_device: str | None) -> list[SyncChange]:
+    # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
+    from broker.vault.admin import VaultAdmin
+    from broker.vault.sync import sync, write_broker_token
+
+    with VaultAdmin(addr, token=token) as admin:
+        changes = sync(admin, catalog, audit_device=audit_device)
+        if write_token is not None:
+            write_broker_token(admin, write_token)
+        return changes
