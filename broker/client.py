@@ -21,6 +21,7 @@ Rules this file keeps:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Self
 
@@ -30,12 +31,16 @@ import yarl
 from broker import errors
 
 __all__ = ["DEFAULT_TIMEOUT", "BadResponse", "BrokerClient", "ProblemResponse", "TokenSource", "Unreachable",
-           "decode_problem", "problem_of"]
+           "decode_error", "decode_problem", "problem_of"]
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
 DEFAULT_TIMEOUT = 30.0
 _PAGE = 500
+
+Unreachable = errors.Unreachable
+BadResponse = errors.BadResponse
+_MAX_AGE = re.compile(r"max_age=(\d{1,9})")
 
 # Every code the broker answers with and the class it stands for. An unknown code is a plain BrokerError.
 _ERRORS: dict[str, type[errors.BrokerError]] = {
@@ -43,30 +48,6 @@ _ERRORS: dict[str, type[errors.BrokerError]] = {
     for cls in vars(errors).values()
     if isinstance(cls, type) and issubclass(cls, errors.BrokerError)
 }
-
-
-class Unreachable(errors.BrokerError):
-    """No answer: the connection failed or the request timed out. ``reason`` names the aiohttp exception."""
-
-    code = "unreachable"
-    http_status = 503
-    title = "Cannot reach the broker"
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__("cannot reach the broker", reason=reason)
-        self.url = url
-
-
-class BadResponse(errors.BrokerError):
-    """An answer the client cannot use, such as a 200 without a JSON object."""
-
-    code = "bad_response"
-    http_status = 502
-    title = "Unexpected answer from the broker"
-
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ProblemResponse(Exception):
@@ -79,7 +60,7 @@ class ProblemResponse(Exception):
     """
 
     def __init__(self, status: int, code: str = "", title: str = "", detail: str = "", *, reason: str = "",
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, max_age: int | None = None) -> None:
         super().__init__(f"HTTP {status} {code or 'http_error'}: {detail or title or reason}")
         self.status = status
         self.code = code
@@ -87,6 +68,7 @@ class ProblemResponse(Exception):
         self.detail = detail
         self.reason = reason
         self.retry_after = retry_after
+        self.max_age = max_age
 
     def error(self) -> errors.BrokerError:
         """The ``broker.errors`` instance for this answer's ``code``: its message is the detail, plus Retry-After.
@@ -100,18 +82,29 @@ class ProblemResponse(Exception):
         errors.BrokerError.__init__(exc, self.detail or f"HTTP {self.status}")
         if self.retry_after is not None and self.retry_after >= 0 and self.retry_after.is_integer():
             exc.retry_after = int(self.retry_after)
+        if isinstance(exc, errors.InsufficientAuthentication):
+            # RFC 9470: how fresh a sign-in the broker wants, from its WWW-Authenticate header.
+            exc.max_age = self.max_age if self.max_age is not None else 0
         return exc
 
 
-def decode_problem(status: int, payload: object, *, reason: str = "", retry_after: str | None = None
-                   ) -> ProblemResponse:
+def decode_problem(status: int, payload: object, *, reason: str = "", retry_after: str | None = None,
+                   www_authenticate: str | None = None) -> ProblemResponse:
     """The one problem+json decoder: an error answer's status, decoded body and headers as a ``ProblemResponse``.
 
     Lenient on purpose: it never raises, so a malformed body still yields a line to show.
     """
     body = payload if isinstance(payload, Mapping) else {}
+    age = _MAX_AGE.search(www_authenticate or "")
     return ProblemResponse(status, _text(body.get("code")), _text(body.get("title")), _text(body.get("detail")),
-                           reason=reason, retry_after=_seconds(retry_after))
+                           reason=reason, retry_after=_seconds(retry_after),
+                           max_age=int(age.group(1)) if age else None)
+
+
+def decode_error(status: int, payload: object, headers: Mapping[str, str]) -> errors.BrokerError:
+    """The ``broker.errors`` instance an error answer stands for (``decode_problem(...).error()``)."""
+    return decode_problem(status, payload, retry_after=headers.get("Retry-After"),
+                          www_authenticate=headers.get("WWW-Authenticate")).error()
 
 
 def problem_of(exc: BaseException) -> ProblemResponse | None:
@@ -199,10 +192,12 @@ class BrokerClient:
                 except ValueError:
                     payload = None
                 status, reason, retry_after = resp.status, resp.reason or "", resp.headers.get("Retry-After")
+                www_authenticate = resp.headers.get("WWW-Authenticate")
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise Unreachable(self.url, type(exc).__name__) from exc
         if status >= 400:
-            problem = decode_problem(status, payload, reason=reason, retry_after=retry_after)
+            problem = decode_problem(status, payload, reason=reason, retry_after=retry_after,
+                                     www_authenticate=www_authenticate)
             raise problem.error() from problem
         if not isinstance(payload, dict):
             msg = f"HTTP {status} without a JSON object"

@@ -41,6 +41,8 @@ Hierarchy::
     ├── AuditLineInvalid (500 vault_audit_line_invalid) -- a Vault audit line that is not an entry (tailer)
     ├── SealBroken (500 seal_broken)                   -- a sealed task token does not open with the key
     ├── ApprovalPending (202 approval_pending)         -- raised by the SDK for a 202 answer, never sent
+    ├── Unreachable (503 unreachable)                  -- the client got no answer from the broker, never sent
+    ├── BadResponse (502 bad_response)                 -- the client got an answer it cannot use, never sent
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
         ├── VaultBadResponse (502 vault_bad_response)
@@ -294,6 +296,30 @@ class AuditLineInvalid(BrokerError):
 class SealBroken(BrokerError):
     code = "seal_broken"
     title = "A sealed task token could not be opened"
+
+
+class Unreachable(BrokerError):
+    """No answer: the connection failed or the request timed out. ``reason`` names the aiohttp exception."""
+
+    code = "unreachable"
+    http_status = 503
+    title = "Cannot reach the broker"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__("cannot reach the broker", reason=reason)
+        self.url = url
+
+
+class BadResponse(BrokerError):
+    """An answer the client cannot use, such as a 200 without a JSON object."""
+
+    code = "bad_response"
+    http_status = 502
+    title = "Unexpected answer from the broker"
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ApprovalPending(BrokerError):

@@ -47,6 +47,7 @@ _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
 NOT_ANSWERED: frozenset[str] = frozenset({
     "invalid_config", "approval_pending", "csrf", "sign_in_required", "audit_chain_broken", "checkpoint_invalid",
     "vault_audit_line_invalid", "audit_export_failed",
+    "unreachable", "bad_response",  # the client's own: raised by broker.client, never answered by the broker
 })
 # What ``api.error_middleware`` answers for aiohttp's own HTTP errors that no BrokerError stands for.
 _HTTP_ERROR_CODES = ("method_not_allowed", "http_error")

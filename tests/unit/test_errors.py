@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 import broker
-from broker import api, errors, openapi, sdk
+from broker import api, client, errors, openapi
 
 # Codes no API route answers with, each for the reason given; everything else must be in the OpenAPI
 # document's ``Problem.code``. Changing this list is a decision, not an accident.
@@ -24,6 +24,8 @@ NEVER_ANSWERED: dict[str, str] = {
     "checkpoint_invalid": "CheckpointInvalid: the verifier reports it in its answer (AuditVerifyOut)",
     "vault_audit_line_invalid": "AuditLineInvalid: the Vault audit tailer and `broker audit verify` skip the line",
     "audit_export_failed": "ExportFailed: the background export retries; requests meet audit_backlog",
+    "unreachable": "Unreachable: broker.client got no answer from the broker",
+    "bad_response": "BadResponse: broker.client got an answer it cannot use",
 }
 
 
@@ -69,30 +71,30 @@ class TestOneModule:
 class TestSdk:
     def test_the_sdk_maps_every_code_to_its_class(self) -> None:
         """The SDK's code map holds every error, each under its own code."""
-        assert {code: cls.__name__ for code, cls in sdk._ERRORS.items()} == {
+        assert {code: cls.__name__ for code, cls in client._ERRORS.items()} == {
             cls.code: cls.__name__ for cls in all_errors()
         }
 
     @pytest.mark.parametrize("cls", all_errors(), ids=lambda c: c.__name__)
     def test_every_problem_decodes_into_its_class(self, cls: type[errors.BrokerError]) -> None:
         """A problem document becomes an instance of exactly its class, with the broker's detail as message."""
-        exc = sdk._error(cls.http_status, {"code": cls.code, "detail": "what the broker said"}, {})
+        exc = client.decode_error(cls.http_status, {"code": cls.code, "detail": "what the broker said"}, {})
         assert type(exc) is cls
         assert str(exc) == "what the broker said" and exc.reason == "what the broker said"
 
     def test_decoded_errors_carry_the_headers_they_need(self) -> None:
         """Retry-After becomes retry_after; insufficient_user_authentication's max_age comes from WWW-Authenticate."""
-        limited = sdk._error(429, {"code": "budget_exceeded", "detail": "d"}, {"Retry-After": "7"})
+        limited = client.decode_error(429, {"code": "budget_exceeded", "detail": "d"}, {"Retry-After": "7"})
         assert isinstance(limited, errors.BudgetExceeded) and limited.retry_after == 7
-        stale = sdk._error(401, {"code": "insufficient_user_authentication", "detail": "sign in again"}, {
+        stale = client.decode_error(401, {"code": "insufficient_user_authentication", "detail": "sign in again"}, {
             "WWW-Authenticate": 'Bearer error="insufficient_user_authentication", error_description="x", max_age=300'})
         assert isinstance(stale, errors.InsufficientAuthentication) and stale.max_age == 300
 
     def test_an_unknown_code_is_a_plain_broker_error(self) -> None:
         """A code this SDK does not know (a newer broker's) is still a BrokerError, not a crash."""
-        exc = sdk._error(418, {"code": "from_the_future", "detail": "d"}, {})
+        exc = client.decode_error(418, {"code": "from_the_future", "detail": "d"}, {})
         assert type(exc) is errors.BrokerError and str(exc) == "d"
-        assert type(sdk._error(502, None, {})) is errors.BrokerError
+        assert type(client.decode_error(502, None, {})) is errors.BrokerError
 
 
 class TestOpenApi:
