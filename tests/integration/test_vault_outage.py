@@ -39,9 +39,9 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
     ids.idp.write_jwks(tmp / "idp.jwks")
     TokenSealer.generate_key_file(tmp / "store.key")
     generate_signing_key_file(tmp / "audit-signing.key")
-    config = replace(site_config(addr=bao.addr, audit_log=bao.audit_log), revoke_confirm_timeout=2, vault_timeout=2,
-                     maintenance=FAST_MAINTENANCE)
-    settings = load_settings({}, config.write(tmp / "broker.toml"))
+    replace(site_config(addr=bao.addr, audit_log=bao.audit_log), revoke_confirm_timeout=2, vault_timeout=2,
+            maintenance=FAST_MAINTENANCE).write(tmp / "broker.toml")
+    settings = load_settings({}, tmp / "broker.toml")
     async with aiohttp.ClientSession() as session:
         admin = VaultClient(session, bao.addr, token=bao.root_token)
         await sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
