@@ -124,7 +124,7 @@ class BrokerConfig:
     vault_addr: str
     listen: str = "127.0.0.1:0"
     audience: str = AUDIENCE
-    token_file: str | Path = "vault-token"
+    token_file: str | Path = "vault-token"  # noqa: S105 -- the name of the file that holds it
     audit_log: str | Path | None = None
     vault_timeout: float | None = None
     revoke_confirm_timeout: float | None = None
@@ -207,13 +207,14 @@ def agent_cert_grant(trust_domain: str, *, mount: str = "pki", name: str = "agen
                  params={"common_name": f"{{task}}.agents.{trust_domain}", "uri_sans": "{agent}"})
 
 
-def child_token_grant(*, token_role: str = "agent-child", name: str = "child-token", max_ttl: str = "10m") -> Grant:
+def child_token_grant(*, token_role: str = "agent-child", name: str = "child-token",  # noqa: S107 -- role names
+                      max_ttl: str = "10m") -> Grant:
     """A Vault token from ``configure_child_token_role``'s token role (a write: the create endpoint)."""
     return Grant(name=name, path=f"auth/token/create/{token_role}", method="write", max_ttl=max_ttl)
 
 
 def example_grants(trust_domain: str, *, pki_mount: str = "pki", db_mount: str = "database",
-                   token_role: str = "agent-child") -> tuple[Grant, Grant, Grant]:
+                   token_role: str = "agent-child") -> tuple[Grant, Grant, Grant]:  # noqa: S107 -- a role name
     """The three low-risk grants over the example engines: a database login, a certificate, a child token."""
     return (tickets_ro_grant(mount=db_mount), agent_cert_grant(trust_domain, mount=pki_mount),
             child_token_grant(token_role=token_role))
