@@ -224,9 +224,17 @@ def _write_tokens(work: Path, idp: DevIssuer, spiffe: DevIssuer) -> None:
         "demo-agent.jwt": spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=3600),
     }
     for name, token in tokens.items():
-        path = work / name
-        path.touch(mode=0o600)
-        path.write_text(token + "\n")
+        _write_token(work / name, token)
+
+
+def _write_token(path: Path, token: str) -> None:
+    """Replace the token file whole (mode 0600): whoever reads it meanwhile gets the old token or the new one,
+    never a file cut short (the approver's is rewritten while a person may be copying it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=0o600)
+    tmp.write_text(token + "\n")
+    tmp.replace(path)
 
 
 def _mask(value: object) -> str:
@@ -335,7 +343,7 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
         async def wait_for_decision() -> str:
             while True:
                 if not once:
-                    approver_file.write_text(_user_token(idp, APPROVER, ["secops-leads"], ttl=3600) + "\n")
+                    _write_token(approver_file, _user_token(idp, APPROVER, ["secops-leads"], ttl=3600))
                 agent_auth["Authorization"] = f"Bearer {svid()}"
                 async with http.get(f"{url}/v1/approvals/{approval}?wait=30", headers=agent_auth) as resp:
                     state = str((await resp.json(content_type=None)).get("state"))
