@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # the broker and tests.support are imported from 
 
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
+from broker.dev.config import AUDIENCE, AgentTrust, BrokerConfig, People, TaskRole, UserIssuer, example_grants
 from broker.dev.identities import DevIssuer
 from broker.dev.stack import (
     DevOpenBao,
@@ -63,7 +64,6 @@ from tests.support.pg import (
     start_scram_cluster,
 )
 
-AUDIENCE = "agent-broker"
 IDP = "https://idp.bench.example"
 TRUST_DOMAIN = "example.org"
 USER = "alice@example.com"
@@ -248,69 +248,23 @@ async def closed_loop(n: int, workers: Sequence[Callable[[], Awaitable[None]]],
 # --------------------------------------------------------------------------------------------------
 # The stack
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:{port}"
-audience = "{audience}"
-
-[vault]
-addr = "{addr}"
-token_file = "vault-token"
-audit_log = "{audit_log}"
-revoke_confirm_timeout = 60
-timeout = 30
-
-[store]
-url = "sqlite:///{root}/broker.db"
-key_file = "store.key"
-
-# The broker's budgets are raised so that the benchmarks measure the broker, not its rate limiter: one
-# simulated agent issues ~1,000 credentials a second at most, a user 10,000+ leases in bench_revoke.
-[limits]
-max_live_leases_per_agent = 1000000
-max_live_leases_per_user = 1000000
-issue_rate_per_agent = 100000.0
-issue_burst_per_agent = 100000
-issue_rate_per_user = 100000.0
-issue_burst_per_user = 100000
-
-[[agents.trust]]
-trust_domain = "{td}"
-jwks_file = "spiffe.jwks"
-
-[[users.issuers]]
-issuer = "{idp}"
-jwks_file = "idp.jwks"
-groups_claim = "groups"
-
-[people]
-operators = ["group:secops"]
-auditors = ["group:audit"]
-
-[[task_roles]]
-name = "bench"
-tenant = "acme"
-agents = ["spiffe://{td}/agent/support-*"]
-delegators = ["group:support"]
-max_ttl = "1h"
-
-  [[task_roles.grants]]
-  name = "tickets-db-ro"
-  path = "database/creds/tickets-ro"
-  max_ttl = "10m"
-
-  [[task_roles.grants]]
-  name = "agent-cert"
-  path = "pki/issue/agents"
-  max_ttl = "10m"
-  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
-
-  [[task_roles.grants]]
-  name = "child-token"
-  path = "auth/token/create/agent-child"
-  method = "write"
-  max_ttl = "10m"
-"""
+def bench_config(root: Path, *, port: int, addr: str, audit_log: str | Path | None) -> BrokerConfig:
+    """The bench broker: one role over the example engines, patient Vault timeouts, budgets out of the way."""
+    role = TaskRole(name="bench", tenant="acme", agents=(f"spiffe://{TRUST_DOMAIN}/agent/support-*",),
+                    delegators=("group:support",), max_ttl="1h", grants=example_grants(TRUST_DOMAIN))
+    return BrokerConfig(
+        listen=f"127.0.0.1:{port}", vault_addr=addr, audit_log=audit_log, revoke_confirm_timeout=60, vault_timeout=30,
+        store_url=f"sqlite:///{root}/broker.db",
+        # The broker's budgets are raised so that the benchmarks measure the broker, not its rate limiter: one
+        # simulated agent issues ~1,000 credentials a second at most, a user 10,000+ leases in bench_revoke.
+        limits={"max_live_leases_per_agent": 1_000_000, "max_live_leases_per_user": 1_000_000,
+                "issue_rate_per_agent": 100_000.0, "issue_burst_per_agent": 100_000,
+                "issue_rate_per_user": 100_000.0, "issue_burst_per_user": 100_000},
+        agents=(AgentTrust(trust_domain=TRUST_DOMAIN, jwks_file="spiffe.jwks"),),
+        users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),),
+        people=People(operators=("group:secops",), auditors=("group:audit",)),
+        task_roles=(role,),
+    )
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -408,11 +362,8 @@ class BenchStack:
         self.idp.write_jwks(root / "idp.jwks")
         TokenSealer.generate_key_file(root / "store.key")
         port = free_port()
-        self.config_path = root / "broker.toml"
-        self.config_path.write_text(CONFIG.format(
-            port=port, audience=AUDIENCE, addr=self.bao.addr, audit_log=self.bao.audit_log, root=root,
-            td=TRUST_DOMAIN, idp=IDP,
-        ))
+        self.config_path = bench_config(root, port=port, addr=self.bao.addr,
+                                        audit_log=self.bao.audit_log).write(root / "broker.toml")
         self.broker_url = f"http://127.0.0.1:{port}"
         settings = load_settings({}, self.config_path)
         await seed_tickets_schema(self.pg.dsn())

@@ -21,6 +21,16 @@ from broker.app import make_app
 from broker.audit.signing import generate_signing_key_file
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
+from broker.dev.config import (
+    AUDIENCE,
+    DEV_PEOPLE,
+    AgentTrust,
+    BrokerConfig,
+    Grant,
+    TaskRole,
+    UserIssuer,
+    example_grants,
+)
 from broker.dev.identities import DevIssuer
 from broker.sealing import TokenSealer
 from broker.vault import VaultClient
@@ -29,7 +39,6 @@ from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.support.fixtures import *  # noqa: F403
 from tests.support.fixtures import BaoEngines
 
-AUDIENCE = "agent-broker"
 IDP = "https://idp.test.example"
 TD = "example.org"
 PARTNER_TD = "partner.example"
@@ -46,92 +55,32 @@ def person(name: str = USER) -> str:
 
 USER_ID = person(USER)
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:0"
-audience = "{audience}"
+def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
+    """The tests' broker: two agent trust domains, a user IdP, and two task roles (files relative to the config).
 
-[vault]
-addr = "{addr}"
-token_file = "vault-token"
-audit_log = "{audit_log}"
-revoke_confirm_timeout = 5
-
-[store]
-url = "sqlite:///broker.db"
-key_file = "store.key"
-
-[audit]
-signing_key_file = "audit-signing.key"
-
-[[agents.trust]]
-trust_domain = "{td}"
-jwks_file = "spiffe.jwks"
-
-[[agents.trust]]
-trust_domain = "{partner_td}"
-jwks_file = "partner.jwks"
-
-[[users.issuers]]
-issuer = "{idp}"
-jwks_file = "idp.jwks"
-groups_claim = "groups"
-
-[people]
-operators = ["group:secops"]
-auditors = ["group:audit"]
-approvers = ["group:secops-leads"]
-
-[[task_roles]]
-name = "support-triage"
-tenant = "acme"
-agents = ["spiffe://{td}/agent/support-*"]
-delegators = ["group:support"]
-max_ttl = "30m"
-
-  [[task_roles.grants]]
-  name = "tickets-db-ro"
-  path = "database/creds/tickets-ro"
-  max_ttl = "10m"
-
-  [[task_roles.grants]]
-  name = "agent-cert"
-  path = "pki/issue/agents"
-  max_ttl = "10m"
-  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
-
-  [[task_roles.grants]]
-  name = "child-token"
-  path = "auth/token/create/agent-child"
-  method = "write"
-  max_ttl = "10m"
-
-  [[task_roles.grants]]
-  name = "prod-write"
-  path = "database/creds/tickets-rw"
-  max_ttl = "5m"
-  risk = "high"
-
-  [[task_roles.grants]]
-  name = "prod-cert"
-  path = "pki/issue/agents"
-  max_ttl = "5m"
-  risk = "high"
-  approvals_required = 2
-  params = {{ common_name = "prod-{{task}}.agents.{td}" }}
-
-[[task_roles]]
-name = "billing-report"
-tenant = "globex"
-agents = ["spiffe://{td}/agent/billing-*"]
-delegators = ["group:billing"]
-max_ttl = "15m"
-
-  [[task_roles.grants]]
-  name = "tickets-db-rw"
-  path = "database/creds/tickets-rw"
-  max_ttl = "5m"
-"""
+    ``support-triage`` has the example engines' grants plus two high-risk ones (``prod-cert`` needs two
+    approvers); ``billing-report`` is another tenant's role, for agents of another name.
+    """
+    support = TaskRole(
+        name="support-triage", tenant="acme", agents=(f"spiffe://{TD}/agent/support-*",), delegators=("group:support",),
+        max_ttl="30m", grants=(
+            *example_grants(TD),
+            Grant(name="prod-write", path="database/creds/tickets-rw", max_ttl="5m", risk="high"),
+            Grant(name="prod-cert", path="pki/issue/agents", max_ttl="5m", risk="high", approvals_required=2,
+                  params={"common_name": f"prod-{{task}}.agents.{TD}"}),
+        ))
+    billing = TaskRole(
+        name="billing-report", tenant="globex", agents=(f"spiffe://{TD}/agent/billing-*",),
+        delegators=("group:billing",), max_ttl="15m",
+        grants=(Grant(name="tickets-db-rw", path="database/creds/tickets-rw", max_ttl="5m"),))
+    return BrokerConfig(
+        vault_addr=addr, audit_log=audit_log, revoke_confirm_timeout=5, signing_key_file="audit-signing.key",
+        agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),
+                AgentTrust(trust_domain=PARTNER_TD, jwks_file="partner.jwks")),
+        users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),),
+        people=DEV_PEOPLE,
+        task_roles=(support, billing),
+    )
 
 
 @dataclass
@@ -180,9 +129,7 @@ def broker_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoE
     TokenSealer.generate_key_file(root / "store.key")
     generate_signing_key_file(root / "audit-signing.key")
     bao = bao_with_engines.bao
-    (root / "broker.toml").write_text(CONFIG.format(audience=AUDIENCE, addr=bao.addr, audit_log=bao.audit_log,
-                                                    td=TD, partner_td=PARTNER_TD, idp=IDP))
-    settings = load_settings({}, root / "broker.toml")
+    settings = load_settings({}, site_config(addr=bao.addr, audit_log=bao.audit_log).write(root / "broker.toml"))
 
     with VaultAdmin(bao.addr, token=bao.root_token) as admin:
         sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))

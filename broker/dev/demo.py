@@ -26,6 +26,18 @@ from broker.audit.signing import generate_signing_key_file
 from broker.client import BrokerClient, problem_of
 from broker.config import load_settings
 from broker.delegation import Catalog
+from broker.dev.config import (
+    AUDIENCE,
+    DEV_PEOPLE,
+    AgentTrust,
+    BrokerConfig,
+    Grant,
+    TaskRole,
+    UserIssuer,
+    agent_cert_grant,
+    child_token_grant,
+    tickets_ro_grant,
+)
 from broker.dev.identities import DevIssuer
 from broker.dev.stack import (
     DevOpenBao,
@@ -48,89 +60,11 @@ T = TypeVar("T")
 
 TRUST_DOMAIN = "dev.example.org"
 IDP_ISSUER = "https://idp.dev.example.org"
-AUDIENCE = "agent-broker"
 AGENT = f"spiffe://{TRUST_DOMAIN}/agent/demo-1"
 USER = "alice@dev.example.org"
 ROLE = "demo-support"
-_MARKER = ".broker-dev"
-
-_CONFIG = """\
-# Written by `broker dev`. DEV ONLY: throwaway keys and a dev OpenBao that keeps nothing.
-[server]
-listen = "{host}:{port}"
-audience = "{audience}"
-
-[vault]
-addr = "{addr}"
-token_file = "vault-token"
-{audit_log}
-
-[store]
-url = "sqlite:///broker.db"
-key_file = "store.key"
-
-[audit]
-signing_key_file = "audit-signing.key"
-witness_file = "audit-witness.txt"
-
-[[agents.trust]]
-trust_domain = "{trust_domain}"
-jwks_file = "spiffe-bundle.jwks"
-
-[[users.issuers]]
-issuer = "{issuer}"
-jwks_file = "idp.jwks"
-groups_claim = "groups"
-
-[people]
-operators = ["group:secops"]
-auditors = ["group:audit"]
-approvers = ["group:secops-leads"]
-
-[[task_roles]]
-name = "{role}"
-tenant = "demo"
-agents = ["spiffe://{trust_domain}/agent/demo-*"]
-delegators = ["group:support"]
-max_ttl = "30m"
-
-  [[task_roles.grants]]
-  name = "agent-cert"
-  path = "pki/issue/agents"
-  max_ttl = "10m"
-  params = {{ common_name = "{{task}}.agents.{trust_domain}", uri_sans = "{{agent}}" }}
-
-  [[task_roles.grants]]
-  name = "child-token"
-  path = "auth/token/create/agent-child"
-  method = "write"
-  max_ttl = "10m"
-{db_grant}{high_grant}"""
-
-_DB_GRANT = """
-  [[task_roles.grants]]
-  name = "tickets-db-ro"
-  path = "database/creds/tickets-ro"
-  max_ttl = "10m"
-"""
-
-# The demo's high-risk grant: it waits for an approver (group secops-leads) in the console.
-_HIGH_DB_GRANT = """
-  [[task_roles.grants]]
-  name = "prod-db-write"
-  path = "database/creds/tickets-rw"
-  max_ttl = "5m"
-  risk = "high"
-"""
-_HIGH_PKI_GRANT = """
-  [[task_roles.grants]]
-  name = "prod-cert"
-  path = "pki/issue/agents"
-  max_ttl = "5m"
-  risk = "high"
-  params = {{ common_name = "prod-{{task}}.agents.{trust_domain}", uri_sans = "{{agent}}" }}
-"""
 APPROVER = "lena@dev.example.org"
+_MARKER = ".broker-dev"
 
 
 class _Steps:
@@ -263,13 +197,27 @@ def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path |
     spiffe.save(work / "spiffe.key")
     idp.write_jwks(work / "idp.jwks")
     spiffe.write_jwks(work / "spiffe-bundle.jwks")
-    path = work / "broker.toml"
-    path.write_text(_CONFIG.format(host=host, port=port, audience=AUDIENCE, addr=addr, trust_domain=TRUST_DOMAIN,
-                                   audit_log=f'audit_log = "{audit_log}"' if audit_log else "",
-                                   issuer=IDP_ISSUER, role=ROLE, db_grant=_DB_GRANT if with_db else "",
-                                   high_grant=_HIGH_DB_GRANT if with_db else
-                                   _HIGH_PKI_GRANT.format(trust_domain=TRUST_DOMAIN)))
-    return path
+    return _dev_config(addr, host=host, port=port, audit_log=audit_log, with_db=with_db).write(work / "broker.toml")
+
+
+def _dev_config(addr: str, *, host: str, port: int, audit_log: Path | None, with_db: bool) -> BrokerConfig:
+    """The demo's configuration; its files are relative to the work folder. With a database, the demo's
+    grants include a login and its high-risk grant is a read-write login, else a certificate."""
+    # The demo's high-risk grant: it waits for an approver (group secops-leads) in the console.
+    high = (Grant(name="prod-db-write", path="database/creds/tickets-rw", max_ttl="5m", risk="high") if with_db else
+            Grant(name="prod-cert", path="pki/issue/agents", max_ttl="5m", risk="high",
+                  params={"common_name": f"prod-{{task}}.agents.{TRUST_DOMAIN}", "uri_sans": "{agent}"}))
+    grants = (agent_cert_grant(TRUST_DOMAIN), child_token_grant(), *((tickets_ro_grant(),) if with_db else ()), high)
+    return BrokerConfig(
+        comment="Written by `broker dev`. DEV ONLY: throwaway keys and a dev OpenBao that keeps nothing.",
+        listen=f"{host}:{port}", vault_addr=addr, audit_log=audit_log,
+        signing_key_file="audit-signing.key", witness_file="audit-witness.txt",
+        agents=(AgentTrust(trust_domain=TRUST_DOMAIN, jwks_file="spiffe-bundle.jwks"),),
+        users=(UserIssuer(issuer=IDP_ISSUER, jwks_file="idp.jwks"),),
+        people=DEV_PEOPLE,
+        task_roles=(TaskRole(name=ROLE, tenant="demo", agents=(f"spiffe://{TRUST_DOMAIN}/agent/demo-*",),
+                             delegators=("group:support",), max_ttl="30m", grants=grants),),
+    )
 
 
 def _user_token(idp: DevIssuer, name: str, groups: list[str], ttl: float = 300) -> str:
@@ -285,9 +233,17 @@ def _write_tokens(work: Path, idp: DevIssuer, spiffe: DevIssuer) -> None:
         "demo-agent.jwt": spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=3600),
     }
     for name, token in tokens.items():
-        path = work / name
-        path.touch(mode=0o600)
-        path.write_text(token + "\n")
+        _write_token(work / name, token)
+
+
+def _write_token(path: Path, token: str) -> None:
+    """Replace the token file whole (mode 0600): whoever reads it meanwhile gets the old token or the new one,
+    never a file cut short (the approver's is rewritten while a person may be copying it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=0o600)
+    tmp.write_text(token + "\n")
+    tmp.replace(path)
 
 
 def _mask(value: object) -> str:
@@ -404,7 +360,7 @@ async def _high_risk(steps: _Steps, url: str, idp: DevIssuer, svid: Callable[[],
         async def wait_for_decision() -> str:
             while True:
                 if not once:
-                    approver_file.write_text(_user_token(idp, APPROVER, ["secops-leads"], ttl=3600) + "\n")
+                    _write_token(approver_file, _user_token(idp, APPROVER, ["secops-leads"], ttl=3600))
                 state = str((await agent.call("GET", f"/v1/approvals/{approval}?wait=30")).get("state"))
                 if state != "pending":
                     return state

@@ -43,6 +43,7 @@ import pytest
 
 from broker.config import load_settings
 from broker.delegation import Catalog
+from broker.dev.config import AgentTrust, BrokerConfig, TaskRole, UserIssuer, example_grants
 from broker.dev.stack import (
     DEFAULT_DB_ROLES,
     configure_child_token_role,
@@ -53,7 +54,7 @@ from broker.faults import POINTS
 from broker.sealing import TokenSealer
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
-from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
+from tests.conftest import IDP, TD, Identities, bearer
 from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
 from tests.support.fixtures import BaoEngines
 
@@ -75,59 +76,20 @@ MAX_SECONDS = 150.0
 # Task starts are rare next to issuances: their points fire more often to be hit at all.
 POINT_CHANCE = {p: (0.05 if p.startswith("issue.") else 0.3) for p in POINTS}
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:0"
-audience = "{audience}"
 
-[vault]
-addr = "{addr}"
-token_file = "vault-token"
-timeout = 5
-revoke_confirm_timeout = 5
-task_token_bootstrap_ttl = {bootstrap}
-
-[store]
-url = "sqlite:///broker.db"
-key_file = "store.key"
-
-[maintenance]
-interval = 0.5
-max_backoff = 2
-
-[[agents.trust]]
-trust_domain = "{td}"
-jwks_file = "{jwks}"
-
-[[users.issuers]]
-issuer = "{idp}"
-jwks_file = "{idp_jwks}"
-groups_claim = "groups"
-
-[[task_roles]]
-name = "{role}"
-tenant = "crashco"
-agents = ["spiffe://{td}/agent/crash-*"]
-delegators = ["group:crash"]
-max_ttl = "30m"
-
-  [[task_roles.grants]]
-  name = "tickets-db-ro"
-  path = "database-crash/creds/tickets-ro"
-  max_ttl = "10m"
-
-  [[task_roles.grants]]
-  name = "agent-cert"
-  path = "pki-crash/issue/agents"
-  max_ttl = "10m"
-  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
-
-  [[task_roles.grants]]
-  name = "child-token"
-  path = "auth/token/create/{child_role}"
-  method = "write"
-  max_ttl = "10m"
-"""
+def _config(root: Path, broker_root: Path, *, addr: str, store_url: str = "sqlite:///broker.db") -> BrokerConfig:
+    """This test's broker: the session's identities, its own role over its own mounts, fast maintenance."""
+    role = TaskRole(name=ROLE, tenant="crashco", agents=(f"spiffe://{TD}/agent/crash-*",), delegators=("group:crash",),
+                    max_ttl="30m",
+                    grants=example_grants(TD, pki_mount="pki-crash", db_mount="database-crash", token_role=CHILD_ROLE))
+    return BrokerConfig(
+        vault_addr=addr, token_file=root / "vault-token", vault_timeout=5, revoke_confirm_timeout=5,
+        task_token_bootstrap_ttl=BOOTSTRAP_TTL, store_url=store_url, key_file=root / "store.key",
+        maintenance={"interval": 0.5, "max_backoff": 2},
+        agents=(AgentTrust(trust_domain=TD, jwks_file=broker_root / "spiffe.jwks"),),
+        users=(UserIssuer(issuer=IDP, jwks_file=broker_root / "idp.jwks"),),
+        task_roles=(role,),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +99,7 @@ def crash_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, bao_
     root = tmp_path_factory.mktemp("crash")
     TokenSealer.generate_key_file(root / "store.key")
     bao = bao_with_engines.bao
-    (root / "broker.toml").write_text(CONFIG.format(
-        audience=AUDIENCE, addr=bao.addr, bootstrap=BOOTSTRAP_TTL, td=TD, jwks=broker_root / "spiffe.jwks",
-        idp=IDP, idp_jwks=broker_root / "idp.jwks", role=ROLE, child_role=CHILD_ROLE))
+    _config(root, broker_root, addr=bao.addr).write(root / "broker.toml")
     catalog = Catalog.from_settings(load_settings({}, root / "broker.toml"))
 
     with VaultAdmin(bao.addr, token=bao.root_token, timeout=30) as admin:
@@ -252,17 +212,14 @@ def judge_crash(vault: RawVault, snap: StoreSnapshot, tally: Tally) -> Awaitable
 class TestCrashConsistency:
     @pytest.mark.timeout(600)
     async def test_sigkill_during_issuance_leaves_no_orphan_and_no_ghost(
-        self, crash_root: Path, bao_with_engines: BaoEngines, identities: Identities, tmp_path: Path
+        self, crash_root: Path, broker_root: Path, bao_with_engines: BaoEngines, identities: Identities,
+        tmp_path: Path,
     ) -> None:
         """At least 20 SIGKILLs over at least 200 issuances, then reconcile: 0 orphans and 0 ghosts in Vault truth."""
         db = tmp_path / "broker.db"
-        config = tmp_path / "broker.toml"
         # A fresh SQLite store for this test; the rest of the config and keys from the module's root.
-        text = (crash_root / "broker.toml").read_text()
-        text = text.replace('url = "sqlite:///broker.db"', f'url = "sqlite:///{db}"')
-        for name in ("vault-token", "store.key"):
-            text = text.replace(f'"{name}"', f'"{crash_root / name}"')
-        config.write_text(text)
+        config = _config(crash_root, broker_root, addr=bao_with_engines.bao.addr,
+                         store_url=f"sqlite:///{db}").write(tmp_path / "broker.toml")
         log = tmp_path / "broker.log"
         rng = random.Random(int(time.time()))
         tally = Tally()

@@ -29,11 +29,12 @@ import pytest
 
 from broker.config import load_settings
 from broker.delegation import Catalog
+from broker.dev.config import AgentTrust, BrokerConfig, TaskRole, UserIssuer, example_grants
 from broker.dev.stack import DEFAULT_DB_ROLES, RoleSQL, configure_child_token_role, configure_database, configure_pki
 from broker.sealing import TokenSealer
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
-from tests.conftest import AUDIENCE, IDP, TD, Identities, bearer
+from tests.conftest import IDP, TD, Identities, bearer
 from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
 from tests.support.faultproxy import FaultProxy
 from tests.support.fixtures import BaoEngines
@@ -55,66 +56,19 @@ HEALTHY_SECONDS = 4.0
 SETTLE_SECONDS = 30.0
 MIN_ISSUANCES = 40
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:0"
-audience = "{audience}"
-
-[vault]
-addr = "{addr}"
-token_file = "{root}/vault-token"
-timeout = 2
-revoke_confirm_timeout = 2
-task_token_bootstrap_ttl = {bootstrap}
-
-[store]
-url = "sqlite:///{db}"
-key_file = "{root}/store.key"
-
-[maintenance]
-interval = 0.5
-max_backoff = 2
-intent_grace = 2
-
-[[agents.trust]]
-trust_domain = "{td}"
-jwks_file = "{jwks}"
-
-[[users.issuers]]
-issuer = "{idp}"
-jwks_file = "{idp_jwks}"
-groups_claim = "groups"
-
-[[task_roles]]
-name = "{role}"
-tenant = "partco"
-agents = ["spiffe://{td}/agent/part-*"]
-delegators = ["group:part"]
-max_ttl = "30m"
-
-  [[task_roles.grants]]
-  name = "tickets-db-ro"
-  path = "database-part/creds/tickets-ro"
-  max_ttl = "10m"
-
-  [[task_roles.grants]]
-  name = "agent-cert"
-  path = "pki-part/issue/agents"
-  max_ttl = "10m"
-  params = {{ common_name = "{{task}}.agents.{td}", uri_sans = "{{agent}}" }}
-
-  [[task_roles.grants]]
-  name = "child-token"
-  path = "auth/token/create/{child_role}"
-  method = "write"
-  max_ttl = "10m"
-"""
-
-
-def _config(root: Path, *, addr: str, db: Path, broker_root: Path) -> str:
-    return CONFIG.format(audience=AUDIENCE, addr=addr, root=root, bootstrap=BOOTSTRAP_TTL, db=db, td=TD,
-                         jwks=broker_root / "spiffe.jwks", idp=IDP, idp_jwks=broker_root / "idp.jwks", role=ROLE,
-                         child_role=CHILD_ROLE)
+def _config(root: Path, *, addr: str, db: Path, broker_root: Path) -> BrokerConfig:
+    """This test's broker: the session's identities, its own role over its own mounts, short Vault timeouts."""
+    role = TaskRole(name=ROLE, tenant="partco", agents=(f"spiffe://{TD}/agent/part-*",), delegators=("group:part",),
+                    max_ttl="30m",
+                    grants=example_grants(TD, pki_mount="pki-part", db_mount="database-part", token_role=CHILD_ROLE))
+    return BrokerConfig(
+        vault_addr=addr, token_file=root / "vault-token", vault_timeout=2, revoke_confirm_timeout=2,
+        task_token_bootstrap_ttl=BOOTSTRAP_TTL, store_url=f"sqlite:///{db}", key_file=root / "store.key",
+        maintenance={"interval": 0.5, "max_backoff": 2, "intent_grace": 2},
+        agents=(AgentTrust(trust_domain=TD, jwks_file=broker_root / "spiffe.jwks"),),
+        users=(UserIssuer(issuer=IDP, jwks_file=broker_root / "idp.jwks"),),
+        task_roles=(role,),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +77,8 @@ def partition_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, 
     root = tmp_path_factory.mktemp("partition")
     TokenSealer.generate_key_file(root / "store.key")
     bao = bao_with_engines.bao
-    catalog = Catalog.from_settings(load_settings({}, _write(root / "probe.toml", _config(
-        root, addr=bao.addr, db=root / "unused.db", broker_root=broker_root))))
+    catalog = Catalog.from_settings(load_settings({}, _config(
+        root, addr=bao.addr, db=root / "unused.db", broker_root=broker_root).write(root / "probe.toml")))
     ro = DEFAULT_DB_ROLES["tickets-ro"]
     slow = RoleSQL(creation_statements=(f"SELECT pg_sleep({SLOW_CREATE});", *ro.creation_statements),
                    revocation_statements=ro.revocation_statements)
@@ -143,11 +97,6 @@ def partition_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, 
         (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
         (root / "vault-token").chmod(0o600)
     return root
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
 
 
 @dataclass
@@ -211,8 +160,8 @@ class TestPartition:
         u = urlsplit(bao.addr)
         proxy = await FaultProxy(u.hostname or "127.0.0.1", u.port or 8200).start()
         db = tmp_path / "broker.db"
-        config = _write(tmp_path / "broker.toml", _config(partition_root, addr=proxy.addr, db=db,
-                                                          broker_root=broker_root))
+        config = _config(partition_root, addr=proxy.addr, db=db,
+                         broker_root=broker_root).write(tmp_path / "broker.toml")
         broker = BrokerProcess(config, tmp_path / "broker.log")
         tally = Tally()
         rng = random.Random(int(time.time()))

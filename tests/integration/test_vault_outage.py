@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +28,10 @@ from broker.sealing import TokenSealer
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
-from tests.conftest import (
-    AGENT,
-    AUDIENCE,
-    CONFIG,
-    IDP,
-    PARTNER_TD,
-    TD,
-    Identities,
-    bearer,
-)
+from tests.conftest import AGENT, Identities, bearer, site_config
 from tests.support.fixtures import BaoEngines
 
-FAST_MAINTENANCE = """
-[maintenance]
-interval = 0.3
-max_backoff = 1
-"""
+FAST_MAINTENANCE = {"interval": 0.3, "max_backoff": 1}
 
 
 async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_client: Callable[..., Any]) -> Any:
@@ -52,9 +40,8 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
     ids.idp.write_jwks(tmp / "idp.jwks")
     TokenSealer.generate_key_file(tmp / "store.key")
     generate_signing_key_file(tmp / "audit-signing.key")
-    text = CONFIG.format(audience=AUDIENCE, addr=bao.addr, audit_log=bao.audit_log, td=TD, partner_td=PARTNER_TD,
-                         idp=IDP).replace("revoke_confirm_timeout = 5", "revoke_confirm_timeout = 2\ntimeout = 2")
-    (tmp / "broker.toml").write_text(text + FAST_MAINTENANCE)
+    replace(site_config(addr=bao.addr, audit_log=bao.audit_log), revoke_confirm_timeout=2, vault_timeout=2,
+            maintenance=FAST_MAINTENANCE).write(tmp / "broker.toml")
     settings = load_settings({}, tmp / "broker.toml")
     with VaultAdmin(bao.addr, token=bao.root_token) as admin:
         await asyncio.to_thread(sync, admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
