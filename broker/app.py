@@ -137,8 +137,8 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 async def _vault(app: web.Application) -> AsyncIterator[None]:
     """The broker's Vault client (its own token, read once) and the readiness probe over it and the store."""
     settings = app[SETTINGS]
-    vault = VaultClient(app[HTTP], settings.vault.addr, token=read_vault_token(settings), timeout=settings.vault.timeout,
-                        namespace=settings.vault.namespace)
+    vault = VaultClient(app[HTTP], settings.vault.addr, token=read_vault_token(settings),
+                        timeout=settings.vault.timeout, namespace=settings.vault.namespace)
     app[api.VAULT] = vault
     # Readiness probes Vault no longer than an agent's health check would wait.
     app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],
@@ -171,9 +171,9 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
     v, m, lim, audit = settings.vault, settings.maintenance, settings.limits, settings.audit
     revoker = app[REVOKER] = Revoker(store=store, vault=vault, clock=clock, confirm_timeout=v.revoke_confirm_timeout,
                                      max_backoff=m.max_backoff)
-    settler = app[SETTLER] = IntentSettler(store=store, vault=vault, clock=clock, bootstrap_ttl=v.task_token_bootstrap_ttl,
-                                           vault_timeout=v.timeout, attempt_timeout=v.revoke_confirm_timeout,
-                                           max_backoff=m.max_backoff)
+    settler = app[SETTLER] = IntentSettler(store=store, vault=vault, clock=clock,
+                                           bootstrap_ttl=v.task_token_bootstrap_ttl, vault_timeout=v.timeout,
+                                           attempt_timeout=v.revoke_confirm_timeout, max_backoff=m.max_backoff)
     app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
                                  settler=settler, clock=clock, bootstrap_ttl=v.task_token_bootstrap_ttl,
                                  crash=app[CRASH],

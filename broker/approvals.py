@@ -6,6 +6,7 @@ The rules (digest, freshness, who may decide, the tally) are ``broker.approval_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,10 +147,8 @@ class ApprovalManager:
                 return row
             event = self._changed.setdefault(approval_id, asyncio.Event())
             # Wake on a decision made by this replica, or look again every second for other replicas'.
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(1.0, remaining))
-            except TimeoutError:
-                pass
 
     def _notify(self, approval_id: str) -> None:
         event = self._changed.pop(approval_id, None)

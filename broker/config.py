@@ -83,7 +83,7 @@ class ServerSettings(_Frozen):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError("listen must be HOST:PORT")
         return v

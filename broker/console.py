@@ -570,7 +570,8 @@ async def revoke_task(request: web.Request) -> web.Response:
                                                    wait=_REVOKE_WAIT)
     r = st.revocation
     if st.done:
-        session.flash = f"Task {task_id} revoked ({r.id}): {r.tasks} task(s), {st.revoked} lease(s), confirmed by Vault."
+        session.flash = (f"Task {task_id} revoked ({r.id}): {r.tasks} task(s), {st.revoked} lease(s), "
+                         "confirmed by Vault.")
     else:
         session.flash = (f"Task {task_id} is being revoked ({r.id}): {st.pending} lease(s) still waiting for "
                          "Vault to confirm; the broker keeps retrying.")

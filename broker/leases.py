@@ -245,10 +245,10 @@ class LeaseManager:
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
             state=LeaseState.ACTIVE.value, revoked_at=None, issuance_accessor=issuance.accessor,
         )
-        record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue", lease=lease.id,
-                             vault_request_id=secret.request_id,
-                             reason=f"grant {grant.name}, ttl {lease_ttl}s"
-                                    + (f", unlocked by approval {approval_id}" if approval_id else ""))
+        record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue",
+                                      lease=lease.id, vault_request_id=secret.request_id,
+                                      reason=f"grant {grant.name}, ttl {lease_ttl}s"
+                                             + (f", unlocked by approval {approval_id}" if approval_id else ""))
         if not await self._store.complete_issuance(lease, record):
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, grant.path, "issue", gone)
@@ -294,7 +294,7 @@ class LeaseManager:
         # The task token may renew any lease of its own tree; the lease's own child token holds the same policy.
         info = await self._vault.renew_lease(lease.vault_lease_id, increment=ttl, token=token)
         expires_at = min(now + info.ttl, task.expires_at)
-        record = AuditRecord.for_task(task, now, "lease.renewed", "success", resource=lease.path, action="renew", lease=lease.id,
-                             reason=f"ttl {info.ttl}s")
+        record = AuditRecord.for_task(task, now, "lease.renewed", "success", resource=lease.path, action="renew",
+                                      lease=lease.id, reason=f"ttl {info.ttl}s")
         await self._store.renew_lease(lease.id, expires_at=expires_at, record=record)
         return LeaseRow(**{**lease.__dict__, "expires_at": expires_at})

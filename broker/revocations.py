@@ -19,6 +19,7 @@ Rules this file keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -241,12 +242,10 @@ class IntentSettler:
             delay = backoff(attempts, cap=self._max_backoff)
             log.warning("intent %s: Vault has not confirmed that its token is gone (attempt %d); retry in %.1fs",
                         intent.id, attempts, delay)
-            try:
+            with contextlib.suppress(StoreUnavailable):  # it stays due: the next tick tries again
                 await self._store.move_intent(intent.id, from_state=IntentState.ABORTING,
                                               event=IntentEvent.CLEANUP_FAILED, now=now, attempts=attempts,
                                               next_attempt_at=now + delay)
-            except StoreUnavailable:
-                pass  # it stays due: the next tick tries again
             return False
 
     async def _revoke_confirmed_within(self, accessor: str) -> bool:
@@ -291,10 +290,11 @@ class IntentSettler:
             return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
                                reason=f"the task could not be recorded; {gone}")
         task = await self._store.get_task(intent.task_id)
-        return AuditRecord(now, "lease.aborted", "failure", user=task.user if task else None,
-                           user_name=task.user_name if task else None, agent=task.agent if task else None, task=intent.task_id,
-                           tenant=task.tenant if task else None, resource=f"grant:{intent.grant}", action="issue",
-                           lease=intent.id, reason=f"the issuance was given up; {gone}")
+        fields = {"resource": f"grant:{intent.grant}", "action": "issue", "lease": intent.id,
+                  "reason": f"the issuance was given up; {gone}"}
+        if task is not None:
+            return AuditRecord.for_task(task, now, "lease.aborted", "failure", **fields)
+        return AuditRecord(now, "lease.aborted", "failure", task=intent.task_id, **fields)
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,7 @@ class Maintenance:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 -- the loop must survive a bad tick; the next one retries
+            except Exception:
                 log.exception("maintenance tick failed")
             await asyncio.sleep(self._interval)
 

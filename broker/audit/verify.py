@@ -101,7 +101,7 @@ def _row_body(row: Sequence[Any]) -> bytes:
             # An added field (audit.ADDED_FIELDS) is written only when set, and sorts after "user".
             f'{"" if user_name is None else chr(34) + "user_name" + chr(34) + ":" + e(user_name) + ","}'
             f'"vault_request_id":{"null" if vault_request_id is None else e(vault_request_id)}}}'
-        ).encode("utf-8")
+        ).encode()
     except (TypeError, ValueError):
         return canonical_bytes(AuditRecord(*row[1:_N + 1]), seq)
 

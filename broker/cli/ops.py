@@ -91,7 +91,8 @@ LEASE_COLUMNS = (
     Column("REVOKED", "revoked_at", "time"),
 )
 TASK_COLUMNS = (
-    Column("TASK", "id"), Column("USER", "user_name", width=32, fallback="user"), Column("AGENT", "agent", width=40, keep_tail=True),
+    Column("TASK", "id"), Column("USER", "user_name", width=32, fallback="user"),
+    Column("AGENT", "agent", width=40, keep_tail=True),
     Column("ROLE", "role"), Column("TENANT", "tenant"), Column("STATE", "state"),
     Column("CREATED", "created_at", "time"), Column("EXPIRES", "expires_at", "time"),
     Column("ENDED", "ended_at", "time"), Column("REASON", "reason", width=30),
@@ -132,7 +133,8 @@ def render_table(columns: Sequence[Column], rows: Iterable[Payload], *, iso: boo
     widths = [max([len(col.header)] + [len(line[i]) for line in cells]) for i, col in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if c.kind == "count" else v.ljust(w) for v, w, c in zip(values, widths, columns, strict=True)]
+        parts = [v.rjust(w) if c.kind == "count" else v.ljust(w)
+                 for v, w, c in zip(values, widths, columns, strict=True)]
         return "  ".join(parts).rstrip()
 
     return "\n".join([line([c.header for c in columns])] + [line(v) for v in cells])

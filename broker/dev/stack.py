@@ -217,7 +217,7 @@ def start_dev_openbao(
         log_path = workdir / "openbao.log"
         log = log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 -- the dev OpenBao binary with a fixed argv
             [
                 binary,
                 "server",
@@ -361,7 +361,7 @@ class PersistentOpenBao:
             self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             log = self.log_path.open("ab")
             self._log = log
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: S603 -- the dev OpenBao binary with a fixed argv
                 [self.bao_binary, "server", f"-config={self.config}"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -473,7 +473,7 @@ class PersistentOpenBao:
             deadline = time.monotonic() + self.startup_timeout
         with contextlib.suppress(OSError):  # wait for a "lease restore complete" of this unseal, not an older one
             self._log_offset = self.log_path.stat().st_size
-        status, body = _http(
+        status, _body = _http(
             "PUT", self.addr + "/v1/sys/unseal", body={"key": self.unseal_key.reveal()}, timeout=10
         )
         if status != 200:
@@ -589,7 +589,7 @@ def configure_child_token_role(
             allowed_policies=frozenset(policies),
             orphan=False,
             renewable=True,
-            token_type="service",
+            token_type="service",  # noqa: S106 -- a token kind, not a password
             token_explicit_max_ttl=int(max_ttl),
         ),
     )
@@ -680,7 +680,7 @@ def configure_database(
         password=Sensitive(dsn.password),
         allowed_roles=sorted(roles),
         verify_connection=True,
-        password_authentication="scram-sha-256",
+        password_authentication="scram-sha-256",  # noqa: S106 -- an auth method, not a password
     )
     for name, sql in roles.items():
         admin.database_put_role(

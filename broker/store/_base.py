@@ -24,15 +24,13 @@ from broker.errors import (
 from broker.store.schema import (
     health_probe,
 )
+from broker.store.statements import _PROBE
 
 __all__ = ["StoreBase"]
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
 
-from broker.store.statements import (
-    _PROBE,
-)
 
 
 class StoreBase:

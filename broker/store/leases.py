@@ -93,8 +93,8 @@ class LeaseStore(StoreBase):
         def run() -> bool:
             with self._tx() as conn:
                 state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": row.task_id}).scalar_one_or_none()
-                if state != TaskState.ACTIVE.value or not _move_intent(conn, row.id, IntentState.OPEN, IntentEvent.RECORDED,
-                                                         row.issued_at):
+                if state != TaskState.ACTIVE.value or not _move_intent(
+                        conn, row.id, IntentState.OPEN, IntentEvent.RECORDED, row.issued_at):
                     conn.rollback()
                     return False
                 values = asdict(row)

@@ -86,10 +86,13 @@ _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
 # Live leases of one agent and of one user: from the task indexes to the (task_id, state) index, so the
 # cost follows that agent's and that user's tasks, not every live lease in the store.
 _LIVE_BY_AGENT = select(func.count()).select_from(leases).where(
-    leases.c.state == LeaseState.ACTIVE.value, leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"))))
+    leases.c.state == LeaseState.ACTIVE.value,
+    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"))))
 _LIVE_BY_USER = select(func.count()).select_from(leases).where(
-    leases.c.state == LeaseState.ACTIVE.value, leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"))))
-_RENEW = (update(leases).where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
+    leases.c.state == LeaseState.ACTIVE.value,
+    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"))))
+_RENEW = (update(leases)
+          .where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
           .values(expires_at=bindparam("new_expiry")))
 _RECORD_FIELDS = tuple(AuditRecord.__dataclass_fields__)
 _HEAD_FOR_UPDATE = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()

@@ -51,7 +51,8 @@ class VaultAuditStore(StoreBase):
             with self._read() as conn:
                 for chunk in _chunks(sorted(set(accessors))):
                     learned.update((r[0], (r[1], r[2])) for r in conn.execute(
-                        select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task, vault_audit_tokens.c.lease)
+                        select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task,
+                               vault_audit_tokens.c.lease)
                         .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
                 wanted = set(task_ids) | {t for t, _ in learned.values()}
                 for chunk in _chunks(sorted(wanted)):

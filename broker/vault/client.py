@@ -558,7 +558,8 @@ class VaultClient:
         """POST /v1/auth/token/lookup-accessor -- a token's state by accessor; ``None`` when it is gone."""
         op = "lookup token"
         status, parsed = await self._call(
-            "POST", "auth/token/lookup-accessor", op, body={"accessor": accessor}, token=token, ok_extra=frozenset({400})
+            "POST", "auth/token/lookup-accessor", op, body={"accessor": accessor}, token=token,
+            ok_extra=frozenset({400})
         )
         if status == 400:
             if self._is_error(parsed, _INVALID_ACCESSOR):
@@ -587,7 +588,8 @@ class VaultClient:
             if expire is not None and not isinstance(expire, str):
                 raise _Shape("expire_time")
             return VaultLeaseInfo(
-                lease_id=_str(d, "id"), expire_time=expire, ttl=_int(d, "ttl", 0), renewable=_bool(d, "renewable", False)
+                lease_id=_str(d, "id"), expire_time=expire, ttl=_int(d, "ttl", 0),
+                renewable=_bool(d, "renewable", False)
             )
 
     async def read_credential(

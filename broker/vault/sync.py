@@ -53,7 +53,7 @@ def task_token_role(role: TaskRole) -> TokenRole:
         orphan=True,
         # Renewable only so the broker can extend it from the bootstrap TTL; never past the explicit max.
         renewable=True,
-        token_type="service",
+        token_type="service",  # noqa: S106 -- a token kind, not a password
         token_explicit_max_ttl=role.max_ttl,
         token_no_default_policy=True,
     )
@@ -65,7 +65,8 @@ def audit_device_of(settings: Settings) -> str | None:
 
 
 def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> str:
-    lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, not read secrets.", ""]
+    lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, "
+             "not read secrets.", ""]
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
         lines.append(f'path "auth/token/create/{role.vault_policy}" {{ capabilities = ["update"] }}')
     lines += [

@@ -467,24 +467,23 @@ class TestLimits:
         settings = tuned(site, sign_in_burst_per_person=4, sign_in_rate_per_person=0.01,
                          console_sessions_per_person=2)
         lead = ("secops-leads",)
-        async with serve(site, settings) as live:
-            async with browser() as other:
-                assert await console_sign_in(live, other, token(site, "u-leo", groups=lead)) == 303
-                jars = []
-                for _ in range(4):
-                    jar = browser()
-                    jars.append(jar)
-                    assert await console_sign_in(live, jar, token(site, "u-lena", groups=lead)) == 303
-                try:
-                    flood = browser()
-                    jars.append(flood)
-                    assert await console_sign_in(live, flood, token(site, "u-lena", groups=lead)) == 429
-                    # Leo was never signed out; of Lena's four sessions, the two oldest were.
-                    assert await console_page(live, other) == 200
-                    assert [await console_page(live, j) for j in jars[:4]] == [303, 303, 200, 200]  # 303: to sign-in
-                finally:
-                    for jar in jars:
-                        await jar.close()
+        async with serve(site, settings) as live, browser() as other:
+            assert await console_sign_in(live, other, token(site, "u-leo", groups=lead)) == 303
+            jars = []
+            for _ in range(4):
+                jar = browser()
+                jars.append(jar)
+                assert await console_sign_in(live, jar, token(site, "u-lena", groups=lead)) == 303
+            try:
+                flood = browser()
+                jars.append(flood)
+                assert await console_sign_in(live, flood, token(site, "u-lena", groups=lead)) == 429
+                # Leo was never signed out; of Lena's four sessions, the two oldest were.
+                assert await console_page(live, other) == 200
+                assert [await console_page(live, j) for j in jars[:4]] == [303, 303, 200, 200]  # 303: to sign-in
+            finally:
+                for jar in jars:
+                    await jar.close()
 
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')

@@ -81,7 +81,7 @@ class TestApprovalFlow:
 
     async def test_long_poll_wakes_on_the_decision(self, client: Client, site: BrokerSite) -> None:
         """An agent waiting on ?wait=30 gets the answer as soon as the approver decides."""
-        task, apr = await requested(client, site)
+        _task, apr = await requested(client, site)
 
         async def poll() -> tuple[float, dict[str, Any]]:
             started = time.monotonic()

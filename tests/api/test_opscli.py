@@ -109,7 +109,7 @@ async def task_with_leases(live: Live, grants: tuple[str, ...], *, user: str = U
     """Start a support-triage task as ``user`` and fetch ``grants``; the broker's lease ids."""
     async with UserClient(live.url, live.site.ids.user(user, ("support",))) as person:
         task = await person.start_task(agent=AGENT, role="support-triage", ttl="10m", reason="ticket 7")
-    async with AgentClient(live.url, lambda: live.site.ids.agent()) as agent:
+    async with AgentClient(live.url, live.site.ids.agent) as agent:
         return [(await agent.credential(task.id, grant)).lease_id for grant in grants]
 
 

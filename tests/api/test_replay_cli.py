@@ -40,7 +40,7 @@ async def session_with_vault_requests(live: Live) -> tuple[str, dict[str, str]]:
     the tailer merged those requests. The task id and {grant: lease id}."""
     async with UserClient(live.url, live.site.ids.user(USER, ("support",))) as person:
         task = await person.start_task(agent=AGENT, role="support-triage", ttl="10m", reason="ticket 9")
-    async with AgentClient(live.url, lambda: live.site.ids.agent()) as agent:
+    async with AgentClient(live.url, live.site.ids.agent) as agent:
         creds = {g: await agent.credential(task.id, g) for g in ("tickets-db-ro", "agent-cert", "child-token")}
         async with aiohttp.ClientSession() as session:
             child = VaultClient(session, live.site.engines.bao.addr, token=creds["child-token"].data["token"])

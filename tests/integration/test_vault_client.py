@@ -243,7 +243,7 @@ class TestErrorMap:
     @pytest.mark.parametrize(
         ("exc", "expected"),
         [
-            (asyncio.TimeoutError(), VaultUnavailable),
+            (TimeoutError(), VaultUnavailable),
             (TimeoutError(), VaultUnavailable),
             (ConnectionRefusedError(), VaultUnavailable),
             (OSError("network down"), VaultUnavailable),

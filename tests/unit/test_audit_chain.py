@@ -75,8 +75,8 @@ class TestVerifyChain:
     def test_delete_insert_swap(self) -> None:
         """A deleted, inserted or swapped record breaks the chain where it happened."""
         links = chain(20)
-        for mutated, bad in ((links[:5] + links[6:], 6), (links[:5] + [links[3]] + links[5:], 6),
-                             (links[:5] + [links[6], links[5]] + links[7:], 6)):
+        for mutated, bad in ((links[:5] + links[6:], 6), ([*links[:5], links[3], *links[5:]], 6),
+                             ([*links[:5], links[6], links[5], *links[7:]], 6)):
             with pytest.raises(AuditChainBroken) as info:
                 verify_chain(mutated)
             assert info.value.first_bad_seq == bad

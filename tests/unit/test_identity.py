@@ -131,7 +131,7 @@ class TestJwksKeySet:
         jwk = DevIssuer.generate(alg="RS256", kid="k").public_jwk() | {"alg": "ES256"}
         with pytest.raises(ConfigError, match="RS256 or PS256"):
             JwksKeySet.from_json(json.dumps({"keys": [jwk]}))
-        small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()  # noqa: S505 -- a weak key, refused
         jwk = RSAAlgorithm.to_jwk(small, as_dict=True) | {"kid": "k"}
         with pytest.raises(ConfigError, match="2048"):
             JwksKeySet.from_json(json.dumps({"keys": [jwk]}))

@@ -73,7 +73,7 @@ class TestRenderTable:
         rows = [lease(), lease(id="lse_bbbbbbbb", state="active", revoked_at=None)]
         lines = render_table(LEASE_COLUMNS, rows, tz=UTC).splitlines()
         assert len(lines) == 3
-        starts = {line.index(word) for line, word in zip(lines, ("TASK", "tsk_1", "tsk_1"))}
+        starts = {line.index(word) for line, word in zip(lines, ("TASK", "tsk_1", "tsk_1"), strict=False)}
         assert starts == {len("lse_bbbbbbbb") + 2}
         assert lines[1].split()[-3:] == ["12:34:56", "12:44:56", "12:35:56"]
         assert lines[2].split()[-1] == "-"
