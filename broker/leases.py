@@ -3,8 +3,12 @@
 Rules this file keeps:
 1. The state machine is ``broker.states.LEASES``; the store moves a lease only by an event from it, as a
    compare-and-set (fenced with its task, confirmed gone by Vault, renewed).
-2. A credential is read from Vault with the task's own token, so Vault enforces the task's scope too,
-   and revoking the task token revokes the credential.
+2. A credential is read from Vault with a child of the task's own token (its issuance token, same
+   policy), so Vault enforces the task's scope too, and revoking the task token revokes the credential.
+   The issuance token is born with the task's remaining TTL and never renewed: one created whose intent
+   was never written (a crash, a lost answer) holds nothing, since nothing is read with a token before
+   its intent holds its accessor, and it dies with its task (the task end revokes the tree, the task
+   token's explicit max TTL expires it). Task tokens are orphans: they keep their bootstrap TTL.
 3. No audit record, no credential: the lease and its ``lease.issued`` record commit together, only
    while the task is still active and the issuance's intent still open; otherwise the intent is given
    up (``aborting``) and its issuance token revoked, taking the credential with it, before the error is
@@ -52,12 +56,6 @@ from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
 log = logging.getLogger(__name__)
 
 
-
-
-async def _done() -> None:
-    return None
-
-
 def new_lease_id() -> str:
     return "lse_" + secrets.token_urlsafe(18)
 
@@ -98,7 +96,9 @@ class LeaseManager:
         # Renewals cost a Vault call and an audit row each: per agent, before any other work.
         self._renew_rate = renew_rate
         self._crash = crash
-        self._bootstrap_ttl = bootstrap_ttl
+        # Unused since issuance tokens are born with the task's remaining TTL (rule 2): the task token's
+        # bootstrap TTL is the task manager's. Still accepted so the app's call stands.
+        del bootstrap_ttl
         self._approvals = approvals
         # The audit export's fail-closed gate (broker.export.Exporter.check): raises while the backlog is full.
         self._backlog_ok = backlog_ok
@@ -161,11 +161,10 @@ class LeaseManager:
         lease_id = new_lease_id()
         remaining = max(1, math.floor(task.expires_at - now))
         try:
-            # Born short-lived: if the broker dies before the intent below holds its accessor, nothing
-            # knows this token, so it must die by itself (within the bootstrap TTL).
+            # Born to the task's end (rule 2): if the broker dies before the intent below holds its accessor,
+            # nothing knows this token, but nothing is read with it either, and it dies with the task token.
             issuance = await self._vault.create_child_token(
-                token=task_token, policies=[f"broker-task-{task.role}"], ttl=min(self._bootstrap_ttl, remaining),
-                explicit_max_ttl=remaining, renewable=True,
+                token=task_token, policies=[f"broker-task-{task.role}"], ttl=remaining, explicit_max_ttl=remaining,
                 meta={"task": task.id, "lease": lease_id, "grant": grant.name}, display_name=f"issue-{grant.name}",
             )
         except (VaultDenied, VaultBadResponse) as exc:
@@ -188,17 +187,13 @@ class LeaseManager:
             raise
         self._crash("issue.after_intent")
         try:
-            # Now that the intent holds its accessor, extend the issuance token to the task's end; the read
-            # runs alongside, and the credential is handed out only if both succeed.
-            renewal = self._vault.renew_self(token=issuance.client_token, increment=remaining) \
-                if remaining > self._bootstrap_ttl else _done()
-            read = self._vault.read_credential(
+            # Only now that the intent holds its accessor is anything read with the issuance token.
+            secret = await self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
                 data=grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
                                           user_id=task.user, user_email=task.user_email, tenant=task.tenant,
                                           role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
             )
-            _, secret = await asyncio.gather(renewal, read)
             self._crash("issue.after_vault")
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance,
                                       approval.id if approval else None)
@@ -259,7 +254,7 @@ class LeaseManager:
     async def _revoke_token(self, accessor: str) -> None:
         """Revoke an issuance token that no intent holds (its intent could not be written): best effort.
 
-        It was born with the bootstrap TTL and nothing extends it, so it dies by itself soon anyway.
+        Nothing was read with it, and it dies with its task token anyway (rule 2).
         """
         try:
             await asyncio.shield(self._vault.revoke_accessor(accessor))

@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -259,7 +259,9 @@ def bench_config(root: Path, *, port: int, addr: str, audit_log: str | Path | No
         # simulated agent issues ~1,000 credentials a second at most, a user 10,000+ leases in bench_revoke.
         limits={"max_live_leases_per_agent": 1_000_000, "max_live_leases_per_user": 1_000_000,
                 "issue_rate_per_agent": 100_000.0, "issue_burst_per_agent": 100_000,
-                "issue_rate_per_user": 100_000.0, "issue_burst_per_user": 100_000},
+                "issue_rate_per_user": 100_000.0, "issue_burst_per_user": 100_000,
+                # A repetition starts up to 32 tasks for one user at once (the default burst is 20).
+                "task_start_rate_per_user": 100_000.0, "task_start_burst_per_user": 100_000},
         agents=(AgentTrust(trust_domain=TRUST_DOMAIN, jwks_file="spiffe.jwks"),),
         users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),),
         people=People(operators=("group:secops",), auditors=("group:audit",)),
@@ -480,18 +482,33 @@ class AuditTail:
     def mark(self) -> None:
         self._offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def counts(self) -> dict[str, int]:
+    def _records(self) -> list[dict[str, Any]]:
         import json
-        import re
-        out: dict[str, int] = {}
         with self.path.open("rb") as f:
             f.seek(self._offset)
             data = f.read()
+        out: list[dict[str, Any]] = []
         for line in data.splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def task_requests(self, tasks: Iterable[str]) -> int:
+        """Requests made with a token of one of ``tasks`` (``response`` records whose ``auth.metadata.task``
+        is one of them): a task token or an issuance token, i.e. the per-credential path, without the
+        broker's own calls (maintenance, its token's renewal) or anyone else's."""
+        wanted = set(tasks)
+        return sum(1 for rec in self._records() if rec.get("type") == "response"
+                   and str(((rec.get("auth") or {}).get("metadata") or {}).get("task")) in wanted)
+
+    def counts(self) -> dict[str, int]:
+        import re
+        out: dict[str, int] = {}
+        for rec in self._records():
             if rec.get("type") != "request":
                 continue
             req = rec.get("request", {})

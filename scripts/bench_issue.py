@@ -39,6 +39,10 @@ How to read the table
     same for the OpenBao process, for both passes: it shows what the shared cores spend where.
     The load generator, OpenBao, PostgreSQL and the broker share the same cores: a broker that
     uses CPU takes it from OpenBao, so ratios under load include that contention, by design.
+    Vault requests per credential: the ``response`` records of OpenBao's file audit device, during a
+    pass, whose ``auth.metadata.task`` is one of the pass's tasks (requests made with a task token or an
+    issuance token), divided by the issuances; the broker's own calls (its token, maintenance) are not
+    in it. The lines after it list every request of the pass by operation and path.
 
 Goals (from the issue): ratio >= 0.9 for PostgreSQL, >= 0.6 for PKI and token grants; <= 2 ms added
 at p50 with one agent; <= 0.5 ms broker CPU per issuance. A benchmark, not a test: it reports what it
@@ -133,6 +137,8 @@ class PassResult:
     loadgen_cpu_ms_per_issue: float
     errors: dict[str, int] = field(default_factory=dict)
     vault_calls: dict[str, int] = field(default_factory=dict)  # audit-log requests in the pass, by op and path
+    # Requests made with the pass's task or issuance tokens (audit ``auth.metadata.task``), per credential.
+    task_vault_requests_per_issue: float = math.nan
 
 
 @dataclass
@@ -158,6 +164,8 @@ class Cell:
     broker_loop_ms: float
     broker_sys_ms: float
     errors: int
+    direct_vault_per_issue: float = math.nan
+    broker_vault_per_issue: float = math.nan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +331,7 @@ class Bench:
     # -- one repetition -------------------------------------------------------------------------------
 
     async def timed_pass(self, kind: GrantKind, conc: int, rep: int, mode: str,
-                         ops: Sequence[Callable[[], Awaitable[None]]]) -> PassResult:
+                         ops: Sequence[Callable[[], Awaitable[None]]], tasks: Sequence[str]) -> PassResult:
         n = count_for(self.args, kind)
         self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}/{self.args.reps} {mode}")
         meters = [CpuMeter(self.stack.broker_pid), CpuMeter(self.stack.bao_pid), CpuMeter(os.getpid())]
@@ -335,6 +343,7 @@ class Bench:
         res: LoadResult = await closed_loop(n, ops, self.progress)
         broker_cpu, bao_cpu, own_cpu = (m.stop() for m in meters)
         calls = audit.counts() if audit is not None else {}
+        per_task = audit.task_requests(tasks) if audit is not None else math.nan
         self.progress.done()
         ok = len(res.latencies) or 1
         return PassResult(
@@ -344,6 +353,7 @@ class Bench:
             broker_loop_thread_ms_per_issue=meters[0].main_thread * 1000 / ok,
             bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors, vault_calls=calls,
+            task_vault_requests_per_issue=per_task / ok,
         )
 
     async def warmup(self, ops: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -368,7 +378,7 @@ class Bench:
                 await self.warmup(ops)
             order = order[rep % len(order):] + order[:rep % len(order)]
             for mode, ops in order:
-                self.passes.append(await self.timed_pass(kind, conc, rep, mode, ops))
+                self.passes.append(await self.timed_pass(kind, conc, rep, mode, ops, task_ids))
         finally:
             self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}: ending tasks, waiting for revocations")
             for i, t in enumerate(task_ids):
@@ -420,6 +430,8 @@ def summarise(passes: Sequence[PassResult]) -> list[Cell]:
             bao_cpu_direct2_ms=med(d2, "bao_cpu_ms_per_issue"), direct2_p50=med(d2, "p50_ms"),
             broker_loop_ms=med(b, "broker_loop_thread_ms_per_issue"), broker_sys_ms=med(b, "broker_sys_ms_per_issue"),
             errors=sum(sum(p.errors.values()) for p in (*d, *d2, *b)),
+            direct_vault_per_issue=med(d, "task_vault_requests_per_issue"),
+            broker_vault_per_issue=med(b, "task_vault_requests_per_issue"),
         ))
     return cells
 
@@ -571,6 +583,9 @@ def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[Pass
         "",
         render_goals(goals(cells)),
     ]
+    for c in cells:
+        lines.append(f"Vault requests per credential made with the tasks' tokens, {c.grant} c={c.concurrency}: "
+                     f"broker {c.broker_vault_per_issue:.2f}, direct {c.direct_vault_per_issue:.2f}")
     for p in passes:
         if p.rep == 0 and p.vault_calls:
             per = ", ".join(f"{k} {v / max(p.ok, 1):.2f}" for k, v in sorted(p.vault_calls.items(), key=lambda kv: -kv[1]))

@@ -15,7 +15,10 @@ Orphans (a Vault object that no ACTIVE task in the store owns), by kind:
   its bootstrap TTL; an ended task's token must be revoked.)
 - issuance token (``meta.lease`` set, ``meta.task`` one of this test's tasks): owned iff its task is
   active and the store holds the lease ``meta.lease`` as ``active`` with this ``issuance_accessor`` (or an
-  intent still open with this accessor: none is left after reconciliation).
+  intent still open with this accessor: none is left after reconciliation). A token that no intent and
+  no lease names (the broker died between its create and the intent) is *idle*, not an orphan, while its
+  task is active, it is not renewable and it expires no later than its task: it holds nothing (every
+  lease and child token below must be a recorded one) and dies with its task (``tests.support.crash.judge``).
 - agent child token (created through ``auth/token/create/agent-child-crash``): owned iff it is the
   ``vault_lease_id`` of an active ``token`` lease of an active task.
 - Vault lease under ``pki-crash/issue/agents/`` or ``database-crash/creds/tickets-ro/``: owned iff it is the
@@ -270,7 +273,9 @@ class TestCrashConsistency:
         print(f"  store: tasks={len(snap.tasks)} leases={dict(states)} intents={dict(intents)}; "
               f"reconciled {reconciled:.1f}s after the last kill; audit chain {snap.chain}")
         print(f"  vault: tokens {dict(verdict.vault_tokens)} and {verdict.vault_leases} leases of this test; "
-              f"ghost tasks (active in the store, token gone)={len(verdict.ghost_tasks)}")
+              f"ghost tasks (active in the store, token gone)={len(verdict.ghost_tasks)}; "
+              f"idle issuance tokens (unrecorded, holding nothing, dying with their task)="
+              f"{len(verdict.idle_issuance_tokens)}")
         kinds = Counter(x.split(" (")[0].split(" ", 2)[0] + (": " + x.rsplit(": ", 1)[1].rstrip(")")
                         if "issuance" in x else "") for x in verdict.orphans)
         print(f"  orphans by kind: {dict(kinds)}")

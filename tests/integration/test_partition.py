@@ -212,7 +212,9 @@ class TestPartition:
         print(f"  store: tasks={len(snap.tasks)} leases={dict(Counter(x['state'] for x in snap.leases.values()))} "
               f"intents={dict(intents)} (retried after a failed cleanup: {retried}); audit chain {snap.chain}")
         print(f"  vault: tokens {dict(verdict.vault_tokens)} and {verdict.vault_leases} leases of this test; "
-              f"orphans when the load stopped: {first_orphans}; clean {settled_after:.1f}s after the last heal")
+              f"orphans when the load stopped: {first_orphans}; clean {settled_after:.1f}s after the last heal; "
+              f"idle issuance tokens (unrecorded, holding nothing, dying with their task)="
+              f"{len(verdict.idle_issuance_tokens)}")
         for line in (verdict.orphans + verdict.ghosts + verdict.audit_problems + snap.unsettled())[:40]:
             print("  -", line)
         assert proxy.drops == CUTS

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -207,6 +208,7 @@ class Verdict:
     audit_problems: list[str]
     vault_tokens: Counter[str]
     vault_leases: int
+    idle_issuance_tokens: list[str] = field(default_factory=list)  # unrecorded, of an active task (see judge)
 
 
 async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str], delivered: Iterable[str],
@@ -218,7 +220,14 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
       whose ``token_accessor`` is this accessor.
     - issuance token (``meta.lease`` set, ``meta.task`` one of the test's tasks): owned iff its task is
       active and the store holds the lease ``meta.lease`` as ``active`` with this ``issuance_accessor`` (or
-      an intent still open or aborting with this accessor).
+      an intent still open or aborting with this accessor). One more case is not an orphan, but *idle*
+      (counted in ``Verdict.idle_issuance_tokens``): a token that no intent and no lease names (its
+      create's answer was lost, or the broker died before writing the intent), of a task still active,
+      non-renewable and expiring no later than its task. Issuance tokens are born with the task's
+      remaining TTL and never renewed (broker.leases rule 2), so it dies with its task; and it holds
+      nothing, since every Vault lease and agent child token of the test must be an active lease of the
+      store (the two checks below), each read with the issuance token its row names. An unrecorded
+      issuance token of a task that is no longer active is an orphan (the task's end must revoke it).
     - agent child token (created through ``auth/token/create/<child_role>``): owned iff it is the
       ``vault_lease_id`` of an active ``token`` lease of an active task.
     - Vault lease under one of ``lease_prefixes``: owned iff it is the ``vault_lease_id`` of an active lease
@@ -236,6 +245,7 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
     open_accessors = {i["accessor"] for i in snap.intents.values() if i["state"] in ("open", "aborting")}
 
     orphans: list[str] = []
+    idle: list[str] = []
     n_tokens: Counter[str] = Counter()
     for accessor, d in tokens.items():
         meta: Mapping[str, Any] = d.get("meta") or {}
@@ -252,8 +262,11 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
             owned = task_id in active_tasks and (
                 (lease is not None and lease["state"] == "active" and lease["issuance_accessor"] == accessor)
                 or accessor in open_accessors)
-            if not owned:
-                intent = snap.intents.get(str(meta["lease"]))
+            intent = snap.intents.get(str(meta["lease"]))
+            if not owned and lease is None and intent is None and task_id in active_tasks \
+                    and not d.get("renewable") and _expires_by(d, active_tasks[task_id]["expires_at"]):
+                idle.append(f"issuance token {accessor} (lease {meta['lease']}, grant {meta.get('grant')})")
+            elif not owned:
                 why = (f"lease {lease['state']}" if lease else
                        f"intent {intent['state']}" if intent else "no intent, no lease")
                 task_state = snap.tasks[task_id]["state"] if task_id in snap.tasks else "unrecorded"
@@ -285,7 +298,15 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
               if lid not in snap.leases]
     audit += [f"credential {lid} was delivered but the store has no lease" for lid in delivered
               if lid not in snap.leases]
-    return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases))
+    return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases), idle)
+
+
+def _expires_by(lookup: Mapping[str, Any], deadline: float) -> bool:
+    """The token's ``expire_time`` is no later than ``deadline`` (epoch seconds; 1 s for rounding)."""
+    raw = lookup.get("expire_time")
+    if not raw:
+        return False  # a token that never expires never dies with its task's deadline
+    return dt.datetime.fromisoformat(str(raw)).timestamp() <= deadline + 1.0
 
 
 @contextlib.contextmanager
