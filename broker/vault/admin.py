@@ -40,6 +40,7 @@ from broker.vault.client import (
     _scrub,
     _Shape,
     _status_error,
+    transport_failure,
 )
 
 __all__ = ["TokenRole", "VaultAdmin", "hvac_error_class", "transport_error_class"]
@@ -140,13 +141,7 @@ def _hvac_error(exc: hvac.exceptions.VaultError, op: str) -> VaultError:
 
 
 def _transport_error(exc: requests.exceptions.RequestException, op: str) -> VaultError:
-    cls = transport_error_class(type(exc))
-    reason = f"{op}: {type(exc).__name__}: {_scrub(str(exc))}"
-    if cls is VaultUnavailable:
-        return VaultUnavailable(f"Vault is unreachable ({op})", reason=reason)
-    if cls is VaultBadResponse:
-        return VaultBadResponse(f"unexpected answer from Vault to {op}", reason=reason)
-    return VaultError(f"Vault request failed ({op})", reason=reason)
+    return transport_failure(transport_error_class(type(exc)), exc, op)
 
 
 class _Adapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]  # hvac is untyped

@@ -229,7 +229,14 @@ def _transport_error_class(kind: type[BaseException]) -> type[VaultError]:
 
 def _transport_error(exc: BaseException, op: str) -> VaultError:
     """Map an ``aiohttp``/``asyncio``/``OSError`` failure to a ``VaultError`` (raise it ``from exc``)."""
-    cls = _transport_error_class(type(exc))
+    return transport_failure(_transport_error_class(type(exc)), exc, op)
+
+
+def transport_failure(cls: type[VaultError], exc: BaseException, op: str) -> VaultError:
+    """The ``cls`` error for a transport failure ``exc`` of ``op``, its text scrubbed of anything token-shaped.
+
+    Shared by the hot-path client (aiohttp) and the admin client (hvac over requests): one wording.
+    """
     reason = f"{op}: {type(exc).__name__}: {_scrub(str(exc))}"
     if cls is VaultUnavailable:
         return VaultUnavailable(f"Vault is unreachable ({op})", reason=reason)
