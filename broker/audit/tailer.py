@@ -25,7 +25,9 @@ What it keeps:
 6. **Never blocks the loop.** File reads, parsing and classification happen in worker threads
    (``asyncio.to_thread``), at most ``chunk_bytes`` per poll; the store works on its own threads. The
    loop only awaits them. ``request`` entries (half the lines, dropped by the merge) are recognised
-   by their opening bytes and never parsed (``vaultlog.is_request_line``).
+   by their opening bytes and never parsed (``vaultlog.is_request_line``). Polls run back to back
+   only while a poll fills its chunk (catching up); otherwise the tailer waits ``poll_interval``, so
+   a trickle of lines (a few per issuance) is merged in batches, not one poll per few lines.
 
 With several broker replicas on one PostgreSQL store only one may tail a given file: run it under the
 PostgreSQL advisory lock (as the maintenance loop should). Without the lock a second tailer does not
@@ -218,6 +220,7 @@ class MergeResult:
     requests: int = 0
     unexplained: int = 0
     switched: str | None = None
+    more: bool = False  # complete lines may be left (the chunk was full, or another file has unread bytes)
 
 
 class VaultAuditTailer:
@@ -276,7 +279,9 @@ class VaultAuditTailer:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
-                if not result.lines and result.switched is None:
+                # Back to back only while catching up. A trickle (a few lines per issuance) waits the
+                # interval and is merged in one batch: each poll costs two store transactions.
+                if not result.more and result.switched is None:
                     await asyncio.sleep(self._interval)
         finally:
             self._reader.close()
@@ -335,7 +340,9 @@ class VaultAuditTailer:
                 continue
             cut = data.rfind(b"\n")
             if cut >= 0:
-                return await self._merge(f, known, offset, data[:cut + 1], gone)
+                more = len(data) >= self._reader.chunk or any(
+                    g.id != f.id and g.size > (self._pos[g.id].offset if g.id in self._pos else 0) for g in files)
+                return await self._merge(f, known, offset, data[:cut + 1], gone, more)
             if len(data) >= self._reader.chunk:
                 # A "line" longer than a chunk is no audit entry: skip it rather than stall.
                 end = await asyncio.to_thread(self._reader.skip_line, f.id, offset)
@@ -396,7 +403,7 @@ class VaultAuditTailer:
             self._pos.pop((p.device, p.inode), None)
 
     async def _merge(self, f: _File, known: VaultAuditPosition | None, offset: int, data: bytes,
-                     gone: list[VaultAuditPosition]) -> MergeResult:
+                     gone: list[VaultAuditPosition], more: bool) -> MergeResult:
         # Parsing and classifying are CPU work: a worker thread does them, the loop only awaits the
         # results and the store (which has its own thread).
         chunk = await asyncio.to_thread(_parse_chunk, data)
@@ -417,7 +424,8 @@ class VaultAuditTailer:
         m.inc("broker_vault_audit_unexplained_total", unexplained)
         if unexplained:
             log.warning("vault audit: %d request(s) the broker cannot explain", unexplained)
-        return MergeResult(lines=chunk.lines, invalid=chunk.invalid, requests=requests, unexplained=unexplained)
+        return MergeResult(lines=chunk.lines, invalid=chunk.invalid, requests=requests, unexplained=unexplained,
+                           more=more)
 
     async def catch_up(self, *, max_polls: int = 10_000) -> int:
         """Poll until nothing is left to merge (for tests and one-shot runs); the lines merged.
