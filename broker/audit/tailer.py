@@ -22,8 +22,12 @@ What it keeps:
 5. **First start.** With no stored position the tailer starts every existing file at its end (default,
    ``start="end"``: only what Vault writes from now on; the start of a line OpenBao is still writing is
    kept) or at its beginning (``start="beginning"``: everything the files still hold).
-6. **Never blocks the loop.** File reads happen in a worker thread (``asyncio.to_thread``), at most
-   ``chunk_bytes`` per poll; the store works on its own threads.
+6. **Never blocks the loop.** File reads, parsing and classification happen in worker threads
+   (``asyncio.to_thread``), at most ``chunk_bytes`` per poll; the store works on its own threads. The
+   loop only awaits them. ``request`` entries (half the lines, dropped by the merge) are recognised
+   by their opening bytes and never parsed (``vaultlog.is_request_line``). Polls run back to back
+   only while a poll fills its chunk (catching up); otherwise the tailer waits ``poll_interval``, so
+   a trickle of lines (a few per issuance) is merged in batches, not one poll per few lines.
 
 With several broker replicas on one PostgreSQL store only one may tail a given file: run it under the
 PostgreSQL advisory lock (as the maintenance loop should). Without the lock a second tailer does not
@@ -53,9 +57,9 @@ from broker.audit.vaultlog import (
     TokenOrigin,
     VaultAuditEntry,
     classify_batch,
-    parse_line,
+    parse_responses,
 )
-from broker.errors import AuditLineInvalid, BrokerError
+from broker.errors import BrokerError
 from broker.metrics import Metrics
 from broker.store import Store, VaultAuditPosition
 
@@ -187,6 +191,27 @@ class _FileReader:
 
 
 @dataclass(frozen=True)
+class _Chunk:
+    """A chunk of complete lines, parsed: its response entries and what the store must look up for them."""
+
+    lines: int
+    invalid: int
+    responses: list[VaultAuditEntry]
+    task_ids: list[str]
+    accessors: list[str]
+
+
+def _parse_chunk(data: bytes) -> _Chunk:
+    """Parse a chunk of complete lines (run in a worker thread): request entries are skipped unparsed."""
+    lines = data.split(b"\n")[:-1]
+    responses, invalid = parse_responses(lines)
+    task_ids = [t for e in responses if e.auth is not None and (t := e.auth.metadata.get("task"))]
+    accessors = [e.auth.accessor for e in responses
+                 if e.auth is not None and e.auth.accessor and "task" not in e.auth.metadata]
+    return _Chunk(len(lines), invalid, responses, task_ids, accessors)
+
+
+@dataclass(frozen=True)
 class MergeResult:
     """What one poll did."""
 
@@ -195,6 +220,7 @@ class MergeResult:
     requests: int = 0
     unexplained: int = 0
     switched: str | None = None
+    more: bool = False  # complete lines may be left (the chunk was full, or another file has unread bytes)
 
 
 class VaultAuditTailer:
@@ -253,7 +279,9 @@ class VaultAuditTailer:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
-                if not result.lines and result.switched is None:
+                # Back to back only while catching up. A trickle (a few lines per issuance) waits the
+                # interval and is merged in one batch: each poll costs two store transactions.
+                if not result.more and result.switched is None:
                     await asyncio.sleep(self._interval)
         finally:
             self._reader.close()
@@ -312,7 +340,9 @@ class VaultAuditTailer:
                 continue
             cut = data.rfind(b"\n")
             if cut >= 0:
-                return await self._merge(f, known, offset, data[:cut + 1], gone)
+                more = len(data) >= self._reader.chunk or any(
+                    g.id != f.id and g.size > (self._pos[g.id].offset if g.id in self._pos else 0) for g in files)
+                return await self._merge(f, known, offset, data[:cut + 1], gone, more)
             if len(data) >= self._reader.chunk:
                 # A "line" longer than a chunk is no audit entry: skip it rather than stall.
                 end = await asyncio.to_thread(self._reader.skip_line, f.id, offset)
@@ -373,39 +403,29 @@ class VaultAuditTailer:
             self._pos.pop((p.device, p.inode), None)
 
     async def _merge(self, f: _File, known: VaultAuditPosition | None, offset: int, data: bytes,
-                     gone: list[VaultAuditPosition]) -> MergeResult:
-        entries: list[VaultAuditEntry] = []
-        invalid = 0
-        lines = data.split(b"\n")[:-1]
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                entries.append(parse_line(line))
-            except AuditLineInvalid:
-                invalid += 1
-        responses = [e for e in entries if e.type == "response"]
-        task_ids = [t for e in responses if e.auth is not None and (t := e.auth.metadata.get("task"))]
-        accessors = [e.auth.accessor for e in responses
-                     if e.auth is not None and e.auth.accessor and "task" not in e.auth.metadata]
-        tasks, learned = await self._store.vault_audit_context(task_ids, accessors)
-        records, fresh = classify_batch(responses, known_tasks=tasks.get, broker_paths=self._paths,
-                                        tokens={a: TokenOrigin(t, lease) for a, (t, lease) in learned.items()},
-                                        skew=self._skew)
+                     gone: list[VaultAuditPosition], more: bool) -> MergeResult:
+        # Parsing and classifying are CPU work: a worker thread does them, the loop only awaits the
+        # results and the store (which has its own thread).
+        chunk = await asyncio.to_thread(_parse_chunk, data)
+        tasks, learned = await self._store.vault_audit_context(chunk.task_ids, chunk.accessors)
+        records, fresh = await asyncio.to_thread(
+            classify_batch, chunk.responses, known_tasks=tasks.get, broker_paths=self._paths,
+            tokens={a: TokenOrigin(t, lease) for a, (t, lease) in learned.items()}, skew=self._skew)
         new_tokens = {a: (o.task, o.lease) for a, o in fresh.items()}
         new = VaultAuditPosition(self._key, f.id[0], f.id[1], offset + len(data),
-                                 (known.lines if known else 0) + len(lines))
+                                 (known.lines if known else 0) + chunk.lines)
         await self._commit([(known, new)], records, new_tokens, gone)
         requests = sum(r.event == "vault.request" for r in records)
         unexplained = sum(r.event == "vault.unexplained" for r in records)
         m = self._metrics
-        m.inc("broker_vault_audit_lines_total", len(lines))
-        m.inc("broker_vault_audit_invalid_lines_total", invalid)
+        m.inc("broker_vault_audit_lines_total", chunk.lines)
+        m.inc("broker_vault_audit_invalid_lines_total", chunk.invalid)
         m.inc("broker_vault_audit_requests_total", requests)
         m.inc("broker_vault_audit_unexplained_total", unexplained)
         if unexplained:
             log.warning("vault audit: %d request(s) the broker cannot explain", unexplained)
-        return MergeResult(lines=len(lines), invalid=invalid, requests=requests, unexplained=unexplained)
+        return MergeResult(lines=chunk.lines, invalid=chunk.invalid, requests=requests, unexplained=unexplained,
+                           more=more)
 
     async def catch_up(self, *, max_polls: int = 10_000) -> int:
         """Poll until nothing is left to merge (for tests and one-shot runs); the lines merged.

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
+
 from broker.audit import AuditRecord
 from broker.errors import AuditLineInvalid
 from broker.rows import TaskRow
@@ -48,13 +50,18 @@ __all__ = [
     "classify",
     "classify_batch",
     "created_token",
+    "is_request_line",
     "orphan_requests",
     "parse_line",
+    "parse_responses",
 ]
 
 # A request the task token made just before the task ended may be written a little after the end.
 DEFAULT_SKEW = 2.0
 _MAX_LINE = 1 << 20  # OpenBao lines are ~1.5 KB; a megabyte is not an audit entry
+# The opening of a ``request`` entry as OpenBao writes it (Go's encoding/json: struct order, no spaces):
+# ``{"time":"<RFC 3339>","type":"request",``. See is_request_line.
+_REQUEST_OPENING = re.compile(rb'\{"time":"[^"\\]{1,64}","type":"request",')
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
 
 
@@ -153,9 +160,14 @@ def parse_line(line: str | bytes) -> VaultAuditEntry:
     if len(line) > _MAX_LINE:
         raise AuditLineInvalid("not an audit entry", reason="line longer than 1 MiB")
     try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AuditLineInvalid("not an audit entry", reason="not JSON") from exc
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # orjson is stricter than json (integers beyond 64 bits, NaN, lone surrogates): such a line is
+        # still an entry if json reads it, so json decides.
+        try:
+            obj = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AuditLineInvalid("not an audit entry", reason="not JSON") from exc
     if not isinstance(obj, dict):
         raise AuditLineInvalid("not an audit entry", reason="not a JSON object")
     kind = obj.get("type")
@@ -197,6 +209,41 @@ def parse_line(line: str | bytes) -> VaultAuditEntry:
         status=status,
         created_accessor=created,
     )
+
+
+def is_request_line(line: bytes) -> bool:
+    """Whether a raw line is certainly a ``request`` entry, which the merge drops: a pre-filter before parsing.
+
+    True only for a line that opens exactly as OpenBao writes a request entry (``{"time":"...",
+    "type":"request",``: the top-level object's first keys, with no quote or backslash in the time, so
+    the match cannot sit inside a string) and that holds no ``"response"`` token at all (so no second
+    ``type`` key can make it a response for a JSON reader that keeps the last one, and no response
+    block is skipped). Anything else, including every response entry, goes to :func:`parse_line`.
+    A skipped line is not validated further: a malformed request entry is not counted as invalid.
+    """
+    return _REQUEST_OPENING.match(line) is not None and b'"response"' not in line
+
+
+def parse_responses(lines: Iterable[bytes]) -> tuple[list[VaultAuditEntry], int]:
+    """The ``response`` entries of raw lines, in order, and how many lines were invalid.
+
+    Blank lines and request entries (:func:`is_request_line`; any other request entry after parsing) are
+    skipped: :func:`classify_batch` would drop them anyway. Pure and synchronous: the tailer runs it in a
+    worker thread.
+    """
+    responses: list[VaultAuditEntry] = []
+    invalid = 0
+    for line in lines:
+        if not line.strip() or is_request_line(line):
+            continue
+        try:
+            entry = parse_line(line)
+        except AuditLineInvalid:
+            invalid += 1
+            continue
+        if entry.type == "response":
+            responses.append(entry)
+    return responses, invalid
 
 
 # -- classification ----------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ an accessor; and a token the broker never issued issuing a certificate on the gr
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.audit import AuditRecord
 from broker.audit.vaultlog import (
@@ -23,8 +26,10 @@ from broker.audit.vaultlog import (
     attribute,
     classify,
     classify_batch,
+    is_request_line,
     orphan_requests,
     parse_line,
+    parse_responses,
     parse_time,
 )
 from broker.errors import AuditLineInvalid
@@ -200,3 +205,85 @@ class TestClassifier:
         es = entries()
         assert orphan_requests(es) == []
         assert orphan_requests(es[:5] + es[6:]) == [es[4]]
+
+
+def _full(raw: list[bytes]) -> list[VaultAuditEntry]:
+    """The reference: every line parsed, the invalid ones left out, the responses kept."""
+    out = []
+    for line in raw:
+        try:
+            e = parse_line(line)
+        except AuditLineInvalid:
+            continue
+        if e.type == "response":
+            out.append(e)
+    return out
+
+
+def _variant(line: str, op: int, text: str, cut: int) -> str:
+    """A corpus line changed the ways a pre-filter could be fooled: spacing, key order, duplicate keys,
+    another type, a mangled time, a truncation, a free-form "response" or "type" in the data."""
+    obj = json.loads(line)
+    if op == 0:
+        return line
+    if op == 1:
+        return json.dumps(obj)  # spaces after ':' and ','
+    if op == 2:
+        return json.dumps(dict(reversed(list(obj.items()))), separators=(",", ":"))
+    if op == 3:
+        return line[:-1] + ',"type":"response"}'  # a second type: JSON readers keep the last one
+    if op == 4:
+        return line.replace(f'"type":"{obj["type"]}"', f'"type":{json.dumps(text)}', 1)
+    if op == 5:
+        return line.replace(obj["time"], text, 1)
+    if op == 6:
+        return line[:cut % (len(line) + 1)]
+    if op == 7:
+        obj.setdefault("request", {})["data"] = {text: "response", "type": text}
+        return json.dumps(obj, separators=(",", ":"))
+    return line + text
+
+
+class TestPreFilter:
+    """``is_request_line`` skips lines before parsing: it may skip only what the merge would drop."""
+
+    def test_it_skips_every_captured_request_and_nothing_else(self) -> None:
+        """On the recorded OpenBao lines the pre-filter recognises exactly the request entries."""
+        for line, e in zip(lines(), entries(), strict=True):
+            assert is_request_line(line.encode()) == (e.type == "request"), line[:80]
+
+    def test_the_merge_is_the_same_with_and_without_it(self) -> None:
+        """Parsing with the pre-filter gives the same responses, records and learned tokens as parsing all."""
+        raw = [x.encode() for x in lines()] + [b"", b"   ", b"not json"]
+        responses, invalid = parse_responses(raw)
+        assert responses == _full(raw) and invalid == 1
+        rows = {TASK: task_row()}
+        assert (classify_batch(responses, known_tasks=rows.get, broker_paths=GRANT_PATHS)
+                == classify_batch(entries(), known_tasks=rows.get, broker_paths=GRANT_PATHS))
+
+    def test_a_second_type_key_is_parsed(self) -> None:
+        """A request line with a later ``"type":"response"`` is a response to a JSON reader: not skipped."""
+        request = next(x for x in lines() if '"type":"request"' in x[:60])
+        forged = (request[:-1] + ',"type":"response"}').encode()
+        assert not is_request_line(forged)
+        assert parse_line(forged).type == "response"
+
+    def test_integers_orjson_refuses_still_parse(self) -> None:
+        """A line json reads (an integer beyond 64 bits) is not invalid because orjson refuses it."""
+        obj = json.loads(lines()[3])
+        obj["response"] = {**obj.get("response", {}), "big": 123456789012345678901234567890}
+        assert parse_line(json.dumps(obj)).request_id == entries()[3].request_id
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 17), st.integers(0, 8), st.text(max_size=12), st.integers(0, 4000)),
+                    min_size=1, max_size=12))
+    def test_generated_lines(self, picks: list[tuple[int, int, str, int]]) -> None:
+        """On changed lines, a skipped line is never an entry the merge keeps, and the batch is unchanged."""
+        corpus = lines()
+        raw = [_variant(corpus[i], op, text, cut).encode("utf-8", "surrogatepass") for i, op, text, cut in picks]
+        for line in raw:
+            if is_request_line(line):
+                with contextlib.suppress(AuditLineInvalid):  # invalid: nothing to merge either way
+                    assert parse_line(line).type == "request"
+        responses, _ = parse_responses(raw)
+        assert responses == _full(raw)
