@@ -42,6 +42,7 @@ from broker.errors import (
 from broker.identity import AgentIdentity, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
 from broker.leases import LeaseManager, PendingApproval
+from broker.limits import RateLimiter
 from broker.metrics import Metrics
 from broker.models import (
     ApprovalDecision,
@@ -92,6 +93,7 @@ APPROVALS = web.AppKey("approvals", ApprovalManager)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
 METRICS = web.AppKey("metrics", Metrics)
+REQUESTS = web.AppKey("request_meter", RateLimiter)  # every authenticated request, per identity
 VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
@@ -242,19 +244,37 @@ def _looks_like_svid(token: str) -> bool:
     return isinstance(payload, dict) and isinstance(payload.get("sub"), str) and payload["sub"].startswith("spiffe://")
 
 
+def _metered(request: web.Request, ident: Identity) -> Identity:
+    """Every authenticated request spends from its identity's bucket (``limits.request_rate_per_identity``):
+    a flood from one agent or person is turned away before any store or Vault work, whatever the route.
+
+    Raises:
+        RateLimited: this identity asks faster than its request rate.
+    """
+    meter = request.app.get(REQUESTS)
+    if meter is not None:
+        key = str(ident.spiffe_id) if isinstance(ident, AgentIdentity) else ident.id
+        meter.take(key, what="identity")
+    return ident
+
+
 async def agent_identity(request: web.Request) -> AgentIdentity:
-    return await request.app[AGENTS].verify(_bearer(request))
+    ident = await request.app[AGENTS].verify(_bearer(request))
+    _metered(request, ident)
+    return ident
 
 
 async def user_identity(request: web.Request) -> UserIdentity:
-    return await request.app[USERS].verify(_bearer(request))
+    ident = await request.app[USERS].verify(_bearer(request))
+    _metered(request, ident)
+    return ident
 
 
 async def any_identity(request: web.Request) -> Identity:
     token = _bearer(request)
     if _looks_like_svid(token):
-        return await request.app[AGENTS].verify(token)
-    return await request.app[USERS].verify(token)
+        return _metered(request, await request.app[AGENTS].verify(token))
+    return _metered(request, await request.app[USERS].verify(token))
 
 
 def _json(model: BaseModel, status: int = 200, *, no_store: bool = False) -> web.Response:

@@ -94,6 +94,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app[CRASH] = crash
     app[api.CLOCK] = clock
     app[api.METRICS] = Metrics()
+    app[api.REQUESTS] = _rate(settings.limits.request_rate_per_identity, settings.limits.request_burst_per_identity)
     app.cleanup_ctx.extend([
         _http_session, _store, _vault, _identity, _domain,
         _background("vault-token-renewer", lambda a: _renew_own_token(a[api.VAULT])),

@@ -124,6 +124,10 @@ class LimitsSettings(_Frozen):
     decide_burst_per_approver: int = Field(default=20, ge=1)
     sign_in_rate_per_person: float = Field(default=0.2, gt=0)
     sign_in_burst_per_person: int = Field(default=10, ge=1)
+    # Every authenticated API request, whatever the route, per agent or person: a flood guard above the
+    # specific limits (reads of the store, task ends, revocations included).
+    request_rate_per_identity: float = Field(default=200.0, gt=0)
+    request_burst_per_identity: int = Field(default=1000, ge=1)
     # Long polls (GET /v1/approvals/{id}?wait=) one identity may hold at once.
     long_polls_per_identity: int = Field(default=4, ge=1, le=100)
     # Console sessions one person may hold; a new sign-in past it ends that person's oldest session.

@@ -79,8 +79,9 @@ def _problems(*statuses: int) -> dict[str, Any]:
 
 def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], errors: tuple[int, ...],
         body: type[BaseModel] | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    # Any request may meet the edge check (a control character or an oversized value in the path or query).
-    statuses = sorted({400, *errors})
+    # Any request may meet the edge check (a control character or an oversized value in the path or query),
+    # and any authenticated one its identity's request rate (429).
+    statuses = sorted({400, *errors, *((429,) if security else ())})
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {str(ok[0]): {"description": "OK", "content": {"application/json": {"schema": _ref(ok[1])}}},

@@ -425,6 +425,19 @@ class TestLimits:
                 ["task.started", "task.started"]
             await start(client, token(site, "u-bob"))  # another person is not held back
 
+    async def test_any_authenticated_request_flood(self, aiohttp_client: Any, site: BrokerSite) -> None:
+        """Every authenticated route spends from its identity's bucket: reads and ends too, not only issuance."""
+        async with app_client(aiohttp_client, tuned(site, request_burst_per_identity=5,
+                                                    request_rate_per_identity=0.01)) as client:
+            task = await start(client, token(site, "u-alice"))
+            agent = bearer(site.ids.agent())
+            codes = [(await client.get(f"/v1/tasks/{task['id']}", headers=agent)).status for _ in range(6)]
+            assert codes == [200] * 5 + [429]
+            resp = await client.post(f"/v1/tasks/{task['id']}/end", headers=agent)
+            assert_problem(await resp.text(), resp, 429, "rate_limited")
+            # The person who started it is another identity, with a bucket of their own.
+            assert (await client.get(f"/v1/tasks/{task['id']}", headers=h(token(site, "u-alice")))).status == 200
+
     async def test_renew_flood(self, aiohttp_client: Any, site: BrokerSite) -> None:
         """An agent's renewals past its burst get 429."""
         async with app_client(aiohttp_client, tuned(site, renew_burst_per_agent=1, renew_rate_per_agent=0.01)
