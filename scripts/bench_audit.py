@@ -1,9 +1,9 @@
 """Audit throughput: Vault audit lines ingested per second, and chain records verified per second.
 
-What it measures (done-when 5 of issue 4; goals: >= 20,000 lines/s ingested, 1,000,000 records verified
-in < 30 s)
+What it measures (issue 4, raised by issue 10; goals: >= 50,000 lines/s ingested, 1,000,000 records verified
+in < 5 s)
 
-    **ingest**: the broker's real merge path, ``broker.tailer.VaultAuditTailer.catch_up()`` over an OpenBao
+    **ingest**: the broker's real merge path, ``broker.audit.tailer.VaultAuditTailer.catch_up()`` over an OpenBao
     file-audit log on disk: read the file in 1 MiB chunks, parse them in a worker thread
     (``broker.audit.vaultlog.parse_responses``: request entries skipped by their opening, the rest
     ``parse_line``), look up tasks and learned tokens in the store, ``classify_batch``, and append the records to the hash
@@ -67,8 +67,9 @@ from broker.store import open_store
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 
-GOAL_LINES = 20_000.0
-GOAL_VERIFY_S = 30.0
+# Issue 10 raised issue 4's bars (20,000 lines/s, 30 s) to these.
+GOAL_LINES = 50_000.0
+GOAL_VERIFY_S = 5.0
 KV = "bench-kv"
 GRANT_PATH = f"{KV}/data/app"
 AGENT = "spiffe://example.org/agent/support-bench-{i}"
