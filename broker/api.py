@@ -456,7 +456,6 @@ async def _auditor(request: web.Request, user: UserIdentity) -> None:
     if not any_includes(request.app[CATALOG].auditors, user):
         raise Denied("auditors only", reason=f"{user.id} is not an auditor")
     await _unlocked(request, user)
-    await _unlocked(request, user)
 
 
 async def _staff(request: web.Request, user: UserIdentity, *, auditors: bool) -> None:

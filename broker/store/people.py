@@ -8,9 +8,6 @@ from sqlalchemy import (
 )
 
 from broker.audit import AuditRecord
-from broker.errors import (
-    Locked,
-)
 from broker.rows import (
     Person,
     RevocationRow,
@@ -23,6 +20,7 @@ from broker.store.schema import (
 from broker.store.statements import (
     _append,
     _check_locks,
+    _is_remembered,
     _persons_sharing_email,
     _remember_person,
 )
@@ -36,15 +34,15 @@ class PeopleStore(StoreBase):
             Locked: an operator's lock covers ``person`` (by id, by an address they claim or claimed).
         """
         def run() -> None:
-            refused: Locked | None = None
-            with self._tx() as conn:
-                _remember_person(conn, person, now)
-                try:
-                    _check_locks(conn, user=person.id, email=person.email, agent="", tenant="")
-                except Locked as exc:
-                    refused = exc
-            if refused is not None:
-                raise refused
+            # A look, as every staff request makes one; the address is written only the first time it is
+            # seen (and before a lock is reported, so a refused person is remembered too).
+            with self._read() as conn:
+                known = _is_remembered(conn, person)
+            if not known:
+                with self._tx() as tx:
+                    _remember_person(tx, person, now)
+            with self._read() as conn:
+                _check_locks(conn, user=person.id, email=person.email, agent="", tenant="")
         await self._run(run)
 
     async def same_person(self, person: Person, other: str, *, now: float) -> bool:
@@ -53,8 +51,12 @@ class PeopleStore(StoreBase):
         def run() -> bool:
             if person.id == other:
                 return True
-            with self._tx() as conn:
-                _remember_person(conn, person, now)
+            with self._read() as conn:
+                known = _is_remembered(conn, person)
+            if not known:
+                with self._tx() as tx:
+                    _remember_person(tx, person, now)
+            with self._read() as conn:
                 hit = conn.execute(_persons_sharing_email(person.id).where(person_emails.c.person == other)
                                    .limit(1)).first()
             return hit is not None

@@ -283,6 +283,14 @@ def _remember_person(conn: Connection, person: Person, now: float) -> None:
         conn.execute(sqlite_insert(person_emails).values(**values).on_conflict_do_nothing())
 
 
+def _is_remembered(conn: Connection, person: Person) -> bool:
+    """Whether the address ``person``'s token claims is already noted for them (or it claims none)."""
+    if person.email is None:
+        return True
+    return conn.execute(select(person_emails.c.person).where(person_emails.c.person == person.id,
+                                                            person_emails.c.email == person.email)).first() is not None
+
+
 def _persons_sharing_email(person: str) -> Select[Any]:
     """Every person id that claimed an address ``person`` claimed (``person`` included)."""
     mine = select(person_emails.c.email).where(person_emails.c.person == person)

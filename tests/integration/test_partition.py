@@ -33,9 +33,8 @@ from broker.dev.config import AgentTrust, BrokerConfig, TaskRole, UserIssuer, ex
 from broker.dev.stack import DEFAULT_DB_ROLES, RoleSQL, configure_child_token_role, configure_database, configure_pki
 from broker.sealing import TokenSealer
 from broker.vault.admin import VaultAdmin
-from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
 from tests.conftest import IDP, TD, Identities, bearer
-from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge
+from tests.support.crash import BrokerProcess, RawVault, StoreSnapshot, Verdict, judge, write_broker_token
 from tests.support.faultproxy import FaultProxy
 from tests.support.fixtures import BaoEngines
 
@@ -88,14 +87,7 @@ def partition_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, 
         configure_child_token_role(admin, role=CHILD_ROLE)
         configure_database(admin, dsn_admin=bao_with_engines.pg.dsn(), mount="database-part",
                            roles={"tickets-ro": slow})
-        for role in catalog.roles.values():
-            admin.put_policy(role.vault_policy, task_policy_hcl(role))
-            admin.put_token_role(role.vault_policy, task_token_role(role))
-        admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog))
-        auth = admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True,
-                                  display_name="agent-broker-partition")
-        (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
-        (root / "vault-token").chmod(0o600)
+        write_broker_token(admin, catalog, root / "vault-token", policy=BROKER_POLICY)
     return root
 
 

@@ -25,7 +25,22 @@ from typing import Any
 import aiohttp
 
 from broker.audit import AuditRecord, ChainLink, verify_chain
+from broker.delegation import Catalog
 from broker.errors import AuditChainBroken
+from broker.vault.admin import VaultAdmin
+from broker.vault.sync import broker_policy_hcl, task_policy_hcl, task_token_role
+
+
+def write_broker_token(admin: VaultAdmin, catalog: Catalog, token_file: Path, *, policy: str) -> None:
+    """What `broker vault sync --write-token` writes, but under a broker policy named ``policy``: the session's
+    own `agent-broker` policy (the other tests' broker token) must stay as it is."""
+    for role in catalog.roles.values():
+        admin.put_policy(role.vault_policy, task_policy_hcl(role))
+        admin.put_token_role(role.vault_policy, task_token_role(role))
+    admin.put_policy(policy, broker_policy_hcl(catalog))
+    auth = admin.create_token(policies=[policy], period="24h", no_parent=True, display_name=policy)
+    token_file.write_text(auth.client_token.reveal() + "\n")
+    token_file.chmod(0o600)
 
 
 def free_port() -> int:
