@@ -48,7 +48,7 @@ from broker.identity import AgentIdentity
 from broker.limits import RateLimiter
 from broker.revocations import IntentSettler
 from broker.sealing import TokenSealer
-from broker.states import LEASES, LeaseEvent, LeaseState, TransitionError
+from broker.states import LEASES, LeaseEvent, LeaseState, TaskState, TransitionError
 from broker.store import ApprovalRow, Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
 from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
@@ -208,7 +208,7 @@ class LeaseManager:
     async def _gone_or(self, exc: BrokerError, caller: AgentIdentity, task: TaskRow, resource: str) -> BrokerError:
         """Vault refusing the task token (403, or 400 "parent token not found") is the task ending under us."""
         fresh = await self._store.get_task(task.id)
-        if fresh is None or fresh.state != "active":
+        if fresh is None or fresh.state != TaskState.ACTIVE:
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, resource, "issue", gone)
             return gone
