@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from broker import api
+from broker import api, journal
 from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import Checkpointer, StoreVerifier
 from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
@@ -26,7 +26,7 @@ from broker.audit.tailer import VaultAuditTailer
 from broker.config import Settings
 from broker.console import add_console_routes
 from broker.delegation import Catalog
-from broker.errors import ConfigError, VaultError
+from broker.errors import BrokerError, ConfigError, VaultError
 from broker.faults import CrashHook, no_crash
 from broker.identity import (
     AgentVerifier,
@@ -38,6 +38,7 @@ from broker.identity import (
     UserVerifier,
 )
 from broker.identity.cache import VerifiedTokenCache
+from broker.journal import JournalMode
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
 from broker.metrics import Metrics
@@ -81,6 +82,7 @@ HTTP = web.AppKey("http_session", aiohttp.ClientSession)
 REVOKER = web.AppKey("revoker", Revoker)
 SETTLER = web.AppKey("intent_settler", IntentSettler)
 MAINTENANCE = web.AppKey("maintenance", Maintenance)
+JOURNAL = web.AppKey("issuance_journal", JournalMode)
 
 
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
@@ -102,6 +104,8 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         _background("vault-audit-tailer", lambda a: a[api.VAULT_TAILER].run_forever() if api.VAULT_TAILER in a
                     else None),
         _background("audit-exporter", lambda a: a[EXPORTER].run_forever() if EXPORTER in a else None),
+        _background("issuance-journal-probe", lambda a: _probe_journal(a[api.VAULT], a[api.STORE], a[JOURNAL])
+                    if JOURNAL in a else None),
     ])
     api.add_routes(app)
     lim = settings.limits
@@ -189,13 +193,18 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
         ttl=settings.people.approval_ttl, backlog_ok=backlog_ok,
         decide_rate=_rate(lim.decide_rate_per_approver, lim.decide_burst_per_approver),
         max_waits=lim.long_polls_per_identity)
+    # Vault's audit device as the issuance journal (broker.journal), once the probe finds that it records it.
+    journal_mode = JournalMode() if v.audit_log is not None and v.journal else None
+    if journal_mode is not None:
+        app[JOURNAL] = journal_mode
     app[api.LEASES] = LeaseManager(
         catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=app[CRASH], settler=settler,
         bootstrap_ttl=v.task_token_bootstrap_ttl, approvals=approvals,
         limits=LeaseLimits(per_agent=lim.max_live_leases_per_agent, per_user=lim.max_live_leases_per_user),
         agent_rate=_rate(lim.issue_rate_per_agent, lim.issue_burst_per_agent),
         user_rate=_rate(lim.issue_rate_per_user, lim.issue_burst_per_user),
-        renew_rate=_rate(lim.renew_rate_per_agent, lim.renew_burst_per_agent), backlog_ok=backlog_ok)
+        renew_rate=_rate(lim.renew_rate_per_agent, lim.renew_burst_per_agent), backlog_ok=backlog_ok,
+        journal=journal_mode)
     app[api.REVOCATIONS] = Revocations(store=store, revoker=revoker, clock=clock)
     # Signed checkpoints of the audit chain, only with a signing key (broker.audit.checkpoints).
     signing_key = load_signing_key(audit.signing_key_file) if audit.signing_key_file is not None else None
@@ -251,6 +260,36 @@ def _exporter(settings: Settings, store: Store, session: aiohttp.ClientSession, 
     return Exporter(store=store, sinks=sinks, backlog_limit=audit.export_backlog_limit, clock=clock,
                     interval=EXPORT_INTERVAL,
                     on_backlog=lambda n: metrics.set("broker_audit_export_backlog", n))
+
+
+async def _probe_journal(vault: VaultClient, store: Store, mode: JournalMode, *, every: float = 2.0) -> None:
+    """Find out whether Vault's audit device journals issuances: send a request naming a probe id in
+    ``X-Broker-Intent`` and wait for the tailer to read its answer back (broker.journal.JournalMode).
+
+    Until then (a device without the audited header never gets there) issuances use issuance tokens.
+    """
+    warned = False
+    started = time.monotonic()
+    while not mode.ready:
+        probe = journal.new_probe_id()
+        try:
+            own = (await vault.lookup_self(intent=probe)).accessor
+            for _ in range(40):
+                await asyncio.sleep(every / 20)
+                found = journal.probe_result(await store.journal_for(probe), own_accessor=own)
+                if found is not None:
+                    mode.plain_accessors = found[1]
+                    mode.ready = True
+                    log.info("Vault's audit device journals issuances: one Vault request per credential%s",
+                             "" if found[1] else " (token grants excepted: the device HMACs accessors)")
+                    return
+        except BrokerError as exc:
+            log.debug("issuance journal probe: %s", exc.code)
+        if not warned and time.monotonic() - started > 30:
+            warned = True
+            log.warning("Vault's audit device does not record X-Broker-Intent in plain text (run `broker vault "
+                        "sync`): each credential is read with its own issuance token, two Vault requests")
+        await asyncio.sleep(every)
 
 
 async def _renew_own_token(vault: VaultClient) -> None:

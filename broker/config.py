@@ -101,6 +101,10 @@ class VaultSettings(_Frozen):
     # A task token is created with this short TTL and extended to the task's end only once the task
     # is recorded: if the broker dies in between, the unrecorded token dies by itself this soon.
     task_token_bootstrap_ttl: int = Field(default=30, ge=5, le=300)
+    # Use Vault's audit device (audit_log) as the issuance journal: one Vault request per credential
+    # (broker.journal). Off, or until the start-up probe finds the device records X-Broker-Intent in plain
+    # text, each credential is read with its own issuance token (two requests).
+    journal: bool = True
 
 
 class LimitsSettings(_Frozen):

@@ -19,6 +19,11 @@ Rules this file keeps:
    (the start renews only after the intent is ``done``), so Vault itself expires it: such an intent
    becomes ``aborted`` (``BOOTSTRAP_ELAPSED``) only after the bootstrap TTL plus one Vault timeout has
    passed since the intent was fenced.
+5. A journaled issuance (``broker.journal``) holds no token of its own: it is ``aborted`` once the
+   journal shows that Vault issued nothing for it (``VAULT_CONFIRMED``), or once what Vault issued is
+   revoked and confirmed gone (``VAULT_CONFIRMED``), or, where Vault's log cannot name what it issued
+   (an answer it never wrote, a token whose accessor it HMACs), as ``TASK_BOUND``: made by the task
+   token, it dies with the task, and the record says so.
 
 This module is pure: no I/O. ``broker.revocations.IntentSettler`` performs the Vault calls.
 """
@@ -45,6 +50,7 @@ class IntentEvent(enum.StrEnum):
     CLEANUP_FAILED = "cleanup_failed"  # the revoke or its confirmation did not succeed: retry later
     VAULT_CONFIRMED = "vault_confirmed"  # Vault says the intent's token is gone
     BOOTSTRAP_ELAPSED = "bootstrap_elapsed"  # an accessor-less task intent: its token expired by itself (rule 4)
+    TASK_BOUND = "task_bound"  # a journaled issuance whose credential Vault cannot name: it dies with its task (rule 5)
 
 
 INTENTS: StateTable[IntentState, IntentEvent] = StateTable("intent", {
@@ -56,6 +62,7 @@ INTENTS: StateTable[IntentState, IntentEvent] = StateTable("intent", {
         IntentEvent.CLEANUP_FAILED: IntentState.ABORTING,
         IntentEvent.VAULT_CONFIRMED: IntentState.ABORTED,
         IntentEvent.BOOTSTRAP_ELAPSED: IntentState.ABORTED,
+        IntentEvent.TASK_BOUND: IntentState.ABORTED,
     },
     IntentState.DONE: {},
     IntentState.ABORTED: {},

@@ -15,6 +15,12 @@ Rules this file keeps:
    returned, and nothing is handed out. The intent is ``aborted`` only once Vault confirms the token is
    gone; until then the maintenance loop retries (``revocations.IntentSettler``, ``broker.intents``).
 4. The agent never sees Vault's lease id or the task token: only the broker's own lease id.
+5. Once Vault's audit device is known to journal issuances (``broker.journal``: the ``X-Broker-Intent``
+   header, written in plain text), a credential is read with the task token itself, its intent's id in
+   that header: one Vault request per credential. The intent (no accessor, ``journaled``) commits before
+   the read; an answer that cannot be recorded is revoked by what it names (``vault_ref``), and a lost
+   answer is found in the journal. Token grants take this path only where the device writes accessors
+   in plain text (``hmac_accessor = false``); elsewhere, and until the journal is confirmed, rule 2.
 """
 
 from __future__ import annotations
@@ -45,15 +51,25 @@ from broker.errors import (
 )
 from broker.faults import CrashHook, no_crash
 from broker.identity import AgentIdentity
+from broker.journal import JournalMode
 from broker.limits import RateLimiter
 from broker.revocations import IntentSettler
 from broker.sealing import TokenSealer
 from broker.states import LEASES, LeaseEvent, LeaseState, TaskState, TransitionError
 from broker.store import ApprovalRow, Intent, LeaseLimits, LeaseRow, Store, TaskRow
 from broker.tasks import view
-from broker.vault import VaultClient, VaultSecret, VaultTokenAuth
+from broker.vault import Sensitive, VaultClient, VaultSecret
 
 log = logging.getLogger(__name__)
+
+
+def _ref_of(secret: VaultSecret | None) -> tuple[str, str] | None:
+    """What an answer named, to revoke it if it cannot be recorded: (kind, lease id or token accessor)."""
+    if secret is None:
+        return None
+    if secret.auth is not None:
+        return ("token", secret.auth.accessor)
+    return ("lease", secret.lease_id) if secret.lease_id else None
 
 
 def new_lease_id() -> str:
@@ -82,7 +98,7 @@ class LeaseManager:
         settler: IntentSettler, limits: LeaseLimits | None = None, agent_rate: RateLimiter | None = None,
         user_rate: RateLimiter | None = None, crash: CrashHook = no_crash, bootstrap_ttl: int = 30,
         approvals: ApprovalManager | None = None, backlog_ok: Callable[[], None] | None = None,
-        renew_rate: RateLimiter | None = None,
+        renew_rate: RateLimiter | None = None, journal: JournalMode | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -102,6 +118,8 @@ class LeaseManager:
         self._approvals = approvals
         # The audit export's fail-closed gate (broker.export.Exporter.check): raises while the backlog is full.
         self._backlog_ok = backlog_ok
+        # Whether Vault's audit device is known to journal issuances (rule 5): until then, issuance tokens.
+        self._journal = journal
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -159,6 +177,9 @@ class LeaseManager:
             raise
         task_token = self._sealer.open(task.sealed_token, task_id=task.id)
         lease_id = new_lease_id()
+        approval_ref = approval.id if approval else None
+        if self._journal is not None and self._journal.covers(grant.path):
+            return await self._issue_journaled(caller, task, grant, task_token, lease_id, lease_ttl, now, approval_ref)
         remaining = max(1, math.floor(task.expires_at - now))
         try:
             # Born to the task's end (rule 2): if the broker dies before the intent below holds its accessor,
@@ -175,7 +196,7 @@ class LeaseManager:
                 Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=issuance.accessor,
                        created_at=now),
                 user=task.user, user_email=task.user_email, agent=task.agent, tenant=task.tenant, limits=self._limits,
-                approval_id=approval.id if approval else None)
+                approval_id=approval_ref)
         except (Denied, Gone, RateLimited, Conflict) as exc:
             await self._revoke_token(issuance.accessor)
             await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
@@ -190,17 +211,53 @@ class LeaseManager:
             # Only now that the intent holds its accessor is anything read with the issuance token.
             secret = await self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
-                data=grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
-                                          user_id=task.user, user_email=task.user_email, tenant=task.tenant,
-                                          role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
+                data=self._params(grant, task, lease_ttl),
             )
             self._crash("issue.after_vault")
-            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance,
-                                      approval.id if approval else None)
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance.client_token,
+                                      approval_ref, issuance_accessor=issuance.accessor)
         except BaseException as exc:
             # Ambiguous or failed: whatever Vault may have issued dies with the issuance token. The intent
             # stays retryable until Vault confirms that (a partition makes this first revoke fail too).
             await self._settler.abandon(lease_id, accessor=issuance.accessor)
+            if isinstance(exc, VaultDenied | VaultBadResponse):
+                raise await self._gone_or(exc, caller, task, grant.path) from exc
+            raise
+
+    @staticmethod
+    def _params(grant: Grant, task: TaskRow, lease_ttl: int) -> dict[str, object] | None:
+        if grant.method != "POST":
+            return None
+        return grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
+                                    user_id=task.user, user_email=task.user_email, tenant=task.tenant,
+                                    role=task.role, ttl=lease_ttl)
+
+    async def _issue_journaled(self, caller: AgentIdentity, task: TaskRow, grant: Grant, task_token: Sensitive,
+                               lease_id: str, lease_ttl: int, now: float, approval_id: str | None) -> Issued:
+        """One Vault request: the read, with the task token, its intent's id in Vault's audit log (rule 5)."""
+        try:
+            await self._store.begin_issuance(
+                Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=None, created_at=now,
+                       journaled=True),
+                user=task.user, user_email=task.user_email, agent=task.agent, tenant=task.tenant, limits=self._limits,
+                approval_id=approval_id)
+        except (Denied, Gone, RateLimited, Conflict) as exc:
+            # Nothing was asked of Vault yet: nothing to undo.
+            await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
+            raise
+        except BaseException:
+            await self._settler.abandon(lease_id, accessor=None)
+            raise
+        self._crash("issue.after_intent")
+        secret: VaultSecret | None = None
+        try:
+            secret = await self._vault.read_credential(grant.path, token=task_token, method=grant.method,
+                                                       data=self._params(grant, task, lease_ttl), intent=lease_id)
+            self._crash("issue.after_vault")
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, task_token, approval_id)
+        except BaseException as exc:
+            # The journal finds what Vault issued when no answer came; an answer names it itself.
+            await self._settler.abandon(lease_id, accessor=None, vault_ref=_ref_of(secret))
             if isinstance(exc, VaultDenied | VaultBadResponse):
                 raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise
@@ -215,7 +272,8 @@ class LeaseManager:
         return exc
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
-                      lease_ttl: int, issuance: VaultTokenAuth, approval_id: str | None) -> Issued:
+                      lease_ttl: int, token: Sensitive, approval_id: str | None, *,
+                      issuance_accessor: str | None = None) -> Issued:
         now = self._clock()
         if secret.auth is not None:
             kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
@@ -229,7 +287,7 @@ class LeaseManager:
             data = dict(secret.data or {})
             if duration > lease_ttl and renewable:
                 # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
-                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=issuance.client_token)
+                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=token)
                 duration = info.ttl
         else:
             # Nothing to revoke: the broker hands out dynamic credentials only.
@@ -238,7 +296,7 @@ class LeaseManager:
         lease = LeaseRow(
             id=lease_id, task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
-            state=LeaseState.ACTIVE.value, revoked_at=None, issuance_accessor=issuance.accessor,
+            state=LeaseState.ACTIVE.value, revoked_at=None, issuance_accessor=issuance_accessor,
         )
         record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue",
                                       lease=lease.id, vault_request_id=secret.request_id,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
+from broker import journal
 from broker.audit import AuditRecord
 from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
 from broker.identity import UserIdentity, is_person_id, normalize_email
@@ -161,15 +162,18 @@ class IntentSettler:
         of broker.intents): the call reaches Vault within one Vault timeout, the token lives its TTL."""
         return now + self._vault_timeout + self._bootstrap_ttl + 1.0
 
-    async def abandon(self, intent_id: str, *, accessor: str | None) -> None:
+    async def abandon(self, intent_id: str, *, accessor: str | None,
+                      vault_ref: tuple[str, str] | None = None) -> None:
         """A request path gives up on an open intent: fence it (``aborting``), then try the cleanup once now.
 
         ``accessor`` is the token to revoke when the intent does not hold it yet (a task start that
-        created its token but could not record the task). Shielded: a cancelled request still cleans up.
+        created its token but could not record the task). ``vault_ref`` is what Vault's answer to a
+        journaled issuance named (kind, id), when the broker got the answer but could not record it.
+        Shielded: a cancelled request still cleans up.
         """
-        await asyncio.shield(self._abandon(intent_id, accessor))
+        await asyncio.shield(self._abandon(intent_id, accessor, vault_ref))
 
-    async def _abandon(self, intent_id: str, accessor: str | None) -> None:
+    async def _abandon(self, intent_id: str, accessor: str | None, vault_ref: tuple[str, str] | None = None) -> None:
         now = self._clock()
         try:
             intent = await self._store.get_intent(intent_id)
@@ -181,11 +185,12 @@ class IntentSettler:
                 return  # done: recorded, nothing to undo; aborted: Vault confirmed already
             token = intent.accessor or accessor
             # The reconciler leaves it alone while this attempt runs, and takes over if this process dies.
-            hold = now + self._attempt_timeout + 1.0 if token else self._unknown_token_expiry(now)
+            hold = (now + self._attempt_timeout + 1.0 if token or intent.journaled
+                    else self._unknown_token_expiry(now))
             if intent.state == IntentState.OPEN:
                 if not await self._store.move_intent(intent_id, from_state=IntentState.OPEN,
                                                      event=IntentEvent.ABANDONED, now=now, accessor=accessor,
-                                                     next_attempt_at=hold):
+                                                     next_attempt_at=hold, vault_ref=vault_ref):
                     intent = await self._store.get_intent(intent_id)
                     if intent is None or intent.state in FINAL:
                         return
@@ -195,6 +200,8 @@ class IntentSettler:
                                               event=IntentEvent.CLEANUP_FAILED, now=now, accessor=accessor,
                                               attempts=intent.attempts, next_attempt_at=hold)
             intent = replace(intent, state=IntentState.ABORTING, accessor=token, next_attempt_at=hold)
+            if vault_ref is not None and intent.vault_ref is None:
+                intent = replace(intent, vault_ref_kind=vault_ref[0], vault_ref=vault_ref[1])
         except StoreUnavailable:
             # The store is down too: revoke now if Vault answers. The intent stays open; the reconciler
             # resolves it after its grace, and revoking an accessor twice is harmless.
@@ -210,7 +217,7 @@ class IntentSettler:
         """
         now = self._clock()
         if intent.state == IntentState.OPEN:
-            hold = now if intent.accessor else self._unknown_token_expiry(now)
+            hold = now if intent.accessor or intent.journaled else self._unknown_token_expiry(now)
             try:
                 if not await self._store.move_intent(intent.id, from_state=IntentState.OPEN,
                                                      event=IntentEvent.ABANDONED, now=now, next_attempt_at=hold):
@@ -229,6 +236,8 @@ class IntentSettler:
         """
         async with self._slots:
             now = self._clock()
+            if intent.journaled:
+                return await self._attempt_journaled(intent, now)
             if intent.accessor is None:
                 # Nothing to look up (rule 4): final once its token, if any, is past its bootstrap TTL.
                 if intent.next_attempt_at is not None and intent.next_attempt_at > now:
@@ -246,6 +255,82 @@ class IntentSettler:
                 await self._store.move_intent(intent.id, from_state=IntentState.ABORTING,
                                               event=IntentEvent.CLEANUP_FAILED, now=now, attempts=attempts,
                                               next_attempt_at=now + delay)
+            return False
+
+    async def _attempt_journaled(self, intent: Intent, now: float) -> bool:
+        """One cleanup of a journaled issuance: what the journal says Vault issued (broker.journal)."""
+        try:
+            entries = [] if intent.vault_ref else await self._store.journal_for(intent.id)
+            read_until = None if intent.vault_ref else await self._store.journal_read_until()
+        except StoreUnavailable:
+            return False
+        decision = journal.decide(intent, entries, read_until=read_until, now=now, vault_timeout=self._vault_timeout)
+        if decision.action == "nothing":
+            return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, now, why=decision.reason)
+        if decision.action == "task_bound":
+            log.warning("intent %s: %s", intent.id, decision.reason)
+            return await self._finish(intent, IntentEvent.TASK_BOUND, now, why=decision.reason)
+        if decision.action == "revoke" and decision.ref is not None:
+            if decision.ref_kind == "token":
+                confirmed = await self._revoke_confirmed_within(decision.ref)
+            else:
+                confirmed = await self._revoke_lease_confirmed_within(decision.ref)
+            if confirmed:
+                with contextlib.suppress(StoreUnavailable):  # else the late-answer sweep revokes it once more
+                    await self._store.journal_swept(intent.id)
+                return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, self._clock(),
+                                          why=f"{decision.reason}; revoked, and Vault confirmed it is gone")
+            attempts = intent.attempts + 1
+            delay = backoff(attempts, cap=self._max_backoff)
+        else:
+            # Waiting for the log: soon, and nudge it when Vault may be idle (nothing else writes entries).
+            if decision.probe:
+                with contextlib.suppress(VaultError, TimeoutError):
+                    await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
+                                           timeout=self._attempt_timeout)
+            attempts, delay = intent.attempts, 1.0
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.move_intent(intent.id, from_state=IntentState.ABORTING,
+                                          event=IntentEvent.CLEANUP_FAILED, now=self._clock(), attempts=attempts,
+                                          next_attempt_at=self._clock() + delay)
+        return False
+
+    async def sweep_late_answers(self) -> int:
+        """Revoke what Vault created for journaled intents already given up on (broker.journal rule 6).
+
+        Returns how many were revoked and confirmed gone. Never raises a store or Vault error.
+        """
+        try:
+            late = await self._store.journal_unswept()
+        except StoreUnavailable:
+            return 0
+        swept = 0
+        for entry in late:
+            if entry.lease_id:
+                gone = await self._revoke_lease_confirmed_within(entry.lease_id)
+            elif entry.accessor and not journal.hmacd(entry.accessor):
+                gone = await self._revoke_confirmed_within(entry.accessor)
+            else:
+                gone = True  # a token the log names only by its HMAC: it dies with its task (rule 3)
+            if not gone:
+                continue  # the next tick tries again
+            log.warning("intent %s: Vault answered after the broker gave up on it (request %s); revoked what it "
+                        "created", entry.intent_id, entry.request_id)
+            try:
+                await self._store.journal_swept(entry.intent_id)
+            except StoreUnavailable:
+                return swept
+            swept += 1
+        return swept
+
+    async def _revoke_lease_confirmed_within(self, lease_id: str) -> bool:
+        """Revoke one lease by id (synchronous in Vault) and confirm that a lookup no longer finds it."""
+        async def run() -> bool:
+            await self._vault.revoke_lease(lease_id)
+            return await self._vault.lookup_lease(lease_id) is None
+        try:
+            return await asyncio.wait_for(run(), timeout=self._attempt_timeout)
+        except (VaultError, TimeoutError):
             return False
 
     async def _revoke_confirmed_within(self, accessor: str) -> bool:
@@ -275,17 +360,18 @@ class IntentSettler:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _finish(self, intent: Intent, event: IntentEvent, now: float) -> bool:
+    async def _finish(self, intent: Intent, event: IntentEvent, now: float, *, why: str | None = None) -> bool:
         try:
-            record = await self._final_record(intent, event, now)
+            record = await self._final_record(intent, event, now, why=why)
             return await self._store.move_intent(intent.id, from_state=IntentState.ABORTING, event=event, now=now,
                                                  record=record)
         except StoreUnavailable:
             return False
 
-    async def _final_record(self, intent: Intent, event: IntentEvent, now: float) -> AuditRecord:
-        gone = ("Vault confirmed its token is gone" if event == IntentEvent.VAULT_CONFIRMED
-                else "its token, if Vault created one, expired unused at its bootstrap TTL")
+    async def _final_record(self, intent: Intent, event: IntentEvent, now: float, *,
+                            why: str | None = None) -> AuditRecord:
+        gone = why or ("Vault confirmed its token is gone" if event == IntentEvent.VAULT_CONFIRMED
+                       else "its token, if Vault created one, expired unused at its bootstrap TTL")
         if intent.kind == "task":
             return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
                                reason=f"the task could not be recorded; {gone}")
@@ -402,6 +488,7 @@ class Maintenance:
         await self._lost_bootstrap_tokens(now)
         await self._store.expire_approvals(now=now)
         await self._reconcile(now)
+        await self._settler.sweep_late_answers()
         due = await self._store.tasks_due_for_revocation(now=now)
         if due:
             await self._revoker.settle(due)

@@ -60,6 +60,10 @@ class Intent:
     resolved_at: float | None = None
     attempts: int = 0
     next_attempt_at: float | None = None
+    # Read with the task token, the id in Vault's audit log (broker.journal); no issuance token.
+    journaled: bool = False
+    vault_ref: str | None = None  # what Vault's answer named, when the broker got it but did not record it
+    vault_ref_kind: str | None = None  # "lease" or "token"
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class VaultAuditPosition:
     inode: int
     offset: int
     lines: int = 0
+    last_entry_at: float | None = None  # Vault's time of the newest entry read from the file
 
 
 @dataclass(frozen=True)
@@ -142,3 +147,22 @@ class Person:
     name: str
     trusted_email: str | None
     email: str | None = None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """An entry of Vault's audit device for a journaled intent (``X-Broker-Intent``), as the tailer read it.
+
+    ``kind`` is ``"request"`` (Vault received it, at ``at``) or ``"response"`` (Vault answered: ``failed``,
+    or the ``lease_id`` / token ``accessor`` it created). ``task_id`` is the task whose token made it.
+    """
+
+    intent_id: str
+    kind: str
+    task_id: str
+    request_id: str
+    at: float
+    failed: bool
+    lease_id: str | None = None
+    accessor: str | None = None
+    swept: bool = False

@@ -60,7 +60,9 @@ from broker.audit.vaultlog import (
     parse_responses,
 )
 from broker.errors import BrokerError
+from broker.journal import entries_of as journal_entries
 from broker.metrics import Metrics
+from broker.rows import JournalEntry
 from broker.store import Store, VaultAuditPosition
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,8 @@ class _Chunk:
     responses: list[VaultAuditEntry]
     task_ids: list[str]
     accessors: list[str]
+    journal: list[JournalEntry]
+    last_entry_at: float | None  # Vault's time of the newest journal entry parsed (broker.journal rule 2)
 
 
 def _parse_chunk(data: bytes) -> _Chunk:
@@ -208,7 +212,11 @@ def _parse_chunk(data: bytes) -> _Chunk:
     task_ids = [t for e in responses if e.auth is not None and (t := e.auth.metadata.get("task"))]
     accessors = [e.auth.accessor for e in responses
                  if e.auth is not None and e.auth.accessor and "task" not in e.auth.metadata]
-    return _Chunk(len(lines), invalid, responses, task_ids, accessors)
+    journal = journal_entries(responses)
+    # Only entries that carry the journal's header move its mark (broker.journal rule 2): if Vault stopped
+    # recording the header, the mark stops, and no absence is concluded from a log that no longer says.
+    last = max((e.at for e in journal), default=None)
+    return _Chunk(len(lines), invalid, responses, task_ids, accessors, journal, last)
 
 
 @dataclass(frozen=True)
@@ -346,7 +354,8 @@ class VaultAuditTailer:
             if len(data) >= self._reader.chunk:
                 # A "line" longer than a chunk is no audit entry: skip it rather than stall.
                 end = await asyncio.to_thread(self._reader.skip_line, f.id, offset)
-                new = VaultAuditPosition(self._key, f.id[0], f.id[1], end, known.lines if known else 0)
+                new = VaultAuditPosition(self._key, f.id[0], f.id[1], end, known.lines if known else 0,
+                                         known.last_entry_at if known else None)
                 await self._commit([(known, new)], [], {}, gone)
                 self._metrics.inc("broker_vault_audit_invalid_lines_total")
                 return MergeResult(switched="skipped")
@@ -371,7 +380,8 @@ class VaultAuditTailer:
         offset = known.offset if known is not None else 0
         record = AuditRecord(self._clock(), "vault.audit_gap", "failure", resource=self._key, action="tail",
                              reason=f"Vault audit file {why} below offset {offset}: entries may be missing")
-        new = VaultAuditPosition(self._key, f.id[0], f.id[1], 0, known.lines if known else 0)
+        new = VaultAuditPosition(self._key, f.id[0], f.id[1], 0, known.lines if known else 0,
+                                 known.last_entry_at if known else None)
         await self._commit([(known, new)], [record], {}, gone)
         self._metrics.inc("broker_vault_audit_gaps_total")
         log.warning("vault audit tailer: %s was %s; restarted it at 0", self._key, why)
@@ -379,7 +389,7 @@ class VaultAuditTailer:
 
     async def _commit(self, moves: list[tuple[VaultAuditPosition | None, VaultAuditPosition]],
                       records: list[AuditRecord], tokens: dict[str, tuple[str, str | None]],
-                      gone: list[VaultAuditPosition]) -> None:
+                      gone: list[VaultAuditPosition], journal: list[JournalEntry] | None = None) -> None:
         """One transaction: records, tokens, positions; files that no longer exist are forgotten with it.
 
         A vanished file that had not been read to its last known size is a gap, recorded as such.
@@ -393,7 +403,7 @@ class VaultAuditTailer:
                                                                  f"{seen - p.offset} bytes before its end"))
                 self._metrics.inc("broker_vault_audit_gaps_total")
         await self._store.merge_vault_audit(moves=moves, records=records, tokens=tokens, now=self._clock(),
-                                            drop=gone)
+                                            drop=gone, journal=journal or [])
         for old, new in moves:
             fid = (new.device, new.inode)
             if old is None and self._pos:
@@ -412,9 +422,10 @@ class VaultAuditTailer:
             classify_batch, chunk.responses, known_tasks=tasks.get, broker_paths=self._paths,
             tokens={a: TokenOrigin(t, lease) for a, (t, lease) in learned.items()}, skew=self._skew)
         new_tokens = {a: (o.task, o.lease) for a, o in fresh.items()}
+        seen = [t for t in (known.last_entry_at if known else None, chunk.last_entry_at) if t is not None]
         new = VaultAuditPosition(self._key, f.id[0], f.id[1], offset + len(data),
-                                 (known.lines if known else 0) + chunk.lines)
-        await self._commit([(known, new)], records, new_tokens, gone)
+                                 (known.lines if known else 0) + chunk.lines, max(seen) if seen else None)
+        await self._commit([(known, new)], records, new_tokens, gone, chunk.journal)
         requests = sum(r.event == "vault.request" for r in records)
         unexplained = sum(r.event == "vault.unexplained" for r in records)
         m = self._metrics

@@ -62,6 +62,11 @@ _MAX_LINE = 1 << 20  # OpenBao lines are ~1.5 KB; a megabyte is not an audit ent
 # The opening of a ``request`` entry as OpenBao writes it (Go's encoding/json: struct order, no spaces):
 # ``{"time":"<RFC 3339>","type":"request",``. See is_request_line.
 _REQUEST_OPENING = re.compile(rb'\{"time":"[^"\\]{1,64}","type":"request",')
+# The header a journaled issuance sends (lower case, as the device writes header names) and what its value
+# may be: a broker lease id (broker.leases.new_lease_id) or the journal's own probe id.
+INTENT_HEADER = "x-broker-intent"
+_INTENT_VALUE = re.compile(r"^(?:lse|jpr)_[A-Za-z0-9_-]{8,40}$")
+_INTENT_BYTES = INTENT_HEADER.encode()
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
 
 
@@ -98,6 +103,10 @@ class VaultAuditEntry:
     error_kind: str | None = None
     status: int | None = None
     created_accessor: str | None = None
+    # The ``X-Broker-Intent`` request header (broker.journal), which the device writes in plain text once
+    # ``sys/config/auditing/request-headers`` names it; and the lease the response created (plain).
+    intent: str | None = None
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,11 @@ def parse_line(line: str | bytes) -> VaultAuditEntry:
     resp = obj.get("response")
     status: int | None = None
     created: str | None = None
+    lease_id: str | None = None
     if isinstance(resp, dict):
+        secret = resp.get("secret")
+        if isinstance(secret, dict):
+            lease_id = _opt_str(secret, "lease_id")
         data = resp.get("data")
         if isinstance(data, dict) and isinstance(data.get("http_status_code"), int):
             status = int(data["http_status_code"])
@@ -208,7 +221,19 @@ def parse_line(line: str | bytes) -> VaultAuditEntry:
         error_kind=_error_kind(error) if isinstance(error, str) and error else None,
         status=status,
         created_accessor=created,
+        intent=_intent_of(req.get("headers")),
+        lease_id=lease_id,
     )
+
+
+def _intent_of(headers: Any) -> str | None:
+    """The journal's intent id from the request's audited headers (``{"x-broker-intent": ["lse_..."]}``)."""
+    if not isinstance(headers, dict):
+        return None
+    values = headers.get(INTENT_HEADER)
+    if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
+        return None
+    return values[0] if _INTENT_VALUE.match(values[0]) else None
 
 
 def is_request_line(line: bytes) -> bool:
@@ -218,18 +243,22 @@ def is_request_line(line: bytes) -> bool:
     "type":"request",``: the top-level object's first keys, with no quote or backslash in the time, so
     the match cannot sit inside a string) and that holds no ``"response"`` token at all (so no second
     ``type`` key can make it a response for a JSON reader that keeps the last one, and no response
-    block is skipped). Anything else, including every response entry, goes to :func:`parse_line`.
+    block is skipped), and that names no journal intent (``x-broker-intent``: the journal keeps those
+    request entries, broker.journal). Anything else, including every response entry, goes to
+    :func:`parse_line`.
     A skipped line is not validated further: a malformed request entry is not counted as invalid.
     """
-    return _REQUEST_OPENING.match(line) is not None and b'"response"' not in line
+    return (_REQUEST_OPENING.match(line) is not None and b'"response"' not in line
+            and _INTENT_BYTES not in line)
 
 
 def parse_responses(lines: Iterable[bytes]) -> tuple[list[VaultAuditEntry], int]:
     """The ``response`` entries of raw lines, in order, and how many lines were invalid.
 
     Blank lines and request entries (:func:`is_request_line`; any other request entry after parsing) are
-    skipped: :func:`classify_batch` would drop them anyway. Pure and synchronous: the tailer runs it in a
-    worker thread.
+    skipped: :func:`classify_batch` would drop them anyway, except those naming a journal intent, which
+    are kept (classify ignores them; broker.journal reads them). Pure and synchronous: the tailer runs it
+    in a worker thread.
     """
     responses: list[VaultAuditEntry] = []
     invalid = 0
@@ -241,7 +270,7 @@ def parse_responses(lines: Iterable[bytes]) -> tuple[list[VaultAuditEntry], int]
         except AuditLineInvalid:
             invalid += 1
             continue
-        if entry.type == "response":
+        if entry.type == "response" or entry.intent is not None:
             responses.append(entry)
     return responses, invalid
 
@@ -266,7 +295,11 @@ def attribute(entry: VaultAuditEntry, tokens: Mapping[str, TokenOrigin]) -> Attr
     task = auth.metadata.get("task")
     if task:
         lease = auth.metadata.get("lease")
-        return Attribution(task, "issuance token" if lease else "task token", lease)
+        if lease:
+            return Attribution(task, "issuance token", lease)
+        # Only the broker holds a task token: the journal header it sent names the issuance (broker.journal).
+        return Attribution(task, "task token", entry.intent if entry.intent and entry.intent.startswith("lse_")
+                           else None)
     if auth.accessor is not None:
         origin = tokens.get(auth.accessor)
         if origin is not None:

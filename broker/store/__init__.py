@@ -28,6 +28,7 @@ from broker.rows import (
     AuditRow,
     CheckpointRow,
     Intent,
+    JournalEntry,
     LeaseLimits,
     LeaseRow,
     Person,
@@ -43,8 +44,8 @@ from broker.store.people import PeopleStore
 from broker.store.tasks import TaskStore
 from broker.store.vault_audit import VaultAuditStore
 
-__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", "LeaseRow", "Person", "RevocationRow",
-           "Store", "TaskRow", "VaultAuditPosition", "open_store"]
+__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry", "LeaseLimits", "LeaseRow", "Person",
+           "RevocationRow", "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 
 class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, StoreBase):

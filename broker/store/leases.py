@@ -106,7 +106,8 @@ class LeaseStore(StoreBase):
 
     async def move_intent(self, intent_id: str, *, from_state: IntentState, event: IntentEvent, now: float,
                           accessor: str | None = None, attempts: int | None = None,
-                          next_attempt_at: float | None = None, record: AuditRecord | None = None) -> bool:
+                          next_attempt_at: float | None = None, record: AuditRecord | None = None,
+                          vault_ref: tuple[str, str] | None = None) -> bool:
         """Move an intent along the table (``broker.intents.next_state``), compare-and-set on ``from_state``.
 
         The first writer wins: False, writing nothing, when the intent was no longer in ``from_state``
@@ -120,7 +121,7 @@ class LeaseStore(StoreBase):
         def run() -> bool:
             with self._tx() as conn:
                 if not _move_intent(conn, intent_id, from_state, event, now, accessor=accessor, attempts=attempts,
-                                    next_attempt_at=next_attempt_at):
+                                    next_attempt_at=next_attempt_at, vault_ref=vault_ref):
                     return False
                 if record is not None:
                     _append(conn, record)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -100,6 +101,11 @@ intents = Table(
     # Cleanups Vault has not confirmed yet, and when the next one is due (``aborting`` only).
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Float),
+    # Read with the task token, the intent's id in Vault's audit log (``vault_journal``); ``vault_ref`` is
+    # what Vault's answer named (a lease id or a token accessor) when the broker got it but did not record it.
+    Column("journaled", Boolean, nullable=False, server_default=false()),
+    Column("vault_ref", String(1024)),
+    Column("vault_ref_kind", String(8)),  # "lease" or "token"
     Index("ix_intents_state", "state"),
 )
 
@@ -187,6 +193,24 @@ vault_audit_position = Table(
     Column("offset", BigInteger, nullable=False),
     Column("lines", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("last_entry_at", Float),  # the newest journal entry read from this file (Vault's time)
+)
+
+# What Vault's audit device wrote for a journaled intent (``X-Broker-Intent``), as the tailer read it: its
+# ``request`` entry (Vault received it) and its ``response`` entry (what Vault created, if anything).
+vault_journal = Table(
+    "vault_journal",
+    metadata,
+    Column("intent_id", String(64), primary_key=True),
+    Column("kind", String(8), primary_key=True),  # "request" or "response"
+    Column("task_id", String(64), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("failed", Boolean, nullable=False),
+    Column("lease_id", String(1024)),
+    Column("accessor", String(128)),  # as the device wrote it: HMAC'd unless hmac_accessor = false
+    # What it created was revoked (broker.journal rule 6): the late-answer sweep no longer looks at it.
+    Column("swept", Boolean, nullable=False, server_default=false()),
 )
 
 # Tokens with no metadata of their own (an agent's child token from a token-role grant), known by the

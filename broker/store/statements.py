@@ -164,8 +164,12 @@ def _insert_tokens(conn: Connection, tokens: Mapping[str, tuple[str, str | None]
 
 def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, event: IntentEvent, now: float, *,
                  accessor: str | None = None, attempts: int | None = None,
-                 next_attempt_at: float | None = None) -> bool:
-    """One transition of the intent table, compare-and-set, in the caller's transaction."""
+                 next_attempt_at: float | None = None, vault_ref: tuple[str, str] | None = None) -> bool:
+    """One transition of the intent table, compare-and-set, in the caller's transaction.
+
+    ``vault_ref`` is (kind, id): what Vault's answer named (``"lease"`` and a lease id, ``"token"`` and an
+    accessor), recorded for a journaled intent whose answer arrived but could not be recorded.
+    """
     to = next_state(from_state, event)
     values: dict[str, Any] = {"state": to.value}
     if to in FINAL:
@@ -176,6 +180,8 @@ def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, even
         values["attempts"] = attempts
     if accessor is not None:
         values["accessor"] = accessor
+    if vault_ref is not None:
+        values["vault_ref_kind"], values["vault_ref"] = vault_ref
     res = conn.execute(update(intents).where(intents.c.id == intent_id, intents.c.state == from_state.value)
                        .values(**values))
     return bool(res.rowcount == 1)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 
 from sqlalchemy import (
+    Connection,
+    func,
     insert,
+    or_,
     select,
     update,
 )
@@ -14,15 +18,19 @@ from broker.audit import AuditRecord
 from broker.errors import (
     Conflict,
 )
+from broker.intents import IntentState
 from broker.rows import (
+    JournalEntry,
     TaskRow,
     VaultAuditPosition,
 )
 from broker.store._base import StoreBase
 from broker.store.schema import (
+    intents,
     tasks,
     vault_audit_position,
     vault_audit_tokens,
+    vault_journal,
 )
 from broker.store.statements import (
     _append_many,
@@ -39,7 +47,48 @@ class VaultAuditStore(StoreBase):
                 rows = conn.execute(select(vault_audit_position).where(vault_audit_position.c.path == path)
                                     ).mappings().all()
             return [VaultAuditPosition(path=r["path"], device=r["device"], inode=r["inode"], offset=r["offset"],
-                                       lines=r["lines"]) for r in rows]
+                                       lines=r["lines"], last_entry_at=r["last_entry_at"]) for r in rows]
+        return await self._run(run)
+
+    async def journal_for(self, intent_id: str) -> list[JournalEntry]:
+        """What Vault's audit device wrote for a journaled intent, as far as the tailer has read it."""
+        q = select(vault_journal).where(vault_journal.c.intent_id == intent_id)
+
+        def run() -> list[JournalEntry]:
+            with self._read() as conn:
+                return [JournalEntry(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def journal_unswept(self, *, limit: int = 100) -> list[JournalEntry]:
+        """Answers that created something for an intent given up on (``aborted``) and not yet revoked: the
+        late-answer sweep's work (broker.journal rule 6)."""
+        q = (select(vault_journal).join(intents, intents.c.id == vault_journal.c.intent_id)
+             .where(vault_journal.c.kind == "response", vault_journal.c.swept.is_(False),
+                    vault_journal.c.failed.is_(False), intents.c.state == IntentState.ABORTED.value,
+                    or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None)))
+             .order_by(vault_journal.c.at).limit(limit))
+
+        def run() -> list[JournalEntry]:
+            with self._read() as conn:
+                return [JournalEntry(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def journal_swept(self, intent_id: str) -> None:
+        """What Vault created for this intent is gone: the sweep is done with it."""
+        def run() -> None:
+            with self._tx() as conn:
+                conn.execute(update(vault_journal).where(vault_journal.c.intent_id == intent_id)
+                             .values(swept=True))
+        await self._run(run)
+
+    async def journal_read_until(self) -> float | None:
+        """Vault's time of the newest audit entry the tailer has read (any file), None before it read one."""
+        q = select(func.max(vault_audit_position.c.last_entry_at))
+
+        def run() -> float | None:
+            with self._read() as conn:
+                v = conn.execute(q).scalar_one_or_none()
+            return float(v) if v is not None else None
         return await self._run(run)
 
     async def vault_audit_context(self, task_ids: Sequence[str], accessors: Sequence[str]
@@ -63,13 +112,15 @@ class VaultAuditStore(StoreBase):
 
     async def merge_vault_audit(self, *, moves: Sequence[tuple[VaultAuditPosition | None, VaultAuditPosition]],
                                 records: Sequence[AuditRecord], tokens: Mapping[str, tuple[str, str | None]],
-                                now: float, drop: Sequence[VaultAuditPosition] = ()) -> None:
+                                now: float, drop: Sequence[VaultAuditPosition] = (),
+                                journal: Sequence[JournalEntry] = ()) -> None:
         """Append the records merged from Vault's audit file, the tokens learned, and the new positions: one
         transaction, so a crash loses nothing and repeats nothing.
 
         Each move is (expected, new) for one file: a compare-and-set from ``expected`` (None: the file is
         new to the tailer), so a second tailer fails here instead of merging the same lines twice.
-        ``drop`` forgets files that no longer exist.
+        ``drop`` forgets files that no longer exist. ``journal`` holds the entries of journaled intents
+        (``broker.journal``); an entry already there (a line read twice after a truncation) is kept as is.
 
         Raises:
             Conflict: a stored position is not the expected one (another tailer moved it).
@@ -80,7 +131,8 @@ class VaultAuditStore(StoreBase):
             with self._tx() as conn:
                 for expected, new in moves:
                     key = (t.c.path == new.path, t.c.device == new.device, t.c.inode == new.inode)
-                    vals = {"offset": new.offset, "lines": new.lines, "updated_at": now}
+                    vals = {"offset": new.offset, "lines": new.lines, "updated_at": now,
+                            "last_entry_at": new.last_entry_at}
                     if expected is None:
                         if conn.execute(select(t.c.path).where(*key)).first() is not None:
                             raise Conflict("the Vault audit position moved", reason="another tailer started first")
@@ -93,6 +145,7 @@ class VaultAuditStore(StoreBase):
                                                   t.c.inode == old.inode))
                 _append_many(conn, records)
                 _insert_tokens(conn, tokens, now)
+                _insert_journal(conn, journal)
         await self._run(run)
 
     async def remember_vault_tokens(self, tokens: Mapping[str, tuple[str, str | None]], *, now: float) -> None:
@@ -101,3 +154,20 @@ class VaultAuditStore(StoreBase):
             with self._tx() as conn:
                 _insert_tokens(conn, tokens, now)
         await self._run(run)
+
+
+def _insert_journal(conn: Connection, entries: Sequence[JournalEntry]) -> None:
+    """Insert the entries not yet known (by intent and kind): the first reading of an entry stands."""
+    if not entries:
+        return
+    keys = {(e.intent_id, e.kind) for e in entries}
+    have: set[tuple[str, str]] = set()
+    for chunk in _chunks(sorted({i for i, _ in keys})):
+        have |= {(r[0], r[1]) for r in conn.execute(
+            select(vault_journal.c.intent_id, vault_journal.c.kind).where(vault_journal.c.intent_id.in_(chunk)))}
+    fresh: dict[tuple[str, str], dict[str, object]] = {}
+    for e in entries:
+        if (e.intent_id, e.kind) not in have:
+            fresh.setdefault((e.intent_id, e.kind), asdict(e))
+    if fresh:
+        conn.execute(insert(vault_journal), list(fresh.values()))

@@ -434,6 +434,35 @@ class VaultAdmin:
                    list(creation_statements), default_ttl=default_ttl, max_ttl=max_ttl,
                    revocation_statements=list(revocation_statements), mount_point=validate_path(mount))
 
+    # -- audited request headers -----------------------------------------------------------------------
+
+    def audit_request_header(self, name: str) -> bool | None:
+        """GET /v1/sys/config/auditing/request-headers/:name -- its ``hmac`` setting; None when not audited.
+
+        OpenBao answers an unknown header with 400 "Could not find header in config", not 404.
+        """
+        op = "read audited request header"
+        try:
+            answer = self._hvac.read("sys/config/auditing/request-headers/" + validate_name(name))
+        except hvac.exceptions.InvalidRequest as exc:
+            if "could not find header" in str(exc).lower():
+                return None
+            raise _hvac_error(exc, op) from exc
+        except hvac.exceptions.VaultError as exc:
+            raise _hvac_error(exc, op) from exc
+        except requests.exceptions.RequestException as exc:
+            raise _transport_error(exc, op) from exc
+        data = _data_of(_json_of(answer, op)) if answer is not None else None
+        entry = data.get(name) if data is not None else None
+        if not isinstance(entry, Mapping):
+            return None
+        return bool(entry.get("hmac", False))
+
+    def put_audit_request_header(self, name: str, *, hmac: bool) -> None:
+        """PUT /v1/sys/config/auditing/request-headers/:name -- audit the header (needs ``sudo``)."""
+        self._call("audit request header", self._hvac.write_data,
+                   "sys/config/auditing/request-headers/" + validate_name(name), data={"hmac": hmac})
+
     # -- generic (set-up and tests only) ---------------------------------------------------------------
 
     def write(self, path: str, data: Mapping[str, Any]) -> Mapping[str, Any] | None:

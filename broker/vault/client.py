@@ -166,6 +166,10 @@ class VaultHealth:
 # --------------------------------------------------------------------------------------------------
 # Paths: broker.paths (pure), shared with the catalog, which checks every grant's path at start-up.
 
+# The request header a journaled issuance sends (broker.journal); Vault's audit device writes it in plain
+# text once ``sys/config/auditing/request-headers/X-Broker-Intent`` says ``hmac = false``.
+INTENT_HEADER: Final = "X-Broker-Intent"
+
 # --------------------------------------------------------------------------------------------------
 # The error boundary
 
@@ -403,12 +407,16 @@ class VaultClient:
         use_token: bool = True,
         ok_extra: frozenset[int] = frozenset(),
         timeout: float | None = None,
+        intent: str | None = None,
     ) -> tuple[int, Any]:
         """Send one request; return ``(status, parsed JSON or None)`` for 2xx and ``ok_extra`` statuses.
 
-        ``path`` must already be validated by the caller.
+        ``path`` must already be validated by the caller. ``intent`` goes in the ``X-Broker-Intent``
+        header, which Vault's audit device records in plain text (broker.journal).
         """
         headers = self._headers.copy()
+        if intent is not None:
+            headers[INTENT_HEADER] = validate_name(intent)
         if use_token:
             tok = _token_of(token) if token is not None else self._token
             if tok:
@@ -606,20 +614,22 @@ class VaultClient:
         token: str | Sensitive,
         method: Literal["GET", "POST"] = "GET",
         data: Mapping[str, Any] | None = None,
+        intent: str | None = None,
     ) -> VaultSecret:
         """GET or POST /v1/:path -- issue a credential (``database/creds/:role``, ``pki/issue/:role``...).
 
         With ``GET``, ``data`` goes in the query string; with ``POST``, in the JSON body.
         A ``VaultBadResponse`` for HTTP 500 may mean the credential WAS issued (a PostgreSQL role and a
         lease exist): treat it as "maybe issued" and revoke the task token or reconcile.
+        ``intent`` names the broker's intent in Vault's audit log (broker.journal).
         """
         op = "read credential"
         path = validate_path(path)
         if method == "GET":
             params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (data or {}).items()}
-            parsed = await self._call_json("GET", path, op, params=params or None, token=token)
+            parsed = await self._call_json("GET", path, op, params=params or None, token=token, intent=intent)
         else:
-            parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token)
+            parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token, intent=intent)
         with _parsing(op):
             return self._parse_secret(parsed)
 
@@ -663,12 +673,24 @@ class VaultClient:
                 renewable=_bool(parsed, "renewable", False),
             )
 
+    async def revoke_lease(self, lease_id: str) -> None:
+        """PUT /v1/sys/leases/revoke/:lease_id -- revoke one lease, synchronously (gone when this returns).
+
+        The lease id is in the path, so the broker's policy can allow it for its grants' paths only.
+        An unknown lease answers 204 like a revoked one: confirm with ``lookup_lease``.
+        """
+        op = "revoke lease"
+        await self._call("PUT", "sys/leases/revoke/" + validate_path(lease_id), op)
+
     # -- the calling token ----------------------------------------------------------------------
 
-    async def lookup_self(self, *, token: str | Sensitive | None = None) -> VaultTokenInfo:
-        """GET /v1/auth/token/lookup-self -- the calling token's own state (``num_uses`` counts this call)."""
+    async def lookup_self(self, *, token: str | Sensitive | None = None, intent: str | None = None) -> VaultTokenInfo:
+        """GET /v1/auth/token/lookup-self -- the calling token's own state (``num_uses`` counts this call).
+
+        With ``intent``, it is also the journal's probe (broker.journal): an entry that moves the audit log.
+        """
         op = "lookup self"
-        parsed = await self._call_json("GET", "auth/token/lookup-self", op, token=token)
+        parsed = await self._call_json("GET", "auth/token/lookup-self", op, token=token, intent=intent)
         with _parsing(op):
             return _parse_token_info(_mapping(parsed, "data"))
 

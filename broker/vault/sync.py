@@ -7,8 +7,11 @@ Written, each idempotent (a second run changes nothing):
 - one token role per task role, same name: orphan task tokens that may carry only that policy, with
   an explicit max TTL of the role's max TTL (OpenBao ignores ``token_ttl`` on roles);
 - the broker's own policy ``agent-broker``: create tokens through exactly those token roles, look up
-  and revoke tokens by accessor, look up leases. Nothing else: it cannot read a secret. (One credential
-  is revoked through the accessor of the issuance token it was read with.)
+  and revoke tokens by accessor, look up leases, and revoke one lease by id under the catalog's grant
+  paths only (what a journaled issuance left unrecorded, broker.journal). Nothing else: it cannot read
+  a secret.
+- the audited request header ``X-Broker-Intent``, unHMAC'd, when the broker reads Vault's audit
+  device: the issuance journal (broker.journal), one Vault request per credential.
 
 It writes through ``VaultAdmin`` (hvac, synchronous): the CLI calls it directly, async callers in a
 worker thread (``await asyncio.to_thread(sync, admin, catalog)``).
@@ -23,6 +26,7 @@ from pathlib import Path
 from broker.config import Settings
 from broker.delegation import Catalog, TaskRole
 from broker.vault.admin import TokenRole, VaultAdmin
+from broker.vault.client import INTENT_HEADER
 
 BROKER_POLICY = "agent-broker"
 
@@ -74,6 +78,10 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> s
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
     ]
+    # One lease at a time, and only the catalog's own: what a journaled issuance could not record.
+    lease_paths = sorted({g.path for r in catalog.roles.values() for g in r.grants.values()
+                          if not g.path.startswith("auth/token/")})
+    lines += [f'path "sys/leases/revoke/{p}/*" {{ capabilities = ["update"] }}' for p in lease_paths]
     if audit_device is not None:
         # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
         lines.append(f'path "sys/audit-hash/{audit_device}" {{ capabilities = ["update"] }}')
@@ -101,7 +109,18 @@ def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | None = None
             admin.put_token_role(role.vault_policy, wanted)
             changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
     changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
+    if audit_device is not None:
+        changes.append(_journal_header(admin))
     return changes
+
+
+def _journal_header(admin: VaultAdmin) -> SyncChange:
+    """Vault's audit device must write ``X-Broker-Intent`` in plain text: it is the issuance journal's key."""
+    current = admin.audit_request_header(INTENT_HEADER)
+    if current is False:
+        return SyncChange("audited header", INTENT_HEADER, "unchanged")
+    admin.put_audit_request_header(INTENT_HEADER, hmac=False)
+    return SyncChange("audited header", INTENT_HEADER, "created" if current is None else "updated")
 
 
 def _policy(admin: VaultAdmin, name: str, hcl: str) -> SyncChange:

@@ -21,7 +21,8 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient
 
 from broker.api import STORE
-from broker.app import make_app
+from broker.app import JOURNAL, make_app
+from broker.config import Settings
 from broker.vault import VaultClient
 from tests.conftest import AGENT, BrokerSite, bearer
 from tests.support.crash import RawVault, StoreSnapshot
@@ -46,18 +47,37 @@ async def proxy(site: BrokerSite) -> AsyncIterator[FaultProxy]:
 @pytest_asyncio.fixture
 async def pclient(site: BrokerSite, proxy: FaultProxy, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
     """The broker with Vault behind the proxy: short timeouts, a fast maintenance loop."""
-    s = site.settings
-    settings = s.model_copy(update={
-        "vault": s.vault.model_copy(update={"addr": proxy.addr, "timeout": 1.5, "revoke_confirm_timeout": 1.0,
-                                            "task_token_bootstrap_ttl": BOOTSTRAP_TTL}),
-        "maintenance": s.maintenance.model_copy(update={"interval": 0.3, "max_backoff": 1.0, "intent_grace": 1.0}),
-    })
-    client = await aiohttp_client(make_app(settings))
+    client = await aiohttp_client(make_app(_settings(site, proxy, journal=False)))
     # The broker renews its own token once at start-up: let that pass before a test arms renew-self.
     deadline = time.monotonic() + 5
     while proxy.requests["auth/token/renew-self"] == 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return client
+
+
+def _settings(site: BrokerSite, proxy: FaultProxy, *, journal: bool) -> Settings:
+    """Vault behind the proxy, short timeouts, a fast maintenance loop; issuance tokens or the journal."""
+    s = site.settings
+    return s.model_copy(update={
+        "vault": s.vault.model_copy(update={"addr": proxy.addr, "timeout": 1.5, "revoke_confirm_timeout": 1.0,
+                                            "task_token_bootstrap_ttl": BOOTSTRAP_TTL, "journal": journal}),
+        "maintenance": s.maintenance.model_copy(update={"interval": 0.3, "max_backoff": 1.0, "intent_grace": 1.0}),
+    })
+
+
+@pytest_asyncio.fixture
+async def jclient(site: BrokerSite, proxy: FaultProxy, aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
+    """The broker behind the proxy with Vault's audit device as its issuance journal (broker.journal)."""
+    client = await aiohttp_client(make_app(_settings(site, proxy, journal=True)))
+    await wait_journal(client)
+    return client
+
+
+async def wait_journal(client: Client) -> None:
+    deadline = time.monotonic() + 15
+    while not client.app[JOURNAL].ready:
+        assert time.monotonic() < deadline, "the issuance journal's probe never came back"
+        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture
@@ -229,3 +249,89 @@ class TestGivingUpOnVault:
         assert await wait_for(revoked, timeout=20)
         assert await admin.lookup_lease(row.vault_lease_id) is None
         assert not await pg_login_works(site.engines.pg, cred["data"]["username"], cred["data"]["password"])
+
+
+class TestJournaledIssuance:
+    """The same faults with one Vault request per credential: the read is made with the task token, and what
+    Vault issued for a lost answer is found in Vault's own audit log (broker.journal)."""
+
+    async def _issue_lost(self, jclient: Client, site: BrokerSite, status: int = 503) -> tuple[str, dict[str, Any]]:
+        task = await start(jclient, site)
+        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == status, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        assert intent["journaled"] and intent["accessor"] is None and intent["state"] == "aborting", intent
+        return lease_id, task
+
+    async def test_a_lost_answer_is_found_in_vaults_audit_log_and_revoked(
+            self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        _, raw = truth
+        before = set(await raw.leases_under(DB_PREFIX))
+        proxy.drop_after("database/creds/")
+        lease_id, task = await self._issue_lost(jclient, site)
+        created = set(await raw.leases_under(DB_PREFIX)) - before
+        assert len(created) == 1, "the read reached Vault: it holds a database lease nobody received"
+        proxy.heal()
+
+        async def aborted() -> bool:
+            return bool(snapshot(site).intents[lease_id]["state"] == "aborted")
+
+        assert await wait_for(aborted, timeout=20), snapshot(site).intents[lease_id]
+        records = [r.record for r in await jclient.app[STORE].query_audit(task=task["id"], limit=100)]
+        assert not any([await raw.lease_alive(x) for x in created]), [r.reason for r in records]
+        [aborted_record] = [r for r in records if r.event == "lease.aborted"]
+        assert "audit log names its lease" in (aborted_record.reason or "")
+        assert "lease.issued" not in [r.event for r in records]
+
+    async def test_a_read_the_network_held_back_is_revoked_when_it_lands(
+            self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """The broker gives up while the read is still in the network; it reaches Vault after heal. What it
+        creates then is revoked: the intent waits for the journal instead of concluding from silence."""
+        _, raw = truth
+        task = await start(jclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        proxy.drop()
+        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        assert intent["state"] == "aborting"
+        await asyncio.sleep(1.0)
+        assert set(await raw.leases_under(DB_PREFIX)) == before  # still held back
+        proxy.heal()
+
+        async def settled() -> bool:
+            live = [x for x in set(await raw.leases_under(DB_PREFIX)) - before if await raw.lease_alive(x)]
+            return not live and snapshot(site).intents[lease_id]["state"] == "aborted"
+
+        assert await wait_for(settled, timeout=25), snapshot(site).intents[lease_id]
+
+    async def test_a_read_that_never_reached_vault_is_aborted_once_the_journal_passes_it(
+            self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """Held back, then its connection reset: Vault never saw it. The intent is aborted only after the
+        journal was read past the last moment the read could have arrived (a probe moves it)."""
+        _, raw = truth
+        task = await start(jclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        proxy.drop()
+        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        proxy.cut()
+        proxy.heal()
+        created_at = float(intent["created_at"])
+
+        async def aborted() -> bool:
+            state = snapshot(site).intents[lease_id]["state"]
+            assert not (state == "aborted" and time.time() < created_at + 1.5 + 5.0), "concluded before the deadline"
+            return bool(state == "aborted")
+
+        assert await wait_for(aborted, timeout=25), snapshot(site).intents[lease_id]
+        assert set(await raw.leases_under(DB_PREFIX)) == before
+        records = [r.record for r in await jclient.app[STORE].query_audit(task=task["id"], limit=100)]
+        assert any(r.event == "lease.aborted" and "never shows it" in (r.reason or "") for r in records)

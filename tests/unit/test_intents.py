@@ -27,6 +27,7 @@ ALLOWED = {
     (IntentState.ABORTING, IntentEvent.CLEANUP_FAILED): IntentState.ABORTING,
     (IntentState.ABORTING, IntentEvent.VAULT_CONFIRMED): IntentState.ABORTED,
     (IntentState.ABORTING, IntentEvent.BOOTSTRAP_ELAPSED): IntentState.ABORTED,
+    (IntentState.ABORTING, IntentEvent.TASK_BOUND): IntentState.ABORTED,
 }
 PAIRS = list(itertools.product(IntentState, IntentEvent))
 
@@ -51,7 +52,8 @@ class TestTable:
         token's expiry) gets there: a failed cleanup keeps the intent retryable."""
         into_aborted = {(s, e) for (s, e), t in ALLOWED.items() if t == IntentState.ABORTED}
         assert into_aborted == {(IntentState.ABORTING, IntentEvent.VAULT_CONFIRMED),
-                                (IntentState.ABORTING, IntentEvent.BOOTSTRAP_ELAPSED)}
+                                (IntentState.ABORTING, IntentEvent.BOOTSTRAP_ELAPSED),
+                                (IntentState.ABORTING, IntentEvent.TASK_BOUND)}
         assert next_state(IntentState.ABORTING, IntentEvent.CLEANUP_FAILED) == IntentState.ABORTING
 
 

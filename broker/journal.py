@@ -1,0 +1,158 @@
+"""Vault's own audit device as the issuance journal: one Vault request per credential, nothing left behind.
+
+An issuance used to read its credential with a fresh child of the task token (its issuance token), so
+that one accessor, written in its intent first, named everything the read could create: two Vault
+requests per credential. A journaled issuance reads with the task token itself and sends its intent's
+id in the ``X-Broker-Intent`` header. Vault's file audit device is synchronous and fail-closed, and it
+writes that header in plain text once ``sys/config/auditing/request-headers`` names it (``broker vault
+sync`` does): its ``request`` entry says Vault received the read, its ``response`` entry names the lease
+(``response.secret.lease_id``, always plain) or the token it created. The audit tailer copies those
+entries into the store (``vault_journal``), so after a crash or a lost answer the broker finds what Vault
+issued for an intent and revokes exactly that.
+
+Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.IntentSettler`` acts):
+
+1. Only entries made by a task token count (its metadata names the task and no lease): an agent's own
+   token can send any header, so its entries never speak for an intent, and an entry must come from the
+   intent's own task.
+2. "Vault never received it" is concluded only from the journal having been read past the last moment
+   Vault could have received the read: the intent's creation plus one Vault timeout plus a margin. Only
+   entries that carry the header count (``vault_audit_position.last_entry_at``), so a device that stops
+   recording it stops the mark instead of vouching for absences. When no issuance moves the journal, the
+   settler makes one cheap request carrying a probe id to move it.
+3. A ``request`` entry with no ``response`` entry after Vault's own request deadline means Vault could
+   not write its answer (a full disk, say): it may have created a lease that nothing names. That lease
+   was made by the task token, so it dies with the task: the intent is final as ``task_bound`` and the
+   reason says so. A token created by the task token whose accessor the device HMACs is the same case.
+4. A journaled intent whose answer the broker did receive holds what it named (``Intent.vault_ref``):
+   no journal needed.
+5. The journal's entries are read from Vault's audit file only, never from what an agent says.
+6. A read can reach Vault after the broker gave up on it (a network that held it, then let it go): its
+   answer then appears in the journal after the intent was final. The maintenance loop sweeps such late
+   answers (``Store.journal_unswept``) and revokes what they name; nothing an aborted intent obtained
+   stays live because it arrived late.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from broker.audit.vaultlog import VaultAuditEntry
+from broker.rows import Intent, JournalEntry
+
+__all__ = ["PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "hmacd", "new_probe_id"]
+
+# Vault's own bound on a request (``max_request_duration``, 90 s by default): an answer is written by then.
+VAULT_MAX_REQUEST = 90.0
+# Entries are written in about the order of their times, not exactly (one goroutine per request).
+MARGIN = 5.0
+PROBE_PREFIX = "jpr_"
+
+
+def new_probe_id() -> str:
+    return PROBE_PREFIX + secrets.token_urlsafe(12)
+
+
+class JournalMode:
+    """Whether Vault's audit device is known to journal issuances, as the start-up probe found it.
+
+    Until the probe's own entry is read back with its header in plain text, issuances use issuance tokens
+    (broker.leases rule 2): a device that does not record the header must never be trusted as a journal.
+    Token grants need the device to write accessors in plain text too (``hmac_accessor = false``), or a
+    lost answer's token could not be revoked by what the log names.
+    """
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.plain_accessors = False
+
+    def covers(self, path: str) -> bool:
+        """Whether an issuance on ``path`` is journaled (one Vault request) rather than read with an issuance token."""
+        return self.ready and (self.plain_accessors or not path.startswith("auth/token/"))
+
+
+def entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
+    """The journal's entries among parsed audit entries: those a task token made with an intent header,
+    and the start-up probe's (``jpr_...``, made by the broker's own token)."""
+    out: list[JournalEntry] = []
+    for e in entries:
+        if e.intent is None or e.auth is None:
+            continue
+        if e.intent.startswith(PROBE_PREFIX):
+            # The start-up probe (JournalMode): whose token made it shows how the device writes accessors.
+            out.append(JournalEntry(intent_id=e.intent, kind=e.type, task_id="", request_id=e.request_id, at=e.time,
+                                    failed=e.error, accessor=e.auth.accessor))
+            continue
+        task = e.auth.metadata.get("task")
+        if not task or e.auth.metadata.get("lease"):
+            continue  # rule 1: not a task token
+        out.append(JournalEntry(intent_id=e.intent, kind=e.type, task_id=task, request_id=e.request_id, at=e.time,
+                                failed=e.error, lease_id=e.lease_id if e.type == "response" else None,
+                                accessor=e.created_accessor if e.type == "response" else None))
+    return out
+
+
+def hmacd(value: str) -> bool:
+    """Whether the device wrote this value HMAC'd (its default for accessors): it cannot be revoked by it."""
+    return value.startswith("hmac-")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a journaled intent the broker gave up on.
+
+    - ``revoke``: revoke ``ref`` (a lease id, or a token accessor) and confirm; then the intent is aborted.
+    - ``nothing``: Vault issued nothing for it (it never arrived, or Vault refused it): aborted now.
+    - ``task_bound``: Vault may hold something nobody can name; it dies with the task token (rule 3).
+    - ``wait``: the log has not been read far enough; ``probe`` asks for a request that moves it.
+    """
+
+    action: Literal["revoke", "nothing", "task_bound", "wait"]
+    reason: str
+    ref: str | None = None
+    ref_kind: Literal["lease", "token"] | None = None
+    probe: bool = False
+
+
+def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float | None, now: float,
+           vault_timeout: float) -> Decision:
+    """The journal's answer for one ``aborting`` journaled intent (see the module's rules)."""
+    if intent.vault_ref is not None:
+        kind: Literal["lease", "token"] = "token" if intent.vault_ref_kind == "token" else "lease"
+        return Decision("revoke", "Vault's answer named it", ref=intent.vault_ref, ref_kind=kind)
+    mine = [e for e in entries if e.task_id == intent.task_id]  # rule 1
+    answer = next((e for e in mine if e.kind == "response"), None)
+    if answer is not None:
+        if answer.failed:
+            return Decision("nothing", f"Vault refused it (request {answer.request_id})")
+        if answer.lease_id:
+            return Decision("revoke", f"Vault's audit log names its lease (request {answer.request_id})",
+                            ref=answer.lease_id, ref_kind="lease")
+        if answer.accessor and not hmacd(answer.accessor):
+            return Decision("revoke", f"Vault's audit log names its token (request {answer.request_id})",
+                            ref=answer.accessor, ref_kind="token")
+        if answer.accessor:
+            return Decision("task_bound", f"Vault created a token (request {answer.request_id}) whose accessor "
+                                          "the audit device HMACs; it dies with the task token")
+        return Decision("nothing", f"Vault's answer created nothing revocable (request {answer.request_id})")
+    received = next((e for e in mine if e.kind == "request"), None)
+    if received is not None:
+        if now > received.at + VAULT_MAX_REQUEST + MARGIN:
+            return Decision("task_bound", f"Vault received it (request {received.request_id}) and wrote no "
+                                          "answer; whatever it made dies with the task token")
+        return Decision("wait", "Vault received it and has not answered yet")
+    deadline = intent.created_at + vault_timeout + MARGIN
+    if read_until is not None and read_until > deadline:
+        return Decision("nothing", "Vault's audit log, read past the last moment it could arrive, never shows it")
+    return Decision("wait", "Vault's audit log has not been read far enough yet", probe=now > deadline)
+
+
+def probe_result(entries: Sequence[JournalEntry], *, own_accessor: str) -> tuple[bool, bool] | None:
+    """What the probe's entries say: (journal works, accessors in plain text), or None before its answer is read."""
+    answer = next((e for e in entries if e.kind == "response"), None)
+    if answer is None:
+        return None
+    return True, answer.accessor == own_accessor

@@ -1,0 +1,104 @@
+"""Vault's audit device as the issuance journal (broker.journal), end to end against the session OpenBao.
+
+The oracle is Vault's own audit file: every request the task's tokens made during an issuance is counted
+there, so "one Vault request per credential" is measured where Vault records it, not where the broker
+says it sent something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.api import STORE
+from broker.app import JOURNAL, SETTLER
+from broker.intents import IntentEvent, IntentState
+from broker.rows import Intent, JournalEntry
+from broker.vault import VaultClient
+from tests.api.test_task_flow import Client, credential, start_task
+from tests.api.test_vault_merge import window
+from tests.conftest import BrokerSite
+
+
+async def journal_ready(client: Client) -> None:
+    deadline = time.monotonic() + 15
+    while not client.app[JOURNAL].ready:
+        assert time.monotonic() < deadline, "the issuance journal's probe never came back"
+        await asyncio.sleep(0.05)
+
+
+def task_requests(entries: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
+    """The response entries of requests made by the task's own tokens (task token or issuance tokens)."""
+    return [e for e in entries if e["type"] == "response"
+            and ((e.get("auth") or {}).get("metadata") or {}).get("task") == task_id]
+
+
+class TestOneRequestPerCredential:
+    async def test_each_credential_is_one_vault_request_naming_its_lease(self, client: Client,
+                                                                         site: BrokerSite) -> None:
+        """PKI and database credentials: exactly one request each by the task's tokens, made with the task
+        token, carrying the broker's lease id in plain text; no issuance token is created."""
+        await journal_ready(client)
+        assert not client.app[JOURNAL].plain_accessors  # the session's device HMACs accessors
+        log = Path(site.settings.vault.audit_log or "")
+        # Longer than the grants' 10 minutes: no database lease needs shortening to the task's end.
+        task = await start_task(client, site, ttl="30m")
+        start = log.stat().st_size
+        issued = [await credential(client, site, task["id"], g) for g in ("agent-cert", "tickets-db-ro",
+                                                                          "agent-cert", "tickets-db-ro")]
+        await asyncio.sleep(0.3)  # the device writes synchronously; the read is only the file's
+        mine = task_requests(window(log, start), task["id"])
+        assert len(mine) == len(issued), [e["request"]["path"] for e in mine]
+        assert not [e for e in mine if e["request"]["path"].startswith("auth/token/create")]
+        named = sorted(e["request"]["headers"]["x-broker-intent"][0] for e in mine)
+        assert named == sorted(c["lease_id"] for c in issued)
+        for c in issued:
+            intent = await client.app[STORE].get_intent(c["lease_id"])
+            assert intent is not None and intent.journaled and intent.state == IntentState.DONE
+            lease = await client.app[STORE].get_lease(c["lease_id"])
+            assert lease is not None and lease.issuance_accessor is None
+
+    async def test_token_grants_keep_their_issuance_token_while_the_device_hmacs_accessors(
+            self, client: Client, site: BrokerSite) -> None:
+        """A lost token-create answer could not be revoked by an HMAC'd accessor: two requests, as before."""
+        await journal_ready(client)
+        log = Path(site.settings.vault.audit_log or "")
+        task = await start_task(client, site)
+        start = log.stat().st_size
+        c = await credential(client, site, task["id"], "child-token")
+        await asyncio.sleep(0.3)
+        paths = [e["request"]["path"] for e in task_requests(window(log, start), task["id"])]
+        assert paths == ["auth/token/create", "auth/token/create/agent-child"], paths
+        lease = await client.app[STORE].get_lease(c["lease_id"])
+        assert lease is not None and lease.issuance_accessor is not None
+
+
+class TestLateAnswers:
+    async def test_an_answer_that_lands_after_its_intent_was_aborted_is_revoked(
+            self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
+        """The journal shows a lease for an intent already aborted (a read the network delivered late):
+        the maintenance loop's sweep revokes it and marks it swept; a second sweep does nothing."""
+        task = await start_task(client, site)
+        store = client.app[STORE]
+        secret = await admin.read_credential("pki/issue/agents", token=site.engines.bao.root_token, method="POST",
+                                             data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
+        assert secret.lease_id and await admin.lookup_lease(secret.lease_id) is not None
+        now = time.time()
+        intent_id = "lse_latelatelatelatelate0"
+        await store.begin_issuance(
+            Intent(id=intent_id, kind="lease", task_id=task["id"], grant="agent-cert", accessor=None,
+                   created_at=now, journaled=True),
+            user=task["user"], user_email=None, agent=task["agent"], tenant=task["tenant"], limits=None)
+        assert await store.move_intent(intent_id, from_state=IntentState.OPEN, event=IntentEvent.ABANDONED, now=now)
+        assert await store.move_intent(intent_id, from_state=IntentState.ABORTING, event=IntentEvent.VAULT_CONFIRMED,
+                                       now=now)
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
+            intent_id=intent_id, kind="response", task_id=task["id"], request_id="late-1", at=now, failed=False,
+            lease_id=secret.lease_id)])
+        settler = client.app[SETTLER]
+        assert await settler.sweep_late_answers() == 1
+        assert await admin.lookup_lease(secret.lease_id) is None
+        assert await settler.sweep_late_answers() == 0
+        assert [e.swept for e in await store.journal_for(intent_id)] == [True]

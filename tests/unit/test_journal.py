@@ -1,0 +1,107 @@
+"""The issuance journal's decisions (broker.journal), without a server: every outcome of a given-up intent."""
+
+from __future__ import annotations
+
+from broker.audit.vaultlog import VaultAuditEntry, VaultAuth, is_request_line
+from broker.journal import MARGIN, VAULT_MAX_REQUEST, JournalMode, decide, entries_of, probe_result
+from broker.rows import Intent, JournalEntry
+
+T0 = 1_800_000_000.0
+TIMEOUT = 5.0
+INTENT = Intent(id="lse_aaaaaaaaaaaa", kind="lease", task_id="tsk_1", grant="db", accessor=None, created_at=T0,
+                state="aborting", journaled=True)
+TASK_AUTH = VaultAuth(display_name="token-task", policies=("broker-task-r",), accessor="hmac-sha256:x",
+                      metadata={"task": "tsk_1", "role": "r"}, token_type="service")
+
+
+def entry(kind: str, **kw: object) -> JournalEntry:
+    base: dict[str, object] = {"intent_id": INTENT.id, "kind": kind, "task_id": "tsk_1", "request_id": "r1",
+                               "at": T0 + 0.1, "failed": False}
+    return JournalEntry(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def audit(kind: str, auth: VaultAuth | None, intent: str | None = INTENT.id, **kw: object) -> VaultAuditEntry:
+    return VaultAuditEntry(type=kind, time=T0 + 0.1, request_id="r1", path="database/creds/ro",  # type: ignore[arg-type]
+                           operation="read", auth=auth, intent=intent, **kw)  # type: ignore[arg-type]
+
+
+class TestDecide:
+    def test_an_answer_the_broker_received_is_revoked_by_what_it_named(self) -> None:
+        held = Intent(**{**INTENT.__dict__, "vault_ref": "database/creds/ro/abc", "vault_ref_kind": "lease"})
+        d = decide(held, [], read_until=None, now=T0 + 1, vault_timeout=TIMEOUT)
+        assert (d.action, d.ref, d.ref_kind) == ("revoke", "database/creds/ro/abc", "lease")
+
+    def test_the_journals_lease_is_revoked(self) -> None:
+        d = decide(INTENT, [entry("request"), entry("response", lease_id="database/creds/ro/x")],
+                   read_until=T0 + 1, now=T0 + 2, vault_timeout=TIMEOUT)
+        assert (d.action, d.ref, d.ref_kind) == ("revoke", "database/creds/ro/x", "lease")
+
+    def test_a_refused_read_issued_nothing(self) -> None:
+        d = decide(INTENT, [entry("response", failed=True)], read_until=T0 + 1, now=T0 + 2, vault_timeout=TIMEOUT)
+        assert d.action == "nothing"
+
+    def test_a_token_named_only_by_its_hmac_dies_with_its_task(self) -> None:
+        d = decide(INTENT, [entry("response", accessor="hmac-sha256:abc")], read_until=None, now=T0 + 2,
+                   vault_timeout=TIMEOUT)
+        assert d.action == "task_bound"
+        d = decide(INTENT, [entry("response", accessor="plainaccessor")], read_until=None, now=T0 + 2,
+                   vault_timeout=TIMEOUT)
+        assert (d.action, d.ref_kind) == ("revoke", "token")
+
+    def test_a_received_read_waits_for_vaults_own_deadline_before_it_is_task_bound(self) -> None:
+        early = decide(INTENT, [entry("request")], read_until=T0 + 50, now=T0 + 50, vault_timeout=TIMEOUT)
+        late = decide(INTENT, [entry("request")], read_until=T0 + 200, now=T0 + 0.1 + VAULT_MAX_REQUEST + MARGIN + 1,
+                      vault_timeout=TIMEOUT)
+        assert (early.action, late.action) == ("wait", "task_bound")
+
+    def test_silence_counts_only_once_the_journal_is_read_past_the_deadline(self) -> None:
+        deadline = T0 + TIMEOUT + MARGIN
+        assert decide(INTENT, [], read_until=None, now=deadline + 100, vault_timeout=TIMEOUT).action == "wait"
+        before = decide(INTENT, [], read_until=deadline - 0.01, now=deadline + 1, vault_timeout=TIMEOUT)
+        assert (before.action, before.probe) == ("wait", True)
+        assert decide(INTENT, [], read_until=deadline + 0.01, now=deadline + 1, vault_timeout=TIMEOUT).action \
+            == "nothing"
+        # Before the deadline no probe is needed: the read may still arrive.
+        assert not decide(INTENT, [], read_until=None, now=T0 + 1, vault_timeout=TIMEOUT).probe
+
+    def test_another_tasks_entries_never_speak_for_the_intent(self) -> None:
+        d = decide(INTENT, [entry("response", task_id="tsk_2", failed=True)], read_until=None, now=T0 + 1,
+                   vault_timeout=TIMEOUT)
+        assert d.action == "wait"
+
+
+class TestEntries:
+    def test_only_a_task_tokens_entries_are_the_journal(self) -> None:
+        agent_token = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:y", metadata={},
+                                token_type="service")
+        issuance = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:z",
+                             metadata={"task": "tsk_1", "lease": "lse_bbbbbbbbbbbb"}, token_type="service")
+        got = entries_of([audit("response", TASK_AUTH, lease_id="database/creds/ro/1"),
+                          audit("response", agent_token, lease_id="database/creds/ro/2"),
+                          audit("response", issuance, lease_id="database/creds/ro/3"),
+                          audit("response", TASK_AUTH, intent=None, lease_id="database/creds/ro/4")])
+        assert [e.lease_id for e in got] == ["database/creds/ro/1"]
+
+    def test_the_probe_shows_how_the_device_writes_accessors(self) -> None:
+        broker = VaultAuth(display_name="agent-broker", policies=("agent-broker",), accessor="acc-plain",
+                           metadata={}, token_type="service")
+        [probe] = entries_of([audit("response", broker, intent="jpr_probeprobe1")])
+        assert probe_result([probe], own_accessor="acc-plain") == (True, True)
+        assert probe_result([probe], own_accessor="other") == (True, False)
+        assert probe_result([], own_accessor="acc-plain") is None
+
+    def test_request_lines_naming_an_intent_are_parsed_not_skipped(self) -> None:
+        plain = b'{"time":"2026-12-01T00:00:00Z","type":"request","auth":{},"request":{"id":"1"}}'
+        journaled = (b'{"time":"2026-12-01T00:00:00Z","type":"request","auth":{},'
+                     b'"request":{"id":"1","headers":{"x-broker-intent":["lse_x"]}}}')
+        assert is_request_line(plain) and not is_request_line(journaled)
+
+
+class TestMode:
+    def test_nothing_is_journaled_before_the_probe_and_tokens_need_plain_accessors(self) -> None:
+        mode = JournalMode()
+        assert not mode.covers("database/creds/ro")
+        mode.ready = True
+        assert mode.covers("database/creds/ro") and not mode.covers("auth/token/create/child")
+        mode.plain_accessors = True
+        assert mode.covers("auth/token/create/child")
