@@ -159,7 +159,7 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
     transmitter = app[TRANSMITTER] = Transmitter(
         store=store, session=app[HTTP], issuer=sig.issuer, key=key, receivers=receivers, clock=app[api.CLOCK],
         max_attempts=sig.max_attempts, max_age=sig.max_age, max_backoff=sig.max_backoff,
-        poll_interval=sig.poll_interval)
+        poll_interval=sig.poll_interval, metrics=app[api.METRICS])
     store.signal_receivers = tuple(r.name for r in sig.receivers if "session-revoked" in r.events)
     store.signal_wake = transmitter.wake
     try:

@@ -26,6 +26,7 @@ import aiohttp
 
 from broker.audit import AuditRecord, Outcome
 from broker.errors import StoreUnavailable
+from broker.metrics import Metrics
 from broker.signals.deliveries import (
     Accepted,
     Answer,
@@ -64,7 +65,7 @@ class Transmitter:
     def __init__(self, *, store: Store, session: aiohttp.ClientSession, issuer: str, key: SigningKey,
                  receivers: Mapping[str, Receiver], clock: Callable[[], float], max_attempts: int,
                  max_age: float, max_backoff: float, poll_interval: float, concurrency: int = 8,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, metrics: Metrics | None = None) -> None:
         self._store = store
         self._session = session
         self._issuer = issuer
@@ -78,6 +79,7 @@ class Transmitter:
         self._slots = asyncio.Semaphore(concurrency)
         self._rand = rand
         self._wake = asyncio.Event()
+        self._metrics = metrics
 
     def wake(self) -> None:
         """A task ended on this replica: look for due deliveries now rather than at the next poll."""
@@ -174,3 +176,8 @@ class Transmitter:
         if not await self._store.settle_signal(d.id, event, claimed_until=claimed_until, now=now, attempts=attempts,
                                                record=record, next_attempt_at=next_attempt_at, error=error):
             log.warning("signal %s: the claim lapsed before the outcome was recorded; another worker retries", d.id)
+            return
+        if self._metrics is not None:
+            self._metrics.inc({DeliveryEvent.ACCEPTED: "broker_signals_delivered_total",
+                               DeliveryEvent.RETRY_SCHEDULED: "broker_signals_retried_total"}.get(
+                                   event, "broker_signals_failed_total"))

@@ -285,6 +285,8 @@ class TestRetries:
             assert [r.event for r in records] == ["signal.failed"] * (len(records) - 1) + ["signal.delivered"]
             assert "HTTP 500" in (records[0].reason or "") and "retry in" in (records[0].reason or "")
             assert "could not reach the receiver" in (records[1].reason or "")
+            metrics = await (await client.get("/metrics")).text()
+            assert "\nbroker_signals_delivered_total 1\n" in metrics
         finally:
             await client.close()
 
@@ -304,6 +306,8 @@ class TestRetries:
             [record] = await audit_of(store, task, "signal.failed")
             assert "invalid_audience: not for us" in (record.reason or "") and "not retried" in (record.reason or "")
             assert await audit_of(store, task, "signal.delivered") == []
+            metrics = await (await client.get("/metrics")).text()
+            assert "\nbroker_signals_failed_total 1\n" in metrics and "\nbroker_signals_retried_total 0\n" in metrics
         finally:
             await client.close()
 
