@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import re
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -310,6 +312,34 @@ class TestRetries:
             assert "\nbroker_signals_failed_total 1\n" in metrics and "\nbroker_signals_retried_total 0\n" in metrics
         finally:
             await client.close()
+
+
+class TestPostgres:
+    async def test_delivered_on_postgresql(self, site: BrokerSite, tmp_path: Path, receiver: Receiver,
+                                           broker_port: int) -> None:
+        """The same enqueue, claim and settle on a PostgreSQL store: a 503 then a 202, two records, one jti."""
+        pg = site.engines.pg
+        name = "broker_ssf_" + secrets.token_hex(4)
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            settings = with_signals(site, tmp_path, receiver, broker_port, max_backoff=1)
+            settings = settings.model_copy(update={"store": settings.store.model_copy(update={"url": pg.dsn(name)})})
+            receiver.answers = [(503, None)]
+            client = await serve(settings, broker_port)
+            try:
+                store = client.app[STORE]
+                task = await start_task(client, site)
+                assert (await client.post(f"/v1/tasks/{task}/end", headers=bearer(site.ids.user()))).status == 200
+                await wait_for_state(store, task, "delivered")
+                assert [r.event for r in [x.record for x in await store.query_audit(task=task, limit=100)]
+                        if r.event.startswith("signal.")] == ["signal.failed", "signal.delivered"]
+                assert len({json.loads(_payload(p["body"]))["jti"] for p in receiver.received}) == 1
+            finally:
+                await client.close()
+        finally:
+            async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+                await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 class TestMetadata:
