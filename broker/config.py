@@ -285,7 +285,8 @@ def _check_signal_url(url: str, what: str) -> str:
     """
     parts = urlsplit(url)
     if parts.scheme != "https" and not _is_loopback_http(url):
-        raise ValueError(f"{what} must be an https URL (http only to 127.0.0.1, ::1 or localhost)")
+        raise ValueError(f"{what} must be an https URL (http only to 127.0.0.1, ::1 or localhost): over plain "
+                         "http a SET can be read, or acknowledged and dropped, on the way")
     if not parts.hostname or parts.username is not None or parts.password is not None or parts.fragment:
         raise ValueError(f"{what} needs a host, and no user:password@ and no #fragment")
     return url

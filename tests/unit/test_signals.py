@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 import pytest_asyncio
@@ -18,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc.jwk import ECKey, RSAKey
 from sqlalchemy import insert, select
 
+from broker.app import _authorization
 from broker.audit import AuditRecord
 from broker.audit.ocsf import to_ocsf
-from broker.config import SignalReceiver, SignalsSettings
+from broker.config import SignalReceiver, SignalsSettings, load_settings
 from broker.errors import ConfigError
 from broker.signals.deliveries import (
     DELIVERIES,
@@ -34,6 +36,7 @@ from broker.signals.deliveries import (
 )
 from broker.signals.events import SESSION_REVOKED, RevokedSession, encode_set, session_revoked_claims
 from broker.signals.keys import jwks, load_public_key_file, load_signing_key, public_jwk, thumbprint
+from broker.signals.transmitter import Transmitter
 from broker.states import TaskEvent, TransitionError
 from broker.store import Store, open_store
 from broker.store.schema import signal_deliveries, tasks
@@ -327,3 +330,63 @@ class TestOcsf:
         event = to_ocsf(rec, 9)
         assert (event["activity_id"], event["status_id"]) == (1, 2)
         assert event["resources"] == [{"name": "gw", "type": "broker.receiver", "uid": "receiver:gw"}]
+
+
+class TestLoading:
+    def test_relative_paths_are_the_config_files(self, tmp_path: Path) -> None:
+        """[signals] key files and a receiver's authorization_file are relative to the configuration file."""
+        cfg = tmp_path / "broker.toml"
+        cfg.write_text(
+            '[server]\naudience = "a"\n[vault]\ntoken_file = "t"\n[store]\nkey_file = "k"\n'
+            '[signals]\nissuer = "https://b.example"\nsigning_key_file = "ssf.pem"\nretired_key_files = ["old.pem"]\n'
+            '[[signals.receivers]]\nname = "gw"\nurl = "https://gw.example/caep"\nauthorization_file = "gw-auth"\n')
+        sig = load_settings({}, cfg).signals
+        assert sig.signing_key_file == tmp_path / "ssf.pem" and sig.retired_key_files == (tmp_path / "old.pem",)
+        assert sig.receivers[0].authorization_file == tmp_path / "gw-auth"
+        assert sig.receivers[0].events == ("session-revoked",) and sig.receivers[0].aud == "https://gw.example"
+
+    def test_a_plain_http_receiver_stops_the_start_and_says_why(self, tmp_path: Path) -> None:
+        cfg = tmp_path / "broker.toml"
+        cfg.write_text('[server]\naudience = "a"\n[vault]\ntoken_file = "t"\n[store]\nkey_file = "k"\n'
+                       '[signals]\nissuer = "https://b.example"\nsigning_key_file = "ssf.pem"\n'
+                       '[[signals.receivers]]\nname = "gw"\nurl = "http://gw.example/caep"\n')
+        with pytest.raises(ConfigError, match="acknowledged and dropped"):
+            load_settings({}, cfg)
+
+    @pytest.mark.parametrize(("text", "mode", "says"), [
+        ("Bearer abc\n", 0o644, "chmod 600"),
+        ("\n", 0o600, "one non-empty line"),
+        ("Bearer abc\nX-Injected: 1\n", 0o600, "one non-empty line"),
+    ])
+    def test_authorization_file(self, tmp_path: Path, text: str, mode: int, says: str) -> None:
+        """The header value is one line from a file only its owner reads (a second line would be a header)."""
+        path = tmp_path / "auth"
+        path.write_text(text)
+        path.chmod(mode)
+        with pytest.raises(ConfigError, match=says):
+            _authorization(path)
+
+    def test_authorization_value_is_kept_sensitive(self, tmp_path: Path) -> None:
+        path = tmp_path / "auth"
+        path.write_text("Bearer abc\n")
+        path.chmod(0o600)
+        value = _authorization(path)
+        assert value is not None and value.reveal() == "Bearer abc" and "abc" not in repr(value)
+
+
+class TestWorker:
+    async def test_a_receiver_no_longer_configured_gets_nothing(self, store: Store, tmp_path: Path) -> None:
+        """Deliveries for a receiver taken out of the configuration end failed, audited, without a push."""
+        place_task(store)
+        store.signal_receivers = ("gone",)
+        assert await store.fence_tasks([TASK], event=TaskEvent.END, now=NOW, records=[])
+        key = load_signing_key(es256_file(tmp_path / "k.pem"))
+        async with aiohttp.ClientSession() as http:
+            transmitter = Transmitter(store=store, session=http, issuer="https://b.example", key=key, receivers={},
+                                      clock=lambda: NOW + 1, max_attempts=5, max_age=60, max_backoff=10,
+                                      poll_interval=1)
+            assert await transmitter.tick() == 0
+        [row] = await store.list_signals(task_id=TASK)
+        assert row.state == "failed" and row.attempts == 1
+        [record] = [r.record for r in await store.query_audit(task=TASK) if r.record.event.startswith("signal.")]
+        assert record.event == "signal.failed" and "no longer configured" in (record.reason or "")
