@@ -16,7 +16,8 @@ The SET follows RFC 8417 as profiled by SSF 1.0 (section "Security Event Token P
 - ``events`` with exactly one member, ``session-revoked``, holding ``event_timestamp`` (when the task left
   ``active``), ``initiating_entity`` (who made it end) and ``reason_admin`` (the audit trail's reason).
 
-Nothing secret goes in: no token, no accessor, no credential, no lease id, no email address or display name.
+Nothing secret goes in: no token, no accessor, no credential, no lease id. The person is named by issuer and
+subject only; ``reason_admin`` is the audit trail's reason, which may name who ended the task.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _MAX_ANSWER = 16 * 1024  # of a receiver's answer, read for a 400's error object; the rest is ignored
 _CLAIM_MARGIN = 5.0  # a claim outlives the push's own timeout by this much
+_INITIATORS: dict[str, Initiator] = {"admin": "admin", "user": "user", "policy": "policy", "system": "system"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ class Transmitter:
             return True
 
     def _set_for(self, d: SignalDelivery, receiver: Receiver) -> str:
-        initiator: Initiator = d.initiator  # type: ignore[assignment]  # written from the Initiator values
+        # The store writes one of CAEP's four words; anything else (a row from a newer broker) says "system".
+        initiator = _INITIATORS.get(d.initiator, "system")
         claims = session_revoked_claims(RevokedSession(
             jti=d.id, issuer=self._issuer, audience=receiver.audience, issued_at=d.created_at, task=d.task_id,
             task_state=d.task_state, user=d.user, agent=d.agent, tenant=d.tenant, revoked_at=d.occurred_at,

@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from joserfc.jwk import ECKey, RSAKey
+from joserfc import jws
+from joserfc.jwk import ECKey, KeySet, RSAKey
 from sqlalchemy import insert, select
 
 from broker.app import _authorization
@@ -248,6 +249,9 @@ class TestSet:
         claims = jwt.decode(token, pub, algorithms=[key.alg], audience="https://gw.example",
                             options={"verify_iat": False})  # NOW is a fixed future instant
         assert claims["jti"] == "set_abc"
+        # And with joserfc, from the JWKS document alone, as a receiver in another stack would.
+        obj = jws.deserialize_compact(token, KeySet.import_key_set(jwks(key)), algorithms=[key.alg])
+        assert json.loads(obj.payload) == claims
 
 
 class TestKeys:
