@@ -62,7 +62,8 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/caep/events"
 
     async def _handle(self, request: web.Request) -> web.Response:
-        self.received.append({"headers": dict(request.headers), "body": await request.text()})
+        self.received.append({"headers": dict(request.headers), "body": await request.text(),
+                              "at": time.monotonic()})
         status, body = self.answers.pop(0) if self.answers else (202, None)
         if body is None:
             return web.Response(status=status)
@@ -174,8 +175,12 @@ class TestDelivery:
                                      headers=bearer(site.ids.agent()))
             assert cred.status == 200
             secret = (await cred.json())["data"]
-            before = time.time()
+            before, sent = time.time(), time.monotonic()
             assert (await client.post(f"/v1/tasks/{ended}/end", headers=bearer(site.ids.user()))).status == 200
+            await wait_for(lambda: len(receiver.received) >= 1)
+            latency = receiver.received[0]["at"] - sent
+            print(f"task end request -> SET at the receiver: {latency * 1000:.0f} ms")
+            assert latency < 5.0  # "at once": the fence wakes the worker; the end itself waits for Vault
             resp = await client.post("/v1/revocations", json={"task": revoked, "reason": "incident 7", "wait": 30},
                                      headers=bearer(site.ids.user(*OPERATOR)))
             assert resp.status == 200, await resp.text()
