@@ -74,6 +74,7 @@ from broker.models import (
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
+from broker.signals.web import add_signal_routes
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
@@ -612,3 +613,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
+    add_signal_routes(app)  # the SSF transmitter's metadata and keys (broker.signals.web)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,12 +40,17 @@ from broker.identity import (
 )
 from broker.identity.cache import VerifiedTokenCache
 from broker.journal import JournalMode
+from broker.keyfiles import read_private_file
 from broker.leases import LeaseManager
 from broker.limits import RateLimiter
 from broker.metrics import Metrics
 from broker.readiness import Readiness
 from broker.revocations import IntentSettler, Maintenance, Revocations, Revoker
 from broker.sealing import TokenSealer
+from broker.signals.keys import load_public_key_file
+from broker.signals.keys import load_signing_key as load_ssf_key
+from broker.signals.transmitter import Receiver, Transmitter
+from broker.signals.web import TRANSMITTER_INFO, TransmitterInfo
 from broker.store import LeaseLimits, Store, open_store
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
@@ -83,6 +89,7 @@ REVOKER = web.AppKey("revoker", Revoker)
 SETTLER = web.AppKey("intent_settler", IntentSettler)
 MAINTENANCE = web.AppKey("maintenance", Maintenance)
 JOURNAL = web.AppKey("issuance_journal", JournalMode)
+TRANSMITTER = web.AppKey("signal_transmitter", Transmitter)
 
 
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
@@ -98,7 +105,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app[api.METRICS] = Metrics()
     app[api.REQUESTS] = _rate(settings.limits.request_rate_per_identity, settings.limits.request_burst_per_identity)
     app.cleanup_ctx.extend([
-        _http_session, _store, _vault, _identity, _domain,
+        _http_session, _store, _signals, _vault, _identity, _domain,
         _background("vault-token-renewer", lambda a: _renew_own_token(a[api.VAULT])),
         _background("maintenance", lambda a: a[MAINTENANCE].run_forever()),
         _background("vault-audit-tailer", lambda a: a[api.VAULT_TAILER].run_forever() if api.VAULT_TAILER in a
@@ -106,6 +113,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         _background("audit-exporter", lambda a: a[EXPORTER].run_forever() if EXPORTER in a else None),
         _background("issuance-journal-probe", lambda a: _probe_journal(a[api.VAULT], a[api.STORE], a[JOURNAL])
                     if JOURNAL in a else None),
+        _background("signal-transmitter", lambda a: a[TRANSMITTER].run_forever() if TRANSMITTER in a else None),
     ])
     api.add_routes(app)
     lim = settings.limits
@@ -137,6 +145,47 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await store.close()
+
+
+async def _signals(app: web.Application) -> AsyncIterator[None]:
+    """The SSF transmitter (broker.signals), when ``[signals]`` names an issuer and a key: its metadata, and
+    its receivers set on the store, so that every task end from now on commits their deliveries with it."""
+    settings, store = app[SETTINGS], app[api.STORE]
+    sig = settings.signals
+    if sig.issuer is None or sig.signing_key_file is None:
+        yield
+        return
+    key = load_ssf_key(sig.signing_key_file)
+    app[TRANSMITTER_INFO] = TransmitterInfo(sig.issuer, key, tuple(load_public_key_file(p)
+                                                                   for p in sig.retired_key_files))
+    receivers = {r.name: Receiver(r.name, r.url, r.aud, r.timeout, _authorization(r.authorization_file))
+                 for r in sig.receivers}
+    transmitter = app[TRANSMITTER] = Transmitter(
+        store=store, session=app[HTTP], issuer=sig.issuer, key=key, receivers=receivers, clock=app[api.CLOCK],
+        max_attempts=sig.max_attempts, max_age=sig.max_age, max_backoff=sig.max_backoff,
+        poll_interval=sig.poll_interval, metrics=app[api.METRICS])
+    store.signal_receivers = tuple(r.name for r in sig.receivers if "session-revoked" in r.events)
+    store.signal_wake = transmitter.wake
+    try:
+        yield
+    finally:
+        store.signal_receivers = ()
+        store.signal_wake = None
+
+
+def _authorization(path: Path | None) -> Sensitive | None:
+    """The Authorization header value a receiver asked for, read once from its file (mode 0600).
+
+    Raises:
+        ConfigError: unreadable, readable by others, empty, or more than one line (a header must not be split).
+    """
+    if path is None:
+        return None
+    value = read_private_file(path, what="SSF receiver authorization file").decode("utf-8", "replace").strip()
+    if not value or any(c in value for c in "\r\n\x00"):
+        msg = f"the SSF receiver authorization file {path} must hold one non-empty line"
+        raise ConfigError(msg)
+    return Sensitive(value)
 
 
 async def _vault(app: web.Application) -> AsyncIterator[None]:

@@ -7,11 +7,13 @@ silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -263,6 +265,106 @@ class AuditSettings(_Frozen):
     export_backlog_limit: int = Field(default=10_000, ge=1)
 
 
+def _is_loopback_http(url: str) -> bool:
+    """``http://`` to this machine only (127.0.0.0/8, ::1, localhost): tests and a local dev stack."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # a literal address: "127.evil.example" is a name
+    except ValueError:
+        return False
+
+
+def _check_signal_url(url: str, what: str) -> str:
+    """An https URL (or loopback http), without credentials or a fragment.
+
+    Why https: a SET names a person and an agent (privacy), and only TLS proves that the one answering
+    ``202`` is the receiver: over plain http anyone on the path could read it, or acknowledge it and drop
+    it, and the receiver would never learn that the session ended. RFC 8935 requires TLS; SSF requires
+    https for the issuer and its ``jwks_uri``. Loopback http is allowed for tests and a local dev stack.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not _is_loopback_http(url):
+        raise ValueError(f"{what} must be an https URL (http only to 127.0.0.1, ::1 or localhost): over plain "
+                         "http a SET can be read, or acknowledged and dropped, on the way")
+    if not parts.hostname or parts.username is not None or parts.password is not None or parts.fragment:
+        raise ValueError(f"{what} needs a host, and no user:password@ and no #fragment")
+    return url
+
+
+class SignalReceiver(_Frozen):
+    """One SSF receiver: where its SETs are pushed (RFC 8935) and what it is sent."""
+
+    # Names the receiver in the store and in audit records (never its URL, which may carry a secret query).
+    name: str = Field(pattern=_NAME)
+    url: str
+    events: tuple[Literal["session-revoked"], ...] = ("session-revoked",)
+    # The SET's aud: how the receiver recognises SETs meant for it. Default: the URL's origin.
+    audience: str | None = Field(default=None, min_length=1, max_length=512)
+    # A file holding the whole Authorization header value (e.g. "Bearer ..."), sent with every push.
+    authorization_file: Path | None = None
+    # Seconds for one push: connect, send, answer.
+    timeout: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_signal_url(v, "a receiver's url")
+
+    @property
+    def aud(self) -> str:
+        if self.audience is not None:
+            return self.audience
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+class SignalsSettings(_Frozen):
+    """The SSF transmitter: ``session-revoked`` SETs pushed to receivers when tasks end (broker.signals)."""
+
+    # The transmitter's issuer: the broker's public origin, as receivers reach it. It is every SET's iss,
+    # and /.well-known/ssf-configuration is served under it.
+    issuer: str | None = None
+    # EC P-256 (ES256) or RSA >= 2048 bits (RS256) private key, PEM, mode 0600 (broker.signals.keys).
+    signing_key_file: Path | None = None
+    # Keys rotated out, still published in the JWKS (PEM public or private key files).
+    retired_key_files: tuple[Path, ...] = ()
+    receivers: tuple[SignalReceiver, ...] = ()
+    # Retries: exponential backoff from 1 s with jitter, up to max_backoff, at most max_attempts pushes,
+    # and none once the signal is older than max_age.
+    max_attempts: int = Field(default=50, ge=1, le=1000)
+    max_age: Duration = 86400
+    max_backoff: Duration = 1800
+    # How often the worker looks for due deliveries (it is also woken when a task ends on this replica).
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        _check_signal_url(v, "signals.issuer")
+        parts = urlsplit(v)
+        # The metadata lives at /.well-known/ssf-configuration under the issuer's host; with a path the
+        # receiver would look for it at /.well-known/ssf-configuration/<path>, which the broker does not serve.
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("signals.issuer must be an origin (https://host[:port]) without a path or query")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @model_validator(mode="after")
+    def _complete(self) -> SignalsSettings:
+        if self.receivers and (self.issuer is None or self.signing_key_file is None):
+            raise ValueError("signals.receivers need signals.issuer and signals.signing_key_file")
+        names = [r.name for r in self.receivers]
+        if len(names) != len(set(names)):
+            raise ValueError("signals.receivers: names must be unique")
+        return self
+
+
 class Settings(_Frozen):
     server: ServerSettings
     vault: VaultSettings
@@ -273,6 +375,7 @@ class Settings(_Frozen):
     limits: LimitsSettings = LimitsSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     audit: AuditSettings = AuditSettings()
+    signals: SignalsSettings = SignalsSettings()
     task_roles: tuple[TaskRoleSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -336,6 +439,14 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     fix(raw.get("store"), "key_file")
     for key in ("signing_key_file", "witness_file", "export_file"):
         fix(raw.get("audit"), key)
+    signals = raw.get("signals")
+    if isinstance(signals, dict):
+        fix(signals, "signing_key_file")
+        if isinstance(signals.get("retired_key_files"), list):
+            signals["retired_key_files"] = [f if not isinstance(f, str) or Path(f).is_absolute() else str(base / f)
+                                            for f in signals["retired_key_files"]]
+        for r in signals.get("receivers") or []:
+            fix(r, "authorization_file")
     for t in (raw.get("agents") or {}).get("trust") or []:
         fix(t, "jwks_file")
     for i in (raw.get("users") or {}).get("issuers") or []:

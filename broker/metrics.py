@@ -22,6 +22,10 @@ _DEFINED: dict[str, tuple[str, str]] = {
     "broker_vault_audit_errors_total": ("counter", "Tailer polls that failed (store or file); retried."),
     "broker_vault_audit_lag_bytes": ("gauge", "Bytes of Vault's audit file not yet merged."),
     "broker_audit_export_backlog": ("gauge", "Audit records not yet delivered to the slowest export sink."),
+    "broker_signals_delivered_total": ("counter", "SSF SETs a receiver accepted (HTTP 202)."),
+    "broker_signals_retried_total": ("counter", "SSF pushes that failed and will be tried again."),
+    "broker_signals_failed_total": ("counter", ("SSF SETs that will never be delivered: refused (HTTP 400), "
+                                                "attempts or age spent, or the receiver removed.")),
 }
 
 

@@ -276,3 +276,31 @@ class Problem(BaseModel):
     code: str
     instance: str | None = None
     request_id: str | None = None
+
+
+# -- the SSF transmitter's metadata (broker.signals.web) ------------------------------------------------
+
+
+class SsfConfiguration(BaseModel):
+    """Transmitter Configuration Metadata (OpenID SSF 1.0 section 7.1), at /.well-known/ssf-configuration."""
+
+    spec_version: Literal["1_0"] = "1_0"
+    issuer: str = Field(description="Every SET's iss; https, no path")
+    jwks_uri: str = Field(description="The keys SETs are signed with")
+    delivery_methods_supported: list[str] = Field(description="urn:ietf:rfc:8935: push over HTTP")
+    critical_subject_members: list[str] = Field(
+        description="Members of the complex subject a receiver must interpret, or discard the event")
+
+
+class Jwk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kty: Literal["EC", "RSA"]
+    kid: str
+    alg: Literal["ES256", "RS256"]
+    use: Literal["sig"]
+
+
+class Jwks(BaseModel):
+    """A JWK Set (RFC 7517): the signing key first, then retired keys still accepted by receivers."""
+
+    keys: list[Jwk]

@@ -20,6 +20,7 @@ from broker.models import (
     CredentialRequest,
     EndOut,
     HealthOut,
+    Jwks,
     LeasePage,
     Problem,
     RenewOut,
@@ -28,6 +29,7 @@ from broker.models import (
     RevocationLift,
     RevocationList,
     RevocationOut,
+    SsfConfiguration,
     TaskCreate,
     TaskOut,
     TaskPage,
@@ -37,6 +39,7 @@ _APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPendingOut, ApprovalOut
 _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
+    SsfConfiguration, Jwks,
 )
 
 
@@ -207,8 +210,23 @@ def spec() -> dict[str, Any]:
     doc["paths"]["/metrics"] = {"get": {
         "summary": "Prometheus metrics (counts only: never an identity, a path or a secret)",
         "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}}
+    _add_signal_paths(doc)
     doc["paths"]["/v1/revocations"]["post"]["responses"]["202"] = {
         "description": "Fenced and locked; Vault has not confirmed every lease yet (poll the revocation)",
         "content": {"application/json": {"schema": _ref(RevocationOut)}},
     }
     return doc
+
+
+def _add_signal_paths(doc: dict[str, Any]) -> None:
+    """The SSF transmitter's public documents (broker.signals.web): 404 when [signals] is not configured."""
+    from broker.signals.web import CONFIGURATION_PATH, JWKS_PATH
+
+    for path, summary, model in (
+        (CONFIGURATION_PATH, "SSF 1.0 Transmitter Configuration Metadata: issuer, jwks_uri, push delivery",
+         SsfConfiguration),
+        (JWKS_PATH, "The keys that sign the broker's Security Event Tokens (the signing key first)", Jwks),
+    ):
+        doc["paths"][path] = {"get": {"summary": summary, "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": _ref(model)}}},
+            **_problems(400, 404)}}}

@@ -54,6 +54,8 @@ _EVENT_ACTIVITY: Final = {
     "lease.renewed": 3, "approval.approved": 3, "approval.denied": 3, "approval.expired": 3,
     "task.ended": 4, "task.revoked": 4, "task.expired": 4, "task.aborted": 4,
     "lease.revoked": 4, "lease.expired": 4, "lease.aborted": 4, "lock.lifted": 4,
+    # A SET pushed to an SSF receiver (broker.signals): the push creates an event at the receiver.
+    "signal.delivered": 1, "signal.failed": 1,
 }
 # Vault's operations (vault.request, vault.unexplained) and the broker's own actions (access.denied).
 _OPERATION_ACTIVITY: Final = {
@@ -80,9 +82,10 @@ def _severity(record: AuditRecord) -> int:
 
 
 def _resource(resource: str) -> dict[str, str]:
-    """``role:support-triage`` is a task role, ``user:x`` a revocation's selector, anything else a Vault path."""
+    """``role:support-triage`` is a task role, ``user:x`` a revocation's selector, ``receiver:x`` an SSF
+    receiver, anything else a Vault path."""
     kind, sep, name = resource.partition(":")
-    if sep and kind in ("role", "user", "agent", "task", "tenant", "grant"):
+    if sep and kind in ("role", "user", "agent", "task", "tenant", "grant", "receiver"):
         return {"name": name, "type": f"broker.{kind}", "uid": resource}
     return {"name": resource, "type": "vault.path", "uid": resource}
 

@@ -50,7 +50,8 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry",
 
 class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``) on one engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, and ``signals`` through ``tasks``) on one engine and one store
+    thread."""
 
 
 def _sync_url(url: str) -> str:

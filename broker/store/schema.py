@@ -296,3 +296,28 @@ health_probe = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("probed_at", Float, nullable=False),
 )
+
+
+# One Security Event Token to push to one SSF receiver (broker.signals), written in the transaction that
+# moved its task out of active. ``id`` is the SET's jti. State table: broker.signals.deliveries.DELIVERIES;
+# ``next_attempt_at`` is when a pending row is due, or when a sending row's claim lapses.
+signal_deliveries = Table(
+    "signal_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("receiver", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    # Who made the task end (CAEP initiating_entity) and the audit trail's reason for it.
+    Column("initiator", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("occurred_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
+    Column("resolved_at", Float),
+    Column("last_error", String(512)),
+    Index("ix_signal_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_signal_deliveries_task", "task_id"),
+)

@@ -10,7 +10,7 @@ from sqlalchemy import (
     tuple_,
 )
 
-from broker.audit import AuditRecord
+from broker.audit import AuditRecord, redact
 from broker.errors import (
     Locked,
 )
@@ -22,11 +22,11 @@ from broker.rows import (
     TaskRow,
 )
 from broker.states import TASKS, LeaseEvent, TaskEvent, TokenEvent, TokenState
-from broker.store._base import StoreBase
 from broker.store.schema import (
     leases,
     tasks,
 )
+from broker.store.signals import SignalStore, enqueue_signals, initiator_of
 from broker.store.statements import (
     _INSERT_INTENT,
     _INSERT_REVOCATION,
@@ -46,7 +46,7 @@ from broker.store.statements import (
 )
 
 
-class TaskStore(StoreBase):
+class TaskStore(SignalStore):
     async def begin_task(self, intent: Intent, *, user: Person, agent: str, tenant: str) -> None:
         """Record the intent to create a task token, unless an operator lock covers the user, agent or tenant.
 
@@ -102,7 +102,10 @@ class TaskStore(StoreBase):
         are (tasks no longer active are not among them); of ``records``, only those of a fenced task (or of
         no task) are written, so two concurrent enders cannot both record the end.
         """
+        enqueued = 0
+
         def run() -> list[TaskRow]:
+            nonlocal enqueued
             with self._tx() as conn:
                 fenced = _fence(conn, list(task_ids), event=event, now=now, retry_after=retry_after,
                                 revocation_id=None)
@@ -110,8 +113,14 @@ class TaskStore(StoreBase):
                 for record in records:
                     if record.task is None or record.task in won:
                         _append(conn, record)
+                # The SSF signal commits with the end (broker.store.signals rule 1).
+                enqueued = enqueue_signals(conn, fenced, receivers=self.signal_receivers,
+                                           initiator=initiator_of(event), now=now,
+                                           reasons={r.task: r.redacted().reason or "" for r in records if r.task})
             return fenced
-        return await self._run(run)
+        fenced = await self._run(run)
+        self._signals_enqueued(enqueued)
+        return fenced
 
     async def fence_selected(self, revocation: RevocationRow, *, now: float, created: AuditRecord, reason: str,
                              retry_after: float = 60.0) -> list[TaskRow]:
@@ -121,7 +130,10 @@ class TaskStore(StoreBase):
         here, and one that commits after it meets the lock. Each fenced task gets a ``task.revoked`` record
         with ``reason``; the revocation counts the tasks and leases as they were at the fence.
         """
+        enqueued = 0
+
         def run() -> list[TaskRow]:
+            nonlocal enqueued
             with self._tx() as conn:
                 conn.execute(_INSERT_REVOCATION, asdict(revocation))
                 _append(conn, created)
@@ -133,8 +145,12 @@ class TaskStore(StoreBase):
                 for t in fenced:
                     _append(conn, AuditRecord.for_task(t, now, "task.revoked", "success", resource=f"role:{t.role}",
                                                        action="revoke", reason=reason))
+                enqueued = enqueue_signals(conn, fenced, receivers=self.signal_receivers, initiator="admin",
+                                           reasons={t.id: redact(reason) for t in fenced}, now=now)
             return fenced
-        return await self._run(run)
+        fenced = await self._run(run)
+        self._signals_enqueued(enqueued)
+        return fenced
 
     async def find_tasks(self, *, user: str | None = None, agent: str | None = None, task: str | None = None,
                          tenant: str | None = None, states: Sequence[str] | None = None,

@@ -158,10 +158,12 @@ class TestSurfaces:
         assert "broker.errors" in outside
 
     def test_openapi_declares_security_on_every_protected_operation(self) -> None:
-        """Every operation but health, metrics and the spec itself declares bearer security."""
+        """Every operation but health, metrics, the spec itself and the SSF transmitter's public metadata and
+        keys declares bearer security."""
         for path, ops in spec()["paths"].items():
             for method, op in ops.items():
-                if path in ("/v1/health", "/v1/openapi.json", "/metrics"):
+                if path in ("/v1/health", "/v1/openapi.json", "/metrics", "/.well-known/ssf-configuration",
+                            "/v1/signals/jwks.json"):
                     assert "security" not in op
                 else:
                     assert op["security"], (method, path)
