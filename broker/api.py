@@ -430,8 +430,10 @@ async def verify_audit(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Readiness for what issuing needs (broker.readiness): 503 names the part that is down."""
     r = await request.app[READINESS].check()
+    mode = request.app[LEASES].journal
+    journal = "off" if mode is None else "on" if mode.ready else "probing"
     out = HealthOut.model_validate({"status": "ok" if r.ok else "unavailable", "vault": r.vault, "store": r.store,
-                                    "version": __version__})
+                                    "version": __version__, "issuance_journal": journal})
     return _json(out, 200 if r.ok else 503)
 
 

@@ -121,6 +121,11 @@ class LeaseManager:
         # Whether Vault's audit device is known to journal issuances (rule 5): until then, issuance tokens.
         self._journal = journal
 
+    @property
+    def journal(self) -> JournalMode | None:
+        """Whether issuances may be journaled by Vault's audit device (None: not configured)."""
+        return self._journal
+
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
         await self._store.append_audit(AuditRecord(

@@ -264,6 +264,9 @@ class HealthOut(BaseModel):
     store: Literal["ok", "unavailable", "unwritable"] = Field(
         description="unwritable: reads work but a write cannot commit (a full disk, a read-only file)")
     version: str
+    issuance_journal: Literal["on", "probing", "off"] = Field(
+        default="off", description="on: each credential is one Vault request, journaled by Vault's audit device "
+                                   "(X-Broker-Intent); probing: not confirmed yet; off: issuance tokens")
 
 
 class Problem(BaseModel):

@@ -79,13 +79,16 @@ MAX_SECONDS = 150.0
 POINT_CHANCE = {p: (0.05 if p.startswith("issue.") else 0.3) for p in POINTS}
 
 
-def _config(root: Path, broker_root: Path, *, addr: str, store_url: str = "sqlite:///broker.db") -> BrokerConfig:
-    """This test's broker: the session's identities, its own role over its own mounts, fast maintenance."""
+def _config(root: Path, broker_root: Path, *, addr: str, audit_log: Path | None,
+            store_url: str = "sqlite:///broker.db") -> BrokerConfig:
+    """This test's broker: the session's identities, its own role over its own mounts, fast maintenance, and
+    Vault's audit device as its issuance journal (broker.journal: database and PKI credentials are one
+    request each, read with the task token; child tokens keep issuance tokens, the device HMACs accessors)."""
     role = TaskRole(name=ROLE, tenant="crashco", agents=(f"spiffe://{TD}/agent/crash-*",), delegators=("group:crash",),
                     max_ttl="30m",
                     grants=example_grants(TD, pki_mount="pki-crash", db_mount="database-crash", token_role=CHILD_ROLE))
     return BrokerConfig(
-        vault_addr=addr, token_file=root / "vault-token", vault_timeout=5, revoke_confirm_timeout=5,
+        vault_addr=addr, audit_log=audit_log, token_file=root / "vault-token", vault_timeout=5, revoke_confirm_timeout=5,
         task_token_bootstrap_ttl=BOOTSTRAP_TTL, store_url=store_url, key_file=root / "store.key",
         maintenance={"interval": 0.5, "max_backoff": 2},
         agents=(AgentTrust(trust_domain=TD, jwks_file=broker_root / "spiffe.jwks"),),
@@ -101,7 +104,7 @@ def crash_root(tmp_path_factory: pytest.TempPathFactory, broker_root: Path, bao_
     root = tmp_path_factory.mktemp("crash")
     TokenSealer.generate_key_file(root / "store.key")
     bao = bao_with_engines.bao
-    _config(root, broker_root, addr=bao.addr).write(root / "broker.toml")
+    _config(root, broker_root, addr=bao.addr, audit_log=bao.audit_log).write(root / "broker.toml")
     catalog = Catalog.from_settings(load_settings({}, root / "broker.toml"))
 
     with VaultAdmin(bao.addr, token=bao.root_token, timeout=30) as admin:
@@ -212,7 +215,8 @@ class TestCrashConsistency:
         db = tmp_path / "broker.db"
         # A fresh SQLite store for this test; the rest of the config and keys from the module's root.
         config = _config(crash_root, broker_root, addr=bao_with_engines.bao.addr,
-                         store_url=f"sqlite:///{db}").write(tmp_path / "broker.toml")
+                         audit_log=bao_with_engines.bao.audit_log, store_url=f"sqlite:///{db}").write(
+                             tmp_path / "broker.toml")
         log = tmp_path / "broker.log"
         rng = random.Random(int(time.time()))
         tally = Tally()
@@ -255,7 +259,8 @@ class TestCrashConsistency:
             broker.stop()
 
         states = Counter(x["state"] for x in snap.leases.values())
-        intents = Counter(f"{x['kind']}:{x['state']}" for x in snap.intents.values())
+        intents = Counter(f"{x['kind']}:{x['state']}" + (":journaled" if x.get("journaled") else "")
+                          for x in snap.intents.values())
         print(f"\nkills={tally.kills} issuances={tally.issuances} orphans={len(verdict.orphans)} "
               f"ghosts={len(verdict.ghosts)}")
         print(f"  rounds={rounds} kills by point: {dict(sorted(tally.by_point.items()))}")
