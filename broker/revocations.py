@@ -63,7 +63,7 @@ class Revoker:
         self._confirm_timeout = confirm_timeout
         self._max_backoff = max_backoff
         self._slots = asyncio.Semaphore(concurrency)
-        # Confirmation lookups are bounded broker-wide: a flood of them slows Vault's own revocations.
+        # Revocations and confirmation lookups are bounded broker-wide: a flood of them slows Vault itself.
         self._lookups = asyncio.Semaphore(32)
 
     async def settle(self, tasks: Sequence[TaskRow], *, timeout: float | None = None) -> Settled:
@@ -75,8 +75,15 @@ class Revoker:
         async with self._slots:
             leases = await self._store.list_leases(task_id=task.id, states=_UNSETTLED)
             try:
+                # Vault leases one by one, each confirmed by Vault's own answer (``sys/leases/revoke`` is
+                # synchronous: when it answers, the lease is gone). Then the token, whose tree takes the
+                # agent's child tokens and anything issued since the list was read; only those are polled.
+                others = [x for x in leases if x.kind != "token"]
+                done = await asyncio.gather(*(self._revoke_one(x) for x in others))
+                polled = [x for x in leases if x.kind == "token"] + [x for x, ok in zip(others, done, strict=True)
+                                                                     if not ok]
                 await self._vault.revoke_accessor(task.token_accessor)
-                confirmed = await self._confirm(task, leases, timeout)
+                confirmed = await self._confirm(task, polled, timeout)
             except VaultError as exc:
                 log.warning("revoking task %s: Vault did not answer (%s); will retry", task.id, exc.code)
                 confirmed = False
@@ -124,6 +131,19 @@ class Revoker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
+
+    async def _revoke_one(self, lease: LeaseRow) -> bool:
+        """Revoke one Vault lease; False when the broker's policy does not cover its path (a grant since
+        removed from the catalog): the token's tree takes it, and a lookup confirms that.
+
+        Raises: VaultError other than a denial (the task is retried as a whole; revoking twice is harmless).
+        """
+        async with self._lookups:
+            try:
+                await self._vault.revoke_lease(lease.vault_lease_id)
+            except VaultDenied:
+                return False
+            return True
 
     async def _bounded_alive(self, lease: LeaseRow) -> bool:
         async with self._lookups:
