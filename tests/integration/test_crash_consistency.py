@@ -34,6 +34,7 @@ not asserted: "ghost tasks", tasks active in the store whose task token Vault no
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -280,4 +281,47 @@ class TestCrashConsistency:
         assert verdict.orphans == [], verdict.orphans[:20]
         assert verdict.ghosts == [], verdict.ghosts[:20]
         assert verdict.audit_problems == [], verdict.audit_problems[:20]
+        assert snap.chain.startswith("ok"), snap.chain
+
+
+@pytest.mark.slow
+class TestKillRightAfterTheAnswer:
+    @pytest.mark.timeout(300)
+    async def test_a_credential_handed_out_is_always_recorded(
+        self, crash_root: Path, broker_root: Path, bao_with_engines: BaoEngines, identities: Identities,
+        tmp_path: Path,
+    ) -> None:
+        """SIGKILL the broker the moment a credential's answer arrives, each grant kind, several times: the
+        store always holds that lease and exactly one ``lease.issued`` record for it, and the chain verifies.
+        (The record commits, with ``synchronous=FULL``, before the answer is written.)"""
+        db = tmp_path / "broker.db"
+        config = _config(crash_root, broker_root, addr=bao_with_engines.bao.addr,
+                         audit_log=bao_with_engines.bao.audit_log, store_url=f"sqlite:///{db}").write(
+                             tmp_path / "broker.toml")
+        log = tmp_path / "broker.log"
+        handed_out: list[str] = []
+        for round_no in range(6):
+            broker = BrokerProcess(config, log)
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+                    await broker.wait_healthy(session)
+                    user = bearer(identities.user(USERS[0], ("crash",)))
+                    async with session.post(broker.base + "/v1/tasks", headers=user, json={
+                            "agent": AGENTS[0], "role": ROLE, "ttl": "20m", "reason": "kill after answer"}) as r:
+                        assert r.status == 201, await r.text()
+                        task = (await r.json())["id"]
+                    async with session.post(f"{broker.base}/v1/tasks/{task}/credentials",
+                                            headers=bearer(identities.agent(AGENTS[0])),
+                                            json={"grant": GRANTS[round_no % len(GRANTS)]}) as r:
+                        status = r.status
+                        body = await r.read()
+                        broker.kill()  # as soon as the answer is in: nothing after it may be needed
+                    assert status == 200, body
+                    handed_out.append(str(json.loads(body)["lease_id"]))
+            finally:
+                broker.stop()
+        snap = StoreSnapshot.read(db)
+        missing = [x for x in handed_out if x not in snap.leases or snap.issued_records.get(x) != 1]
+        print(f"\nkilled right after {len(handed_out)} answers; unrecorded: {len(missing)}; chain {snap.chain}")
+        assert missing == []
         assert snap.chain.startswith("ok"), snap.chain
