@@ -58,6 +58,8 @@ tasks = Table(
     Index("ix_tasks_agent", "agent"),
     Index("ix_tasks_tenant", "tenant"),
     Index("ix_tasks_state", "state"),
+    Index("ix_tasks_user_state", "user", "state"),
+    Index("ix_tasks_agent_state", "agent", "state"),
 )
 
 leases = Table(

@@ -36,7 +36,7 @@ from broker.rows import (
     Person,
     TaskRow,
 )
-from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TokenEvent
+from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TaskState, TokenEvent
 from broker.store.schema import (
     audit_checkpoints,
     audit_events,
@@ -85,12 +85,16 @@ _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
 ).limit(1)
 # Live leases of one agent and of one user: from the task indexes to the (task_id, state) index, so the
 # cost follows that agent's and that user's tasks, not every live lease in the store.
+# An active lease's task is active (a fence moves both in one transaction): counting through the live
+# tasks only ((agent|user, state) indexes) keeps the check from growing with every task a person ever had.
 _LIVE_BY_AGENT = select(func.count()).select_from(leases).where(
     leases.c.state == LeaseState.ACTIVE.value,
-    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"))))
+    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"),
+                                                  tasks.c.state == TaskState.ACTIVE.value)))
 _LIVE_BY_USER = select(func.count()).select_from(leases).where(
     leases.c.state == LeaseState.ACTIVE.value,
-    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"))))
+    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"),
+                                                  tasks.c.state == TaskState.ACTIVE.value)))
 _RENEW = (update(leases)
           .where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
           .values(expires_at=bindparam("new_expiry")))

@@ -13,6 +13,8 @@ device wrote for it, as the tailer read them: when Vault received it, and the le
 ``vault_audit_position.last_entry_at``: the time of the newest journal entry the tailer has read from a file, so
 that "no entry for this intent" can be told apart from "not read yet".
 
+``ix_tasks_user_state``, ``ix_tasks_agent_state``: the live-lease budget counts through live tasks only.
+
 Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-01
@@ -30,6 +32,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # The live-lease budget counts through live tasks only (broker.store.statements).
+    op.create_index("ix_tasks_user_state", "tasks", ["user", "state"])
+    op.create_index("ix_tasks_agent_state", "tasks", ["agent", "state"])
     with op.batch_alter_table("intents") as t:
         t.add_column(sa.Column("journaled", sa.Boolean, nullable=False, server_default=sa.false()))
         t.add_column(sa.Column("vault_ref", sa.String(1024)))
@@ -51,6 +56,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tasks_agent_state", "tasks")
+    op.drop_index("ix_tasks_user_state", "tasks")
     op.drop_table("vault_journal")
     with op.batch_alter_table("vault_audit_position") as t:
         t.drop_column("last_entry_at")
