@@ -109,7 +109,8 @@ def _delegated_start(op: dict[str, Any]) -> None:
                        "user, act.sub = the calling agent's SPIFFE ID, aud includes the broker, scope holds "
                        "task:<role>, a jti (accepted once). With it, the bearer token is the agent's (JWT-SVID or "
                        "Kubernetes service-account token) and the body is DelegatedTaskCreate. Any failure: 401.",
-        "schema": {"type": "string", "maxLength": 8192}}]
+        # A header line is at most 8,190 bytes, name included (longer: 431 header_too_large from the parser).
+        "schema": {"type": "string", "maxLength": 8000}}]
     op["requestBody"]["content"]["application/json"]["schema"] = {"oneOf": [_ref(TaskCreate),
                                                                             _ref(DelegatedTaskCreate)]}
 
