@@ -236,12 +236,16 @@ class TestDelegatedStart:
         assert (await delegated_start(client, site.ids.agent(), delegation)).status == 201
 
     async def test_a_delegation_token_is_not_the_users_sign_in(self, client: Client, site: BrokerSite) -> None:
-        """The agent holding a delegation cannot use it as the user's bearer token anywhere (act is refused)."""
-        delegation = site.ids.delegation()
-        resp = await client.post("/v1/tasks", json={"agent": AGENT, "role": "support-triage", "ttl": 60,
-                                                    "reason": "x"}, headers=bearer(delegation))
-        assert resp.status == 401
-        assert (await client.get("/v1/audit", headers=bearer(delegation))).status == 401
+        """The agent holding a delegation cannot use it as the user's bearer token anywhere (act is refused),
+        whether the IdP marks it ``typ: at+jwt`` (RFC 9068) or plain ``JWT``, with auditor groups or not."""
+        at_jwt = site.ids.delegation(groups=("support", "audit"))
+        plain = site.ids.idp.encode(_claims(at_jwt), headers={"typ": "JWT"})
+        assert (await delegated_start(client, site.ids.agent(), plain)).status == 201  # a valid delegation
+        for delegation in (at_jwt, plain):
+            resp = await client.post("/v1/tasks", json={"agent": AGENT, "role": "support-triage", "ttl": 60,
+                                                        "reason": "x"}, headers=bearer(delegation))
+            assert resp.status == 401
+            assert (await client.get("/v1/audit", headers=bearer(delegation))).status == 401
 
     async def test_body_names_no_agent(self, client: Client, site: BrokerSite) -> None:
         """The agent is the caller: a delegated start that names an agent in its body is a 400."""
@@ -260,6 +264,17 @@ class TestDelegatedStart:
 
 
 class TestReplayStore:
+    async def test_maintenance_forgets_expired_jtis_only(self, client: Client, site: BrokerSite) -> None:
+        """The maintenance loop's tick purges jtis whose tokens have expired, and keeps the live ones."""
+        from broker.app import MAINTENANCE
+
+        store, now = client.app[STORE], time.time()
+        assert await store.accept_delegation(issuer=IDP, jti="old", expires_at=now - 1, agent=AGENT, now=now)
+        assert await store.accept_delegation(issuer=IDP, jti="live", expires_at=now + 600, agent=AGENT, now=now)
+        await client.app[MAINTENANCE].tick()
+        assert await store.accept_delegation(issuer=IDP, jti="old", expires_at=now + 600, agent=AGENT, now=now)
+        assert not await store.accept_delegation(issuer=IDP, jti="live", expires_at=now + 600, agent=AGENT, now=now)
+
     async def test_two_replicas_accept_each_jti_once(self, site: BrokerSite) -> None:
         """Two stores on one PostgreSQL database (two replicas) race 200 jtis, each sent 4 times at once across
         both: every jti is accepted exactly once; purging forgets only the expired ones."""
@@ -309,3 +324,29 @@ class TestSdk:
             with pytest.raises(InvalidIdentity):
                 await agent.start_delegated_task(delegation, role="support-triage", ttl="5m", reason="again")
             assert (await agent.end_task(task.id)).state == "ended"
+
+
+class TestNoTokenLeaks:
+    async def test_k8s_and_delegation_tokens_appear_in_no_log_store_or_audit_row(
+            self, client: Client, site: BrokerSite, caplog: pytest.LogCaptureFixture) -> None:
+        """After an accepted, a replayed and a mismatched delegated start and a k8s agent's credential, neither
+        the service-account token nor any delegation token is in the log, the audit rows or the store file."""
+        import logging
+
+        from tests.api.test_no_secret_leaks import _store_bytes
+
+        caplog.set_level(logging.DEBUG)
+        k8s, good, wrong = site.ids.k8s_agent(), site.ids.delegation(K8S_AGENT), site.ids.delegation(OTHER_AGENT)
+        resp = await delegated_start(client, k8s, good)
+        assert resp.status == 201
+        task = await resp.json()
+        assert (await delegated_start(client, k8s, good)).status == 401
+        assert (await delegated_start(client, k8s, wrong)).status == 401
+        await k8s_credential(client, site, task["id"], "agent-cert", token=k8s)
+        records = await client.app[STORE].query_audit(limit=1000)
+        sinks = {"logs": caplog.text, "audit rows": "\n".join(repr(r.record) for r in records),
+                 "store file": _store_bytes(site)}
+        tokens = {"service-account token": k8s, "delegation": good, "mismatched delegation": wrong}
+        leaks = [(what, where) for what, value in tokens.items() for where, text in sinks.items() if value in text]
+        assert leaks == []
+        assert _claims(good)["jti"] in sinks["audit rows"]  # the probe finds what is there
