@@ -436,3 +436,4 @@ check_audience = _check_audience
 check_times = _check_times
 optional_str = _optional_str
 numeric = _numeric
+svid_subject = _svid_subject

@@ -14,10 +14,11 @@ from broker.identity.kubernetes import ClusterTrust, is_service_account_token, k
 from broker.identity.spiffe_id import spiffe_problem
 from broker.identity.tokens import (
     AgentIdentity,
+    KeyRef,
     UserIdentity,
     id_token_key_ref,
     parse_jws,
-    svid_key_ref,
+    svid_subject,
     verify_id_token,
     verify_svid,
 )
@@ -103,10 +104,12 @@ class AgentVerifier:
             InvalidIdentity: see ``verify_svid`` and ``verify_k8s_token``; also if the trust domain or
                 cluster is not trusted or the kid is unknown to it.
         """
-        # Routing by unverified claims only: each path then checks everything itself.
-        if is_service_account_token(parse_jws(token).claims):
+        # Routing by unverified claims only: each path then checks everything itself. One parse serves the
+        # routing and the SVID's key reference (a parse costs ~40 us, a quarter of a signature check).
+        jws = parse_jws(token)
+        if is_service_account_token(jws.claims):
             return await self._verify_service_account(token)
-        ref = svid_key_ref(token)
+        ref = KeyRef(svid_subject(jws.claims).trust_domain, jws.kid)
         source = self._trust.get(ref.owner)
         if source is None:
             _fail("trust domain is not trusted")
