@@ -221,3 +221,36 @@ class TestVerifier:
             trust(cluster, iss="kubernetes/serviceaccount")
         with pytest.raises(ConfigError):
             trust(cluster, td="Not A Trust Domain")
+
+
+class TestConfig:
+    def _toml(self, tmp_path: Any, body: str) -> Any:
+        from broker.config import load_settings
+
+        path = tmp_path / "broker.toml"
+        path.write_text('[server]\naudience = "agent-broker"\n[vault]\ntoken_file = "t"\n[store]\nkey_file = "k"\n'
+                        + body)
+        return load_settings({}, path)
+
+    def test_clusters_and_delegation_issuers_load(self, tmp_path: Any) -> None:
+        """[[agents.kubernetes]] and [[users.delegation_issuers]] load, with jwks_file relative to the file."""
+        s = self._toml(tmp_path, f'[[agents.kubernetes]]\ntrust_domain = "{TD}"\nissuer = "{ISSUER}"\n'
+                                 'jwks_file = "k8s.jwks"\nmax_token_lifetime = "20m"\n'
+                                 '[[users.delegation_issuers]]\nissuer = "https://idp.example.com"\n'
+                                 'jwks_url = "https://idp.example.com/jwks"\n')
+        c = s.agents.kubernetes[0]
+        assert (c.trust_domain, c.issuer, c.jwks_file, c.max_token_lifetime) == (TD, ISSUER, tmp_path / "k8s.jwks",
+                                                                                1200)
+        assert s.users.delegation_issuers[0].max_token_lifetime == 3600
+
+    @pytest.mark.parametrize("body", [
+        f'[[agents.kubernetes]]\ntrust_domain = "{TD}"\nissuer = "{ISSUER}"\n',
+        f'[[agents.kubernetes]]\ntrust_domain = "{TD}"\nissuer = "{ISSUER}"\njwks_file = "a"\njwks_url = "https://x"\n',
+        f'[[agents.kubernetes]]\ntrust_domain = "{TD}"\njwks_file = "a"\n',
+        f'[[agents.kubernetes]]\ntrust_domain = "{TD}"\nissuer = "{ISSUER}"\njwks_file = "a"\naudience = "x"\n',
+        '[[users.delegation_issuers]]\nissuer = "https://idp.example.com"\n',
+    ])
+    def test_refused(self, tmp_path: Any, body: str) -> None:
+        """No key source, two, no issuer, or an unknown key: refused at load."""
+        with pytest.raises(ConfigError):
+            self._toml(tmp_path, body)
