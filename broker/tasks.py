@@ -103,8 +103,12 @@ class TaskManager:
 
         The same start as :meth:`start` (the same rate, catalog checks, locks and ``task.started`` record,
         which notes the token's ``jti``), after the token's own checks: ``act.sub`` is the agent, ``scope``
-        names ``task:<role>``, and its ``jti`` was never accepted before. Whatever a verified token fails
-        is recorded as ``access.denied`` and answered 401, a role the user may not delegate included.
+        names ``task:<role>``, and its ``jti`` was never accepted before. Each refusal is an ``access.denied``
+        record with the jti. What the token claims and does not hold is a 401 (act, scope, replay, and a
+        role the user may not delegate); what is about the caller or the moment stays as for a user start
+        (an agent outside the role's patterns 403 ``agent_not_allowed``, a lock 403 ``locked``, a rate 429).
+        The jti is spent after the catalog checks, before the lock check and Vault: a token refused by the
+        catalog can be retried, one that met a lock or an unavailable Vault cannot.
 
         Raises:
             InvalidIdentity: act or scope do not match, the jti was accepted before, or the user may not

@@ -27,6 +27,7 @@ from tests.conftest import (
     K8S_B_ISSUER,
     K8S_ISSUER,
     OTHER_AGENT,
+    OUTSIDER_AGENT,
     USER,
     USER_ID,
     BrokerSite,
@@ -246,6 +247,17 @@ class TestDelegatedStart:
                                                         "reason": "x"}, headers=bearer(delegation))
             assert resp.status == 401
             assert (await client.get("/v1/audit", headers=bearer(delegation))).status == 401
+
+    async def test_agent_outside_the_roles_patterns_is_403_and_the_token_unspent(self, client: Client,
+                                                                                 site: BrokerSite) -> None:
+        """A delegation to an agent the role does not admit: 403 agent_not_allowed as for a user's start; the jti
+        is not spent (the catalog refused before it)."""
+        delegation = site.ids.delegation(OUTSIDER_AGENT)
+        resp = await delegated_start(client, site.ids.agent(OUTSIDER_AGENT), delegation)
+        assert resp.status == 403 and (await resp.json())["code"] == "agent_not_allowed"
+        jti = _claims(delegation)["jti"]
+        assert await client.app[STORE].accept_delegation(issuer=IDP, jti=jti, expires_at=time.time() + 600,
+                                                         agent=OUTSIDER_AGENT, now=time.time())
 
     async def test_body_names_no_agent(self, client: Client, site: BrokerSite) -> None:
         """The agent is the caller: a delegated start that names an agent in its body is a 400."""
