@@ -39,7 +39,7 @@ from broker.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from broker.identity import AgentIdentity, UserIdentity, UserVerifier
+from broker.identity import AgentIdentity, DelegationVerifier, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
 from broker.leases import LeaseManager, PendingApproval
 from broker.limits import RateLimiter
@@ -55,6 +55,7 @@ from broker.models import (
     AuditVerifyOut,
     CredentialOut,
     CredentialRequest,
+    DelegatedTaskCreate,
     EndOut,
     HealthOut,
     LeaseListItem,
@@ -89,6 +90,7 @@ VAULT = web.AppKey("vault", VaultClient)
 CATALOG = web.AppKey("catalog", Catalog)
 AGENTS = web.AppKey("agent_verifier", VerifiedTokenCache[AgentIdentity])
 USERS = web.AppKey("user_verifier", UserVerifier)
+DELEGATIONS = web.AppKey("delegation_verifier", DelegationVerifier)
 REVOCATIONS = web.AppKey("revocations", Revocations)
 APPROVALS = web.AppKey("approvals", ApprovalManager)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
@@ -101,6 +103,7 @@ _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_TOKEN = 8192
+DELEGATION_HEADER = "X-Delegation-Token"
 
 Identity = AgentIdentity | UserIdentity
 M = TypeVar("M", bound=BaseModel)
@@ -231,7 +234,8 @@ def _bearer(request: web.Request) -> str:
 
 
 def _looks_like_svid(token: str) -> bool:
-    """Route a token to the agent or the user verifier by its unverified ``sub``.
+    """Route a token to the agent or the user verifier by its unverified ``sub``: a SPIFFE ID or a
+    Kubernetes service account (``system:serviceaccount:...``) is an agent.
 
     Routing only: each verifier then checks everything itself, and each rejects the other's tokens.
     """
@@ -242,7 +246,8 @@ def _looks_like_svid(token: str) -> bool:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(payload, dict) and isinstance(payload.get("sub"), str) and payload["sub"].startswith("spiffe://")
+    return isinstance(payload, dict) and isinstance(payload.get("sub"), str) and payload["sub"].startswith(
+        ("spiffe://", "system:serviceaccount:"))
 
 
 def _metered(request: web.Request, ident: Identity) -> Identity:
@@ -308,10 +313,29 @@ def _is_party(ident: Identity, task: TaskRow) -> bool:
 
 
 async def create_task(request: web.Request) -> web.Response:
+    if DELEGATION_HEADER in request.headers:
+        return await _create_delegated_task(request)
     user = await user_identity(request)
     body = await _body(request, TaskCreate)
     task = await request.app[TASKS].start(user, agent=body.agent, role=body.role, ttl=body.ttl,
                                           reason=body.reason, tenant=body.tenant)
+    return _json(_task_out(task), 201)
+
+
+async def _create_delegated_task(request: web.Request) -> web.Response:
+    """An agent starts a task itself with a delegation its user's IdP issued (RFC 8693; ``broker.identity``).
+
+    Both tokens are verified before the body is read; every failure of either is the same 401.
+    """
+    agent = await agent_identity(request)
+    values = request.headers.getall(DELEGATION_HEADER)
+    token = values[0].strip() if len(values) == 1 else ""
+    if not token or len(token) > _MAX_TOKEN:
+        raise InvalidIdentity("X-Delegation-Token missing, repeated or larger than 8 KiB")
+    delegation = await request.app[DELEGATIONS].verify(token)
+    body = await _body(request, DelegatedTaskCreate)
+    task = await request.app[TASKS].start_delegated(agent, delegation, role=body.role, ttl=body.ttl,
+                                                    reason=body.reason, tenant=body.tenant)
     return _json(_task_out(task), 201)
 
 

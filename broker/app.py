@@ -31,6 +31,9 @@ from broker.errors import BrokerError, ConfigError, VaultError
 from broker.faults import CrashHook, no_crash
 from broker.identity import (
     AgentVerifier,
+    ClusterTrust,
+    DelegationIssuerTrust,
+    DelegationVerifier,
     IssuerTrust,
     JwksKeySet,
     JwksUrlKeySource,
@@ -207,8 +210,15 @@ async def _identity(app: web.Application) -> AsyncIterator[None]:
     agents = AgentVerifier(
         {t.trust_domain: _key_source(t.jwks_file, t.jwks_url, session) for t in settings.agents.trust},
         audience=settings.server.audience, leeway=leeway, max_lifetime=float(settings.agents.max_token_lifetime),
-        clock=clock, user_issuers=[i.issuer for i in settings.users.issuers])
+        clock=clock, user_issuers=[i.issuer for i in settings.users.issuers],
+        clusters=[ClusterTrust(c.trust_domain, c.issuer, _key_source(c.jwks_file, c.jwks_url, session),
+                               float(c.max_token_lifetime)) for c in settings.agents.kubernetes])
     app[api.AGENTS] = VerifiedTokenCache(agents.verify, clock=clock)
+    # Never cached: each delegation token is accepted once, and its jti is what the store remembers.
+    app[api.DELEGATIONS] = DelegationVerifier(
+        [DelegationIssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim,
+                               float(i.max_token_lifetime)) for i in settings.users.delegation_issuers],
+        audience=settings.server.audience, leeway=leeway, clock=clock)
     app[api.USERS] = UserVerifier(
         [IssuerTrust(i.issuer, _key_source(i.jwks_file, i.jwks_url, session), i.groups_claim, i.trust_email,
                      i.email_domains) for i in settings.users.issuers],

@@ -169,10 +169,12 @@ class BrokerClient:
         return value if isinstance(value, str) else await value
 
     async def call(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                   body: Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+                   body: Mapping[str, Any] | None = None, timeout: float | None = None,
+                   headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One request to ``path`` (which may carry its own query string); the JSON object it answers.
 
         ``timeout`` replaces the client's own for this request (a server-side wait needs longer).
+        ``headers`` are sent besides the client's own (``X-Delegation-Token``); they cannot replace them.
 
         Raises:
             Unreachable: no answer within the timeout, or the connection failed.
@@ -182,7 +184,7 @@ class BrokerClient:
             BadResponse: a success status without a JSON object.
         """
         session = self._open()
-        headers = {"Authorization": f"Bearer {await self._bearer()}", "Accept": "application/json"}
+        headers = {**(headers or {}), "Authorization": f"Bearer {await self._bearer()}", "Accept": "application/json"}
         per_request = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
         try:
             async with session.request(method, self._base + path, params=query, json=body, headers=headers,

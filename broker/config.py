@@ -168,8 +168,27 @@ class AgentTrust(_Frozen):
         return self
 
 
+class KubernetesCluster(_Frozen):
+    """One cluster whose projected service-account tokens name agents ``spiffe://<trust_domain>/ns/<ns>/sa/<name>``."""
+
+    trust_domain: str
+    # The cluster's --service-account-issuer, exactly as its tokens' `iss` says it.
+    issuer: str = Field(min_length=1)
+    jwks_file: Path | None = None
+    jwks_url: str | None = None  # the cluster's /openid/v1/jwks
+    # Projected tokens live 1 h by default (at least 10 min); a longer-lived one is refused.
+    max_token_lifetime: Duration = 3600
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KubernetesCluster:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file or jwks_url")
+        return self
+
+
 class AgentsSettings(_Frozen):
     trust: tuple[AgentTrust, ...] = ()
+    kubernetes: tuple[KubernetesCluster, ...] = ()
     # SVIDs are short-lived by design; a longer-lived token is refused (threat TH-06).
     max_token_lifetime: Duration = 900
 
@@ -198,8 +217,26 @@ class UserIssuer(_Frozen):
         return self
 
 
+class DelegationIssuer(_Frozen):
+    """An IdP whose RFC 8693 token-exchange tokens (``sub`` the user, ``act.sub`` the agent) start tasks."""
+
+    issuer: str
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    groups_claim: str = "groups"
+    # How long a delegation token may live; the broker remembers each one's jti until it has expired.
+    max_token_lifetime: Duration = 3600
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DelegationIssuer:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file or jwks_url")
+        return self
+
+
 class UsersSettings(_Frozen):
     issuers: tuple[UserIssuer, ...] = ()
+    delegation_issuers: tuple[DelegationIssuer, ...] = ()
 
 
 class PeopleSettings(_Frozen):
@@ -449,7 +486,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             fix(r, "authorization_file")
     for t in (raw.get("agents") or {}).get("trust") or []:
         fix(t, "jwks_file")
+    for c in (raw.get("agents") or {}).get("kubernetes") or []:
+        fix(c, "jwks_file")
     for i in (raw.get("users") or {}).get("issuers") or []:
+        fix(i, "jwks_file")
+    for i in (raw.get("users") or {}).get("delegation_issuers") or []:
         fix(i, "jwks_file")
     store = raw.get("store")
     if isinstance(store, dict) and isinstance(store.get("url"), str):

@@ -35,6 +35,18 @@ class TaskCreate(_Request):
     _ttl_validator = field_validator("ttl", mode="before")(_ttl)
 
 
+class DelegatedTaskCreate(_Request):
+    """``POST /v1/tasks`` by an agent with ``X-Delegation-Token``: the user is the token's, the agent the caller."""
+
+    role: str = Field(pattern=_GRANT, description="A task role from the catalog; the token's scope must name "
+                                                  "task:<role>")
+    ttl: int = Field(description="Seconds, or a duration like '15m'; capped at the role's max_ttl")
+    reason: str = Field(min_length=1, max_length=500, description="Why the task exists, for the audit trail")
+    tenant: str | None = Field(default=None, pattern=_GRANT)
+
+    _ttl_validator = field_validator("ttl", mode="before")(_ttl)
+
+
 class CredentialRequest(_Request):
     grant: str = Field(pattern=_GRANT)
     ttl: int | None = Field(default=None, description="Seconds or a duration; capped by the grant and the task")
@@ -237,6 +249,8 @@ class AuditOut(BaseModel):
     reason: str | None = None
     lease: str | None = None
     vault_request_id: str | None = None
+    delegation_jti: str | None = Field(default=None, description="The jti of the IdP-issued delegation token the "
+                                                                 "task was started with")
 
 
 class AuditPage(BaseModel):

@@ -18,6 +18,7 @@ from broker.models import (
     AuditVerifyOut,
     CredentialOut,
     CredentialRequest,
+    DelegatedTaskCreate,
     EndOut,
     HealthOut,
     Jwks,
@@ -38,6 +39,7 @@ from broker.models import (
 _APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPendingOut, ApprovalOut, ApprovalList, ApprovalDecision)
 _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
+    DelegatedTaskCreate,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
     SsfConfiguration, Jwks,
 )
@@ -99,6 +101,23 @@ def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], err
     return op
 
 
+def _delegated_start(op: dict[str, Any]) -> None:
+    """``POST /v1/tasks`` by an agent with an IdP-issued delegation (RFC 8693): the header, the body, the caller."""
+    op["summary"] += ("; or, by an agent with X-Delegation-Token, for the user its IdP says delegated it "
+                      "(body without `agent`)")
+    op["security"] = [{"user": []}, {"agent": []}]
+    op["parameters"] = [{
+        "name": "X-Delegation-Token", "in": "header", "required": False,
+        "description": "An RFC 8693 token-exchange result from a [[users.delegation_issuers]] issuer: sub = the "
+                       "user, act.sub = the calling agent's SPIFFE ID, aud includes the broker, scope holds "
+                       "task:<role>, a jti (accepted once). With it, the bearer token is the agent's (JWT-SVID or "
+                       "Kubernetes service-account token) and the body is DelegatedTaskCreate. Any failure: 401.",
+        # A header line is at most 8,190 bytes, name included (longer: 431 header_too_large from the parser).
+        "schema": {"type": "string", "maxLength": 8000}}]
+    op["requestBody"]["content"]["application/json"]["schema"] = {"oneOf": [_ref(TaskCreate),
+                                                                            _ref(DelegatedTaskCreate)]}
+
+
 def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True,
             "schema": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"}}
@@ -131,7 +150,8 @@ def spec() -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {
                 "user": {"type": "http", "scheme": "bearer", "bearerFormat": "OIDC ID token"},
-                "agent": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT-SVID"},
+                "agent": {"type": "http", "scheme": "bearer",
+                          "bearerFormat": "JWT-SVID or Kubernetes projected service-account token"},
             },
         },
         "paths": {
@@ -189,6 +209,7 @@ def spec() -> dict[str, Any]:
                                                                "content": {"application/json": {}}}}}},
         },
     }
+    _delegated_start(doc["paths"]["/v1/tasks"]["post"])
     doc["paths"]["/v1/tasks/{task_id}/credentials"]["post"]["responses"]["202"] = {
         "description": "A high-risk grant: nothing issued; an approval is pending (poll it, then repeat the request "
                        "with its approval_id)",

@@ -33,7 +33,27 @@ ApprovalPending = errors.ApprovalPending
 
 
 class AgentClient(BrokerClient):
-    """Calls made by an agent, authenticated with its JWT-SVID."""
+    """Calls made by an agent, authenticated with its JWT-SVID (or, in Kubernetes, its projected
+    service-account token: a callable that reads the file the kubelet keeps fresh)."""
+
+    async def start_delegated_task(self, delegation_token: str, *, role: str, ttl: int | str, reason: str,
+                                   tenant: str | None = None) -> TaskOut:
+        """Start a task for the user its IdP says delegated ``role`` to this agent (RFC 8693 token exchange).
+
+        ``delegation_token``: the IdP's token-exchange result (``sub`` the user, ``act.sub`` this agent's
+        SPIFFE ID, ``scope`` holding ``task:<role>``). The broker accepts each one once: get a new one for
+        each task.
+
+        Raises:
+            InvalidIdentity: either token was refused (a replay, another agent's delegation, a role not in
+                the scope or not the user's to delegate...); the broker's log says which.
+            BrokerError subclasses: as the broker answered.
+        """
+        body: dict[str, Any] = {"role": role, "ttl": ttl, "reason": reason}
+        if tenant is not None:
+            body["tenant"] = tenant
+        return TaskOut.model_validate(await self.call("POST", "/v1/tasks", body=body,
+                                                      headers={"X-Delegation-Token": delegation_token}))
 
     async def credential(self, task_id: str, grant: str, *, ttl: int | None = None, approval_id: str | None = None,
                          wait_for_approval: float = 0) -> CredentialOut:

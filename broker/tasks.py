@@ -25,9 +25,17 @@ from dataclasses import dataclass
 
 from broker.audit import AuditRecord
 from broker.delegation import Catalog, TaskView, check_start
-from broker.errors import BadRequest, Denied, NotFound, VaultError, VaultUnavailable
+from broker.errors import (
+    BadRequest,
+    Denied,
+    InvalidIdentity,
+    NotDelegator,
+    NotFound,
+    VaultError,
+    VaultUnavailable,
+)
 from broker.faults import CrashHook, no_crash
-from broker.identity import AgentIdentity, UserIdentity
+from broker.identity import AgentIdentity, DelegationToken, UserIdentity, check_delegation
 from broker.limits import RateLimiter
 from broker.revocations import IntentSettler, Revoker
 from broker.sealing import TokenSealer
@@ -89,8 +97,36 @@ class TaskManager:
         self._bootstrap_ttl = bootstrap_ttl
         self._crash = crash
 
+    async def start_delegated(self, agent: AgentIdentity, token: DelegationToken, *, role: str, ttl: int,
+                              reason: str, tenant: str | None) -> TaskRow:
+        """Start a task for ``token``'s user, on the word of their IdP (RFC 8693), asked by ``agent`` itself.
+
+        The same start as :meth:`start` (the same rate, catalog checks, locks and ``task.started`` record,
+        which notes the token's ``jti``), after the token's own checks: ``act.sub`` is the agent, ``scope``
+        names ``task:<role>``, and its ``jti`` was never accepted before. Each refusal is an ``access.denied``
+        record with the jti. What the token claims and does not hold is a 401 (act, scope, replay, and a
+        role the user may not delegate); what is about the caller or the moment stays as for a user start
+        (an agent outside the role's patterns 403 ``agent_not_allowed``, a lock 403 ``locked``, a rate 429).
+        The jti is spent after the catalog checks, before the lock check and Vault: a token refused by the
+        catalog can be retried, one that met a lock or an unavailable Vault cannot.
+
+        Raises:
+            InvalidIdentity: act or scope do not match, the jti was accepted before, or the user may not
+                delegate the role.
+            Other errors: as :meth:`start`.
+        """
+        return await self.start(token.user, agent=str(agent.spiffe_id), role=role, ttl=ttl, reason=reason,
+                                tenant=tenant, delegation=(token, agent))
+
+    async def _accept(self, token: DelegationToken, agent: AgentIdentity, now: float) -> None:
+        """Spend the token's jti. Raises: InvalidIdentity: it was accepted before (a replay)."""
+        if not await self._store.accept_delegation(issuer=token.issuer, jti=token.jti, expires_at=token.remember_until,
+                                                   agent=str(agent.spiffe_id), now=now):
+            raise InvalidIdentity("delegation token replayed: its jti was accepted before")
+
     async def start(
-        self, user: UserIdentity, *, agent: str, role: str, ttl: int, reason: str, tenant: str | None
+        self, user: UserIdentity, *, agent: str, role: str, ttl: int, reason: str, tenant: str | None,
+        delegation: tuple[DelegationToken, AgentIdentity] | None = None,
     ) -> TaskRow:
         """Check the delegation, create the task token in Vault, record the task.
 
@@ -108,18 +144,27 @@ class TaskManager:
             self._start_rate.take(user.id, what="person")
         now = self._clock()
         person = Person(id=user.id, name=user.name, trusted_email=user.trusted_email, email=user.email)
+        jti = delegation[0].jti if delegation is not None else None
         try:
+            if delegation is not None:  # the token's own binding first: it must name this agent and role
+                check_delegation(delegation[0], delegation[1], role)
             decision = check_start(self._catalog, user, agent=agent, role=role, ttl=ttl, tenant=tenant)
+            if delegation is not None:  # after the catalog: a refused start leaves its token unspent
+                await self._accept(delegation[0], delegation[1], now)
             r = decision.role
             task_id = new_task_id()
             await self._store.begin_task(Intent(id=task_id, kind="task", task_id=task_id, grant=None, accessor=None,
                                                 created_at=now), user=person, agent=str(decision.agent),
                                          tenant=r.tenant)
-        except (Denied, BadRequest) as exc:
+        except (Denied, BadRequest, InvalidIdentity) as exc:
             await self._store.append_audit(
                 AuditRecord(now, "access.denied", "denied", user=user.id, user_name=user.name, agent=agent,
-                            tenant=tenant, resource=f"role:{role}", action="task.start", reason=exc.reason)
+                            tenant=tenant, resource=f"role:{role}", action="task.start", reason=exc.reason,
+                            delegation_jti=jti)
             )
+            if delegation is not None and isinstance(exc, NotDelegator):
+                # The token claims an authority the catalog does not give its user: a bad token (issue 13).
+                raise InvalidIdentity(exc.reason) from exc
             raise
         self._crash("task.after_intent")
         try:
@@ -146,7 +191,7 @@ class TaskManager:
             user_name=user.name, user_email=user.trusted_email,
         )
         record = AuditRecord.for_task(row, now, "task.started", "success", resource=f"role:{r.name}",
-                                      action="task.start", reason=reason)
+                                      action="task.start", reason=reason, delegation_jti=jti)
         try:
             recorded = await self._store.create_task(row, record)
         except BaseException:

@@ -26,7 +26,9 @@ from broker.dev.config import (
     DEV_PEOPLE,
     AgentTrust,
     BrokerConfig,
+    DelegationIssuer,
     Grant,
+    KubernetesCluster,
     TaskRole,
     UserIssuer,
     example_grants,
@@ -46,6 +48,12 @@ AGENT = f"spiffe://{TD}/agent/support-1"
 OTHER_AGENT = f"spiffe://{TD}/agent/support-2"
 OUTSIDER_AGENT = f"spiffe://{TD}/agent/billing-1"
 USER = "alice@example.com"
+# Two Kubernetes clusters, each its own trust domain, issuer and keys (broker.identity.kubernetes).
+K8S_TD = "k8s-a.example.org"
+K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"
+K8S_B_TD = "k8s-b.example.org"
+K8S_B_ISSUER = "https://oidc.k8s-b.example.net/id/7f3a"
+K8S_AGENT = f"spiffe://{K8S_TD}/ns/support/sa/support-bot"
 
 
 def person(name: str = USER) -> str:
@@ -62,7 +70,9 @@ def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
     approvers); ``billing-report`` is another tenant's role, for agents of another name.
     """
     support = TaskRole(
-        name="support-triage", tenant="acme", agents=(f"spiffe://{TD}/agent/support-*",), delegators=("group:support",),
+        name="support-triage", tenant="acme",
+        agents=(f"spiffe://{TD}/agent/support-*", f"spiffe://{K8S_TD}/ns/support/sa/support-*"),
+        delegators=("group:support",),
         max_ttl="30m", grants=(
             *example_grants(TD),
             Grant(name="prod-write", path="database/creds/tickets-rw", max_ttl="5m", risk="high"),
@@ -77,7 +87,11 @@ def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
         vault_addr=addr, audit_log=audit_log, revoke_confirm_timeout=5, signing_key_file="audit-signing.key",
         agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),
                 AgentTrust(trust_domain=PARTNER_TD, jwks_file="partner.jwks")),
+        clusters=(KubernetesCluster(trust_domain=K8S_TD, issuer=K8S_ISSUER, jwks_file="k8s-a.jwks"),
+                  KubernetesCluster(trust_domain=K8S_B_TD, issuer=K8S_B_ISSUER, jwks_file="k8s-b.jwks")),
         users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),),
+        # The user IdP also performs token exchange (RFC 8693): the same person ids either way.
+        delegation_issuers=(DelegationIssuer(issuer=IDP, jwks_file="idp.jwks"),),
         people=DEV_PEOPLE,
         task_roles=(support, billing),
     )
@@ -91,6 +105,8 @@ class Identities:
     partner: DevIssuer
     idp: DevIssuer
     stranger: DevIssuer
+    k8s: DevIssuer
+    k8s_b: DevIssuer
 
     def agent(self, spiffe_id: str = AGENT, **kw: Any) -> str:
         kw.setdefault("audience", AUDIENCE)
@@ -100,6 +116,19 @@ class Identities:
         kw.setdefault("audience", AUDIENCE)
         kw.setdefault("auth_time", time.time())
         return self.idp.mint_id_token(issuer=IDP, subject=name, email=name, groups=groups, **kw)
+
+    def k8s_agent(self, namespace: str = "support", service_account: str = "support-bot", **kw: Any) -> str:
+        """A projected service-account token of cluster A (``K8S_AGENT`` by default)."""
+        kw.setdefault("audience", AUDIENCE)
+        kw.setdefault("issuer", K8S_ISSUER)
+        return self.k8s.mint_k8s_token(namespace=namespace, service_account=service_account, **kw)
+
+    def delegation(self, actor: str = AGENT, *, role: str = "support-triage", name: str = USER,
+                   groups: tuple[str, ...] = ("support",), **kw: Any) -> str:
+        """The IdP's token-exchange result: ``name`` delegates ``role`` to ``actor``."""
+        kw.setdefault("audience", AUDIENCE)
+        kw.setdefault("scope", f"openid task:{role}")
+        return self.idp.mint_delegation_token(issuer=IDP, subject=name, actor=actor, groups=groups, **kw)
 
 
 @dataclass
@@ -114,8 +143,11 @@ class BrokerSite:
 
 @pytest.fixture(scope="session")
 def identities() -> Identities:
+    # The clusters sign with RS256 (kube-apiserver's usual keys); cluster B reuses A's kid, as two clusters may.
     return Identities(spiffe=DevIssuer.generate(kid="spiffe-1"), partner=DevIssuer.generate(kid="partner-1"),
-                      idp=DevIssuer.generate(kid="idp-1"), stranger=DevIssuer.generate(kid="spiffe-1"))
+                      idp=DevIssuer.generate(kid="idp-1"), stranger=DevIssuer.generate(kid="spiffe-1"),
+                      k8s=DevIssuer.generate(alg="RS256", kid="k8s-1"),
+                      k8s_b=DevIssuer.generate(alg="RS256", kid="k8s-1"))
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +158,8 @@ def broker_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoE
     identities.spiffe.write_jwks(root / "spiffe.jwks")
     identities.partner.write_jwks(root / "partner.jwks")
     identities.idp.write_jwks(root / "idp.jwks")
+    identities.k8s.write_jwks(root / "k8s-a.jwks")
+    identities.k8s_b.write_jwks(root / "k8s-b.jwks")
     TokenSealer.generate_key_file(root / "store.key")
     generate_signing_key_file(root / "audit-signing.key")
     bao = bao_with_engines.bao

@@ -68,6 +68,9 @@ class AuditRecord:
     vault_request_id: str | None = None
     # ``user`` is the person id ("<issuer>#<subject>"); this is their display name, for people to read.
     user_name: str | None = None
+    # The ``jti`` of the IdP-issued delegation token (RFC 8693) a task was started with; its issuer is the
+    # user's (``user`` is "<issuer>#<subject>").
+    delegation_jti: str | None = None
 
     @classmethod
     def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
@@ -105,7 +108,7 @@ CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
-ADDED_FIELDS = ("user_name",)
+ADDED_FIELDS = ("user_name", "delegation_jti")
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:

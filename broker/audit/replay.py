@@ -139,7 +139,7 @@ def describe(rec: AuditRecord) -> str:
     if e == "task.started":
         role = (rec.resource or "").removeprefix("role:")
         return _kv(("by", _who(rec)), ("for", rec.agent), ("as", role), ("tenant", rec.tenant),
-                   ("reason", rec.reason))
+                   ("reason", rec.reason), ("delegation jti", rec.delegation_jti))
     if e.startswith("lease."):
         return _kv(("", rec.resource), ("lease", rec.lease), ("vault request", rec.vault_request_id),
                    ("", rec.reason))

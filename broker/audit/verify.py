@@ -61,7 +61,7 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 # canonical_bytes itself.
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id", "user_name")
+                 "lease", "vault_request_id", "user_name", "delegation_jti")
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
 _N = len(fields(AuditRecord))
@@ -71,7 +71,7 @@ _PREV, _HASH = _N + 1, _N + 2
 def _body(r: AuditRecord, seq: int) -> bytes:
     """``canonical_bytes(r, seq)``, faster."""
     return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id, r.user_name))
+                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti))
 
 
 def _row_body(row: Sequence[Any]) -> bytes:
@@ -85,11 +85,12 @@ def _row_body(row: Sequence[Any]) -> bytes:
         return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
     e = encode_basestring
     (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
-     user_name) = row[:14]
+     user_name, delegation_jti) = row[:15]
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
             f'"agent":{"null" if agent is None else e(agent)},'
+            f'{"" if delegation_jti is None else chr(34) + "delegation_jti" + chr(34) + ":" + e(delegation_jti) + ","}'
             f'"event":{"null" if event is None else e(event)},'
             f'"lease":{"null" if lease is None else e(lease)},'
             f'"outcome":{"null" if outcome is None else e(outcome)},'

@@ -97,6 +97,31 @@ class UserIssuer:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KubernetesCluster:
+    """One ``[[agents.kubernetes]]`` entry: a cluster's service-account issuer and keys, and the trust domain
+    its pods' agents get (``spiffe://<trust_domain>/ns/<namespace>/sa/<name>``)."""
+
+    trust_domain: str
+    issuer: str
+    jwks_file: str | Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trust_domain": self.trust_domain, "issuer": self.issuer, "jwks_file": str(self.jwks_file)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DelegationIssuer:
+    """One ``[[users.delegation_issuers]]`` entry: an IdP whose RFC 8693 tokens let agents start tasks."""
+
+    issuer: str
+    jwks_file: str | Path
+    groups_claim: str = "groups"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "jwks_file": str(self.jwks_file), "groups_claim": self.groups_claim}
+
+
+@dataclass(frozen=True, kw_only=True)
 class People:
     """``[people]``: who operates, audits and approves (``group:<name>`` or a person)."""
 
@@ -134,7 +159,9 @@ class BrokerConfig:
     signing_key_file: str | Path | None = None
     witness_file: str | Path | None = None
     agents: tuple[AgentTrust, ...] = ()
+    clusters: tuple[KubernetesCluster, ...] = ()
     users: tuple[UserIssuer, ...] = ()
+    delegation_issuers: tuple[DelegationIssuer, ...] = ()
     people: People = People()
     limits: Mapping[str, int | float] = field(default_factory=dict)
     maintenance: Mapping[str, int | float] = field(default_factory=dict)
@@ -167,10 +194,20 @@ class BrokerConfig:
                             ("maintenance", dict(self.maintenance))):
             if table:
                 doc[name] = table
+        agents: dict[str, Any] = {}
         if self.agents:
-            doc["agents"] = {"trust": [a.to_dict() for a in self.agents]}
+            agents["trust"] = [a.to_dict() for a in self.agents]
+        if self.clusters:
+            agents["kubernetes"] = [c.to_dict() for c in self.clusters]
+        if agents:
+            doc["agents"] = agents
+        users: dict[str, Any] = {}
         if self.users:
-            doc["users"] = {"issuers": [u.to_dict() for u in self.users]}
+            users["issuers"] = [u.to_dict() for u in self.users]
+        if self.delegation_issuers:
+            users["delegation_issuers"] = [d.to_dict() for d in self.delegation_issuers]
+        if users:
+            doc["users"] = users
         if people := self.people.to_dict():
             doc["people"] = people
         if self.task_roles:

@@ -31,7 +31,9 @@ from broker.dev.config import (
     DEV_PEOPLE,
     AgentTrust,
     BrokerConfig,
+    DelegationIssuer,
     Grant,
+    KubernetesCluster,
     TaskRole,
     UserIssuer,
     agent_cert_grant,
@@ -61,6 +63,12 @@ T = TypeVar("T")
 TRUST_DOMAIN = "dev.example.org"
 IDP_ISSUER = "https://idp.dev.example.org"
 AGENT = f"spiffe://{TRUST_DOMAIN}/agent/demo-1"
+# A dev cluster: its pods' projected service-account tokens name agents spiffe://<this>/ns/<ns>/sa/<name>.
+K8S_TRUST_DOMAIN = "k8s.dev.example.org"
+K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"
+K8S_NAMESPACE = "agents"
+K8S_SERVICE_ACCOUNT = "demo-1"
+K8S_AGENT = f"spiffe://{K8S_TRUST_DOMAIN}/ns/{K8S_NAMESPACE}/sa/{K8S_SERVICE_ACCOUNT}"
 USER = "alice@dev.example.org"
 ROLE = "demo-support"
 APPROVER = "lena@dev.example.org"
@@ -155,6 +163,11 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
                    f"-H 'Content-Type: application/json' -d '{{\"agent\":\"{AGENT}\",\"role\":\"{ROLE}\","
                    f"\"ttl\":\"5m\",\"reason\":\"try it\"}}' http://127.0.0.1:{port}/v1/tasks")
         click.echo(f"  (demo tokens in {work}/demo-*.jwt, valid 1 hour; the audit trail: demo-auditor.jwt)")
+        click.echo("  an agent in Kubernetes starts a task itself with its user's IdP-issued delegation (once):")
+        click.echo(f"  curl -s -H \"Authorization: Bearer $(cat {work}/demo-k8s-agent.jwt)\" "
+                   f"-H \"X-Delegation-Token: $(cat {work}/demo-delegation.jwt)\" "
+                   f"-H 'Content-Type: application/json' -d '{{\"role\":\"{ROLE}\",\"ttl\":\"5m\","
+                   f"\"reason\":\"delegated\"}}' http://127.0.0.1:{port}/v1/tasks")
         click.echo(f"  the console: http://127.0.0.1:{port}/console (sign in with demo-approver.jwt to decide "
                    "approvals; its sign-in counts as fresh for 5 minutes)")
         click.echo("Ctrl-C stops the broker and OpenBao.")
@@ -193,10 +206,14 @@ async def _start(runner: web.AppRunner, host: str, port: int) -> None:
 def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path | None, *, with_db: bool) -> Path:
     idp = DevIssuer.generate(kid="dev-idp-1")
     spiffe = DevIssuer.generate(kid="dev-spiffe-1")
+    # A cluster's service-account signer: RS256, as kube-apiserver's default keys are.
+    cluster = DevIssuer.generate(alg="RS256", kid="dev-k8s-1")
     idp.save(work / "idp.key")
     spiffe.save(work / "spiffe.key")
+    cluster.save(work / "k8s-cluster.key")
     idp.write_jwks(work / "idp.jwks")
     spiffe.write_jwks(work / "spiffe-bundle.jwks")
+    cluster.write_jwks(work / "k8s-cluster.jwks")
     return _dev_config(addr, host=host, port=port, audit_log=audit_log, with_db=with_db).write(work / "broker.toml")
 
 
@@ -213,9 +230,14 @@ def _dev_config(addr: str, *, host: str, port: int, audit_log: Path | None, with
         listen=f"{host}:{port}", vault_addr=addr, audit_log=audit_log,
         signing_key_file="audit-signing.key", witness_file="audit-witness.txt",
         agents=(AgentTrust(trust_domain=TRUST_DOMAIN, jwks_file="spiffe-bundle.jwks"),),
+        clusters=(KubernetesCluster(trust_domain=K8S_TRUST_DOMAIN, issuer=K8S_ISSUER, jwks_file="k8s-cluster.jwks"),),
         users=(UserIssuer(issuer=IDP_ISSUER, jwks_file="idp.jwks"),),
+        # The dev IdP also performs token exchange (RFC 8693): its delegation tokens let agents start tasks.
+        delegation_issuers=(DelegationIssuer(issuer=IDP_ISSUER, jwks_file="idp.jwks"),),
         people=DEV_PEOPLE,
-        task_roles=(TaskRole(name=ROLE, tenant="demo", agents=(f"spiffe://{TRUST_DOMAIN}/agent/demo-*",),
+        task_roles=(TaskRole(name=ROLE, tenant="demo",
+                             agents=(f"spiffe://{TRUST_DOMAIN}/agent/demo-*",
+                                     f"spiffe://{K8S_TRUST_DOMAIN}/ns/{K8S_NAMESPACE}/sa/demo-*"),
                              delegators=("group:support",), max_ttl="30m", grants=grants),),
     )
 
@@ -231,6 +253,13 @@ def _write_tokens(work: Path, idp: DevIssuer, spiffe: DevIssuer) -> None:
         "demo-auditor.jwt": _user_token(idp, "audrey@dev.example.org", ["audit"], ttl=3600),
         "demo-approver.jwt": _user_token(idp, APPROVER, ["secops-leads"], ttl=3600),
         "demo-agent.jwt": spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=3600),
+        # What a pod's projected volume holds (audience agent-broker), and a one-use delegation for it.
+        "demo-k8s-agent.jwt": DevIssuer.load(work / "k8s-cluster.key").mint_k8s_token(
+            issuer=K8S_ISSUER, namespace=K8S_NAMESPACE, service_account=K8S_SERVICE_ACCOUNT, audience=AUDIENCE,
+            pod="demo-1-7d9f8", ttl=3600),
+        "demo-delegation.jwt": idp.mint_delegation_token(
+            issuer=IDP_ISSUER, subject=USER, actor=K8S_AGENT, audience=AUDIENCE, scope=f"task:{ROLE}",
+            groups=["support"], ttl=3600),
     }
     for name, token in tokens.items():
         _write_token(work / name, token)

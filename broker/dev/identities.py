@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -202,3 +203,67 @@ class DevIssuer:
             claims["auth_time"] = int(auth_time)
         claims.update(extra_claims or {})
         return self.encode(claims)
+
+    def mint_k8s_token(
+        self,
+        *,
+        issuer: str,
+        namespace: str,
+        service_account: str,
+        audience: str,
+        pod: str | None = "agent-0",
+        node: str | None = None,
+        ttl: float = 3600,
+        now: float | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A projected service-account token as a kube-apiserver issues it (DEV/TEST ONLY).
+
+        The claims are those of ``pkg/serviceaccount/claims.go`` (``Claims()``) in kubernetes/kubernetes:
+        sub ``system:serviceaccount:<ns>:<name>``, aud, iat = nbf = now, exp, a uuid ``jti`` (1.29+), and the
+        private ``kubernetes.io`` claim with the namespace, the service account's name and uid and, for a
+        pod-bound token, the pod's (and, 1.30+, its node's) name and uid. ``extra_claims`` override them.
+        """
+        issued = int(time.time() if now is None else now)
+        private: dict[str, Any] = {"namespace": namespace,
+                                   "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())}}
+        if pod is not None:
+            private["pod"] = {"name": pod, "uid": str(uuid.uuid4())}
+        if node is not None:
+            private["node"] = {"name": node, "uid": str(uuid.uuid4())}
+        claims: dict[str, Any] = {
+            "aud": [audience], "exp": int(issued + ttl), "iat": issued, "iss": issuer, "jti": str(uuid.uuid4()),
+            "kubernetes.io": private, "nbf": issued, "sub": f"system:serviceaccount:{namespace}:{service_account}",
+        }
+        claims.update(extra_claims or {})
+        # The API server's signer sets alg and kid only (no typ).
+        return jwt.PyJWS().encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"), self.private_key,
+                                  algorithm=self.alg, headers={"kid": self.kid, "typ": None})
+
+    def mint_delegation_token(
+        self,
+        *,
+        issuer: str,
+        subject: str,
+        actor: str,
+        audience: str,
+        scope: str,
+        groups: Sequence[str] = (),
+        ttl: float = 300,
+        now: float | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An RFC 8693 token-exchange result naming ``subject`` (the user) and ``actor`` (the agent) (DEV/TEST ONLY).
+
+        RFC 8693 §4.1 (``act``), §4.2 (``scope``) and RFC 9068's JWT access token (``typ: at+jwt``, ``jti``,
+        ``client_id``). ``extra_claims`` override the defaults.
+        """
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, Any] = {
+            "iss": issuer, "sub": subject, "aud": audience, "iat": issued, "exp": int(issued + ttl),
+            "jti": str(uuid.uuid4()), "scope": scope, "act": {"sub": actor}, "client_id": "agent-platform",
+        }
+        if groups:
+            claims["groups"] = list(groups)
+        claims.update(extra_claims or {})
+        return self.encode(claims, headers={"typ": "at+jwt"})

@@ -1,8 +1,9 @@
 """Who is calling: SPIFFE IDs, JWT-SVIDs (agents) and OIDC ID tokens (people).
 
 Layout: ``spiffe_id`` (SpiffeId, SpiffePattern), ``jwks`` (keys and key sources), ``tokens`` (the pure
-checks, ``verify_svid``/``verify_id_token``), ``verifiers`` (the async AgentVerifier/UserVerifier). Import
-from ``broker.identity``; the submodules are an implementation detail.
+checks, ``verify_svid``/``verify_id_token``), ``kubernetes`` (projected service-account tokens as agents),
+``delegation_tokens`` (RFC 8693 delegation an IdP issued, and its verifier), ``verifiers`` (the async
+AgentVerifier/UserVerifier). Import from ``broker.identity``; the submodules are an implementation detail.
 
 Rules this package keeps (threat rows TH-01..TH-10 and TH-31):
 
@@ -27,6 +28,12 @@ Rules this package keeps (threat rows TH-01..TH-10 and TH-31):
 
 from __future__ import annotations
 
+from broker.identity.delegation_tokens import (
+    DelegationIssuerTrust,
+    DelegationToken,
+    DelegationVerifier,
+    check_delegation,
+)
 from broker.identity.jwks import (
     ALLOWED_ALGS,
     JwksKeySet,
@@ -36,6 +43,7 @@ from broker.identity.jwks import (
     StaticKeySource,
     load_key_source,
 )
+from broker.identity.kubernetes import ClusterTrust
 from broker.identity.spiffe_id import SpiffeId, SpiffePattern
 from broker.identity.tokens import (
     MAX_TOKEN_BYTES,
@@ -57,6 +65,10 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "AgentIdentity",
     "AgentVerifier",
+    "ClusterTrust",
+    "DelegationIssuerTrust",
+    "DelegationToken",
+    "DelegationVerifier",
     "IssuerTrust",
     "JwksKeySet",
     "JwksUrlKeySource",
@@ -68,6 +80,7 @@ __all__ = [
     "StaticKeySource",
     "UserIdentity",
     "UserVerifier",
+    "check_delegation",
     "id_token_key_ref",
     "is_person_id",
     "load_key_source",

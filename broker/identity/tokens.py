@@ -142,8 +142,11 @@ class _Jws:
     claims: dict[str, Any]
 
 
-def _parse_jws(token: object) -> _Jws:
-    """Check everything about the token's shape and header; the signature comes later."""
+def _parse_jws(token: object, *, typs: frozenset[str] = _ALLOWED_TYP) -> _Jws:
+    """Check everything about the token's shape and header; the signature comes later.
+
+    ``typs``: the header ``typ`` values accepted when there is one (an absent ``typ`` is accepted).
+    """
     if not isinstance(token, str):
         _fail("token is not a string")
     # Length first, before any decoding: len() in characters bounds the bytes for the ASCII we accept.
@@ -172,8 +175,8 @@ def _parse_jws(token: object) -> _Jws:
     kid = header.get("kid")
     if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
         _fail("kid missing or malformed")
-    if "typ" in header and header["typ"] not in _ALLOWED_TYP:
-        _fail("typ must be JWT or JOSE")
+    if "typ" in header and header["typ"] not in typs:
+        _fail("typ must be JWT or JOSE" if typs == _ALLOWED_TYP else "typ not accepted for this kind of token")
     try:
         claims = strict_json(_b64url_decode(segments[1], "payload"))
     except ValueError:
@@ -395,6 +398,11 @@ def verify_id_token(
     # TH-31: a SPIFFE ID is an agent, never a person, whatever key signed it.
     if _looks_like_spiffe(sub):
         _fail("sub is a SPIFFE ID: agent tokens are not user tokens")
+    # TH-10: a token with an actor (RFC 8693 ``act``) was handed to that actor to act *for* the person; it
+    # is never the person's own sign-in, even from the same IdP with the same keys. Accepting it here would
+    # let the agent holding a delegation token act as the person on every route.
+    if "act" in claims:
+        _fail("token names an actor (act): a delegation token is not the user's ID token")
     _check_audience(claims, audience)
     exp = _check_times(claims, now=now, leeway=leeway, max_lifetime=max_lifetime)
     auth_time = _numeric(claims, "auth_time")
@@ -419,3 +427,13 @@ def verify_id_token(
         email=email or None,
         email_trusted=bool(email) and (verified is True or trust_email) and _in_domains(email, email_domains),
     )
+
+
+# The checks above, for the other token kinds' modules (``kubernetes``, ``delegation_tokens``).
+parse_jws = _parse_jws
+verify_signature = _check_signature
+check_audience = _check_audience
+check_times = _check_times
+optional_str = _optional_str
+numeric = _numeric
+svid_subject = _svid_subject

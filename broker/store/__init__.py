@@ -39,6 +39,7 @@ from broker.rows import (
 from broker.store._base import StoreBase
 from broker.store.approvals import ApprovalStore
 from broker.store.audit import AuditStore
+from broker.store.delegations import DelegationStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
 from broker.store.tasks import TaskStore
@@ -48,10 +49,11 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry",
            "RevocationRow", "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 
-class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, StoreBase):
+class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, DelegationStore,
+            StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``, and ``signals`` through ``tasks``) on one engine and one store
-    thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, and ``signals`` through ``tasks``) on one
+    engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:

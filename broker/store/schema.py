@@ -153,6 +153,8 @@ audit_events = Table(
     Column("hash", String(64)),
     # The person's display name beside ``user`` (their id); null in records from before it existed.
     Column("user_name", String(320)),
+    # The ``jti`` of the IdP-issued delegation token a task was started with (null otherwise).
+    Column("delegation_jti", String(255)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),
@@ -322,4 +324,19 @@ signal_deliveries = Table(
     Column("last_error", String(512)),
     Index("ix_signal_deliveries_due", "state", "next_attempt_at"),
     Index("ix_signal_deliveries_task", "task_id"),
+)
+
+# Every IdP-issued delegation token a task start accepted (broker.identity.delegation_tokens), by issuer and
+# jti, until the token has expired: the primary key makes the insert the one atomic "accept once" across
+# replicas and concurrent requests. The maintenance loop deletes rows past ``expires_at``, when the token
+# itself no longer verifies.
+delegation_tokens = Table(
+    "delegation_tokens",
+    metadata,
+    Column("issuer", String(320), primary_key=True),
+    Column("jti", String(255), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+    Column("accepted_at", Float, nullable=False),
+    Column("agent", String(2048), nullable=False),
+    Index("ix_delegation_tokens_expires", "expires_at"),
 )

@@ -388,7 +388,8 @@ CORPUS: list[Case] = [
     Case("signature_short", "TH-08", lambda k: k.svid().rpartition(".")[0] + ".AA", "signature does not verify"),
     # TH-09 SPIFFE ID edge cases and trust-domain binding
     Case("sub_missing", "TH-09", lambda k: k.svid(sub=DROP), "sub missing"),
-    Case("sub_k8s_sa", "TH-10", lambda k: k.svid(sub="system:serviceaccount:default:agent"), "malformed SPIFFE ID"),
+    # A service-account sub goes to the Kubernetes checks (broker.identity.kubernetes), which want a cluster iss.
+    Case("sub_k8s_sa", "TH-10", lambda k: k.svid(sub="system:serviceaccount:default:agent"), "iss missing"),
     Case("sub_upper_scheme", "TH-09", lambda k: k.svid(sub="SPIFFE://example.org/agent/x"), "malformed SPIFFE ID"),
     Case("sub_upper_td", "TH-09", lambda k: k.svid(sub="spiffe://Example.org/agent/x"), "malformed SPIFFE ID"),
     Case("sub_dotdot", "TH-09", lambda k: k.svid(sub="spiffe://example.org/agent/../admin"), "malformed SPIFFE ID"),

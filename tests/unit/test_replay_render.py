@@ -116,6 +116,15 @@ class TestMachineFormats:
         assert events[0]["metadata"]["correlation_uid"] == "tsk_a" and events[0]["class_uid"] == 6003
 
 
+class TestDelegatedStart:
+    def test_the_delegations_jti_is_shown_and_kept(self) -> None:
+        """A task started with an IdP-issued delegation shows its jti in the timeline and survives the API."""
+        started = rec(1, "task.started", resource="role:support-triage", reason="ticket 42",
+                      delegation_jti="6e8f1b2a-3c4d")
+        assert "delegation jti 6e8f1b2a-3c4d" in render_table([started])
+        assert records_from_api([{"seq": 1, **started.record.__dict__}]) == [started]
+
+
 class TestInput:
     def test_records_from_api_round_trip(self) -> None:
         """The API's AuditOut objects become records in sequence order."""
