@@ -237,6 +237,9 @@ class AuditOut(BaseModel):
     reason: str | None = None
     lease: str | None = None
     vault_request_id: str | None = None
+    caller_address: str | None = Field(
+        default=None, description="Where the operation came from: the HTTP caller's address (the socket peer), or "
+                                  "the remote address OpenBao logged; null when unknown")
 
 
 class AuditPage(BaseModel):

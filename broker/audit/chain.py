@@ -15,7 +15,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 from broker.errors import AuditChainBroken
@@ -52,6 +53,18 @@ class TaskLike(Protocol):
     def tenant(self) -> str: ...
 
 
+# The network address of the caller whose request is being served (the socket peer), set by the HTTP
+# layer around each request. A record takes it by default, so every record a request causes names where
+# the request came from without each domain call carrying the address; records written by the broker's
+# own background work (expiry, renewal, the Vault audit tailer) have none or set their own.
+CALLER_ADDRESS: ContextVar[str | None] = ContextVar("broker_caller_address", default=None)
+
+
+def current_caller() -> str | None:
+    """The address of the request being served, or None outside a request."""
+    return CALLER_ADDRESS.get()
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     time: float
@@ -68,6 +81,8 @@ class AuditRecord:
     vault_request_id: str | None = None
     # ``user`` is the person id ("<issuer>#<subject>"); this is their display name, for people to read.
     user_name: str | None = None
+    # Where the operation came from: the HTTP caller's socket peer, or the remote address Vault logged.
+    caller_address: str | None = field(default_factory=current_caller)
 
     @classmethod
     def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
@@ -105,7 +120,7 @@ CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
-ADDED_FIELDS = ("user_name",)
+ADDED_FIELDS = ("user_name", "caller_address")
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:

@@ -145,6 +145,8 @@ audit_events = Table(
     Column("hash", String(64)),
     # The person's display name beside ``user`` (their id); null in records from before it existed.
     Column("user_name", String(320)),
+    # Where the operation came from (HTTP socket peer or Vault's remote address); null when unknown.
+    Column("caller_address", String(128)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),
