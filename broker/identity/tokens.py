@@ -14,7 +14,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 import jwt
 
 from broker.errors import InvalidIdentity
-from broker.identity.jwks import ALLOWED_ALGS, KID_RE, Key, strict_json
+from broker.identity.jwks import ID_TOKEN_ALGS, JWT_SVID_ALGS, KID_RE, Key, strict_json
 from broker.identity.spiffe_id import SpiffeId
 
 __all__ = [
@@ -142,8 +142,8 @@ class _Jws:
     claims: dict[str, Any]
 
 
-def _parse_jws(token: object) -> _Jws:
-    """Check everything about the token's shape and header; the signature comes later."""
+def _parse_jws(token: object, algs: tuple[str, ...]) -> _Jws:
+    """Check everything about the token's shape and header (``alg`` one of ``algs``); the signature comes later."""
     if not isinstance(token, str):
         _fail("token is not a string")
     # Length first, before any decoding: len() in characters bounds the bytes for the ASCII we accept.
@@ -167,7 +167,7 @@ def _parse_jws(token: object) -> _Jws:
         known = sorted(extra & {"crit", "jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "b64", "zip", "enc"})
         _fail(f"header has forbidden parameters {known}" if known else "header has unknown parameters")
     alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
+    if not isinstance(alg, str) or alg not in algs:
         _fail("alg missing or not allowed")
     kid = header.get("kid")
     if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
@@ -298,7 +298,7 @@ def svid_key_ref(token: str) -> KeyRef:
     Raises:
         InvalidIdentity: if the token is malformed or ``sub`` is not a workload SPIFFE ID.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, JWT_SVID_ALGS)
     return KeyRef(_svid_subject(jws.claims).trust_domain, jws.kid)
 
 
@@ -321,7 +321,7 @@ def verify_svid(
             signature fails; ``aud`` is not exactly ``audience``; exp/nbf/iat are missing, mistyped or
             out of range; the lifetime exceeds ``max_lifetime``; or ``iss`` is a user issuer.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, JWT_SVID_ALGS)
     sid = _svid_subject(jws.claims)
     # The key must come from the trust domain the token claims to belong to, never a neighbour's.
     if sid.trust_domain != trust_domain:
@@ -346,7 +346,7 @@ def id_token_key_ref(token: str) -> KeyRef:
     Raises:
         InvalidIdentity: if the token is malformed or has no string ``iss``.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, ID_TOKEN_ALGS)
     iss = jws.claims.get("iss")
     if not isinstance(iss, str) or not iss:
         _fail("iss missing or not a string")
@@ -379,7 +379,7 @@ def verify_id_token(
             exp/nbf/iat/auth_time are missing (exp), mistyped or out of range; the lifetime exceeds
             ``max_lifetime``; ``sub`` is missing, empty or a SPIFFE ID; or groups/email are mistyped.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, ID_TOKEN_ALGS)
     claims = jws.claims
     if claims.get("iss") != issuer:
         _fail("iss does not match")
