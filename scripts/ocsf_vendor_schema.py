@@ -8,14 +8,18 @@ per version), and cross-checked against the release's source files in a checkout
 ``ocsf/ocsf-schema`` at the release tag: every attribute the source marks required on the class (and
 not behind a profile) must be required in the JSON Schema.
 
-Why not ``ocsf-lib``'s compiler: ocsf-lib 0.10.4 (``python -m ocsf.compile``) ignores a class's
-``"profile": null`` override, so in its output ``actor`` and ``api`` of API Activity sit behind the
-``host`` and ``cloud`` profiles and a schema made from it does not require them. OCSF's own compile
-does.
+Why not ``ocsf-lib``'s compiler for the vendored file: ocsf-lib 0.10.4 (``python -m ocsf.compile``)
+(1) ignores a class's ``"profile": null`` override, so in its output ``actor`` and ``api`` of API
+Activity sit behind the ``host`` and ``cloud`` profiles and a schema made from it does not require
+them; and (2) keeps a base object's ``at_least_one`` constraint over the extending object's own (its
+``network_endpoint`` needs ``name`` or ``uid``, where the source file, and OCSF's compile, accept any
+of ``ip``, ``uid``, ``name``, ``hostname``...). ``--ocsf-lib`` compiles the checkout with ocsf-lib
+anyway, corrects (1), and checks that the two JSON Schemas agree on everything but those constraints
+(for 1.8.0 they do: 11 objects differ in ``anyOf`` only).
 
     pip install ocsf-json-schema==1.2.0
     git clone https://github.com/ocsf/ocsf-schema && git -C ocsf-schema checkout 1.8.0
-    python scripts/ocsf_vendor_schema.py --version 1.8.0 --source-repo ocsf-schema
+    python scripts/ocsf_vendor_schema.py --version 1.8.0 --source-repo ocsf-schema [--ocsf-lib]
 
 Only for maintainers refreshing the vendored file; tests never run it (they need no network).
 """
@@ -53,10 +57,50 @@ def _source_required(repo: Path) -> set[str]:
     return required
 
 
+def _strip_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _strip_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_strip_none(v) for v in x]
+    return x
+
+
+def _ocsf_lib_schema(repo: Path) -> dict[str, Any]:
+    """API Activity's JSON Schema from ocsf-lib's compile of ``repo``, in the OCSF server's export shape."""
+    from ocsf_json_schema import OcsfJsonSchemaEmbedded
+
+    out = subprocess.run([sys.executable, "-m", "ocsf.compile", str(repo)], capture_output=True, check=True)
+    raw = json.loads(out.stdout)
+    source = json.loads((repo / "events/application/api_activity.json").read_text())["attributes"]
+    for name, attr in source.items():  # correction (1): the class's own "profile": null wins
+        if isinstance(attr, dict) and "profile" in attr and attr["profile"] is None:
+            raw["classes"][CLASS]["attributes"][name]["profile"] = None
+    lib = _strip_none(raw)
+    lib["dictionary"] = {"types": {"attributes": lib.pop("types")}}
+    objects = lib["objects"]
+    for group in (lib["classes"], objects):
+        for entity in group.values():
+            for attr in entity.get("attributes", {}).values():
+                if attr.get("type") in objects:
+                    attr["object_type"], attr["type"] = attr["type"], "object_t"
+                if "profile" in attr:
+                    attr["profiles"] = [attr.pop("profile")]
+    return OcsfJsonSchemaEmbedded(lib).get_class_schema(CLASS, [])  # type: ignore[no-any-return]
+
+
+def _normal(x: Any, drop: frozenset[str]) -> Any:
+    if isinstance(x, dict):
+        return {k: _normal(v, drop) for k, v in x.items() if k not in drop}
+    if isinstance(x, list):
+        return sorted((_normal(v, drop) for v in x), key=lambda v: json.dumps(v, sort_keys=True))
+    return x
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", required=True, help="a released OCSF version, e.g. 1.8.0")
     parser.add_argument("--source-repo", type=Path, required=True, help="ocsf-schema checked out at the release tag")
+    parser.add_argument("--ocsf-lib", action="store_true", help="also compile with ocsf-lib and compare")
     args = parser.parse_args()
     from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
 
@@ -72,6 +116,15 @@ def main() -> int:
     if missing:
         print(f"the compiled schema does not require {sorted(missing)}, which the source does", file=sys.stderr)
         return 1
+    if args.ocsf_lib:
+        ours, theirs = (_normal(x, frozenset({"title", "$id", "$comment", "anyOf"})) for x in
+                        (schema, _ocsf_lib_schema(repo)))
+        if ours != theirs:
+            print("ocsf-lib's compile differs beyond at_least_one constraints", file=sys.stderr)
+            return 1
+        defs = _ocsf_lib_schema(repo)["$defs"]
+        differ = sorted(k for k, v in schema["$defs"].items() if v.get("anyOf") != defs.get(k, {}).get("anyOf"))
+        print(f"ocsf-lib agrees but for the at_least_one constraints of {len(differ)} objects: {', '.join(differ)}")
     schema["$comment"] = (f"OCSF {args.version} API Activity (class 6003), no profiles, objects embedded. Generated by "
                           f"scripts/ocsf_vendor_schema.py with ocsf-json-schema 1.2.0 from OCSF's compile of release "
                           f"{args.version} (export/v2/schema), cross-checked against ocsf/ocsf-schema tag "
