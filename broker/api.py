@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from broker import __version__, jsontext
 from broker.approvals import ApprovalManager
+from broker.audit import CALLER_ADDRESS
 from broker.audit.checkpoints import StoreVerifier
 from broker.audit.tailer import VaultAuditTailer
 from broker.delegation import Catalog, any_includes
@@ -139,6 +140,9 @@ def _check_edge(request: web.Request) -> None:
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
     request["request_id"] = secrets.token_hex(8)
+    # Every audit record this request causes names its caller's address (the socket peer: a proxy in
+    # front is what the broker sees; see docs/audit.md).
+    caller = CALLER_ADDRESS.set(request.remote)
     try:
         _check_edge(request)
         return await handler(request)
@@ -171,6 +175,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
                       request["request_id"])
         return problem(500, "internal", "Internal error", "the broker failed; the request id identifies it in its log",
                        request)
+    finally:
+        CALLER_ADDRESS.reset(caller)
 
 
 # -- request helpers -----------------------------------------------------------------------------------

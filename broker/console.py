@@ -7,7 +7,12 @@ aiohttp-jinja2 with autoescape on for every template:
   ``POST /console/logout``.
 * ``GET /console``: the approvals queue, each pending request in full, with approve/deny and a reason.
 * ``GET /console/tasks``: live tasks and leases, with a revoke button per task (operators).
-* ``GET /console/tasks/{id}``: one task's timeline from the audit records (operators, auditors).
+* ``GET /console/tasks/{id}``: one task's timeline, as a picture and from the audit records (operators,
+  auditors).
+* ``GET /console/history``: a user's or an agent's tasks and leases over a chosen window, as a picture,
+  with "revoke this user/agent" for operators (``POST /console/revoke``, which asks for confirmation
+  first). The tasks page draws the live leases by tenant and grant. The pictures are inline SVG laid
+  out by ``broker.timeline`` (pure) and drawn by the ``chart`` macro: no script, no style attribute.
 
 Rules this file keeps:
 
@@ -31,6 +36,7 @@ Rules this file keeps:
 
 from __future__ import annotations
 
+import calendar
 import functools
 import hashlib
 import hmac
@@ -45,8 +51,9 @@ from typing import Literal
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from yarl import URL
 
-from broker import api
+from broker import api, timeline
 from broker.approvals import is_same_person
 from broker.delegation import Catalog, any_includes
 from broker.errors import (
@@ -63,7 +70,7 @@ from broker.errors import (
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
 from broker.limits import RateLimiter
 from broker.server import log_path
-from broker.store import ApprovalRow, Person, TaskRow
+from broker.store import ApprovalRow, AuditRow, Person, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +309,7 @@ def _page(request: web.Request, template: str, title: str, *, session: Session |
             links.append(("approvals", PREFIX, "Approvals"))
         if _is_staff(catalog, session.user):
             links.append(("tasks", f"{PREFIX}/tasks", "Tasks and leases"))
+            links.append(("history", f"{PREFIX}/history", "History"))
         nav = _Nav(links=links, active=active, who=session.user.name, csrf=session.csrf)
         flash, session.flash = session.flash, None
     return aiohttp_jinja2.render_template(f"{template}.html", request,
@@ -541,9 +549,14 @@ async def tasks_page(request: web.Request) -> web.Response:
     now = request.app[api.CLOCK]()
     live = await store.find_tasks(states=("active",), limit=200)
     leases = await store.find_leases(states=("active", "revoke_pending"), limit=500)
+    counts: dict[tuple[str, str], list[int]] = {}
+    for lease, task in leases:
+        n = counts.setdefault((task.tenant, lease.grant), [0, 0])
+        n[0 if lease.state == "active" else 1] += 1
+    chart = timeline.lease_chart([(t, g, a, p) for (t, g), (a, p) in counts.items()])
     return _page(request, "tasks", "Tasks and leases", session=session, active="tasks", tasks=live, now=now,
                  operator=any_includes(catalog.operators, session.user), csrf=session.csrf, leases=leases,
-                 leases_with_task=any(t is not None for _, t in leases))
+                 leases_with_task=any(t is not None for _, t in leases), lease_chart=chart)
 
 
 async def task_page(request: web.Request) -> web.Response:
@@ -553,8 +566,154 @@ async def task_page(request: web.Request) -> web.Response:
     _staff_or_denied(catalog, session.user)
     task, leases = await request.app[api.TASKS].get(request.match_info["task_id"])
     records = await request.app[api.STORE].query_audit(task=task.id, limit=1000)
+    now = request.app[api.CLOCK]()
+    lanes = timeline.task_lanes(task, leases, [r.record for r in records])
+    # The task's life so far: from its start to its end (a live one: to now), and every lease's end in it.
+    last = now if task.state == "active" else (task.ended_at if task.ended_at is not None else task.expires_at)
+    last = max([last, *[x.revoked_at for x in leases if x.revoked_at is not None]])
+    start, end = _padded(task.created_at, last)
+    chart = timeline.timeline_chart(lanes, start=start, end=end, now=now,
+                                    summary=f"Timeline of task {task.id}: {len(leases)} lease(s)")
     return _page(request, "task", f"Task {task.id}", session=session, active="tasks", task=task,
-                 leases=[(x, None) for x in leases], records=records)
+                 leases=[(x, None) for x in leases], records=records, chart=chart)
+
+
+def _padded(start: float, end: float) -> tuple[float, float]:
+    """The window ``[start, end]`` with a little room on each side."""
+    pad = max((end - start) * 0.04, 0.5)
+    return start - pad, end + pad
+
+
+# -- history: a user's or an agent's tasks over a window ----------------------------------------------
+
+_HISTORY_TASKS = 25
+_HISTORY_RECORDS = 5000
+_MAX_WINDOW = 31 * 86400
+_SELECTORS = ("user", "agent")
+
+
+def _parse_when(text: str, name: str) -> float:
+    """``YYYY-MM-DDTHH:MM`` (what a datetime-local field sends; seconds optional), read as UTC.
+
+    Raises:
+        BadRequest: anything else.
+    """
+    for fmt in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return float(calendar.timegm(time.strptime(text.strip(), fmt)))
+        except ValueError:
+            continue
+    raise BadRequest(f"{name} must be a UTC date and time like 2026-12-01T09:30")
+
+
+def _form_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+
+
+def _selector(kind: str, value: str) -> tuple[Literal["user", "agent"], str]:
+    """Raises: BadRequest: a kind other than user or agent, or an empty or oversized value."""
+    if kind not in _SELECTORS:
+        raise BadRequest("choose user or agent")
+    value = value.strip()
+    if not value or len(value) > 2048:
+        raise BadRequest(f"name the {kind} (a person id or email address, or a SPIFFE ID)")
+    return ("user" if kind == "user" else "agent"), value
+
+
+def _history_url(kind: str, value: str) -> str:
+    return str(URL(f"{PREFIX}/history").with_query(kind=kind, value=value))
+
+
+async def _window_records(request: web.Request, kind: str, value: str, start: float, end: float) -> list[AuditRow]:
+    store = request.app[api.STORE]
+    user, agent = (value, None) if kind == "user" else (None, value)
+    rows: list[AuditRow] = []
+    after = 0
+    while len(rows) < _HISTORY_RECORDS:
+        page = await store.query_audit(user=user, agent=agent, since=start, until=end, after_seq=after, limit=1000)
+        rows += page
+        if len(page) < 1000:
+            break
+        after = page[-1].seq
+    return rows
+
+
+async def history_page(request: web.Request) -> web.Response:
+    """``GET /console/history?kind=user|agent&value=...&from=...&until=...``: that person's or agent's tasks
+    and leases over the window (default: the last 24 hours), as a timeline."""
+    session = _session(request)
+    catalog = request.app[api.CATALOG]
+    _staff_or_denied(catalog, session.user)
+    now = request.app[api.CLOCK]()
+    q = request.query
+    until = _parse_when(q["until"], "until") if q.get("until") else now
+    since = _parse_when(q["from"], "from") if q.get("from") else until - 86400
+    if not since < until or until - since > _MAX_WINDOW:
+        raise BadRequest("the window must start before it ends, and span at most 31 days")
+    kind, value, chart, shown, total = q.get("kind", "user"), q.get("value", ""), None, 0, 0
+    if value:
+        kind, value = _selector(kind, value)
+        records = await _window_records(request, kind, value, since, until)
+        by_task: dict[str, list[AuditRow]] = {}
+        for r in records:
+            if r.record.task is not None:
+                by_task.setdefault(r.record.task, []).append(r)
+        total = len(by_task)
+        lanes: list[timeline.Lane] = []
+        # The most recent tasks of the window, drawn oldest first.
+        for task_id in list(by_task)[-_HISTORY_TASKS:]:
+            found = await request.app[api.STORE].get_task(task_id)
+            if found is None:
+                continue
+            leases = await request.app[api.STORE].list_leases(task_id=task_id)
+            lanes += timeline.task_lanes(found, leases, [r.record for r in by_task[task_id]],
+                                         href=f"{PREFIX}/tasks/{task_id}")
+            shown += 1
+        summary = f"{kind} {value}: {shown} task(s), {_when(since)} to {_when(until)}"
+        chart = timeline.timeline_chart(lanes, start=since, end=until, now=now, summary=summary)
+    return _page(request, "history", "History", session=session, active="history", kind=kind, value=value,
+                 since=_form_time(since), until=q.get("until", ""), chart=chart, shown=shown, total=total,
+                 operator=any_includes(catalog.operators, session.user), csrf=session.csrf)
+
+
+async def _operator(request: web.Request, user: UserIdentity) -> None:
+    """The API's rule for revocations: an operator, not locked out. Raises: Denied, Locked."""
+    if not any_includes(request.app[api.CATALOG].operators, user):
+        raise Denied("operators only", reason=f"{user.id} is not an operator")
+    await request.app[api.STORE].check_unlocked(Person(user.id, user.name, user.trusted_email, user.email),
+                                                now=request.app[api.CLOCK]())
+
+
+async def revoke_selected(request: web.Request) -> web.Response:
+    """``POST /console/revoke``: revoke every live task of a user or an agent and lock them out.
+
+    The first post shows what would be revoked and asks to confirm; only a post with ``confirm=yes`` (from
+    that page, with the session's token like every form) calls ``Revocations.revoke``.
+    """
+    session = _session(request)
+    form = await _form(request, session)
+    await _operator(request, session.user)
+    kind, value = _selector(form.get("kind", ""), form.get("value", ""))
+    reason = _reason(form)
+    if form.get("confirm") != "yes":
+        store = request.app[api.STORE]
+        user, agent = (value, None) if kind == "user" else (None, value)
+        tasks = await store.find_tasks(user=user, agent=agent, states=("active",), limit=1000)
+        leases = await store.find_leases(user=user, agent=agent, states=("active", "revoke_pending"), limit=1000)
+        return _page(request, "revoke_confirm", f"Revoke this {kind}?", session=session, active="history",
+                     kind=kind, value=value, reason=reason, tasks=tasks, leases=len(leases), csrf=session.csrf,
+                     back=_history_url(kind, value))
+    st = await request.app[api.REVOCATIONS].revoke(session.user, kind=kind, value=value, reason=reason,
+                                                   wait=_REVOKE_WAIT)
+    r = st.revocation
+    lock = " and locked out until an operator lifts the lock" if r.lock else ""
+    if st.done:
+        session.flash = (f"Revoked {kind} {value} ({r.id}): {r.tasks} task(s), {st.revoked} lease(s) confirmed by "
+                         f"Vault{lock}.")
+    else:
+        session.flash = (f"Revoking {kind} {value} ({r.id}): {st.pending} lease(s) still waiting for Vault to "
+                         f"confirm; the broker keeps retrying{lock}.")
+    return _redirect(_history_url(kind, value))
 
 
 async def revoke_task(request: web.Request) -> web.Response:
@@ -612,6 +771,8 @@ def add_console_routes(app: web.Application, *, sessions_per_person: int = 5,
     app.router.add_get(f"{PREFIX}/tasks", tasks_page)
     app.router.add_get(f"{PREFIX}/tasks/{{task_id}}", task_page)
     app.router.add_post(f"{PREFIX}/tasks/{{task_id}}/revoke", revoke_task)
+    app.router.add_get(f"{PREFIX}/history", history_page)
+    app.router.add_post(f"{PREFIX}/revoke", revoke_selected)
     app.router.add_get(f"{PREFIX}/static/console.css", stylesheet)
 
 

@@ -251,6 +251,9 @@ class AuditOut(BaseModel):
     vault_request_id: str | None = None
     delegation_jti: str | None = Field(default=None, description="The jti of the IdP-issued delegation token the "
                                                                  "task was started with")
+    caller_address: str | None = Field(
+        default=None, description="Where the operation came from: the HTTP caller's address (the socket peer), or "
+                                  "the remote address OpenBao logged; null when unknown")
 
 
 class AuditPage(BaseModel):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from broker.audit.chain import (
     ADDED_FIELDS,
+    CALLER_ADDRESS,
     CHAIN_DOMAIN,
     GENESIS,
     AuditRecord,
@@ -28,5 +29,5 @@ from broker.audit.chain import (
     verify_chain,
 )
 
-__all__ = ["ADDED_FIELDS", "CHAIN_DOMAIN", "GENESIS", "AuditRecord", "ChainLink", "Outcome",
+__all__ = ["ADDED_FIELDS", "CALLER_ADDRESS", "CHAIN_DOMAIN", "GENESIS", "AuditRecord", "ChainLink", "Outcome",
            "TaskLike", "canonical_bytes", "chain_hash", "redact", "verify_chain"]

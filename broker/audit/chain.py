@@ -15,7 +15,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 from broker.errors import AuditChainBroken
@@ -52,6 +53,18 @@ class TaskLike(Protocol):
     def tenant(self) -> str: ...
 
 
+# The network address of the caller whose request is being served (the socket peer), set by the HTTP
+# layer around each request. A record takes it by default, so every record a request causes names where
+# the request came from without each domain call carrying the address; records written by the broker's
+# own background work (expiry, renewal, the Vault audit tailer) have none or set their own.
+CALLER_ADDRESS: ContextVar[str | None] = ContextVar("broker_caller_address", default=None)
+
+
+def current_caller() -> str | None:
+    """The address of the request being served, or None outside a request."""
+    return CALLER_ADDRESS.get()
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     time: float
@@ -71,6 +84,8 @@ class AuditRecord:
     # The ``jti`` of the IdP-issued delegation token (RFC 8693) a task was started with; its issuer is the
     # user's (``user`` is "<issuer>#<subject>").
     delegation_jti: str | None = None
+    # Where the operation came from: the HTTP caller's socket peer, or the remote address Vault logged.
+    caller_address: str | None = field(default_factory=current_caller)
 
     @classmethod
     def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
@@ -108,7 +123,7 @@ CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
-ADDED_FIELDS = ("user_name", "delegation_jti")
+ADDED_FIELDS = ("user_name", "delegation_jti", "caller_address")
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:

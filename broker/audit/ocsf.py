@@ -1,36 +1,40 @@
-"""Audit records as OCSF events (Open Cybersecurity Schema Framework 1.9.0): a pure mapping, no I/O.
+"""Audit records as OCSF events (Open Cybersecurity Schema Framework 1.8.0, the newest release): a pure
+mapping, no I/O.
 
 Every record becomes one **API Activity** event (``class_uid`` 6003, category 6 Application Activity):
 the broker and Vault are APIs, and every record is an operation on one of them (start a task, issue or
-renew a credential, a Vault request, a vote on an approval, an end or a revocation).
+renew a credential, a Vault request, a vote on an approval, an end or a revocation). Each event
+validates against the released 1.8.0 schema of that class with no profile (``tests/unit/test_ocsf.py``
+checks every kind the broker writes against the vendored JSON Schema in ``tests/data/ocsf/``), and
+``metadata.version`` names that release, never a ``-dev`` schema.
 
-What each field holds, and how sure we are of it ("confirmed" = seen in published schema documentation
-for 1.x or in the ocsf-schema repository's merged changes; "unconfirmed" = our best reading, not seen
-verbatim for 1.9):
+- ``class_uid``, ``category_uid``, ``activity_id`` (1 Create, 2 Read, 3 Update, 4 Delete, 99 Other),
+  ``type_uid = class_uid * 100 + activity_id``, ``status_id`` (1 Success, 2 Failure, 99 Other),
+  ``severity_id`` (1..4), ``time`` (integer milliseconds), ``metadata`` (``product``, ``version``,
+  ``uid`` = the record's sequence number, ``correlation_uid`` = the task, ``tenant_uid``, ``log_name``
+  = the broker's origin, ``event_code`` = the broker's event name).
+- ``actor`` (required, at least one of its fields): ``user`` is the delegating person (``uid`` their
+  person id ``<issuer>#<subject>``, ``name`` their display name); a record with no person (the
+  broker's own expiry, a Vault request nobody explains) has ``app_name`` = the service that acted.
+- ``src_endpoint`` (required): the caller's address the record holds (``ip`` when it is one, else
+  ``name``): the HTTP socket peer, or the remote address OpenBao logged. A record with no address
+  (background work, records written before addresses were kept) names the service itself.
+- ``api``: ``operation`` (the broker action or Vault operation), ``service.name`` (``vault`` or the
+  broker), ``request.uid`` (Vault's request id).
+- ``resources``: the role, grant, selector or Vault path the record is about.
 
-- ``class_uid`` 6003 / ``category_uid`` 6, ``activity_id`` 1 Create, 2 Read, 3 Update, 4 Delete,
-  99 Other, ``type_uid = class_uid * 100 + activity_id``, ``status_id`` 1 Success, 2 Failure, 99 Other,
-  ``severity_id`` 1..4 (Informational, Low, Medium, High), ``time`` in integer milliseconds,
-  ``metadata.product``, ``metadata.version``, ``metadata.uid``, ``metadata.correlation_uid``,
-  ``metadata.tenant_uid``, ``actor.user``, ``resources``, ``unmapped``: confirmed.
-- ``actor.ai_agent`` (object ``ai_agent``, ``uid`` required, ``name``): confirmed as merged into the
-  schema (ocsf-schema PR 1641, "placements on actor and process", gated by the ``ai_operation``
-  profile, hence ``metadata.profiles``).
-- ``delegation`` (``uid`` required, ``issuer_uid``, ``created_time``): confirmed as merged (ocsf-schema
-  PR 1665) as an optional attribute that the ``ai_operation`` profile adds to events; its ``uid`` here
-  is the broker's task id (one delegation = one task), ``issuer_uid`` the broker's origin.
-- ``api.operation`` (required in the ``api`` object), ``api.service.name``, ``api.request.uid``:
-  ``operation`` confirmed; ``service`` and ``request.uid`` unconfirmed for 1.9 (present in earlier 1.x).
-- ``src_endpoint`` is required by API Activity but the broker's records do not hold a caller address:
-  omitted (a validator in strict mode will say so).
-
-Fields with no OCSF home (the broker's event name, the lease id, the reason text, the outcome word) go
-to ``unmapped``. Nothing here adds information that the record does not hold: the mapping of a
-redacted record is as free of secrets as the record.
+1.8.0 has no home for the agent or the delegation: its ``ai_operation`` profile holds ``ai_model`` and
+``message_context`` only (``ai_agent`` and ``delegation`` exist on the schema's main branch or in open
+pull requests, not in a release). Both go to ``unmapped``: ``unmapped.agent`` (``uid`` = the SPIFFE
+ID, ``name``) and ``unmapped.delegation`` (``uid`` = the task id, ``issuer_uid`` = the broker's origin,
+``created_time`` on the task's start). So do the fields OCSF has no place for (the event name, the
+outcome word, the lease id, the reason text). Nothing here adds information the record does not hold:
+the mapping of a redacted record is as free of secrets as the record. docs/audit.md has the table.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Final
 
 from broker import __version__
@@ -38,7 +42,7 @@ from broker.audit import AuditRecord
 
 __all__ = ["OCSF_VERSION", "PRODUCT_NAME", "activity_of", "to_ocsf"]
 
-OCSF_VERSION: Final = "1.9.0"
+OCSF_VERSION: Final = "1.8.0"
 PRODUCT_NAME: Final = "agent-secrets-broker"
 API_ACTIVITY: Final = 6003
 APPLICATION_ACTIVITY: Final = 6
@@ -90,13 +94,27 @@ def _resource(resource: str) -> dict[str, str]:
     return {"name": resource, "type": "vault.path", "uid": resource}
 
 
+def _src_endpoint(record: AuditRecord, origin: str, vault: bool) -> dict[str, str]:
+    """Where the operation came from: the recorded address, else the service that acted on its own."""
+    address = record.caller_address
+    if address:
+        try:
+            return {"ip": str(ipaddress.ip_address(address))}
+        except ValueError:
+            return {"name": address}  # a unix socket path, or a name a proxy passed on
+    if vault:
+        return {"svc_name": "vault"}
+    return {"name": origin, "svc_name": PRODUCT_NAME}
+
+
 def to_ocsf(record: AuditRecord, seq: int, *, origin: str = "agent-broker",
             product_version: str = __version__) -> dict[str, Any]:
-    """One OCSF 1.9.0 API Activity event for record ``seq`` of the chain (keys with no value are left out)."""
+    """One OCSF 1.8.0 API Activity event for record ``seq`` of the chain (keys with no value are left out)."""
     activity = activity_of(record)
     status_id, status = _STATUS[record.outcome]
     severity = _severity(record)
     vault = record.event.startswith("vault.")
+    service = "vault" if vault else PRODUCT_NAME
     metadata: dict[str, Any] = {
         "version": OCSF_VERSION,
         "product": {"name": PRODUCT_NAME, "vendor_name": PRODUCT_NAME, "version": product_version},
@@ -108,14 +126,12 @@ def to_ocsf(record: AuditRecord, seq: int, *, origin: str = "agent-broker",
         metadata["correlation_uid"] = record.task
     if record.tenant is not None:
         metadata["tenant_uid"] = record.tenant
-    actor: dict[str, Any] = {}
+    actor: dict[str, Any]
     if record.user is not None:
-        actor["user"] = {"name": record.user, "uid": record.user}
-    if record.agent is not None:
-        actor["ai_agent"] = {"uid": record.agent, "name": record.agent.rsplit("/", 1)[-1]}
-        metadata["profiles"] = ["ai_operation"]
-    api: dict[str, Any] = {"operation": record.action or record.event,
-                           "service": {"name": "vault" if vault else PRODUCT_NAME}}
+        actor = {"user": {"uid": record.user, "name": record.user_name or record.user}}
+    else:
+        actor = {"app_name": service}
+    api: dict[str, Any] = {"operation": record.action or record.event, "service": {"name": service}}
     if record.vault_request_id is not None:
         api["request"] = {"uid": record.vault_request_id}
     event: dict[str, Any] = {
@@ -135,18 +151,22 @@ def to_ocsf(record: AuditRecord, seq: int, *, origin: str = "agent-broker",
         "metadata": metadata,
         "actor": actor,
         "api": api,
+        "src_endpoint": _src_endpoint(record, origin, vault),
     }
     if record.outcome != "success" and record.reason:
         event["status_detail"] = record.reason
     if record.resource is not None:
         event["resources"] = [_resource(record.resource)]
+    unmapped: dict[str, Any] = {"event": record.event, "outcome": record.outcome, "reason": record.reason,
+                                "lease": record.lease, "action": record.action,
+                                "delegation_jti": record.delegation_jti}
+    if record.agent is not None:
+        unmapped["agent"] = {"uid": record.agent, "name": record.agent.rsplit("/", 1)[-1]}
     if record.task is not None:
         delegation: dict[str, Any] = {"uid": record.task, "issuer_uid": origin}
         if record.event == "task.started":
             delegation["created_time"] = event["time"]
-        event["delegation"] = delegation
-    unmapped = {"event": record.event, "outcome": record.outcome, "reason": record.reason, "lease": record.lease,
-                "action": record.action, "delegation_jti": record.delegation_jti}
+        unmapped["delegation"] = delegation
     event["unmapped"] = {k: v for k, v in unmapped.items() if v is not None}
     if record.reason:
         event["message"] = f"{record.event}: {record.reason}"

@@ -10,7 +10,7 @@ prints them with one of:
   operator's revocation, a Vault request nobody can explain) come last.
 - ``render_jsonl``: one record per line, its canonical JSON exactly as the chain hashes it
   (:func:`broker.audit.canonical_bytes`).
-- ``render_ocsf``: one OCSF 1.9.0 event per line (:mod:`broker.audit.ocsf`).
+- ``render_ocsf``: one OCSF 1.8.0 event per line (:mod:`broker.audit.ocsf`).
 
 Everything here is a function of the API's records: no I/O, and no import of a CLI module.
 ``parse_time`` raises click's ``BadParameter`` because it parses ``--since``/``--until``.

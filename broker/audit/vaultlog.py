@@ -366,15 +366,17 @@ def classify(
         name = entry.auth.display_name if entry.auth is not None else None
         by = f"token {name!r}" if name else "an unauthenticated request"
         return AuditRecord(entry.time, "vault.unexplained", outcome, resource=entry.path, action=entry.operation,
-                           vault_request_id=entry.request_id,
+                           vault_request_id=entry.request_id, caller_address=entry.remote_address,
                            reason=f"grant path used by {by} the broker did not issue{src}{failed}")
     row = known_tasks(who.task)
     if row is None:
         return AuditRecord(entry.time, "vault.unexplained", outcome, task=who.task, resource=entry.path,
                            action=entry.operation, lease=who.lease, vault_request_id=entry.request_id,
+                           caller_address=entry.remote_address,
                            reason=f"{who.via} of a task the broker never recorded{src}{failed}")
     base = {"user": row.user, "agent": row.agent, "task": row.id, "tenant": row.tenant, "resource": entry.path,
-            "action": entry.operation, "lease": who.lease, "vault_request_id": entry.request_id}
+            "action": entry.operation, "lease": who.lease, "vault_request_id": entry.request_id,
+            "caller_address": entry.remote_address}
     meta = entry.auth.metadata if entry.auth is not None else {}
     mismatch = [k for k in ("user", "agent", "tenant") if k in meta and meta[k] != getattr(row, k)]
     if mismatch:

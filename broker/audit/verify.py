@@ -61,7 +61,7 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 # canonical_bytes itself.
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id", "user_name", "delegation_jti")
+                 "lease", "vault_request_id", "user_name", "delegation_jti", "caller_address")
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
 _N = len(fields(AuditRecord))
@@ -71,7 +71,7 @@ _PREV, _HASH = _N + 1, _N + 2
 def _body(r: AuditRecord, seq: int) -> bytes:
     """``canonical_bytes(r, seq)``, faster."""
     return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti))
+                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti, r.caller_address))
 
 
 def _row_body(row: Sequence[Any]) -> bytes:
@@ -85,11 +85,13 @@ def _row_body(row: Sequence[Any]) -> bytes:
         return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
     e = encode_basestring
     (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
-     user_name, delegation_jti) = row[:15]
+     user_name, delegation_jti, caller_address) = row[:16]
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
             f'"agent":{"null" if agent is None else e(agent)},'
+            # Added fields (audit.ADDED_FIELDS) are written only when set, in their sorted place.
+            f'{"" if caller_address is None else chr(34) + "caller_address" + chr(34) + ":" + e(caller_address) + ","}'
             f'{"" if delegation_jti is None else chr(34) + "delegation_jti" + chr(34) + ":" + e(delegation_jti) + ","}'
             f'"event":{"null" if event is None else e(event)},'
             f'"lease":{"null" if lease is None else e(lease)},'
@@ -99,7 +101,6 @@ def _row_body(row: Sequence[Any]) -> bytes:
             f'"task":{"null" if task is None else e(task)},'
             f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
             f'"user":{"null" if user is None else e(user)},'
-            # An added field (audit.ADDED_FIELDS) is written only when set, and sorts after "user".
             f'{"" if user_name is None else chr(34) + "user_name" + chr(34) + ":" + e(user_name) + ","}'
             f'"vault_request_id":{"null" if vault_request_id is None else e(vault_request_id)}}}'
         ).encode()

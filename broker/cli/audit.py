@@ -185,7 +185,7 @@ async def fetch_records(client: BrokerClient, filters: Mapping[str, str | None],
 @click.option("--since", help="From this time on (Unix seconds or ISO 8601).")
 @click.option("--until", help="Before this time (Unix seconds or ISO 8601).")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "ocsf"]), default="table", show_default=True,
-              help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.9.0 events.")
+              help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.8.0 events.")
 @iso_option
 @click.option("--origin", default="agent-broker", show_default=True,
               help="The log's origin (OCSF metadata.log_name and delegation issuer).")

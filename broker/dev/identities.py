@@ -27,7 +27,7 @@ from broker.errors import ConfigError
 
 __all__ = ["DevIssuer"]
 
-_SUPPORTED: Final = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+_SUPPORTED: Final = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA")
 
 _PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -41,6 +41,8 @@ def _new_key(alg: str) -> _PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
     if alg == "ES384":
         return ec.generate_private_key(ec.SECP384R1())
+    if alg == "ES512":
+        return ec.generate_private_key(ec.SECP521R1())
     if alg == "EdDSA":
         return ed25519.Ed25519PrivateKey.generate()
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -49,7 +51,7 @@ def _new_key(alg: str) -> _PrivateKey:
 class DevIssuer:
     """DEV/TEST ONLY. A throwaway signing key with a kid, for the dev SPIFFE issuer and the dev user IdP.
 
-    ES256 by default; ``alg`` may be ES384, RS256, PS256 or EdDSA.
+    ES256 by default; ``alg`` may be any of ES256/384/512, RS256/384/512, PS256/384/512 or EdDSA.
     """
 
     def __init__(self, private_key: _PrivateKey, *, alg: str, kid: str) -> None:

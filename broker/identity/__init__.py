@@ -9,8 +9,9 @@ Rules this package keeps (threat rows TH-01..TH-10 and TH-31):
 
 * The algorithm is never taken from the token. Each key is bound to one asymmetric algorithm when its
   JWKS is loaded; a token verifies only if its header ``alg`` equals that bound algorithm
-  (``ALLOWED_ALGS``). HMAC and ``none`` are never enabled, so a token "signed" with public key bytes
-  cannot verify.
+  (``ALLOWED_ALGS``). A JWT-SVID's alg is one of the nine the SPIFFE JWT-SVID spec lists
+  (``JWT_SVID_ALGS``: RS/ES/PS 256/384/512); an ID token may also be EdDSA (``ID_TOKEN_ALGS``). HMAC
+  and ``none`` are never enabled, so a token "signed" with public key bytes cannot verify.
 * Tokens are compact JWS of at most ``MAX_TOKEN_BYTES``, checked before any decoding. We parse the
   segments ourselves (strict base64url, UTF-8 JSON, duplicate member names rejected) because Python's
   ``json`` keeps the *last* duplicate while other parsers keep the first: two parsers reading one token
@@ -36,6 +37,8 @@ from broker.identity.delegation_tokens import (
 )
 from broker.identity.jwks import (
     ALLOWED_ALGS,
+    ID_TOKEN_ALGS,
+    JWT_SVID_ALGS,
     JwksKeySet,
     JwksUrlKeySource,
     Key,
@@ -62,6 +65,8 @@ from broker.identity.verifiers import AgentVerifier, IssuerTrust, UserVerifier
 
 __all__ = [
     "ALLOWED_ALGS",
+    "ID_TOKEN_ALGS",
+    "JWT_SVID_ALGS",
     "MAX_TOKEN_BYTES",
     "AgentIdentity",
     "AgentVerifier",

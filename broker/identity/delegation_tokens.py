@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from broker.errors import ConfigError, InvalidIdentity
-from broker.identity.jwks import Key, KeySource
+from broker.identity.jwks import ID_TOKEN_ALGS, Key, KeySource
 from broker.identity.tokens import (
     MAX_EMAIL,
     MAX_PERSON_ID,
@@ -126,7 +126,7 @@ def verify_delegation_token(
             missing, too long or a SPIFFE ID; ``act.sub``, ``scope`` or ``jti`` is missing or mistyped;
             or the groups/email claims are mistyped.
     """
-    jws = parse_jws(token, typs=_TYPS)
+    jws = parse_jws(token, ID_TOKEN_ALGS, typs=_TYPS)
     claims = jws.claims
     if claims.get("iss") != issuer:
         _fail("iss does not match")
@@ -207,7 +207,7 @@ class DelegationVerifier:
 
     async def verify(self, token: str) -> DelegationToken:
         """Raises: InvalidIdentity: see ``verify_delegation_token``; also an unknown issuer or kid."""
-        jws = parse_jws(token, typs=_TYPS)
+        jws = parse_jws(token, ID_TOKEN_ALGS, typs=_TYPS)
         iss = jws.claims.get("iss")
         trust = self._issuers.get(iss) if isinstance(iss, str) else None
         if trust is None:

@@ -21,6 +21,8 @@ from broker.errors import ConfigError
 
 __all__ = [
     "ALLOWED_ALGS",
+    "ID_TOKEN_ALGS",
+    "JWT_SVID_ALGS",
     "KID_RE",
     "JwksKeySet",
     "JwksUrlKeySource",
@@ -33,7 +35,15 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-ALLOWED_ALGS: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+# The SPIFFE JWT-SVID spec §2.1 (RFC 7518 §3.3-3.5), exactly: "Validators receiving a token with the alg
+# parameter set to a different value MUST reject the token." go-spiffe allows the same nine.
+JWT_SVID_ALGS: Final[tuple[str, ...]] = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+                                         "PS256", "PS384", "PS512")
+# People's ID tokens (OIDC) may also be EdDSA. HMAC and "none" are never here: no key is ever symmetric.
+ID_TOKEN_ALGS: Final[tuple[str, ...]] = (*JWT_SVID_ALGS, "EdDSA")
+# Every algorithm a loaded key may be bound to.
+ALLOWED_ALGS: tuple[str, ...] = ID_TOKEN_ALGS
+_RSA_ALGS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 MAX_JWKS_BYTES: Final = 64 * 1024
 MAX_JWKS_KEYS: Final = 100
 _MIN_RSA_BITS: Final = 2048
@@ -44,6 +54,7 @@ _PRIVATE_JWK_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth",
 _ALG_BY_CURVE: Final[Mapping[tuple[object, object], str]] = {
     ("EC", "P-256"): "ES256",
     ("EC", "P-384"): "ES384",
+    ("EC", "P-521"): "ES512",
     ("OKP", "Ed25519"): "EdDSA",
 }
 
@@ -87,80 +98,89 @@ def strict_json(raw: bytes) -> object:
         raise ValueError(msg) from exc
 
 
+class _Unusable(Exception):
+    """A key this broker cannot use (unsupported type, curve or algorithm, broken or unnamed): skipped.
+
+    An outcome of parsing one key, never raised past this module (so not a BrokerError).
+    """
+
+
 def _jwk_to_key(jwk: Mapping[str, Any]) -> Key | None:
     """Validate one JWK and bind it to its algorithm; None for an X.509-SVID key (not for JWTs).
 
     Raises:
-        ConfigError: if the key is symmetric, private, ambiguous or otherwise unusable.
+        ConfigError: the key is symmetric or carries private material: a secret was published, and the
+            whole document is refused so that someone looks.
+        _Unusable: the key cannot be used here (an unsupported kty, curve or alg, a use or key_ops
+            that exclude verification, a kid the broker cannot select it by, bad key material, RSA
+            under 2048 bits). The caller skips it and serves the rest of the document.
     """
     if not isinstance(jwk, dict):
-        msg = "JWKS key is not an object"
-        raise ConfigError(msg)
+        raise _Unusable("not an object")
+    kty = jwk.get("kty")
     kid = jwk.get("kid")
-    if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
-        msg = "JWKS key needs a kid of 1-128 characters from [A-Za-z0-9._-]"
+    named = kid if isinstance(kid, str) and KID_RE.fullmatch(kid) else None
+    if kty == "oct":
+        msg = f"JWKS key {named or '(unnamed)'}: symmetric (oct) keys are never accepted"
         raise ConfigError(msg)
+    if _PRIVATE_JWK_MEMBERS & jwk.keys():
+        msg = f"JWKS key {named or '(unnamed)'}: contains private key material"
+        raise ConfigError(msg)
+    if named is None:
+        raise _Unusable("needs a kid of 1-128 characters from [A-Za-z0-9._-]")
     use = jwk.get("use")
     # SPIFFE bundles mark keys "jwt-svid" (usable here) or "x509-svid" (for X.509, skip); RFC 7517 says "sig".
     if use == "x509-svid":
         return None
     if use not in (None, "sig", "jwt-svid"):
-        msg = f"JWKS key {kid}: use must be 'sig' or absent"
-        raise ConfigError(msg)
+        raise _Unusable("use must be 'sig', 'jwt-svid' or absent")
     key_ops = jwk.get("key_ops")
     if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
-        msg = f"JWKS key {kid}: key_ops does not allow verify"
-        raise ConfigError(msg)
-    kty = jwk.get("kty")
-    if kty == "oct":
-        msg = f"JWKS key {kid}: symmetric (oct) keys are never accepted"
-        raise ConfigError(msg)
-    if _PRIVATE_JWK_MEMBERS & jwk.keys():
-        msg = f"JWKS key {kid}: contains private key material"
-        raise ConfigError(msg)
+        raise _Unusable("key_ops does not allow verify")
     declared = jwk.get("alg")
     if kty == "RSA":
         alg = "RS256" if declared is None else declared
-        if alg not in ("RS256", "PS256"):
-            msg = f"JWKS key {kid}: RSA keys must be RS256 or PS256"
-            raise ConfigError(msg)
+        if alg not in _RSA_ALGS:
+            raise _Unusable("RSA keys must be RS256/384/512 or PS256/384/512")
     elif kty in ("EC", "OKP"):
         derived = _ALG_BY_CURVE.get((kty, jwk.get("crv")))
         if derived is None:
-            msg = f"JWKS key {kid}: unsupported curve"
-            raise ConfigError(msg)
+            raise _Unusable("unsupported curve")
         if declared is not None and declared != derived:
-            msg = f"JWKS key {kid}: alg does not match the key's curve"
-            raise ConfigError(msg)
+            raise _Unusable("alg does not match the key's curve")
         alg = derived
     else:
-        msg = f"JWKS key {kid}: unsupported kty"
-        raise ConfigError(msg)
+        raise _Unusable("unsupported kty")
     try:
         pyjwk = jwt.PyJWK(dict(jwk), algorithm=alg)
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
-        msg = f"JWKS key {kid}: not a valid {alg} public key"
-        raise ConfigError(msg) from exc
+        raise _Unusable(f"not a valid {alg} public key") from exc
     if isinstance(pyjwk.key, RSAPublicKey) and pyjwk.key.key_size < _MIN_RSA_BITS:
-        msg = f"JWKS key {kid}: RSA key shorter than {_MIN_RSA_BITS} bits"
-        raise ConfigError(msg)
-    return Key(kid=kid, alg=alg, jwk=pyjwk)
+        raise _Unusable(f"RSA key shorter than {_MIN_RSA_BITS} bits")
+    return Key(kid=named, alg=alg, jwk=pyjwk)
 
 
 class JwksKeySet:
     """Keys of one JWKS document, by kid.
 
     Each key is bound to ONE algorithm: the JWK's ``alg`` or, without it, derived from kty/crv
-    (EC P-256 -> ES256, P-384 -> ES384, OKP Ed25519 -> EdDSA, RSA -> RS256; RSA may declare PS256).
-    Symmetric (``oct``) keys, keys with private members, RSA under 2048 bits and ``use`` other than
-    ``sig``/``jwt-svid``/absent are refused. SPIFFE bundle keys with ``use: "x509-svid"`` are skipped.
-    Limits: document <= 64 KiB, <= 100 keys, kid ``[A-Za-z0-9._-]{1,128}``, kids unique.
+    (EC P-256 -> ES256, P-384 -> ES384, P-521 -> ES512, OKP Ed25519 -> EdDSA, RSA -> RS256; RSA may
+    declare RS384/RS512/PS256/PS384/PS512).
+
+    A document with a symmetric (``oct``) key or private key members is refused whole: a secret was
+    published. A key the broker cannot use (another kty or curve, an alg outside the list, ``use``
+    other than ``sig``/``jwt-svid``/absent, ``key_ops`` without verify, a missing or malformed kid,
+    broken key material, RSA under 2048 bits) is skipped and logged, and the rest serve; SPIFFE
+    bundle keys with ``use: "x509-svid"`` are skipped silently. Limits: document <= 64 KiB, <= 100
+    keys, kid ``[A-Za-z0-9._-]{1,128}``, kids unique, at least one usable key.
     """
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "skipped")
 
-    def __init__(self, keys: Mapping[str, Key]) -> None:
+    def __init__(self, keys: Mapping[str, Key], *, skipped: tuple[str, ...] = ()) -> None:
         self._keys = dict(keys)
+        # Why each key the document held was not loaded (logged when parsed), for operators' tools.
+        self.skipped = skipped
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JwksKeySet:
@@ -185,8 +205,17 @@ class JwksKeySet:
             msg = f"JWKS document has more than {MAX_JWKS_KEYS} keys"
             raise ConfigError(msg)
         keys: dict[str, Key] = {}
-        for jwk in doc["keys"]:
-            key = _jwk_to_key(jwk)
+        skipped: list[str] = []
+        for i, jwk in enumerate(doc["keys"]):
+            try:
+                key = _jwk_to_key(jwk)
+            except _Unusable as exc:
+                # One key the broker cannot use must not lock out every agent the others sign for.
+                kid = jwk.get("kid") if isinstance(jwk, dict) else None
+                name = kid if isinstance(kid, str) and KID_RE.fullmatch(kid) else f"#{i}"
+                skipped.append(f"key {name}: {exc}")
+                _log.warning("JWKS key %s skipped: %s", name, exc)
+                continue
             if key is None:
                 continue
             if key.kid in keys:
@@ -195,9 +224,10 @@ class JwksKeySet:
                 raise ConfigError(msg)
             keys[key.kid] = key
         if not keys:
-            msg = "JWKS document has no usable signing key"
+            why = f" (skipped {'; '.join(skipped)})" if skipped else ""
+            msg = f"JWKS document has no usable signing key{why}"
             raise ConfigError(msg)
-        return cls(keys)
+        return cls(keys, skipped=tuple(skipped))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> JwksKeySet:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from broker.errors import ConfigError, InvalidIdentity
-from broker.identity.jwks import Key, KeySource
+from broker.identity.jwks import JWT_SVID_ALGS, Key, KeySource
 from broker.identity.spiffe_id import SpiffeId, spiffe_problem
 from broker.identity.tokens import (
     AgentIdentity,
@@ -103,7 +103,7 @@ def k8s_key_ref(token: str) -> KeyRef:
     Raises:
         InvalidIdentity: if the token is malformed, is a legacy secret-based token, or has no string ``iss``.
     """
-    jws = parse_jws(token)
+    jws = parse_jws(token, JWT_SVID_ALGS)
     _refuse_legacy(jws.claims)
     iss = jws.claims.get("iss")
     if not isinstance(iss, str) or not iss:
@@ -174,7 +174,7 @@ def verify_k8s_token(
             the cluster's ``max_lifetime``; or ``sub`` and the ``kubernetes.io`` claims disagree or are
             not valid Kubernetes names.
     """
-    jws = parse_jws(token)
+    jws = parse_jws(token, JWT_SVID_ALGS)
     claims = jws.claims
     _refuse_legacy(claims)
     if claims.get("iss") != cluster.issuer:

@@ -32,10 +32,13 @@ def spiffe_problem(trust_domain: str, path: str) -> str | None:
     if not path:
         return None
     if not path.startswith("/"):
-        return "path must start with '/'"
-    for segment in path[1:].split("/"):
+        return "path must have a leading slash"
+    segments = path[1:].split("/")
+    for i, segment in enumerate(segments):
         if segment == "":
-            return "path cannot contain empty segments or a trailing slash"
+            # go-spiffe's two reasons: an empty last segment is a trailing slash.
+            last = i == len(segments) - 1
+            return "path cannot have a trailing slash" if last else "path cannot contain empty segments"
         if segment in (".", ".."):
             return "path cannot contain dot segments"
         if not _SEGMENT_RE.fullmatch(segment):

@@ -14,7 +14,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 import jwt
 
 from broker.errors import InvalidIdentity
-from broker.identity.jwks import ALLOWED_ALGS, KID_RE, Key, strict_json
+from broker.identity.jwks import ID_TOKEN_ALGS, JWT_SVID_ALGS, KID_RE, Key, strict_json
 from broker.identity.spiffe_id import SpiffeId
 
 __all__ = [
@@ -142,8 +142,8 @@ class _Jws:
     claims: dict[str, Any]
 
 
-def _parse_jws(token: object, *, typs: frozenset[str] = _ALLOWED_TYP) -> _Jws:
-    """Check everything about the token's shape and header; the signature comes later.
+def _parse_jws(token: object, algs: tuple[str, ...], *, typs: frozenset[str] = _ALLOWED_TYP) -> _Jws:
+    """Check everything about the token's shape and header (``alg`` one of ``algs``); the signature comes later.
 
     ``typs``: the header ``typ`` values accepted when there is one (an absent ``typ`` is accepted).
     """
@@ -170,7 +170,7 @@ def _parse_jws(token: object, *, typs: frozenset[str] = _ALLOWED_TYP) -> _Jws:
         known = sorted(extra & {"crit", "jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "b64", "zip", "enc"})
         _fail(f"header has forbidden parameters {known}" if known else "header has unknown parameters")
     alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
+    if not isinstance(alg, str) or alg not in algs:
         _fail("alg missing or not allowed")
     kid = header.get("kid")
     if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
@@ -301,7 +301,7 @@ def svid_key_ref(token: str) -> KeyRef:
     Raises:
         InvalidIdentity: if the token is malformed or ``sub`` is not a workload SPIFFE ID.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, JWT_SVID_ALGS)
     return KeyRef(_svid_subject(jws.claims).trust_domain, jws.kid)
 
 
@@ -324,7 +324,7 @@ def verify_svid(
             signature fails; ``aud`` is not exactly ``audience``; exp/nbf/iat are missing, mistyped or
             out of range; the lifetime exceeds ``max_lifetime``; or ``iss`` is a user issuer.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, JWT_SVID_ALGS)
     sid = _svid_subject(jws.claims)
     # The key must come from the trust domain the token claims to belong to, never a neighbour's.
     if sid.trust_domain != trust_domain:
@@ -349,7 +349,7 @@ def id_token_key_ref(token: str) -> KeyRef:
     Raises:
         InvalidIdentity: if the token is malformed or has no string ``iss``.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, ID_TOKEN_ALGS)
     iss = jws.claims.get("iss")
     if not isinstance(iss, str) or not iss:
         _fail("iss missing or not a string")
@@ -382,7 +382,7 @@ def verify_id_token(
             exp/nbf/iat/auth_time are missing (exp), mistyped or out of range; the lifetime exceeds
             ``max_lifetime``; ``sub`` is missing, empty or a SPIFFE ID; or groups/email are mistyped.
     """
-    jws = _parse_jws(token)
+    jws = _parse_jws(token, ID_TOKEN_ALGS)
     claims = jws.claims
     if claims.get("iss") != issuer:
         _fail("iss does not match")

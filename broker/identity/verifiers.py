@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from broker.errors import ConfigError, InvalidIdentity
-from broker.identity.jwks import KeySource
+from broker.identity.jwks import JWT_SVID_ALGS, KeySource
 from broker.identity.kubernetes import ClusterTrust, is_service_account_token, k8s_key_ref, verify_k8s_token
 from broker.identity.spiffe_id import spiffe_problem
 from broker.identity.tokens import (
@@ -106,7 +106,7 @@ class AgentVerifier:
         """
         # Routing by unverified claims only: each path then checks everything itself. One parse serves the
         # routing and the SVID's key reference (a parse costs ~40 us, a quarter of a signature check).
-        jws = parse_jws(token)
+        jws = parse_jws(token, JWT_SVID_ALGS)
         if is_service_account_token(jws.claims):
             return await self._verify_service_account(token)
         ref = KeyRef(svid_subject(jws.claims).trust_domain, jws.kid)

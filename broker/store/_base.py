@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -47,7 +48,10 @@ class StoreBase:
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            # In the caller's context (as asyncio.to_thread does): a record built in the transaction names
+            # the request's caller like one built before it (broker.audit.CALLER_ADDRESS).
+            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+            return await loop.run_in_executor(self._executor, call)
         except SQLAlchemyError as exc:
             log.error("store operation %s failed: %s", getattr(fn, "__name__", "?"), type(exc).__name__)
             raise StoreUnavailable("the store is unavailable", reason=type(exc).__name__) from exc

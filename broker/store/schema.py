@@ -155,6 +155,8 @@ audit_events = Table(
     Column("user_name", String(320)),
     # The ``jti`` of the IdP-issued delegation token a task was started with (null otherwise).
     Column("delegation_jti", String(255)),
+    # Where the operation came from (HTTP socket peer or Vault's remote address); null when unknown.
+    Column("caller_address", String(128)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),

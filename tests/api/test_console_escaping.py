@@ -171,6 +171,33 @@ class TestHostileTextIsEscaped:
         # each by the owner, the voter and the operator (name and id).
         assert_shown_as_text(page, times=1 + 3 + 3 * 2)
 
+    async def test_pictures_history_and_the_revoke_confirmation(self, site: BrokerSite, console: Client) -> None:
+        """The SVG pictures (whose titles name the hostile owner), the owner's
+        history page and the confirmation of revoking them escape it all; so does the flash after."""
+        task, _, _ = await hostile_requests(site, console)
+        _, csrf = await sign_in(console, mint(site, OPERATOR, ("secops",)))
+        page = await (await console.get(f"/console/tasks/{task}")).text()
+        svg = page[page.index("<svg"):page.index("</svg>")]
+        assert_shown_as_text(svg)  # the task bar's title names its owner
+        assert HOSTILE not in svg  # only ever escaped
+        who = f"{IDP}#{OWNER}"
+        history = await (await console.get("/console/history", params={"kind": "user", "value": who})).text()
+        assert "<svg" in history
+        assert_shown_as_text(history, who)  # the heading (the form's field holds it as a value)
+        assert_shown_as_text(history, times=1 + 1 + 1)  # the header; the heading; the task bar's title
+        resp = await console.post("/console/revoke", data={"csrf": csrf, "kind": "user", "value": who,
+                                                           "reason": HOSTILE}, headers=origin(console))
+        assert resp.status == 200
+        confirm = await resp.text()
+        assert "Confirm: revoke and lock" in confirm
+        assert_shown_as_text(confirm, who)
+        assert_shown_as_text(confirm, times=1 + 2 + 1)  # the header; the value and the reason; the task's owner
+        resp = await console.post("/console/revoke", data={"csrf": csrf, "kind": "user", "value": who,
+                                                           "reason": HOSTILE, "confirm": "yes"},
+                                  headers=origin(console))
+        assert resp.status == 200
+        assert_shown_as_text(await resp.text(), f"Revoked user {who}")
+
     async def test_error_pages(self, site: BrokerSite, console: Client) -> None:
         """An error whose public message holds hostile text is shown escaped, with its status."""
         resp = await console.get("/console/test-error")
@@ -187,7 +214,8 @@ class TestTemplates:
         env = app[TEMPLATES]
         templates = resources.files("broker").joinpath("templates/console")
         names = sorted(p.name for p in templates.iterdir() if p.name.endswith(".html"))
-        assert {"base.html", "approvals.html", "tasks.html", "task.html", "login.html", "error.html"} <= set(names)
+        assert {"base.html", "approvals.html", "tasks.html", "task.html", "login.html", "error.html", "history.html",
+                "revoke_confirm.html"} <= set(names)
         for name in names:
             assert env.autoescape is True or (callable(env.autoescape) and env.autoescape(name)), name
             source = templates.joinpath(name).read_text()

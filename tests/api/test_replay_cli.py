@@ -96,7 +96,7 @@ class TestReplay:
         assert [e["metadata"]["uid"] for e in events] == [str(r.seq) for r in rows]
         assert {e["metadata"]["correlation_uid"] for e in events} == {task_id}
         assert {e["class_uid"] for e in events} == {6003}
-        assert any(e["actor"].get("ai_agent", {}).get("uid") == AGENT for e in events)
+        assert any(e["unmapped"].get("agent", {}).get("uid") == AGENT for e in events)
         assert any(e["api"]["service"]["name"] == "vault" for e in events)
 
     async def test_filters_by_user_and_time(self, live: Live) -> None:

@@ -104,6 +104,8 @@ class TestVaultMerge:
             assert (rec.user, rec.agent, rec.task, rec.tenant) == (USER_ID, AGENT, task["id"], "acme")
             assert (rec.resource, rec.action) == (e["request"]["path"], e["request"]["operation"])
             assert rec.outcome == ("failure" if e.get("error") else "success")
+            # Where Vault saw the request come from: OCSF's src_endpoint (broker.audit.ocsf).
+            assert rec.caller_address == e["request"]["remote_address"] and rec.caller_address
         for e in by_child:
             assert records[e["request"]["id"]].lease == creds["child-token"]["lease_id"]
         paths = {records[e["request"]["id"]].resource for e in by_task}

@@ -27,13 +27,14 @@ from broker.api import STORE
 from broker.app import make_app
 from broker.console import COOKIE, SECURITY_HEADERS
 from tests.api.test_revocation import can_login
-from tests.conftest import AGENT, USER, BrokerSite, bearer
+from tests.conftest import AGENT, OTHER_AGENT, TD, USER, USER_ID, BrokerSite, bearer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # docs/console.png is rewritten only on request (BROKER_UPDATE_DOCS=1): a test run leaves the tree as it was.
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS_SCREENSHOT = DOCS / "console.png"
 LEAD = ("lena@example.com", ("secops-leads",))
 OPERATOR = ("olga@example.com", ("secops",))
 GRANT, GRANT_PATH, GRANT_TTL = "prod-write", "database/creds/tickets-rw", 240
@@ -309,3 +310,168 @@ class TestOperatorPages:
         for event in ("task.started", "approval.requested", "task.revoked"):
             assert event in timeline
         assert apr in timeline
+
+
+def screenshot_path(name: str, tmp_path: Path) -> Path:
+    """docs/<name> when BROKER_UPDATE_DOCS=1, else a throwaway file."""
+    return DOCS / name if os.environ.get("BROKER_UPDATE_DOCS") == "1" else tmp_path / name
+
+
+async def csp_violations(page: Page) -> list[str]:
+    """Collect console messages about the Content Security Policy from here on (a list the page fills)."""
+    found: list[str] = []
+    page.on("console", lambda m: found.append(m.text) if "Content Security Policy" in m.text else None)
+    return found
+
+
+# When the screenshots are rewritten, the session takes a few seconds so that its pictures show its steps
+# apart; a plain test run does not wait.
+_PAUSE = 1.5 if os.environ.get("BROKER_UPDATE_DOCS") == "1" else 0.0
+
+
+async def picture_session(live: Live, http: aiohttp.ClientSession) -> tuple[str, str]:
+    """alice's morning: a task whose credential is renewed and whose high-risk request is approved and used,
+    and a second task for another agent. Returns (the first task, the second)."""
+    task, apr = await pending_request(live, http)
+    await asyncio.sleep(_PAUSE)
+    resp = await http.post(f"{live.url}/v1/tasks/{task}/credentials", headers=bearer(live.site.ids.agent()),
+                           json={"grant": "tickets-db-ro", "ttl": 300})
+    assert resp.status == 200, await resp.text()
+    lease = (await resp.json())["lease_id"]
+    await asyncio.sleep(_PAUSE)
+    resp = await http.post(f"{live.url}/v1/leases/{lease}/renew", headers=bearer(live.site.ids.agent()), json={})
+    assert resp.status == 200, await resp.text()
+    await asyncio.sleep(_PAUSE)
+    resp = await http.post(f"{live.url}/v1/approvals/{apr}", headers=bearer(live.token()),
+                           json={"decision": "approve", "reason": "CHG-1234"})
+    assert resp.status == 200, await resp.text()
+    await asyncio.sleep(_PAUSE)
+    resp = await http.post(f"{live.url}/v1/tasks/{task}/credentials", headers=bearer(live.site.ids.agent()),
+                           json={"grant": GRANT, "ttl": GRANT_TTL, "approval_id": apr})
+    assert resp.status == 200, await resp.text()
+    await asyncio.sleep(_PAUSE)
+    resp = await http.post(f"{live.url}/v1/tasks", headers=bearer(live.site.ids.user()),
+                           json={"agent": OTHER_AGENT, "role": "support-triage", "ttl": "15m", "reason": "ticket 43"})
+    assert resp.status == 201, await resp.text()
+    other = (await resp.json())["id"]
+    for _ in range(3):
+        resp = await http.post(f"{live.url}/v1/tasks/{other}/credentials", json={"grant": "agent-cert"},
+                               headers=bearer(live.site.ids.agent(OTHER_AGENT)))
+        assert resp.status == 200, await resp.text()
+    # Another tenant's task, by another person: on the lease chart, not in alice's history.
+    billing = f"spiffe://{TD}/agent/billing-1"
+    resp = await http.post(f"{live.url}/v1/tasks", headers=bearer(live.site.ids.user("dave@example.com", ("billing",))),
+                           json={"agent": billing, "role": "billing-report", "ttl": "10m", "reason": "month end"})
+    assert resp.status == 201, await resp.text()
+    resp = await http.post(f"{live.url}/v1/tasks/{(await resp.json())['id']}/credentials",
+                           json={"grant": "tickets-db-rw"}, headers=bearer(live.site.ids.agent(billing)))
+    assert resp.status == 200, await resp.text()
+    return task, other
+
+
+class TestPictures:
+    async def test_timelines_lease_chart_and_revoking_a_user_with_confirmation(
+            self, live: Live, browser: BrowserContext, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+        """An operator reads a task's timeline (its span, each lease, the approval, the renewal), alice's
+        history over a window, the live leases by tenant and grant; then revokes alice from her history,
+        through a confirmation page, and her tasks end in Vault. Every picture is inline SVG under the
+        console's CSP: no script, no style attribute, no CSP violation."""
+        began = time.time()
+        task, other = await picture_session(live, http)
+        await asyncio.sleep(_PAUSE)
+        page = await browser.new_page()
+        violations = await csp_violations(page)
+        await sign_in_browser(page, live, live.token(OPERATOR))
+
+        await page.goto(f"{live.url}/console/tasks/{task}")
+        svg = page.locator("figure.chart svg")
+        assert await svg.count() == 1
+        assert await svg.locator("rect.task").count() == 1 and await svg.locator("rect.lease").count() == 2
+        for cls in ("asked", "approved", "renewed"):
+            assert await svg.locator(f"polygon.mark.{cls}").count() == 1, cls
+        assert "CHG-1234" in (await svg.locator("polygon.mark.approved title").text_content() or "")
+        box = await svg.bounding_box()
+        assert box is not None and box["width"] > 600 and box["height"] > 80
+        await page.screenshot(path=str(screenshot_path("console-task-timeline.png", tmp_path)))
+
+        await page.goto(f"{live.url}/console/tasks")
+        chart = page.locator("figure.chart svg")
+        labels = await chart.locator("text.lane").all_text_contents()
+        assert labels == ["acme / agent-cert", "acme / prod-write", "acme / tickets-db-ro", "globex / tickets-db-rw"]
+        assert await chart.locator("text.count").all_text_contents() == ["3", "1", "1", "1"]
+        widths = [float(await r.get_attribute("width") or 0) for r in await chart.locator("rect.lease").all()]
+        assert widths[0] == max(widths) and widths[1] == widths[2] == widths[3] < widths[0] / 2
+        await page.screenshot(path=str(screenshot_path("console-leases.png", tmp_path)), full_page=True)
+
+        await page.goto(f"{live.url}/console/history")
+        await page.select_option("select[name=kind]", "user")
+        await page.fill("input[name=value]", USER_ID)
+        await page.fill("input[name=from]", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(began - 2)))
+        await page.click("form.window button[type=submit]")
+        await page.wait_for_load_state()
+        history = page.locator("figure.chart svg")
+        assert await history.locator("rect.task").count() == 2
+        links = await history.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
+        assert links == [f"/console/tasks/{task}", f"/console/tasks/{other}"]
+        await page.screenshot(path=str(screenshot_path("console-history.png", tmp_path)), full_page=True)
+        # A window that ends before anything happened shows nothing.
+        await page.fill("input[name=until]", "2020-01-01T00:00")
+        await page.fill("input[name=from]", "2019-12-31T00:00")
+        await page.click("form.window button[type=submit]")
+        await page.wait_for_load_state()
+        assert await page.locator("figure.chart svg rect.task").count() == 0
+        await page.go_back()
+        await page.wait_for_load_state()
+
+        await page.fill("form.revoke input[name=reason]", "laptop stolen, incident 12")
+        await page.click("form.revoke button[type=submit]")
+        await page.wait_for_load_state()
+        assert await page.title() == "Revoke this user? - agent secrets broker"
+        text = await page.inner_text("section.confirm")
+        assert "2 task(s)" in text and "5 lease(s)" in text and "laptop stolen" in text
+        assert (await live.app[STORE].get_task(task)).state == "active"  # type: ignore[union-attr]
+        await page.screenshot(path=str(screenshot_path("console-revoke-confirm.png", tmp_path)), full_page=True)
+        await page.click("button[name=confirm]")
+        await page.wait_for_load_state()
+        assert f"Revoked user {USER_ID}" in await page.inner_text("p.flash")
+        for t in (task, other):
+            row = await live.app[STORE].get_task(t)
+            assert row is not None and row.state == "revoked", t
+        assert await page.locator("figure.chart svg polygon.mark.revoked").count() == 2
+
+        html = await page.content()
+        assert "<script" not in html and " style=" not in html
+        assert violations == []
+
+    async def test_revoking_needs_an_operator_a_token_and_the_confirmation(
+            self, live: Live, http: aiohttp.ClientSession) -> None:
+        """An auditor sees the history but gets no revoke form and a 403 on posting one; an operator's first post
+        only asks to confirm (nothing is revoked), a post without the session token is refused."""
+        task, _ = await picture_session(live, http)
+        auditor = ("audrey@example.com", ("audit",))
+        csrf = await sign_in_http(http, live, live.token(auditor))
+        page = await (await http.get(f"{live.url}/console/history", params={"kind": "user", "value": USER_ID})).text()
+        assert "<svg" in page and 'action="/console/revoke"' not in page
+        tasks = await (await http.get(f"{live.url}/console/tasks")).text()
+        tasks_csrf = _CSRF.search(tasks)
+        assert tasks_csrf is not None
+        form = {"kind": "user", "value": USER_ID, "reason": "x", "csrf": tasks_csrf.group(1), "confirm": "yes"}
+        resp = await http.post(f"{live.url}/console/revoke", data=form, headers={"Origin": live.url})
+        assert resp.status == 403
+        http.cookie_jar.clear()
+        csrf = await sign_in_http(http, live, live.token(OPERATOR))
+        tasks = await (await http.get(f"{live.url}/console/tasks")).text()
+        found = _CSRF.search(tasks)
+        assert found is not None
+        csrf = found.group(1)
+        resp = await http.post(f"{live.url}/console/revoke", data={**form, "csrf": csrf, "confirm": ""},
+                               headers={"Origin": live.url})
+        assert resp.status == 200 and "Confirm: revoke and lock" in await resp.text()
+        assert (await live.app[STORE].get_task(task)).state == "active"  # type: ignore[union-attr]
+        resp = await http.post(f"{live.url}/console/revoke", data={**form, "csrf": "x" * len(csrf)},
+                               headers={"Origin": live.url})
+        assert resp.status == 403
+        assert (await live.app[STORE].get_task(task)).state == "active"  # type: ignore[union-attr]
+        resp = await http.post(f"{live.url}/console/revoke", data={**form, "csrf": csrf}, headers={"Origin": live.url})
+        assert resp.status == 200 and "Revoked user" in await resp.text()
+        assert (await live.app[STORE].get_task(task)).state == "revoked"  # type: ignore[union-attr]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 
 import pytest
 
 from broker.audit import (
+    CALLER_ADDRESS,
     CHAIN_DOMAIN,
     GENESIS,
     AuditRecord,
@@ -16,6 +18,7 @@ from broker.audit import (
     chain_hash,
     verify_chain,
 )
+from broker.audit.verify import _body
 from broker.errors import AuditChainBroken
 
 RECORD = AuditRecord(1795877399.123456, "lease.issued", "success", user="alice@example.com",
@@ -56,6 +59,40 @@ class TestCanonicalBytes:
         rec = AuditRecord(0.0, "access.denied", "denied", user="zoë@example.com")
         text = canonical_bytes(rec, 1).decode()
         assert '"agent":null' in text and "zoë" in text
+
+
+    def test_added_fields_appear_only_when_set(self) -> None:
+        """user_name and caller_address, added after version 1, are left out when null (so records written
+        before them keep their hashes) and sit in their sorted place when set."""
+        assert b"caller_address" not in canonical_bytes(RECORD, 7) and b"user_name" not in canonical_bytes(RECORD, 7)
+        rec = dataclasses.replace(RECORD, caller_address="127.0.0.1", user_name="Alice")
+        assert canonical_bytes(rec, 7) == (
+            b'{"action":"issue","agent":"spiffe://example.org/agent/support-1","caller_address":"127.0.0.1",'
+            b'"event":"lease.issued","lease":"lse_1","outcome":"success","reason":"grant tickets-db-ro, ttl 600s",'
+            b'"resource":"database/creds/tickets-ro","seq":7,"task":"tsk_1","tenant":"acme",'
+            b'"time":1795877399123456,"user":"alice@example.com","user_name":"Alice","vault_request_id":"6f1c"}'
+        )
+
+    def test_a_record_takes_the_address_of_the_request_being_served(self) -> None:
+        """Built while a request is served (CALLER_ADDRESS set), a record names its caller; outside, none."""
+        token = CALLER_ADDRESS.set("192.0.2.7")
+        try:
+            assert AuditRecord(0.0, "task.started", "success").caller_address == "192.0.2.7"
+        finally:
+            CALLER_ADDRESS.reset(token)
+        assert AuditRecord(0.0, "task.started", "success").caller_address is None
+
+    def test_the_verifiers_fast_encoding_is_canonical_bytes(self) -> None:
+        """broker.audit.verify writes the canonical form field by field: the same bytes on random records,
+        every optional field (added ones too) set or null, with quotes, escapes and non-ASCII."""
+        rng = random.Random(11)
+        names = [f.name for f in dataclasses.fields(AuditRecord) if f.name not in ("time", "event", "outcome")]
+        alphabet = 'ab"\\/\n\u00e9\u2028z0 '
+        for i in range(2000):
+            values = {n: ("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) if rng.random() < 0.6
+                          else None) for n in names}
+            rec = AuditRecord(rng.uniform(0, 2e9), "lease.issued", "success", **values)
+            assert _body(rec, i) == canonical_bytes(rec, i), rec
 
 
 class TestVerifyChain:

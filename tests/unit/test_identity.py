@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -103,15 +104,35 @@ class TestJwksKeySet:
         ("mutate", "why"),
         [
             (lambda j: j | {"kty": "oct", "k": "c2VjcmV0"}, "symmetric"),
+            (lambda j: j | {"d": "AAAA"}, "private"),
+            (lambda j: {"kty": "RSA", "kid": "k", "n": "AQAB", "e": "AQAB", "p": "AQAB"}, "private"),
+        ],
+    )
+    def test_refuses_a_document_that_publishes_a_secret(self, mutate: Callable[[dict[str, Any]], dict[str, Any]],
+                                                        why: str) -> None:
+        """A symmetric key or private key members refuse the whole document, good keys beside them or not:
+        a secret was published, and someone must look."""
+        jwk = mutate(DevIssuer.generate(kid="k").public_jwk())
+        good = DevIssuer.generate(kid="good").public_jwk()
+        for doc in ({"keys": [jwk]}, {"keys": [good, jwk]}):
+            with pytest.raises(ConfigError) as exc:
+                JwksKeySet.from_json(json.dumps(doc))
+            assert why in str(exc.value)
+
+    @pytest.mark.parametrize(
+        ("mutate", "why"),
+        [
             (lambda j: j | {"use": "enc"}, "use"),
             (lambda j: j | {"key_ops": ["encrypt"]}, "key_ops"),
-            (lambda j: j | {"d": "AAAA"}, "private"),
             (lambda j: j | {"alg": "HS256"}, "alg does not match"),
             (lambda j: j | {"alg": "ES384"}, "alg does not match"),
             (lambda j: j | {"alg": "none"}, "alg does not match"),
-            (lambda j: j | {"crv": "P-521"}, "curve"),
+            (lambda j: j | {"crv": "P-521", "alg": "ES512"}, "not a valid ES512"),  # a P-256 point is not on P-521
             (lambda j: j | {"crv": "secp256k1"}, "curve"),
+            (lambda j: {"kty": "OKP", "crv": "Ed448", "kid": "k", "x": "AAAA"}, "curve"),
+            (lambda j: {"kty": "OKP", "crv": "X25519", "kid": "k", "x": "AAAA"}, "curve"),
             (lambda j: j | {"kty": "XYZ"}, "kty"),
+            (lambda j: {"kty": "AKP", "alg": "ML-DSA-65", "kid": "k", "pub": "AAAA"}, "kty"),
             (lambda j: {k: v for k, v in j.items() if k != "kid"}, "kid"),
             (lambda j: j | {"kid": ""}, "kid"),
             (lambda j: j | {"kid": "../../etc/passwd"}, "kid"),
@@ -119,17 +140,41 @@ class TestJwksKeySet:
             (lambda j: j | {"x": "AAAA"}, "not a valid"),
         ],
     )
-    def test_rejects_bad_keys(self, mutate: Callable[[dict[str, Any]], dict[str, Any]], why: str) -> None:
-        """Symmetric, private, mis-used, mis-typed, unnamed and broken keys are a ConfigError."""
-        jwk = mutate(DevIssuer.generate(kid="k").public_jwk())
-        with pytest.raises(ConfigError) as exc:
-            JwksKeySet.from_json(json.dumps({"keys": [jwk]}))
+    def test_skips_a_key_it_cannot_use_and_serves_the_rest(
+        self, mutate: Callable[[dict[str, Any]], dict[str, Any]], why: str, caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A key of another type, curve or algorithm, mis-used, unnamed or broken is skipped with a warning
+        that says why, and the document's other keys still verify; alone, it leaves no usable key."""
+        bad = mutate(DevIssuer.generate(kid="k").public_jwk())
+        good = DevIssuer.generate(kid="good")
+        with caplog.at_level(logging.WARNING, logger="broker.identity.jwks"):
+            keys = JwksKeySet.from_json(json.dumps({"keys": [bad, good.public_jwk()]}))
+        assert keys.kids == {"good"}
+        assert len(keys.skipped) == 1 and why in keys.skipped[0]
+        assert any("skipped" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+        svid_ok(good, good.mint_svid(f"spiffe://{TD}/agent/a", audience=AUD, now=NOW))
+        with pytest.raises(ConfigError, match="no usable signing key") as exc:
+            JwksKeySet.from_json(json.dumps({"keys": [bad]}))
         assert why in str(exc.value)
 
-    def test_rejects_rsa_with_es_alg_and_short_rsa(self) -> None:
-        """RSA keys must be RS256/PS256 and at least 2048 bits."""
+    def test_a_bundle_with_a_p521_key_and_an_unknown_kty_serves(self) -> None:
+        """The issue's case: a trust bundle holding a P-521 key and a key type from the future, beside the
+        keys that sign today. Every supported key loads (P-521 as ES512) and the unknown one is skipped."""
+        es, es512, rs = (DevIssuer.generate(alg=a, kid=f"k-{a}") for a in ("ES256", "ES512", "RS256"))
+        future = {"kty": "AKP", "alg": "ML-DSA-65", "kid": "pq-1", "pub": "AAAA", "use": "jwt-svid"}
+        bundle = {"keys": [future, es.public_jwk(), es512.public_jwk(), rs.public_jwk()], "spiffe_sequence": 7}
+        keys = JwksKeySet.from_json(json.dumps(bundle))
+        assert keys.kids == {"k-ES256", "k-ES512", "k-RS256"} and keys.skipped == ("key pq-1: unsupported kty",)
+        for issuer in (es, es512, rs):
+            assert keys.get(issuer.kid).alg == issuer.alg  # type: ignore[union-attr]
+
+    def test_rsa_algs_and_short_rsa(self) -> None:
+        """An RSA key may declare any of the six RSA JWT-SVID algs, nothing else; under 2048 bits it is skipped."""
+        for alg in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"):
+            jwk = DevIssuer.generate(alg="RS256", kid="k").public_jwk() | {"alg": alg}
+            assert JwksKeySet.from_json(json.dumps({"keys": [jwk]})).get("k").alg == alg  # type: ignore[union-attr]
         jwk = DevIssuer.generate(alg="RS256", kid="k").public_jwk() | {"alg": "ES256"}
-        with pytest.raises(ConfigError, match="RS256 or PS256"):
+        with pytest.raises(ConfigError, match="RS256/384/512 or PS256/384/512"):
             JwksKeySet.from_json(json.dumps({"keys": [jwk]}))
         small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()  # noqa: S505 -- a weak key, refused
         jwk = RSAAlgorithm.to_jwk(small, as_dict=True) | {"kid": "k"}

@@ -2,6 +2,12 @@
 
 Each case is built from fixture keys at test time and names the reason it must be rejected for, so a
 case that is rejected for the *wrong* reason (say, a bad kid where we meant to test alg confusion) fails.
+
+The positive controls cover every algorithm the SPIFFE JWT-SVID spec allows (§2.1: RS/ES/PS 256/384/512)
+and nothing else for agents (EdDSA is refused for a JWT-SVID, allowed for a person's ID token).
+``GO_SPIFFE_JWT_SVID`` is go-spiffe's own validation table, transcribed (claims, keys, kids, typ and the
+outcome) from spiffe/go-spiffe at commit e9973f6314a3fa0e36eb1f00fbfe37bdc1554b96, file
+``svid/jwtsvid/svid_test.go`` (TestParseAndValidate), run against the broker's verifier.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from hypothesis import strategies as st
 from broker.dev.identities import DevIssuer
 from broker.errors import InvalidIdentity
 from broker.identity import (
+    ID_TOKEN_ALGS,
+    JWT_SVID_ALGS,
     AgentVerifier,
     IssuerTrust,
     JwksKeySet,
@@ -56,13 +64,20 @@ class Keys:
     def __init__(self) -> None:
         self.es = DevIssuer.generate(alg="ES256", kid="es-1")
         self.es384 = DevIssuer.generate(alg="ES384", kid="es384-1")
+        self.es512 = DevIssuer.generate(alg="ES512", kid="es512-1")
         self.rs = DevIssuer.generate(alg="RS256", kid="rs-1")
         self.ps = DevIssuer.generate(alg="PS256", kid="ps-1")
+        # One RSA key per remaining RSA alg (a JWK binds its key to one alg).
+        self.rs384 = DevIssuer(self.rs.private_key, alg="RS384", kid="rs384-1")
+        self.rs512 = DevIssuer(self.rs.private_key, alg="RS512", kid="rs512-1")
+        self.ps384 = DevIssuer(self.ps.private_key, alg="PS384", kid="ps384-1")
+        self.ps512 = DevIssuer(self.ps.private_key, alg="PS512", kid="ps512-1")
         self.ed = DevIssuer.generate(alg="EdDSA", kid="ed-1")
         self.foreign = DevIssuer.generate(alg="ES256", kid="foreign-1")
         self.idp = DevIssuer.generate(alg="ES256", kid="idp-1")
         self.attacker = DevIssuer.generate(alg="ES256", kid="es-1")  # same kid as a trusted key
-        trusted = [self.es, self.es384, self.rs, self.ps, self.ed]
+        trusted = [self.es, self.es384, self.es512, self.rs, self.rs384, self.rs512, self.ps, self.ps384, self.ps512,
+                   self.ed]
         self.td_keys = JwksKeySet.from_json(js({"keys": [i.public_jwk() for i in trusted]}))
         self.foreign_keys = JwksKeySet.from_json(js(self.foreign.jwks()))
         self.idp_keys = JwksKeySet.from_json(js(self.idp.jwks()))
@@ -207,17 +222,44 @@ CORPUS: list[Case] = [
         lambda k: k.resign(k.es, {"alg": "ES256", "kid": "rs-1"}),
         "alg does not match the key",
     ),
+    # EdDSA is not a JWT-SVID algorithm (SPIFFE JWT-SVID §2.1: validators MUST reject others), even with
+    # a trusted Ed25519 key under its own kid.
+    Case("eddsa_svid", "TH-02", lambda k: k.svid(k.ed), "alg missing or not allowed"),
     Case(
         "eddsa_on_es_kid",
         "TH-02",
         lambda k: k.resign(k.ed, {"alg": "EdDSA", "kid": "es-1"}),
+        "alg missing or not allowed",
+    ),
+    Case(
+        "es512_header_on_es256_key",
+        "TH-02",
+        lambda k: k.unsigned({"alg": "ES512", "kid": "es-1"}, "AA"),
         "alg does not match the key",
     ),
     Case(
-        "es512_not_allowed",
+        "rs512_signed_claims_rs256",
         "TH-02",
-        lambda k: k.unsigned({"alg": "ES512", "kid": "es-1"}, "AA"),
-        "alg missing or not allowed",
+        lambda k: k.swap_header(k.svid(k.rs512), alg="RS256", kid="rs512-1"),
+        "alg does not match the key",
+    ),
+    Case(
+        "ps384_header_on_ps512_key",
+        "TH-02",
+        lambda k: k.swap_header(k.svid(k.ps512), alg="PS384", kid="ps512-1"),
+        "alg does not match the key",
+    ),
+    Case(
+        "es512_key_claims_es384",
+        "TH-02",
+        lambda k: k.swap_header(k.svid(k.es512), alg="ES384", kid="es512-1"),
+        "alg does not match the key",
+    ),
+    Case(
+        "rs384_key_signature_as_ps384",
+        "TH-02",
+        lambda k: k.swap_header(k.svid(k.rs384), alg="PS384", kid="rs384-1"),
+        "alg does not match the key",
     ),
     Case(
         "es256k_not_allowed",
@@ -529,12 +571,32 @@ async def _reason(keys: Keys, case: Case) -> str | None:
     return None
 
 
+SVID_KEYS = {"RS256": "rs", "RS384": "rs384", "RS512": "rs512", "ES256": "es", "ES384": "es384", "ES512": "es512",
+             "PS256": "ps", "PS384": "ps384", "PS512": "ps512"}
+
+
 class TestPositiveControls:
-    @pytest.mark.parametrize("name", ["es", "es384", "rs", "ps", "ed"])
-    async def test_each_trusted_key_verifies(self, keys: Keys, name: str) -> None:
-        """A well-formed SVID from each trusted key is accepted (so rejections below mean something)."""
-        ident = await keys.agents.verify(keys.svid(getattr(keys, name)))
+    def test_the_allow_list_is_the_spiffe_specs(self) -> None:
+        """The JWT-SVID allow-list is exactly SPIFFE JWT-SVID §2.1's table; no HMAC, no none, no EdDSA."""
+        assert set(JWT_SVID_ALGS) == set(SVID_KEYS) and len(JWT_SVID_ALGS) == 9
+        assert set(ID_TOKEN_ALGS) == {*SVID_KEYS, "EdDSA"}
+
+    @pytest.mark.parametrize("alg", sorted(SVID_KEYS))
+    async def test_every_spec_algorithm_verifies(self, keys: Keys, alg: str) -> None:
+        """A well-formed SVID signed with each algorithm the spec allows is accepted (so the rejections below
+        mean something)."""
+        issuer = getattr(keys, SVID_KEYS[alg])
+        token = keys.svid(issuer)
+        assert json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["alg"] == alg
+        ident = await keys.agents.verify(token)
         assert str(ident.spiffe_id) == SID
+
+    async def test_eddsa_id_token_verifies(self, keys: Keys) -> None:
+        """A person's ID token may be EdDSA (OIDC allows it); only JWT-SVIDs are held to the SPIFFE list."""
+        users = UserVerifier([IssuerTrust(IDP, StaticKeySource(JwksKeySet.from_json(js(keys.ed.jwks()))))],
+                             audience=AUD, clock=lambda: NOW)
+        user = await users.verify(keys.ed.mint_id_token(issuer=IDP, subject="alice", audience=AUD, now=NOW))
+        assert user.subject == "alice"
 
     async def test_foreign_domain_own_key(self, keys: Keys) -> None:
         """The foreign trust domain's key verifies that domain's own SVIDs."""
@@ -652,3 +714,91 @@ class TestFuzz:
         for verifier in (keys.agents, keys.users):
             with pytest.raises(InvalidIdentity):
                 asyncio.run(verifier.verify(token))
+
+
+# -- go-spiffe svid/jwtsvid/svid_test.go TestParseAndValidate, transcribed ------------------------------
+#
+# go-spiffe's fixture: trust domain "trustdomain" whose bundle holds "authority1" (key1, a P-384 key, so
+# ES384) and "authority2" (key2, RSA 2048, RS256); tokens carry typ JWT, sub spiffe://trustdomain/host,
+# iss "issuer", aud ["audience"], iat now and exp now + 1 minute unless the case says otherwise. Each row:
+# go-spiffe's case name, the token it builds, whether go-spiffe accepts it, and the broker's reason when
+# it refuses (go-spiffe's own error text in the comment).
+
+GO_TD = "trustdomain"
+GO_SUB = f"spiffe://{GO_TD}/host"
+GO_AUD = "audience"
+# jwt.io's HS256 example, verbatim from svid_test.go.
+GO_HS256_TOKEN = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG"
+                  "4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+
+
+class GoFixture:
+    def __init__(self) -> None:
+        self.key1 = DevIssuer.generate(alg="ES384", kid="authority1")
+        self.key2 = DevIssuer.generate(alg="RS256", kid="authority2")
+        bundle = JwksKeySet.from_json(js({"keys": [self.key1.public_jwk(), self.key2.public_jwk()]}))
+        self.agents = AgentVerifier({GO_TD: StaticKeySource(bundle)}, audience=GO_AUD, clock=lambda: NOW)
+
+    def claims(self, **over: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {"sub": GO_SUB, "iss": "issuer", "exp": int(NOW) + 60, "aud": [GO_AUD],
+                                "iat": int(NOW)}
+        base.update(over)
+        return {k: v for k, v in base.items() if v is not DROP}
+
+    def token(self, signer: DevIssuer | None = None, *, kid: str | None = "authority1", typ: str = "JWT",
+              audience: str | None = None, **over: Any) -> str:
+        """go-spiffe's generateToken: the signer's alg, the given kid (none when empty), typ."""
+        signer = signer or self.key1
+        header: dict[str, Any] = {"alg": signer.alg, "typ": typ}
+        if kid:
+            header["kid"] = kid
+        return signer.sign_compact(js(header), js(self.claims(**over)))
+
+
+@dataclass(frozen=True)
+class GoCase:
+    name: str  # go-spiffe's test case name
+    build: Callable[[GoFixture], str]
+    reason: str | None  # None: accepted, as go-spiffe accepts it
+    audience: str = GO_AUD  # what the validator identifies with (go-spiffe's testCase.audience)
+
+
+GO_SPIFFE_JWT_SVID: list[GoCase] = [
+    GoCase("success", lambda f: f.token(), None),
+    GoCase("malformed", lambda f: "invalid token", "segments"),  # unable to parse JWT token
+    GoCase("unsupported algorithm", lambda f: GO_HS256_TOKEN, "alg missing or not allowed"),  # unable to parse
+    GoCase("missing subject", lambda f: f.token(sub=DROP), "sub missing"),  # token missing subject claim
+    GoCase("missing expiration claim", lambda f: f.token(exp=DROP), "exp missing"),  # token missing exp claim
+    GoCase("expired", lambda f: f.token(exp=int(NOW) - 60), "token expired"),  # token has expired
+    GoCase("unexpected audience", lambda f: f.token(), "aud does not match", audience="another"),
+    GoCase("invalid subject claim", lambda f: f.token(sub="invalid subject"),  # scheme is missing or invalid
+           "malformed SPIFFE ID: scheme is missing or invalid"),
+    GoCase("missing key", lambda f: f.token(kid=""), "kid missing or malformed"),  # token header missing key id
+    GoCase("no bundle for trust domain", lambda f: f.token(kid="noAuthority", sub="spiffe://another.domain/host"),
+           "trust domain is not trusted"),  # no bundle found for trust domain "another.domain"
+    GoCase("no bundle for authority", lambda f: f.token(kid="noKey"),  # no JWT authority "noKey" found
+           "unknown kid"),
+    GoCase("mismatched JWT authority", lambda f: f.token(f.key2, kid="authority1"),  # cryptographic primitive
+           "alg does not match the key"),
+    GoCase("invalid typ", lambda f: f.token(typ="invalid"),  # header type not equal to either JWT or JOSE
+           "typ must be JWT or JOSE"),
+]
+
+
+class TestGoSpiffeJwtSvid:
+    @pytest.mark.parametrize("case", GO_SPIFFE_JWT_SVID, ids=[c.name for c in GO_SPIFFE_JWT_SVID])
+    async def test_agrees_with_go_spiffe(self, case: GoCase) -> None:
+        """go-spiffe's ParseAndValidate table: the broker accepts what go-spiffe accepts and refuses what it
+        refuses, for the same reason."""
+        fixture = GoFixture()
+        verifier = fixture.agents if case.audience == GO_AUD else AgentVerifier(
+            {GO_TD: StaticKeySource(JwksKeySet.from_json(js({"keys": [fixture.key1.public_jwk()]})))},
+            audience=case.audience, clock=lambda: NOW)
+        token = case.build(fixture)
+        if case.reason is None:
+            ident = await verifier.verify(token)
+            assert str(ident.spiffe_id) == GO_SUB
+            return
+        with pytest.raises(InvalidIdentity) as exc:
+            await verifier.verify(token)
+        assert case.reason in exc.value.reason, exc.value.reason
