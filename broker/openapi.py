@@ -29,6 +29,7 @@ from broker.models import (
     RevocationList,
     RevocationOut,
     TaskCreate,
+    TaskGrants,
     TaskOut,
     TaskPage,
 )
@@ -37,6 +38,7 @@ _APPROVAL_MODELS: tuple[type[BaseModel], ...] = (ApprovalPendingOut, ApprovalOut
 _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
+    TaskGrants,
 )
 
 
@@ -156,6 +158,10 @@ def spec() -> dict[str, Any]:
                                                   "user", (200, TaskOut), (401, 404, 503),
                                                   params=[_path_param("task_id")]),
                                             "security": [{"user": []}, {"agent": []}]}},
+            "/v1/tasks/{task_id}/grants": {"get": {**_op(
+                "The task's grants: risk, how each ends, where its credential is used (as GET /v1/tasks/{id})",
+                "user", (200, TaskGrants), (401, 404, 503), params=[_path_param("task_id")]),
+                "security": [{"user": []}, {"agent": []}]}},
             "/v1/tasks/{task_id}/credentials": {"post": _op(
                 "Obtain a grant's credential for the task (the task's agent)", "agent", (200, CredentialOut),
                 auth_errors, body=CredentialRequest, params=[_path_param("task_id")])},
