@@ -50,6 +50,7 @@ NOT_ANSWERED: frozenset[str] = frozenset({
     "invalid_config", "approval_pending", "csrf", "sign_in_required", "audit_chain_broken", "checkpoint_invalid",
     "vault_audit_line_invalid", "audit_export_failed",
     "unreachable", "bad_response",  # the client's own: raised by broker.client, never answered by the broker
+    "tool_refused", "host_not_allowed", "upstream_failed",  # broker mcp's tools and the SDK's helpers
 })
 # What ``api.error_middleware`` answers for aiohttp's own HTTP errors that no BrokerError stands for.
 _HTTP_ERROR_CODES = ("method_not_allowed", "http_error")
