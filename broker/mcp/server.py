@@ -13,6 +13,7 @@ Rules this file keeps:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -118,11 +119,13 @@ def build_server(tools: TaskTools) -> MCPServer[Any]:
                            url: Annotated[str, Field(description="A path on the grant's endpoint (/v1/...) or a "
                                                                  "URL on one of its allowed hosts",
                                                      max_length=8192)],
-                           body: Annotated[str | None, Field(default=None, description="The request body "
-                                                             "(JSON is sent as application/json)")] = None,
+                           body: Annotated[str | dict[str, Any] | list[Any] | None, Field(
+                               default=None, description="The request body: text, or JSON (sent as "
+                                                         "application/json)")] = None,
                            approval_id: ApprovalArg = None) -> dict[str, Any]:
         """Send one HTTP request with the grant's token or client certificate added by this server."""
-        return await _answer(tools, lambda: tools.http_request(grant, method, url, body, approval_id))
+        text = body if body is None or isinstance(body, str) else json.dumps(body)
+        return await _answer(tools, lambda: tools.http_request(grant, method, url, text, approval_id))
 
     return server
 

@@ -1,0 +1,390 @@
+"""``broker mcp`` end to end: the SDK's own MCP client drives the server against a real broker, OpenBao and
+SCRAM PostgreSQL; every JSON-RPC message and every log line is recorded and searched for the credentials.
+
+The broker here has its own task role (``mcp-triage``) whose grants name endpoints: the tickets database,
+OpenBao itself (a Vault token sent as ``X-Vault-Token`` to ``lookup-self``, which answers with the token),
+a loopback HTTP target that echoes the bearer token it got, and a high-risk database grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.shared.memory import create_client_server_memory_streams
+
+from broker.app import make_app
+from broker.audit.signing import generate_signing_key_file
+from broker.config import Settings, load_settings
+from broker.delegation import Catalog
+from broker.dev.config import DEV_PEOPLE, AgentTrust, BrokerConfig, Grant, TaskRole, UserIssuer
+from broker.mcp.bounds import Limits
+from broker.mcp.server import RedactingFormatter, build_server
+from broker.mcp.svid import SvidFile
+from broker.mcp.tools import TaskTools
+from broker.sdk import AgentClient, UserClient
+from broker.sealing import TokenSealer
+from broker.vault.admin import VaultAdmin
+from broker.vault.sync import audit_device_of, sync, write_broker_token
+from tests.conftest import IDP, TD, Identities
+from tests.support.fixtures import BaoEngines
+
+AGENT = f"spiffe://{TD}/agent/support-7"
+LEAD = ("lena@example.com", ("secops-leads",))
+PLANTED = "CANARY-planted-7f3a9c1e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class McpSite:
+    root: Path
+    settings: Settings
+    ids: Identities
+    echo_port: int
+    engines: BaoEngines
+
+
+@pytest.fixture(scope="module")
+def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngines,
+             identities: Identities) -> tuple[Path, int]:
+    root = tmp_path_factory.mktemp("mcp-broker")
+    identities.spiffe.write_jwks(root / "spiffe.jwks")
+    identities.idp.write_jwks(root / "idp.jwks")
+    TokenSealer.generate_key_file(root / "store.key")
+    generate_signing_key_file(root / "audit-signing.key")
+    bao, pg = bao_with_engines.bao, bao_with_engines.pg
+    echo_port = free_port()
+    db = f"postgresql://127.0.0.1:{pg.port}/postgres"
+    role = TaskRole(name="mcp-triage", tenant="acme", agents=(f"spiffe://{TD}/agent/support-*",),
+                    delegators=("group:support",), max_ttl="30m", grants=(
+        Grant(name="tickets-db", path=bao_with_engines.db_creds_ro, max_ttl="10m", endpoint=db),
+        Grant(name="tickets-db-rw", path=bao_with_engines.db_creds_rw, max_ttl="5m", risk="high", endpoint=db),
+        Grant(name="vault-self", path="auth/token/create/agent-child", method="write", max_ttl="10m",
+              endpoint=bao.addr, http_auth="vault-token"),
+        Grant(name="echo-api", path="auth/token/create/agent-child", method="write", max_ttl="10m",
+              endpoint=f"http://127.0.0.1:{echo_port}"),
+        Grant(name="no-endpoint", path=bao_with_engines.db_creds_ro, max_ttl="10m"),
+    ))
+    cfg = BrokerConfig(vault_addr=bao.addr, audit_log=bao.audit_log, signing_key_file="audit-signing.key",
+                       agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),),
+                       users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),), people=DEV_PEOPLE, task_roles=(role,))
+    settings = load_settings({}, cfg.write(root / "broker.toml"))
+    with VaultAdmin(bao.addr, token=bao.root_token) as admin:
+        sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
+        write_broker_token(admin, root / "vault-token")
+    return root, echo_port
+
+
+@pytest.fixture
+def msite(mcp_root: tuple[Path, int], identities: Identities, tmp_path: Path,
+          bao_with_engines: BaoEngines) -> McpSite:
+    root, port = mcp_root
+    settings = load_settings({"BROKER_STORE_URL": f"sqlite:///{tmp_path / 'broker.db'}"}, root / "broker.toml")
+    return McpSite(root=root, settings=settings, ids=identities, echo_port=port, engines=bao_with_engines)
+
+
+@pytest_asyncio.fixture
+async def broker_url(msite: McpSite, aiohttp_server: Any) -> str:
+    server = await aiohttp_server(make_app(msite.settings))
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest_asyncio.fixture
+async def echo(msite: McpSite) -> AsyncIterator[list[str]]:
+    """A loopback HTTP target that answers with the Authorization header it got (and a base64 copy)."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        seen.append(header)
+        return web.json_response({"you_sent": header, "b64": base64.b64encode(header.encode()).decode(),
+                                  "note": PLANTED})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", msite.echo_port).start()
+    yield seen
+    await runner.cleanup()
+
+
+def user(msite: McpSite, who: tuple[str, tuple[str, ...]] = ("alice@example.com", ("support",))) -> str:
+    return msite.ids.user(who[0], who[1], auth_time=time.time() - 5)
+
+
+async def start(url: str, msite: McpSite, tmp_path: Path) -> tuple[str, Path]:
+    async with UserClient(url, user(msite)) as u:
+        task = await u.start_task(agent=AGENT, role="mcp-triage", ttl="20m", reason="mcp test")
+    svid = tmp_path / "svid.jwt"
+    svid.write_text(msite.ids.agent(AGENT) + "\n")
+    return task.id, svid
+
+
+class Tap:
+    """A transport stream that records every JSON-RPC message passing through it (either direction)."""
+
+    def __init__(self, inner: Any, log: list[str]) -> None:
+        self._inner = inner
+        self._log = log
+
+    def _record(self, item: Any) -> None:
+        message = getattr(item, "message", None)
+        self._log.append(message.model_dump_json(by_alias=True) if message is not None else repr(item))
+
+    async def send(self, item: Any) -> None:
+        self._record(item)
+        await self._inner.send(item)
+
+    async def receive(self) -> Any:
+        item = await self._inner.receive()
+        self._record(item)
+        return item
+
+    def __aiter__(self) -> Tap:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Tap:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.aclose()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@asynccontextmanager
+async def in_process(tools: TaskTools, wire: list[str]) -> AsyncIterator[ClientSession]:
+    """The real MCPServer over in-memory streams, the SDK's ClientSession on the other end, every message taped."""
+    server = build_server(tools)
+    low = server._lowlevel_server
+    try:
+        async with create_client_server_memory_streams() as ((c_read, c_write), (s_read, s_write)), \
+                anyio.create_task_group() as tg:
+            tg.start_soon(lambda: low.run(s_read, s_write, low.create_initialization_options()))
+            try:
+                async with ClientSession(Tap(c_read, wire), Tap(c_write, wire)) as session:
+                    await session.initialize()
+                    yield session
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        await tools.close()  # outside the cancelled scope, so it runs to the end
+
+
+async def call(session: ClientSession, tool: str, **args: Any) -> tuple[bool, Any]:
+    """(is_error, structured result or the error text)."""
+    result = await session.call_tool(tool, args)
+    if result.is_error:
+        return True, " ".join(getattr(c, "text", "") for c in result.content)
+    return False, result.structured_content
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[str]]:
+    """Every log line of the process, formatted as ``broker mcp`` formats them (before redaction is asserted)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Keep(level=logging.DEBUG)
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield lines
+    root.removeHandler(handler)
+    root.setLevel(old)
+
+
+def assert_no_canary(texts: list[str], canaries: list[str]) -> None:
+    canaries = [c for c in canaries if c]
+    assert canaries
+    for text in texts:
+        for canary in canaries:
+            assert canary not in text, f"a secret leaked into: {text[:200]}"
+            assert base64.b64encode(canary.encode()).decode().rstrip("=") not in text
+
+
+class TestMcpTools:
+    async def test_tools_use_credentials_and_never_show_them(self, msite: McpSite, broker_url: str,
+                                                              echo: list[str], tmp_path: Path,
+                                                              captured_logs: list[str]) -> None:
+        """list_grants, sql_query, http_request (Vault token and bearer): results, no secret in any message or log."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        wire: list[str] = []
+        async with AgentClient(broker_url, SvidFile(svid)) as agent:
+            session_task = agent.task(task_id, end_on_exit=False)
+            tools = TaskTools(session_task, Limits(max_rows=3, max_bytes=4096, timeout=5))
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(RedactingFormatter(tools.redactor))
+            tools.redactor.add(svid.read_text().strip())
+            async with in_process(tools, wire) as mcp:
+                listed = await mcp.list_tools()
+                assert sorted(t.name for t in listed.tools) == ["http_request", "list_grants", "redis_command",
+                                                                  "sql_query"]
+                err, grants = await call(mcp, "list_grants")
+                assert not err
+                by_name = {g["name"]: g for g in grants["grants"]}
+                assert by_name["tickets-db"]["tool"] == "sql_query" and by_name["tickets-db"]["risk"] == "low"
+                assert by_name["tickets-db"]["revocation"] == "revocable"
+                assert by_name["tickets-db-rw"]["risk"] == "high"
+                assert by_name["echo-api"]["allowed_hosts"] == ["127.0.0.1"]
+
+                err, rows = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT current_user, 1 + 1 AS two")
+                assert not err, rows
+                assert rows["columns"] == ["current_user", "two"] and rows["rows"][0][1] == 2
+                db_user = rows["rows"][0][0]
+                assert db_user.startswith("v-")  # Vault's dynamic role, not the superuser
+
+                err, many = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT generate_series(1, 50)")
+                assert not err and many["row_count"] == 3 and many["truncated"] is True
+
+                err, again = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT current_user")
+                assert not err and again["rows"][0][0] == db_user  # the credential is reused, not re-issued
+
+                err, slow = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT pg_sleep(30)")
+                assert err and "upstream_failed" in slow and "statement timeout" in slow
+
+                err, bad = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT * FROM no_such_table")
+                assert err and "no_such_table" in bad
+
+                err, me = await call(mcp, "http_request", grant="vault-self", method="GET",
+                                     url="/v1/auth/token/lookup-self")
+                assert not err and me["status"] == 200, me
+                body = json.loads(me["body"])
+                assert body["data"]["role"] == "agent-child"  # OpenBao got the grant's token in X-Vault-Token...
+                assert body["data"]["id"] == "[redacted]"    # ...and echoed it back, which the model never sees
+
+                err, echoed = await call(mcp, "http_request", grant="echo-api", method="POST", url="/anything",
+                                         body={"q": 1})
+                assert not err and echoed["status"] == 200
+                assert echo and echo[-1].startswith("Bearer ")
+                assert json.loads(echoed["body"])["you_sent"] == "Bearer [redacted]"
+
+                err, refused = await call(mcp, "http_request", grant="echo-api", method="GET",
+                                          url="https://example.org/")
+                assert err and "host_not_allowed" in refused and len(echo) == 1
+
+                err, wrong = await call(mcp, "redis_command", grant="tickets-db", command="PING")
+                assert err and "tool_refused" in wrong
+                err, none = await call(mcp, "sql_query", grant="no-endpoint", sql="SELECT 1")
+                assert err and "tool_refused" in none
+
+                held = [cred for cred, _ in session_task._held.values()]
+                assert {c.grant for c in held} == {"tickets-db", "vault-self", "echo-api"}
+                canaries = [svid.read_text().strip(), echo[-1].removeprefix("Bearer ")]
+                canaries += [str(c.data.get(k)) for c in held for k in ("password", "token") if c.data.get(k)]
+                assert len(canaries) == 5
+        assert wire and captured_logs
+        assert_no_canary(wire + captured_logs, canaries)
+
+    async def test_high_risk_grant_answers_waiting_then_delivers(self, msite: McpSite, broker_url: str,
+                                                                   tmp_path: Path) -> None:
+        """A high-risk grant answers at once with the approval id; after approval the retry with it works."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        async with AgentClient(broker_url, SvidFile(svid)) as agent:
+            tools = TaskTools(agent.task(task_id, end_on_exit=False), Limits(timeout=5))
+            async with in_process(tools, []) as mcp:
+                began = time.monotonic()
+                err, waiting = await call(mcp, "sql_query", grant="tickets-db-rw", sql="SELECT 1")
+                assert err and "waiting for approval" in waiting and time.monotonic() - began < 5
+                approval_id = waiting.split("approval_id ")[1].split()[0]
+                err, still = await call(mcp, "sql_query", grant="tickets-db-rw", sql="SELECT 1")
+                assert err and approval_id in still  # the same approval, not a second one
+                async with UserClient(broker_url, user(msite, LEAD)) as lead:
+                    await lead.call("POST", f"/v1/approvals/{approval_id}",
+                                    body={"decision": "approve", "reason": "change 42"})
+                err, done = await call(mcp, "sql_query", grant="tickets-db-rw", sql="SELECT 1 AS one",
+                                       approval_id=approval_id)
+                assert not err and done["rows"] == [[1]]
+
+    async def test_task_end_turns_every_tool_into_an_error_and_drops_everything(
+            self, msite: McpSite, broker_url: str, echo: list[str], tmp_path: Path) -> None:
+        """After the task ends: every tool is an error, no connection or credential is held, nothing is re-asked."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        async with AgentClient(broker_url, SvidFile(svid)) as agent:
+            tools = TaskTools(agent.task(task_id, end_on_exit=False), Limits(timeout=5))
+            async with in_process(tools, []) as mcp:
+                assert not (await call(mcp, "sql_query", grant="tickets-db", sql="SELECT 1"))[0]
+                assert not (await call(mcp, "http_request", grant="echo-api", method="GET", url="/"))[0]
+                assert tools.holding == 4  # two connections, two credentials
+                async with UserClient(broker_url, user(msite)) as u:
+                    await u.end_task(task_id)
+                for tool, args in (("list_grants", {}), ("sql_query", {"grant": "tickets-db", "sql": "SELECT 1"}),
+                                   ("redis_command", {"grant": "tickets-db", "command": "PING"}),
+                                   ("http_request", {"grant": "echo-api", "method": "GET", "url": "/"})):
+                    err, text = await call(mcp, tool, **args)
+                    assert err and "gone" in text and "ended" in text, (tool, text)
+                assert tools.holding == 0
+                assert len(echo) == 1  # nothing was sent after the end
+
+    async def test_a_rotated_svid_file_is_read_again(self, msite: McpSite, broker_url: str, tmp_path: Path) -> None:
+        """The SVID file is re-read when it changes: a broken file fails the call, the rotated one works."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        source = SvidFile(svid)
+        async with AgentClient(broker_url, source) as agent:
+            tools = TaskTools(agent.task(task_id, end_on_exit=False), Limits(timeout=5))
+            assert (await tools.list_grants())["task"] == task_id
+            svid.write_text(msite.ids.stranger.mint_svid(AGENT, audience="agent-broker"))
+            with pytest.raises(Exception, match="bearer token was not accepted"):
+                await tools.list_grants()
+            rotated = tmp_path / "svid.new"
+            rotated.write_text(msite.ids.agent(AGENT))
+            rotated.replace(svid)  # the usual rotation: a rename, a new inode
+            assert (await tools.list_grants())["task"] == task_id
+
+
+class TestStdio:
+    async def test_broker_mcp_over_stdio(self, msite: McpSite, broker_url: str, tmp_path: Path) -> None:
+        """`broker mcp` as an MCP host runs it: a subprocess on stdio; its stdout and stderr hold no secret."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        params = StdioServerParameters(command=sys.executable, args=[
+            "-m", "broker", "mcp", "--url", broker_url, "--task", task_id, "--svid-file", str(svid),
+            "--max-rows", "5", "--timeout", "5"], env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                                                      "PATH": "/usr/bin:/bin"})
+        wire: list[str] = []
+        errlog = tmp_path / "stderr.log"
+        with errlog.open("w") as err_file:
+            async with stdio_client(params, errlog=err_file) as (read, write), \
+                    ClientSession(Tap(read, wire), Tap(write, wire)) as mcp:
+                await mcp.initialize()
+                err, rows = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT count(*) FROM tickets")
+                assert not err and rows["columns"] == ["count"], rows
+                async with UserClient(broker_url, user(msite)) as u:
+                    await u.end_task(task_id)
+                err, text = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT 1")
+                assert err and "ended" in text
+        await asyncio.sleep(0.2)
+        logs = errlog.read_text()
+        assert "broker mcp for task" in logs
+        assert_no_canary([*wire, logs], [svid.read_text().strip()])
