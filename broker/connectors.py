@@ -145,8 +145,8 @@ def redis_client(endpoint: Endpoint, data: Mapping[str, Any], *, timeout: float)
     return redis.asyncio.Redis(host=endpoint.host, port=endpoint.port, db=int(endpoint.database or 0),
                                username=str(data.get("username", "")) or None,
                                password=str(data.get("password", "")) or None, ssl=endpoint.tls,
-                               socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False,
-                               client_name="broker-mcp")
+                               socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False)
+    # No client_name: CLIENT SETNAME is a command the grant's ACL need not allow.
 
 
 def _redactor_for(data: Mapping[str, Any]) -> Redactor:

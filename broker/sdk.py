@@ -145,6 +145,7 @@ class TaskSession:
                         tb: types.TracebackType | None) -> None:
         if self._end_on_exit:
             self.ended = await self.client.end_task(self.task_id)
+            self.forget()
 
     async def credential(self, grant: str, *, ttl: int | None = None, wait_for_approval: float = 0) -> CredentialOut:
         return await self.client.credential(self.task_id, grant, ttl=ttl, wait_for_approval=wait_for_approval)

@@ -103,7 +103,7 @@ class TaskTools:
             client = await self._conn(grant, cred, lambda: self._open_redis(endpoint, cred))
             try:
                 async with asyncio.timeout(self._limits.timeout):
-                    reply = await client.execute_command(*args)
+                    reply = await _raw_command(client, args)
             except TimeoutError:
                 await self._close(grant)
                 raise self._too_slow("the command") from None
@@ -349,6 +349,20 @@ async def _mysql_statement_timeout(conn: Any, seconds: float) -> None:
             return
         except pymysql.MySQLError:
             continue
+
+
+async def _raw_command(client: Any, args: list[str]) -> Any:
+    """The server's own reply to ``args`` (redis-py's per-command callbacks would turn ``OK`` into ``True``)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        return await conn.read_response()
+    except BaseException:
+        await conn.disconnect()  # a half-read reply must not stay on a pooled connection
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def _is_redis_error(exc: BaseException) -> bool:

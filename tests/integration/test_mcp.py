@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import secrets
 import socket
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pymysql
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -33,12 +35,14 @@ from broker.audit.signing import generate_signing_key_file
 from broker.config import Settings, load_settings
 from broker.delegation import Catalog
 from broker.dev.config import DEV_PEOPLE, AgentTrust, BrokerConfig, Grant, TaskRole, UserIssuer
+from broker.errors import HostNotAllowed, ToolRefused
 from broker.mcp.bounds import Limits
 from broker.mcp.server import RedactingFormatter, build_server
 from broker.mcp.svid import SvidFile
 from broker.mcp.tools import TaskTools
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
+from broker.vault import Sensitive
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.conftest import IDP, TD, Identities
@@ -47,6 +51,9 @@ from tests.support.fixtures import BaoEngines
 AGENT = f"spiffe://{TD}/agent/support-7"
 LEAD = ("lena@example.com", ("secops-leads",))
 PLANTED = "CANARY-planted-7f3a9c1e"
+_RUN = secrets.token_hex(4)
+MARIA_DB = f"mcp_{_RUN}"          # this module's own database on the machine's MariaDB
+REDIS_PREFIX = f"mcp-{_RUN}:"     # and its own keys on the machine's Redis
 
 
 def free_port() -> int:
@@ -66,7 +73,7 @@ class McpSite:
 
 @pytest.fixture(scope="module")
 def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngines,
-             identities: Identities) -> tuple[Path, int]:
+             identities: Identities) -> Iterator[tuple[Path, int]]:
     root = tmp_path_factory.mktemp("mcp-broker")
     identities.spiffe.write_jwks(root / "spiffe.jwks")
     identities.idp.write_jwks(root / "idp.jwks")
@@ -75,6 +82,7 @@ def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngi
     bao, pg = bao_with_engines.bao, bao_with_engines.pg
     echo_port = free_port()
     db = f"postgresql://127.0.0.1:{pg.port}/postgres"
+    maria_db, redis_prefix = MARIA_DB, REDIS_PREFIX
     role = TaskRole(name="mcp-triage", tenant="acme", agents=(f"spiffe://{TD}/agent/support-*",),
                     delegators=("group:support",), max_ttl="30m", grants=(
         Grant(name="tickets-db", path=bao_with_engines.db_creds_ro, max_ttl="10m", endpoint=db),
@@ -84,6 +92,8 @@ def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngi
         Grant(name="echo-api", path="auth/token/create/agent-child", method="write", max_ttl="10m",
               endpoint=f"http://127.0.0.1:{echo_port}"),
         Grant(name="no-endpoint", path=bao_with_engines.db_creds_ro, max_ttl="10m"),
+        Grant(name="app-db", path="mcpdb/creds/app", max_ttl="10m", endpoint=f"mysql://127.0.0.1:3306/{maria_db}"),
+        Grant(name="cache", path="mcpdb/creds/cache", max_ttl="10m", endpoint="redis://127.0.0.1:6379/0"),
     ))
     cfg = BrokerConfig(vault_addr=bao.addr, audit_log=bao.audit_log, signing_key_file="audit-signing.key",
                        agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),),
@@ -92,7 +102,40 @@ def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngi
     with VaultAdmin(bao.addr, token=bao.root_token) as admin:
         sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
         write_broker_token(admin, root / "vault-token")
-    return root, echo_port
+        configure_mysql_and_redis(admin, maria_db, redis_prefix)
+    yield root, echo_port
+    with VaultAdmin(bao.addr, token=bao.root_token) as admin:
+        admin.write("sys/leases/revoke-prefix/mcpdb", {})  # every MariaDB and Redis user these tests made
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", password="") as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{maria_db}`")
+
+
+def configure_mysql_and_redis(admin: VaultAdmin, maria_db: str, redis_prefix: str) -> None:
+    """A database mount ``mcpdb`` with the machine's MariaDB (root) and Redis, each with one role of our own.
+
+    The MariaDB role may read one database that this module creates (and drops); the Redis role only keys
+    under this module's prefix.
+    """
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True) as conn, \
+            conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{maria_db}`")
+        cur.execute(f"CREATE TABLE `{maria_db}`.tickets (id INT PRIMARY KEY, title VARCHAR(100))")
+        cur.execute(f"INSERT INTO `{maria_db}`.tickets VALUES (1, 'printer'), (2, 'vpn'), (3, 'mail')")
+    admin.enable_secrets_engine("mcpdb", "database")
+    admin.database_configure("mcpdb", "maria", plugin_name="mysql-database-plugin",
+                             connection_url="{{username}}:{{password}}@tcp(127.0.0.1:3306)/", username="root",
+                             password=Sensitive(""), allowed_roles=["app"])
+    admin.database_put_role("mcpdb", "app", db_name="maria", default_ttl="5m", max_ttl="10m",
+                            creation_statements=["CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';",
+                                                 f"GRANT SELECT ON `{maria_db}`.* TO '{{{{name}}}}'@'%';"],
+                            revocation_statements=["DROP USER IF EXISTS '{{name}}'@'%';"])
+    # The machine's Redis has a password-less default user, which accepts any password.
+    admin.database_configure("mcpdb", "cache", plugin_name="redis-database-plugin", connection_url="",
+                             username="default", password=Sensitive("any"), allowed_roles=["cache"],
+                             host="127.0.0.1", port=6379, tls=False)
+    admin.database_put_role("mcpdb", "cache", db_name="cache", default_ttl="5m", max_ttl="10m",
+                            creation_statements=[json.dumps([f"~{redis_prefix}*", "+@read", "+@write", "+ping"])],
+                            revocation_statements=[])
 
 
 @pytest.fixture
@@ -362,6 +405,82 @@ class TestMcpTools:
             rotated.write_text(msite.ids.agent(AGENT))
             rotated.replace(svid)  # the usual rotation: a rename, a new inode
             assert (await tools.list_grants())["task"] == task_id
+
+
+class TestMysqlAndRedis:
+    async def test_mysql_and_redis_grants(self, msite: McpSite, broker_url: str, tmp_path: Path,
+                                          captured_logs: list[str]) -> None:
+        """sql_query on a MariaDB grant and redis_command on a Redis grant, as Vault's users; gone after the end."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        wire: list[str] = []
+        async with AgentClient(broker_url, SvidFile(svid)) as agent:
+            session_task = agent.task(task_id, end_on_exit=False)
+            tools = TaskTools(session_task, Limits(max_rows=2, timeout=5))
+            async with in_process(tools, wire) as mcp:
+                err, rows = await call(mcp, "sql_query", grant="app-db", sql="SELECT id, title FROM tickets ORDER BY id")
+                assert not err, rows
+                assert rows["columns"] == ["id", "title"] and rows["rows"] == [[1, "printer"], [2, "vpn"]]
+                assert rows["truncated"] is True
+                err, who = await call(mcp, "sql_query", grant="app-db", sql="SELECT CURRENT_USER()")
+                assert not err and who["rows"][0][0].startswith("v-"), who
+                err, denied = await call(mcp, "sql_query", grant="app-db", sql="DELETE FROM tickets")
+                assert err and "upstream_failed" in denied and "denied" in denied.lower()
+
+                key = f"{REDIS_PREFIX}ticket"
+                err, ok = await call(mcp, "redis_command", grant="cache", command=f'SET {key} "a b c"')
+                assert not err and ok["reply"] == "OK", ok
+                err, got = await call(mcp, "redis_command", grant="cache", command=f"GET {key}")
+                assert not err and got["reply"] == "a b c"
+                err, off = await call(mcp, "redis_command", grant="cache", command="GET someone-elses-key")
+                assert err and "NoPermissionError" in off  # the ACL Vault wrote: this module's keys only
+                err, refused = await call(mcp, "redis_command", grant="cache", command="AUTH default x")
+                assert err and "tool_refused" in refused
+                await call(mcp, "redis_command", grant="cache", command=f"DEL {key}")
+
+                held = {c.grant: c for c, _ in session_task._held.values()}
+                canaries = [str(held["app-db"].data["password"]), str(held["cache"].data["password"])]
+                users = [str(held["app-db"].data["username"]), str(held["cache"].data["username"])]
+                async with UserClient(broker_url, user(msite)) as u:
+                    await u.end_task(task_id)
+                err, text = await call(mcp, "sql_query", grant="app-db", sql="SELECT 1")
+                assert err and "ended" in text
+        assert_no_canary(wire + captured_logs, canaries)
+        with pymysql.connect(host="127.0.0.1", port=3306, user="root", password="") as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM mysql.user WHERE user = %s", (users[0],))
+            assert cur.fetchone() == (0,)  # Vault dropped the MariaDB user with the task
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=6379) as r:
+            assert users[1].encode() not in r.acl_users()
+
+
+class TestSdkHelpers:
+    async def test_use_dont_hold_helpers(self, msite: McpSite, broker_url: str, echo: list[str],
+                                         tmp_path: Path) -> None:
+        """task.postgres / mysql / redis / http yield a connection or a session; the credential is reused."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        async with AgentClient(broker_url, SvidFile(svid)) as agent, agent.task(task_id) as task:
+            async with task.postgres("tickets-db") as conn:
+                first = (await (await conn.execute("SELECT current_user")).fetchone() or [""])[0]
+            async with task.postgres("tickets-db") as conn:
+                again = (await (await conn.execute("SELECT current_user")).fetchone() or [""])[0]
+            assert first.startswith("v-") and first == again  # one credential, held while it lasts
+            async with task.mysql("app-db") as my:
+                cur = await my.cursor()
+                await cur.execute("SELECT count(*) FROM tickets")
+                assert await cur.fetchone() == (3,)
+            async with task.redis("cache") as r:
+                assert await r.ping() is True
+            async with task.http("echo-api") as http:
+                async with http.get("/hello") as resp:
+                    assert resp.status == 200
+                with pytest.raises(HostNotAllowed):
+                    await http.get("http://localhost:1/")  # not on the grant's list: refused before connecting
+            assert len(echo) == 1 and echo[0].startswith("Bearer ")
+            with pytest.raises(ToolRefused, match="not a redis grant"):
+                async with task.redis("tickets-db"):
+                    pass
+        assert (task.ended is not None and task.holding == 0) or task.ended is not None
 
 
 class TestStdio:
