@@ -38,7 +38,7 @@ from broker.dev.config import DEV_PEOPLE, AgentTrust, BrokerConfig, Grant, TaskR
 from broker.errors import HostNotAllowed, ToolRefused
 from broker.mcp.bounds import Limits
 from broker.mcp.server import RedactingFormatter, build_server
-from broker.mcp.svid import SvidFile
+from broker.mcp.svid import SvidFile, WorkloadApiSvid
 from broker.mcp.tools import TaskTools
 from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
@@ -507,3 +507,75 @@ class TestStdio:
         logs = errlog.read_text()
         assert "broker mcp for task" in logs
         assert_no_canary([*wire, logs], [svid.read_text().strip()])
+
+    async def test_broker_mcp_over_streamable_http(self, msite: McpSite, broker_url: str, tmp_path: Path) -> None:
+        """`--transport streamable-http` serves the same tools on a loopback port; a non-loopback one is refused."""
+        from mcp.client.streamable_http import streamable_http_client
+
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+        args = ["-m", "broker", "mcp", "--url", broker_url, "--task", task_id, "--svid-file", str(svid),
+                "--transport", "streamable-http"]
+        refused = await asyncio.create_subprocess_exec(sys.executable, *args, "--listen", "0.0.0.0:9", env=env,
+                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(refused.communicate(), 60)
+        assert refused.returncode == 1 and b"loopback address only" in err
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(sys.executable, *args, "--listen", f"127.0.0.1:{port}", env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            for _ in range(200):
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write), \
+                    ClientSession(read, write) as mcp:
+                await mcp.initialize()
+                err, rows = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT 40 + 2 AS answer")
+                assert not err and rows["rows"] == [[42]], rows
+        finally:
+            proc.terminate()
+            _, logs = await asyncio.wait_for(proc.communicate(), 30)
+        assert svid.read_text().strip() not in logs.decode()
+
+
+class TestWorkloadApi:
+    async def test_spiffe_socket_supplies_the_svid(self, msite: McpSite, broker_url: str, tmp_path: Path) -> None:
+        """--spiffe-socket: py-spiffe's client asks a Workload API (a loopback gRPC server on a unix socket, speaking
+        SPIFFE's own workload.proto) for a JWT-SVID of the broker's audience, and the tools run with it."""
+        from concurrent import futures
+
+        import grpc
+        from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+        task_id, _ = await start(broker_url, msite, tmp_path)
+        asked: list[tuple[list[str], bool]] = []
+
+        class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+            def FetchJWTSVID(self, request: Any, context: Any) -> Any:  # the proto's method name
+                header = dict(context.invocation_metadata()).get("workload.spiffe.io") == "true"
+                asked.append((list(request.audience), header))
+                token = msite.ids.agent(AGENT, audience=request.audience[0])
+                return workload_pb2.JWTSVIDResponse(svids=[workload_pb2.JWTSVID(spiffe_id=AGENT, svid=token)])
+
+        socket_path = tmp_path / "agent.sock"
+        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadApi(), grpc_server)
+        grpc_server.add_insecure_port(f"unix://{socket_path}")
+        grpc_server.start()
+        try:
+            source = WorkloadApiSvid.connect(f"unix://{socket_path}", "agent-broker")
+            async with AgentClient(broker_url, source) as agent:
+                tools = TaskTools(agent.task(task_id, end_on_exit=False), Limits(timeout=5))
+                assert (await tools.list_grants())["task"] == task_id
+                rows = await tools.sql_query("tickets-db", "SELECT 1 AS one")
+                assert rows["rows"] == [[1]]
+                await tools.close()
+            source.close()
+        finally:
+            grpc_server.stop(grace=None)
+        assert asked and asked[0] == (["agent-broker"], True)
+        assert len(asked) == 1  # cached while it has time left, not fetched per request
