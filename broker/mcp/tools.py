@@ -221,16 +221,23 @@ class TaskTools:
 
         conn: psycopg.AsyncConnection[Any] = await self._conn(grant, cred, open_pg)
         rows = RowCollector(self._limits)
-        columns: list[str] | None = None
+        columns: list[str] = []
         try:
             async with asyncio.timeout(self._limits.timeout + 2), conn.cursor() as cur:
-                async for row in cur.stream(sql):
-                    columns = columns if columns is not None else [d.name for d in cur.description or ()]
-                    if not rows.add(row):
-                        break
-                if columns is None:
-                    columns = [d.name for d in cur.description or ()]
-                status, count = cur.statusmessage, cur.rowcount
+                try:
+                    # Single-row mode: rows arrive one at a time, so a huge result is never held whole.
+                    async for row in cur.stream(sql):
+                        columns = columns or [d.name for d in cur.description or ()]
+                        if not rows.add(row):
+                            break
+                    columns = columns or [d.name for d in cur.description or ()]
+                except psycopg.ProgrammingError as exc:
+                    if "didn't produce a result" not in str(exc):
+                        raise
+                    # A statement without rows (INSERT, CREATE...): it ran; psycopg's stream() only
+                    # complains that there was nothing to stream, and gives no row count.
+                    return {"grant": grant, "columns": [], "rows": [], "row_count": 0, "truncated": False,
+                            "status": "done", "affected": None}
         except TimeoutError:
             await self._close(grant)
             raise self._too_slow("the query") from None
@@ -241,8 +248,7 @@ class TaskTools:
         if rows.truncated:
             await self._close(grant)  # the rest of the result is still on the wire
         return {"grant": grant, "columns": columns, "rows": rows.rows, "row_count": len(rows.rows),
-                "truncated": rows.truncated, "status": status,
-                "affected": count if not columns and count >= 0 else None}
+                "truncated": rows.truncated, "status": "rows", "affected": None}
 
     async def _mysql(self, grant: str, endpoint: Endpoint, cred: CredentialOut, sql: str) -> dict[str, Any]:
         import aiomysql
@@ -283,7 +289,7 @@ class TaskTools:
         if rows.truncated:
             await self._close(grant)
         return {"grant": grant, "columns": columns, "rows": rows.rows, "row_count": len(rows.rows),
-                "truncated": rows.truncated, "status": None,
+                "truncated": rows.truncated, "status": "rows" if columns else "done",
                 "affected": count if not columns and count >= 0 else None}
 
     async def _open_redis(self, endpoint: Endpoint, cred: CredentialOut) -> _Conn:

@@ -318,6 +318,11 @@ class TestMcpTools:
                 err, slow = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT pg_sleep(30)")
                 assert err and "upstream_failed" in slow and "statement timeout" in slow
 
+                err, done = await call(mcp, "sql_query", grant="tickets-db", sql="CREATE TEMP TABLE t (a int)")
+                assert not err and done["status"] == "done" and done["rows"] == [], done
+                err, multi = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT 1; SELECT 2")
+                assert err and "multiple commands" in multi
+
                 err, bad = await call(mcp, "sql_query", grant="tickets-db", sql="SELECT * FROM no_such_table")
                 assert err and "no_such_table" in bad
 
