@@ -62,6 +62,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+TLS_PORT = free_port()  # the loopback TLS target that wants a client certificate
+
+
 @dataclass
 class McpSite:
     root: Path
@@ -94,6 +97,8 @@ def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngi
         Grant(name="no-endpoint", path=bao_with_engines.db_creds_ro, max_ttl="10m"),
         Grant(name="app-db", path="mcpdb/creds/app", max_ttl="10m", endpoint=f"mysql://127.0.0.1:3306/{maria_db}"),
         Grant(name="cache", path="mcpdb/creds/cache", max_ttl="10m", endpoint="redis://127.0.0.1:6379/0"),
+        Grant(name="mtls-api", path=bao_with_engines.pki_issue, max_ttl="10m", http_auth="client-certificate",
+              params={"common_name": f"{{task}}.agents.{TD}"}, endpoint=f"https://127.0.0.1:{TLS_PORT}"),
     ))
     cfg = BrokerConfig(vault_addr=bao.addr, audit_log=bao.audit_log, signing_key_file="audit-signing.key",
                        agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),),
@@ -410,6 +415,53 @@ class TestMcpTools:
             rotated.write_text(msite.ids.agent(AGENT))
             rotated.replace(svid)  # the usual rotation: a rename, a new inode
             assert (await tools.list_grants())["task"] == task_id
+
+
+class TestClientCertificate:
+    async def test_a_pki_grant_is_presented_as_a_client_certificate(self, msite: McpSite, broker_url: str,
+                                                                     tmp_path: Path, captured_logs: list[str]) -> None:
+        """http_request on a PKI grant: the issued certificate authenticates TLS to a target that requires one;
+        the private key appears in no message and no log line."""
+        import ssl
+
+        with VaultAdmin(msite.engines.bao.addr, token=msite.engines.bao.root_token) as admin:
+            ca = str((admin.read("pki/cert/ca") or {})["certificate"])
+            server = admin.write(msite.engines.pki_issue, {"common_name": "127.0.0.1", "ip_sans": "127.0.0.1",
+                                                           "ttl": "10m"}) or {}
+        (tmp_path / "ca.pem").write_text(ca)
+        (tmp_path / "server.pem").write_text(f"{server['certificate']}\n{server['private_key']}\n")
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+        tls.verify_mode = ssl.CERT_REQUIRED
+        tls.load_cert_chain(str(tmp_path / "server.pem"))
+
+        async def whoami(request: web.Request) -> web.Response:
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            subject = dict(x[0] for x in (peer or {}).get("subject", ()))
+            return web.json_response({"cn": subject.get("commonName")})
+
+        app = web.Application()
+        app.router.add_get("/whoami", whoami)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", TLS_PORT, ssl_context=tls).start()
+        try:
+            task_id, svid = await start(broker_url, msite, tmp_path)
+            wire: list[str] = []
+            async with AgentClient(broker_url, SvidFile(svid)) as agent:
+                session_task = agent.task(task_id, end_on_exit=False)
+                tools = TaskTools(session_task, Limits(timeout=5), ca_file=str(tmp_path / "ca.pem"))
+                async with in_process(tools, wire) as mcp:
+                    err, me = await call(mcp, "http_request", grant="mtls-api", method="GET", url="/whoami")
+                    assert not err, me
+                    assert json.loads(me["body"]) == {"cn": f"{task_id}.agents.{TD}"}
+                    key = str(next(c for c, _ in session_task._held.values()).data["private_key"])
+                async with agent.task(task_id) as task, \
+                        task.http("mtls-api", ca_file=str(tmp_path / "ca.pem")) as http, http.get("/whoami") as resp:
+                    assert (await resp.json())["cn"] == f"{task_id}.agents.{TD}"
+        finally:
+            await runner.cleanup()
+        body = "\n".join(line for line in key.splitlines() if "-----" not in line)
+        assert_no_canary(wire + captured_logs, [body, *(line for line in body.splitlines() if len(line) > 20)])
 
 
 class TestMysqlAndRedis:
