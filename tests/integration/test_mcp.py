@@ -540,6 +540,30 @@ class TestSdkHelpers:
         assert (task.ended is not None and task.holding == 0) or task.ended is not None
 
 
+    async def test_a_held_credential_is_renewed_or_replaced_near_its_end(self, msite: McpSite, broker_url: str,
+                                                                         tmp_path: Path) -> None:
+        """Reused while it has time left; near its end a renewable lease is renewed (same lease), a token that
+        cannot be renewed is replaced by a new credential."""
+        task_id, svid = await start(broker_url, msite, tmp_path)
+        now = [time.time()]
+        async with AgentClient(broker_url, SvidFile(svid)) as agent:
+            task = agent.task(task_id, end_on_exit=False, clock=lambda: now[0])
+            db = await task.held("tickets-db")
+            assert (await task.held("tickets-db")).lease_id == db.lease_id
+            now[0] = db.expires_at - 100  # inside the margin (a fifth of its life)
+            renewed = await task.held("tickets-db")
+            assert renewed.lease_id == db.lease_id and renewed.expires_at >= db.expires_at
+
+            token = await task.held("echo-api")
+            assert token.renewable is False
+            now[0] = token.expires_at - 5
+            fresh = await task.held("echo-api")
+            assert fresh.lease_id != token.lease_id
+            leases = (await agent.get_task(task_id)).leases or []
+            assert sorted(x.grant for x in leases) == ["echo-api", "echo-api", "tickets-db"]
+            await agent.end_task(task_id)
+
+
 class TestStdio:
     async def test_broker_mcp_over_stdio(self, msite: McpSite, broker_url: str, tmp_path: Path) -> None:
         """`broker mcp` as an MCP host runs it: a subprocess on stdio; its stdout and stderr hold no secret."""
