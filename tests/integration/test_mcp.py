@@ -293,8 +293,13 @@ class TestMcpTools:
         async with AgentClient(broker_url, SvidFile(svid)) as agent:
             session_task = agent.task(task_id, end_on_exit=False)
             tools = TaskTools(session_task, Limits(max_rows=3, max_bytes=4096, timeout=5))
-            for handler in logging.getLogger().handlers:
-                handler.setFormatter(RedactingFormatter(tools.redactor))
+            # captured_logs keeps the raw lines (no redaction: nothing may log a secret in the first place);
+            # redacted_logs is what `broker mcp` would write to stderr.
+            redacted_logs: list[str] = []
+            redacting = logging.Handler(level=logging.DEBUG)
+            redacting.setFormatter(RedactingFormatter(tools.redactor))
+            redacting.emit = lambda record: redacted_logs.append(redacting.format(record))  # type: ignore[method-assign]
+            logging.getLogger().addHandler(redacting)
             tools.redactor.add(svid.read_text().strip())
             async with in_process(tools, wire) as mcp:
                 listed = await mcp.list_tools()
@@ -358,8 +363,9 @@ class TestMcpTools:
                 canaries = [svid.read_text().strip(), echo[-1].removeprefix("Bearer ")]
                 canaries += [str(c.data.get(k)) for c in held for k in ("password", "token") if c.data.get(k)]
                 assert len(canaries) == 5
-        assert wire and captured_logs
-        assert_no_canary(wire + captured_logs, canaries)
+        logging.getLogger().removeHandler(redacting)
+        assert wire and captured_logs and redacted_logs
+        assert_no_canary(wire + captured_logs + redacted_logs, canaries)
 
     async def test_high_risk_grant_answers_waiting_then_delivers(self, msite: McpSite, broker_url: str,
                                                                    tmp_path: Path) -> None:
