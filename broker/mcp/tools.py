@@ -132,7 +132,8 @@ class TaskTools:
         allowed = HostAllowList.parse(g.allowed_hosts, default=endpoint.host)
         target = _target(url, endpoint, allowed)
         cred = await self._held(grant, approval_id)
-        session = await self._conn(grant, cred, lambda: self._open_http(endpoint, allowed, g, cred))
+        async with self._lock(grant):  # only the opening: an aiohttp session serves concurrent requests
+            session = await self._conn(grant, cred, lambda: self._open_http(endpoint, allowed, g, cred))
         headers = {"Content-Type": _content_type(body)} if body else {}
         try:
             async with asyncio.timeout(self._limits.timeout), session.request(

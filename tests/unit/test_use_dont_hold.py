@@ -237,3 +237,29 @@ class TestSvidSources:
     def test_a_bad_socket_path_is_a_config_error(self) -> None:
         with pytest.raises(ConfigError, match="Workload API socket"):
             WorkloadApiSvid.connect("tcp://nowhere", "agent-broker")
+
+
+class TestCatalogGrants:
+    def test_grants_carry_their_endpoint_allow_list_and_how_they_end(self) -> None:
+        """The catalog parses endpoints once; an https grant's allow-list defaults to its own host."""
+        from broker.delegation import Grant
+
+        def grant(path: str, **kw: object) -> Grant:
+            return Grant("g", path, 60, "low", "GET", **kw)  # type: ignore[arg-type]
+
+        assert grant("database/creds/ro").revocation == "revocable"
+        assert grant("pki/issue/agents").revocation == "revocable"
+        assert grant("ssh-client-signer/sign/ops").revocation == "expiry-only"
+        assert grant("secret/data/api-key").revocation == "static"
+
+        from broker.config import TaskRoleSettings
+        from broker.delegation import _role
+
+        role = _role(TaskRoleSettings(name="r", tenant="t", agents=("spiffe://example.org/a",), delegators=("group:g",),
+                                      max_ttl=600, grants=(
+            GrantSettings(name="api", path="auth/token/create/x", max_ttl=60, endpoint="https://API.example.org"),
+            GrantSettings(name="db", path="database/creds/x", max_ttl=60, endpoint="postgresql://db/tickets"))))
+        api, db = role.grants["api"], role.grants["db"]
+        assert api.endpoint is not None and api.endpoint.kind == "http"
+        assert api.allowed_hosts is not None and api.allowed_hosts.patterns == ["api.example.org"]
+        assert db.endpoint is not None and db.endpoint.database == "tickets" and db.allowed_hosts is None
