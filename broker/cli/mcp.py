@@ -17,7 +17,7 @@ from typing import Literal
 import click
 
 from broker.config import ServerSettings
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError
 from broker.mcp.bounds import Limits
 
 __all__ = ["mcp"]
@@ -57,7 +57,7 @@ def mcp(url: str, task_id: str, svid_file: Path | None, spiffe_socket: str | Non
     try:
         asyncio.run(_serve(url, task_id, svid_file, spiffe_socket, audience, transport, host, port, limits, ca_file,
                            getattr(logging, log_level.upper())))
-    except (BrokerError, ConfigError) as exc:
+    except BrokerError as exc:
         raise click.ClickException(f"{exc.code}: {exc}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
@@ -78,6 +78,7 @@ async def _serve(url: str, task_id: str, svid_file: Path | None, spiffe_socket: 
         tools.redactor.add(token)  # the SVID is a bearer token for the broker: never shown either
         return token
 
+    await source()  # fail at start, not at the first tool call, when there is no SVID to be had
     async with AgentClient(url, svid) as agent:
         tools = TaskTools(agent.task(task_id, end_on_exit=False), limits, ca_file=ca_file)
         configure_logging(tools.redactor, level=level)

@@ -263,3 +263,19 @@ class TestCatalogGrants:
         assert api.endpoint is not None and api.endpoint.kind == "http"
         assert api.allowed_hosts is not None and api.allowed_hosts.patterns == ["api.example.org"]
         assert db.endpoint is not None and db.endpoint.database == "tickets" and db.allowed_hosts is None
+
+
+class TestCommand:
+    def test_broker_mcp_refuses_to_start_without_an_svid(self, tmp_path: Path) -> None:
+        """Exactly one SVID source; a missing file ends the command at start with one line, not at the first call."""
+        from click.testing import CliRunner
+
+        from broker.cli import main
+
+        runner = CliRunner()
+        both = runner.invoke(main, ["mcp", "--url", "http://127.0.0.1:9", "--task", "t", "--svid-file",
+                                    str(tmp_path / "s"), "--spiffe-socket", "unix:///x"])
+        assert both.exit_code == 2 and "exactly one of --svid-file and --spiffe-socket" in both.output
+        missing = runner.invoke(main, ["mcp", "--url", "http://127.0.0.1:9", "--task", "t", "--svid-file",
+                                       str(tmp_path / "missing")])
+        assert missing.exit_code == 1 and "invalid_config: the SVID file" in missing.output
