@@ -611,13 +611,15 @@ class TestStdio:
         proc = await asyncio.create_subprocess_exec(sys.executable, *args, "--listen", f"127.0.0.1:{port}", env=env,
                                                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
-            for _ in range(200):
+            deadline = time.monotonic() + 60  # a loaded 2-core machine takes a while to import the MCP SDK
+            while True:
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", port)
                     writer.close()
                     break
                 except OSError:
-                    await asyncio.sleep(0.05)
+                    assert proc.returncode is None and time.monotonic() < deadline, "broker mcp did not listen"
+                    await asyncio.sleep(0.1)
             async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write), \
                     ClientSession(read, write) as mcp:
                 await mcp.initialize()
