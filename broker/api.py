@@ -58,6 +58,7 @@ from broker.models import (
     CredentialRequest,
     DelegatedTaskCreate,
     EndOut,
+    GrantOut,
     HealthOut,
     LeaseListItem,
     LeaseOut,
@@ -70,6 +71,7 @@ from broker.models import (
     RevocationList,
     RevocationOut,
     TaskCreate,
+    TaskGrants,
     TaskOut,
     TaskPage,
 )
@@ -345,7 +347,8 @@ async def _create_delegated_task(request: web.Request) -> web.Response:
     return _json(_task_out(task), 201)
 
 
-async def get_task(request: web.Request) -> web.Response:
+async def _readable_task(request: web.Request) -> tuple[TaskRow, list[LeaseRow]]:
+    """The path's task and its leases, for its user, its agent, operators and auditors; else 404."""
     ident = await any_identity(request)
     task, leases = await request.app[TASKS].get(request.match_info["task_id"])
     catalog = request.app[CATALOG]
@@ -355,7 +358,25 @@ async def get_task(request: web.Request) -> web.Response:
         raise NotFound("no such task")  # the same answer as for a missing task
     if staff and isinstance(ident, UserIdentity) and not _is_party(ident, task):
         await _unlocked(request, ident)
+    return task, leases
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task, leases = await _readable_task(request)
     return _json(_task_out(task, leases))
+
+
+async def get_task_grants(request: web.Request) -> web.Response:
+    """The task's grants with where and how each is used (``broker mcp``, the SDK's helpers); as ``get_task``."""
+    task, _ = await _readable_task(request)
+    role = request.app[CATALOG].roles.get(task.role)
+    grants = [GrantOut(name=g.name, risk=g.risk, approvals_required=g.approvals_required, max_ttl=g.max_ttl,
+                       revocation=g.revocation, endpoint=str(g.endpoint) if g.endpoint else None,
+                       kind=g.endpoint.kind if g.endpoint else None,
+                       allowed_hosts=g.allowed_hosts.patterns if g.allowed_hosts else [], http_auth=g.http_auth)
+              for g in (role.grants.values() if role is not None else ())]
+    return _json(TaskGrants(task=task.id, state=task.state, expires_at=task.expires_at,
+                            grants=grants))
 
 
 async def issue_credential(request: web.Request) -> web.Response:
@@ -628,6 +649,7 @@ async def decide_approval(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
+    app.router.add_get("/v1/tasks/{task_id}/grants", get_task_grants)
     app.router.add_post("/v1/tasks/{task_id}/credentials", issue_credential)
     app.router.add_post("/v1/tasks/{task_id}/end", end_task)
     app.router.add_post("/v1/leases/{lease_id}/renew", renew_lease)

@@ -263,6 +263,32 @@ class GrantSettings(_Frozen):
     # (the person id, unique), `{user_email}` (trusted email; required if named), `{tenant}`, `{role}`
     # are substituted with the task's values.
     params: Mapping[str, str | int | bool] = Field(default_factory=dict)
+    # Where a tool uses the credential (`broker mcp`, the SDK's helpers), never with credentials in it:
+    # "postgresql://HOST:PORT/DB", "mysql://HOST:PORT/DB", "redis://HOST:PORT/N", "https://HOST[:PORT]".
+    endpoint: str | None = None
+    # For an https endpoint: the hosts `http_request` may send this credential to ("api.example.org",
+    # "*.example.org"). Default: the endpoint's own host.
+    allowed_hosts: tuple[str, ...] = ()
+    # How an HTTP request carries the credential: "bearer" (Authorization: Bearer TOKEN), "vault-token"
+    # (X-Vault-Token), "client-certificate" (TLS). Default: a token as bearer, a certificate as itself.
+    http_auth: Literal["bearer", "vault-token", "client-certificate"] | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        from broker.endpoints import Endpoint
+
+        return None if v is None else str(Endpoint.parse(v))
+
+    @model_validator(mode="after")
+    def _http_only(self) -> GrantSettings:
+        from broker.endpoints import Endpoint, HostAllowList
+
+        kind = Endpoint.parse(self.endpoint).kind if self.endpoint is not None else None
+        if (self.allowed_hosts or self.http_auth is not None) and kind != "http":
+            raise ValueError(f"grant {self.name}: allowed_hosts and http_auth need an https endpoint")
+        HostAllowList.parse(self.allowed_hosts)
+        return self
 
 
 class TaskRoleSettings(_Frozen):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from broker.config import Settings, TaskRoleSettings
+from broker.endpoints import Endpoint, HostAllowList
 from broker.errors import (
     AgentNotAllowed,
     BadRequest,
@@ -40,6 +41,8 @@ from broker.identity import (
 from broker.paths import validate_path
 
 Risk = Literal["low", "high"]
+HttpAuth = Literal["bearer", "vault-token", "client-certificate"]
+Revocation = Literal["revocable", "expiry-only", "static"]
 _PLACEHOLDER = re.compile(r"\{(task|agent|user|user_id|user_email|tenant|role)\}")
 
 
@@ -89,6 +92,24 @@ class Grant:
     method: Literal["GET", "POST"]
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
     approvals_required: int = 1
+    # Where `broker mcp` and the SDK's helpers use the credential (broker.endpoints), and for HTTP to
+    # which hosts it may go and how it is carried.
+    endpoint: Endpoint | None = None
+    allowed_hosts: HostAllowList | None = None
+    http_auth: HttpAuth | None = None
+
+    @property
+    def revocation(self) -> Revocation:
+        """How a credential of this grant ends: revoked with its task, only at its TTL, or never.
+
+        A certificate signed by ``ssh/sign`` cannot be pulled back; a KV read is a static secret the broker
+        can only stop handing out. Everything else the broker issues is a Vault lease or token.
+        """
+        if "ssh" in self.path.split("/", 1)[0] and "/sign/" in self.path:
+            return "expiry-only"
+        if "/data/" in self.path and self.path.split("/", 1)[0] in ("secret", "kv"):
+            return "static"
+        return "revocable"
 
     def request_params(self, *, task: str, agent: str, user: str, tenant: str, role: str, ttl: int,
                        user_id: str | None = None, user_email: str | None = None) -> dict[str, object]:
@@ -162,7 +183,11 @@ def _role(r: TaskRoleSettings) -> TaskRole:
             msg = f"task role {r.name}, grant {g.name}: max_ttl exceeds the role's max_ttl"
             raise ConfigError(msg)
         method: Literal["GET", "POST"] = "POST" if (g.method == "write" or (g.method is None and g.params)) else "GET"
-        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, method, dict(g.params), g.approvals_required)
+        endpoint = Endpoint.parse(g.endpoint) if g.endpoint is not None else None
+        hosts = (HostAllowList.parse(g.allowed_hosts, default=endpoint.host)
+                 if endpoint is not None and endpoint.kind == "http" else None)
+        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, method, dict(g.params), g.approvals_required,
+                               endpoint=endpoint, allowed_hosts=hosts, http_auth=g.http_auth)
     return TaskRole(
         name=r.name,
         tenant=r.tenant,

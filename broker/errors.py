@@ -43,6 +43,9 @@ Hierarchy::
     ├── ApprovalPending (202 approval_pending)         -- raised by the SDK for a 202 answer, never sent
     ├── Unreachable (503 unreachable)                  -- the client got no answer from the broker, never sent
     ├── BadResponse (502 bad_response)                 -- the client got an answer it cannot use, never sent
+    ├── ToolRefused (400 tool_refused)                 -- `broker mcp`/SDK helpers: not for this grant or input
+    │   └── HostNotAllowed (403 host_not_allowed)      -- an HTTP grant's credential, to a host off its list
+    ├── UpstreamFailed (502 upstream_failed)           -- the grant's own server (database, Redis, HTTP) failed
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
         ├── VaultBadResponse (502 vault_bad_response)
@@ -336,6 +339,33 @@ class ApprovalPending(BrokerError):
         super().__init__(f"approval {approval_id} is {state}")
         self.approval_id = approval_id
         self.state = state
+
+
+class ToolRefused(BrokerError):
+    """Raised by ``broker mcp``'s tools and the SDK's helpers, never sent: a request they will not make.
+
+    A grant used by the wrong tool, a command that would change the connection's identity, input over a limit.
+    """
+
+    code = "tool_refused"
+    http_status = 400
+    title = "Refused by the tool"
+
+
+class HostNotAllowed(ToolRefused):
+    """An HTTP grant's credential would go to a host that the grant's ``allowed_hosts`` does not name."""
+
+    code = "host_not_allowed"
+    http_status = 403
+    title = "Host not allowed for this grant"
+
+
+class UpstreamFailed(BrokerError):
+    """The server a grant names (its database, Redis, HTTP API) failed or refused; the message is redacted."""
+
+    code = "upstream_failed"
+    http_status = 502
+    title = "The grant's server failed"
 
 
 class VaultError(BrokerError):

@@ -162,6 +162,30 @@ class TaskOut(BaseModel):
     leases: list[LeaseOut] | None = None
 
 
+class GrantOut(BaseModel):
+    """One grant of a task's role as its agent may see it: what it is for, never how Vault is reached."""
+
+    name: str
+    risk: Literal["low", "high"]
+    approvals_required: int
+    max_ttl: int = Field(description="Seconds; a credential also never outlives its task")
+    revocation: Literal["revocable", "expiry-only", "static"] = Field(
+        description="How its credential ends: revoked with the task, only at its TTL, or never")
+    endpoint: str | None = Field(default=None, description="Where the credential is used (no credentials in it)")
+    kind: Literal["postgresql", "mysql", "redis", "http"] | None = Field(
+        default=None, description="What the endpoint is, from its scheme")
+    allowed_hosts: list[str] = Field(default_factory=list,
+                                     description="For an http grant: the hosts its credential may be sent to")
+    http_auth: Literal["bearer", "vault-token", "client-certificate"] | None = None
+
+
+class TaskGrants(BaseModel):
+    task: str
+    state: Literal["active", "ended", "expired", "revoked"]
+    expires_at: float
+    grants: list[GrantOut]
+
+
 class TaskPage(BaseModel):
     tasks: list[TaskOut]
     next_after: str | None

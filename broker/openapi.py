@@ -32,6 +32,7 @@ from broker.models import (
     RevocationOut,
     SsfConfiguration,
     TaskCreate,
+    TaskGrants,
     TaskOut,
     TaskPage,
 )
@@ -41,7 +42,7 @@ _MODELS: tuple[type[BaseModel], ...] = (*_APPROVAL_MODELS,
     TaskCreate, TaskOut, CredentialRequest, CredentialOut, RenewRequest, RenewOut, EndOut, AuditPage, HealthOut,
     DelegatedTaskCreate,
     Problem, RevocationCreate, RevocationLift, RevocationOut, RevocationList, LeasePage, TaskPage, AuditVerifyOut,
-    SsfConfiguration, Jwks,
+    SsfConfiguration, Jwks, TaskGrants,
 )
 
 
@@ -53,6 +54,7 @@ NOT_ANSWERED: frozenset[str] = frozenset({
     "invalid_config", "approval_pending", "csrf", "sign_in_required", "audit_chain_broken", "checkpoint_invalid",
     "vault_audit_line_invalid", "audit_export_failed",
     "unreachable", "bad_response",  # the client's own: raised by broker.client, never answered by the broker
+    "tool_refused", "host_not_allowed", "upstream_failed",  # broker mcp's tools and the SDK's helpers
 })
 # What ``api.error_middleware`` answers for aiohttp's own HTTP errors that no BrokerError stands for.
 _HTTP_ERROR_CODES = ("method_not_allowed", "http_error")
@@ -179,6 +181,10 @@ def spec() -> dict[str, Any]:
                                                   "user", (200, TaskOut), (401, 404, 503),
                                                   params=[_path_param("task_id")]),
                                             "security": [{"user": []}, {"agent": []}]}},
+            "/v1/tasks/{task_id}/grants": {"get": {**_op(
+                "The task's grants: risk, how each ends, where its credential is used (as GET /v1/tasks/{id})",
+                "user", (200, TaskGrants), (401, 404, 503), params=[_path_param("task_id")]),
+                "security": [{"user": []}, {"agent": []}]}},
             "/v1/tasks/{task_id}/credentials": {"post": _op(
                 "Obtain a grant's credential for the task (the task's agent)", "agent", (200, CredentialOut),
                 auth_errors, body=CredentialRequest, params=[_path_param("task_id")])},

@@ -41,6 +41,9 @@ class Grant:
     approvals_required: int = 1
     method: Literal["read", "write"] | None = None
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
+    endpoint: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    http_auth: Literal["bearer", "vault-token", "client-certificate"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "path": self.path}
@@ -53,6 +56,12 @@ class Grant:
             d["approvals_required"] = self.approvals_required
         if self.params:
             d["params"] = dict(self.params)
+        if self.endpoint is not None:
+            d["endpoint"] = self.endpoint
+        if self.allowed_hosts:
+            d["allowed_hosts"] = list(self.allowed_hosts)
+        if self.http_auth is not None:
+            d["http_auth"] = self.http_auth
         return d
 
 

@@ -131,11 +131,23 @@ class TestSurfaces:
         assert sorted(sdk.__all__) == ["AgentClient", "ApprovalPending", "TaskSession", "TokenSource", "UserClient"]
 
     def test_sdk_imports_only_client_models_and_errors(self) -> None:
-        """The SDK can be vendored with three modules: the shared client, the wire models and the errors."""
+        """The SDK can be vendored with five modules: the shared client, the wire models, the errors, and for
+        the "use, don't hold" helpers the connectors and the endpoint parser."""
         source = Path(sdk.__file__).read_text()
         imports = {line.split()[1] for line in source.splitlines() if line.startswith(("from broker", "import broker"))}
-        assert imports <= {"broker", "broker.client", "broker.models"}
-        assert "from broker import errors" in source
+        assert imports <= {"broker", "broker.client", "broker.models", "broker.endpoints"}
+        assert "from broker import connectors, errors" in source
+
+    def test_the_sdk_loads_no_driver_until_a_helper_is_used(self) -> None:
+        """Importing broker.sdk loads no database or Redis driver and no MCP SDK: an agent installs only what it uses."""
+        import subprocess
+        import sys
+
+        code = ("import sys, broker.sdk; print(sorted(m for m in ('psycopg', 'aiomysql', 'pymysql', 'redis', 'mcp', "
+                "'spiffe', 'broker.vault', 'broker.store') if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(sdk.__file__).parents[1])
+        assert out.stdout.strip() == "[]"
 
     def test_client_imports_nothing_heavier_than_aiohttp_yarl_errors_and_models(self) -> None:
         """broker.client travels with the SDK: beyond the standard library, only aiohttp, yarl, errors, models."""

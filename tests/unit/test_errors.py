@@ -26,6 +26,9 @@ NEVER_ANSWERED: dict[str, str] = {
     "audit_export_failed": "ExportFailed: the background export retries; requests meet audit_backlog",
     "unreachable": "Unreachable: broker.client got no answer from the broker",
     "bad_response": "BadResponse: broker.client got an answer it cannot use",
+    "tool_refused": "ToolRefused: broker mcp's tools and the SDK's helpers refuse a request they will not make",
+    "host_not_allowed": "HostNotAllowed: an HTTP grant's credential would leave its allow-list (tools, SDK)",
+    "upstream_failed": "UpstreamFailed: a grant's own server failed under a tool or an SDK helper",
 }
 
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PURE = ["broker.delegation", "broker.approval_rules", "broker.limits", "broker.states", "broker.intents",
         "broker.paths", "broker.jsontext", "broker.rows", "broker.identity.tokens", "broker.identity.spiffe_id",
         "broker.signals.deliveries", "broker.signals.events", "broker.signals.keys",
-        "broker.timeline"]
+        "broker.timeline",
+        "broker.endpoints", "broker.mcp.bounds"]
 # The audit log's pure parts sit below the store.
 AUDIT_PURE = ["broker.audit.chain", "broker.audit.signing", "broker.audit.verify", "broker.audit.ocsf",
               "broker.audit.vaultlog"]
@@ -28,7 +29,7 @@ BELOW_STORE = ("broker.store", "broker.vault", "broker.api", "broker.app", "brok
                "broker.audit.tailer", "broker.audit.export", "broker.audit.checkpoints", "sqlalchemy")
 # Production code never depends on dev tooling; nothing under audit/ imports a CLI module.
 NO_DEV = ["broker.app", "broker.api", "broker.store", "broker.audit.tailer", "broker.audit.export",
-          "broker.audit.replay", "broker.sdk"]
+          "broker.audit.replay", "broker.sdk", "broker.mcp.server", "broker.cli.mcp"]
 
 
 def loaded_by(module: str) -> list[str]:
@@ -53,6 +54,11 @@ class TestFloors:
     def test_production_code_loads_no_dev_tooling(self, module: str) -> None:
         """The serving broker never imports broker.dev (its dependencies are an optional extra)."""
         assert [m for m in loaded_by(module) if _under(m, ("broker.dev",))] == []
+
+    @pytest.mark.parametrize("module", ["broker.sdk", "broker.mcp.server"])
+    def test_agent_side_code_loads_no_broker_internals(self, module: str) -> None:
+        """The SDK and `broker mcp` run beside the agent: they reach the broker over HTTP only (no store, Vault, web)."""
+        assert [m for m in loaded_by(module) if _under(m, BELOW_STORE)] == []
 
     def test_nothing_under_audit_imports_a_cli_module(self) -> None:
         """broker/audit/ reads the API through the shared client, never through a CLI module's internals."""
