@@ -35,12 +35,13 @@ from broker.store.schema import (
     tasks,
 )
 from broker.store.statements import (
-    _INSERT_INTENT,
-    _INSERT_LEASE,
     _INTENT_BY_ID,
     _LEASE_BY_ID,
     _RENEW,
-    _TASK_STATE_FOR_UPDATE,
+    P_INSERT_INTENT,
+    P_INSERT_LEASE,
+    P_RECORD_INTENT,
+    P_TASK_STATE_FOR_UPDATE,
     _append,
     _by_task,
     _check_budget,
@@ -65,7 +66,8 @@ class LeaseStore(StoreBase):
         """
         def run() -> None:
             with self._tx() as conn:
-                state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": intent.task_id}).scalar_one_or_none()
+                found = P_TASK_STATE_FOR_UPDATE.execute(conn, {"id": intent.task_id}).fetchone()
+                state = found[0] if found is not None else None
                 if state != TaskState.ACTIVE.value:
                     raise Gone("the task is no longer active", reason=f"task {intent.task_id} is {state}")
                 _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
@@ -82,7 +84,7 @@ class LeaseStore(StoreBase):
                     if spent.rowcount != 1:
                         raise Conflict("the approval was already used or has expired",
                                        reason=f"approval {approval_id} not consumable")
-                conn.execute(_INSERT_INTENT, asdict(intent))
+                P_INSERT_INTENT.execute(conn, asdict(intent))
         await self._run(run)
 
     async def complete_issuance(self, row: LeaseRow, record: AuditRecord) -> bool:
@@ -92,14 +94,14 @@ class LeaseStore(StoreBase):
         """
         def run() -> bool:
             with self._tx() as conn:
-                state = conn.execute(_TASK_STATE_FOR_UPDATE, {"id": row.task_id}).scalar_one_or_none()
-                if state != TaskState.ACTIVE.value or not _move_intent(
-                        conn, row.id, IntentState.OPEN, IntentEvent.RECORDED, row.issued_at):
+                found = P_TASK_STATE_FOR_UPDATE.execute(conn, {"id": row.task_id}).fetchone()
+                if found is None or found[0] != TaskState.ACTIVE.value or P_RECORD_INTENT.execute(
+                        conn, {"id": row.id, "now": row.issued_at}).rowcount != 1:
                     conn.rollback()
                     return False
                 values = asdict(row)
                 values["renewable"] = int(row.renewable)
-                conn.execute(_INSERT_LEASE, values)
+                P_INSERT_LEASE.execute(conn, values)
                 _append(conn, record)
             return True
         return await self._run(run)

@@ -37,6 +37,7 @@ from broker.rows import (
     TaskRow,
 )
 from broker.states import LEASES, TASKS, TOKENS, LeaseEvent, LeaseState, TaskEvent, TaskState, TokenEvent
+from broker.store.prepared import Prepared
 from broker.store.schema import (
     audit_checkpoints,
     audit_events,
@@ -116,17 +117,37 @@ _LAST_CHECKPOINT = select(audit_checkpoints).order_by(audit_checkpoints.c.seq.de
 # -- helpers that run inside a transaction -----------------------------------------------------------
 
 
+# The issuance path's statements, run on the DB-API cursor (broker.store.prepared): the same SQL, without
+# SQLAlchemy's per-execution cost. Each is exactly the Core statement it wraps.
+P_TASK_BY_ID = Prepared(_TASK_BY_ID)
+P_TASK_STATE_FOR_UPDATE = Prepared(_TASK_STATE_FOR_UPDATE)
+P_LOCK_HIT = Prepared(_LOCK_HIT)
+P_LIVE_BY_AGENT = Prepared(_LIVE_BY_AGENT)
+P_LIVE_BY_USER = Prepared(_LIVE_BY_USER)
+P_INSERT_INTENT = Prepared(_INSERT_INTENT)
+P_INSERT_LEASE = Prepared(_INSERT_LEASE)
+P_HEAD_FOR_UPDATE = Prepared(_HEAD_FOR_UPDATE)
+P_INSERT_AUDIT = Prepared(_INSERT_AUDIT)
+P_MOVE_HEAD = Prepared(_MOVE_HEAD)
+# An open intent recorded: the one move of the intent table the issuance path makes (``_move_intent``'s
+# values for a final state, compare-and-set on open).
+_RECORDED = next_state(IntentState.OPEN, IntentEvent.RECORDED)
+P_RECORD_INTENT = Prepared(update(intents).where(intents.c.id == bindparam("id"),
+                                                 intents.c.state == IntentState.OPEN.value)
+                           .values(state=_RECORDED.value, resolved_at=bindparam("now"), next_attempt_at=None))
+
+
 def _append(conn: Connection, record: AuditRecord) -> None:
     """Append one record to the chain, in the caller's transaction (so with the state change it describes).
 
     Redaction comes before hashing: a secret can never be part of what the chain commits to.
     """
     red = record.redacted()
-    seq, head = conn.execute(_HEAD_FOR_UPDATE).one()
+    seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
     seq += 1
     digest = chain_hash(bytes.fromhex(head), canonical_bytes(red, seq))
-    conn.execute(_INSERT_AUDIT, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
-    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": digest.hex()})
+    P_INSERT_AUDIT.execute(conn, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
+    P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": digest.hex()})
 
 
 def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -238,16 +259,16 @@ def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, 
     # An absent email or subject binds as "" (never a lock's value: selectors are non-empty), not NULL, so
     # the SQL stays one shape.
     subject = user.partition("#")[2]
-    hit = conn.execute(_LOCK_HIT, {"user": user, "email": email or "", "subject": subject, "agent": agent,
-                                   "tenant": tenant}).first()
+    hit = P_LOCK_HIT.execute(conn, {"user": user, "email": email or "", "subject": subject, "agent": agent,
+                                    "tenant": tenant}).fetchone()
     if hit is not None:
         msg = f"an operator has locked this {hit[1]}"
         raise Locked(msg, reason=f"lock {hit[0]} on {hit[1]}")
 
 
 def _check_budget(conn: Connection, *, user: str, agent: str, limits: LeaseLimits) -> None:
-    by_agent = conn.execute(_LIVE_BY_AGENT, {"agent": agent}).scalar_one()
-    by_user = conn.execute(_LIVE_BY_USER, {"user": user}).scalar_one() if by_agent < limits.per_agent else 0
+    by_agent = P_LIVE_BY_AGENT.execute(conn, {"agent": agent}).fetchone()[0]
+    by_user = P_LIVE_BY_USER.execute(conn, {"user": user}).fetchone()[0] if by_agent < limits.per_agent else 0
     if (by_agent or 0) >= limits.per_agent:
         raise BudgetExceeded("this agent holds as many live credentials as allowed",
                              reason=f"agent {agent} holds {by_agent} live leases", retry_after=30)

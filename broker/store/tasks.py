@@ -22,6 +22,7 @@ from broker.rows import (
     TaskRow,
 )
 from broker.states import TASKS, LeaseEvent, TaskEvent, TokenEvent, TokenState
+from broker.store.prepared import one_row
 from broker.store.schema import (
     leases,
     tasks,
@@ -31,7 +32,7 @@ from broker.store.statements import (
     _INSERT_INTENT,
     _INSERT_REVOCATION,
     _INSERT_TASK,
-    _TASK_BY_ID,
+    P_TASK_BY_ID,
     _append,
     _by_task,
     _check_locks,
@@ -90,7 +91,7 @@ class TaskStore(SignalStore):
     async def get_task(self, task_id: str) -> TaskRow | None:
         def run() -> TaskRow | None:
             with self._read() as conn:
-                r = conn.execute(_TASK_BY_ID, {"id": task_id}).mappings().first()
+                r = one_row(P_TASK_BY_ID.execute(conn, {"id": task_id}))
             return TaskRow(**r) if r is not None else None
         return await self._run(run)
 
