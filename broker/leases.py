@@ -29,7 +29,7 @@ from typing import Any
 
 from broker.approvals import ApprovalManager
 from broker.audit import AuditRecord
-from broker.delegation import Catalog, Grant, cap_ttl, check_grant
+from broker.delegation import AgentInputs, Catalog, Grant, cap_ttl, check_grant, check_inputs
 from broker.errors import (
     ApprovalRequired,
     BadRequest,
@@ -112,7 +112,7 @@ class LeaseManager:
         ))
 
     async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None,
-                    approval_id: str | None = None) -> Issued | PendingApproval:
+                    approval_id: str | None = None, public_key: str | None = None) -> Issued | PendingApproval:
         """Obtain ``grant_name`` for the task's agent, recorded before it is returned.
 
         The credential is read with a fresh child of the task token (the issuance token), whose accessor
@@ -137,6 +137,8 @@ class LeaseManager:
                 raise NotFound("no such task")
             grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
             lease_ttl = cap_ttl(grant, view(task), ttl, now=now)
+            # The only field an agent chooses (an SSH public key), parsed before any work (broker.engines rule 3).
+            inputs = check_inputs(grant, public_key=public_key)
             approval: ApprovalRow | None = None
             if grant.risk == "high":
                 if self._approvals is None:
@@ -192,11 +194,12 @@ class LeaseManager:
                 grant.path, token=issuance.client_token, method=grant.method,
                 data=grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
                                           user_id=task.user, user_email=task.user_email, tenant=task.tenant,
-                                          role=task.role, ttl=lease_ttl) if grant.method == "POST" else None,
+                                          role=task.role, ttl=lease_ttl, inputs=inputs.params)
+                if grant.method == "POST" else None,
             )
             self._crash("issue.after_vault")
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance,
-                                      approval.id if approval else None)
+                                      approval.id if approval else None, inputs)
         except BaseException as exc:
             # Ambiguous or failed: whatever Vault may have issued dies with the issuance token. The intent
             # stays retryable until Vault confirms that (a partition makes this first revoke fail too).
@@ -215,26 +218,17 @@ class LeaseManager:
         return exc
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
-                      lease_ttl: int, issuance: VaultTokenAuth, approval_id: str | None) -> Issued:
+                      lease_ttl: int, issuance: VaultTokenAuth, approval_id: str | None,
+                      inputs: AgentInputs) -> Issued:
         now = self._clock()
-        if secret.auth is not None:
-            kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
-            data: Mapping[str, Any] = {
-                "token": secret.auth.client_token.reveal(),
-                "policies": list(secret.auth.policies),
-                "ttl": secret.auth.lease_duration,
-            }
-        elif secret.lease_id:
-            kind, vault_id, duration, renewable = "lease", secret.lease_id, secret.lease_duration, secret.renewable
-            data = dict(secret.data or {})
-            if duration > lease_ttl and renewable:
-                # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
-                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=issuance.client_token)
-                duration = info.ttl
-        else:
-            # Nothing to revoke: the broker hands out dynamic credentials only.
-            raise VaultBadResponse("the grant's Vault path returned no lease",
-                                   reason=f"{grant.path} returned no lease or token")
+        # The grant's engine adapter reads the answer (broker.engines): raises VaultBadResponse if unusable.
+        got = grant.engine.read(secret, grant.path, now)
+        kind, vault_id, renewable, data = got.kind, got.vault_id, got.renewable, got.data
+        duration = lease_ttl if got.duration is None else got.duration
+        if duration > lease_ttl and renewable:
+            # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
+            info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=issuance.client_token)
+            duration = info.ttl
         lease = LeaseRow(
             id=lease_id, task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
@@ -242,6 +236,7 @@ class LeaseManager:
         )
         record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue",
                                       lease=lease.id, vault_request_id=secret.request_id,
+                                      revocation=grant.revocation, key_fingerprint=inputs.key_fingerprint,
                                       reason=f"grant {grant.name}, ttl {lease_ttl}s"
                                              + (f", unlocked by approval {approval_id}" if approval_id else ""))
         if not await self._store.complete_issuance(lease, record):

@@ -68,6 +68,11 @@ class AuditRecord:
     vault_request_id: str | None = None
     # ``user`` is the person id ("<issuer>#<subject>"); this is their display name, for people to read.
     user_name: str | None = None
+    # How the credential a ``lease.issued`` record describes ends (broker.engines): ``revocable``,
+    # ``expiry-only`` or ``static``.
+    revocation: str | None = None
+    # The SHA-256 fingerprint (``SHA256:...``) of the SSH public key a certificate was signed for.
+    key_fingerprint: str | None = None
 
     @classmethod
     def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
@@ -105,7 +110,7 @@ CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
-ADDED_FIELDS = ("user_name",)
+ADDED_FIELDS = ("user_name", "revocation", "key_fingerprint")
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:

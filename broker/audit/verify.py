@@ -61,7 +61,8 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 # canonical_bytes itself.
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id", "user_name")
+                 "lease", "vault_request_id", "user_name", "revocation", "key_fingerprint")
+_KEY_FINGERPRINT, _REVOCATION = '"key_fingerprint":', '"revocation":'
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
 _N = len(fields(AuditRecord))
@@ -71,7 +72,7 @@ _PREV, _HASH = _N + 1, _N + 2
 def _body(r: AuditRecord, seq: int) -> bytes:
     """``canonical_bytes(r, seq)``, faster."""
     return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id, r.user_name))
+                      r.reason, r.lease, r.vault_request_id, r.user_name, r.revocation, r.key_fingerprint))
 
 
 def _row_body(row: Sequence[Any]) -> bytes:
@@ -85,16 +86,20 @@ def _row_body(row: Sequence[Any]) -> bytes:
         return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
     e = encode_basestring
     (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
-     user_name) = row[:14]
+     user_name, revocation, key_fingerprint) = row[:16]
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
             f'"agent":{"null" if agent is None else e(agent)},'
             f'"event":{"null" if event is None else e(event)},'
+            # Added fields (audit.ADDED_FIELDS) are written only when set, each in its sorted place.
+            f'{"" if key_fingerprint is None else _KEY_FINGERPRINT + e(key_fingerprint) + ","}'
             f'"lease":{"null" if lease is None else e(lease)},'
             f'"outcome":{"null" if outcome is None else e(outcome)},'
             f'"reason":{"null" if reason is None else e(reason)},'
-            f'"resource":{"null" if resource is None else e(resource)},"seq":{seq:d},'
+            f'"resource":{"null" if resource is None else e(resource)},'
+            f'{"" if revocation is None else _REVOCATION + e(revocation) + ","}'
+            f'"seq":{seq:d},'
             f'"task":{"null" if task is None else e(task)},'
             f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
             f'"user":{"null" if user is None else e(user)},'

@@ -41,9 +41,15 @@ class Grant:
     approvals_required: int = 1
     method: Literal["read", "write"] | None = None
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
+    engine: str | None = None
+    allow_static: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "path": self.path}
+        if self.engine is not None:
+            d["engine"] = self.engine
+        if self.allow_static:
+            d["allow_static"] = True
         if self.method is not None:
             d["method"] = self.method
         d["max_ttl"] = self.max_ttl

@@ -66,7 +66,8 @@ leases = Table(
     Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
     Column("grant", String(64), nullable=False),
     Column("path", String(512), nullable=False),
-    # "lease" (a Vault lease id) or "token" (a child token, tracked by accessor).
+    # "lease" (a Vault lease id), "token" (a child token, tracked by accessor), "cert" (an SSH certificate:
+    # its serial) or "static" (a KV value: path and version). broker.engines maps each to its adapter.
     Column("kind", String(8), nullable=False),
     Column("vault_lease_id", String(512), nullable=False),
     Column("issued_at", Float, nullable=False),
@@ -145,6 +146,9 @@ audit_events = Table(
     Column("hash", String(64)),
     # The person's display name beside ``user`` (their id); null in records from before it existed.
     Column("user_name", String(320)),
+    # How an issued credential ends (revocable, expiry-only, static) and the SSH key it was signed for.
+    Column("revocation", String(16)),
+    Column("key_fingerprint", String(128)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),
