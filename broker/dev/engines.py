@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from broker.errors import VaultBadResponse
+from broker.dev.config import Grant
+from broker.errors import BrokerError, ConfigError, VaultBadResponse
 from broker.vault import Sensitive
 from broker.vault.admin import VaultAdmin
 
-__all__ = ["configure_kv", "configure_mysql", "configure_rabbitmq", "configure_redis", "configure_ssh"]
+__all__ = ["EngineSetup", "OptionalEngines", "configure_kv", "configure_mysql", "configure_optional",
+           "configure_rabbitmq", "configure_redis", "configure_ssh", "kv_grant", "ssh_grant"]
 
 
 def configure_mysql(
@@ -123,3 +127,94 @@ def configure_kv(admin: VaultAdmin, *, path: str, data: Mapping[str, str], mount
     """A KV version 2 mount (``secret/`` in a dev server already is one) and one value at ``path``."""
     admin.enable_secrets_engine(mount, "kv", options={"version": "2"})
     admin.write(f"{mount}/data/{path}", {"data": dict(data)})
+
+
+# -- broker dev: the engines this machine can serve ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionalEngines:
+    """Admin URLs of the servers ``broker dev`` may add grants for (each ``None``: skipped, and said so).
+
+    ``mysql://ADMIN:PASSWORD@HOST:PORT/DB``, ``redis://ADMIN:PASSWORD@HOST:PORT``,
+    ``http://ADMIN:PASSWORD@HOST:15672/VHOST`` (RabbitMQ's management API; vhost ``/`` when absent).
+    """
+
+    mysql_url: str | None = None
+    redis_url: str | None = None
+    rabbitmq_url: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """One optional engine as ``broker dev`` left it: the grant it added, or why it added none."""
+
+    name: str
+    grant: Grant | None
+    note: str
+
+
+def _parts(url: str, default_port: int) -> tuple[str, int, str, str, str]:
+    u = urlsplit(url)
+    if not u.hostname or u.username is None or u.password is None:
+        msg = "needs ADMIN:PASSWORD@HOST in the URL"
+        raise ConfigError(msg)
+    return u.hostname, u.port or default_port, unquote(u.username), unquote(u.password), unquote(u.path.lstrip("/"))
+
+
+def configure_optional(admin: VaultAdmin, engines: OptionalEngines) -> list[EngineSetup]:
+    """Set up each engine whose admin URL is given; one ``EngineSetup`` per engine, never an exception.
+
+    A server that cannot be configured (unreachable, refused) is reported and skipped: the demo runs on.
+    """
+    out = []
+    for name, url, hint, setup in (
+        ("MariaDB/MySQL", engines.mysql_url, "--mysql-url mysql://ADMIN:PASSWORD@HOST:3306/DB", _mysql),
+        ("Redis", engines.redis_url, "--redis-url redis://ADMIN:PASSWORD@HOST:6379", _redis),
+        ("RabbitMQ", engines.rabbitmq_url, "--rabbitmq-url http://ADMIN:PASSWORD@HOST:15672/VHOST", _rabbitmq),
+    ):
+        if url is None:
+            out.append(EngineSetup(name, None, f"skipped: give {hint}"))
+            continue
+        try:
+            grant = setup(admin, url)
+        except BrokerError as exc:
+            detail = f"{exc} ({exc.reason})" if exc.reason != str(exc) else str(exc)
+            secret = urlsplit(url).password
+            # The admin password is the organisation's: never on the terminal, whatever a server echoed.
+            out.append(EngineSetup(name, None, "skipped: " + (detail.replace(unquote(secret), "***") if secret
+                                                              else detail)))
+            continue
+        out.append(EngineSetup(name, grant, f"grant {grant.name} -> {grant.path}"))
+    return out
+
+
+def _mysql(admin: VaultAdmin, url: str) -> Grant:
+    host, port, user, password, db = _parts(url, 3306)
+    configure_mysql(admin, host=host, port=port, username=user, password=Sensitive(password), database=db or "app")
+    return Grant(name="app-db-ro", path="database/creds/app-ro", max_ttl="5m")
+
+
+def _redis(admin: VaultAdmin, url: str) -> Grant:
+    host, port, user, password, _ = _parts(url, 6379)
+    configure_redis(admin, host=host, port=port, username=user, password=Sensitive(password))
+    return Grant(name="cache-rw", path="database/creds/cache-rw", max_ttl="5m")
+
+
+def _rabbitmq(admin: VaultAdmin, url: str) -> Grant:
+    host, port, user, password, vhost = _parts(url, 15672)
+    scheme = urlsplit(url).scheme or "http"
+    configure_rabbitmq(admin, management_url=f"{scheme}://{host}:{port}", username=user,
+                       password=Sensitive(password), vhost=vhost or "/")
+    return Grant(name="queue", path="rabbitmq/creds/agent", max_ttl="5m")
+
+
+def ssh_grant() -> Grant:
+    """An SSH certificate for user ``deploy`` naming the task (``configure_ssh``); the agent sends its key."""
+    return Grant(name="deploy-ssh", path="ssh/sign/agents", max_ttl="5m",
+                 params={"valid_principals": "deploy", "key_id": "{task}", "cert_type": "user"})
+
+
+def kv_grant(path: str = "demo/api-key") -> Grant:
+    """A KV value (``configure_kv``): static, so the grant must say so."""
+    return Grant(name="api-key", path=f"secret/data/{path}", max_ttl="5m", allow_static=True)
