@@ -146,10 +146,13 @@ class LeaseManager:
                                            reason=f"high-risk grant {grant.name} without approvals")
                 # The approval binds the TTL asked for; issuance may still cap it lower as the task runs out.
                 asked = min(ttl or grant.max_ttl, grant.max_ttl)
+                # An agent-chosen key is part of what is approved (its fingerprint is in the digest).
+                chosen = inputs.key_fingerprint if inputs.params else None
                 if approval_id is None:
-                    return PendingApproval(await self._approvals.request(task, grant, ttl=asked))
+                    return PendingApproval(await self._approvals.request(task, grant, ttl=asked,
+                                                                         key_fingerprint=chosen))
                 approval = await self._approvals.get(approval_id)
-                self._approvals.check_for(approval, caller, task, grant, asked)
+                self._approvals.check_for(approval, caller, task, grant, asked, key_fingerprint=chosen)
             if self._user_rate is not None:
                 self._user_rate.take(task.user, what="user")
         except (NotFound, NotTaskAgent) as exc:

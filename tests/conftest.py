@@ -85,6 +85,8 @@ def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
             Grant(name="ssh-deploy", path="ssh/sign/agents", max_ttl="5m",
                   params={"valid_principals": "deploy", "key_id": "{task}", "cert_type": "user"}),
             Grant(name="api-key", path="secret/data/brk/api-key", max_ttl="5m", allow_static=True),
+            Grant(name="ssh-root", path="ssh/sign/agents", max_ttl="5m", risk="high",
+                  params={"valid_principals": "ops", "key_id": "{task}", "cert_type": "user"}),
         ))
     return BrokerConfig(
         vault_addr=addr, audit_log=audit_log, revoke_confirm_timeout=5, signing_key_file="audit-signing.key",

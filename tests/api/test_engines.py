@@ -237,6 +237,27 @@ class TestSshCertificates:
         await issue(client, site, task["id"], "ssh-deploy", status=400, public_key=public, valid_principals="root")
 
 
+class TestSshApproval:
+    async def test_an_approval_signs_only_the_key_it_was_given_for(self, client: Client, site: BrokerSite) -> None:
+        """A high-risk SSH grant's approval binds the agent's key by fingerprint: another key is refused."""
+        from tests.api.test_approvals import decide
+
+        task = await start_task(client, site, role=ROLE)
+        key_a = openssh_public(ed25519.Ed25519PrivateKey.generate())
+        key_b = openssh_public(ed25519.Ed25519PrivateKey.generate())
+        pending = await issue(client, site, task["id"], "ssh-root", status=202, public_key=key_a)
+        await decide(client, site, pending["approval_id"])
+        refused = await issue(client, site, task["id"], "ssh-root", status=403, public_key=key_b,
+                              approval_id=pending["approval_id"])
+        assert refused["code"] == "approval_mismatch"
+        cred = await issue(client, site, task["id"], "ssh-root", public_key=key_a, approval_id=pending["approval_id"])
+        assert cred["revocation"] == "expiry-only"
+        records = [r.record for r in await client.app[STORE].query_audit(task=task["id"])]
+        requested = next(r for r in records if r.event == "approval.requested")
+        issued = next(r for r in records if r.event == "lease.issued")
+        assert requested.key_fingerprint == issued.key_fingerprint is not None
+
+
 class TestKvStatic:
     async def test_value_is_handed_out_and_shown_as_static(self, client: Client, site: BrokerSite) -> None:
         """A KV v2 read returns the value, says 'static' everywhere, and is released (not revoked) at the end."""
