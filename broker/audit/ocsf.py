@@ -143,7 +143,7 @@ def to_ocsf(record: AuditRecord, seq: int, *, origin: str = "agent-broker",
             delegation["created_time"] = event["time"]
         event["delegation"] = delegation
     unmapped = {"event": record.event, "outcome": record.outcome, "reason": record.reason, "lease": record.lease,
-                "action": record.action}
+                "action": record.action, "revocation": record.revocation, "key_fingerprint": record.key_fingerprint}
     event["unmapped"] = {k: v for k, v in unmapped.items() if v is not None}
     if record.reason:
         event["message"] = f"{record.event}: {record.reason}"
