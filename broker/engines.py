@@ -71,8 +71,8 @@ class Reading:
     """What the broker keeps of one answer: the lease kind, Vault's id for it, its lifetime, the credential.
 
     ``vault_id`` is a Vault lease id, a token accessor, a certificate serial or a KV path and version:
-    never the secret. ``duration`` is ``None`` where Vault gives the value no lifetime (KV): the broker's
-    capped TTL is then how long it hands it out for. ``data`` goes to the agent, never to a log.
+    never the secret. ``duration`` is ``None`` where Vault gives the value no lifetime (KV): the broker
+    then tracks it to its task's end, when the end releases it. ``data`` goes to the agent, never to a log.
     """
 
     kind: str

@@ -227,7 +227,9 @@ class LeaseManager:
         # The grant's engine adapter reads the answer (broker.engines): raises VaultBadResponse if unusable.
         got = grant.engine.read(secret, grant.path, now)
         kind, vault_id, renewable, data = got.kind, got.vault_id, got.renewable, got.data
-        duration = lease_ttl if got.duration is None else got.duration
+        # A value Vault gives no lifetime (KV) is tracked to its task's end, when the end releases it: never
+        # a lease the expiry sweep would have to look at again and again.
+        duration = max(1, math.floor(task.expires_at - now)) if got.duration is None else got.duration
         if duration > lease_ttl and renewable:
             # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
             info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=issuance.client_token)

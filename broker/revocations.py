@@ -142,7 +142,9 @@ async def _alive(vault: VaultClient, lease: LeaseRow, now: float) -> bool:
         return await vault.lookup_lease(lease.vault_lease_id) is not None
     if confirm == "expiry":
         return now < lease.expires_at
-    return True  # a static value lives until someone rotates it: only its task's end lets go of it
+    # A static value lives until someone rotates it: only its task's end lets go of it (its lease row's
+    # expiry is that end, so the expiry sweep never holds it past the task's fence).
+    return True
 
 
 def _released(task: TaskRow, lease: LeaseRow, now: float) -> AuditRecord:

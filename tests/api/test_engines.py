@@ -269,6 +269,7 @@ class TestKvStatic:
         assert cred["data"] == KV_VALUE and cred["revocation"] == "static" and cred["renewable"] is False
         [lease] = await task_leases(client, site, task["id"])
         assert (lease["state"], lease["revocation"]) == ("active", "static")
+        assert lease["expires_at"] == pytest.approx(task["expires_at"], abs=1)  # tracked to its task's end
         await end(client, site, task["id"])
         [lease] = await task_leases(client, site, task["id"])
         assert (lease["state"], lease["revocation"]) == ("released", "static")
