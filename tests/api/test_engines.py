@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,27 @@ class TestKvStatic:
         assert [(r.event, r.revocation) for r in records if r.event.startswith("lease.")] == [
             ("lease.issued", "static"), ("lease.released", "static")]
         assert KV_VALUE["api_key"] not in repr(records)
+
+    async def test_console_task_page_says_how_each_lease_ends(self, site: BrokerSite,
+                                                              aiohttp_client: Callable[..., Any],
+                                                              external_engines: ExternalEngines) -> None:
+        """The console's task page shows each lease's state and class: revocable, expiry-only, static."""
+        from broker.app import make_app
+        from tests.api.test_console_escaping import mint, sign_in
+
+        console = await aiohttp_client(make_app(site.settings))
+        task = await start_task(console, site, role=ROLE)
+        for grant, extra in (("app-db-ro", {}), ("api-key", {}),
+                             ("ssh-deploy", {"public_key": openssh_public(ed25519.Ed25519PrivateKey.generate())})):
+            await issue(console, site, task["id"], grant, **extra)
+        await end(console, site, task["id"])
+        await sign_in(console, mint(site, "olga", ("secops",)))
+        page = await (await console.get(f"/console/tasks/{task['id']}")).text()
+        for shown in ('<span class="revocation revocable">revocable</span>',
+                      '<span class="revocation expiry-only">expiry-only</span>',
+                      '<span class="revocation static">static</span>',
+                      '<span class="state released">released</span>', '<span class="state revoked">revoked</span>'):
+            assert shown in page
 
     async def test_the_chain_with_the_added_fields_verifies(self, client: Client, site: BrokerSite) -> None:
         """Records carrying revocation and key_fingerprint verify with the rest of the chain."""
