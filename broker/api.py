@@ -29,6 +29,7 @@ from broker.audit import CALLER_ADDRESS
 from broker.audit.checkpoints import StoreVerifier
 from broker.audit.tailer import VaultAuditTailer
 from broker.delegation import Catalog, any_includes
+from broker.engines import revocation_of_kind
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -304,7 +305,7 @@ def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
         state=task.state, created_at=task.created_at, expires_at=task.expires_at,
         ended_at=task.ended_at,
         leases=None if leases is None else [
-            LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state,
+            LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state, revocation=revocation_of_kind(x.kind),
                      issued_at=x.issued_at, expires_at=x.expires_at, renewable=x.renewable)
             for x in leases
         ],
@@ -383,12 +384,13 @@ async def issue_credential(request: web.Request) -> web.Response:
     agent = await agent_identity(request)
     body = await _body(request, CredentialRequest)
     issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
-                                             body.approval_id)
+                                             body.approval_id, public_key=body.public_key)
     if isinstance(issued, PendingApproval):
         a = issued.approval
         return _json(ApprovalPendingOut(approval_id=a.id, expires_at=a.expires_at), 202)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
-                        renewable=issued.lease.renewable, data=dict(issued.data))
+                        renewable=issued.lease.renewable, revocation=revocation_of_kind(issued.lease.kind),
+                        data=dict(issued.data))
     return _json(out, no_store=True)
 
 
@@ -578,7 +580,7 @@ async def list_leases(request: web.Request) -> web.Response:
                                                 tenant=q.get("tenant"), states=states, limit=limit, after=after)
     items = [LeaseListItem(id=x.id, task=t.id, user=t.user, user_name=t.user_name, agent=t.agent, tenant=t.tenant,
                            grant=x.grant,
-                           path=x.path, state=x.state, issued_at=x.issued_at,
+                           path=x.path, state=x.state, revocation=revocation_of_kind(x.kind), issued_at=x.issued_at,
                            expires_at=x.expires_at, revoked_at=x.revoked_at) for x, t in rows]
     next_after = f"{rows[-1][0].issued_at!r}:{rows[-1][0].id}" if len(rows) == limit else None
     return _json(LeasePage(leases=items, next_after=next_after))

@@ -48,10 +48,18 @@ class ApprovalLike(Protocol):
     def expires_at(self) -> float: ...
 
 
-def request_digest(*, task: str, user: str, agent: str, grant: str, path: str, ttl: int) -> str:
-    """SHA-256 over the canonical JSON of exactly what is approved."""
-    body = json.dumps({"agent": agent, "grant": grant, "path": path, "task": task, "ttl": ttl, "user": user,
-                       "v": _DOMAIN}, sort_keys=True, separators=(",", ":"))
+def request_digest(*, task: str, user: str, agent: str, grant: str, path: str, ttl: int,
+                   key_fingerprint: str | None = None) -> str:
+    """SHA-256 over the canonical JSON of exactly what is approved.
+
+    ``key_fingerprint``: the SSH public key to be signed, where the agent chooses it (an approval for one
+    key never signs another). Left out when absent, so digests of other grants are as before.
+    """
+    fields: dict[str, object] = {"agent": agent, "grant": grant, "path": path, "task": task, "ttl": ttl,
+                                 "user": user, "v": _DOMAIN}
+    if key_fingerprint is not None:
+        fields["key_fingerprint"] = key_fingerprint
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
 
 

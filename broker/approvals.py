@@ -52,19 +52,21 @@ class ApprovalManager:
         self._ttl = ttl
         self._changed: dict[str, asyncio.Event] = {}
 
-    async def request(self, task: TaskRow, grant: Grant, *, ttl: int) -> ApprovalRow:
+    async def request(self, task: TaskRow, grant: Grant, *, ttl: int,
+                      key_fingerprint: str | None = None) -> ApprovalRow:
         """Open a pending approval for this exact request; recorded as ``approval.requested``."""
         now = self._clock()
         row = ApprovalRow(
             id="apr_" + secrets.token_urlsafe(12), task_id=task.id, grant=grant.name, path=grant.path, ttl=ttl,
             user=task.user, user_name=task.user_name, agent=task.agent, tenant=task.tenant,
             digest=request_digest(task=task.id, user=task.user, agent=task.agent, grant=grant.name, path=grant.path,
-                                  ttl=ttl),
+                                  ttl=ttl, key_fingerprint=key_fingerprint),
             required=grant.approvals_required, state="pending", created_at=now, expires_at=now + self._ttl,
             decided_at=None, consumed_lease=None,
         )
         await self._store.add_approval(row, AuditRecord.for_task(
             task, now, "approval.requested", "pending", resource=grant.path, action="issue",
+            key_fingerprint=key_fingerprint,
             reason=f"grant {grant.name}, ttl {ttl}s, needs {row.required} approval(s) ({row.id})"))
         return row
 
@@ -155,10 +157,14 @@ class ApprovalManager:
         if event is not None:
             event.set()
 
-    def check_for(self, approval: ApprovalRow, caller: AgentIdentity, task: TaskRow, grant: Grant, ttl: int) -> None:
-        """Does this approval cover exactly this request? Raises: ApprovalMismatch, Conflict."""
+    def check_for(self, approval: ApprovalRow, caller: AgentIdentity, task: TaskRow, grant: Grant, ttl: int,
+                  key_fingerprint: str | None = None) -> None:
+        """Does this approval cover exactly this request (the same SSH key, for one the agent chose)?
+
+        Raises: ApprovalMismatch, Conflict.
+        """
         digest = request_digest(task=task.id, user=task.user, agent=task.agent, grant=grant.name, path=grant.path,
-                                ttl=ttl)
+                                ttl=ttl, key_fingerprint=key_fingerprint)
         if approval.agent != str(caller.spiffe_id) or not secrets.compare_digest(approval.digest, digest):
             raise ApprovalMismatch("this approval was given for another request",
                                    reason=f"approval {approval.id} digest does not match task {task.id}, "

@@ -289,6 +289,11 @@ class GrantSettings(_Frozen):
             raise ValueError(f"grant {self.name}: allowed_hosts and http_auth need an https endpoint")
         HostAllowList.parse(self.allowed_hosts)
         return self
+    # The secrets engine behind `path` (broker.engines: token, ssh, rabbitmq, database, pki, kv, dynamic);
+    # inferred from the path when absent (`ssh/sign/x` is ssh, `secret/data/x` is kv, ...).
+    engine: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    # A `static` grant (a KV read) hands out a value the broker can never take back: refused unless set.
+    allow_static: bool = False
 
 
 class TaskRoleSettings(_Frozen):

@@ -56,6 +56,7 @@ from yarl import URL
 from broker import api, timeline
 from broker.approvals import is_same_person
 from broker.delegation import Catalog, any_includes
+from broker.engines import revocation_of_kind
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -259,6 +260,10 @@ async def console_middleware(request: web.Request,
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 
 
+def _revocation(kind: str) -> str:
+    return revocation_of_kind(kind)
+
+
 def _when(t: float | None) -> str:
     if t is None:
         return "-"
@@ -279,10 +284,11 @@ def _finalize(value: object) -> object:
 
 
 def _setup_templates(app: web.Application) -> None:
+    filters: dict[str, Callable[..., str]] = {"when": _when, "dur": _dur, "revocation": _revocation}
     env = aiohttp_jinja2.setup(
         app, app_key=TEMPLATES, loader=jinja2.PackageLoader("broker", "templates/console"), autoescape=True,
         undefined=jinja2.StrictUndefined, finalize=_finalize, trim_blocks=True, lstrip_blocks=True,
-        default_helpers=False, filters={"when": _when, "dur": _dur})
+        default_helpers=False, filters=filters)
     del env.globals["app"]  # templates see what a handler passes, not the app and its keys
     env.globals.update(prefix=PREFIX, max_reason=_MAX_REASON, max_token_bytes=MAX_TOKEN_BYTES)
 

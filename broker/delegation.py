@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from broker.config import Settings, TaskRoleSettings
+from broker.config import GrantSettings, Settings, TaskRoleSettings
 from broker.endpoints import Endpoint, HostAllowList
+from broker.engines import DYNAMIC, Engine, Revocation, infer_engine
 from broker.errors import (
     AgentNotAllowed,
     BadRequest,
@@ -39,10 +40,10 @@ from broker.identity import (
     normalize_email,
 )
 from broker.paths import validate_path
+from broker.sshkeys import parse_public_key
 
 Risk = Literal["low", "high"]
 HttpAuth = Literal["bearer", "vault-token", "client-certificate"]
-Revocation = Literal["revocable", "expiry-only", "static"]
 _PLACEHOLDER = re.compile(r"\{(task|agent|user|user_id|user_email|tenant|role)\}")
 
 
@@ -92,6 +93,8 @@ class Grant:
     method: Literal["GET", "POST"]
     params: Mapping[str, str | int | bool] = field(default_factory=dict)
     approvals_required: int = 1
+    engine: Engine = DYNAMIC
+    allow_static: bool = False
     # Where `broker mcp` and the SDK's helpers use the credential (broker.endpoints), and for HTTP to
     # which hosts it may go and how it is carried.
     endpoint: Endpoint | None = None
@@ -100,19 +103,12 @@ class Grant:
 
     @property
     def revocation(self) -> Revocation:
-        """How a credential of this grant ends: revoked with its task, only at its TTL, or never.
-
-        A certificate signed by ``ssh/sign`` cannot be pulled back; a KV read is a static secret the broker
-        can only stop handing out. Everything else the broker issues is a Vault lease or token.
-        """
-        if "ssh" in self.path.split("/", 1)[0] and "/sign/" in self.path:
-            return "expiry-only"
-        if "/data/" in self.path and self.path.split("/", 1)[0] in ("secret", "kv"):
-            return "static"
-        return "revocable"
+        """How a credential of this grant ends: ``revocable``, ``expiry-only`` or ``static`` (broker.engines)."""
+        return self.engine.revocation
 
     def request_params(self, *, task: str, agent: str, user: str, tenant: str, role: str, ttl: int,
-                       user_id: str | None = None, user_email: str | None = None) -> dict[str, object]:
+                       user_id: str | None = None, user_email: str | None = None,
+                       inputs: Mapping[str, str] | None = None) -> dict[str, object]:
         """The body sent to Vault: the configured params with the task's values substituted, plus the TTL.
 
         Substitution is literal (no format-string evaluation), so a user or agent name cannot inject
@@ -132,8 +128,49 @@ class Grant:
         for key, value in self.params.items():
             # One pass: a substituted value is never scanned again.
             out[key] = _PLACEHOLDER.sub(lambda m: values[m.group(1)], value) if isinstance(value, str) else value
-        out["ttl"] = f"{ttl}s"
+        # The agent's own inputs were checked by check_inputs (never a key the params fix): sent verbatim.
+        for key, value in (inputs or {}).items():
+            out.setdefault(key, value)
+        if self.engine.ttl_param:
+            out["ttl"] = f"{ttl}s"
         return out
+
+
+@dataclass(frozen=True)
+class AgentInputs:
+    """What the agent chose for one issuance (only what its grant's engine leaves open), checked.
+
+    ``key_fingerprint`` names the SSH public key signed (the agent's or the one the grant fixes).
+    """
+
+    params: Mapping[str, str]
+    key_fingerprint: str | None = None
+
+
+def check_inputs(grant: Grant, *, public_key: str | None) -> AgentInputs:
+    """The agent's request fields for ``grant``, parsed; refuses anything its engine does not leave open.
+
+    Raises:
+        BadRequest: a ``public_key`` for a grant that takes none (or whose params fix it), none where one is
+            needed, or a key that is not an accepted OpenSSH public key (``broker.sshkeys``).
+        Denied: a static grant without ``allow_static`` (the catalog refuses those at load too).
+    """
+    if grant.engine.revocation == "static" and not grant.allow_static:
+        msg = "this grant hands out a static secret and does not allow it"
+        raise Denied(msg, reason=f"grant {grant.name} is static without allow_static")
+    fixed = grant.params.get("public_key")
+    open_key = "public_key" in grant.engine.agent_inputs and fixed is None
+    if public_key is None:
+        if open_key:
+            msg = "this grant signs your SSH public key: send public_key"
+            raise BadRequest(msg, reason=f"grant {grant.name}: no public_key sent")
+        fingerprint = parse_public_key(fixed).fingerprint if isinstance(fixed, str) else None
+        return AgentInputs({}, fingerprint)
+    if not open_key:
+        msg = "this grant takes no public_key"
+        raise BadRequest(msg, reason=f"grant {grant.name}: public_key sent where the grant takes none")
+    key = parse_public_key(public_key)
+    return AgentInputs({"public_key": key.openssh}, key.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -182,12 +219,13 @@ def _role(r: TaskRoleSettings) -> TaskRole:
         if g.max_ttl > r.max_ttl:
             msg = f"task role {r.name}, grant {g.name}: max_ttl exceeds the role's max_ttl"
             raise ConfigError(msg)
-        method: Literal["GET", "POST"] = "POST" if (g.method == "write" or (g.method is None and g.params)) else "GET"
+        engine = _engine(r, g, path)
         endpoint = Endpoint.parse(g.endpoint) if g.endpoint is not None else None
         hosts = (HostAllowList.parse(g.allowed_hosts, default=endpoint.host)
                  if endpoint is not None and endpoint.kind == "http" else None)
-        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, method, dict(g.params), g.approvals_required,
-                               endpoint=endpoint, allowed_hosts=hosts, http_auth=g.http_auth)
+        grants[g.name] = Grant(g.name, path, g.max_ttl, g.risk, _method(r, g, engine), dict(g.params),
+                               g.approvals_required, engine, g.allow_static, endpoint=endpoint,
+                               allowed_hosts=hosts, http_auth=g.http_auth)
     return TaskRole(
         name=r.name,
         tenant=r.tenant,
@@ -196,6 +234,41 @@ def _role(r: TaskRoleSettings) -> TaskRole:
         max_ttl=r.max_ttl,
         grants=grants,
     )
+
+
+def _engine(r: TaskRoleSettings, g: GrantSettings, path: str) -> Engine:
+    where = f"task role {r.name}, grant {g.name}"
+    try:
+        engine = infer_engine(path, g.engine)
+    except ConfigError as exc:
+        msg = f"{where}: {exc}"
+        raise ConfigError(msg) from exc
+    if engine.revocation == "static" and not g.allow_static:
+        msg = (f"{where}: {path!r} is a static secret (a {engine.name} read the broker can never revoke); "
+               "set allow_static = true to hand it out anyway")
+        raise ConfigError(msg)
+    key = g.params.get("public_key")
+    if key is not None:
+        if "public_key" not in engine.agent_inputs or not isinstance(key, str):
+            msg = f"{where}: public_key is a parameter of SSH signing grants only"
+            raise ConfigError(msg)
+        try:
+            parse_public_key(key)
+        except BadRequest as exc:
+            msg = f"{where}: params.public_key: {exc.reason}"
+            raise ConfigError(msg) from exc
+    return engine
+
+
+def _method(r: TaskRoleSettings, g: GrantSettings, engine: Engine) -> Literal["GET", "POST"]:
+    asked: Literal["GET", "POST"] | None = {"read": "GET", "write": "POST", None: None}[g.method]
+    if engine.method is None:  # dynamic: as the grant says, else a write when it has params
+        return asked or ("POST" if g.params else "GET")
+    if asked is not None and asked != engine.method:
+        msg = (f"task role {r.name}, grant {g.name}: a {engine.name} grant is a "
+               f"{'write' if engine.method == 'POST' else 'read'}, not a {g.method}")
+        raise ConfigError(msg)
+    return engine.method
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any
 
 from broker.approvals import ApprovalManager
 from broker.audit import AuditRecord
-from broker.delegation import Catalog, Grant, cap_ttl, check_grant
+from broker.delegation import AgentInputs, Catalog, Grant, cap_ttl, check_grant, check_inputs
 from broker.errors import (
     ApprovalRequired,
     BadRequest,
@@ -135,7 +135,7 @@ class LeaseManager:
         ))
 
     async def issue(self, caller: AgentIdentity, task_id: str, grant_name: str, ttl: int | None,
-                    approval_id: str | None = None) -> Issued | PendingApproval:
+                    approval_id: str | None = None, public_key: str | None = None) -> Issued | PendingApproval:
         """Obtain ``grant_name`` for the task's agent, recorded before it is returned.
 
         The credential is read with a fresh child of the task token (the issuance token), whose accessor
@@ -160,6 +160,8 @@ class LeaseManager:
                 raise NotFound("no such task")
             grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
             lease_ttl = cap_ttl(grant, view(task), ttl, now=now)
+            # The only field an agent chooses (an SSH public key), parsed before any work (broker.engines rule 3).
+            inputs = check_inputs(grant, public_key=public_key)
             approval: ApprovalRow | None = None
             if grant.risk == "high":
                 if self._approvals is None:
@@ -167,10 +169,13 @@ class LeaseManager:
                                            reason=f"high-risk grant {grant.name} without approvals")
                 # The approval binds the TTL asked for; issuance may still cap it lower as the task runs out.
                 asked = min(ttl or grant.max_ttl, grant.max_ttl)
+                # An agent-chosen key is part of what is approved (its fingerprint is in the digest).
+                chosen = inputs.key_fingerprint if inputs.params else None
                 if approval_id is None:
-                    return PendingApproval(await self._approvals.request(task, grant, ttl=asked))
+                    return PendingApproval(await self._approvals.request(task, grant, ttl=asked,
+                                                                         key_fingerprint=chosen))
                 approval = await self._approvals.get(approval_id)
-                self._approvals.check_for(approval, caller, task, grant, asked)
+                self._approvals.check_for(approval, caller, task, grant, asked, key_fingerprint=chosen)
             if self._user_rate is not None:
                 self._user_rate.take(task.user, what="user")
         except (NotFound, NotTaskAgent) as exc:
@@ -184,7 +189,8 @@ class LeaseManager:
         lease_id = new_lease_id()
         approval_ref = approval.id if approval else None
         if self._journal is not None and self._journal.covers(grant.path):
-            return await self._issue_journaled(caller, task, grant, task_token, lease_id, lease_ttl, now, approval_ref)
+            return await self._issue_journaled(caller, task, grant, task_token, lease_id, lease_ttl, now, approval_ref,
+                                               inputs)
         remaining = max(1, math.floor(task.expires_at - now))
         try:
             # Born to the task's end (rule 2): if the broker dies before the intent below holds its accessor,
@@ -216,11 +222,11 @@ class LeaseManager:
             # Only now that the intent holds its accessor is anything read with the issuance token.
             secret = await self._vault.read_credential(
                 grant.path, token=issuance.client_token, method=grant.method,
-                data=self._params(grant, task, lease_ttl),
+                data=self._params(grant, task, lease_ttl, inputs),
             )
             self._crash("issue.after_vault")
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance.client_token,
-                                      approval_ref, issuance_accessor=issuance.accessor)
+                                      approval_ref, inputs, issuance_accessor=issuance.accessor)
         except BaseException as exc:
             # Ambiguous or failed: whatever Vault may have issued dies with the issuance token. The intent
             # stays retryable until Vault confirms that (a partition makes this first revoke fail too).
@@ -230,15 +236,16 @@ class LeaseManager:
             raise
 
     @staticmethod
-    def _params(grant: Grant, task: TaskRow, lease_ttl: int) -> dict[str, object] | None:
+    def _params(grant: Grant, task: TaskRow, lease_ttl: int, inputs: AgentInputs) -> dict[str, object] | None:
         if grant.method != "POST":
             return None
         return grant.request_params(task=task.id, agent=task.agent, user=task.user_name or task.user,
                                     user_id=task.user, user_email=task.user_email, tenant=task.tenant,
-                                    role=task.role, ttl=lease_ttl)
+                                    role=task.role, ttl=lease_ttl, inputs=inputs.params)
 
     async def _issue_journaled(self, caller: AgentIdentity, task: TaskRow, grant: Grant, task_token: Sensitive,
-                               lease_id: str, lease_ttl: int, now: float, approval_id: str | None) -> Issued:
+                               lease_id: str, lease_ttl: int, now: float, approval_id: str | None,
+                               inputs: AgentInputs) -> Issued:
         """One Vault request: the read, with the task token, its intent's id in Vault's audit log (rule 5)."""
         try:
             await self._store.begin_issuance(
@@ -257,9 +264,11 @@ class LeaseManager:
         secret: VaultSecret | None = None
         try:
             secret = await self._vault.read_credential(grant.path, token=task_token, method=grant.method,
-                                                       data=self._params(grant, task, lease_ttl), intent=lease_id)
+                                                       data=self._params(grant, task, lease_ttl, inputs),
+                                                       intent=lease_id)
             self._crash("issue.after_vault")
-            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, task_token, approval_id)
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, task_token, approval_id,
+                                      inputs)
         except BaseException as exc:
             # The journal finds what Vault issued when no answer came; an answer names it itself.
             await self._settler.abandon(lease_id, accessor=None, vault_ref=_ref_of(secret))
@@ -277,27 +286,19 @@ class LeaseManager:
         return exc
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
-                      lease_ttl: int, token: Sensitive, approval_id: str | None, *,
+                      lease_ttl: int, token: Sensitive, approval_id: str | None, inputs: AgentInputs, *,
                       issuance_accessor: str | None = None) -> Issued:
         now = self._clock()
-        if secret.auth is not None:
-            kind, vault_id, duration, renewable = "token", secret.auth.accessor, secret.auth.lease_duration, False
-            data: Mapping[str, Any] = {
-                "token": secret.auth.client_token.reveal(),
-                "policies": list(secret.auth.policies),
-                "ttl": secret.auth.lease_duration,
-            }
-        elif secret.lease_id:
-            kind, vault_id, duration, renewable = "lease", secret.lease_id, secret.lease_duration, secret.renewable
-            data = dict(secret.data or {})
-            if duration > lease_ttl and renewable:
-                # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
-                info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=token)
-                duration = info.ttl
-        else:
-            # Nothing to revoke: the broker hands out dynamic credentials only.
-            raise VaultBadResponse("the grant's Vault path returned no lease",
-                                   reason=f"{grant.path} returned no lease or token")
+        # The grant's engine adapter reads the answer (broker.engines): raises VaultBadResponse if unusable.
+        got = grant.engine.read(secret, grant.path, now)
+        kind, vault_id, renewable, data = got.kind, got.vault_id, got.renewable, got.data
+        # A value Vault gives no lifetime (KV) is tracked to its task's end, when the end releases it: never
+        # a lease the expiry sweep would have to look at again and again.
+        duration = max(1, math.floor(task.expires_at - now)) if got.duration is None else got.duration
+        if duration > lease_ttl and renewable:
+            # Some engines (database/creds) take no TTL on read: shorten the lease to the cap.
+            info = await self._vault.renew_lease(vault_id, increment=lease_ttl, token=token)
+            duration = info.ttl
         lease = LeaseRow(
             id=lease_id, task_id=task.id, grant=grant.name, path=grant.path, kind=kind, vault_lease_id=vault_id,
             issued_at=now, expires_at=min(now + duration, task.expires_at), renewable=renewable,
@@ -305,6 +306,7 @@ class LeaseManager:
         )
         record = AuditRecord.for_task(task, now, "lease.issued", "success", resource=grant.path, action="issue",
                                       lease=lease.id, vault_request_id=secret.request_id,
+                                      revocation=grant.revocation, key_fingerprint=inputs.key_fingerprint,
                                       reason=f"grant {grant.name}, ttl {lease_ttl}s"
                                              + (f", unlocked by approval {approval_id}" if approval_id else ""))
         if not await self._store.complete_issuance(lease, record):

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _GRANT = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _PERSON = "The person: their id, '<issuer>#<subject>' of their ID token (what every decision compares)"
 _PERSON_NAME = "Their display name (the trusted email, else the subject): for people to read, never matched"
+_REVOCATION = ("How the credential ends: 'revocable' (a Vault lease or token, revoked when the task ends), "
+               "'expiry-only' (a certificate: nothing can pull it back, it lives at most its TTL), "
+               "'static' (a KV value: the broker only stops handing it out; valid until rotated)")
+Revocation = Literal["revocable", "expiry-only", "static"]
+LeaseState = Literal["active", "revoke_pending", "revoked", "expired", "released"]
 
 
 def _ttl(value: object) -> object:
@@ -52,6 +57,10 @@ class CredentialRequest(_Request):
     ttl: int | None = Field(default=None, description="Seconds or a duration; capped by the grant and the task")
     approval_id: str | None = Field(default=None, max_length=64,
                                     description="For a high-risk grant: the approval that covers this exact request")
+    public_key: str | None = Field(default=None, min_length=1, max_length=16384,
+                                   description="For an SSH grant whose params do not fix one: the OpenSSH public key "
+                                               "to sign (ssh-ed25519, ecdsa-sha2-nistp256/384/521, or ssh-rsa of "
+                                               "at least 3072 bits). The only field an agent chooses.")
 
     _ttl_validator = field_validator("ttl", mode="before")(_ttl)
 
@@ -126,7 +135,8 @@ class LeaseListItem(BaseModel):
     tenant: str
     grant: str
     path: str
-    state: Literal["active", "revoke_pending", "revoked", "expired"]
+    state: LeaseState = Field(description="released: its task ended and it cannot be revoked (see revocation)")
+    revocation: Revocation = Field(description=_REVOCATION)
     issued_at: float
     expires_at: float
     revoked_at: float | None = None
@@ -141,7 +151,8 @@ class LeaseOut(BaseModel):
     id: str
     grant: str
     path: str
-    state: Literal["active", "revoke_pending", "revoked", "expired"]
+    state: LeaseState = Field(description="released: its task ended and it cannot be revoked (see revocation)")
+    revocation: Revocation = Field(description=_REVOCATION)
     issued_at: float
     expires_at: float
     renewable: bool
@@ -196,6 +207,7 @@ class CredentialOut(BaseModel):
     grant: str
     expires_at: float
     renewable: bool
+    revocation: Revocation = Field(description=_REVOCATION)
     data: dict[str, Any] = Field(description="The credential itself (username/password, certificate, token)")
 
     def __repr__(self) -> str:
@@ -278,6 +290,10 @@ class AuditOut(BaseModel):
     caller_address: str | None = Field(
         default=None, description="Where the operation came from: the HTTP caller's address (the socket peer), or "
                                   "the remote address OpenBao logged; null when unknown")
+    revocation: Revocation | None = Field(default=None, description="lease.issued and lease.released: "
+                                          + _REVOCATION)
+    key_fingerprint: str | None = Field(default=None, description="The SHA-256 fingerprint of the SSH public key "
+                                        "a certificate was signed for")
 
 
 class AuditPage(BaseModel):

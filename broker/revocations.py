@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from broker import journal
 from broker.audit import AuditRecord
+from broker.engines import engine_for_kind
 from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, backoff
@@ -73,7 +74,10 @@ class Revoker:
 
     async def _one(self, task: TaskRow, timeout: float) -> Settled:
         async with self._slots:
-            leases = await self._store.list_leases(task_id=task.id, states=_UNSETTLED)
+            found = await self._store.list_leases(task_id=task.id, states=_UNSETTLED)
+            # Only what Vault can revoke is waited for; the rest (broker.engines) is released, never "revoked".
+            leases = [x for x in found if engine_for_kind(x.kind).revocation == "revocable"]
+            kept = [x for x in found if engine_for_kind(x.kind).revocation != "revocable"]
             try:
                 # Vault leases one by one, each confirmed by Vault's own answer (``sys/leases/revoke`` is
                 # synchronous: when it answers, the lease is gone). Then the token, whose tree takes the
@@ -100,10 +104,10 @@ class Revoker:
                                      resource=lease.path, action="expire" if expired else "revoke", lease=lease.id,
                                      reason=f"task {task.state}; confirmed gone in Vault")
                 for lease in leases
-            ]
+            ] + [_released(task, lease, now) for lease in kept]
             event = LeaseEvent.VAULT_EXPIRED if expired else LeaseEvent.VAULT_REVOKED
             if not await self._store.confirm_revoked(task.id, lease_ids=[x.id for x in leases], lease_event=event,
-                                                     now=now, records=records):
+                                                     now=now, records=records, released_ids=[x.id for x in kept]):
                 return Settled(0, 0)  # another settler confirmed it (and recorded it) first
             return Settled(len(leases), 0)
 
@@ -147,13 +151,31 @@ class Revoker:
 
     async def _bounded_alive(self, lease: LeaseRow) -> bool:
         async with self._lookups:
-            return await _alive(self._vault, lease)
+            return await _alive(self._vault, lease, self._clock())
 
 
-async def _alive(vault: VaultClient, lease: LeaseRow) -> bool:
-    if lease.kind == "token":
+async def _alive(vault: VaultClient, lease: LeaseRow, now: float) -> bool:
+    """Whether the credential still lives, asked the way its engine's adapter says (broker.engines)."""
+    confirm = engine_for_kind(lease.kind).confirm
+    if confirm == "accessor":
         return await vault.lookup_accessor(lease.vault_lease_id) is not None
-    return await vault.lookup_lease(lease.vault_lease_id) is not None
+    if confirm == "lease":
+        return await vault.lookup_lease(lease.vault_lease_id) is not None
+    if confirm == "expiry":
+        return now < lease.expires_at
+    # A static value lives until someone rotates it: only its task's end lets go of it (its lease row's
+    # expiry is that end, so the expiry sweep never holds it past the task's fence).
+    return True
+
+
+def _released(task: TaskRow, lease: LeaseRow, now: float) -> AuditRecord:
+    """The record of a credential its task's end cannot revoke: said as it is (TH-29)."""
+    revocation = engine_for_kind(lease.kind).revocation
+    lives = ("it stays valid until rotated" if revocation == "static"
+             else f"it stays valid until it expires ({max(0, round(lease.expires_at - now))}s from now)")
+    return AuditRecord.for_task(task, now, "lease.released", "success", resource=lease.path, action="release",
+                                lease=lease.id, revocation=revocation,
+                                reason=f"task {task.state}; {revocation}: cannot be revoked, {lives}")
 
 
 class IntentSettler:
@@ -552,7 +574,7 @@ class Maintenance:
         gone: list[tuple[LeaseRow, TaskRow]] = []
         for lease, task in due:
             try:
-                if not await _alive(self._vault, lease):
+                if not await _alive(self._vault, lease, now):
                     gone.append((lease, task))
             except VaultError:
                 return

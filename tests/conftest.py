@@ -38,6 +38,8 @@ from broker.sealing import TokenSealer
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
+from tests.support.engines import *  # noqa: F403
+from tests.support.engines import redis_role
 from tests.support.fixtures import *  # noqa: F403
 from tests.support.fixtures import BaoEngines
 
@@ -83,6 +85,19 @@ def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
         name="billing-report", tenant="globex", agents=(f"spiffe://{TD}/agent/billing-*",),
         delegators=("group:billing",), max_ttl="15m",
         grants=(Grant(name="tickets-db-rw", path="database/creds/tickets-rw", max_ttl="5m"),))
+    # The engines beyond PostgreSQL, PKI and tokens (tests/support/engines.py, tests/api/test_engines.py).
+    engines = TaskRole(
+        name="engines", tenant="acme", agents=(f"spiffe://{TD}/agent/support-*",), delegators=("group:support",),
+        max_ttl="30m", grants=(
+            Grant(name="app-db-ro", path="database/creds/app-ro", max_ttl="5m"),
+            Grant(name="cache-rw", path=f"database/creds/{redis_role()}", max_ttl="5m"),
+            Grant(name="queue", path="rabbitmq/creds/agent", max_ttl="5m"),
+            Grant(name="ssh-deploy", path="ssh/sign/agents", max_ttl="5m",
+                  params={"valid_principals": "deploy", "key_id": "{task}", "cert_type": "user"}),
+            Grant(name="api-key", path="secret/data/brk/api-key", max_ttl="5m", allow_static=True),
+            Grant(name="ssh-root", path="ssh/sign/agents", max_ttl="5m", risk="high",
+                  params={"valid_principals": "ops", "key_id": "{task}", "cert_type": "user"}),
+        ))
     return BrokerConfig(
         vault_addr=addr, audit_log=audit_log, revoke_confirm_timeout=5, signing_key_file="audit-signing.key",
         agents=(AgentTrust(trust_domain=TD, jwks_file="spiffe.jwks"),
@@ -93,7 +108,7 @@ def site_config(*, addr: str, audit_log: str | Path | None) -> BrokerConfig:
         # The user IdP also performs token exchange (RFC 8693): the same person ids either way.
         delegation_issuers=(DelegationIssuer(issuer=IDP, jwks_file="idp.jwks"),),
         people=DEV_PEOPLE,
-        task_roles=(support, billing),
+        task_roles=(support, billing, engines),
     )
 
 

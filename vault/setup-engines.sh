@@ -6,6 +6,12 @@
 # password-authenticated (scram-sha-256) admin role:
 #   PG_HOST (127.0.0.1) PG_PORT (5432) PG_DB (postgres) PG_ADMIN_USER (postgres) PG_ADMIN_PASSWORD (required)
 # The `tickets` table must exist (broker.devstack.seed_tickets_schema creates it).
+# Optional, each set up only when its variables are set (broker.dev.engines does the same in Python):
+#   MariaDB/MySQL: MYSQL_HOST (127.0.0.1) MYSQL_PORT (3306) MYSQL_ADMIN_USER MYSQL_ADMIN_PASSWORD MYSQL_DB (app)
+#   Redis:         REDIS_HOST (127.0.0.1) REDIS_PORT (6379) REDIS_ADMIN_USER REDIS_ADMIN_PASSWORD
+#   RabbitMQ:      RABBITMQ_URL (http://127.0.0.1:15672, the management API) RABBITMQ_ADMIN_USER
+#                  RABBITMQ_ADMIN_PASSWORD RABBITMQ_VHOST (/)
+# SSH certificates and a KV example need no server and are always set up.
 # Idempotent: re-running rewrites the same roles; mounts and the root CA are created once.
 set -euo pipefail
 
@@ -62,4 +68,67 @@ bao write database/roles/tickets-rw db_name=tickets default_ttl=10m max_ttl=1h \
   creation_statements="${CREATE_LOGIN} GRANT SELECT, INSERT, UPDATE, DELETE ON tickets TO \"{{name}}\"; GRANT USAGE, SELECT ON SEQUENCE tickets_id_seq TO \"{{name}}\";" \
   revocation_statements="${REVOKE}"
 
-echo "engines ready: pki/issue/agents, auth/token/create/agent-child, database/creds/tickets-{ro,rw}"
+READY="pki/issue/agents, auth/token/create/agent-child, database/creds/tickets-{ro,rw}"
+
+# --- MariaDB / MySQL (mysql-database-plugin): database/creds/app-ro ---------------------------
+# The admin user needs CREATE USER, CONNECTION ADMIN and SELECT ... WITH GRANT OPTION on MYSQL_DB.
+if [ -n "${MYSQL_ADMIN_USER:-}" ]; then
+  bao write database/config/app-mysql plugin_name=mysql-database-plugin \
+    connection_url="{{username}}:{{password}}@tcp(${MYSQL_HOST:-127.0.0.1}:${MYSQL_PORT:-3306})/" \
+    username="${MYSQL_ADMIN_USER}" password="${MYSQL_ADMIN_PASSWORD:?set MYSQL_ADMIN_PASSWORD}" \
+    allowed_roles=app-ro username_template='v_{{random 16}}' verify_connection=true
+  # DROP first (no new login), then KILL USER (MariaDB) ends the sessions it still holds.
+  bao write database/roles/app-ro db_name=app-mysql default_ttl=10m max_ttl=1h \
+    creation_statements="CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'; GRANT SELECT ON \`${MYSQL_DB:-app}\`.* TO '{{name}}'@'%';" \
+    revocation_statements="DROP USER IF EXISTS '{{name}}'@'%'; KILL USER '{{name}}';"
+  READY="$READY, database/creds/app-ro"
+else
+  echo "skipping MariaDB/MySQL: set MYSQL_ADMIN_USER and MYSQL_ADMIN_PASSWORD" >&2
+fi
+
+# --- Redis (redis-database-plugin, ACL users): database/creds/cache-rw ------------------------
+if [ -n "${REDIS_ADMIN_USER:-}" ]; then
+  bao write database/config/cache-redis plugin_name=redis-database-plugin \
+    host="${REDIS_HOST:-127.0.0.1}" port="${REDIS_PORT:-6379}" \
+    username="${REDIS_ADMIN_USER}" password="${REDIS_ADMIN_PASSWORD:?set REDIS_ADMIN_PASSWORD}" \
+    allowed_roles=cache-rw verify_connection=true
+  # ACL rules as a JSON list; ACL DELUSER on revocation also disconnects the user's clients.
+  bao write database/roles/cache-rw db_name=cache-redis default_ttl=10m max_ttl=1h \
+    creation_statements='["~app:*", "+@read", "+@write", "+ping"]'
+  READY="$READY, database/creds/cache-rw"
+else
+  echo "skipping Redis: set REDIS_ADMIN_USER and REDIS_ADMIN_PASSWORD" >&2
+fi
+
+# --- RabbitMQ (its own engine, over the management API): rabbitmq/creds/agent ----------------
+if [ -n "${RABBITMQ_ADMIN_USER:-}" ]; then
+  mounted rabbitmq || bao secrets enable rabbitmq
+  bao write rabbitmq/config/connection connection_uri="${RABBITMQ_URL:-http://127.0.0.1:15672}" \
+    username="${RABBITMQ_ADMIN_USER}" password="${RABBITMQ_ADMIN_PASSWORD:?set RABBITMQ_ADMIN_PASSWORD}" \
+    verify_connection=true username_template='v-{{random 16}}'
+  # The engine's leases default to 32 days: bound them here (the broker caps each one further).
+  bao write rabbitmq/config/lease ttl=10m max_ttl=1h
+  bao write rabbitmq/roles/agent vhosts="{\"${RABBITMQ_VHOST:-/}\": {\"configure\": \".*\", \"write\": \".*\", \"read\": \".*\"}}"
+  READY="$READY, rabbitmq/creds/agent"
+else
+  echo "skipping RabbitMQ: set RABBITMQ_ADMIN_USER and RABBITMQ_ADMIN_PASSWORD (management plugin enabled)" >&2
+fi
+
+# --- SSH certificates: ssh/sign/agents (expiry-only: a certificate cannot be revoked) ----------
+mounted ssh || bao secrets enable ssh
+bao read ssh/config/ca >/dev/null 2>&1 || bao write ssh/config/ca generate_signing_key=true key_type=ssh-ed25519 >/dev/null
+# allow_user_key_ids: a grant's key_id="{task}" puts the task in sshd's log. Trust the CA on hosts with
+# `bao read -field=public_key ssh/config/ca` in TrustedUserCAKeys.
+bao write ssh/roles/agents - <<'JSON'
+{"key_type": "ca", "allow_user_certificates": true, "allow_host_certificates": false,
+ "allowed_users": "deploy,ops", "default_user": "deploy", "allow_user_key_ids": true, "ttl": "10m",
+ "max_ttl": "1h", "allowed_extensions": "permit-pty", "default_extensions": {"permit-pty": ""}}
+JSON
+READY="$READY, ssh/sign/agents"
+
+# --- KV version 2: secret/data/example/api-key (static: valid until someone rotates it) --------
+mounted secret || bao secrets enable -path=secret -version=2 kv
+bao kv get -mount=secret example/api-key >/dev/null 2>&1 || bao kv put -mount=secret example/api-key api_key=example-not-a-secret >/dev/null
+READY="$READY, secret/data/example/api-key"
+
+echo "engines ready: $READY"

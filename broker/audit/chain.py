@@ -86,6 +86,11 @@ class AuditRecord:
     delegation_jti: str | None = None
     # Where the operation came from: the HTTP caller's socket peer, or the remote address Vault logged.
     caller_address: str | None = field(default_factory=current_caller)
+    # How the credential a ``lease.issued`` record describes ends (broker.engines): ``revocable``,
+    # ``expiry-only`` or ``static``.
+    revocation: str | None = None
+    # The SHA-256 fingerprint (``SHA256:...``) of the SSH public key a certificate was signed for.
+    key_fingerprint: str | None = None
 
     @classmethod
     def for_task(cls, task: TaskLike, time: float, event: str, outcome: Outcome, **fields: Any) -> AuditRecord:
@@ -123,7 +128,7 @@ CHAIN_DOMAIN = b"broker.audit.v1\x00"
 GENESIS = bytes(32)
 
 
-ADDED_FIELDS = ("user_name", "delegation_jti", "caller_address")
+ADDED_FIELDS = ("user_name", "delegation_jti", "caller_address", "revocation", "key_fingerprint")
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:

@@ -159,7 +159,8 @@ def to_ocsf(record: AuditRecord, seq: int, *, origin: str = "agent-broker",
         event["resources"] = [_resource(record.resource)]
     unmapped: dict[str, Any] = {"event": record.event, "outcome": record.outcome, "reason": record.reason,
                                 "lease": record.lease, "action": record.action,
-                                "delegation_jti": record.delegation_jti}
+                                "delegation_jti": record.delegation_jti, "revocation": record.revocation,
+                                "key_fingerprint": record.key_fingerprint}
     if record.agent is not None:
         unmapped["agent"] = {"uid": record.agent, "name": record.agent.rsplit("/", 1)[-1]}
     if record.task is not None:

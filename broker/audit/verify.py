@@ -61,7 +61,9 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 # canonical_bytes itself.
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id", "user_name", "delegation_jti", "caller_address")
+                 "lease", "vault_request_id", "user_name", "delegation_jti", "caller_address", "revocation",
+                 "key_fingerprint")
+_KEY_FINGERPRINT, _REVOCATION = '"key_fingerprint":', '"revocation":'
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
 _N = len(fields(AuditRecord))
@@ -71,7 +73,8 @@ _PREV, _HASH = _N + 1, _N + 2
 def _body(r: AuditRecord, seq: int) -> bytes:
     """``canonical_bytes(r, seq)``, faster."""
     return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti, r.caller_address))
+                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti, r.caller_address,
+                      r.revocation, r.key_fingerprint))
 
 
 def _row_body(row: Sequence[Any]) -> bytes:
@@ -85,7 +88,7 @@ def _row_body(row: Sequence[Any]) -> bytes:
         return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
     e = encode_basestring
     (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
-     user_name, delegation_jti, caller_address) = row[:16]
+     user_name, delegation_jti, caller_address, revocation, key_fingerprint) = row[:18]
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
@@ -94,10 +97,13 @@ def _row_body(row: Sequence[Any]) -> bytes:
             f'{"" if caller_address is None else chr(34) + "caller_address" + chr(34) + ":" + e(caller_address) + ","}'
             f'{"" if delegation_jti is None else chr(34) + "delegation_jti" + chr(34) + ":" + e(delegation_jti) + ","}'
             f'"event":{"null" if event is None else e(event)},'
+            f'{"" if key_fingerprint is None else _KEY_FINGERPRINT + e(key_fingerprint) + ","}'
             f'"lease":{"null" if lease is None else e(lease)},'
             f'"outcome":{"null" if outcome is None else e(outcome)},'
             f'"reason":{"null" if reason is None else e(reason)},'
-            f'"resource":{"null" if resource is None else e(resource)},"seq":{seq:d},'
+            f'"resource":{"null" if resource is None else e(resource)},'
+            f'{"" if revocation is None else _REVOCATION + e(revocation) + ","}'
+            f'"seq":{seq:d},'
             f'"task":{"null" if task is None else e(task)},'
             f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
             f'"user":{"null" if user is None else e(user)},'

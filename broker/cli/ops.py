@@ -87,8 +87,8 @@ class Column:
 LEASE_COLUMNS = (
     Column("LEASE", "id"), Column("TASK", "task"), Column("USER", "user_name", width=32, fallback="user"),
     Column("AGENT", "agent", width=40, keep_tail=True), Column("TENANT", "tenant"), Column("GRANT", "grant"),
-    Column("STATE", "state"), Column("ISSUED", "issued_at", "time"), Column("EXPIRES", "expires_at", "time"),
-    Column("REVOKED", "revoked_at", "time"),
+    Column("STATE", "state"), Column("ENDS", "revocation"), Column("ISSUED", "issued_at", "time"),
+    Column("EXPIRES", "expires_at", "time"), Column("REVOKED", "revoked_at", "time"),
 )
 TASK_COLUMNS = (
     Column("TASK", "id"), Column("USER", "user_name", width=32, fallback="user"),
@@ -417,8 +417,9 @@ def _list_command(name: str, key: str, columns: Sequence[Column], states: Sequen
     return click.command(name)(command)
 
 
-leases = _list_command("leases", "leases", LEASE_COLUMNS, ("active", "revoke_pending", "revoked", "expired"),
-                       SELECTORS, "Leases, live and past, oldest first.")
+leases = _list_command("leases", "leases", LEASE_COLUMNS,
+                       ("active", "revoke_pending", "revoked", "expired", "released"), SELECTORS,
+                       "Leases, live and past, oldest first.")
 tasks = _list_command("tasks", "tasks", TASK_COLUMNS, ("active", "ended", "expired", "revoked"),
                       ("user", "agent", "tenant"), "Tasks, live and past, oldest first.")
 

@@ -44,9 +44,15 @@ class Grant:
     endpoint: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     http_auth: Literal["bearer", "vault-token", "client-certificate"] | None = None
+    engine: str | None = None
+    allow_static: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "path": self.path}
+        if self.engine is not None:
+            d["engine"] = self.engine
+        if self.allow_static:
+            d["allow_static"] = True
         if self.method is not None:
             d["method"] = self.method
         d["max_ttl"] = self.max_ttl

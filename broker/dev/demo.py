@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import click
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from broker.app import make_app
 from broker.audit.signing import generate_signing_key_file
@@ -39,6 +41,15 @@ from broker.dev.config import (
     agent_cert_grant,
     child_token_grant,
     tickets_ro_grant,
+)
+from broker.dev.engines import (
+    EngineSetup,
+    OptionalEngines,
+    configure_kv,
+    configure_optional,
+    configure_ssh,
+    kv_grant,
+    ssh_grant,
 )
 from broker.dev.identities import DevIssuer
 from broker.dev.stack import (
@@ -107,9 +118,10 @@ def _prepare(workdir: Path) -> Path:
 
 async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, host: str = "127.0.0.1",
                   vault_addr: str | None = None, vault_token: str | None = None,
-                  vault_audit_log: Path | None = None) -> int:
+                  vault_audit_log: Path | None = None, engines: OptionalEngines | None = None) -> int:
     """Run the dev stack and the demo. With ``vault_addr`` (and its root token) use that dev Vault instead of
-    starting one, e.g. the OpenBao service of docker-compose.yml.
+    starting one, e.g. the OpenBao service of docker-compose.yml. SSH certificates and a KV value are
+    always part of the demo; MariaDB, Redis and RabbitMQ only where ``engines`` gives their admin URLs.
 
     Raises:
         ConfigError: no ``bao`` binary to start (the ``dev`` extra is not installed), before anything else.
@@ -139,9 +151,12 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
             steps.total -= 1
         click.echo(f"      OpenBao {addr}  (audit log {audit_log or 'not given'})")
         with VaultAdmin(addr, token=root) as admin:
-            await steps.run("Secret engines: pki, a child-token role" + (", database" if pg_dsn else ""),
-                            _engines(admin, pg_dsn))
-            config_path = _write_config(work, addr, host, port, audit_log, with_db=pg_dsn is not None)
+            title = "Secret engines: pki, a child-token role, ssh, kv" + (", database" if pg_dsn else "")
+            extra = await steps.run(title, _engines(admin, pg_dsn, engines or OptionalEngines()))
+            for e in extra:
+                click.echo(f"      {e.name}: {e.note}")
+            added = tuple(e.grant for e in extra if e.grant is not None)
+            config_path = _write_config(work, addr, host, port, audit_log, with_db=pg_dsn is not None, extra=added)
             settings = load_settings({}, config_path)
             catalog = Catalog.from_settings(settings)
             changes = await steps.run("broker vault sync (policies, token roles, the broker's own token)",
@@ -155,7 +170,8 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
             idp, spiffe = DevIssuer.load(work / "idp.key"), DevIssuer.load(work / "spiffe.key")
             local = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 -- a comparison, not a bind
             _write_tokens(work, idp, spiffe)
-            await _demo(steps, f"http://{local}:{port}", idp, spiffe, admin, pg_dsn=pg_dsn, work=work, once=once)
+            await _demo(steps, f"http://{local}:{port}", idp, spiffe, admin, pg_dsn=pg_dsn, work=work, once=once,
+                        extra=[g.name for g in added])
         if once:
             return 0
         click.secho(f"\nThe broker keeps serving on http://127.0.0.1:{port}. Try it:", bold=True)
@@ -183,13 +199,16 @@ async def run_dev(*, workdir: Path, port: int, pg_dsn: str | None, once: bool, h
         click.echo("Stopped: broker and dev OpenBao are down.")
 
 
-async def _engines(admin: VaultAdmin, pg_dsn: str | None) -> None:
+async def _engines(admin: VaultAdmin, pg_dsn: str | None, engines: OptionalEngines) -> list[EngineSetup]:
     # VaultAdmin is hvac (synchronous): each set-up step runs in a worker thread, off the event loop.
     await asyncio.to_thread(configure_pki, admin)
     await asyncio.to_thread(configure_child_token_role, admin)
+    await asyncio.to_thread(configure_ssh, admin)
+    await asyncio.to_thread(configure_kv, admin, path="demo/api-key", data={"api_key": "demo-not-a-secret"})
     if pg_dsn:
         await seed_tickets_schema(pg_dsn)
         await asyncio.to_thread(configure_database, admin, dsn_admin=pg_dsn)
+    return await asyncio.to_thread(configure_optional, admin, engines)
 
 
 async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[SyncChange]:
@@ -203,7 +222,8 @@ async def _start(runner: web.AppRunner, host: str, port: int) -> None:
     await web.TCPSite(runner, host, port).start()
 
 
-def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path | None, *, with_db: bool) -> Path:
+def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path | None, *, with_db: bool,
+                  extra: tuple[Grant, ...] = ()) -> Path:
     idp = DevIssuer.generate(kid="dev-idp-1")
     spiffe = DevIssuer.generate(kid="dev-spiffe-1")
     # A cluster's service-account signer: RS256, as kube-apiserver's default keys are.
@@ -214,17 +234,20 @@ def _write_config(work: Path, addr: str, host: str, port: int, audit_log: Path |
     idp.write_jwks(work / "idp.jwks")
     spiffe.write_jwks(work / "spiffe-bundle.jwks")
     cluster.write_jwks(work / "k8s-cluster.jwks")
-    return _dev_config(addr, host=host, port=port, audit_log=audit_log, with_db=with_db).write(work / "broker.toml")
+    return _dev_config(addr, host=host, port=port, audit_log=audit_log, with_db=with_db,
+                       extra=extra).write(work / "broker.toml")
 
 
-def _dev_config(addr: str, *, host: str, port: int, audit_log: Path | None, with_db: bool) -> BrokerConfig:
+def _dev_config(addr: str, *, host: str, port: int, audit_log: Path | None, with_db: bool,
+                extra: tuple[Grant, ...] = ()) -> BrokerConfig:
     """The demo's configuration; its files are relative to the work folder. With a database, the demo's
     grants include a login and its high-risk grant is a read-write login, else a certificate."""
     # The demo's high-risk grant: it waits for an approver (group secops-leads) in the console.
     high = (Grant(name="prod-db-write", path="database/creds/tickets-rw", max_ttl="5m", risk="high") if with_db else
             Grant(name="prod-cert", path="pki/issue/agents", max_ttl="5m", risk="high",
                   params={"common_name": f"prod-{{task}}.agents.{TRUST_DOMAIN}", "uri_sans": "{agent}"}))
-    grants = (agent_cert_grant(TRUST_DOMAIN), child_token_grant(), *((tickets_ro_grant(),) if with_db else ()), high)
+    grants = (agent_cert_grant(TRUST_DOMAIN), child_token_grant(), *((tickets_ro_grant(),) if with_db else ()), high,
+              ssh_grant(), kv_grant(), *extra)
     return BrokerConfig(
         comment="Written by `broker dev`. DEV ONLY: throwaway keys and a dev OpenBao that keeps nothing.",
         listen=f"{host}:{port}", vault_addr=addr, audit_log=audit_log,
@@ -280,8 +303,11 @@ def _mask(value: object) -> str:
 
 
 async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admin: VaultAdmin, *,
-                pg_dsn: str | None, work: Path, once: bool) -> None:
+                pg_dsn: str | None, work: Path, once: bool, extra: list[str] | None = None) -> None:
     with_db = pg_dsn is not None
+    # The agent's own SSH key pair (the private half never leaves this process); the broker signs the public.
+    ssh_key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+
     def svid() -> str:
         return spiffe.mint_svid(AGENT, audience=AUDIENCE, ttl=120)
 
@@ -289,12 +315,15 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
         task = await steps.run(f"{USER} delegates role {ROLE!r} to {AGENT} for 10 minutes",
                                user.start_task(agent=AGENT, role=ROLE, ttl="10m", reason="demo: triage ticket 42"))
         click.echo(f"      task {task.id}, expires {format_time(task.expires_at)}")
-        grants = ["agent-cert", "child-token"] + (["tickets-db-ro"] if with_db else [])
+        grants = ["agent-cert", "child-token"] + (["tickets-db-ro"] if with_db else []) + list(extra or [])
+        grants += ["deploy-ssh", "api-key"]
         creds = await steps.run("The agent obtains its credentials with its SVID",
-                                asyncio.gather(*(agent.credential(task.id, g) for g in grants)))
+                                asyncio.gather(*(agent.credential(task.id, g, public_key=ssh_key.decode()
+                                                                  if g == "deploy-ssh" else None) for g in grants)))
         for grant, cred in zip(grants, creds, strict=True):
             expires = format_time(cred.expires_at)
-            click.echo(f"      {grant:<14} lease {cred.lease_id}  expires {expires}  {_describe(cred.data)}")
+            click.echo(f"      {grant:<14} {cred.revocation:<11} lease {cred.lease_id}  expires {expires}  "
+                       f"{_describe(cred.data)}")
         db_login: Callable[[], Awaitable[bool]] | None = None
         if pg_dsn is not None:
             db_login = _db_login_check(pg_dsn, creds[grants.index("tickets-db-ro")].data)
@@ -322,6 +351,10 @@ async def _demo(steps: _Steps, url: str, idp: DevIssuer, spiffe: DevIssuer, admi
 
 
 def _describe(data: dict[str, Any]) -> str:
+    if "signed_key" in data:
+        return f"SSH certificate serial {data['serial_number']} (cannot be revoked: lives until it expires)"
+    if "api_key" in data:
+        return f"KV value {_mask(data['api_key'])} (static: valid until rotated)"
     if "serial_number" in data:
         return f"certificate serial {data['serial_number'][:23]}..., private key {_mask(data.get('private_key'))}"
     if "token" in data:

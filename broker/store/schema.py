@@ -69,7 +69,8 @@ leases = Table(
     Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
     Column("grant", String(64), nullable=False),
     Column("path", String(512), nullable=False),
-    # "lease" (a Vault lease id) or "token" (a child token, tracked by accessor).
+    # "lease" (a Vault lease id), "token" (a child token, tracked by accessor), "cert" (an SSH certificate:
+    # its serial) or "static" (a KV value: path and version). broker.engines maps each to its adapter.
     Column("kind", String(8), nullable=False),
     Column("vault_lease_id", String(512), nullable=False),
     Column("issued_at", Float, nullable=False),
@@ -157,6 +158,9 @@ audit_events = Table(
     Column("delegation_jti", String(255)),
     # Where the operation came from (HTTP socket peer or Vault's remote address); null when unknown.
     Column("caller_address", String(128)),
+    # How an issued credential ends (revocable, expiry-only, static) and the SSH key it was signed for.
+    Column("revocation", String(16)),
+    Column("key_fingerprint", String(128)),
     Index("ix_audit_user", "user"),
     Index("ix_audit_agent", "agent"),
     Index("ix_audit_task", "task"),

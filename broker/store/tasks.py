@@ -197,9 +197,10 @@ class TaskStore(SignalStore):
         return await self._run(run)
 
     async def confirm_revoked(self, task_id: str, *, lease_ids: Sequence[str], lease_event: LeaseEvent, now: float,
-                              records: Sequence[AuditRecord]) -> bool:
+                              records: Sequence[AuditRecord], released_ids: Sequence[str] = ()) -> bool:
         """Vault confirmed: the task token is gone (``TokenEvent.VAULT_CONFIRMED``) and so are these leases
-        (``lease_event``: ``VAULT_REVOKED``, or ``VAULT_EXPIRED`` for an expired task).
+        (``lease_event``: ``VAULT_REVOKED``, or ``VAULT_EXPIRED`` for an expired task). ``released_ids`` are
+        the task's credentials nothing can revoke (``LeaseEvent.RELEASED``, broker.engines).
 
         False, writing nothing, when the token was no longer pending (another settler confirmed it first).
         """
@@ -210,6 +211,8 @@ class TaskStore(SignalStore):
                     return False
                 for chunk in _chunks(list(lease_ids)):
                     _move_leases(conn, leases.c.id.in_(chunk), lease_event, revoked_at=now)
+                for chunk in _chunks(list(released_ids)):
+                    _move_leases(conn, leases.c.id.in_(chunk), LeaseEvent.RELEASED)
                 for record in records:
                     _append(conn, record)
             return True

@@ -13,6 +13,7 @@ from broker.api import STORE
 from broker.sealing import TokenSealer
 from tests.api.test_task_flow import credential, end, start_task
 from tests.conftest import BrokerSite, bearer
+from tests.support.engines import ExternalEngines
 
 Client = TestClient[Any, Any]
 
@@ -58,6 +59,23 @@ class TestNoSecretLeaks:
         leaks = [(what, where) for what, value in secrets.items() for where, text in sinks.items() if value in text]
         assert leaks == []
         assert task_token.startswith("s.") and len(task_token) > 20  # the probe is a real token
+
+    async def test_new_engines_secrets_appear_nowhere(self, client: Client, site: BrokerSite,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      external_engines: ExternalEngines) -> None:
+        """MariaDB, Redis and RabbitMQ passwords and a KV value: in no log line, audit row or store byte."""
+        caplog.set_level(logging.DEBUG)
+        task = await start_task(client, site, role="engines")
+        creds = {g: await credential(client, site, task["id"], g) for g in ("app-db-ro", "cache-rw", "queue", "api-key")}
+        await end(client, site, task["id"])
+        secrets = {f"{g} password": c["data"]["password"] for g, c in creds.items() if "password" in c["data"]}
+        secrets["KV value"] = creds["api-key"]["data"]["api_key"]
+        assert len(secrets) == 4
+        records = await client.app[STORE].query_audit(limit=1000)
+        sinks = {"logs": caplog.text, "audit rows": "\n".join(repr(r.record) for r in records),
+                 "store file": _store_bytes(site)}
+        assert [(what, where) for what, value in secrets.items() for where, text in sinks.items()
+                if value in text] == []
 
 
 def _store_bytes(site: BrokerSite) -> str:

@@ -60,6 +60,10 @@ class TestDevCommand:
         assert "PostgreSQL login with the issued password: works" in text
         assert "PostgreSQL login with the same password now: refused" in text
         assert "Vault lists 0 leases" in text
+        # Every grant says how it ends; what cannot be revoked is released, never reported revoked.
+        assert "deploy-ssh     expiry-only" in text and "api-key        static" in text
+        assert "deploy-ssh=released" in text and "api-key=released" in text and "lease.released" in text
+        assert "Redis: skipped: give --redis-url" in text
         for event in ("task.started", "lease.issued", "task.ended", "lease.revoked"):
             assert event in text
         assert "The agent asks for the high-risk grant 'prod-db-write'" in text

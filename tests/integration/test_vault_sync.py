@@ -84,4 +84,4 @@ class TestVaultSync:
     def test_catalog_loads(self, site: BrokerSite) -> None:
         """The test configuration itself is a valid catalog (sanity for the other tests)."""
         assert set(Catalog.from_settings(load_settings({}, site.root / "broker.toml")).roles) == {
-            "support-triage", "billing-report"}
+            "support-triage", "billing-report", "engines"}

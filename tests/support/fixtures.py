@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from broker.dev.engines import configure_kv, configure_ssh
 from broker.dev.stack import (
     DevOpenBao,
     PersistentOpenBao,
@@ -40,6 +42,7 @@ from tests.support.pg import (
 )
 
 __all__ = [
+    "KV_VALUE",
     "BaoEngines",
     "BaoServer",
     "bao_with_engines",
@@ -144,6 +147,12 @@ class BaoEngines:
     child_role: str = "agent-child"
     db_creds_ro: str = "database/creds/tickets-ro"
     db_creds_rw: str = "database/creds/tickets-rw"
+    ssh_sign: str = "ssh/sign/agents"
+    kv_secret: str = "secret/data/brk/api-key"
+
+
+# The KV value the session's OpenBao holds at ``BaoEngines.kv_secret`` (a dev server's own, nothing real).
+KV_VALUE: dict[str, str] = {"api_key": "kv-" + secrets.token_hex(8)}
 
 
 def _configure(bao: BaoServer, pg: PgCluster) -> None:
@@ -152,6 +161,9 @@ def _configure(bao: BaoServer, pg: PgCluster) -> None:
         configure_pki(admin)
         configure_child_token_role(admin)
         configure_database(admin, dsn_admin=pg.dsn())
+        # SSH certificates and a KV value need no server of their own.
+        configure_ssh(admin, allowed_users=("deploy", "ops"))
+        configure_kv(admin, path="brk/api-key", data=KV_VALUE)
 
 
 @pytest.fixture(scope="session")

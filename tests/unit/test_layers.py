@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # Decisions and pure rules: no store, no Vault client, no web layer, no CLI, no dev tooling.
 PURE = ["broker.delegation", "broker.approval_rules", "broker.limits", "broker.states", "broker.intents",
-        "broker.paths", "broker.jsontext", "broker.rows", "broker.identity.tokens", "broker.identity.spiffe_id",
+        "broker.paths", "broker.engines", "broker.sshkeys", "broker.jsontext", "broker.rows", "broker.identity.tokens", "broker.identity.spiffe_id",
         "broker.signals.deliveries", "broker.signals.events", "broker.signals.keys",
         "broker.timeline",
         "broker.endpoints", "broker.mcp.bounds"]

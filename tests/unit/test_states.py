@@ -109,7 +109,7 @@ class TestTables:
         """Ended, expired and revoked tasks, revoked tokens, gone leases and decided approvals never move."""
         assert TASKS.final == {TaskState.ENDED, TaskState.EXPIRED, TaskState.REVOKED}
         assert TOKENS.final == {TokenState.REVOKED}
-        assert LEASES.final == {LeaseState.REVOKED, LeaseState.EXPIRED}
+        assert LEASES.final == {LeaseState.REVOKED, LeaseState.EXPIRED, LeaseState.RELEASED}
         assert APPROVALS.final == {ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.CONSUMED}
 
 
@@ -153,8 +153,8 @@ class TestLeasesThroughTheStore:
     @pytest.mark.parametrize(("state", "event"), list(itertools.product(LeaseState, LeaseEvent)))
     async def test_lease(self, store: Store, state: LeaseState, event: LeaseEvent) -> None:
         """Each lease event's store method moves the lease as LEASES says, or leaves it and says so."""
-        place_task(store, token_state=TokenState.REVOKE_PENDING.value if event is LeaseEvent.VAULT_REVOKED
-                   else TokenState.LIVE.value)
+        place_task(store, token_state=TokenState.REVOKE_PENDING.value
+                   if event in (LeaseEvent.VAULT_REVOKED, LeaseEvent.RELEASED) else TokenState.LIVE.value)
         place_lease(store, state.value)
         moved = True
         if event is LeaseEvent.RENEWED:
@@ -166,6 +166,9 @@ class TestLeasesThroughTheStore:
             await store.fence_tasks([TASK], event=TaskEvent.END, now=NOW, records=[])
         elif event is LeaseEvent.VAULT_REVOKED:
             await store.confirm_revoked(TASK, lease_ids=[LEASE], lease_event=event, now=NOW, records=[])
+        elif event is LeaseEvent.RELEASED:
+            await store.confirm_revoked(TASK, lease_ids=[], lease_event=LeaseEvent.VAULT_REVOKED, now=NOW, records=[],
+                                        released_ids=[LEASE])
         else:
             await store.expire_leases([LEASE], now=NOW, records=[])
         after = _read(store, leases.c.state, leases.c.id, LEASE)

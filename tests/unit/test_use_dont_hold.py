@@ -243,13 +243,15 @@ class TestCatalogGrants:
     def test_grants_carry_their_endpoint_allow_list_and_how_they_end(self) -> None:
         """The catalog parses endpoints once; an https grant's allow-list defaults to its own host."""
         from broker.delegation import Grant
+        from broker.engines import infer_engine
 
-        def grant(path: str, **kw: object) -> Grant:
-            return Grant("g", path, 60, "low", "GET", **kw)  # type: ignore[arg-type]
+        def grant(path: str, engine: str | None = None) -> Grant:
+            # How a grant ends is its engine adapter's (broker.engines), inferred from the path as the catalog does.
+            return Grant("g", path, 60, "low", "GET", engine=infer_engine(path, engine))
 
         assert grant("database/creds/ro").revocation == "revocable"
         assert grant("pki/issue/agents").revocation == "revocable"
-        assert grant("ssh-client-signer/sign/ops").revocation == "expiry-only"
+        assert grant("ssh-client-signer/sign/ops", "ssh").revocation == "expiry-only"
         assert grant("secret/data/api-key").revocation == "static"
 
         from broker.config import TaskRoleSettings
