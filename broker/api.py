@@ -41,9 +41,10 @@ from broker.errors import (
 )
 from broker.identity import AgentIdentity, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
+from broker.instrument import METER, note_identity, note_task
 from broker.leases import LeaseManager, PendingApproval
 from broker.limits import RateLimiter
-from broker.metrics import Metrics
+from broker.metrics import CONTENT_TYPE
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
@@ -92,7 +93,7 @@ REVOCATIONS = web.AppKey("revocations", Revocations)
 APPROVALS = web.AppKey("approvals", ApprovalManager)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
-METRICS = web.AppKey("metrics", Metrics)
+METRICS = METER  # the app's Prometheus registry and series (broker.metrics)
 REQUESTS = web.AppKey("request_meter", RateLimiter)  # every authenticated request, per identity
 VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
 
@@ -251,6 +252,7 @@ def _metered(request: web.Request, ident: Identity) -> Identity:
     Raises:
         RateLimited: this identity asks faster than its request rate.
     """
+    note_identity(request, ident)
     meter = request.app.get(REQUESTS)
     if meter is not None:
         key = str(ident.spiffe_id) if isinstance(ident, AgentIdentity) else ident.id
@@ -311,6 +313,7 @@ async def create_task(request: web.Request) -> web.Response:
     body = await _body(request, TaskCreate)
     task = await request.app[TASKS].start(user, agent=body.agent, role=body.role, ttl=body.ttl,
                                           reason=body.reason, tenant=body.tenant)
+    note_task(request, task.id)
     return _json(_task_out(task), 201)
 
 
@@ -330,11 +333,18 @@ async def get_task(request: web.Request) -> web.Response:
 async def issue_credential(request: web.Request) -> web.Response:
     agent = await agent_identity(request)
     body = await _body(request, CredentialRequest)
-    issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
-                                             body.approval_id)
+    meter = request.app[METRICS]
+    try:
+        issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
+                                                 body.approval_id)
+    except BrokerError as exc:
+        meter.credential_denied(body.grant, exc.code)
+        raise
     if isinstance(issued, PendingApproval):
+        meter.approval_required(body.grant)
         a = issued.approval
         return _json(ApprovalPendingOut(approval_id=a.id, expires_at=a.expires_at), 202)
+    meter.credential_issued(issued.lease.grant)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
                         renewable=issued.lease.renewable, data=dict(issued.data))
     return _json(out, no_store=True)
@@ -435,9 +445,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: counters only, no identities or labels (anyone on the network may read it)."""
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    """Prometheus text format 0.0.4 (broker.metrics): bounded labels only, never an identity or an id
+    (anyone on the network may read it)."""
+    app = request.app
+    store, clock = app.get(STORE), app[CLOCK]
+    body = await app[METRICS].render(None if store is None else lambda: store.metrics_snapshot(now=clock()))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -74,6 +74,8 @@ class ServerSettings(_Frozen):
     audience: str = Field(min_length=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     token_leeway: int = Field(default=30, ge=0, le=60)
+    # "json": one JSON object per log line (broker.logs); `broker serve --log-format` overrides it.
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -283,7 +285,7 @@ class Settings(_Frozen):
 _ENV_KEYS: dict[str, tuple[str, str]] = {
     f"BROKER_{section.upper()}_{key.upper()}": (section, key)
     for section, keys in {
-        "server": ("listen", "audience"),
+        "server": ("listen", "audience", "log_format"),
         "vault": ("addr", "token_file", "audit_log", "timeout", "namespace"),
         "store": ("url", "key_file"),
     }.items()

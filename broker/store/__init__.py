@@ -38,6 +38,7 @@ from broker.rows import (
 from broker.store._base import StoreBase
 from broker.store.approvals import ApprovalStore
 from broker.store.audit import AuditStore
+from broker.store.gauges import GaugeStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
 from broker.store.tasks import TaskStore
@@ -47,9 +48,9 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", 
            "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 
-class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, StoreBase):
+class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, GaugeStore, StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``) on one engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``gauges``) on one engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +40,11 @@ class StoreBase:
         # SQLite has one writer (and here one connection): one thread serialises every transaction,
         # which is what SQLite would do anyway, without "database is locked" retries.
         self._executor = ThreadPoolExecutor(max_workers=1 if sqlite else threads, thread_name_prefix="broker-store")
+        self._observe: Callable[[float, bool], None] | None = None
+
+    def observe_with(self, observe: Callable[[float, bool], None] | None) -> None:
+        """Call ``observe(seconds, failed)`` after every transaction (``broker.metrics``), on the event loop."""
+        self._observe = observe
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
@@ -46,11 +52,18 @@ class StoreBase:
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        observe = self._observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
         except SQLAlchemyError as exc:
+            if observe is not None:
+                observe(time.perf_counter() - started, True)
             log.error("store operation %s failed: %s", getattr(fn, "__name__", "?"), type(exc).__name__)
             raise StoreUnavailable("the store is unavailable", reason=type(exc).__name__) from exc
+        if observe is not None:
+            observe(time.perf_counter() - started, False)
+        return result
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
