@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -75,6 +75,7 @@ from broker.models import (
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
+from broker.states import TokenState
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
@@ -290,13 +291,20 @@ def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
         id=task.id, user=task.user, user_name=task.user_name, agent=task.agent, role=task.role, tenant=task.tenant,
         reason=task.reason,
         state=task.state, created_at=task.created_at, expires_at=task.expires_at,
-        ended_at=task.ended_at,
+        ended_at=task.ended_at, revocation=_revocation_of(task),
         leases=None if leases is None else [
             LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state,
                      issued_at=x.issued_at, expires_at=x.expires_at, renewable=x.renewable)
             for x in leases
         ],
     )
+
+
+def _revocation_of(task: TaskRow) -> Literal["revoke_pending", "revoked"] | None:
+    """Where a task that left active stands in Vault: its token's state (None while the task is active)."""
+    if task.token_state == TokenState.REVOKED:
+        return "revoked"
+    return "revoke_pending" if task.token_state == TokenState.REVOKE_PENDING else None
 
 
 def _is_party(ident: Identity, task: TaskRow) -> bool:
@@ -364,7 +372,11 @@ async def end_task(request: web.Request) -> web.Response:
     if not _is_party(ident, task):
         raise NotFound("no such task")
     result = await manager.end(task.id, by=ident)
-    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))
+    # 202: Vault answered the revocation but has not confirmed every lease yet (a task with many leases);
+    # the broker keeps confirming and GET /v1/tasks/{id} shows when it is done. 503 is Vault or the store down.
+    pending = result.pending > 0
+    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked, pending=result.pending,
+                        revocation="revoke_pending" if pending else "revoked"), 202 if pending else 200)
 
 
 def _float_param(request: web.Request, name: str, *, lo: float = 0.0, hi: float = 1e11) -> float | None:

@@ -293,10 +293,21 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_settings(environ: Mapping[str, str], path: str | Path | None) -> Settings:
+# Required settings that only the serving broker uses, with the stand-ins ``vault_setup`` puts where they
+# are absent (never read: they name nothing).
+_SERVING_ONLY: tuple[tuple[str, str, str], ...] = (
+    ("server", "audience", "<unused by vault sync>"),
+    ("vault", "token_file", "/nonexistent/unused-by-vault-sync"),
+    ("store", "key_file", "/nonexistent/unused-by-vault-sync"),
+)
+
+
+def load_settings(environ: Mapping[str, str], path: str | Path | None, *, vault_setup: bool = False) -> Settings:
     """Read the TOML file (if any), apply ``BROKER_*`` overrides, validate.
 
-    Relative paths in the file are taken relative to the file's directory.
+    Relative paths in the file are taken relative to the file's directory. ``vault_setup``: for
+    ``broker vault sync``, which needs neither ``[server].audience``, ``[vault].token_file`` nor
+    ``[store].key_file``; they may be absent (stand-ins fill them; never use those three then).
 
     Raises:
         ConfigError: the file cannot be read or the settings are invalid.
@@ -314,6 +325,12 @@ def load_settings(environ: Mapping[str, str], path: str | Path | None) -> Settin
     for var, (section, key) in _ENV_KEYS.items():
         if var in environ:
             raw.setdefault(section, {})[key] = environ[var]
+    if vault_setup:
+        # `broker vault sync` reads the catalog, [people], [vault].addr/audit_log and [audit].vault_device
+        # only: what only the serving broker needs may be absent. Every key present is still validated.
+        for section, key, unused in _SERVING_ONLY:
+            if isinstance(raw.setdefault(section, {}), dict):
+                raw[section].setdefault(key, unused)
     _resolve_paths(raw, base)
     try:
         return Settings.model_validate(raw)

@@ -6,6 +6,7 @@ Every subcommand lives in its own module and is added here the same way, with ``
 - ``vault sync`` (:mod:`broker.cli.vault`): the Vault/OpenBao side;
 - ``revoke``, ``unlock``, ``revocations``, ``leases``, ``tasks`` (:mod:`broker.cli.ops`): the operator's
   commands, over the HTTP API;
+- ``approvals list``, ``approve``, ``deny`` (:mod:`broker.cli.approvals`): the approver's, over the HTTP API;
 - ``audit verify``, ``audit replay``, ``audit public-key`` (:mod:`broker.cli.audit`): the auditor's;
 - ``dev`` (:mod:`broker.cli.dev`): DEV ONLY, the whole path on one machine.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import click
 
 from broker import __version__
-from broker.cli import audit, dev, ops, serve, vault
+from broker.cli import approvals, audit, dev, ops, serve, vault
 
 __all__ = ["main"]
 
@@ -31,5 +32,5 @@ def main() -> None:
 
 # Modules, not their commands, are imported above: ``broker.cli.serve`` stays the module, not the command.
 for _command in (serve.serve, vault.vault, ops.revoke, ops.unlock, ops.revocations, ops.leases, ops.tasks,
-                 audit.audit_group, dev.dev):
+                 approvals.approvals, audit.audit_group, dev.dev):
     main.add_command(_command)

@@ -62,14 +62,14 @@ def setup_logging(level: str, fmt: LogFormat = "text") -> None:
     setup(level, fmt)
 
 
-def settings_from(config: Path | None) -> Settings:
-    """The broker's settings from the environment and ``config``.
+def settings_from(config: Path | None, *, vault_setup: bool = False) -> Settings:
+    """The broker's settings from the environment and ``config`` (``vault_setup``: see ``load_settings``).
 
     Raises:
         click.ClickException: the configuration is invalid (exit 1).
     """
     try:
-        return load_settings(os.environ, config)
+        return load_settings(os.environ, config, vault_setup=vault_setup)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
 
