@@ -8,17 +8,23 @@ the user's ID token, the database password Vault issued) must never appear in th
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
+import signal
+import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from broker.config import load_settings
 from broker.logs import JsonFormatter
-from tests.api.test_opscli import serve
+from tests.api.test_opscli import REPO, serve
 from tests.conftest import USER, BrokerSite, bearer
 
 TOKEN_CANARY = "eyJcanaryTOKEN.c2VjcmV0LXRva2Vu.Q0FOQVJZ"
@@ -106,3 +112,33 @@ class TestJsonLogs:
         record = logging.LogRecord("broker.x", logging.WARNING, __file__, 1, "bad %s", ("a\r\nforged",), None)
         out = JsonFormatter().format(record)
         assert "\n" not in out and json.loads(out)["message"] == "bad a\r\nforged"
+
+
+class TestServeCommand:
+    async def test_broker_serve_log_format_json(self, site: BrokerSite, tmp_path: Path) -> None:
+        """`broker serve --log-format json`: every stderr line is one JSON object, the access line among them."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        env.update(BROKER_SERVER_LISTEN=f"127.0.0.1:{port}", BROKER_STORE_URL=f"sqlite:///{tmp_path / 'b.db'}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "serve", "--config", str(site.root / "broker.toml"), "--log-format", "json",
+            env=env, cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(100):
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/v1/health?token={TOKEN_CANARY}") as resp:
+                            assert resp.status == 200
+                            break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("broker serve did not start")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        records = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+        assert any(r.get("route") == "/v1/health" and r.get("status") == 200 for r in records), records
+        assert TOKEN_CANARY not in err.decode()
