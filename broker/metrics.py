@@ -26,15 +26,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
+
+try:
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as _CONTENT_TYPE
+except ImportError:  # older releases, whose latest text format is 0.0.4 and have no name for it
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 
 from broker.errors import BrokerError
 
 __all__ = ["CONTENT_TYPE", "LEGACY", "Metrics", "StoreSnapshot"]
 
 # The text exposition format, version 0.0.4: what every Prometheus and promtool version parses.
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+CONTENT_TYPE: str = _CONTENT_TYPE
 
 # The audit tailer's and exporter's unlabelled series (name -> (type, help)), kept under their names.
 # A name not listed here cannot be counted: typos fail loudly in tests.
