@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -43,9 +43,10 @@ from broker.errors import (
 )
 from broker.identity import AgentIdentity, DelegationVerifier, UserIdentity, UserVerifier
 from broker.identity.cache import VerifiedTokenCache
+from broker.instrument import METER, note_identity, note_task
 from broker.leases import LeaseManager, PendingApproval
 from broker.limits import RateLimiter
-from broker.metrics import Metrics
+from broker.metrics import CONTENT_TYPE
 from broker.models import (
     ApprovalDecision,
     ApprovalList,
@@ -80,6 +81,7 @@ from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
 from broker.signals.web import add_signal_routes
+from broker.states import TokenState
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
@@ -99,7 +101,7 @@ REVOCATIONS = web.AppKey("revocations", Revocations)
 APPROVALS = web.AppKey("approvals", ApprovalManager)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
-METRICS = web.AppKey("metrics", Metrics)
+METRICS = METER  # the app's Prometheus registry and series (broker.metrics)
 REQUESTS = web.AppKey("request_meter", RateLimiter)  # every authenticated request, per identity
 VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
 
@@ -266,6 +268,7 @@ def _metered(request: web.Request, ident: Identity) -> Identity:
     Raises:
         RateLimited: this identity asks faster than its request rate.
     """
+    note_identity(request, ident)
     meter = request.app.get(REQUESTS)
     if meter is not None:
         key = str(ident.spiffe_id) if isinstance(ident, AgentIdentity) else ident.id
@@ -303,13 +306,20 @@ def _task_out(task: TaskRow, leases: list[LeaseRow] | None = None) -> TaskOut:
         id=task.id, user=task.user, user_name=task.user_name, agent=task.agent, role=task.role, tenant=task.tenant,
         reason=task.reason,
         state=task.state, created_at=task.created_at, expires_at=task.expires_at,
-        ended_at=task.ended_at,
+        ended_at=task.ended_at, revocation=_revocation_of(task),
         leases=None if leases is None else [
             LeaseOut(id=x.id, grant=x.grant, path=x.path, state=x.state, revocation=revocation_of_kind(x.kind),
                      issued_at=x.issued_at, expires_at=x.expires_at, renewable=x.renewable)
             for x in leases
         ],
     )
+
+
+def _revocation_of(task: TaskRow) -> Literal["revoke_pending", "revoked"] | None:
+    """Where a task that left active stands in Vault: its token's state (None while the task is active)."""
+    if task.token_state == TokenState.REVOKED:
+        return "revoked"
+    return "revoke_pending" if task.token_state == TokenState.REVOKE_PENDING else None
 
 
 def _is_party(ident: Identity, task: TaskRow) -> bool:
@@ -328,6 +338,7 @@ async def create_task(request: web.Request) -> web.Response:
     body = await _body(request, TaskCreate)
     task = await request.app[TASKS].start(user, agent=body.agent, role=body.role, ttl=body.ttl,
                                           reason=body.reason, tenant=body.tenant)
+    note_task(request, task.id)
     return _json(_task_out(task), 201)
 
 
@@ -383,11 +394,18 @@ async def get_task_grants(request: web.Request) -> web.Response:
 async def issue_credential(request: web.Request) -> web.Response:
     agent = await agent_identity(request)
     body = await _body(request, CredentialRequest)
-    issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
-                                             body.approval_id, public_key=body.public_key)
+    meter = request.app[METRICS]
+    try:
+        issued = await request.app[LEASES].issue(agent, request.match_info["task_id"], body.grant, body.ttl,
+                                                 body.approval_id, public_key=body.public_key)
+    except BrokerError as exc:
+        meter.credential_denied(body.grant, exc.code)
+        raise
     if isinstance(issued, PendingApproval):
+        meter.approval_required(body.grant)
         a = issued.approval
         return _json(ApprovalPendingOut(approval_id=a.id, expires_at=a.expires_at), 202)
+    meter.credential_issued(issued.lease.grant)
     out = CredentialOut(lease_id=issued.lease.id, grant=issued.lease.grant, expires_at=issued.lease.expires_at,
                         renewable=issued.lease.renewable, revocation=revocation_of_kind(issued.lease.kind),
                         data=dict(issued.data))
@@ -408,7 +426,11 @@ async def end_task(request: web.Request) -> web.Response:
     if not _is_party(ident, task):
         raise NotFound("no such task")
     result = await manager.end(task.id, by=ident)
-    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked))
+    # 202: Vault answered the revocation but has not confirmed every lease yet (a task with many leases);
+    # the broker keeps confirming and GET /v1/tasks/{id} shows when it is done. 503 is Vault or the store down.
+    pending = result.pending > 0
+    return _json(EndOut(id=task.id, state=result.task.state, revoked=result.revoked, pending=result.pending,
+                        revocation="revoke_pending" if pending else "revoked"), 202 if pending else 200)
 
 
 def _float_param(request: web.Request, name: str, *, lo: float = 0.0, hi: float = 1e11) -> float | None:
@@ -491,9 +513,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: counters only, no identities or labels (anyone on the network may read it)."""
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    """Prometheus text format 0.0.4 (broker.metrics): bounded labels only, never an identity or an id
+    (anyone on the network may read it)."""
+    app = request.app
+    store, clock = app.get(STORE), app[CLOCK]
+    body = await app[METRICS].render(None if store is None else lambda: store.metrics_snapshot(now=clock()))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from broker import api, journal
+from broker import __version__, api, journal
 from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import Checkpointer, StoreVerifier
 from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
@@ -42,6 +42,7 @@ from broker.identity import (
     UserVerifier,
 )
 from broker.identity.cache import VerifiedTokenCache
+from broker.instrument import instrument_middleware
 from broker.journal import JournalMode
 from broker.keyfiles import read_private_file
 from broker.leases import LeaseManager
@@ -96,16 +97,19 @@ TRANSMITTER = web.AppKey("signal_transmitter", Transmitter)
 
 
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
-             crash: CrashHook = no_crash) -> web.Application:
+             crash: CrashHook = no_crash, process_metrics: bool = True) -> web.Application:
     """The broker's application. Its resources open when it starts, one ``cleanup_ctx`` each, in order.
 
     ``crash`` is the crash-point hook of the crash-consistency tests; it does nothing by default.
+    ``process_metrics=False`` leaves the ``process_*`` series out of ``/metrics``.
     """
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[api.error_middleware])
+    # The instrument middleware is outermost: it counts and times the problem answers the error middleware makes.
+    app = web.Application(client_max_size=settings.server.max_body_bytes,
+                          middlewares=[instrument_middleware, api.error_middleware])
     app[SETTINGS] = settings
     app[CRASH] = crash
     app[api.CLOCK] = clock
-    app[api.METRICS] = Metrics()
+    app[api.METRICS] = Metrics(version=__version__, clock=clock, process=process_metrics)
     app[api.REQUESTS] = _rate(settings.limits.request_rate_per_identity, settings.limits.request_burst_per_identity)
     app.cleanup_ctx.extend([
         _http_session, _store, _signals, _vault, _identity, _domain,
@@ -143,6 +147,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 async def _store(app: web.Application) -> AsyncIterator[None]:
     """The store, migrated to head; closed last but the session."""
     store = await open_store(app[SETTINGS].store.url)
+    store.observe_with(app[api.METRICS].observe_transaction)
     app[api.STORE] = store
     try:
         yield
@@ -195,7 +200,8 @@ async def _vault(app: web.Application) -> AsyncIterator[None]:
     """The broker's Vault client (its own token, read once) and the readiness probe over it and the store."""
     settings = app[SETTINGS]
     vault = VaultClient(app[HTTP], settings.vault.addr, token=read_vault_token(settings),
-                        timeout=settings.vault.timeout, namespace=settings.vault.namespace)
+                        timeout=settings.vault.timeout, namespace=settings.vault.namespace,
+                        observe=app[api.METRICS].observe_vault)
     app[api.VAULT] = vault
     # Readiness probes Vault no longer than an agent's health check would wait.
     app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],
@@ -232,6 +238,7 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
     catalog = Catalog.from_settings(settings)
     sealer = TokenSealer.from_file(settings.store.key_file)
     app[api.CATALOG] = catalog
+    app[api.METRICS].know_grants(g for r in catalog.roles.values() for g in r.grants)
     v, m, lim, audit = settings.vault, settings.maintenance, settings.limits, settings.audit
     revoker = app[REVOKER] = Revoker(store=store, vault=vault, clock=clock, confirm_timeout=v.revoke_confirm_timeout,
                                      max_backoff=m.max_backoff)

@@ -76,6 +76,8 @@ class ServerSettings(_Frozen):
     audience: str = Field(min_length=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     token_leeway: int = Field(default=30, ge=0, le=60)
+    # "json": one JSON object per log line (broker.logs); `broker serve --log-format` overrides it.
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -458,7 +460,7 @@ class Settings(_Frozen):
 _ENV_KEYS: dict[str, tuple[str, str]] = {
     f"BROKER_{section.upper()}_{key.upper()}": (section, key)
     for section, keys in {
-        "server": ("listen", "audience"),
+        "server": ("listen", "audience", "log_format"),
         "vault": ("addr", "token_file", "audit_log", "timeout", "namespace"),
         "store": ("url", "key_file"),
     }.items()
@@ -466,10 +468,21 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_settings(environ: Mapping[str, str], path: str | Path | None) -> Settings:
+# Required settings that only the serving broker uses, with the stand-ins ``vault_setup`` puts where they
+# are absent (never read: they name nothing).
+_SERVING_ONLY: tuple[tuple[str, str, str], ...] = (
+    ("server", "audience", "<unused by vault sync>"),
+    ("vault", "token_file", "/nonexistent/unused-by-vault-sync"),
+    ("store", "key_file", "/nonexistent/unused-by-vault-sync"),
+)
+
+
+def load_settings(environ: Mapping[str, str], path: str | Path | None, *, vault_setup: bool = False) -> Settings:
     """Read the TOML file (if any), apply ``BROKER_*`` overrides, validate.
 
-    Relative paths in the file are taken relative to the file's directory.
+    Relative paths in the file are taken relative to the file's directory. ``vault_setup``: for
+    ``broker vault sync``, which needs neither ``[server].audience``, ``[vault].token_file`` nor
+    ``[store].key_file``; they may be absent (stand-ins fill them; never use those three then).
 
     Raises:
         ConfigError: the file cannot be read or the settings are invalid.
@@ -487,6 +500,12 @@ def load_settings(environ: Mapping[str, str], path: str | Path | None) -> Settin
     for var, (section, key) in _ENV_KEYS.items():
         if var in environ:
             raw.setdefault(section, {})[key] = environ[var]
+    if vault_setup:
+        # `broker vault sync` reads the catalog, [people], [vault].addr/audit_log and [audit].vault_device
+        # only: what only the serving broker needs may be absent. Every key present is still validated.
+        for section, key, unused in _SERVING_ONLY:
+            if isinstance(raw.setdefault(section, {}), dict):
+                raw[section].setdefault(key, unused)
     _resolve_paths(raw, base)
     try:
         return Settings.model_validate(raw)

@@ -69,6 +69,7 @@ from broker.errors import (
     UnsupportedMediaType,
 )
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
+from broker.instrument import note_identity
 from broker.limits import RateLimiter
 from broker.server import log_path
 from broker.store import ApprovalRow, AuditRow, Person, TaskRow
@@ -362,6 +363,7 @@ def _session(request: web.Request) -> Session:
     session = request.app[SESSIONS].get(request.cookies.get(COOKIE))
     if session is None:
         raise SignInRequired
+    note_identity(request, session.user)  # the access log names the signed-in person (broker.instrument)
     return session
 
 

@@ -6,9 +6,10 @@ Responses never carry Vault's lease ids, accessors or task tokens: only the brok
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 _GRANT = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _PERSON = "The person: their id, '<issuer>#<subject>' of their ID token (what every decision compares)"
@@ -21,9 +22,34 @@ LeaseState = Literal["active", "revoke_pending", "revoked", "expired", "released
 
 
 def _ttl(value: object) -> object:
+    """A wire duration, exactly as ``DURATION_SCHEMA`` documents it (tests/unit/test_wire_durations.py).
+
+    An integer number of seconds (``600``; also ``600.0``, which JSON Schema counts as an integer, while
+    ``600.5`` is refused), or a string of digits or of ``h``/``m``/``s`` parts (``"600"``, ``"15m"``,
+    ``"1h30m"``) without surrounding spaces. At least 1 s, at most 366 days.
+    """
     from broker.config import parse_duration
 
-    return value if value is None else parse_duration(value)
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError("a duration is a whole number of seconds or a string like '10m'")
+        value = int(value)
+    if isinstance(value, str) and (value != value.strip() or not value):
+        raise ValueError("not a duration (use a number of seconds or e.g. '90s', '10m', '1h30m')")
+    return parse_duration(value)
+
+
+# What the API takes as a duration (``ttl``, ``increment``), in the OpenAPI document; ``_ttl`` accepts exactly it.
+DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": 366 * 86400},  # broker.config.MAX_DURATION
+        {"type": "string", "maxLength": 20,
+         "pattern": "^(?:[0-9]+|[0-9]+h(?:[0-9]+m)?(?:[0-9]+s)?|[0-9]+m(?:[0-9]+s)?|[0-9]+s)$"},
+    ],
+}
+WireDuration = Annotated[int, BeforeValidator(_ttl), WithJsonSchema(DURATION_SCHEMA)]
 
 
 class _Request(BaseModel):
@@ -33,11 +59,10 @@ class _Request(BaseModel):
 class TaskCreate(_Request):
     agent: str = Field(min_length=1, max_length=2048, description="The agent's SPIFFE ID")
     role: str = Field(pattern=_GRANT, description="A task role from the catalog")
-    ttl: int = Field(description="Seconds, or a duration like '15m'; capped at the role's max_ttl")
+    ttl: WireDuration = Field(description="Integer seconds (600), or a duration string ('600', '15m', '1h30m'); "
+                                          "capped at the role's max_ttl")
     reason: str = Field(min_length=1, max_length=500, description="Why the task exists, for the audit trail")
     tenant: str | None = Field(default=None, pattern=_GRANT)
-
-    _ttl_validator = field_validator("ttl", mode="before")(_ttl)
 
 
 class DelegatedTaskCreate(_Request):
@@ -45,16 +70,16 @@ class DelegatedTaskCreate(_Request):
 
     role: str = Field(pattern=_GRANT, description="A task role from the catalog; the token's scope must name "
                                                   "task:<role>")
-    ttl: int = Field(description="Seconds, or a duration like '15m'; capped at the role's max_ttl")
+    ttl: WireDuration = Field(description="Integer seconds (600), or a duration string ('600', '15m', '1h30m'); "
+                                          "capped at the role's max_ttl")
     reason: str = Field(min_length=1, max_length=500, description="Why the task exists, for the audit trail")
     tenant: str | None = Field(default=None, pattern=_GRANT)
-
-    _ttl_validator = field_validator("ttl", mode="before")(_ttl)
 
 
 class CredentialRequest(_Request):
     grant: str = Field(pattern=_GRANT)
-    ttl: int | None = Field(default=None, description="Seconds or a duration; capped by the grant and the task")
+    ttl: WireDuration | None = Field(default=None, description="Integer seconds, or a duration string ('15m'); "
+                                                               "capped by the grant and the task")
     approval_id: str | None = Field(default=None, max_length=64,
                                     description="For a high-risk grant: the approval that covers this exact request")
     public_key: str | None = Field(default=None, min_length=1, max_length=16384,
@@ -62,13 +87,10 @@ class CredentialRequest(_Request):
                                                "to sign (ssh-ed25519, ecdsa-sha2-nistp256/384/521, or ssh-rsa of "
                                                "at least 3072 bits). The only field an agent chooses.")
 
-    _ttl_validator = field_validator("ttl", mode="before")(_ttl)
-
 
 class RenewRequest(_Request):
-    increment: int | None = Field(default=None, description="Seconds or a duration; capped by the grant and the task")
-
-    _ttl_validator = field_validator("increment", mode="before")(_ttl)
+    increment: WireDuration | None = Field(default=None, description="Integer seconds, or a duration string ('5m'); "
+                                                                     "capped by the grant and the task")
 
 
 class RevocationCreate(_Request):
@@ -170,6 +192,9 @@ class TaskOut(BaseModel):
     created_at: float
     expires_at: float
     ended_at: float | None = None
+    revocation: Literal["revoke_pending", "revoked"] | None = Field(
+        default=None, description="Once the task left active: revoke_pending until Vault confirmed its token and "
+                                  "every lease gone, then revoked")
     leases: list[LeaseOut] | None = None
 
 
@@ -266,8 +291,13 @@ class RenewOut(BaseModel):
 
 class EndOut(BaseModel):
     id: str
-    state: Literal["ended", "expired", "revoked"]
+    state: Literal["ended", "expired", "revoked"] = Field(description="The task's state")
+    revocation: Literal["revoke_pending", "revoked"] = Field(
+        default="revoked", description="revoked (200): Vault confirmed everything the task held is gone. "
+        "revoke_pending (202): Vault answered but has not confirmed every lease yet; the broker keeps "
+        "confirming, and GET /v1/tasks/{id} shows `revocation` and each lease's state until it is done")
     revoked: int = Field(description="Leases whose revocation Vault confirmed by this call")
+    pending: int = Field(default=0, description="Leases Vault has not confirmed gone yet")
 
 
 class AuditOut(BaseModel):

@@ -76,12 +76,80 @@ def _problems(*statuses: int) -> dict[str, Any]:
              404: "Not found (or not yours)", 409: "Conflict", 410: "Task no longer active",
              413: "Body too large", 415: "The body is not application/json in UTF-8",
              429: "Rate limit or live-credential budget; see Retry-After",
+             431: "A request header is larger than the broker accepts (8 KiB)",
+             500: "The broker failed; `request_id` names the failure in its log",
              502: "Vault refused or answered badly",
              503: "Vault or the store is unavailable; see Retry-After"}
     return {
-        str(s): {"description": texts[s], "content": {"application/problem+json": {"schema": _ref(Problem)}}}
+        str(s): {"description": texts[s], "content": {"application/problem+json": {"schema": _ref(Problem)}},
+                 **({"headers": _HEADERS[s]} if s in _HEADERS else {})}
         for s in statuses
     }
+
+
+_RETRY_AFTER = {"description": "Seconds to wait before retrying (RFC 9110 §10.2.3)",
+                "schema": {"type": "integer", "minimum": 0}}
+# Error answers' headers (api.error_middleware): Retry-After with 429 and 503 where the broker knows when;
+# WWW-Authenticate with every 401 (RFC 6750 invalid_token, or RFC 9470 insufficient_user_authentication
+# with max_age when an approval needs a fresher sign-in).
+_HEADERS: dict[int, dict[str, Any]] = {
+    429: {"Retry-After": _RETRY_AFTER},
+    503: {"Retry-After": _RETRY_AFTER},
+    401: {"WWW-Authenticate": {
+        "description": 'Bearer error="invalid_token", or Bearer error="insufficient_user_authentication", '
+                       'error_description="...", max_age=N (RFC 9470): sign in again, no longer ago than N s',
+        "schema": {"type": "string"}}},
+}
+# Every operation's id and tags, for generated clients: (method, path) -> (operationId, tag).
+_OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
+    ("post", "/v1/tasks"): ("startTask", "tasks"),
+    ("get", "/v1/tasks"): ("listTasks", "tasks"),
+    ("get", "/v1/tasks/{task_id}"): ("getTask", "tasks"),
+    ("get", "/v1/tasks/{task_id}/grants"): ("getTaskGrants", "tasks"),
+    ("post", "/v1/tasks/{task_id}/end"): ("endTask", "tasks"),
+    ("post", "/v1/tasks/{task_id}/credentials"): ("issueCredential", "credentials"),
+    ("post", "/v1/leases/{lease_id}/renew"): ("renewLease", "credentials"),
+    ("get", "/v1/leases"): ("listLeases", "leases"),
+    ("post", "/v1/revocations"): ("createRevocation", "revocations"),
+    ("get", "/v1/revocations"): ("listRevocations", "revocations"),
+    ("get", "/v1/revocations/{revocation_id}"): ("getRevocation", "revocations"),
+    ("delete", "/v1/revocations/{revocation_id}"): ("liftRevocation", "revocations"),
+    ("get", "/v1/approvals"): ("listApprovals", "approvals"),
+    ("get", "/v1/approvals/{approval_id}"): ("getApproval", "approvals"),
+    ("post", "/v1/approvals/{approval_id}"): ("decideApproval", "approvals"),
+    ("get", "/v1/audit"): ("listAudit", "audit"),
+    ("get", "/v1/audit/verify"): ("verifyAudit", "audit"),
+    ("get", "/v1/health"): ("getHealth", "operations"),
+    ("get", "/metrics"): ("getMetrics", "operations"),
+    ("get", "/v1/openapi.json"): ("getOpenApi", "operations"),
+    ("get", "/.well-known/ssf-configuration"): ("getSsfConfiguration", "signals"),
+    ("get", "/v1/signals/jwks.json"): ("getSignalKeys", "signals"),
+}
+_TAGS = [
+    {"name": "tasks", "description": "Delegations of a task role by a person to an agent"},
+    {"name": "credentials", "description": "What a task's agent obtains and renews"},
+    {"name": "leases", "description": "Live and past credentials (operators, auditors)"},
+    {"name": "revocations", "description": "Revocations and locks by user, agent, task or tenant (operators)"},
+    {"name": "approvals", "description": "High-risk grants decided by people"},
+    {"name": "audit", "description": "The tamper-evident record and its verification (auditors)"},
+    {"name": "operations", "description": "Health, metrics and this document (unauthenticated)"},
+    {"name": "signals", "description": "The Shared Signals transmitter's metadata and keys (unauthenticated)"},
+]
+
+
+def _finish(doc: dict[str, Any]) -> None:
+    """Ids, tags and the answers every operation may get: 431 from the HTTP parser, 500 from the middleware.
+
+    Raises:
+        KeyError: an operation without an entry in ``_OPERATIONS`` (tests/unit/test_openapi_doc.py).
+    """
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            op["operationId"], tag = _OPERATIONS[(method, path)]
+            op["tags"] = [tag]
+            for status, answer in _problems(431, 500).items():
+                op["responses"].setdefault(status, answer)
+    doc["tags"] = _TAGS
 
 
 def _op(summary: str, security: str | None, ok: tuple[int, type[BaseModel]], errors: tuple[int, ...],
@@ -189,8 +257,11 @@ def spec() -> dict[str, Any]:
                 "Obtain a grant's credential for the task (the task's agent)", "agent", (200, CredentialOut),
                 auth_errors, body=CredentialRequest, params=[_path_param("task_id")])},
             "/v1/tasks/{task_id}/end": {"post": {**_op(
-                "End the task and revoke everything it holds (its user or agent)", "user", (200, EndOut),
-                (401, 404, 502, 503), params=[_path_param("task_id")]), "security": [{"user": []}, {"agent": []}]}},
+                "End the task and revoke everything it holds (its user or agent). 200 when Vault confirmed "
+                "everything gone; 202 revoke_pending when Vault answered but is still revoking (poll the task); "
+                "503 when Vault or the store is down", "user", (200, EndOut),
+                (401, 404, 429, 502, 503), params=[_path_param("task_id")]),
+                "security": [{"user": []}, {"agent": []}]}},
             "/v1/leases/{lease_id}/renew": {"post": _op(
                 "Extend a lease, never past its task's end (the task's agent)", "agent", (200, RenewOut),
                 auth_errors, body=RenewRequest, params=[_path_param("lease_id")])},
@@ -235,13 +306,21 @@ def spec() -> dict[str, Any]:
                     params=[_path_param("approval_id")]),
     }
     doc["paths"]["/metrics"] = {"get": {
-        "summary": "Prometheus metrics (counts only: never an identity, a path or a secret)",
-        "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}}
+        "summary": "Prometheus metrics (bounded labels only: never an identity, an id, a path or a secret)",
+        "responses": {"200": {"description": "Prometheus text exposition format, version 0.0.4",
+                              "content": {"text/plain": {}}}}}}
+    doc["paths"]["/v1/tasks/{task_id}/end"]["post"]["responses"]["202"] = {
+        "description": "Ended; Vault answered the revocation but has not confirmed every lease gone yet "
+                       "(revocation: revoke_pending). The broker keeps confirming; GET /v1/tasks/{task_id} "
+                       "shows `revocation` until it is revoked",
+        "content": {"application/json": {"schema": _ref(EndOut)}},
+    }
     _add_signal_paths(doc)
     doc["paths"]["/v1/revocations"]["post"]["responses"]["202"] = {
         "description": "Fenced and locked; Vault has not confirmed every lease yet (poll the revocation)",
         "content": {"application/json": {"schema": _ref(RevocationOut)}},
     }
+    _finish(doc)
     return doc
 
 

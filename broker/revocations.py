@@ -49,8 +49,13 @@ _UNSETTLED = (LeaseState.REVOKE_PENDING, LeaseState.ACTIVE)
 
 @dataclass(frozen=True)
 class Settled:
+    """What one settling round achieved: leases Vault confirmed gone, leases still pending, and tasks whose
+    revocation Vault did not answer at all (``failed``: down, sealed, unreachable) as opposed to answered
+    but not yet finished (only ``pending``)."""
+
     revoked: int
     pending: int
+    failed: int = 0
 
 
 class Revoker:
@@ -70,7 +75,8 @@ class Revoker:
     async def settle(self, tasks: Sequence[TaskRow], *, timeout: float | None = None) -> Settled:
         """Revoke and confirm each task; a task Vault does not confirm in time is retried later."""
         results = await asyncio.gather(*(self._one(t, timeout or self._confirm_timeout) for t in tasks))
-        return Settled(revoked=sum(r.revoked for r in results), pending=sum(r.pending for r in results))
+        return Settled(revoked=sum(r.revoked for r in results), pending=sum(r.pending for r in results),
+                       failed=sum(r.failed for r in results))
 
     async def _one(self, task: TaskRow, timeout: float) -> Settled:
         async with self._slots:
@@ -78,6 +84,7 @@ class Revoker:
             # Only what Vault can revoke is waited for; the rest (broker.engines) is released, never "revoked".
             leases = [x for x in found if engine_for_kind(x.kind).revocation == "revocable"]
             kept = [x for x in found if engine_for_kind(x.kind).revocation != "revocable"]
+            failed = 0
             try:
                 # Vault leases one by one, each confirmed by Vault's own answer (``sys/leases/revoke`` is
                 # synchronous: when it answers, the lease is gone). Then the token, whose tree takes the
@@ -90,14 +97,14 @@ class Revoker:
                 confirmed = await self._confirm(task, polled, timeout)
             except VaultError as exc:
                 log.warning("revoking task %s: Vault did not answer (%s); will retry", task.id, exc.code)
-                confirmed = False
+                confirmed, failed = False, 1
             now = self._clock()
             if not confirmed:
                 attempts = task.revoke_attempts + 1
                 # From 1-2 s after the first failure, doubling, up to maintenance.max_backoff.
                 delay = backoff(attempts + 1, cap=self._max_backoff)
                 await self._store.retry_later(task.id, attempts=attempts, next_attempt_at=now + delay)
-                return Settled(0, len(leases))
+                return Settled(0, len(leases), failed)
             expired = task.state == TaskState.EXPIRED
             records = [
                 AuditRecord.for_task(task, now, "lease.expired" if expired else "lease.revoked", "success",

@@ -123,8 +123,9 @@ class AgentClient(BrokerClient):
         body = {} if increment is None else {"increment": increment}
         return RenewOut.model_validate(await self.call("POST", f"/v1/leases/{lease_id}/renew", body=body))
 
-    async def end_task(self, task_id: str) -> EndOut:
-        return EndOut.model_validate(await self.call("POST", f"/v1/tasks/{task_id}/end", body={}))
+    async def end_task(self, task_id: str, *, wait: float = 0) -> EndOut:
+        """End the task; see ``_end_task`` (202 ``revoke_pending`` is an answer, not an error)."""
+        return await _end_task(self, task_id, wait=wait)
 
     async def get_task(self, task_id: str) -> TaskOut:
         return TaskOut.model_validate(await self.call("GET", f"/v1/tasks/{task_id}"))
@@ -329,6 +330,32 @@ class TaskSession:
         return view, Endpoint.parse(view.endpoint), await self.held(grant)
 
 
+async def _end_task(client: BrokerClient, task_id: str, *, wait: float = 0) -> EndOut:
+    """``POST /v1/tasks/{id}/end``; with ``wait`` > 0, follow a ``revoke_pending`` answer (202) for up to that
+    many seconds, until Vault has confirmed everything gone (``revocation == "revoked"``).
+
+    A 202 is not an error: the task is ended (nothing new can be issued for it) and the broker keeps
+    confirming. What comes back says where it stands when this returns.
+
+    Raises:
+        VaultUnavailable: Vault did not answer the revocation (503); the broker keeps retrying.
+        BrokerError subclasses: as the broker answered.
+    """
+    ended = EndOut.model_validate(await client.call("POST", f"/v1/tasks/{task_id}/end", body={}))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.2
+    while ended.revocation == "revoke_pending" and loop.time() < deadline:
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, 2.0)
+        task = TaskOut.model_validate(await client.call("GET", f"/v1/tasks/{task_id}"))
+        done = task.revocation == "revoked"
+        pending = 0 if done else sum(x.state == "revoke_pending" for x in task.leases or [])
+        ended = EndOut(id=ended.id, state=ended.state, revoked=ended.revoked, pending=pending,
+                       revocation="revoked" if done else "revoke_pending")
+    return ended
+
+
 class UserClient(BrokerClient):
     """Calls made by a person, authenticated with an OIDC ID token."""
 
@@ -342,8 +369,9 @@ class UserClient(BrokerClient):
     async def get_task(self, task_id: str) -> TaskOut:
         return TaskOut.model_validate(await self.call("GET", f"/v1/tasks/{task_id}"))
 
-    async def end_task(self, task_id: str) -> EndOut:
-        return EndOut.model_validate(await self.call("POST", f"/v1/tasks/{task_id}/end", body={}))
+    async def end_task(self, task_id: str, *, wait: float = 0) -> EndOut:
+        """End the task; see ``_end_task`` (202 ``revoke_pending`` is an answer, not an error)."""
+        return await _end_task(self, task_id, wait=wait)
 
     async def audit(self, **filters: str | float) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode(filters)

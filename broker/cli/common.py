@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -36,6 +35,9 @@ from broker.client import (
 )
 from broker.config import Settings, load_settings
 from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.logs import LogFormat
 
 DEFAULT_URL = "http://127.0.0.1:8400"
 
@@ -53,19 +55,21 @@ T = TypeVar("T")
 # -- settings and logging -----------------------------------------------------------------------------
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, fmt: LogFormat = "text") -> None:
+    """Logs on stderr: text lines, or one JSON object per line (``broker.logs``)."""
+    from broker.logs import setup_logging as setup
+
+    setup(level, fmt)
 
 
-def settings_from(config: Path | None) -> Settings:
-    """The broker's settings from the environment and ``config``.
+def settings_from(config: Path | None, *, vault_setup: bool = False) -> Settings:
+    """The broker's settings from the environment and ``config`` (``vault_setup``: see ``load_settings``).
 
     Raises:
         click.ClickException: the configuration is invalid (exit 1).
     """
     try:
-        return load_settings(os.environ, config)
+        return load_settings(os.environ, config, vault_setup=vault_setup)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
 

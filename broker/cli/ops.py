@@ -45,8 +45,8 @@ from broker.timefmt import format_time
 
 __all__ = ["LEASE_COLUMNS", "REVOCATION_COLUMNS", "SELECTORS", "TASK_COLUMNS", "Column", "error_line",
            "exit_code_for", "format_time", "is_complete", "leases", "pending_message", "plural", "progress_line",
-           "redact", "render_summary", "render_table", "revocation_rows", "revocations", "revoke", "tasks",
-           "unlock"]
+           "redact", "render_summary", "render_summary_pairs", "render_table", "revocation_rows", "revocations",
+           "revoke", "tasks", "unlock"]
 
 SELECTORS = ("user", "agent", "task", "tenant")
 
@@ -184,8 +184,14 @@ def render_summary(rev: Payload, *, iso: bool = False, tz: tzinfo | None = None)
         ("pending", f"{rev.get('pending', 0)} not yet confirmed"),
         ("lock", _lock_text(rev, iso=iso, tz=tz)),
     ]
+    return render_summary_pairs(pairs)
+
+
+def render_summary_pairs(pairs: Sequence[tuple[str, str]]) -> str:
+    """``name  value`` lines, names padded to one width; control characters in values shown as ``?``."""
     width = max(len(name) for name, _ in pairs)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in pairs)
+    return "\n".join(f"{name.ljust(width)}  {''.join(ch if ch.isprintable() else '?' for ch in value)}"
+                     for name, value in pairs)
 
 
 def is_complete(rev: Payload) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -18,12 +19,14 @@ __all__ = ["serve"]
 @click.option("--config", "config", type=EXISTING_FILE, required=True, help="The broker's TOML configuration.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def serve(config: Path, log_level: str) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="text lines, or one JSON object per line (default: [server].log_format, else text).")
+def serve(config: Path, log_level: str, log_format: Literal["text", "json"] | None) -> None:
     """Serve the HTTP API on [server].listen."""
     from broker.app import make_app
 
-    setup_logging(log_level)
     settings = settings_from(config)
+    setup_logging(log_level, log_format or settings.server.log_format)
     host, port = settings.server.host_port
     try:
         # broker.server: the access log names method, path (never the query string), status and time, and

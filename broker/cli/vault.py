@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from broker.cli.common import EXISTING_FILE, settings_from
+from broker.cli.common import EXISTING_FILE, print_json, settings_from
 from broker.delegation import Catalog
 from broker.errors import BrokerError
 from broker.vault.sync import audit_device_of
@@ -28,12 +28,14 @@ def vault() -> None:
 @click.option("--config", "config", type=EXISTING_FILE, required=True)
 @click.option("--write-token", type=click.Path(path_type=Path, dir_okay=False),
               help="Also create a periodic token of the agent-broker policy and write it here (mode 0600).")
-def vault_sync(config: Path, write_token: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine output: what each object needed, as JSON on stdout.")
+def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
     """Write the task roles' policies and token roles and the broker's own policy. Idempotent.
 
     Uses an admin token from VAULT_TOKEN or BAO_TOKEN, and VAULT_ADDR or BAO_ADDR (else [vault].addr).
     """
-    settings = settings_from(config)
+    # Only what the sync uses: the catalog, [people], [vault].addr and audit_log, [audit].vault_device.
+    settings = settings_from(config, vault_setup=True)
     addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addr
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
     if not token:
@@ -43,6 +45,10 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
         changes = _sync(addr, token, catalog, write_token, audit_device_of(settings))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        print_json({"changes": [{"kind": c.kind, "name": c.name, "action": c.action} for c in changes],
+                    "token_file": None if write_token is None else str(write_token)})
+        return
     width = max(len(c.name) for c in changes)
     for c in changes:
         click.echo(f"  {c.kind:<11} {c.name:<{width}}  {c.action}")

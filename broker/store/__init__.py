@@ -40,6 +40,7 @@ from broker.store._base import StoreBase
 from broker.store.approvals import ApprovalStore
 from broker.store.audit import AuditStore
 from broker.store.delegations import DelegationStore
+from broker.store.gauges import GaugeStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
 from broker.store.tasks import TaskStore
@@ -50,10 +51,10 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry",
 
 
 class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, DelegationStore,
-            StoreBase):
+            GaugeStore, StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, and ``signals`` through ``tasks``) on one
-    engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, ``gauges``, and ``signals`` through ``tasks``)
+    on one engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,6 +41,11 @@ class StoreBase:
         # SQLite has one writer (and here one connection): one thread serialises every transaction,
         # which is what SQLite would do anyway, without "database is locked" retries.
         self._executor = ThreadPoolExecutor(max_workers=1 if sqlite else threads, thread_name_prefix="broker-store")
+        self._observe: Callable[[float, bool], None] | None = None
+
+    def observe_with(self, observe: Callable[[float, bool], None] | None) -> None:
+        """Call ``observe(seconds, failed)`` after every transaction (``broker.metrics``), on the event loop."""
+        self._observe = observe
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
@@ -47,14 +53,21 @@ class StoreBase:
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        observe = self._observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             # In the caller's context (as asyncio.to_thread does): a record built in the transaction names
             # the request's caller like one built before it (broker.audit.CALLER_ADDRESS).
             call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-            return await loop.run_in_executor(self._executor, call)
+            result = await loop.run_in_executor(self._executor, call)
         except SQLAlchemyError as exc:
+            if observe is not None:
+                observe(time.perf_counter() - started, True)
             log.error("store operation %s failed: %s", getattr(fn, "__name__", "?"), type(exc).__name__)
             raise StoreUnavailable("the store is unavailable", reason=type(exc).__name__) from exc
+        if observe is not None:
+            observe(time.perf_counter() - started, False)
+        return result
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:

@@ -27,7 +27,8 @@ import contextlib
 import hmac
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -380,8 +381,12 @@ class VaultClient:
         token: str | Sensitive | None = None,
         timeout: float = 5.0,
         namespace: str | None = None,
+        observe: Callable[[str, float, str | None], None] | None = None,
     ) -> None:
         self._session = session
+        # ``observe(op, seconds, error code or None)`` after every request (broker.metrics): ``op`` is
+        # one of this module's fixed operation names, never a path.
+        self._observe = observe
         self._base = addr.rstrip("/") + "/v1/"
         self._token = _token_of(token)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -425,32 +430,40 @@ class VaultClient:
         if body is not None:
             payload = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
         try:
-            async with self._session.request(
-                method,
-                self._base + path,
-                data=payload,
-                params=params,
-                headers=headers,
-                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _transport_error(exc, op) from exc
-        parsed: Any = None
-        if raw:
             try:
-                parsed = json.loads(raw)
-            except ValueError as exc:
-                if 200 <= status < 300:
-                    msg = f"unexpected answer from Vault to {op} (not JSON)"
-                    raise VaultBadResponse(msg, reason=f"{op}: HTTP {status}: body is not JSON") from exc
-                parsed = None
-        if 200 <= status < 300 or status in ok_extra:
-            return status, parsed
-        raise _status_error(status, parsed, op)
+                async with self._session.request(
+                    method,
+                    self._base + path,
+                    data=payload,
+                    params=params,
+                    headers=headers,
+                    timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise _transport_error(exc, op) from exc
+            parsed: Any = None
+            if raw:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError as exc:
+                    if 200 <= status < 300:
+                        msg = f"unexpected answer from Vault to {op} (not JSON)"
+                        raise VaultBadResponse(msg, reason=f"{op}: HTTP {status}: body is not JSON") from exc
+                    parsed = None
+            if 200 <= status < 300 or status in ok_extra:
+                if self._observe is not None:
+                    self._observe(op, time.perf_counter() - started, None)
+                return status, parsed
+            raise _status_error(status, parsed, op)
+        except VaultError as exc:
+            if self._observe is not None:
+                self._observe(op, time.perf_counter() - started, exc.code)
+            raise
 
     async def _call_json(self, method: str, path: str, op: str, **kw: Any) -> Mapping[str, Any]:
         """Like ``_call`` but the answer must be a JSON object (not 204)."""

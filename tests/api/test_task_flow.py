@@ -80,7 +80,7 @@ class TestDatabaseGrant:
 
         ended = await end(client, site, task["id"])
 
-        assert ended == {"id": task["id"], "state": "ended", "revoked": 1}
+        assert ended == {"id": task["id"], "state": "ended", "revocation": "revoked", "revoked": 1, "pending": 0}
         assert await admin.lookup_lease(vault_id) is None
         with pytest.raises(psycopg.OperationalError):
             await pg_connect(site, cred["data"])
@@ -295,7 +295,8 @@ class TestLifetimes:
         task = await start_task(client, site)
         await credential(client, site, task["id"], "agent-cert")
         assert (await end(client, site, task["id"]))["revoked"] == 1
-        assert await end(client, site, task["id"]) == {"id": task["id"], "state": "ended", "revoked": 0}
+        assert await end(client, site, task["id"]) == {"id": task["id"], "state": "ended", "revocation": "revoked",
+                                                       "revoked": 0, "pending": 0}
 
     async def test_no_credential_for_an_ended_task(self, client: Client, site: BrokerSite) -> None:
         """After the end, the agent gets 410 and nothing is issued."""
