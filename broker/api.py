@@ -27,6 +27,7 @@ from broker import __version__, jsontext
 from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import StoreVerifier
 from broker.audit.tailer import VaultAuditTailer
+from broker.audit.tailers import VaultAuditTailers
 from broker.delegation import Catalog, any_includes
 from broker.errors import (
     BadRequest,
@@ -74,6 +75,7 @@ from broker.models import (
 from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
+from broker.singletons import Singleton
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
 from broker.tasks import TaskManager
 from broker.vault import VaultClient
@@ -94,7 +96,10 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 REQUESTS = web.AppKey("request_meter", RateLimiter)  # every authenticated request, per identity
-VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
+VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log: the first file's
+VAULT_TAILERS = web.AppKey("vault_tailers", VaultAuditTailers)  # every file's, run as one
+REPLICA = web.AppKey("replica_id", str)  # this process as a singleton lease holder (broker.singletons)
+SINGLETONS: web.AppKey[list[Singleton]] = web.AppKey("singletons")
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
@@ -429,8 +434,9 @@ async def verify_audit(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Readiness for what issuing needs (broker.readiness): 503 names the part that is down."""
     r = await request.app[READINESS].check()
+    held = [s.name for s in request.app[SINGLETONS] if s.state.held]
     out = HealthOut.model_validate({"status": "ok" if r.ok else "unavailable", "vault": r.vault, "store": r.store,
-                                    "version": __version__})
+                                    "version": __version__, "singletons": held})
     return _json(out, 200 if r.ok else 503)
 
 

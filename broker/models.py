@@ -264,6 +264,9 @@ class HealthOut(BaseModel):
     store: Literal["ok", "unavailable", "unwritable"] = Field(
         description="unwritable: reads work but a write cannot commit (a full disk, a read-only file)")
     version: str
+    singletons: list[str] = Field(default_factory=list, description=(
+        "the work this replica does for all replicas now, under its lease in the store: maintenance, "
+        "vault-audit-tailer, audit-exporter"))
 
 
 class Problem(BaseModel):

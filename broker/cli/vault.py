@@ -34,7 +34,7 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
     Uses an admin token from VAULT_TOKEN or BAO_TOKEN, and VAULT_ADDR or BAO_ADDR (else [vault].addr).
     """
     settings = settings_from(config)
-    addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addr
+    addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addrs[0]
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
     if not token:
         raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
@@ -51,7 +51,7 @@ def vault_sync(config: Path, write_token: Path | None) -> None:
 
 
 def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
-          audit_device: str | None) -> list[SyncChange]:
+          audit_device: str | tuple[str, ...] | None) -> list[SyncChange]:
     # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
     from broker.vault.admin import VaultAdmin
     from broker.vault.sync import sync, write_broker_token

@@ -179,7 +179,8 @@ async def _engines(admin: VaultAdmin, pg_dsn: str | None) -> None:
         await asyncio.to_thread(configure_database, admin, dsn_admin=pg_dsn)
 
 
-async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[SyncChange]:
+async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path,
+                audit_device: str | tuple[str, ...] | None) -> list[SyncChange]:
     changes = await asyncio.to_thread(sync, admin, catalog, audit_device=audit_device)
     await asyncio.to_thread(write_broker_token, admin, token_file)
     return changes

@@ -40,6 +40,7 @@ from broker.store.approvals import ApprovalStore
 from broker.store.audit import AuditStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
+from broker.store.singletons import SingletonStore
 from broker.store.tasks import TaskStore
 from broker.store.vault_audit import VaultAuditStore
 
@@ -47,9 +48,10 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "LeaseLimits", 
            "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 
-class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, StoreBase):
+class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, SingletonStore,
+            StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``) on one engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``singletons``) on one engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:

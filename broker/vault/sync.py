@@ -17,6 +17,7 @@ worker thread (``await asyncio.to_thread(sync, admin, catalog)``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,12 @@ def task_token_role(role: TaskRole) -> TokenRole:
     )
 
 
-def audit_device_of(settings: Settings) -> str | None:
-    """The file audit device the broker reads, if it reads one (then it may HMAC values with it)."""
+def audit_device_of(settings: Settings) -> str | tuple[str, ...] | None:
+    """The file audit device(s) the broker reads, if it reads any (then it may HMAC values with them)."""
     return settings.audit.vault_device if settings.vault.audit_log is not None else None
 
 
-def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> str:
+def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | None = None) -> str:
     lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, "
              "not read secrets.", ""]
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
@@ -74,9 +75,9 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> s
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
     ]
-    if audit_device is not None:
-        # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
-        lines.append(f'path "sys/audit-hash/{audit_device}" {{ capabilities = ["update"] }}')
+    # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
+    for device in (audit_device,) if isinstance(audit_device, str) else audit_device or ():
+        lines.append(f'path "sys/audit-hash/{device}" {{ capabilities = ["update"] }}')
     lines.append("")
     return "\n".join(lines)
 
@@ -88,7 +89,8 @@ class SyncChange:
     action: str  # "created", "updated", "unchanged"
 
 
-def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | None = None) -> list[SyncChange]:
+def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[str] | None = None
+         ) -> list[SyncChange]:
     """Bring Vault in line with the catalog; what each object needed, in order. Raises: VaultError."""
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
