@@ -369,6 +369,9 @@ class VaultAuditTailer:
     async def _first_start(self, files: list[_File]) -> MergeResult:
         """No stored position: every file of the log starts at its end (or its beginning)."""
         if not files:
+            # The file is created after this tailer first looked (a cluster node's device writes its file
+            # when that node first serves): all it will hold is new, so it is read from its beginning.
+            self._start = "beginning"
             return MergeResult()
         moves: list[tuple[VaultAuditPosition | None, VaultAuditPosition]] = []
         for f in files:

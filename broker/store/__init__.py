@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
@@ -114,6 +114,9 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
     return store
 
 
+_MIGRATION_LOCK = 0x62726F6B  # "brok": this store's advisory lock key for migrations
+
+
 def _upgrade(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
@@ -121,6 +124,10 @@ def _upgrade(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Replicas started together would each migrate at once (and all but one fail on the version
+            # row): one at a time, under a transaction-scoped advisory lock; the others then find head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

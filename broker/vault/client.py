@@ -20,7 +20,7 @@ Rules this file keeps:
    address it names. A redirect is answered as ``VaultUnavailable`` (talk to the active node).
 6. With several nodes (a cluster), requests go to the node that last executed one. A node that did not
    execute a request (refused connection, standby without a leader, sealed, redirect) is a reason to try
-   the next, within ``failover_timeout``; ``sys/health`` on the others finds the active one. A request
+   the next node whose ``sys/health`` says active, within ``failover_timeout``. A request
    that may have executed (a reset, a timeout, a 500) is sent again only when doing it twice is harmless:
    a credential read or a token create is not, and its caller gets the error (``broker.vault.nodes``).
 """
@@ -466,14 +466,14 @@ class VaultClient:
                     if status < 300 or 400 <= status < 500 or status in ok_extra:
                         self._order.answered(node)  # it executed (or refused) the request itself
                     return self._answer(status, parsed, op, ok_extra)
-            # This node did not take the request: ask the others which one is active; else the next in turn.
-            active = await self._find_active(exclude=node)
-            if active is None:
-                node = self._order.after(node)
+            # This node did not take the request. Send it on only to a node that says it is active: during an
+            # election a standby answers a create with a bare 500 ("internal error"), which is ambiguous.
+            active = await self._find_active()
+            while active is None and loop.time() + pause <= deadline:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _MAX_PAUSE)
-            else:
-                node = active
+                active = await self._find_active()
+            node = active if active is not None else self._order.after(node)
         msg = f"Vault is unavailable ({op}: no node took the request)"
         raise VaultUnavailable(msg, reason=f"{op}: {len(self._bases)} nodes, none active")
 
@@ -512,9 +512,9 @@ class VaultClient:
             return status, parsed
         raise _status_error(status, parsed, op)
 
-    async def _find_active(self, *, exclude: int) -> int | None:
-        """The node whose ``sys/health`` says active (200), asking all but ``exclude`` at once; None if none."""
-        others = [i for i in range(len(self._bases)) if i != exclude]
+    async def _find_active(self) -> int | None:
+        """The node whose ``sys/health`` says active (200), asking all at once; None if none does."""
+        others = list(range(len(self._bases)))
         probe = aiohttp.ClientTimeout(total=_HEALTH_PROBE)
 
         async def one(i: int) -> int:
