@@ -167,8 +167,9 @@ class Agents:
                     out = await r.json()
         except aiohttp.ClientConnectorError:
             self._run.down.add(i)  # a load balancer's health check takes it out
-        except (TimeoutError, aiohttp.ClientError):
-            pass
+            what += " (refused)"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            what += f" ({type(exc).__name__})"
         self._run.recs.append(Rec(phase, t0, time.monotonic() - t0, status in (200, 201), what, status))
         return status, out
 
