@@ -47,6 +47,7 @@ from broker.revocations import IntentSettler, Maintenance, Revocations, Revoker
 from broker.sealing import TokenSealer
 from broker.singletons import Singleton, replica_id
 from broker.store import LeaseLimits, Store, open_store
+from broker.store.wakeups import ApprovalListener
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
 
@@ -102,6 +103,7 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app.cleanup_ctx.extend([
         _http_session, _store, _vault, _identity, _domain,
         _background("vault-token-renewer", lambda a: _renew_own_token(a[api.VAULT])),
+        _background("approval-wakeups", _approval_wakeups),
         # Work one replica does at a time, each under its lease in the store (broker.singletons).
         _singleton("maintenance", lambda a: a[MAINTENANCE].run_forever),
         _singleton("vault-audit-tailer", lambda a: a[api.VAULT_TAILERS].run_forever if api.VAULT_TAILERS in a
@@ -224,6 +226,17 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
         app[api.VAULT_TAILER] = tailers[0]
         app[api.VAULT_TAILERS] = VaultAuditTailers(tailers, metrics=app[api.METRICS])
     yield
+
+
+def _approval_wakeups(app: web.Application) -> Coroutine[Any, Any, None] | None:
+    """On PostgreSQL, decisions made on other replicas wake this one's long polls (broker.store.wakeups)."""
+    url = app[SETTINGS].store.url
+    if url.startswith("sqlite"):
+        return None
+    approvals = app[api.APPROVALS]
+    listener = ApprovalListener(url, approvals.wake)
+    approvals.listening = lambda: listener.connected
+    return listener.run_forever()
 
 
 def _devices(settings: Settings) -> list[str | None]:

@@ -406,6 +406,11 @@ class VaultClient:
         return f"VaultClient(addr={', '.join(b[:-4] for b in self._bases)!r})"
 
     @property
+    def clustered(self) -> bool:
+        """Several nodes are configured."""
+        return len(self._bases) > 1
+
+    @property
     def active_addr(self) -> str:
         """The node requests go to first: the one that last executed a request (rule 6)."""
         return self._bases[self._order.active][:-4]
@@ -781,6 +786,15 @@ class VaultClient:
             return _parse_token_info(_mapping(parsed, "data"))
 
     # -- Vault's audit device ---------------------------------------------------------------------
+
+    async def tidy_leases(self) -> None:
+        """POST /v1/sys/leases/tidy (``sudo``) -- revoke leases whose token no longer exists.
+
+        Vault runs it in the background and answers at once. Needed after a leader change: an active
+        node killed in the middle of a credential read can leave a lease that the new leader holds but
+        that revoking its token does not reach (its token index was not written); tidy revokes it.
+        """
+        await self._call("POST", "sys/leases/tidy", "tidy leases")
 
     async def audit_hash(self, device: str, value: str) -> str:
         """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""

@@ -74,6 +74,8 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | N
         'path "auth/token/revoke-accessor" { capabilities = ["update"] }',
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
+        # After a Vault leader change: revoke leases whose token is gone (broker.revocations.Maintenance).
+        'path "sys/leases/tidy" { capabilities = ["update", "sudo"] }',
     ]
     # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
     for device in (audit_device,) if isinstance(audit_device, str) else audit_device or ():
