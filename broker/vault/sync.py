@@ -65,7 +65,8 @@ def audit_device_of(settings: Settings) -> str | tuple[str, ...] | None:
     return settings.audit.vault_device if settings.vault.audit_log is not None else None
 
 
-def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | None = None) -> str:
+def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | None = None,
+                      tidy: bool = False) -> str:
     lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, "
              "not read secrets.", ""]
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
@@ -74,9 +75,10 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | N
         'path "auth/token/revoke-accessor" { capabilities = ["update"] }',
         'path "auth/token/lookup-accessor" { capabilities = ["update"] }',
         'path "sys/leases/lookup" { capabilities = ["update"] }',
-        # After a Vault leader change: revoke leases whose token is gone (broker.revocations.Maintenance).
-        'path "sys/leases/tidy" { capabilities = ["update", "sudo"] }',
     ]
+    if tidy:
+        # A cluster: after a leader change, revoke leases whose token is gone (broker.revocations.LeaderWatch).
+        lines.append('path "sys/leases/tidy" { capabilities = ["update", "sudo"] }')
     # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
     for device in (audit_device,) if isinstance(audit_device, str) else audit_device or ():
         lines.append(f'path "sys/audit-hash/{device}" {{ capabilities = ["update"] }}')
@@ -91,9 +93,10 @@ class SyncChange:
     action: str  # "created", "updated", "unchanged"
 
 
-def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[str] | None = None
-         ) -> list[SyncChange]:
-    """Bring Vault in line with the catalog; what each object needed, in order. Raises: VaultError."""
+def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[str] | None = None,
+         tidy: bool = False) -> list[SyncChange]:
+    """Bring Vault in line with the catalog; what each object needed, in order. ``tidy``: the broker talks to
+    a cluster (several ``[vault] addr``) and may tidy leases after a leader change. Raises: VaultError."""
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
         changes.append(_policy(admin, role.vault_policy, task_policy_hcl(role)))
@@ -104,7 +107,7 @@ def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[st
         else:
             admin.put_token_role(role.vault_policy, wanted)
             changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
-    changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
+    changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device, tidy=tidy)))
     return changes
 
 

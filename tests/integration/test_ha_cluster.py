@@ -134,7 +134,7 @@ def _set_up(root: Path, broker_root: Path, cluster: RaftCluster, pg: PgCluster, 
         for r in catalog.roles.values():
             admin.put_policy(r.vault_policy, task_policy_hcl(r))
             admin.put_token_role(r.vault_policy, task_token_role(r))
-        admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog, audit_device=devices))
+        admin.put_policy(BROKER_POLICY, broker_policy_hcl(catalog, audit_device=devices, tidy=True))
         auth = admin.create_token(policies=[BROKER_POLICY], period="24h", no_parent=True, display_name=BROKER_POLICY)
     (root / "vault-token").write_text(auth.client_token.reveal() + "\n")
     (root / "vault-token").chmod(0o600)
