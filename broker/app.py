@@ -109,6 +109,8 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
         _singleton("vault-audit-tailer", lambda a: a[api.VAULT_TAILERS].run_forever if api.VAULT_TAILERS in a
                    else None),
         _singleton("audit-exporter", lambda a: a[EXPORTER].run_forever if EXPORTER in a else None),
+        # Every replica gates its issuance on the export backlog, whichever replica exports.
+        _background("audit-export-backlog", lambda a: a[EXPORTER].watch_forever() if EXPORTER in a else None),
     ])
     api.add_routes(app)
     lim = settings.limits

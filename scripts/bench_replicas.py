@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psycopg
@@ -62,6 +63,8 @@ class Row:
     p50: float
     p99: float
     errors: int
+    rps_min: float
+    rps_max: float
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -133,18 +136,21 @@ async def one_pass(stack: BenchStack, replicas: Replicas, args: argparse.Namespa
         return result
 
 
-def render(rows: Sequence[Row], args: argparse.Namespace, info: dict[str, object]) -> str:
+def render(rows: Sequence[Row], args: argparse.Namespace, info: dict[str, Any]) -> str:
     one = next((r for r in rows if r.replicas == 1), None)
     lines = [SECTION, "",
              f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info.get('cpu_model')} "
              f"({info.get('nproc')} CPUs), OpenBao dev server, PostgreSQL store; grant `{GRANTS[args.grant]}`, "
              f"{args.agents} agents in flight, {args.count} issuances per pass, median of {args.reps}.", "",
-             "| replicas | issuances/s | p50 ms | p99 ms | errors | vs 1 replica |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             f"Load average before the run: {', '.join(f'{x:.1f}' for x in info.get('loadavg_before', ()))} "
+             "(the machine is shared).", "",
+             "| replicas | issuances/s (median) | range over reps | p50 ms | p99 ms | errors | vs 1 replica |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         rel = f"{r.rps / one.rps:.2f}x" if one and one.rps else "-"
-        lines.append(f"| {r.replicas} | {r.rps:.0f} | {r.p50:.1f} | {r.p99:.1f} | {r.errors} | {rel} |")
-    lines += ["", "Reading: on 2 cores shared by OpenBao, PostgreSQL, the replicas and the load generator, more "
+        lines.append(f"| {r.replicas} | {r.rps:.0f} | {r.rps_min:.0f}–{r.rps_max:.0f} | {r.p50:.1f} | {r.p99:.1f} "
+                     f"| {r.errors} | {rel} |")
+    lines += ["", "Reading: where the ranges overlap, the difference is the machine's noise, not the replicas. On 2 cores shared by OpenBao, PostgreSQL, the replicas and the load generator, more "
               "replicas add processes that compete for the same CPU; they do not add capacity. Replicas buy "
               "availability (a replica or a Vault node can die and requests keep being served: "
               "`tests/integration/test_ha_cluster.py`), not speed. Throughput would grow with replicas only "
@@ -184,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"rep {rep + 1}: {n} replica(s): {res.rps:.0f}/s p99 {res.p(99):.1f} ms "
                       f"errors {sum(res.errors.values())}", flush=True)
         rows = [Row(n, median([r.rps for r in rs]), median([r.p(50) for r in rs]), median([r.p(99) for r in rs]),
-                    sum(sum(r.errors.values()) for r in rs)) for n, rs in results.items()]
+                    sum(sum(r.errors.values()) for r in rs), min(r.rps for r in rs), max(r.rps for r in rs))
+                for n, rs in results.items()]
     section = render(rows, args, info)
     print("\n" + section)
     if args.doc is not None:

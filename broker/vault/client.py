@@ -467,10 +467,12 @@ class VaultClient:
                     raise
             else:
                 if status in ok_extra or after_status(status, _errors_of(parsed), idempotent=idempotent
-                                                      ) is Next.ANSWER or loop.time() + pause > deadline:
-                    if status < 300 or 400 <= status < 500 or status in ok_extra:
+                                                      ) is Next.ANSWER:
+                    if status < 500:
                         self._order.answered(node)  # it executed (or refused) the request itself
                     return self._answer(status, parsed, op, ok_extra)
+                if loop.time() + pause > deadline:
+                    return self._answer(status, parsed, op, ok_extra)  # the last node's refusal, as an error
             # This node did not take the request. Send it on only to a node that says it is active: during an
             # election a standby answers a create with a bare 500 ("internal error"), which is ambiguous.
             active = await self._find_active()
