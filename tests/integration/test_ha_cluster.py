@@ -378,6 +378,9 @@ async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
             files = {n.name: n.audit_log.stat().st_size if n.audit_log.exists() else 0 for n in cluster.nodes}
             print(f"issued {len(run.delivered)} credentials over {len(run.task_ids)} tasks; Vault tokens "
                   f"{dict(verdict.vault_tokens)}, leases {verdict.vault_leases}; audit files {files}")
+            active_tasks = sum(t["state"] == "active" for t in snap.tasks.values())
+            print(f"active tasks {active_tasks}, tasks active in the store whose token Vault lost "
+                  f"{len(verdict.ghost_tasks)}")
             print(f"orphans {len(orphans)} (left by the leader's crash and tidied: {len(crashed)}), ghosts {len(verdict.ghosts)}, audit problems "
                   f"{len(verdict.audit_problems)}, task-token requests missing from the chain {len(lost)}, "
                   f"chain {snap.chain}")
@@ -390,6 +393,7 @@ async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
                 print(f"orphan: {o}; store: {known or 'no lease row'}")
             assert orphans == []
             assert verdict.ghosts == []
+            assert verdict.ghost_tasks == []
             assert verdict.audit_problems == []
             assert lost == []
             assert snap.chain.startswith("ok")

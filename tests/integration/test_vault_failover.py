@@ -145,3 +145,24 @@ class TestFailover:
         with pytest.raises(VaultUnavailable):
             await client.lookup_self()
         assert loop.time() - start < 3
+
+
+class TestTidy:
+    async def test_only_a_cluster_policy_may_tidy_leases(
+        self, openbao: DevOpenBao, session: aiohttp.ClientSession
+    ) -> None:
+        """``broker vault sync`` for a cluster lets the broker's token tidy leases; the single-node policy does not."""
+        from broker.delegation import Catalog
+        from broker.errors import VaultDenied
+        from broker.vault.admin import VaultAdmin
+        from broker.vault.sync import broker_policy_hcl
+
+        catalog = Catalog(roles={})
+        tokens = {}
+        with VaultAdmin(openbao.addr, token=openbao.root_token) as admin:
+            for name, tidy in (("tidy-yes", True), ("tidy-no", False)):
+                admin.put_policy(f"broker-{name}", broker_policy_hcl(catalog, tidy=tidy))
+                tokens[name] = (admin.create_token(policies=[f"broker-{name}"], ttl="5m")).client_token
+        await VaultClient(session, openbao.addr, token=tokens["tidy-yes"]).tidy_leases()
+        with pytest.raises(VaultDenied):
+            await VaultClient(session, openbao.addr, token=tokens["tidy-no"]).tidy_leases()
