@@ -157,7 +157,7 @@ class Agents:
     async def _req(self, session: aiohttp.ClientSession, what: str, path: str, headers: dict[str, str],
                    body: dict[str, str]) -> tuple[int, dict[str, object]]:
         i = self._pick()
-        phase, t0 = self._run.phase, time.monotonic()
+        t0 = time.monotonic()
         status, out = 0, {}
         try:
             async with session.post(self._replicas[i].base + path, headers=headers, json=body) as r:
@@ -169,7 +169,8 @@ class Agents:
             what += " (refused)"
         except (TimeoutError, aiohttp.ClientError) as exc:
             what += f" ({type(exc).__name__})"
-        self._run.recs.append(Rec(phase, t0, time.monotonic() - t0, status in (200, 201), what, status))
+        # In the phase where it ended: a request in flight on a replica when it is killed fails in that phase.
+        self._run.recs.append(Rec(self._run.phase, t0, time.monotonic() - t0, status in (200, 201), what, status))
         return status, out
 
     async def agent(self, session: aiohttp.ClientSession, n: int) -> None:
@@ -232,9 +233,11 @@ def _report(run: Run) -> dict[str, float]:
               f"{', '.join(f'{k}: {v}' for k, v in sorted(why.items()))}")
     resumed: dict[str, float] = {}
     for fault, at in run.faults.items():
+        # Success resumed: the first request sent after the fault that succeeded, when it answered.
         after = sorted((r for r in run.recs if r.start >= at), key=lambda r: r.start)
         first_ok = next((r.start + r.latency - at for r in after if r.ok), float("inf"))
-        last_fail = max((r.start + r.latency - at for r in after if not r.ok), default=0.0)
+        last_fail = max((r.start + r.latency - at for r in run.recs if not r.ok and r.start + r.latency >= at),
+                        default=0.0)
         resumed[fault] = first_ok
         print(f"after '{fault}': first success {first_ok:.2f} s, last failure {last_fail:.2f} s after the fault")
     return resumed
