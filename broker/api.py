@@ -28,6 +28,7 @@ from broker.approvals import ApprovalManager
 from broker.audit import CALLER_ADDRESS
 from broker.audit.checkpoints import StoreVerifier
 from broker.audit.tailer import VaultAuditTailer
+from broker.audit.tailers import VaultAuditTailers
 from broker.delegation import Catalog, any_includes
 from broker.engines import revocation_of_kind
 from broker.errors import (
@@ -81,6 +82,7 @@ from broker.readiness import Readiness
 from broker.revocations import Revocations, RevocationStatus
 from broker.server import log_path, route_of
 from broker.signals.web import add_signal_routes
+from broker.singletons import Singleton
 from broker.states import TokenState
 from broker.store import ApprovalRow, LeaseRow, Person, Store, TaskRow
 from broker.tasks import TaskManager
@@ -103,7 +105,10 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 AUDIT_VERIFIER = web.AppKey("audit_verifier", StoreVerifier)
 METRICS = METER  # the app's Prometheus registry and series (broker.metrics)
 REQUESTS = web.AppKey("request_meter", RateLimiter)  # every authenticated request, per identity
-VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log
+VAULT_TAILER = web.AppKey("vault_tailer", VaultAuditTailer)  # set only with [vault].audit_log: the first file's
+VAULT_TAILERS = web.AppKey("vault_tailers", VaultAuditTailers)  # every file's, run as one
+REPLICA = web.AppKey("replica_id", str)  # this process as a singleton lease holder (broker.singletons)
+SINGLETONS: web.AppKey[list[Singleton]] = web.AppKey("singletons")
 
 _PROBLEM_TYPE = "https://agent-broker.dev/problems/"
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
@@ -507,8 +512,9 @@ async def health(request: web.Request) -> web.Response:
     r = await request.app[READINESS].check()
     mode = request.app[LEASES].journal
     journal = "off" if mode is None else "on" if mode.ready else "probing"
+    held = [s.name for s in request.app[SINGLETONS] if s.state.held]
     out = HealthOut.model_validate({"status": "ok" if r.ok else "unavailable", "vault": r.vault, "store": r.store,
-                                    "version": __version__, "issuance_journal": journal})
+                                    "version": __version__, "issuance_journal": journal, "singletons": held})
     return _json(out, 200 if r.ok else 503)
 
 

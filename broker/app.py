@@ -24,6 +24,7 @@ from broker.audit.checkpoints import Checkpointer, StoreVerifier
 from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
 from broker.audit.signing import load_signing_key
 from broker.audit.tailer import VaultAuditTailer
+from broker.audit.tailers import VaultAuditTailers
 from broker.config import Settings
 from broker.console import add_console_routes
 from broker.delegation import Catalog
@@ -55,7 +56,9 @@ from broker.signals.keys import load_public_key_file
 from broker.signals.keys import load_signing_key as load_ssf_key
 from broker.signals.transmitter import Receiver, Transmitter
 from broker.signals.web import TRANSMITTER_INFO, TransmitterInfo
+from broker.singletons import Singleton, replica_id
 from broker.store import LeaseLimits, Store, open_store
+from broker.store.wakeups import ApprovalListener
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
 
@@ -110,14 +113,20 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time,
     app[CRASH] = crash
     app[api.CLOCK] = clock
     app[api.METRICS] = Metrics(version=__version__, clock=clock, process=process_metrics)
+    app[api.REPLICA] = replica_id()
+    app[api.SINGLETONS] = []
     app[api.REQUESTS] = _rate(settings.limits.request_rate_per_identity, settings.limits.request_burst_per_identity)
     app.cleanup_ctx.extend([
         _http_session, _store, _signals, _vault, _identity, _domain,
         _background("vault-token-renewer", lambda a: _renew_own_token(a[api.VAULT])),
-        _background("maintenance", lambda a: a[MAINTENANCE].run_forever()),
-        _background("vault-audit-tailer", lambda a: a[api.VAULT_TAILER].run_forever() if api.VAULT_TAILER in a
-                    else None),
-        _background("audit-exporter", lambda a: a[EXPORTER].run_forever() if EXPORTER in a else None),
+        _background("approval-wakeups", _approval_wakeups),
+        # Work one replica does at a time, each under its lease in the store (broker.singletons).
+        _singleton("maintenance", lambda a: a[MAINTENANCE].run_forever),
+        _singleton("vault-audit-tailer", lambda a: a[api.VAULT_TAILERS].run_forever if api.VAULT_TAILERS in a
+                   else None),
+        _singleton("audit-exporter", lambda a: a[EXPORTER].run_forever if EXPORTER in a else None),
+        # Every replica gates its issuance on the export backlog, whichever replica exports.
+        _background("audit-export-backlog", lambda a: a[EXPORTER].watch_forever() if EXPORTER in a else None),
         _background("issuance-journal-probe", lambda a: _probe_journal(a[api.VAULT], a[api.STORE], a[JOURNAL])
                     if JOURNAL in a else None),
         _background("signal-transmitter", lambda a: a[TRANSMITTER].run_forever() if TRANSMITTER in a else None),
@@ -199,9 +208,9 @@ def _authorization(path: Path | None) -> Sensitive | None:
 async def _vault(app: web.Application) -> AsyncIterator[None]:
     """The broker's Vault client (its own token, read once) and the readiness probe over it and the store."""
     settings = app[SETTINGS]
-    vault = VaultClient(app[HTTP], settings.vault.addr, token=read_vault_token(settings),
+    vault = VaultClient(app[HTTP], settings.vault.addrs, token=read_vault_token(settings),
                         timeout=settings.vault.timeout, namespace=settings.vault.namespace,
-                        observe=app[api.METRICS].observe_vault)
+                        failover_timeout=settings.vault.failover_timeout, observe=app[api.METRICS].observe_vault)
     app[api.VAULT] = vault
     # Readiness probes Vault no longer than an agent's health check would wait.
     app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],
@@ -283,14 +292,53 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
                                    interval=m.interval, intent_grace=m.intent_grace,
                                    bootstrap_ttl=v.task_token_bootstrap_ttl,
                                    sole_writer=settings.store.url.startswith("sqlite"), checkpointer=checkpointer)
-    if v.audit_log is not None:
-        # Vault's own record merged into the chain (one tailer per file: see broker.audit.tailer).
-        device = audit.vault_device
-        app[api.VAULT_TAILER] = VaultAuditTailer(
-            store=store, path=v.audit_log, metrics=app[api.METRICS], clock=clock,
+    if v.audit_logs:
+        # Vault's own record merged into the chain: one tailer per node's file (broker.audit.tailers).
+        tailers = [VaultAuditTailer(
+            store=store, path=path, metrics=app[api.METRICS], clock=clock, dedupe=len(v.audit_logs) > 1,
             broker_paths=[g.path for r in catalog.roles.values() for g in r.grants.values()],
-            hasher=lambda value: vault.audit_hash(device, value))
+            hasher=_hasher(vault, device) if device is not None else None)
+            for path, device in zip(v.audit_logs, _devices(settings), strict=True)]
+        app[api.VAULT_TAILER] = tailers[0]
+        app[api.VAULT_TAILERS] = VaultAuditTailers(tailers, metrics=app[api.METRICS])
     yield
+
+
+def _approval_wakeups(app: web.Application) -> Coroutine[Any, Any, None] | None:
+    """On PostgreSQL, decisions made on other replicas wake this one's long polls (broker.store.wakeups)."""
+    url = app[SETTINGS].store.url
+    if url.startswith("sqlite"):
+        return None
+    approvals = app[api.APPROVALS]
+    listener = ApprovalListener(url, approvals.wake)
+    approvals.listening = lambda: listener.connected
+    return listener.run_forever()
+
+
+def _devices(settings: Settings) -> list[str | None]:
+    """Each audit file's device name, for ``sys/audit-hash``; None where it is not known (several files, one
+    name: it names the first file's device)."""
+    files, device = settings.vault.audit_logs, settings.audit.vault_device
+    if isinstance(device, str):
+        return [device] + [None] * (len(files) - 1)
+    return list(device)
+
+
+def _hasher(vault: VaultClient, device: str) -> Callable[[str], Coroutine[Any, Any, str]]:
+    return lambda value: vault.audit_hash(device, value)
+
+
+def _singleton(name: str, work: Callable[[web.Application], Callable[[], Coroutine[Any, Any, None]] | None]
+               ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Work one replica at a time does, as its own context: held under the store's lease ``name``."""
+    def start(app: web.Application) -> Coroutine[Any, Any, None] | None:
+        run = work(app)
+        if run is None:
+            return None
+        single = Singleton(name, run, store=app[api.STORE], holder=app[api.REPLICA])
+        app[api.SINGLETONS].append(single)
+        return single.run_forever()
+    return _background(name, start)
 
 
 def _background(name: str, start: Callable[[web.Application], Coroutine[Any, Any, None] | None]

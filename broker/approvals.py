@@ -34,6 +34,10 @@ class ApprovalView:
     task: TaskRow | None
 
 
+_REREAD = 1.0  # seconds between re-reads of a waited-on approval, with no cross-replica wake-up
+_REREAD_LISTENING = 5.0  # ... and with one (a lost notification costs at most this)
+
+
 class ApprovalManager:
     def __init__(self, *, catalog: Catalog, store: Store, clock: Callable[[], float], max_auth_age: int,
                  ttl: int, backlog_ok: Callable[[], None] | None = None,
@@ -51,6 +55,8 @@ class ApprovalManager:
         self._max_auth_age = max_auth_age
         self._ttl = ttl
         self._changed: dict[str, asyncio.Event] = {}
+        # Set by the app when another replica's decisions arrive by notification (PostgreSQL).
+        self.listening: Callable[[], bool] = lambda: False
 
     async def request(self, task: TaskRow, grant: Grant, *, ttl: int,
                       key_fingerprint: str | None = None) -> ApprovalRow:
@@ -148,9 +154,15 @@ class ApprovalManager:
             if row.state != "pending" or row.expires_at <= self._clock() or remaining <= 0:
                 return row
             event = self._changed.setdefault(approval_id, asyncio.Event())
-            # Wake on a decision made by this replica, or look again every second for other replicas'.
+            # Wake on a decision made by this replica or, through the store's LISTEN (broker.store.wakeups),
+            # by another; without a listener, look again every second for other replicas' decisions.
+            every = _REREAD_LISTENING if self.listening() else _REREAD
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(1.0, remaining))
+                await asyncio.wait_for(event.wait(), timeout=min(every, remaining))
+
+    def wake(self, approval_id: str) -> None:
+        """A decision on ``approval_id`` was committed (by any replica): wake its long polls here."""
+        self._notify(approval_id)
 
     def _notify(self, approval_id: str) -> None:
         event = self._changed.pop(approval_id, None)

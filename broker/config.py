@@ -94,10 +94,15 @@ class ServerSettings(_Frozen):
 
 
 class VaultSettings(_Frozen):
-    addr: str = "http://127.0.0.1:8200"
+    # One node, or every node of a cluster (integrated storage): the broker talks to the active one.
+    addr: str | tuple[str, ...] = "http://127.0.0.1:8200"
     token_file: Path
-    audit_log: Path | None = None
+    # The file audit device's file, or every node's (merged and deduplicated by request id).
+    audit_log: Path | tuple[Path, ...] | None = None
     timeout: float = Field(default=5.0, gt=0, le=60)
+    # With several nodes: how long one request may spend finding the active node (leader election takes
+    # a few seconds) before its caller gets ``VaultUnavailable``.
+    failover_timeout: float = Field(default=10.0, gt=0, le=120)
     namespace: str | None = None
     # How long `end` waits for Vault to confirm that a task's leases are gone before it reports
     # them `revoke_pending` (revoke-accessor returns before the leases are revoked).
@@ -109,6 +114,33 @@ class VaultSettings(_Frozen):
     # (broker.journal). Off, or until the start-up probe finds the device records X-Broker-Intent in plain
     # text, each credential is read with its own issuance token (two requests).
     journal: bool = True
+
+    @field_validator("addr")
+    @classmethod
+    def _addrs(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        nodes = (v,) if isinstance(v, str) else v
+        if not nodes or len(set(nodes)) != len(nodes):
+            raise ValueError("addr is one URL or a list of distinct URLs")
+        return v
+
+    @field_validator("audit_log")
+    @classmethod
+    def _audit_logs(cls, v: Path | tuple[Path, ...] | None) -> Path | tuple[Path, ...] | None:
+        if isinstance(v, tuple) and (not v or len(set(v)) != len(v)):
+            raise ValueError("audit_log is one file or a list of distinct files")
+        return v
+
+    @property
+    def addrs(self) -> tuple[str, ...]:
+        """Every node's address, in the configured order (one for a single server)."""
+        return (self.addr,) if isinstance(self.addr, str) else self.addr
+
+    @property
+    def audit_logs(self) -> tuple[Path, ...]:
+        """Every node's audit file (empty: no tailer)."""
+        if self.audit_log is None:
+            return ()
+        return (self.audit_log,) if isinstance(self.audit_log, Path) else self.audit_log
 
 
 class LimitsSettings(_Frozen):
@@ -325,14 +357,20 @@ class AuditSettings(_Frozen):
     # Checkpoints are also appended to this file (a witness outside the store).
     witness_file: Path | None = None
     origin: str = "agent-broker"
-    # The name of Vault's file audit device (for sys/audit-hash); its file is [vault].audit_log.
-    vault_device: str = "main"
+    # The name of Vault's file audit device (for sys/audit-hash); its file is [vault].audit_log. With
+    # several files, one name per file in the same order (each node's device has its own salt).
+    vault_device: str | tuple[str, ...] = "main"
     # Export sinks: JSON lines (or OCSF) appended to a file, and/or POSTed to a webhook.
     export_file: Path | None = None
     export_format: Literal["jsonl", "ocsf"] = "jsonl"
     export_url: str | None = None
     # Records not yet exported beyond this many: issuance fails closed until the sink catches up.
     export_backlog_limit: int = Field(default=10_000, ge=1)
+
+
+    @property
+    def vault_devices(self) -> tuple[str, ...]:
+        return (self.vault_device,) if isinstance(self.vault_device, str) else self.vault_device
 
 
 def _is_loopback_http(url: str) -> bool:
@@ -455,6 +493,13 @@ class Settings(_Frozen):
             raise ValueError("task role names must be unique")
         return self
 
+    @model_validator(mode="after")
+    def _one_device_per_file(self) -> Settings:
+        devices, files = self.audit.vault_devices, self.vault.audit_logs
+        if len(files) > 1 and not isinstance(self.audit.vault_device, str) and len(devices) != len(files):
+            raise ValueError("audit.vault_device: one device name per [vault].audit_log file")
+        return self
+
 
 # Scalar settings that the environment may override, e.g. BROKER_VAULT_ADDR.
 _ENV_KEYS: dict[str, tuple[str, str]] = {
@@ -466,6 +511,9 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {
     }.items()
     for key in keys
 }
+
+# Of those, the ones that take a list (BROKER_VAULT_ADDR="http://a:8200,http://b:8200").
+_LIST_KEYS = frozenset({("vault", "addr"), ("vault", "audit_log")})
 
 
 # Required settings that only the serving broker uses, with the stand-ins ``vault_setup`` puts where they
@@ -499,7 +547,11 @@ def load_settings(environ: Mapping[str, str], path: str | Path | None, *, vault_
         base = p.resolve().parent
     for var, (section, key) in _ENV_KEYS.items():
         if var in environ:
-            raw.setdefault(section, {})[key] = environ[var]
+            text = environ[var]
+            value: str | list[str] = text
+            if (section, key) in _LIST_KEYS and "," in text:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+            raw.setdefault(section, {})[key] = value
     if vault_setup:
         # `broker vault sync` reads the catalog, [people], [vault].addr/audit_log and [audit].vault_device
         # only: what only the serving broker needs may be absent. Every key present is still validated.
@@ -520,6 +572,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     def fix(d: Any, key: str) -> None:
         if isinstance(d, dict) and isinstance(d.get(key), str) and not Path(d[key]).is_absolute():
             d[key] = str(base / d[key])
+        elif isinstance(d, dict) and isinstance(d.get(key), list):
+            d[key] = [str(base / x) if isinstance(x, str) and not Path(x).is_absolute() else x for x in d[key]]
 
     fix(raw.get("vault"), "token_file")
     fix(raw.get("vault"), "audit_log")

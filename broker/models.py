@@ -354,6 +354,9 @@ class HealthOut(BaseModel):
     issuance_journal: Literal["on", "probing", "off"] = Field(
         default="off", description="on: each credential is one Vault request, journaled by Vault's audit device "
                                    "(X-Broker-Intent); probing: not confirmed yet; off: issuance tokens")
+    singletons: list[str] = Field(default_factory=list, description=(
+        "the work this replica does for all replicas now, under its lease in the store: maintenance, "
+        "vault-audit-tailer, audit-exporter"))
 
 
 class Problem(BaseModel):

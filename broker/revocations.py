@@ -502,6 +502,43 @@ class Revocations:
         return await self.status(revocation_id)
 
 
+class LeaderWatch:
+    """After the Vault cluster's active node changes, have Vault tidy its leases, twice.
+
+    A leader killed during a credential read can leave a lease the new leader holds but that revoking
+    its issuance token does not reach (shared/openbao-notes.md; tests/integration/test_ha_cluster.py).
+    ``sys/leases/tidy`` revokes leases whose token is gone: once soon after the change (the request path
+    has revoked the issuance tokens of the reads it gave up), once later (abandons retried with backoff).
+    """
+
+    _DELAYS = (5.0, 60.0)
+
+    def __init__(self, vault: VaultClient, clock: Callable[[], float]) -> None:
+        self._vault = vault
+        self._clock = clock
+        self._active: str | None = None
+        self._due: list[float] = []
+
+    async def tick(self) -> None:
+        if not self._vault.clustered:
+            return
+        with contextlib.suppress(VaultError):
+            await self._vault.health(timeout=2.0)  # the answer moves the client to the active node
+        now = self._clock()
+        active = self._vault.active_addr
+        if self._active is not None and active != self._active:
+            log.warning("the active Vault node changed (to %s): leases will be tidied", active)
+            self._due = [now + d for d in self._DELAYS]
+        self._active = active
+        if self._due and self._due[0] <= now:
+            try:
+                await self._vault.tidy_leases()
+            except VaultError as exc:
+                log.warning("could not ask Vault to tidy its leases (%s); retrying", exc.code)
+                return
+            self._due.pop(0)
+
+
 class Maintenance:
     """The background loop: expire, reconcile intents, retry revocations. Bounded work per tick."""
 
@@ -520,6 +557,7 @@ class Maintenance:
         self._started = clock()
         # With SQLite there is one broker: at start-up every open intent is a dead process's.
         self._sole_writer = sole_writer
+        self._leader = LeaderWatch(vault, clock)
 
     async def run_forever(self) -> None:
         while True:
@@ -543,6 +581,7 @@ class Maintenance:
         if due:
             await self._revoker.settle(due)
         await self._expire_leases(now)
+        await self._leader.tick()
         if self._checkpointer is not None:  # last: the checkpoint covers this tick's records too
             await self._checkpointer.maybe_checkpoint()
 

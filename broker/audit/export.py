@@ -329,8 +329,32 @@ class Exporter:
         self._reconciled.add(sink.name)
         return cur
 
+    async def measure(self) -> int:
+        """The backlog from the store's cursors, without delivering anything (a replica that does not export).
+
+        With several replicas one exports (the ``audit-exporter`` singleton) and every replica gates its own
+        issuance with :meth:`check`: the others keep their view fresh with this. Raises: StoreUnavailable.
+        """
+        positions = await self._store.export_positions()
+        head, _ = await self._store.chain_head()
+        self._backlog = max(0, head - min((positions.get(s.name, 0) for s in self._sinks), default=head))
+        self._updated_at = self._monotonic()
+        if self._on_backlog is not None:
+            self._on_backlog(self._backlog)
+        return self._backlog
+
+    async def watch_forever(self) -> None:
+        """:meth:`measure` every ``interval`` seconds, on every replica; errors are logged, never fatal."""
+        while True:
+            try:
+                await self.measure()
+            except BrokerError as exc:
+                log.warning("audit export backlog unknown: %s", exc.code)
+            await asyncio.sleep(self._interval)
+
     async def run_forever(self) -> None:
         """Rounds every ``interval`` seconds (at once again while a round was full); errors are logged, never fatal."""
+        self._reconciled.clear()  # a holder again after another replica exported: look at the sinks afresh
         while True:
             busy = False
             try:

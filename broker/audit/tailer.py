@@ -29,9 +29,11 @@ What it keeps:
    only while a poll fills its chunk (catching up); otherwise the tailer waits ``poll_interval``, so
    a trickle of lines (a few per issuance) is merged in batches, not one poll per few lines.
 
-With several broker replicas on one PostgreSQL store only one may tail a given file: run it under the
-PostgreSQL advisory lock (as the maintenance loop should). Without the lock a second tailer does not
-duplicate anything (the position's compare-and-set refuses it) but wastes work and logs conflicts.
+With several broker replicas on one PostgreSQL store only one tails the files: the one holding the
+``vault-audit-tailer`` singleton lease (broker.singletons). Without it a second tailer would not
+duplicate anything (the position's compare-and-set refuses it) but would waste work and log conflicts.
+A cluster's nodes each write their own file: ``broker.audit.tailers`` runs one tailer per file and
+merges a Vault request once (``dedupe``).
 
 Tokens with no metadata of their own (the agent's child token from a token-role grant) are attributed
 through the HMAC'd accessor that their creating response names (``broker.vaultaudit.created_token``);
@@ -247,6 +249,7 @@ class VaultAuditTailer:
         skew: float = DEFAULT_SKEW,
         hasher: Hasher | None = None,
         clock: Callable[[], float] = time.time,
+        dedupe: bool = False,
     ) -> None:
         self._store = store
         self._path = Path(path)
@@ -262,6 +265,16 @@ class VaultAuditTailer:
         self._pos: dict[FileId, VaultAuditPosition] = {}
         self._sizes: dict[FileId, int] = {}
         self._current: FileId | None = None
+        self._loaded = False
+        # One of several nodes' files (broker.audit.tailers): merge a Vault request once across them.
+        self._dedupe = dedupe
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def reload(self) -> None:
+        """Read the positions from the store again at the next step (another tailer may have moved them)."""
         self._loaded = False
 
     @property
@@ -365,6 +378,9 @@ class VaultAuditTailer:
     async def _first_start(self, files: list[_File]) -> MergeResult:
         """No stored position: every file of the log starts at its end (or its beginning)."""
         if not files:
+            # The file is created after this tailer first looked (a cluster node's device writes its file
+            # when that node first serves): all it will hold is new, so it is read from its beginning.
+            self._start = "beginning"
             return MergeResult()
         moves: list[tuple[VaultAuditPosition | None, VaultAuditPosition]] = []
         for f in files:
@@ -403,7 +419,7 @@ class VaultAuditTailer:
                                                                  f"{seen - p.offset} bytes before its end"))
                 self._metrics.inc("broker_vault_audit_gaps_total")
         await self._store.merge_vault_audit(moves=moves, records=records, tokens=tokens, now=self._clock(),
-                                            drop=gone, journal=journal or [])
+                                            drop=gone, journal=journal or [], dedupe=self._dedupe)
         for old, new in moves:
             fid = (new.device, new.inode)
             if old is None and self._pos:

@@ -36,13 +36,13 @@ def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
     """
     # Only what the sync uses: the catalog, [people], [vault].addr and audit_log, [audit].vault_device.
     settings = settings_from(config, vault_setup=True)
-    addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addr
+    addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addrs[0]
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
     if not token:
         raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
     try:
         catalog = Catalog.from_settings(settings)
-        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings))
+        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings), len(settings.vault.addrs) > 1)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -57,13 +57,13 @@ def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
 
 
 def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
-          audit_device: str | None) -> list[SyncChange]:
+          audit_device: str | tuple[str, ...] | None, tidy: bool = False) -> list[SyncChange]:
     # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
     from broker.vault.admin import VaultAdmin
     from broker.vault.sync import sync, write_broker_token
 
     with VaultAdmin(addr, token=token) as admin:
-        changes = sync(admin, catalog, audit_device=audit_device)
+        changes = sync(admin, catalog, audit_device=audit_device, tidy=tidy)
         if write_token is not None:
             write_broker_token(admin, write_token)
         return changes

@@ -161,11 +161,12 @@ class BrokerConfig:
         ValueError: a ``limits`` or ``maintenance`` key that the broker does not have.
     """
 
-    vault_addr: str
+    vault_addr: str | tuple[str, ...]
     listen: str = "127.0.0.1:0"
     audience: str = AUDIENCE
     token_file: str | Path = "vault-token"  # noqa: S105 -- the name of the file that holds it
-    audit_log: str | Path | None = None
+    audit_log: str | Path | tuple[str | Path, ...] | None = None
+    vault_device: str | tuple[str, ...] | None = None
     vault_timeout: float | None = None
     revoke_confirm_timeout: float | None = None
     task_token_bootstrap_ttl: int | None = None
@@ -192,8 +193,12 @@ class BrokerConfig:
                 raise ValueError(msg)
 
     def to_dict(self) -> dict[str, Any]:
-        vault: dict[str, Any] = {"addr": self.vault_addr, "token_file": str(self.token_file)}
-        _put(vault, "audit_log", self.audit_log)
+        addr = self.vault_addr if isinstance(self.vault_addr, str) else list(self.vault_addr)
+        vault: dict[str, Any] = {"addr": addr, "token_file": str(self.token_file)}
+        if isinstance(self.audit_log, tuple):
+            vault["audit_log"] = [str(p) for p in self.audit_log]
+        else:
+            _put(vault, "audit_log", self.audit_log)
         _put(vault, "timeout", self.vault_timeout)
         _put(vault, "revoke_confirm_timeout", self.revoke_confirm_timeout)
         _put(vault, "task_token_bootstrap_ttl", self.task_token_bootstrap_ttl)
@@ -203,6 +208,9 @@ class BrokerConfig:
             "store": {"url": self.store_url, "key_file": str(self.key_file)},
         }
         audit: dict[str, Any] = {}
+        if self.vault_device is not None:
+            audit["vault_device"] = (self.vault_device if isinstance(self.vault_device, str)
+                                     else list(self.vault_device))
         _put(audit, "signing_key_file", self.signing_key_file)
         _put(audit, "witness_file", self.witness_file)
         for name, table in (("audit", audit), ("limits", dict(self.limits)),

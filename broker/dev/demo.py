@@ -211,7 +211,8 @@ async def _engines(admin: VaultAdmin, pg_dsn: str | None, engines: OptionalEngin
     return await asyncio.to_thread(configure_optional, admin, engines)
 
 
-async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path, audit_device: str | None) -> list[SyncChange]:
+async def _sync(admin: VaultAdmin, catalog: Catalog, token_file: Path,
+                audit_device: str | tuple[str, ...] | None) -> list[SyncChange]:
     changes = await asyncio.to_thread(sync, admin, catalog, audit_device=audit_device)
     await asyncio.to_thread(write_broker_token, admin, token_file)
     return changes

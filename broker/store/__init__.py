@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
@@ -43,6 +43,7 @@ from broker.store.delegations import DelegationStore
 from broker.store.gauges import GaugeStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
+from broker.store.singletons import SingletonStore
 from broker.store.tasks import TaskStore
 from broker.store.vault_audit import VaultAuditStore
 
@@ -51,10 +52,10 @@ __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry",
 
 
 class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, DelegationStore,
-            GaugeStore, StoreBase):
+            GaugeStore, SingletonStore, StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, ``gauges``, and ``signals`` through ``tasks``)
-    on one engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, ``gauges``, ``singletons``, and ``signals``
+    through ``tasks``) on one engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:
@@ -117,6 +118,9 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
     return store
 
 
+_MIGRATION_LOCK = 0x62726F6B  # "brok": this store's advisory lock key for migrations
+
+
 def _upgrade(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
@@ -124,6 +128,10 @@ def _upgrade(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Replicas started together would each migrate at once (and all but one fail on the version
+            # row): one at a time, under a transaction-scoped advisory lock; the others then find head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

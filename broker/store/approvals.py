@@ -10,6 +10,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 
@@ -35,6 +36,8 @@ from broker.store.statements import (
     _remember_person,
     _vals,
 )
+
+_NOTIFY = text("SELECT pg_notify('broker_approvals', :id)")
 
 
 class ApprovalStore(StoreBase):
@@ -108,6 +111,9 @@ class ApprovalStore(StoreBase):
                                                       "decision": decision, "reason": reason,
                                                       "auth_time": auth_time, "decided_at": now})
                 _append(conn, record)
+                if conn.dialect.name == "postgresql":
+                    # Delivered at commit to every replica's listener (broker.store.wakeups).
+                    conn.execute(_NOTIFY, {"id": approval_id})
                 decisions = [d for (d,) in conn.execute(
                     select(approval_votes.c.decision).where(approval_votes.c.approval_id == approval_id)
                     .order_by(approval_votes.c.decided_at))]

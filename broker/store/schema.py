@@ -346,3 +346,24 @@ delegation_tokens = Table(
     Column("agent", String(2048), nullable=False),
     Index("ix_delegation_tokens_expires", "expires_at"),
 )
+
+# The work one replica does at a time (broker.singletons): the holder's lease, in the database's clock
+# (replicas' clocks may differ; the database's is one), and a fencing number that grows at every change
+# of holder, so work done under a lost lease can be told from the new holder's.
+singletons = Table(
+    "singletons",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("fence", BigInteger, nullable=False),
+)
+
+# Vault request ids merged into the chain from any node's audit file (broker.audit.tailer): an entry
+# that several nodes' files hold is merged once.
+vault_audit_requests = Table(
+    "vault_audit_requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("seen_at", Float, nullable=False),
+)

@@ -29,6 +29,7 @@ from broker.store.schema import (
     intents,
     tasks,
     vault_audit_position,
+    vault_audit_requests,
     vault_audit_tokens,
     vault_journal,
 )
@@ -113,7 +114,7 @@ class VaultAuditStore(StoreBase):
     async def merge_vault_audit(self, *, moves: Sequence[tuple[VaultAuditPosition | None, VaultAuditPosition]],
                                 records: Sequence[AuditRecord], tokens: Mapping[str, tuple[str, str | None]],
                                 now: float, drop: Sequence[VaultAuditPosition] = (),
-                                journal: Sequence[JournalEntry] = ()) -> None:
+                                journal: Sequence[JournalEntry] = (), dedupe: bool = False) -> None:
         """Append the records merged from Vault's audit file, the tokens learned, and the new positions: one
         transaction, so a crash loses nothing and repeats nothing.
 
@@ -121,6 +122,9 @@ class VaultAuditStore(StoreBase):
         new to the tailer), so a second tailer fails here instead of merging the same lines twice.
         ``drop`` forgets files that no longer exist. ``journal`` holds the entries of journaled intents
         (``broker.journal``); an entry already there (a line read twice after a truncation) is kept as is.
+        With ``dedupe`` (several nodes' files), a ``vault.*``
+        record of a Vault request already merged from another file is left out, and the request ids of
+        those kept are remembered, in the same transaction.
 
         Raises:
             Conflict: a stored position is not the expected one (another tailer moved it).
@@ -143,7 +147,7 @@ class VaultAuditStore(StoreBase):
                 for old in drop:
                     conn.execute(t.delete().where(t.c.path == old.path, t.c.device == old.device,
                                                   t.c.inode == old.inode))
-                _append_many(conn, records)
+                _append_many(conn, _first_seen(conn, records, now) if dedupe else records)
                 _insert_tokens(conn, tokens, now)
                 _insert_journal(conn, journal)
         await self._run(run)
@@ -171,3 +175,29 @@ def _insert_journal(conn: Connection, entries: Sequence[JournalEntry]) -> None:
             fresh.setdefault((e.intent_id, e.kind), asdict(e))
     if fresh:
         conn.execute(insert(vault_journal), list(fresh.values()))
+
+
+def _first_seen(conn: Connection, records: Sequence[AuditRecord], now: float) -> list[AuditRecord]:
+    """``records`` without the Vault requests merged before (from another node's file) or twice in the batch.
+
+    Inside the merge's transaction: two merges that race insert the same request id, and the second one's
+    primary key fails it (the tailer retries from the stored position, and then skips the entry).
+    """
+    t = vault_audit_requests
+    ids = sorted({r.vault_request_id for r in records if r.vault_request_id and r.event.startswith("vault.")})
+    seen: set[str] = set()
+    for chunk in _chunks(ids):
+        seen.update(str(r[0]) for r in conn.execute(select(t.c.request_id).where(t.c.request_id.in_(chunk))))
+    kept: list[AuditRecord] = []
+    fresh: list[dict[str, object]] = []
+    for r in records:
+        rid = r.vault_request_id
+        if rid and r.event.startswith("vault."):
+            if rid in seen:
+                continue
+            seen.add(rid)
+            fresh.append({"request_id": rid, "seen_at": now})
+        kept.append(r)
+    if fresh:
+        conn.execute(insert(t), fresh)
+    return kept

@@ -18,6 +18,11 @@ Rules this file keeps:
    ``..`` and ``/`` through to another endpoint.
 5. Redirects are not followed: a standby's ``307`` would replay the ``X-Vault-Token`` header to whatever
    address it names. A redirect is answered as ``VaultUnavailable`` (talk to the active node).
+6. With several nodes (a cluster), requests go to the node that last executed one. A node that did not
+   execute a request (refused connection, standby without a leader, sealed, redirect) is a reason to try
+   the next node whose ``sys/health`` says active, within ``failover_timeout``. A request
+   that may have executed (a reset, a timeout, a 500) is sent again only when doing it twice is harmless:
+   a credential read or a token create is not, and its caller gets the error (``broker.vault.nodes``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from broker.errors import (
     VaultUnavailable,
 )
 from broker.paths import validate_name, validate_path
+from broker.vault.nodes import Next, NodeOrder, after_status, after_transport
 
 __all__ = [
     "Sensitive",
@@ -354,6 +360,12 @@ def _token_of(token: str | Sensitive | None) -> str | None:
     return token.reveal() if isinstance(token, Sensitive) else token
 
 
+# Failing over (several nodes): pauses between rounds, a bound on attempts, the health probe's timeout.
+_FIRST_PAUSE: Final = 0.05
+_MAX_PAUSE: Final = 0.5
+_MAX_ATTEMPTS: Final = 200
+_HEALTH_PROBE: Final = 1.0
+
 _INVALID_ACCESSOR: Final = "invalid accessor"
 _INVALID_LEASE: Final = "invalid lease"
 
@@ -376,27 +388,41 @@ class VaultClient:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        addr: str,
+        addr: str | Sequence[str],
         *,
         token: str | Sensitive | None = None,
         timeout: float = 5.0,
         namespace: str | None = None,
+        failover_timeout: float = 10.0,
         observe: Callable[[str, float, str | None], None] | None = None,
     ) -> None:
         self._session = session
         # ``observe(op, seconds, error code or None)`` after every request (broker.metrics): ``op`` is
         # one of this module's fixed operation names, never a path.
         self._observe = observe
-        self._base = addr.rstrip("/") + "/v1/"
+        nodes = (addr,) if isinstance(addr, str) else tuple(addr)
+        self._bases: Final = tuple(a.rstrip("/") + "/v1/" for a in nodes)
+        self._order: Final = NodeOrder(len(self._bases))
         self._token = _token_of(token)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._failover_timeout = failover_timeout
         headers = {"X-Vault-Request": "true"}
         if namespace:
             headers["X-Vault-Namespace"] = validate_path(namespace)
         self._headers: Final = headers
 
     def __repr__(self) -> str:
-        return f"VaultClient(addr={self._base[:-4]!r})"
+        return f"VaultClient(addr={', '.join(b[:-4] for b in self._bases)!r})"
+
+    @property
+    def clustered(self) -> bool:
+        """Several nodes are configured."""
+        return len(self._bases) > 1
+
+    @property
+    def active_addr(self) -> str:
+        """The node requests go to first: the one that last executed a request (rule 6)."""
+        return self._bases[self._order.active][:-4]
 
     # -- the one place requests are made ---------------------------------------------------------
 
@@ -412,11 +438,15 @@ class VaultClient:
         use_token: bool = True,
         ok_extra: frozenset[int] = frozenset(),
         timeout: float | None = None,
+        idempotent: bool = True,
         intent: str | None = None,
     ) -> tuple[int, Any]:
         """Send one request; return ``(status, parsed JSON or None)`` for 2xx and ``ok_extra`` statuses.
 
-        ``path`` must already be validated by the caller. ``intent`` goes in the ``X-Broker-Intent``
+        ``path`` must already be validated by the caller. With several nodes, a node that did not execute
+        the request (down, standby without a leader, sealed, redirecting) is a reason to try the next one,
+        for at most ``failover_timeout`` seconds; a request that may have executed is sent again only if
+        ``idempotent`` (rule 6, ``broker.vault.nodes``). ``intent`` goes in the ``X-Broker-Intent``
         header, which Vault's audit device records in plain text (broker.journal).
         """
         headers = self._headers.copy()
@@ -430,40 +460,109 @@ class VaultClient:
         if body is not None:
             payload = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
+        t = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         started = time.perf_counter()
         try:
-            try:
-                async with self._session.request(
-                    method,
-                    self._base + path,
-                    data=payload,
-                    params=params,
-                    headers=headers,
-                    timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
-                    allow_redirects=False,
-                ) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise _transport_error(exc, op) from exc
-            parsed: Any = None
-            if raw:
-                try:
-                    parsed = json.loads(raw)
-                except ValueError as exc:
-                    if 200 <= status < 300:
-                        msg = f"unexpected answer from Vault to {op} (not JSON)"
-                        raise VaultBadResponse(msg, reason=f"{op}: HTTP {status}: body is not JSON") from exc
-                    parsed = None
-            if 200 <= status < 300 or status in ok_extra:
-                if self._observe is not None:
-                    self._observe(op, time.perf_counter() - started, None)
-                return status, parsed
-            raise _status_error(status, parsed, op)
+            result = await self._call_nodes(method, path, op, payload, params, headers, t, ok_extra, idempotent)
         except VaultError as exc:
             if self._observe is not None:
                 self._observe(op, time.perf_counter() - started, exc.code)
             raise
+        if self._observe is not None:
+            self._observe(op, time.perf_counter() - started, None)
+        return result
+
+    async def _call_nodes(self, method: str, path: str, op: str, payload: bytes | None,
+                          params: Mapping[str, str] | None, headers: Mapping[str, str],
+                          t: aiohttp.ClientTimeout, ok_extra: frozenset[int], idempotent: bool) -> tuple[int, Any]:
+        """The request to the active node, failing over while no node has executed it (rule 6)."""
+        if len(self._bases) == 1:
+            return self._answer(*await self._send(self._bases[0], method, path, op, payload, params, headers, t),
+                                op, ok_extra)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._failover_timeout
+        pause = _FIRST_PAUSE
+        node = self._order.active
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                status, parsed = await self._send(self._bases[node], method, path, op, payload, params, headers, t)
+            except VaultError as exc:
+                cause = exc.__cause__
+                decision = after_transport(
+                    connected=not isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError),
+                    idempotent=idempotent, config_error=type(exc) is VaultError)
+                if decision is Next.ANSWER or loop.time() + pause > deadline:
+                    raise
+            else:
+                if status in ok_extra or after_status(status, _errors_of(parsed), idempotent=idempotent
+                                                      ) is Next.ANSWER:
+                    if status < 500:
+                        self._order.answered(node)  # it executed (or refused) the request itself
+                    return self._answer(status, parsed, op, ok_extra)
+                if loop.time() + pause > deadline:
+                    return self._answer(status, parsed, op, ok_extra)  # the last node's refusal, as an error
+            # This node did not take the request. Send it on only to a node that says it is active: during an
+            # election a standby answers a create with a bare 500 ("internal error"), which is ambiguous.
+            active = await self._find_active()
+            while active is None and loop.time() + pause <= deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
+                active = await self._find_active()
+            node = active if active is not None else self._order.after(node)
+        msg = f"Vault is unavailable ({op}: no node took the request)"
+        raise VaultUnavailable(msg, reason=f"{op}: {len(self._bases)} nodes, none active")
+
+    async def _send(self, base: str, method: str, path: str, op: str, payload: bytes | None,
+                    params: Mapping[str, str] | None, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+                    ) -> tuple[int, Any]:
+        """One request to one node: ``(status, parsed JSON or None)``; transport failures as ``VaultError``."""
+        try:
+            async with self._session.request(
+                method,
+                base + path,
+                data=payload,
+                params=params,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _transport_error(exc, op) from exc
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError as exc:
+                if 200 <= status < 300:
+                    msg = f"unexpected answer from Vault to {op} (not JSON)"
+                    raise VaultBadResponse(msg, reason=f"{op}: HTTP {status}: body is not JSON") from exc
+                parsed = None
+        return status, parsed
+
+    @staticmethod
+    def _answer(status: int, parsed: Any, op: str, ok_extra: frozenset[int]) -> tuple[int, Any]:
+        if 200 <= status < 300 or status in ok_extra:
+            return status, parsed
+        raise _status_error(status, parsed, op)
+
+    async def _find_active(self) -> int | None:
+        """The node whose ``sys/health`` says active (200), asking all at once; None if none does."""
+        others = list(range(len(self._bases)))
+        probe = aiohttp.ClientTimeout(total=_HEALTH_PROBE)
+
+        async def one(i: int) -> int:
+            try:
+                async with self._session.get(self._bases[i] + "sys/health", timeout=probe,
+                                             allow_redirects=False) as resp:
+                    await resp.read()
+                    return resp.status
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return 0
+
+        statuses = await asyncio.gather(*(one(i) for i in others))
+        return next((i for i, st in zip(others, statuses, strict=True) if st == 200), None)
 
     async def _call_json(self, method: str, path: str, op: str, **kw: Any) -> Mapping[str, Any]:
         """Like ``_call`` but the answer must be a JSON object (not 204)."""
@@ -485,11 +584,34 @@ class VaultClient:
         200 active, 429 standby, 472 DR secondary, 473 performance standby, 501 not initialised and
         503 sealed all come back as data; the caller decides what is healthy. ``timeout`` overrides the
         client's for this call (a readiness check must answer sooner than a partition's timeout).
+
+        With several nodes, every node is asked at once and the cluster's answer is the active node's
+        (then it is remembered as the node to send requests to); without one, the first node's that
+        answered. ``VaultUnavailable`` only when no node answers.
         """
         op = "health"
-        parsed = await self._call_json(
-            "GET", "sys/health", op, use_token=False, ok_extra=frozenset({429, 472, 473, 501, 503}), timeout=timeout
-        )
+        t = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
+        ok = frozenset({429, 472, 473, 501, 503})
+
+        async def one(base: str) -> tuple[int, Any] | VaultError:
+            try:
+                return self._answer(*await self._send(base, "GET", "sys/health", op, None, None, self._headers, t),
+                                    op, ok)
+            except VaultError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(one(b) for b in self._bases))
+        got = [(i, a) for i, a in enumerate(answers) if not isinstance(a, VaultError)]
+        if not got:
+            first = answers[0]
+            assert isinstance(first, VaultError)
+            raise first
+        node, (status, parsed) = next(((i, a) for i, a in got if a[0] == 200), got[0])
+        if status == 200:
+            self._order.answered(node)
+        if not isinstance(parsed, dict):
+            msg = f"unexpected answer from Vault to {op}"
+            raise VaultBadResponse(msg, reason=f"{op}: expected a JSON object")
         with _parsing(op):
             return VaultHealth(
                 initialized=_bool(parsed, "initialized"),
@@ -527,7 +649,7 @@ class VaultClient:
             "display_name": display_name,
             "no_default_policy": no_default_policy,
         }
-        parsed = await self._call_json("POST", path, op, body=body, token=token)
+        parsed = await self._call_json("POST", path, op, body=body, token=token, idempotent=False)
         with _parsing(op):
             return _parse_auth(_mapping(parsed, "auth"))
 
@@ -557,7 +679,7 @@ class VaultClient:
             "no_default_policy": True,
             "renewable": renewable,
         }
-        parsed = await self._call_json("POST", "auth/token/create", op, body=body, token=token)
+        parsed = await self._call_json("POST", "auth/token/create", op, body=body, token=token, idempotent=False)
         with _parsing(op):
             return _parse_auth(_mapping(parsed, "auth"))
 
@@ -640,9 +762,11 @@ class VaultClient:
         path = validate_path(path)
         if method == "GET":
             params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (data or {}).items()}
-            parsed = await self._call_json("GET", path, op, params=params or None, token=token, intent=intent)
+            parsed = await self._call_json("GET", path, op, params=params or None, token=token, intent=intent,
+                                           idempotent=False)
         else:
-            parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token, intent=intent)
+            parsed = await self._call_json("POST", path, op, body=dict(data or {}), token=token, intent=intent,
+                                           idempotent=False)
         with _parsing(op):
             return self._parse_secret(parsed)
 
@@ -708,6 +832,15 @@ class VaultClient:
             return _parse_token_info(_mapping(parsed, "data"))
 
     # -- Vault's audit device ---------------------------------------------------------------------
+
+    async def tidy_leases(self) -> None:
+        """POST /v1/sys/leases/tidy (``sudo``) -- revoke leases whose token no longer exists.
+
+        Vault runs it in the background and answers at once. Needed after a leader change: an active
+        node killed in the middle of a credential read can leave a lease that the new leader holds but
+        that revoking its token does not reach (its token index was not written); tidy revokes it.
+        """
+        await self._call("POST", "sys/leases/tidy", "tidy leases")
 
     async def audit_hash(self, device: str, value: str) -> str:
         """POST /v1/sys/audit-hash/:device -- the device's HMAC of ``value`` (``hmac-sha256:...``)."""

@@ -20,6 +20,7 @@ worker thread (``await asyncio.to_thread(sync, admin, catalog)``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,13 @@ def task_token_role(role: TaskRole) -> TokenRole:
     )
 
 
-def audit_device_of(settings: Settings) -> str | None:
-    """The file audit device the broker reads, if it reads one (then it may HMAC values with it)."""
+def audit_device_of(settings: Settings) -> str | tuple[str, ...] | None:
+    """The file audit device(s) the broker reads, if it reads any (then it may HMAC values with them)."""
     return settings.audit.vault_device if settings.vault.audit_log is not None else None
 
 
-def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> str:
+def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | None = None,
+                      tidy: bool = False) -> str:
     lines = ["# Written by `broker vault sync`: the broker's own token. It can start and end tasks, "
              "not read secrets.", ""]
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
@@ -82,9 +84,12 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | None = None) -> s
     lease_paths = sorted({g.path for r in catalog.roles.values() for g in r.grants.values()
                           if not g.path.startswith("auth/token/")})
     lines += [f'path "sys/leases/revoke/{p}/*" {{ capabilities = ["update"] }}' for p in lease_paths]
-    if audit_device is not None:
-        # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
-        lines.append(f'path "sys/audit-hash/{audit_device}" {{ capabilities = ["update"] }}')
+    if tidy:
+        # A cluster: after a leader change, revoke leases whose token is gone (broker.revocations.LeaderWatch).
+        lines.append('path "sys/leases/tidy" { capabilities = ["update", "sudo"] }')
+    # HMAC a known accessor with the device's salt, to match it in the audit log (update, not sudo).
+    for device in (audit_device,) if isinstance(audit_device, str) else audit_device or ():
+        lines.append(f'path "sys/audit-hash/{device}" {{ capabilities = ["update"] }}')
     lines.append("")
     return "\n".join(lines)
 
@@ -96,8 +101,10 @@ class SyncChange:
     action: str  # "created", "updated", "unchanged"
 
 
-def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | None = None) -> list[SyncChange]:
-    """Bring Vault in line with the catalog; what each object needed, in order. Raises: VaultError."""
+def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[str] | None = None,
+         tidy: bool = False) -> list[SyncChange]:
+    """Bring Vault in line with the catalog; what each object needed, in order. ``tidy``: the broker talks to
+    a cluster (several ``[vault] addr``) and may tidy leases after a leader change. Raises: VaultError."""
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
         changes.append(_policy(admin, role.vault_policy, task_policy_hcl(role)))
@@ -108,7 +115,7 @@ def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | None = None
         else:
             admin.put_token_role(role.vault_policy, wanted)
             changes.append(SyncChange("token role", role.vault_policy, "created" if current is None else "updated"))
-    changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device)))
+    changes.append(_policy(admin, BROKER_POLICY, broker_policy_hcl(catalog, audit_device=audit_device, tidy=tidy)))
     if audit_device is not None:
         changes.append(_journal_header(admin))
     return changes

@@ -206,6 +206,49 @@ class StoreSnapshot:
                 snap.chain = f"broken at record {exc.first_bad_seq}: {exc.reason}"
         return snap
 
+    @classmethod
+    def read_url(cls, url: str) -> StoreSnapshot:
+        """The same from any SQLAlchemy URL (a PostgreSQL store of several replicas)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        snap = cls()
+        try:
+            with engine.connect() as db:
+                def rows(sql: str) -> list[dict[str, Any]]:
+                    return [dict(r) for r in db.execute(text(sql)).mappings()]
+                snap.tasks = {r["id"]: r for r in rows("SELECT * FROM tasks")}
+                snap.leases = {r["id"]: r for r in rows("SELECT * FROM leases")}
+                snap.intents = {r["id"]: r for r in rows("SELECT * FROM intents")}
+                snap.issued_records = {r["lease"]: r["n"] for r in rows(
+                    "SELECT lease, count(*) AS n FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
+                names = tuple(AuditRecord.__dataclass_fields__)
+                links = (ChainLink(seq=r["seq"], record=AuditRecord(**{k: r[k] for k in names}),
+                                   prev_hash=r["prev_hash"], hash=r["hash"])
+                         for r in db.execute(text("SELECT * FROM audit_events ORDER BY seq")).mappings())
+                try:
+                    n, _ = verify_chain(links)
+                    snap.chain = f"ok, {n} records"
+                except AuditChainBroken as exc:
+                    snap.chain = f"broken at record {exc.first_bad_seq}: {exc.reason}"
+        finally:
+            engine.dispose()
+        return snap
+
+    @staticmethod
+    def vault_request_ids(url: str) -> set[str]:
+        """The Vault request ids the chain holds (``vault.*`` records merged from Vault's audit files)."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with engine.connect() as db:
+                return {str(r[0]) for r in db.execute(text(
+                    "SELECT vault_request_id FROM audit_events WHERE event LIKE 'vault.%' "
+                    "AND vault_request_id IS NOT NULL"))}
+        finally:
+            engine.dispose()
+
     def unsettled(self) -> list[str]:
         """Why reconciliation is not finished yet (empty when it is)."""
         out = [f"intent {i} {x['kind']} {x['state']}" for i, x in self.intents.items()
