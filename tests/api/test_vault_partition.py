@@ -264,6 +264,18 @@ class TestJournaledIssuance:
         assert intent["journaled"] and intent["accessor"] is None and intent["state"] == "aborting", intent
         return lease_id, task
 
+    async def _issue_held_back(self, jclient: Client, site: BrokerSite, proxy: FaultProxy, raw: RawVault
+                               ) -> tuple[dict[str, Any], set[str], str, dict[str, Any]]:
+        """A credential request whose read the partition holds back: 503, its intent given up on."""
+        task = await start(jclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        proxy.drop()
+        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        return task, before, lease_id, intent
+
     async def test_a_lost_answer_is_found_in_vaults_audit_log_and_revoked(
             self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
             truth: tuple[VaultClient, RawVault]) -> None:
@@ -291,13 +303,7 @@ class TestJournaledIssuance:
         """The broker gives up while the read is still in the network; it reaches Vault after heal. What it
         creates then is revoked: the intent waits for the journal instead of concluding from silence."""
         _, raw = truth
-        task = await start(jclient, site)
-        before = set(await raw.leases_under(DB_PREFIX))
-        proxy.drop()
-        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
-                                  headers=bearer(site.ids.agent()))
-        assert resp.status == 503, await resp.text()
-        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        _, before, lease_id, intent = await self._issue_held_back(jclient, site, proxy, raw)
         assert intent["state"] == "aborting"
         await asyncio.sleep(1.0)
         assert set(await raw.leases_under(DB_PREFIX)) == before  # still held back
@@ -315,13 +321,7 @@ class TestJournaledIssuance:
         """Held back, then its connection reset: Vault never saw it. The intent is aborted only after the
         journal was read past the last moment the read could have arrived (a probe moves it)."""
         _, raw = truth
-        task = await start(jclient, site)
-        before = set(await raw.leases_under(DB_PREFIX))
-        proxy.drop()
-        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
-                                  headers=bearer(site.ids.agent()))
-        assert resp.status == 503, await resp.text()
-        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        task, before, lease_id, intent = await self._issue_held_back(jclient, site, proxy, raw)
         proxy.cut()
         proxy.heal()
         created_at = float(intent["created_at"])
