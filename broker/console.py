@@ -47,7 +47,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
 
@@ -107,7 +107,7 @@ class Session:
 
     key: str
     user: UserIdentity
-    csrf: str
+    csrf: str = field(repr=False)  # a secret: in no log line, even by accident
     created_at: float
     expires_at: float
     flash: str | None = None
