@@ -26,7 +26,7 @@ from broker.audit.signing import load_signing_key
 from broker.audit.tailer import VaultAuditTailer
 from broker.audit.tailers import VaultAuditTailers
 from broker.config import Settings
-from broker.console import add_console_routes
+from broker.console import LOGIN_KEY_LABEL, SESSIONS, add_console_routes
 from broker.delegation import Catalog
 from broker.errors import BrokerError, ConfigError, VaultError
 from broker.faults import CrashHook, no_crash
@@ -246,6 +246,7 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
     settings, store, vault, clock = app[SETTINGS], app[api.STORE], app[api.VAULT], app[api.CLOCK]
     catalog = Catalog.from_settings(settings)
     sealer = TokenSealer.from_file(settings.store.key_file)
+    app[SESSIONS].bind(store, sealer.derive(LOGIN_KEY_LABEL))  # the console's, alike on every replica
     app[api.CATALOG] = catalog
     app[api.METRICS].know_grants(g for r in catalog.roles.values() for g in r.grants)
     v, m, lim, audit = settings.vault, settings.maintenance, settings.limits, settings.audit

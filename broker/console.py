@@ -17,12 +17,14 @@ aiohttp-jinja2 with autoescape on for every template:
 Rules this file keeps:
 
 1. Sessions live on the server only: a random 32-byte id in an ``HttpOnly; SameSite=Strict; Path=/console``
-   cookie (``Secure`` over https), a bounded in-memory table keyed by the id's SHA-256, expiring with the
-   token's ``exp``. The token itself is never kept, never put in a URL, never handed to the browser again;
-   the session holds the verified ``UserIdentity`` (with its ``auth_time``).
+   cookie (``Secure`` over https), a bounded table in the store keyed by the id's SHA-256 (so every replica
+   knows every session, and the table names no cookie), expiring with the token's ``exp``. The token itself
+   is never kept, never put in a URL, never handed to the browser again; the session holds
+   the verified ``UserIdentity`` (with its ``auth_time``).
 2. Every POST carries the session's synchronizer token (compared with ``hmac.compare_digest``) and must
    show positive same-origin evidence (``Sec-Fetch-Site``, ``Origin`` or ``Referer``) and none against.
-   The login form, before any session exists, uses a signed double-submit cookie instead.
+   The login form, before any session exists, uses a signed double-submit cookie instead, signed with a key
+   derived from the store key file (so a form served by one replica is accepted by another).
 3. Role checks are the API's: approvers (and auditors, read-only) see the queue; operators and auditors
    see tasks; only operators revoke; ``ApprovalManager.decide`` itself enforces the approver rules,
    including the re-authentication rule, whose refusal is shown as a "sign in again" page (RFC 9470
@@ -40,6 +42,7 @@ import calendar
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -66,13 +69,14 @@ from broker.errors import (
     InvalidIdentity,
     RateLimited,
     SignInRequired,
+    StoreUnavailable,
     UnsupportedMediaType,
 )
 from broker.identity import MAX_TOKEN_BYTES, UserIdentity
 from broker.instrument import note_identity
 from broker.limits import RateLimiter
 from broker.server import log_path
-from broker.store import ApprovalRow, AuditRow, Person, TaskRow
+from broker.store import ApprovalRow, AuditRow, ConsoleSessionRow, Person, Store, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -98,82 +102,130 @@ SECURITY_HEADERS: dict[str, str] = {
 
 @dataclass
 class Session:
-    """One signed-in person. ``csrf`` is the synchronizer token of every form this session posts."""
+    """One signed-in person. ``csrf`` is the synchronizer token of every form this session posts; ``key`` is
+    the SHA-256 of the session id, the row's key in the store (the id itself is the cookie, never stored)."""
 
+    key: str
     user: UserIdentity
-    csrf: str
+    csrf: str = field(repr=False)  # a secret: in no log line, even by accident
     created_at: float
     expires_at: float
     flash: str | None = None
 
 
+def _identity_json(user: UserIdentity) -> str:
+    """What a session keeps of the verified token: the identity the console decides on, not the token."""
+    return json.dumps({"iss": user.issuer, "sub": user.subject, "groups": sorted(user.groups),
+                       "auth_time": user.auth_time, "exp": user.expires_at, "email": user.email,
+                       "email_trusted": user.email_trusted}, separators=(",", ":"), sort_keys=True)
+
+
+def _identity_of(text: str) -> UserIdentity | None:
+    """The identity a row holds, or None for a row this code cannot read (no session rather than a guess)."""
+    try:
+        d = json.loads(text)
+        groups, auth_time, email = d["groups"], d["auth_time"], d["email"]
+        if not (isinstance(d["iss"], str) and isinstance(d["sub"], str) and isinstance(groups, list)
+                and all(isinstance(g, str) for g in groups) and isinstance(d["exp"], int | float)
+                and isinstance(auth_time, int | float | None) and isinstance(email, str | None)
+                and isinstance(d["email_trusted"], bool)):
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return UserIdentity(subject=d["sub"], issuer=d["iss"], groups=frozenset(groups),
+                        auth_time=None if auth_time is None else float(auth_time), expires_at=float(d["exp"]),
+                        email=email, email_trusted=d["email_trusted"])
+
+
 @dataclass
 class SessionStore:
-    """Server-side sessions, bounded per person and in all.
+    """Server-side sessions in the store (``broker.store.sessions``), so any replica serves any session;
+    bounded per person and in all.
 
     Signing in past ``per_person`` ends that person's own oldest session, never anyone else's; past
     ``limit`` in all (after expired sessions go) a sign-in is refused rather than evicting another
     person, so no one can sign everybody else out by signing in many times. Sign-ins are rate-limited
-    per person (``sign_in_rate``).
+    per person (``sign_in_rate``), per replica.
+
+    ``bind`` gives it the store and the login form's key at start-up: the key is derived from the store key
+    file every replica shares, so a form served by one replica is accepted by another.
     """
 
     clock: Callable[[], float] = time.time
     limit: int = MAX_SESSIONS
     per_person: int = 5
     sign_in_rate: RateLimiter | None = None
-    login_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    _sessions: dict[str, Session] = field(default_factory=dict)
+    _store: Store | None = None
+    _login_key: bytes | None = None
+
+    def bind(self, store: Store, login_key: bytes) -> None:
+        self._store, self._login_key = store, login_key
+
+    def _bound(self) -> Store:
+        if self._store is None:
+            raise StoreUnavailable("the console is not ready", reason="console sessions not bound to the store")
+        return self._store
 
     @staticmethod
     def _key(session_id: str) -> str:
         return hashlib.sha256(session_id.encode()).hexdigest()
 
-    def create(self, user: UserIdentity) -> tuple[str, Session]:
+    async def create(self, user: UserIdentity) -> tuple[str, Session]:
         """A new session (new id: nothing from before sign-in carries over). Returns (cookie value, session).
 
         Raises:
             RateLimited: this person signs in too often, or the console holds ``limit`` live sessions.
+            StoreUnavailable: the store did not answer.
         """
         if self.sign_in_rate is not None:
             self.sign_in_rate.take(user.id, what="person")
         now = self.clock()
-        self._purge(now)
-        own = sorted((k for k, s in self._sessions.items() if s.user.id == user.id),
-                     key=lambda k: self._sessions[k].created_at)
-        for key in own[:max(len(own) - self.per_person + 1, 0)]:
-            del self._sessions[key]
-        if len(self._sessions) >= self.limit:
-            msg = "the console holds as many sessions as it can; try again later"
-            raise RateLimited(msg, reason=f"{len(self._sessions)} live console sessions", retry_after=60)
         session_id = secrets.token_urlsafe(32)
-        session = Session(user=user, csrf=secrets.token_urlsafe(32), created_at=now, expires_at=user.expires_at)
-        self._sessions[self._key(session_id)] = session
+        session = Session(key=self._key(session_id), user=user, csrf=secrets.token_urlsafe(32), created_at=now,
+                          expires_at=user.expires_at, flash=f"Signed in as {user.name}.")
+        row = ConsoleSessionRow(key=session.key, person=user.id, identity=_identity_json(user), csrf=session.csrf,
+                                flash=session.flash, created_at=now, expires_at=session.expires_at)
+        live = await self._bound().create_console_session(row, per_person=self.per_person, limit=self.limit, now=now)
+        if live is not None:
+            msg = "the console holds as many sessions as it can; try again later"
+            raise RateLimited(msg, reason=f"{live} live console sessions", retry_after=60)
         return session_id, session
 
-    def get(self, session_id: str | None) -> Session | None:
+    async def get(self, session_id: str | None, *, take_flash: bool = False) -> Session | None:
+        """The live session for this cookie value, or None. ``take_flash``: load (and clear) its flash message."""
         if not session_id or len(session_id) > 128:
             return None
-        key = self._key(session_id)
-        session = self._sessions.get(key)
-        if session is not None and session.expires_at <= self.clock():
-            del self._sessions[key]
+        row = await self._bound().get_console_session(self._key(session_id), now=self.clock(), take_flash=take_flash)
+        user = None if row is None else _identity_of(row.identity)
+        if row is None or user is None:
             return None
-        return session
+        return Session(key=row.key, user=user, csrf=row.csrf, created_at=row.created_at, expires_at=row.expires_at,
+                       flash=row.flash if take_flash else None)
 
-    def drop(self, session_id: str | None) -> None:
-        if session_id:
-            self._sessions.pop(self._key(session_id), None)
+    async def drop(self, session_id: str | None) -> None:
+        if session_id and len(session_id) <= 128:
+            await self._bound().drop_console_session(self._key(session_id))
+
+    async def set_flash(self, session: Session, message: str) -> None:
+        """The message this session's next page shows once, on whichever replica serves it."""
+        await self._bound().set_console_session_flash(session.key, message)
+
+    async def purge(self) -> int:
+        return await self._bound().purge_console_sessions(now=self.clock())
 
     def login_token(self, nonce: str) -> str:
-        """The login form's CSRF token: an HMAC of the pre-login cookie's nonce (nothing stored)."""
-        return hmac.new(self.login_key, nonce.encode(), hashlib.sha256).hexdigest()
+        """The login form's CSRF token: an HMAC of the pre-login cookie's nonce (nothing stored), under a key
+        every replica derives alike.
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+        Raises:
+            StoreUnavailable: not bound yet (before start-up ends).
+        """
+        if self._login_key is None:
+            raise StoreUnavailable("the console is not ready", reason="console login key not bound")
+        return hmac.new(self._login_key, nonce.encode(), hashlib.sha256).hexdigest()
 
-    def _purge(self, now: float) -> None:
-        for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-            del self._sessions[key]
+
+LOGIN_KEY_LABEL = b"console login csrf v1"
 
 
 SESSIONS = web.AppKey("console_sessions", SessionStore)
@@ -358,9 +410,11 @@ def _is_staff(catalog: Catalog, user: UserIdentity) -> bool:
     return any_includes(catalog.operators, user) or any_includes(catalog.auditors, user)
 
 
-def _session(request: web.Request) -> Session:
-    """Raises: SignInRequired."""
-    session = request.app[SESSIONS].get(request.cookies.get(COOKIE))
+async def _session(request: web.Request) -> Session:
+    """The request's session; a page (GET) takes its flash message, a form post leaves it for the next page.
+
+    Raises: SignInRequired."""
+    session = await request.app[SESSIONS].get(request.cookies.get(COOKIE), take_flash=request.method == "GET")
     if session is None:
         raise SignInRequired
     note_identity(request, session.user)  # the access log names the signed-in person (broker.instrument)
@@ -424,9 +478,8 @@ async def login(request: web.Request) -> web.Response:
     await request.app[api.STORE].check_unlocked(Person(user.id, user.name, user.trusted_email, user.email),
                                                 now=store.clock())
     # Only once the new session exists is the old one dropped: a refused sign-in leaves the person signed in.
-    session_id, session = store.create(user)
-    store.drop(request.cookies.get(COOKIE))
-    session.flash = f"Signed in as {user.name}."
+    session_id, _ = await store.create(user)
+    await store.drop(request.cookies.get(COOKIE))
     response = _redirect(PREFIX if _can_see_approvals(catalog, user) else f"{PREFIX}/tasks")
     _set_cookie(request, response, COOKIE, session_id, max_age=max(int(user.expires_at - store.clock()), 1))
     response.del_cookie(LOGIN_COOKIE, path=PREFIX)
@@ -437,9 +490,9 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     """``POST /console/logout``: end the session (server side) and clear the cookie."""
     store = request.app[SESSIONS]
-    session = _session(request)
+    session = await _session(request)
     await _form(request, session)
-    store.drop(request.cookies.get(COOKIE))
+    await store.drop(request.cookies.get(COOKIE))
     response = _redirect(f"{PREFIX}/login")
     response.del_cookie(COOKIE, path=PREFIX)
     return response
@@ -484,7 +537,7 @@ def _float(value: object) -> float | None:
 
 async def approvals_page(request: web.Request) -> web.Response:
     """``GET /console``: every pending approval in full; approve/deny forms for approvers."""
-    session = _session(request)
+    session = await _session(request)
     catalog = request.app[api.CATALOG]
     if not _can_see_approvals(catalog, session.user):
         if _is_staff(catalog, session.user):
@@ -509,7 +562,7 @@ async def approvals_page(request: web.Request) -> web.Response:
 
 async def decide(request: web.Request) -> web.Response:
     """``POST /console/approvals/{id}``: one vote through ``ApprovalManager.decide`` as the session's person."""
-    session = _session(request)
+    session = await _session(request)
     form = await _form(request, session)
     decision = form.get("decision")
     if decision not in ("approve", "deny"):
@@ -523,7 +576,8 @@ async def decide(request: web.Request) -> web.Response:
         return await _reauthenticate(request, session, exc)
     word = "approved" if choice == "approve" else "denied"
     more = "" if row.state != "pending" else f"; it still needs {row.required} approval(s) in all"
-    session.flash = f"You {word} {row.grant} for {row.user_name or row.user} ({row.id}): now {row.state}{more}."
+    await request.app[SESSIONS].set_flash(
+        session, f"You {word} {row.grant} for {row.user_name or row.user} ({row.id}): now {row.state}{more}.")
     return _redirect(PREFIX)
 
 
@@ -550,7 +604,7 @@ def _staff_or_denied(catalog: Catalog, user: UserIdentity) -> None:
 
 async def tasks_page(request: web.Request) -> web.Response:
     """``GET /console/tasks``: live tasks (with Revoke for operators) and live leases."""
-    session = _session(request)
+    session = await _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
     store = request.app[api.STORE]
@@ -569,7 +623,7 @@ async def tasks_page(request: web.Request) -> web.Response:
 
 async def task_page(request: web.Request) -> web.Response:
     """``GET /console/tasks/{id}``: the task, its leases and its timeline from the audit records."""
-    session = _session(request)
+    session = await _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
     task, leases = await request.app[api.TASKS].get(request.match_info["task_id"])
@@ -649,7 +703,7 @@ async def _window_records(request: web.Request, kind: str, value: str, start: fl
 async def history_page(request: web.Request) -> web.Response:
     """``GET /console/history?kind=user|agent&value=...&from=...&until=...``: that person's or agent's tasks
     and leases over the window (default: the last 24 hours), as a timeline."""
-    session = _session(request)
+    session = await _session(request)
     catalog = request.app[api.CATALOG]
     _staff_or_denied(catalog, session.user)
     now = request.app[api.CLOCK]()
@@ -698,7 +752,7 @@ async def revoke_selected(request: web.Request) -> web.Response:
     The first post shows what would be revoked and asks to confirm; only a post with ``confirm=yes`` (from
     that page, with the session's token like every form) calls ``Revocations.revoke``.
     """
-    session = _session(request)
+    session = await _session(request)
     form = await _form(request, session)
     await _operator(request, session.user)
     kind, value = _selector(form.get("kind", ""), form.get("value", ""))
@@ -716,17 +770,18 @@ async def revoke_selected(request: web.Request) -> web.Response:
     r = st.revocation
     lock = " and locked out until an operator lifts the lock" if r.lock else ""
     if st.done:
-        session.flash = (f"Revoked {kind} {value} ({r.id}): {r.tasks} task(s), {st.revoked} lease(s) confirmed by "
-                         f"Vault{lock}.")
+        flash = (f"Revoked {kind} {value} ({r.id}): {r.tasks} task(s), {st.revoked} lease(s) confirmed by "
+                 f"Vault{lock}.")
     else:
-        session.flash = (f"Revoking {kind} {value} ({r.id}): {st.pending} lease(s) still waiting for Vault to "
-                         f"confirm; the broker keeps retrying{lock}.")
+        flash = (f"Revoking {kind} {value} ({r.id}): {st.pending} lease(s) still waiting for Vault to "
+                 f"confirm; the broker keeps retrying{lock}.")
+    await request.app[SESSIONS].set_flash(session, flash)
     return _redirect(_history_url(kind, value))
 
 
 async def revoke_task(request: web.Request) -> web.Response:
     """``POST /console/tasks/{id}/revoke``: ``Revocations.revoke(kind="task")`` with the operator's reason."""
-    session = _session(request)
+    session = await _session(request)
     form = await _form(request, session)
     catalog = request.app[api.CATALOG]
     if not any_includes(catalog.operators, session.user):
@@ -737,11 +792,12 @@ async def revoke_task(request: web.Request) -> web.Response:
                                                    wait=_REVOKE_WAIT)
     r = st.revocation
     if st.done:
-        session.flash = (f"Task {task_id} revoked ({r.id}): {r.tasks} task(s), {st.revoked} lease(s), "
-                         "confirmed by Vault.")
+        flash = (f"Task {task_id} revoked ({r.id}): {r.tasks} task(s), {st.revoked} lease(s), "
+                 "confirmed by Vault.")
     else:
-        session.flash = (f"Task {task_id} is being revoked ({r.id}): {st.pending} lease(s) still waiting for "
-                         "Vault to confirm; the broker keeps retrying.")
+        flash = (f"Task {task_id} is being revoked ({r.id}): {st.pending} lease(s) still waiting for "
+                 "Vault to confirm; the broker keeps retrying.")
+    await request.app[SESSIONS].set_flash(session, flash)
     return _redirect(f"{PREFIX}/tasks")
 
 
@@ -784,5 +840,5 @@ def add_console_routes(app: web.Application, *, sessions_per_person: int = 5,
     app.router.add_get(f"{PREFIX}/static/console.css", stylesheet)
 
 
-__all__ = ["COOKIE", "SECURITY_HEADERS", "SESSIONS", "Session", "SessionStore", "add_console_routes",
+__all__ = ["COOKIE", "LOGIN_KEY_LABEL", "SECURITY_HEADERS", "SESSIONS", "Session", "SessionStore", "add_console_routes",
            "check_same_origin"]

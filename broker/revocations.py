@@ -575,6 +575,7 @@ class Maintenance:
         await self._lost_bootstrap_tokens(now)
         await self._store.expire_approvals(now=now)
         await self._store.purge_delegations(now=now)
+        await self._store.purge_console_sessions(now=now)
         await self._reconcile(now)
         await self._settler.sweep_late_answers()
         due = await self._store.tasks_due_for_revocation(now=now)

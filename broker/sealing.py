@@ -13,6 +13,8 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker.errors import ConfigError, SealBroken
 from broker.keyfiles import read_private_file
@@ -27,6 +29,12 @@ class TokenSealer:
             msg = "the store key must be 32 bytes (AES-256)"
             raise ConfigError(msg)
         self._aead = AESGCM(key)
+        self._key = key
+
+    def derive(self, label: bytes) -> bytes:
+        """A 32-byte key for another use, the same on every replica sharing the key file (HKDF-SHA256, ``label``
+        as info): one file to distribute and rotate, and no derived key opens a sealed token or another label's."""
+        return HKDF(algorithm=SHA256(), length=32, salt=None, info=b"broker/" + label).derive(self._key)
 
     def __repr__(self) -> str:
         return "TokenSealer(<key redacted>)"

@@ -43,19 +43,20 @@ from broker.store.delegations import DelegationStore
 from broker.store.gauges import GaugeStore
 from broker.store.leases import LeaseStore
 from broker.store.people import PeopleStore
+from broker.store.sessions import ConsoleSessionRow, ConsoleSessionStore
 from broker.store.singletons import SingletonStore
 from broker.store.tasks import TaskStore
 from broker.store.vault_audit import VaultAuditStore
 
-__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "Intent", "JournalEntry", "LeaseLimits", "LeaseRow", "Person",
-           "RevocationRow", "Store", "TaskRow", "VaultAuditPosition", "open_store"]
+__all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "ConsoleSessionRow", "Intent", "JournalEntry", "LeaseLimits",
+           "LeaseRow", "Person", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition", "open_store"]
 
 
 class Store(TaskStore, LeaseStore, PeopleStore, ApprovalStore, AuditStore, VaultAuditStore, DelegationStore,
-            GaugeStore, SingletonStore, StoreBase):
+            GaugeStore, SingletonStore, ConsoleSessionStore, StoreBase):
     """The store's one face: every aggregate's transactions (``broker.store.tasks``, ``leases``, ``people``,
-    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, ``gauges``, ``singletons``, and ``signals``
-    through ``tasks``) on one engine and one store thread."""
+    ``approvals``, ``audit``, ``vault_audit``, ``delegations``, ``gauges``, ``singletons``, the console's
+    ``sessions``, and ``signals`` through ``tasks``) on one engine and one store thread."""
 
 
 def _sync_url(url: str) -> str:

@@ -367,3 +367,20 @@ vault_audit_requests = Table(
     Column("request_id", String(64), primary_key=True),
     Column("seen_at", Float, nullable=False),
 )
+
+# Console sessions (broker.console), shared by every replica: keyed by the SHA-256 of the session id (the id
+# itself, the cookie's value, is never stored), holding the verified identity as JSON and the session's
+# synchronizer token. ``person`` is the person id, for the per-person cap.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("person", String(320), nullable=False),
+    Column("identity", Text, nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("flash", Text),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_console_sessions_person", "person", "created_at"),
+    Index("ix_console_sessions_expires", "expires_at"),
+)
