@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import psycopg
 import pytest_asyncio
 
 from broker.api import STORE
@@ -19,16 +17,17 @@ from broker.vault import VaultClient
 from tests.api.test_revocation import can_login, revoke
 from tests.api.test_task_flow import credential, end, start_task
 from tests.conftest import USER, BrokerSite
+from tests.support.pg import scratch_database
 
 
 @pytest_asyncio.fixture
 async def pg_client(site: BrokerSite, aiohttp_client: Callable[..., Any]) -> AsyncIterator[Any]:
     pg = site.engines.pg
-    name = "broker_" + secrets.token_hex(4)
-    async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    settings = load_settings({"BROKER_STORE_URL": pg.dsn(name)}, site.root / "broker.toml")
-    yield await aiohttp_client(make_app(settings))
+    async with scratch_database(pg) as name:
+        settings = load_settings({"BROKER_STORE_URL": pg.dsn(name)}, site.root / "broker.toml")
+        client = await aiohttp_client(make_app(settings))
+        yield client
+        await client.close()
 
 
 class TestPostgresStore:

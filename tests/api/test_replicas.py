@@ -8,12 +8,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import psycopg
 import pytest_asyncio
 
 from broker.api import APPROVALS
@@ -21,18 +19,19 @@ from broker.app import make_app
 from broker.config import load_settings
 from tests.api.test_approvals import decide, requested
 from tests.conftest import BrokerSite, bearer
+from tests.support.pg import scratch_database
 
 
 @pytest_asyncio.fixture
 async def two_replicas(site: BrokerSite, aiohttp_client: Callable[..., Any]) -> AsyncIterator[tuple[Any, Any]]:
     pg = site.engines.pg
-    name = "broker_" + secrets.token_hex(4)
-    async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    settings = load_settings({"BROKER_STORE_URL": pg.dsn(name)}, site.root / "broker.toml")
-    a = await aiohttp_client(make_app(settings))
-    b = await aiohttp_client(make_app(settings))
-    yield a, b
+    async with scratch_database(pg) as name:
+        settings = load_settings({"BROKER_STORE_URL": pg.dsn(name)}, site.root / "broker.toml")
+        a = await aiohttp_client(make_app(settings))
+        b = await aiohttp_client(make_app(settings))
+        yield a, b
+        await a.close()
+        await b.close()
 
 
 class TestTwoReplicas:

@@ -10,6 +10,7 @@ traversable by it (use a directory under ``/tmp`` with mode 0755, as ``make_work
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -18,6 +19,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +185,18 @@ async def pg_login_works(pg: PgCluster, username: str, password: str) -> bool:
         row = await cur.fetchone()
         assert row is not None and row[0] >= 2
     return True
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(pg: PgCluster, prefix: str = "broker_") -> AsyncIterator[str]:
+    """A fresh database on the tests' own PostgreSQL, dropped afterwards (even with connections left open)."""
+    import psycopg
+
+    name = prefix + secrets.token_hex(4)
+    async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
