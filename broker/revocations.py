@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 from broker import journal
 from broker.audit import AuditRecord
 from broker.engines import engine_for_kind
-from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError
+from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError, VaultUnavailable
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, IntentEvent, IntentState, backoff
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
@@ -86,14 +86,16 @@ class Revoker:
             kept = [x for x in found if engine_for_kind(x.kind).revocation != "revocable"]
             failed = 0
             try:
-                # Vault leases one by one, each confirmed by Vault's own answer (``sys/leases/revoke`` is
-                # synchronous: when it answers, the lease is gone). Then the token, whose tree takes the
-                # agent's child tokens and anything issued since the list was read; only those are polled.
+                # The token first: it answers at once, and its tree takes the agent's child tokens and
+                # anything issued since the list was read. Then each Vault lease by id, confirmed by Vault's own
+                # answer (``sys/leases/revoke`` is synchronous: when it answers, the lease is gone) instead of
+                # polling lookups while Vault's expiration manager works through the tree. Only tokens, and
+                # leases whose revoke did not finish in time, are polled.
+                await self._vault.revoke_accessor(task.token_accessor)
                 others = [x for x in leases if x.kind != "token"]
-                done = await asyncio.gather(*(self._revoke_one(x) for x in others))
+                done = await asyncio.gather(*(self._revoke_one(x, timeout) for x in others))
                 polled = [x for x in leases if x.kind == "token"] + [x for x, ok in zip(others, done, strict=True)
                                                                      if not ok]
-                await self._vault.revoke_accessor(task.token_accessor)
                 confirmed = await self._confirm(task, polled, timeout)
             except VaultError as exc:
                 log.warning("revoking task %s: Vault did not answer (%s); will retry", task.id, exc.code)
@@ -143,17 +145,22 @@ class Revoker:
             delay = min(delay * 2, 0.5)
 
 
-    async def _revoke_one(self, lease: LeaseRow) -> bool:
-        """Revoke one Vault lease; False when the broker's policy does not cover its path (a grant since
-        removed from the catalog): the token's tree takes it, and a lookup confirms that.
+    async def _revoke_one(self, lease: LeaseRow, timeout: float) -> bool:
+        """Revoke one Vault lease; False when it is not done within ``timeout`` (Vault is busy revoking it: a
+        database that holds the role's locks, say) or the broker's policy does not cover its path (a grant
+        since removed from the catalog). Either way the token's tree takes it, and a lookup confirms that.
 
-        Raises: VaultError other than a denial (the task is retried as a whole; revoking twice is harmless).
+        Raises: VaultError when Vault did not answer at all (the task is retried; revoking twice is harmless).
         """
         async with self._lookups:
             try:
-                await self._vault.revoke_lease(lease.vault_lease_id)
-            except VaultDenied:
+                await asyncio.wait_for(self._vault.revoke_lease(lease.vault_lease_id), timeout=timeout)
+            except (VaultDenied, TimeoutError):
                 return False
+            except VaultUnavailable as exc:
+                if isinstance(exc.__cause__, TimeoutError):
+                    return False  # it answered nothing in time, but it is up: pending, not down
+                raise
             return True
 
     async def _bounded_alive(self, lease: LeaseRow) -> bool:

@@ -293,7 +293,7 @@ class TestRetries:
             assert "HTTP 500" in (records[0].reason or "") and "retry in" in (records[0].reason or "")
             assert "could not reach the receiver" in (records[1].reason or "")
             metrics = await (await client.get("/metrics")).text()
-            assert "\nbroker_signals_delivered_total 1\n" in metrics
+            assert _sample(metrics, "broker_signals_delivered_total") == 1
         finally:
             await client.close()
 
@@ -314,7 +314,8 @@ class TestRetries:
             assert "invalid_audience: not for us" in (record.reason or "") and "not retried" in (record.reason or "")
             assert await audit_of(store, task, "signal.delivered") == []
             metrics = await (await client.get("/metrics")).text()
-            assert "\nbroker_signals_failed_total 1\n" in metrics and "\nbroker_signals_retried_total 0\n" in metrics
+            assert _sample(metrics, "broker_signals_failed_total") == 1
+            assert _sample(metrics, "broker_signals_retried_total") == 0
         finally:
             await client.close()
 
@@ -368,3 +369,14 @@ async def wait_for_state(store: Store, task: str, state: str, timeout: float = 1
             return
         assert time.monotonic() < deadline, [r.state for r in rows]
         await asyncio.sleep(0.05)
+
+
+def _sample(text: str, name: str) -> float | None:
+    """One unlabelled sample's value in a Prometheus text scrape (``1`` and ``1.0`` alike)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None

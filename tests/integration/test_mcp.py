@@ -44,8 +44,8 @@ from broker.sdk import AgentClient, UserClient
 from broker.sealing import TokenSealer
 from broker.vault import Sensitive
 from broker.vault.admin import VaultAdmin
-from broker.vault.sync import audit_device_of, sync, write_broker_token
 from tests.conftest import IDP, TD, Identities
+from tests.support.crash import write_broker_token
 from tests.support.fixtures import BaoEngines
 
 AGENT = f"spiffe://{TD}/agent/support-7"
@@ -105,8 +105,9 @@ def mcp_root(tmp_path_factory: pytest.TempPathFactory, bao_with_engines: BaoEngi
                        users=(UserIssuer(issuer=IDP, jwks_file="idp.jwks"),), people=DEV_PEOPLE, task_roles=(role,))
     settings = load_settings({}, cfg.write(root / "broker.toml"))
     with VaultAdmin(bao.addr, token=bao.root_token) as admin:
-        sync(admin, Catalog.from_settings(settings), audit_device=audit_device_of(settings))
-        write_broker_token(admin, root / "vault-token")
+        # A broker policy of its own: the session's `agent-broker` policy (every other test's broker token)
+        # must keep the session catalog's grants.
+        write_broker_token(admin, Catalog.from_settings(settings), root / "vault-token", policy="agent-broker-mcp")
         configure_mysql_and_redis(admin, maria_db, redis_prefix)
     yield root, echo_port
     with VaultAdmin(bao.addr, token=bao.root_token) as admin:

@@ -38,6 +38,8 @@ async def _broker(tmp: Path, bao: PersistentOpenBao, ids: Identities, aiohttp_cl
     ids.spiffe.write_jwks(tmp / "spiffe.jwks")
     ids.partner.write_jwks(tmp / "partner.jwks")
     ids.idp.write_jwks(tmp / "idp.jwks")
+    ids.k8s.write_jwks(tmp / "k8s-a.jwks")
+    ids.k8s_b.write_jwks(tmp / "k8s-b.jwks")
     TokenSealer.generate_key_file(tmp / "store.key")
     generate_signing_key_file(tmp / "audit-signing.key")
     replace(site_config(addr=bao.addr, audit_log=bao.audit_log), revoke_confirm_timeout=2, vault_timeout=2,
