@@ -389,7 +389,9 @@ async def _probe_journal(vault: VaultClient, store: Store, mode: JournalMode, *,
         probe = journal.new_probe_id()
         try:
             own = (await vault.lookup_self(intent=probe)).accessor
-            for _ in range(40):
+            # The tailer's first start skips what the file already held: a probe written before it is
+            # never read, so a new probe follows soon rather than waiting long for this one.
+            for _ in range(12):
                 await asyncio.sleep(every / 20)
                 found = journal.probe_result(await store.journal_for(probe), own_accessor=own)
                 if found is not None:
