@@ -306,7 +306,7 @@ class TestJournaledIssuance:
         _, before, lease_id, intent = await self._issue_held_back(jclient, site, proxy, raw)
         assert intent["state"] == "aborting"
         await asyncio.sleep(1.0)
-        assert set(await raw.leases_under(DB_PREFIX)) == before  # still held back
+        assert set(await raw.leases_under(DB_PREFIX)) <= before  # still held back (others may expire meanwhile)
         proxy.heal()
 
         async def settled() -> bool:
@@ -332,6 +332,6 @@ class TestJournaledIssuance:
             return bool(state == "aborted")
 
         assert await wait_for(aborted, timeout=25), snapshot(site).intents[lease_id]
-        assert set(await raw.leases_under(DB_PREFIX)) == before
+        assert set(await raw.leases_under(DB_PREFIX)) <= before  # nothing new (others may expire meanwhile)
         records = [r.record for r in await jclient.app[STORE].query_audit(task=task["id"], limit=100)]
         assert any(r.event == "lease.aborted" and "never shows it" in (r.reason or "") for r in records)
