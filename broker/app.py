@@ -8,7 +8,6 @@ and handlers reach them through typed ``AppKey``s. Nothing here decides anything
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -18,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from broker import __version__, api, journal
+from broker import __version__, api, background, journal
 from broker.approvals import ApprovalManager
 from broker.audit.checkpoints import Checkpointer, StoreVerifier
 from broker.audit.export import EXPORTER, Exporter, FileSink, Sink, WebhookSink
@@ -354,9 +353,7 @@ def _background(name: str, start: Callable[[web.Application], Coroutine[Any, Any
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await background.stop(task)
 
     return ctx
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from broker import background
 from broker.errors import BrokerError
 from broker.store import Store
 
@@ -135,6 +136,6 @@ class Singleton:
     async def _stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # Not a suppress(CancelledError) around the await: that also swallows a cancel of this loop
+            # arriving meanwhile, and the loop would then outlive the application.
+            await background.stop(task, every=self._every)
