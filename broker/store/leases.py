@@ -97,7 +97,7 @@ class LeaseStore(StoreBase):
                 found = P_TASK_STATE_FOR_UPDATE.execute(conn, {"id": row.task_id}).fetchone()
                 if found is None or found[0] != TaskState.ACTIVE.value or P_RECORD_INTENT.execute(
                         conn, {"id": row.id, "now": row.issued_at}).rowcount != 1:
-                    conn.rollback()
+                    self._undo(conn)
                     return False
                 values = asdict(row)
                 values["renewable"] = int(row.renewable)

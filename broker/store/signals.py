@@ -141,7 +141,7 @@ class SignalStore(StoreBase):
         def run() -> bool:
             with self._tx() as conn:
                 if conn.execute(stmt).rowcount != 1:
-                    conn.rollback()
+                    self._undo(conn)
                     return False
                 _append(conn, record)
             return True

@@ -207,7 +207,7 @@ class TaskStore(SignalStore):
         def run() -> bool:
             with self._tx() as conn:
                 if not _move_token(conn, task_id, TokenEvent.VAULT_CONFIRMED, next_attempt_at=None):
-                    conn.rollback()
+                    self._undo(conn)
                     return False
                 for chunk in _chunks(list(lease_ids)):
                     _move_leases(conn, leases.c.id.in_(chunk), lease_event, revoked_at=now)

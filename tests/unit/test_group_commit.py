@@ -1,0 +1,169 @@
+"""Group commit on the SQLite store (broker.store._base): operations that queue up share one commit.
+
+Each caller still learns its result only after the commit that holds its writes; an operation that
+fails rolls back alone; a commit that fails fails every operation of its group and keeps none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import event, insert, select
+
+from broker.audit.chain import AuditRecord, verify_chain
+from broker.errors import StoreUnavailable
+from broker.store import Store, open_store
+from broker.store.schema import health_probe
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_store(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _commits(store: Store) -> list[int]:
+    count = [0]
+
+    @event.listens_for(store._engine, "commit")
+    def _counted(_conn: Any) -> None:
+        count[0] += 1
+
+    return count
+
+
+async def _insert(store: Store, row_id: int, *, fail: bool = False) -> int:
+    def run() -> int:
+        with store._tx() as conn:
+            conn.execute(insert(health_probe).values(id=row_id, probed_at=float(row_id)))
+            if fail:
+                msg = "this operation fails after its write"
+                raise ValueError(msg)
+        return row_id
+    return await store._run(run)
+
+
+async def _ids(store: Store) -> set[int]:
+    def run() -> set[int]:
+        with store._read() as conn:
+            return {r.id for r in conn.execute(select(health_probe.c.id))}
+    return await store._run(run)
+
+
+class TestGroupCommit:
+    async def test_concurrent_appends_share_commits_and_the_chain_verifies(self, store: Store) -> None:
+        commits = _commits(store)
+        records = [AuditRecord(1_800_000_000.0 + i, "lease.issued", "success", user=f"u{i}") for i in range(200)]
+        await asyncio.gather(*(store.append_audit(r) for r in records))
+        assert commits[0] < 100, f"{commits[0]} commits for 200 appends: nothing was grouped"
+        links = await store.iter_chain()
+        assert len(links) == 200
+        count, _head = verify_chain(links)
+        assert count == 200
+        assert {link.record.user for link in links} == {f"u{i}" for i in range(200)}
+
+    async def test_a_failing_operation_rolls_back_alone(self, store: Store) -> None:
+        outcomes = await asyncio.gather(*(_insert(store, i, fail=(i == 5)) for i in range(10, 20)),
+                                        _insert(store, 5, fail=True), return_exceptions=True)
+        assert [o for o in outcomes if isinstance(o, BaseException)] != []
+        failed = [o for o in outcomes if isinstance(o, ValueError)]
+        assert len(failed) == 1
+        assert await _ids(store) >= set(range(10, 20)) and 5 not in await _ids(store)
+
+    async def test_a_duplicate_key_fails_its_own_caller_only(self, store: Store) -> None:
+        await _insert(store, 40)
+        outcomes = await asyncio.gather(_insert(store, 41), _insert(store, 40), _insert(store, 42),
+                                        return_exceptions=True)
+        assert outcomes[0] == 41 and outcomes[2] == 42
+        assert isinstance(outcomes[1], StoreUnavailable)
+        assert {40, 41, 42} <= await _ids(store)
+
+    async def test_a_failed_commit_fails_the_whole_group_and_keeps_nothing(self, store: Store) -> None:
+        broken = [True]
+
+        @event.listens_for(store._engine, "commit")
+        def _refuse(_conn: Any) -> None:
+            if broken[0]:
+                msg = "disk full"
+                raise OSError(msg)
+
+        outcomes = await asyncio.gather(*(_insert(store, i) for i in range(60, 80)), return_exceptions=True)
+        broken[0] = False
+        assert all(isinstance(o, BaseException) for o in outcomes), outcomes
+        assert not (await _ids(store)) & set(range(60, 80))
+
+    async def test_no_caller_is_answered_before_its_commit(self, store: Store) -> None:
+        """Every answered insert is visible to a second connection at the moment its caller resumes."""
+        import sqlite3
+
+        path = store._engine.url.database
+        assert path is not None
+        seen_missing: list[int] = []
+
+        async def insert_then_look(i: int) -> None:
+            await _insert(store, 1000 + i)
+            other = sqlite3.connect(path)
+            try:
+                if other.execute("SELECT 1 FROM health_probe WHERE id = ?", (1000 + i,)).fetchone() is None:
+                    seen_missing.append(i)
+            finally:
+                other.close()
+
+        await asyncio.gather(*(insert_then_look(i) for i in range(50)))
+        assert seen_missing == []
+
+
+class TestUndo:
+    async def test_an_operation_that_undoes_its_writes_keeps_the_groups_others(self, store: Store) -> None:
+        def undoing() -> bool:
+            with store._tx() as conn:
+                conn.execute(insert(health_probe).values(id=300, probed_at=0.0))
+                store._undo(conn)  # a compare-and-set that lost: write nothing
+                return False
+
+        outcomes = await asyncio.gather(_insert(store, 301), store._run(undoing), _insert(store, 302))
+        assert outcomes == [301, False, 302]
+        ids = await _ids(store)
+        assert {301, 302} <= ids and 300 not in ids
+
+    async def test_an_operation_that_rolls_the_group_back_fails_the_group(self, store: Store) -> None:
+        def breaks_the_group() -> None:
+            with store._tx() as conn:
+                conn.rollback()
+
+        async with _store_thread_held(store):  # so that all four queue up and run as one group
+            jobs = asyncio.gather(_insert(store, 311), store._run(breaks_the_group), _insert(store, 312),
+                                  return_exceptions=True)
+        outcomes = await jobs
+        assert all(isinstance(o, BaseException) for o in outcomes), outcomes
+        assert not {311, 312} & await _ids(store)
+
+
+@contextlib.asynccontextmanager
+async def _store_thread_held(store: Store) -> AsyncIterator[None]:
+    """Keep the store's thread busy while the body queues operations; they then run as one group."""
+    release = threading.Event()
+    holding = asyncio.ensure_future(store._run(release.wait, 5))
+    await asyncio.sleep(0.05)
+    try:
+        yield
+        await asyncio.sleep(0.05)  # let the body's operations reach the queue
+    finally:
+        release.set()
+        await holding
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_small_groups_behave_like_single_transactions(store: Store, n: int) -> None:
+    outcomes = await asyncio.gather(*(_insert(store, 500 + i) for i in range(n)))
+    assert outcomes == [500 + i for i in range(n)]
