@@ -310,7 +310,7 @@ class VaultAuditTailer:
     async def seed_tokens(self) -> int:
         """Hash the accessors of live token leases with ``hasher`` (``sys/audit-hash``) and remember them.
 
-        Returns how many were learned; 0 without a hasher or when Vault refuses (logged once).
+        Returns how many tokens were learned; 0 without a hasher or when Vault refuses (logged once).
         """
         if self._hasher is None:
             return 0
@@ -318,13 +318,16 @@ class VaultAuditTailer:
         try:
             for lease, _task in await self._store.find_leases(states=("active",), limit=10_000):
                 if lease.kind == "token":
+                    # Under both names a device may write it: HMAC'd (Vault's default) and, with
+                    # hmac_accessor = false, the accessor itself (which the lease row holds already).
                     learned[await self._hasher(lease.vault_lease_id)] = (lease.task_id, lease.id)
+                    learned[lease.vault_lease_id] = (lease.task_id, lease.id)
         except BrokerError as exc:
             log.warning("vault audit tailer: cannot hash live tokens' accessors (%s): tokens created while no "
                         "tailer ran are not attributed", exc.code)
             return 0
         await self._store.remember_vault_tokens(learned, now=self._clock())
-        return len(learned)
+        return len(learned) // 2
 
     async def step(self) -> MergeResult:
         """One poll: merge at most one chunk of complete lines from the oldest file that has some.

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 AUDIT_DEVICE = "main"
+# A second device with Vault's default (accessors HMAC'd), for tests of a broker reading such a device.
+HMAC_AUDIT_DEVICE = "hmac"
 
 
 @dataclass
@@ -67,6 +69,7 @@ class DevOpenBao:
     workdir: Path
     process: subprocess.Popen[bytes]
     _log: IO[bytes] | None = field(default=None, repr=False)
+    hmac_audit_log: Path | None = None  # the second device's file (``hmac_device``)
 
     @property
     def audit_device(self) -> str:
@@ -159,14 +162,25 @@ def _hcl_string(value: str) -> str:
     return json.dumps(value)  # a JSON string literal is a valid HCL string literal
 
 
-def _write_config(workdir: Path, audit_log: Path) -> Path:
+def _audit_device(name: str, audit_log: Path, *, plain_accessors: bool) -> str:
+    """One file audit device's stanza (OpenBao declares them in its configuration, not through the API)."""
+    options = f"    file_path = {_hcl_string(str(audit_log))}\n"
+    if plain_accessors:
+        # Accessors in plain text: the issuance journal can then revoke a child token whose answer was lost
+        # by what the log names, so token grants too take one Vault request (broker.journal). An accessor
+        # is a handle, not a credential: it looks a token up or revokes it, with a policy allowing that.
+        options += '    hmac_accessor = "false"\n'
+    return f'audit "file" "{name}" {{\n  options {{\n{options}  }}\n}}\n'
+
+
+def _write_config(workdir: Path, audit_log: Path, *, plain_accessors: bool = True,
+                  hmac_audit_log: Path | None = None) -> Path:
     config = workdir / "openbao.hcl"
-    config.write_text(
-        "# Written by broker.dev.stack: the file audit device must be declared here, not via the API.\n"
-        f'audit "file" "{AUDIT_DEVICE}" {{\n'
-        f"  options {{\n    file_path = {_hcl_string(str(audit_log))}\n  }}\n}}\n",
-        encoding="utf-8",
-    )
+    text = ("# Written by broker.dev.stack: the file audit device must be declared here, not via the API.\n"
+            + _audit_device(AUDIT_DEVICE, audit_log, plain_accessors=plain_accessors))
+    if hmac_audit_log is not None:
+        text += _audit_device(HMAC_AUDIT_DEVICE, hmac_audit_log, plain_accessors=False)
+    config.write_text(text, encoding="utf-8")
     return config
 
 
@@ -192,11 +206,15 @@ def start_dev_openbao(
     root_token: str | None = None,
     bao_binary: str | None = None,
     startup_timeout: float = 20,
+    plain_accessors: bool = True,
+    hmac_device: bool = False,
 ) -> DevOpenBao:
     """Start ``bao server -dev`` on 127.0.0.1 with a file audit device at ``workdir/audit.log``.
 
     Writes ``workdir/openbao.hcl`` and logs to ``workdir/openbao.log``. With ``port=None`` a free port
-    pair is picked (and retried if another process takes it first).
+    pair is picked (and retried if another process takes it first). The device writes accessors in plain
+    text unless ``plain_accessors`` is False; ``hmac_device`` adds a second one (``hmac``, at
+    ``workdir/audit-hmac.log``) with Vault's default, HMAC'd accessors.
 
     Raises:
         ConfigError: no ``bao`` binary.
@@ -208,7 +226,8 @@ def start_dev_openbao(
     binary = find_bao_binary(bao_binary)
     token = root_token or "root-" + secrets.token_hex(16)
     audit_log = workdir / "audit.log"
-    config = _write_config(workdir, audit_log)
+    hmac_log = workdir / "audit-hmac.log" if hmac_device else None
+    config = _write_config(workdir, audit_log, plain_accessors=plain_accessors, hmac_audit_log=hmac_log)
     attempts = 1 if port is not None else 3
     last_reason = ""
     for _ in range(attempts):
@@ -234,7 +253,8 @@ def start_dev_openbao(
             start_new_session=True,  # a Ctrl-C in the terminal must not kill it behind the fixture's back
         )
         server = DevOpenBao(
-            addr=addr, root_token=Sensitive(token), audit_log=audit_log, workdir=workdir, process=proc, _log=log
+            addr=addr, root_token=Sensitive(token), audit_log=audit_log, workdir=workdir, process=proc, _log=log,
+            hmac_audit_log=hmac_log,
         )
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
@@ -297,8 +317,7 @@ def _write_persistent_config(workdir: Path, port: int, audit_log: Path) -> Path:
         f"api_addr = {_hcl_string(api)}\n"
         f"cluster_addr = {_hcl_string('https://' + cluster)}\n"
         # OpenBao has no mlock (`disable_mlock` is an "unknown field" warning): not set on purpose.
-        f'audit "file" "{AUDIT_DEVICE}" {{\n'
-        f"  options {{\n    file_path = {_hcl_string(str(audit_log))}\n  }}\n}}\n",
+        + _audit_device(AUDIT_DEVICE, audit_log, plain_accessors=True),
         encoding="utf-8",
     )
     return config

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.api import STORE
-from broker.app import JOURNAL, SETTLER
+from broker.app import JOURNAL, SETTLER, make_app
+from broker.dev.stack import DevOpenBao
 from broker.intents import IntentEvent, IntentState
 from broker.rows import Intent, JournalEntry
 from broker.vault import VaultClient
@@ -41,7 +42,7 @@ class TestOneRequestPerCredential:
         """PKI and database credentials: exactly one request each by the task's tokens, made with the task
         token, carrying the broker's lease id in plain text; no issuance token is created."""
         await journal_ready(client)
-        assert not client.app[JOURNAL].plain_accessors  # the session's device HMACs accessors
+        assert client.app[JOURNAL].plain_accessors  # the session's device writes accessors in plain text
         log = Path(site.settings.vault.audit_log or "")
         # Longer than the grants' 10 minutes: no database lease needs shortening to the task's end.
         task = await start_task(client, site, ttl="30m")
@@ -60,16 +61,43 @@ class TestOneRequestPerCredential:
             lease = await client.app[STORE].get_lease(c["lease_id"])
             assert lease is not None and lease.issuance_accessor is None
 
-    async def test_token_grants_keep_their_issuance_token_while_the_device_hmacs_accessors(
+    async def test_a_child_token_is_one_request_when_the_device_writes_plain_accessors(
             self, client: Client, site: BrokerSite) -> None:
-        """A lost token-create answer could not be revoked by an HMAC'd accessor: two requests, as before."""
+        """The token's accessor is in the log in plain text: a lost answer can be revoked by it, so the
+        task token creates the child itself, one request, with no issuance token."""
         await journal_ready(client)
         log = Path(site.settings.vault.audit_log or "")
         task = await start_task(client, site)
         start = log.stat().st_size
         c = await credential(client, site, task["id"], "child-token")
         await asyncio.sleep(0.3)
-        paths = [e["request"]["path"] for e in task_requests(window(log, start), task["id"])]
+        mine = task_requests(window(log, start), task["id"])
+        assert [e["request"]["path"] for e in mine] == ["auth/token/create/agent-child"]
+        assert mine[0]["request"]["headers"]["x-broker-intent"] == [c["lease_id"]]
+        lease = await client.app[STORE].get_lease(c["lease_id"])
+        assert lease is not None and lease.issuance_accessor is None
+        # What the journal would revoke were the answer lost: the created token's accessor, in plain text.
+        assert mine[0]["response"]["auth"]["accessor"] == lease.vault_lease_id
+
+    async def test_token_grants_keep_their_issuance_token_while_the_device_hmacs_accessors(
+            self, aiohttp_client: Any, site: BrokerSite) -> None:
+        """A lost token-create answer could not be revoked by an HMAC'd accessor: two requests, as before.
+
+        The broker reads the session OpenBao's second device, which keeps Vault's default."""
+        assert isinstance(site.engines.bao, DevOpenBao)
+        hmac_log = site.engines.bao.hmac_audit_log
+        assert hmac_log is not None
+        settings = site.settings.model_copy(update={
+            "vault": site.settings.vault.model_copy(update={"audit_log": hmac_log}),
+            "audit": site.settings.audit.model_copy(update={"vault_device": "hmac"})})
+        client = await aiohttp_client(make_app(settings))
+        await journal_ready(client)
+        assert not client.app[JOURNAL].plain_accessors
+        task = await start_task(client, site)
+        start = hmac_log.stat().st_size
+        c = await credential(client, site, task["id"], "child-token")
+        await asyncio.sleep(0.3)
+        paths = [e["request"]["path"] for e in task_requests(window(hmac_log, start), task["id"])]
         assert paths == ["auth/token/create", "auth/token/create/agent-child"], paths
         lease = await client.app[STORE].get_lease(c["lease_id"])
         assert lease is not None and lease.issuance_accessor is not None

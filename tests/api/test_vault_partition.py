@@ -297,6 +297,34 @@ class TestJournaledIssuance:
         assert "audit log names its lease" in (aborted_record.reason or "")
         assert "lease.issued" not in [r.event for r in records]
 
+    async def test_a_lost_child_token_is_found_by_its_plain_accessor_and_revoked(
+            self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """A child-token grant is one request too (the device writes accessors in plain text): when its
+        answer is lost, the token Vault created is found by the accessor the log names, and revoked."""
+        _, raw = truth
+        assert jclient.app[JOURNAL].plain_accessors
+        task = await start(jclient, site)
+        before = set(await raw.tokens())
+        proxy.drop_after("auth/token/create/")  # the task's own token is made: the grant's is next
+        resp = await jclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "child-token"},
+                                  headers=bearer(site.ids.agent()))
+        assert resp.status == 503, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        assert intent["journaled"] and intent["accessor"] is None, intent
+        created = {a for a, t in (await raw.tokens()).items() if a not in before and t.get("role") == "agent-child"}
+        assert len(created) == 1, "the create reached Vault: it holds a token nobody received"
+        proxy.heal()
+
+        async def aborted() -> bool:
+            return bool(snapshot(site).intents[lease_id]["state"] == "aborted")
+
+        assert await wait_for(aborted, timeout=20), snapshot(site).intents[lease_id]
+        assert [await raw.lookup_accessor(a) for a in created] == [None]
+        records = [r.record for r in await jclient.app[STORE].query_audit(task=task["id"], limit=100)]
+        [aborted_record] = [r for r in records if r.event == "lease.aborted"]
+        assert "audit log names its token" in (aborted_record.reason or "")
+
     async def test_a_read_the_network_held_back_is_revoked_when_it_lands(
             self, jclient: Client, site: BrokerSite, proxy: FaultProxy,
             truth: tuple[VaultClient, RawVault]) -> None:

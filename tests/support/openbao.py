@@ -10,8 +10,12 @@ from broker.dev.stack import DevOpenBao, find_bao_binary, start_dev_openbao
 
 
 def start_test_openbao(workdir: Path) -> DevOpenBao:
-    """Start a dev OpenBao (free port, random root token, file audit device) in ``workdir``."""
-    return start_dev_openbao(workdir, startup_timeout=30)
+    """Start a dev OpenBao (free port, random root token) in ``workdir``.
+
+    Its device ``main`` writes accessors in plain text, as ``broker dev`` does; a second device (``hmac``,
+    ``DevOpenBao.hmac_audit_log``) keeps Vault's default, for tests of a broker reading such a device.
+    """
+    return start_dev_openbao(workdir, startup_timeout=30, hmac_device=True)
 
 
 async def bao_cli(server: DevOpenBao, *args: str, timeout: float = 30) -> str:
