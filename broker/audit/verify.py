@@ -31,9 +31,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import islice
-from json.encoder import encode_basestring
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,10 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.audit import (
     CHAIN_DOMAIN,
     GENESIS,
-    AuditRecord,
     ChainLink,
-    canonical_bytes,
 )
+from broker.audit.canonical import RECORD_WIDTH, canonical_record, canonical_row
 from broker.audit.signing import Checkpoint, verify_checkpoint
 from broker.errors import AuditChainBroken, CheckpointInvalid
 
@@ -53,65 +51,12 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log"]
 
 # -- the chain, fast -------------------------------------------------------------------------------
 #
-# broker.audit.verify_chain spends ~12 us a record, most of it building json.dumps' encoder and a dict
-# per record; 1,000,000 records would take most of the 30 s budget before the store is even read. This
-# is the same check with the canonical form written out field by field (~4 us). It must produce exactly
-# audit.canonical_bytes: a test compares the two on random records, and any record this path does not
-# know how to encode (a field that is neither str nor None, a field added to AuditRecord) goes through
-# canonical_bytes itself.
+# broker.audit.verify_chain spends ~12 us a record; the checks below are the same with the canonical form
+# written out field by field (broker.audit.canonical, ~4 us).
 
-_KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
-                 "lease", "vault_request_id", "user_name", "delegation_jti", "caller_address", "revocation",
-                 "key_fingerprint")
-_KEY_FINGERPRINT, _REVOCATION = '"key_fingerprint":', '"revocation":'
-_FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
-_N = len(fields(AuditRecord))
+_N = RECORD_WIDTH
 _PREV, _HASH = _N + 1, _N + 2
-
-
-def _body(r: AuditRecord, seq: int) -> bytes:
-    """``canonical_bytes(r, seq)``, faster."""
-    return _row_body((seq, r.time, r.event, r.outcome, r.user, r.agent, r.task, r.tenant, r.resource, r.action,
-                      r.reason, r.lease, r.vault_request_id, r.user_name, r.delegation_jti, r.caller_address,
-                      r.revocation, r.key_fingerprint))
-
-
-def _row_body(row: Sequence[Any]) -> bytes:
-    """``canonical_bytes`` of a row ``(seq, *AuditRecord fields in order, ...)``: the same JSON written out,
-    each string through json's own encoder.
-
-    A field that is not a str or None makes ``encode_basestring`` raise TypeError: such a record goes
-    through ``canonical_bytes`` itself (which then encodes it, or raises as it would anyway).
-    """
-    if not _FAST:
-        return canonical_bytes(AuditRecord(*row[1:_N + 1]), row[0])
-    e = encode_basestring
-    (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
-     user_name, delegation_jti, caller_address, revocation, key_fingerprint) = row[:18]
-    try:
-        return (
-            f'{{"action":{"null" if action is None else e(action)},'
-            f'"agent":{"null" if agent is None else e(agent)},'
-            # Added fields (audit.ADDED_FIELDS) are written only when set, in their sorted place.
-            f'{"" if caller_address is None else chr(34) + "caller_address" + chr(34) + ":" + e(caller_address) + ","}'
-            f'{"" if delegation_jti is None else chr(34) + "delegation_jti" + chr(34) + ":" + e(delegation_jti) + ","}'
-            f'"event":{"null" if event is None else e(event)},'
-            f'{"" if key_fingerprint is None else _KEY_FINGERPRINT + e(key_fingerprint) + ","}'
-            f'"lease":{"null" if lease is None else e(lease)},'
-            f'"outcome":{"null" if outcome is None else e(outcome)},'
-            f'"reason":{"null" if reason is None else e(reason)},'
-            f'"resource":{"null" if resource is None else e(resource)},'
-            f'{"" if revocation is None else _REVOCATION + e(revocation) + ","}'
-            f'"seq":{seq:d},'
-            f'"task":{"null" if task is None else e(task)},'
-            f'"tenant":{"null" if tenant is None else e(tenant)},"time":{round(time * 1_000_000):d},'
-            f'"user":{"null" if user is None else e(user)},'
-            f'{"" if user_name is None else chr(34) + "user_name" + chr(34) + ":" + e(user_name) + ","}'
-            f'"vault_request_id":{"null" if vault_request_id is None else e(vault_request_id)}}}'
-        ).encode()
-    except (TypeError, ValueError):
-        return canonical_bytes(AuditRecord(*row[1:_N + 1]), seq)
 
 
 def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
@@ -120,7 +65,7 @@ def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) 
     Raises:
         AuditChainBroken: a gap or repeat in the sequence, a wrong ``prev_hash``, or a wrong ``hash``.
     """
-    sha256, body = hashlib.sha256, _body
+    sha256, body = hashlib.sha256, canonical_record
     expected = first_seq
     prev_hex = prev.hex()
     for link in links:
@@ -143,7 +88,7 @@ def _verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: 
     Raises:
         AuditChainBroken: a gap or repeat in the sequence, a wrong ``prev_hash``, or a wrong ``hash``.
     """
-    sha256, body = hashlib.sha256, _row_body
+    sha256, body = hashlib.sha256, canonical_row
     expected = first_seq
     prev_hex = prev.hex()
     for row in rows:

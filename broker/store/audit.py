@@ -29,6 +29,7 @@ from broker.store.statements import (
     _INSERT_CHECKPOINT,
     _LAST_CHECKPOINT,
     _RECORD_FIELDS,
+    P_CHAIN_PAGE,
     _append,
     _user_is,
 )
@@ -84,7 +85,8 @@ class AuditStore(StoreBase):
         """:meth:`iter_chain` as plain tuples ``(seq, *AuditRecord fields, prev_hash, hash)``, for the verifier."""
         def run() -> list[tuple[Any, ...]]:
             with self._read() as conn:
-                return [tuple(r) for r in conn.execute(_CHAIN_PAGE, {"after": after_seq, "lim": limit})]
+                # The raw cursor's tuples: SQLAlchemy's row processing was half of verify's time per record.
+                return list(P_CHAIN_PAGE.execute(conn, {"after": after_seq, "lim": limit}).fetchall())
         return await self._run(run)
 
     async def add_checkpoint(self, row: CheckpointRow) -> bool:

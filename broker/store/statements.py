@@ -23,7 +23,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql import Select
 
-from broker.audit import AuditRecord, canonical_bytes, chain_hash
+from broker.audit import AuditRecord, chain_hash
+from broker.audit.canonical import canonical_record
 from broker.errors import (
     BudgetExceeded,
     Locked,
@@ -120,6 +121,7 @@ _LAST_CHECKPOINT = select(audit_checkpoints).order_by(audit_checkpoints.c.seq.de
 # The issuance path's statements, run on the DB-API cursor (broker.store.prepared): the same SQL, without
 # SQLAlchemy's per-execution cost. Each is exactly the Core statement it wraps.
 P_TASK_BY_ID = Prepared(_TASK_BY_ID)
+P_CHAIN_PAGE = Prepared(_CHAIN_PAGE)
 P_TASK_STATE_FOR_UPDATE = Prepared(_TASK_STATE_FOR_UPDATE)
 P_LOCK_HIT = Prepared(_LOCK_HIT)
 P_LIVE_BY_AGENT = Prepared(_LIVE_BY_AGENT)
@@ -145,7 +147,7 @@ def _append(conn: Connection, record: AuditRecord) -> None:
     red = record.redacted()
     seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
     seq += 1
-    digest = chain_hash(bytes.fromhex(head), canonical_bytes(red, seq))
+    digest = chain_hash(bytes.fromhex(head), canonical_record(red, seq))
     P_INSERT_AUDIT.execute(conn, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
     P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": digest.hex()})
 
@@ -165,12 +167,12 @@ def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
     for record in records:
         red = record.redacted()
         seq += 1
-        digest = chain_hash(prev, canonical_bytes(red, seq))
+        digest = chain_hash(prev, canonical_record(red, seq))
         row = {f: getattr(red, f) for f in _RECORD_FIELDS}
         row.update(seq=seq, prev_hash=prev.hex(), hash=digest.hex())
         rows.append(row)
         prev = digest
-    conn.execute(_INSERT_AUDIT, rows)
+    P_INSERT_AUDIT.executemany(conn, rows)
     conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev.hex()})
 
 

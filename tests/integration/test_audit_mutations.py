@@ -28,9 +28,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
+from broker.audit.canonical import canonical_record
 from broker.audit.checkpoints import Checkpointer, StoreVerifier, checkpoint_of, read_witness
 from broker.audit.signing import Checkpoint, sign_checkpoint
-from broker.audit.verify import VerifyReport, _body, verify_log
+from broker.audit.verify import VerifyReport, verify_log
 from broker.store import Store, open_store
 from broker.store.statements import _append
 from tests.support.fixtures import run_coro_in_thread
@@ -185,7 +186,7 @@ def _rechain(links: list[ChainLink], start: int) -> list[ChainLink]:
     out = links[:start]
     prev = bytes.fromhex(out[-1].hash or "") if out else GENESIS
     for link in links[start:]:
-        h = chain_hash(prev, _body(link.record, link.seq))  # canonical_bytes, faster (pinned in test_verify)
+        h = chain_hash(prev, canonical_record(link.record, link.seq))  # canonical_bytes, faster (pinned in test_verify)
         out.append(ChainLink(link.seq, link.record, prev.hex(), h.hex()))
         prev = h
     return out

@@ -18,7 +18,7 @@ from broker.audit import (
     chain_hash,
     verify_chain,
 )
-from broker.audit.verify import _body
+from broker.audit.canonical import canonical_record
 from broker.errors import AuditChainBroken
 
 RECORD = AuditRecord(1795877399.123456, "lease.issued", "success", user="alice@example.com",
@@ -92,7 +92,7 @@ class TestCanonicalBytes:
             values = {n: ("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) if rng.random() < 0.6
                           else None) for n in names}
             rec = AuditRecord(rng.uniform(0, 2e9), "lease.issued", "success", **values)
-            assert _body(rec, i) == canonical_bytes(rec, i), rec
+            assert canonical_record(rec, i) == canonical_bytes(rec, i), rec
 
 
 class TestVerifyChain:

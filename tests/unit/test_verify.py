@@ -18,10 +18,10 @@ from broker.audit import (
     chain_hash,
     verify_chain,
 )
+from broker.audit.canonical import canonical_record
 from broker.audit.signing import Checkpoint, sign_checkpoint
 from broker.audit.verify import (
     LogVerifier,
-    _body,
     _verify_row_stretch,
     _verify_stretch,
     verify_log,
@@ -215,12 +215,12 @@ class TestFastPath:
             for name in names[3:]:
                 kw[name] = None if rng.random() < 0.3 else "".join(rng.choices(alphabet, k=rng.randint(0, 12)))
             rec = AuditRecord(rng.uniform(0, 2e9), "".join(rng.choices(alphabet, k=5)), "success", **kw)  # type: ignore[arg-type]
-            assert _body(rec, i) == canonical_bytes(rec, i)
+            assert canonical_record(rec, i) == canonical_bytes(rec, i)
 
     def test_unusual_types_fall_back(self) -> None:
         """A field that is not a str goes through canonical_bytes itself."""
         rec = AuditRecord(5, "e", "success", user=42)  # type: ignore[arg-type]
-        assert _body(rec, 1) == canonical_bytes(rec, 1)
+        assert canonical_record(rec, 1) == canonical_bytes(rec, 1)
 
     @pytest.mark.parametrize("mutate", ["edit", "delete", "prev", "hash", "seq"])
     def test_same_answer_as_verify_chain(self, mutate: str) -> None:
