@@ -44,9 +44,10 @@ How to read the table
     issuance token), divided by the issuances; the broker's own calls (its token, maintenance) are not
     in it. The lines after it list every request of the pass by operation and path.
 
-Goals (from the issue): ratio >= 0.9 for PostgreSQL, >= 0.6 for PKI and token grants; <= 2 ms added
-at p50 with one agent; <= 0.5 ms broker CPU per issuance. A benchmark, not a test: it reports what it
-reaches and exits 0 unless the run itself failed.
+Goals (issue 10): at 32 agents a ratio >= 0.9 for PostgreSQL, >= 0.45 for PKI, >= 0.35 for child
+tokens; at one agent <= 2 ms added at p50; in every cell <= 1.0 ms of broker CPU per credential (all
+threads) and <= 0.5 ms on the event loop's thread; <= 1.1 Vault requests per credential. A benchmark,
+not a test: it reports what it reaches and exits 0 unless the run itself failed.
 
 Example
     python scripts/bench_issue.py                      # full default run, a few minutes
@@ -106,13 +107,16 @@ class GrantKind:
     min_ratio: float
 
 
+# min_ratio: issue 10's goal at 32 agents (broker rps / direct rps).
 GRANT_KINDS: dict[str, GrantKind] = {
     "postgres": GrantKind("postgres", "tickets-db-ro", "database/creds/tickets-ro", 300, 0.9),
-    "pki": GrantKind("pki", "agent-cert", "pki/issue/agents", 1000, 0.6),
-    "token": GrantKind("token", "child-token", "auth/token/create/agent-child", 1000, 0.6),
+    "pki": GrantKind("pki", "agent-cert", "pki/issue/agents", 1000, 0.45),
+    "token": GrantKind("token", "child-token", "auth/token/create/agent-child", 1000, 0.35),
 }
-GOAL_ADDED_P50_MS = 2.0
-GOAL_CPU_MS = 0.5
+GOAL_ADDED_P50_MS = 2.0  # at one agent
+GOAL_CPU_MS = 1.0  # all the broker's threads, per credential, in every cell
+GOAL_LOOP_CPU_MS = 0.5  # the event loop's thread
+GOAL_VAULT_REQUESTS = 1.1  # Vault requests per credential on the broker's path (audit device)
 END_TIMEOUT = aiohttp.ClientTimeout(total=300)  # ending a task confirms each of its leases in Vault
 
 
@@ -469,17 +473,24 @@ def render_two_call_table(cells: Sequence[Cell]) -> str:
 
 
 def goals(cells: Sequence[Cell]) -> list[tuple[str, str, bool]]:
-    """(goal, measured, met) for each cell: the ratio, the CPU per issuance, and added p50 at one agent."""
+    """(goal, measured, met) for each cell, as issue 10 states them: the ratio at 32 agents, added p50 at
+    one, the broker's CPU per credential (all threads, and the loop's), and Vault requests per credential."""
     out: list[tuple[str, str, bool]] = []
     for c in cells:
         kind = GRANT_KINDS[c.grant]
-        out.append((f"{c.grant} c={c.concurrency}: broker/direct >= {kind.min_ratio}", f"{c.ratio:.2f}",
-                    c.ratio >= kind.min_ratio))
+        if c.concurrency == 32:
+            out.append((f"{c.grant} c=32: broker/direct >= {kind.min_ratio}", f"{c.ratio:.2f}",
+                        c.ratio >= kind.min_ratio))
         if c.concurrency == 1:
             out.append((f"{c.grant} c=1: added p50 <= {GOAL_ADDED_P50_MS} ms", f"{c.added_p50:.2f} ms",
                         c.added_p50 <= GOAL_ADDED_P50_MS))
-        out.append((f"{c.grant} c={c.concurrency}: broker CPU <= {GOAL_CPU_MS} ms/issuance",
+        out.append((f"{c.grant} c={c.concurrency}: broker CPU <= {GOAL_CPU_MS} ms/credential",
                     f"{c.broker_cpu_ms:.2f} ms", c.broker_cpu_ms <= GOAL_CPU_MS))
+        out.append((f"{c.grant} c={c.concurrency}: event-loop CPU <= {GOAL_LOOP_CPU_MS} ms/credential",
+                    f"{c.broker_loop_ms:.2f} ms", c.broker_loop_ms <= GOAL_LOOP_CPU_MS))
+        if not math.isnan(c.broker_vault_per_issue):
+            out.append((f"{c.grant} c={c.concurrency}: Vault requests/credential <= {GOAL_VAULT_REQUESTS}",
+                        f"{c.broker_vault_per_issue:.2f}", c.broker_vault_per_issue <= GOAL_VAULT_REQUESTS))
     return out
 
 
