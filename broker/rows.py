@@ -27,6 +27,7 @@ class TaskRow:
     revocation_id: str | None = None
     user_name: str | None = None
     user_email: str | None = None
+    live_leases: int = 0  # its active leases (the budgets' count), as the store last wrote it
 
     def __repr__(self) -> str:  # the sealed token is not secret without the key, but keep reprs short
         return f"TaskRow(id={self.id!r}, user={self.user!r}, agent={self.agent!r}, state={self.state!r})"

@@ -23,7 +23,7 @@ What it measures
     made in the window, by operation and path) and the CPU time of the broker and OpenBao processes.
 
 How to read the table
-    ratio = broker revoke s / revoke-prefix s (goal: <= 1.2). leases/s = N / revoke s. POST = the status
+    ratio = broker revoke s / revoke-prefix s (goal, issue 10: <= 1.5). leases/s = N / revoke s. POST = the status
     of the POST (200: done within ``wait``; 202: the maintenance loop finished it). vault calls = audit
     records of type ``request`` in the window. Each user is fresh and gets locked by its own revocation.
 
@@ -70,7 +70,7 @@ from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 
 ROLE = "bench"
-GOAL_RATIO = 1.2
+GOAL_RATIO = 1.5  # issue 10: revocation by user within 1.5x revoke-prefix
 ISSUANCE_PREFIX = "auth/token/create"  # where the broker's per-credential issuance tokens live
 
 
@@ -456,7 +456,7 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
 def render(rows: Sequence[dict[str, Any]]) -> str:
     lines = [("| N | lease kind | broker revoke s | revoke-prefix s | ratio | broker leases/s | prefix leases/s "
               "| POST | Vault calls (broker) | CPU s: broker / bao (broker) / bao (prefix) | issuance s broker / direct "
-              "| left in Vault | goal <= 1.2 |"),
+              f"| left in Vault | goal <= {GOAL_RATIO} |"),
              "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
     for r in rows:
         if math.isnan(r["broker_s"]):

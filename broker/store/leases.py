@@ -40,6 +40,7 @@ from broker.store.statements import (
     _RENEW,
     P_INSERT_INTENT,
     P_INSERT_LEASE,
+    P_ONE_MORE_LIVE,
     P_RECORD_INTENT,
     P_TASK_STATE_FOR_UPDATE,
     _append,
@@ -102,6 +103,7 @@ class LeaseStore(StoreBase):
                 values = asdict(row)
                 values["renewable"] = int(row.renewable)
                 P_INSERT_LEASE.execute(conn, values)
+                P_ONE_MORE_LIVE.execute(conn, {"id": row.task_id})
                 _append(conn, record)
             return True
         return await self._run(run)

@@ -53,6 +53,10 @@ tasks = Table(
     Column("revocation_id", String(64)),
     Column("user_name", String(320)),
     Column("user_email", String(320)),
+    # How many of the task's leases are active: the live-lease budgets sum it over a user's or an agent's
+    # active tasks instead of counting their leases (O(tasks), not O(leases), per credential). Written
+    # with every lease insert and every move out of active (broker.store.statements).
+    Column("live_leases", Integer, nullable=False, server_default="0"),
     Index("ix_tasks_user", "user"),
     Index("ix_tasks_user_email", "user_email"),
     Index("ix_tasks_agent", "agent"),

@@ -89,14 +89,13 @@ _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
 # cost follows that agent's and that user's tasks, not every live lease in the store.
 # An active lease's task is active (a fence moves both in one transaction): counting through the live
 # tasks only ((agent|user, state) indexes) keeps the check from growing with every task a person ever had.
-_LIVE_BY_AGENT = select(func.count()).select_from(leases).where(
-    leases.c.state == LeaseState.ACTIVE.value,
-    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.agent == bindparam("agent"),
-                                                  tasks.c.state == TaskState.ACTIVE.value)))
-_LIVE_BY_USER = select(func.count()).select_from(leases).where(
-    leases.c.state == LeaseState.ACTIVE.value,
-    leases.c.task_id.in_(select(tasks.c.id).where(tasks.c.user == bindparam("user"),
-                                                  tasks.c.state == TaskState.ACTIVE.value)))
+# The live-lease budgets: the active leases of a user's or an agent's active tasks, summed from each
+# task's counter (tasks.live_leases) through ix_tasks_agent_state / ix_tasks_user_state.
+_LIVE_BY_AGENT = select(func.coalesce(func.sum(tasks.c.live_leases), 0)).where(
+    tasks.c.agent == bindparam("agent"), tasks.c.state == TaskState.ACTIVE.value)
+_LIVE_BY_USER = select(func.coalesce(func.sum(tasks.c.live_leases), 0)).where(
+    tasks.c.user == bindparam("user"), tasks.c.state == TaskState.ACTIVE.value)
+_ONE_MORE_LIVE = update(tasks).where(tasks.c.id == bindparam("id")).values(live_leases=tasks.c.live_leases + 1)
 _RENEW = (update(leases)
           .where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
           .values(expires_at=bindparam("new_expiry")))
@@ -128,6 +127,7 @@ P_LIVE_BY_AGENT = Prepared(_LIVE_BY_AGENT)
 P_LIVE_BY_USER = Prepared(_LIVE_BY_USER)
 P_INSERT_INTENT = Prepared(_INSERT_INTENT)
 P_INSERT_LEASE = Prepared(_INSERT_LEASE)
+P_ONE_MORE_LIVE = Prepared(_ONE_MORE_LIVE)
 P_HEAD_FOR_UPDATE = Prepared(_HEAD_FOR_UPDATE)
 P_INSERT_AUDIT = Prepared(_INSERT_AUDIT)
 P_MOVE_HEAD = Prepared(_MOVE_HEAD)
@@ -251,10 +251,20 @@ def _move_token(conn: Connection, task_id: str, event: TokenEvent, **values: Any
 
 
 def _move_leases(conn: Connection, which: Any, event: LeaseEvent, **values: Any) -> int:
-    """The leases ``which`` selects along ``LEASES`` (compare-and-set); how many moved."""
+    """The leases ``which`` selects along ``LEASES`` (compare-and-set); how many moved.
+
+    A move out of ``active`` recounts ``tasks.live_leases`` for the tasks of those leases (off the
+    issuance path: expiry, fencing), so the budgets never drift from the leases themselves.
+    """
     res = conn.execute(update(leases).where(which, leases.c.state.in_(_vals(LEASES.sources(event))))
                        .values(state=LEASES.target(event).value, **values))
-    return int(res.rowcount)
+    moved = int(res.rowcount)
+    if moved and LeaseState.ACTIVE in LEASES.sources(event):
+        live = (select(func.count()).select_from(leases)
+                .where(leases.c.task_id == tasks.c.id, leases.c.state == LeaseState.ACTIVE.value).scalar_subquery())
+        conn.execute(update(tasks).where(tasks.c.id.in_(select(leases.c.task_id).where(which)))
+                     .values(live_leases=live))
+    return moved
 
 
 def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, tenant: str) -> None:

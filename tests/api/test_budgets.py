@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+from broker.api import STORE
 from broker.app import make_app
 from broker.config import LimitsSettings
 from tests.api.test_task_flow import start_task
@@ -30,6 +32,34 @@ class TestBudgets:
         assert (await resp.json())["code"] == "budget_exceeded" and int(resp.headers["Retry-After"]) > 0
         view = await (await client.get(f"/v1/tasks/{task['id']}", headers=bearer(site.ids.user()))).json()
         assert len(view["leases"]) == 2
+
+    async def test_the_budget_counts_live_leases_only(self, site: BrokerSite,
+                                                      aiohttp_client: Callable[..., Any]) -> None:
+        """Each task counts its active leases (tasks.live_leases): an expired lease frees its place, a task
+        that ended frees all of its own, and a user's budget sums their agents' active tasks."""
+        client = await _client(site, aiohttp_client, max_live_leases_per_agent=2, max_live_leases_per_user=3)
+        store = client.app[STORE]
+
+        async def issue(task_id: str) -> int:
+            resp = await client.post(f"/v1/tasks/{task_id}/credentials", json={"grant": "agent-cert"},
+                                     headers=bearer(site.ids.agent()))
+            return resp.status
+
+        first = await start_task(client, site)
+        assert [await issue(first["id"]) for _ in range(3)] == [200, 200, 429]
+        row = await store.get_task(first["id"])
+        assert row is not None and row.live_leases == 2
+        leases = [lease for lease, _ in await store.find_leases(task=first["id"], states=("active",), limit=10)]
+        await store.expire_leases([leases[0].id], now=time.time(), records=[])
+        row = await store.get_task(first["id"])
+        assert row is not None and row.live_leases == 1
+        assert await issue(first["id"]) == 200  # the expired lease's place
+        assert await issue(first["id"]) == 429
+        second = await start_task(client, site)
+        assert await issue(second["id"]) == 429  # the same agent: its budget spans its tasks
+        ended = await client.post(f"/v1/tasks/{first['id']}/end", headers=bearer(site.ids.user()))
+        assert ended.status in (200, 202), await ended.text()
+        assert [await issue(second["id"]) for _ in range(3)] == [200, 200, 429]
 
     async def test_rate_limit_per_agent_spares_others(self, site: BrokerSite,
                                                       aiohttp_client: Callable[..., Any]) -> None:
