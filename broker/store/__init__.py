@@ -101,6 +101,11 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Random keys (lease, intent and request ids) put each insert on a random page of a growing
+            # index: past SQLite's default 2 MB page cache every issuance paid page reads, and issuance
+            # slowed as history grew (scripts/bench_live.py). 64 MB of cache and reads through mmap.
+            cur.execute("PRAGMA cache_size=-65536")
+            cur.execute("PRAGMA mmap_size=268435456")
             cur.close()
 
         @event.listens_for(engine, "begin")
