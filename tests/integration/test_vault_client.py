@@ -14,6 +14,7 @@ import pickle
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -23,7 +24,7 @@ import pytest
 import pytest_asyncio
 import requests
 
-from broker.dev.stack import DevOpenBao
+from broker.dev.stack import HMAC_AUDIT_DEVICE, DevOpenBao
 from broker.errors import (
     BadRequest,
     VaultBadResponse,
@@ -546,18 +547,24 @@ class TestAdmin:
     async def test_audit_hash_matches_the_audit_log(
         self, root_admin: VaultAdmin, vault_admin: VaultClient, openbao: DevOpenBao
     ) -> None:
-        """audit_hash of a token's accessor equals the HMAC the file audit device wrote for that token's request."""
+        """audit_hash of a token's accessor equals the HMAC a device at Vault's default wrote for that token's
+        request; the device with ``hmac_accessor = "false"`` wrote the accessor itself."""
+        assert openbao.hmac_audit_log is not None
         auth = await asyncio.to_thread(root_admin.create_token, policies=["default"], ttl="5m")
         await vault_admin.lookup_self(token=auth.client_token)
-        hashed = await vault_admin.audit_hash(openbao.audit_device, auth.accessor)
+        hashed = await vault_admin.audit_hash(HMAC_AUDIT_DEVICE, auth.accessor)
         assert hashed.startswith("hmac-sha256:")
 
-        async def seen() -> bool:
-            for line in openbao.audit_log.read_text(encoding="utf-8").splitlines():
+        def written(log: Path, accessor: str) -> bool:
+            for line in log.read_text(encoding="utf-8").splitlines():
                 entry = json.loads(line)
-                if entry.get("request", {}).get("path") == "auth/token/lookup-self" and entry.get("auth", {}).get("accessor") == hashed:
+                if (entry.get("request", {}).get("path") == "auth/token/lookup-self"
+                        and entry.get("auth", {}).get("accessor") == accessor):
                     return True
             return False
+
+        async def seen() -> bool:
+            return written(openbao.hmac_audit_log, hashed) and written(openbao.audit_log, auth.accessor)
 
         await eventually(seen, bool)
 
