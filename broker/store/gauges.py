@@ -9,7 +9,7 @@ from broker.states import ApprovalState, LeaseState, TaskState, TokenState
 from broker.store._base import StoreBase
 from broker.store.schema import approvals, audit_checkpoints, audit_head, leases, tasks
 
-# Each reads an index (ix_tasks_state, ix_leases_state, ix_approvals_state) or a one-row table.
+# Each reads an index (ix_tasks_state, ix_leases_state_expires, ix_approvals_state) or a one-row table.
 _LIVE_TASKS = select(func.count()).select_from(tasks).where(tasks.c.state == TaskState.ACTIVE.value)
 _LIVE_LEASES = select(func.count()).select_from(leases).where(leases.c.state == LeaseState.ACTIVE.value)
 _PENDING_LEASES = select(func.count()).select_from(leases).where(leases.c.state == LeaseState.REVOKE_PENDING.value)

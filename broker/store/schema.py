@@ -84,9 +84,10 @@ leases = Table(
     Column("revoked_at", Float),
     # The per-issuance child token the credential was read with: revoking it revokes exactly this lease.
     Column("issuance_accessor", String(128)),
-    Index("ix_leases_task", "task_id"),
-    Index("ix_leases_state", "state"),
+    # (task_id, state) serves lookups by task alone too; (state, expires_at) makes the expiry scan
+    # read only what is due, not every active lease (migration 0020).
     Index("ix_leases_task_state", "task_id", "state"),
+    Index("ix_leases_state_expires", "state", "expires_at"),
 )
 
 # Written before every Vault call that creates something, completed after it is recorded. What is given
