@@ -315,9 +315,11 @@ class VaultAuditTailer:
         if self._hasher is None:
             return 0
         learned: dict[str, tuple[str, str | None]] = {}
+        tokens = 0
         try:
             for lease, _task in await self._store.find_leases(states=("active",), limit=10_000):
                 if lease.kind == "token":
+                    tokens += 1
                     # Under both names a device may write it: HMAC'd (Vault's default) and, with
                     # hmac_accessor = false, the accessor itself (which the lease row holds already).
                     learned[await self._hasher(lease.vault_lease_id)] = (lease.task_id, lease.id)
@@ -327,7 +329,7 @@ class VaultAuditTailer:
                         "tailer ran are not attributed", exc.code)
             return 0
         await self._store.remember_vault_tokens(learned, now=self._clock())
-        return len(learned) // 2
+        return tokens
 
     async def step(self) -> MergeResult:
         """One poll: merge at most one chunk of complete lines from the oldest file that has some.

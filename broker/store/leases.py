@@ -95,15 +95,14 @@ class LeaseStore(StoreBase):
         """
         def run() -> bool:
             with self._tx() as conn:
-                found = P_TASK_STATE_FOR_UPDATE.execute(conn, {"id": row.task_id}).fetchone()
-                if found is None or found[0] != TaskState.ACTIVE.value or P_RECORD_INTENT.execute(
+                # Counting the lease locks the task row and checks that it is still active.
+                if P_ONE_MORE_LIVE.execute(conn, {"id": row.task_id}).rowcount != 1 or P_RECORD_INTENT.execute(
                         conn, {"id": row.id, "now": row.issued_at}).rowcount != 1:
                     self._undo(conn)
                     return False
                 values = asdict(row)
                 values["renewable"] = int(row.renewable)
                 P_INSERT_LEASE.execute(conn, values)
-                P_ONE_MORE_LIVE.execute(conn, {"id": row.task_id})
                 _append(conn, record)
             return True
         return await self._run(run)

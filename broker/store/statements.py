@@ -85,17 +85,18 @@ _LOCK_HIT = select(revocations.c.id, revocations.c.kind).where(
         and_(revocations.c.kind == "agent", revocations.c.value == bindparam("agent")),
         and_(revocations.c.kind == "tenant", revocations.c.value == bindparam("tenant"))),
 ).limit(1)
-# Live leases of one agent and of one user: from the task indexes to the (task_id, state) index, so the
-# cost follows that agent's and that user's tasks, not every live lease in the store.
-# An active lease's task is active (a fence moves both in one transaction): counting through the live
-# tasks only ((agent|user, state) indexes) keeps the check from growing with every task a person ever had.
 # The live-lease budgets: the active leases of a user's or an agent's active tasks, summed from each
-# task's counter (tasks.live_leases) through ix_tasks_agent_state / ix_tasks_user_state.
+# task's counter (tasks.live_leases) through ix_tasks_agent_state / ix_tasks_user_state, so the cost
+# follows their active tasks, not their leases. An active lease's task is active (a fence moves both in
+# one transaction), so inactive tasks' counters never matter.
 _LIVE_BY_AGENT = select(func.coalesce(func.sum(tasks.c.live_leases), 0)).where(
     tasks.c.agent == bindparam("agent"), tasks.c.state == TaskState.ACTIVE.value)
 _LIVE_BY_USER = select(func.coalesce(func.sum(tasks.c.live_leases), 0)).where(
     tasks.c.user == bindparam("user"), tasks.c.state == TaskState.ACTIVE.value)
-_ONE_MORE_LIVE = update(tasks).where(tasks.c.id == bindparam("id")).values(live_leases=tasks.c.live_leases + 1)
+# One more live lease for a task that is still active: the row lock and the state check complete_issuance
+# needs, and the counter, in one statement (rowcount 0: the task left active).
+_ONE_MORE_LIVE = (update(tasks).where(tasks.c.id == bindparam("id"), tasks.c.state == TaskState.ACTIVE.value)
+                  .values(live_leases=tasks.c.live_leases + 1))
 _RENEW = (update(leases)
           .where(leases.c.id == bindparam("lid"), leases.c.state.in_(_vals(LEASES.sources(LeaseEvent.RENEWED))))
           .values(expires_at=bindparam("new_expiry")))
