@@ -144,29 +144,33 @@ def median(values: Sequence[float]) -> float:
 class CpuMeter:
     """CPU seconds of one process, all threads, children excluded, between ``start`` and ``stop``.
 
-    ``stop`` returns user+system. After it, ``system`` holds the system part and ``main_thread`` the
-    part of the process's main thread (for the broker: the event loop; the rest is mostly the
-    aiosqlite worker thread).
+    ``stop`` returns user+system. After it, ``system`` holds the system part, ``main_thread`` the
+    part of the process's main thread (for the broker: the event loop; the rest is mostly the store's
+    thread) and ``threads`` every thread's part by native id, busiest first.
     """
 
     pid: int
     system: float = 0.0
     main_thread: float = 0.0
+    threads: dict[int, float] = field(default_factory=dict)
     _start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _start_threads: dict[int, float] = field(default_factory=dict)
 
-    def _now(self) -> tuple[float, float, float]:
+    def _now(self) -> tuple[float, float, float, dict[int, float]]:
         proc = psutil.Process(self.pid)
         t = proc.cpu_times()
-        main = next((th.user_time + th.system_time for th in proc.threads() if th.id == self.pid), 0.0)
-        return float(t.user), float(t.system), float(main)
+        per = {th.id: th.user_time + th.system_time for th in proc.threads()}
+        return float(t.user), float(t.system), float(per.get(self.pid, 0.0)), per
 
     def start(self) -> None:
-        self._start = self._now()
+        *self._start, self._start_threads = self._now()  # type: ignore[assignment]
 
     def stop(self) -> float:
-        user, system, main = self._now()
+        user, system, main, per = self._now()
         self.system = system - self._start[1]
         self.main_thread = main - self._start[2]
+        deltas = {tid: cpu - self._start_threads.get(tid, 0.0) for tid, cpu in per.items()}
+        self.threads = dict(sorted(((k, v) for k, v in deltas.items() if v > 0), key=lambda kv: -kv[1]))
         return user - self._start[0] + self.system
 
 

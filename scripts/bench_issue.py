@@ -143,6 +143,8 @@ class PassResult:
     vault_calls: dict[str, int] = field(default_factory=dict)  # audit-log requests in the pass, by op and path
     # Requests made with the pass's task or issuance tokens (audit ``auth.metadata.task``), per credential.
     task_vault_requests_per_issue: float = math.nan
+    # The broker's other threads (the store's first), busiest first: where the CPU off the loop goes.
+    broker_other_threads_ms_per_issue: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -358,6 +360,8 @@ class Bench:
             bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors, vault_calls=calls,
             task_vault_requests_per_issue=per_task / ok,
+            broker_other_threads_ms_per_issue=[round(v * 1000 / ok, 3) for tid, v in meters[0].threads.items()
+                                               if tid != self.stack.broker_pid][:4],
         )
 
     async def warmup(self, ops: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -506,7 +510,7 @@ def render_goals(rows: Sequence[tuple[str, str, bool]]) -> str:
 
 def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling the broker (GIL-holding and active samples only), raw collapsed stacks to ``out``."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--threads",
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--threads", "--gil",
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
