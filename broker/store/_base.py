@@ -8,16 +8,21 @@ alone and raises to its own caller), and one ``COMMIT``. No caller learns its re
 a credential's ``lease.issued`` record is still durable before the credential is returned, and a failed
 commit fails every operation of its group. A lone operation runs as before, in its own transaction.
 PostgreSQL runs operations on several threads and leaves group commit to the server.
+
+The SQLite thread is the store's own, fed by a ``queue.SimpleQueue``, not a ``ThreadPoolExecutor``: a
+submission there built a ``Future`` with its own lock for every operation, and each answer woke the
+event loop on its own. Here a group's answers reach each event loop in one wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,19 +53,21 @@ T = TypeVar("T")
 # At most this many operations share one commit: a bound on how long the first one waits for the last.
 _GROUP_MAX = 64
 
-_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+# (work, its event loop, its future, whether its commit must reach the disk before the answer)
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool]
 _Outcome = tuple[bool, Any]
+_STOP = None  # the store thread's last job (``close``)
 
 
-def _answer(fut: asyncio.Future[Any], outcome: _Outcome) -> None:
-    if fut.done():  # its caller was cancelled; the work itself ran, as an executor job's would
-        return
-    ok, value = outcome
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
-
+def _answer(answers: Sequence[tuple[asyncio.Future[Any], _Outcome]]) -> None:
+    """On a job's event loop: hand each caller its outcome."""
+    for fut, (ok, value) in answers:
+        if fut.done():  # its caller was cancelled; the work itself ran, as an executor job's would
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 class StoreBase:
@@ -68,21 +75,52 @@ class StoreBase:
         self._engine = engine
         # SQLite has one writer (and here one connection): one thread serialises every transaction,
         # which is what SQLite would do anyway, without "database is locked" retries.
-        self._executor = ThreadPoolExecutor(max_workers=1 if sqlite else threads, thread_name_prefix="broker-store")
         self._observe: Callable[[float, bool], None] | None = None
         self._grouped = sqlite
-        self._queue: collections.deque[_Job] = collections.deque()  # appended on loops, taken on the store thread
         self._group_conn: Connection | None = None  # the store thread's side: the open group's connection
+        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # put on loops, taken on the store thread
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        if sqlite:
+            self._thread = threading.Thread(target=self._serve, name="broker-store", daemon=True)
+            self._thread.start()
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="broker-store")
 
     def observe_with(self, observe: Callable[[float, bool], None] | None) -> None:
         """Call ``observe(seconds, failed)`` after every transaction (``broker.metrics``), on the event loop."""
         self._observe = observe
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
-        self._executor.shutdown(wait=True)
+        if self._thread is None:
+            assert self._executor is not None
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+            self._executor.shutdown(wait=True)
+            return
+        if self._closed:
+            return
+        await self._run(self._engine.dispose)
+        self._closed = True
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the store thread, in one transaction committed to the disk."""
+        return await self._submit(fn, args, kwargs, durable=True)
+
+    async def _run_replayable(self, fn: Callable[[], T]) -> T:
+        """Like ``_run``, for a transaction that can be written again from its source if a power loss takes
+        it (the Vault audit merge, re-read from Vault's file at the position it moves).
+
+        On SQLite its commit is not flushed to the disk on its own (``synchronous=NORMAL`` in WAL mode): a
+        crash of the process loses nothing, and the next durable commit's flush carries it too. A group
+        with any durable operation is flushed.
+        """
+        return await self._submit(fn, (), {}, durable=False)
+
+    async def _submit(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                      durable: bool) -> T:
         loop = asyncio.get_running_loop()
         observe = self._observe
         started = time.perf_counter() if observe is not None else 0.0
@@ -90,12 +128,13 @@ class StoreBase:
             # In the caller's context (as asyncio.to_thread does): a record built in the transaction names
             # the request's caller like one built before it (broker.audit.CALLER_ADDRESS).
             call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-            if self._grouped:
+            if self._executor is None:
+                if self._closed:
+                    raise StoreUnavailable("the store is closed", reason="store closed")
                 fut: asyncio.Future[T] = loop.create_future()
                 # Each job brings its own loop (tests run one store under several): nothing here is tied to
                 # one loop, and a job whose loop has closed is dropped alone.
-                self._queue.append((call, loop, fut))
-                self._executor.submit(self._drain)  # takes every job queued by then; later ones find fewer
+                self._jobs.put((call, loop, fut, durable))
                 result = await fut
             else:
                 result = await loop.run_in_executor(self._executor, call)
@@ -108,21 +147,51 @@ class StoreBase:
             observe(time.perf_counter() - started, False)
         return result
 
-    def _drain(self) -> None:
-        """On the store thread: run what is queued (at most ``_GROUP_MAX``) as one group, then answer each job."""
-        batch: list[_Job] = []
-        with contextlib.suppress(IndexError):
+    def _serve(self) -> None:
+        """The store thread: take what is queued (at most ``_GROUP_MAX``) as one group, answer it, again."""
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            batch: list[_Job] = [job]
+            stop = False
             while len(batch) < _GROUP_MAX:
-                batch.append(self._queue.popleft())
-        if not batch:
-            return  # an earlier drain took this submission's job
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True  # close() puts it after its last job: run what came before, then end
+                    break
+                batch.append(more)
+            self._drain(batch)
+            if stop:
+                return
+
+    def _drain(self, batch: Sequence[_Job]) -> None:
+        """On the store thread: run ``batch`` as one group, then answer each job on its own loop."""
+        flush = any(durable for *_, durable in batch)
         try:
-            outcomes = self._run_group([call for call, _, _ in batch])
+            if not flush:
+                self._synchronous("NORMAL")
+            try:
+                outcomes = self._run_group([call for call, *_ in batch])
+            finally:
+                if not flush:
+                    self._synchronous("FULL")
         except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: no job's writes are kept
             outcomes = [(False, exc)] * len(batch)
-        for (_, loop, fut), outcome in zip(batch, outcomes, strict=True):
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
+        for (_, loop, fut, _), outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((fut, outcome))
+        for loop, answers in by_loop.items():
             with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits for the answer
-                loop.call_soon_threadsafe(_answer, fut, outcome)
+                loop.call_soon_threadsafe(_answer, answers)
+
+    def _synchronous(self, mode: str) -> None:
+        """Set SQLite's flush mode for the next transactions (outside one: SQLite ignores it inside)."""
+        with self._engine.connect() as conn:
+            conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={mode}")  # type: ignore[union-attr]
 
     def _run_group(self, calls: Sequence[Callable[[], Any]]) -> list[_Outcome]:
         """On the store thread: every call in one transaction, each under its own savepoint."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 
 from sqlalchemy import (
     and_,
@@ -85,7 +84,7 @@ class LeaseStore(StoreBase):
                     if spent.rowcount != 1:
                         raise Conflict("the approval was already used or has expired",
                                        reason=f"approval {approval_id} not consumable")
-                P_INSERT_INTENT.execute(conn, asdict(intent))
+                P_INSERT_INTENT.execute(conn, dict(vars(intent)))  # not asdict(): it deep-copies
         await self._run(run)
 
     async def complete_issuance(self, row: LeaseRow, record: AuditRecord) -> bool:
@@ -100,7 +99,7 @@ class LeaseStore(StoreBase):
                         conn, {"id": row.id, "now": row.issued_at}).rowcount != 1:
                     self._undo(conn)
                     return False
-                values = asdict(row)
+                values = dict(vars(row))
                 values["renewable"] = int(row.renewable)
                 P_INSERT_LEASE.execute(conn, values)
                 _append(conn, record)

@@ -19,23 +19,29 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.sql import Executable
 
-__all__ = ["Prepared", "one_row"]
+__all__ = ["Prepared", "all_rows", "one_row"]
 
 
 class Prepared:
-    """One Core statement, rendered once per dialect (its SQL and the order of its parameters)."""
+    """One Core statement, rendered once per dialect (its SQL and the order of its parameters).
 
-    __slots__ = ("_by_dialect", "_stmt")
+    ``per_dialect`` gives a dialect its own statement where the Core differs (``ON CONFLICT`` lives in
+    each dialect's ``insert``); the statements must take the same parameters.
+    """
 
-    def __init__(self, stmt: Executable) -> None:
+    __slots__ = ("_by_dialect", "_per_dialect", "_stmt")
+
+    def __init__(self, stmt: Executable, *, per_dialect: Mapping[str, Executable] | None = None) -> None:
         self._stmt = stmt
+        self._per_dialect = dict(per_dialect or {})
         self._by_dialect: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
 
     def _render(self, conn: Connection) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
         dialect = conn.dialect
         done = self._by_dialect.get(dialect.name)
         if done is None:
-            compiled = self._stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
+            stmt = self._per_dialect.get(dialect.name, self._stmt)
+            compiled = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
             positional = tuple(compiled.positiontup) if dialect.positional else None
             done = (str(compiled), positional, dict(compiled.params))
             self._by_dialect[dialect.name] = done
@@ -63,6 +69,12 @@ class Prepared:
             # itemgetter builds each row's tuple in C: the merge of Vault's audit lines inserts thousands.
             pick = operator.itemgetter(*order)
             cursor.executemany(sql, [pick(r) for r in rows])
+
+
+def all_rows(cursor: Any) -> list[dict[str, Any]]:
+    """The cursor's rows as mappings by column name."""
+    names = tuple(d[0] for d in cursor.description)
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def one_row(cursor: Any) -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import (
@@ -135,6 +134,11 @@ P_MOVE_HEAD = Prepared(_MOVE_HEAD)
 # An open intent recorded: the one move of the intent table the issuance path makes (``_move_intent``'s
 # values for a final state, compare-and-set on open).
 _RECORDED = next_state(IntentState.OPEN, IntentEvent.RECORDED)
+# Learn a token unless its accessor is known (the first learning stands): one executemany per merge.
+_LEARN_TOKEN_VALUES: dict[str, Any] = {c: bindparam(c) for c in ("accessor_hmac", "task", "lease", "learned_at")}
+P_LEARN_TOKEN = Prepared(
+    sqlite_insert(vault_audit_tokens).values(_LEARN_TOKEN_VALUES).on_conflict_do_nothing(),
+    per_dialect={"postgresql": pg_insert(vault_audit_tokens).values(_LEARN_TOKEN_VALUES).on_conflict_do_nothing()})
 P_RECORD_INTENT = Prepared(update(intents).where(intents.c.id == bindparam("id"),
                                                  intents.c.state == IntentState.OPEN.value)
                            .values(state=_RECORDED.value, resolved_at=bindparam("now"), next_attempt_at=None))
@@ -149,7 +153,9 @@ def _append(conn: Connection, record: AuditRecord) -> None:
     seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
     seq += 1
     digest = chain_hash(bytes.fromhex(head), canonical_record(red, seq))
-    P_INSERT_AUDIT.execute(conn, {**asdict(red), "seq": seq, "prev_hash": head, "hash": digest.hex()})
+    row = {f: getattr(red, f) for f in _RECORD_FIELDS}  # not asdict(): that deep-copies every value
+    row.update(seq=seq, prev_hash=head, hash=digest.hex())
+    P_INSERT_AUDIT.execute(conn, row)
     P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": digest.hex()})
 
 
@@ -162,7 +168,7 @@ def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
     """
     if not records:
         return
-    seq, head = conn.execute(_HEAD_FOR_UPDATE).one()
+    seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
     prev = bytes.fromhex(head)
     rows: list[dict[str, Any]] = []
     for record in records:
@@ -174,20 +180,14 @@ def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
         rows.append(row)
         prev = digest
     P_INSERT_AUDIT.executemany(conn, rows)
-    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev.hex()})
+    P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": prev.hex()})
 
 
 def _insert_tokens(conn: Connection, tokens: Mapping[str, tuple[str, str | None]], now: float) -> None:
-    if not tokens:
-        return
-    have: set[str] = set()
-    for chunk in _chunks(sorted(tokens)):
-        have.update(r[0] for r in conn.execute(select(vault_audit_tokens.c.accessor_hmac)
-                                               .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
-    fresh = [{"accessor_hmac": a, "task": t, "lease": lease, "learned_at": now}
-             for a, (t, lease) in tokens.items() if a not in have]
-    if fresh:
-        conn.execute(insert(vault_audit_tokens), fresh)
+    """Learn tokens not yet known: the first learning of an accessor stands."""
+    if tokens:
+        P_LEARN_TOKEN.executemany(conn, [{"accessor_hmac": a, "task": t, "lease": lease, "learned_at": now}
+                                         for a, (t, lease) in tokens.items()])
 
 
 def _move_intent(conn: Connection, intent_id: str, from_state: IntentState, event: IntentEvent, now: float, *,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from typing import Any
 
 from sqlalchemy import (
     Connection,
+    bindparam,
     func,
     insert,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from broker.audit import AuditRecord
 from broker.errors import (
@@ -25,19 +28,38 @@ from broker.rows import (
     VaultAuditPosition,
 )
 from broker.store._base import StoreBase
+from broker.store.prepared import Prepared, one_row
 from broker.store.schema import (
     intents,
-    tasks,
     vault_audit_position,
     vault_audit_requests,
     vault_audit_tokens,
     vault_journal,
 )
 from broker.store.statements import (
+    P_TASK_BY_ID,
     _append_many,
     _chunks,
     _insert_tokens,
 )
+
+# The tailer's statements, prepared (broker.store.prepared): each merge runs them, at any rate of lines.
+_POSITION_KEY = (vault_audit_position.c.path == bindparam("path"),
+                 vault_audit_position.c.device == bindparam("device"),
+                 vault_audit_position.c.inode == bindparam("inode"))
+_POSITION_VALUES: dict[str, Any] = {c: bindparam(c) for c in ("offset", "lines", "updated_at", "last_entry_at")}
+P_POSITION_EXISTS = Prepared(select(vault_audit_position.c.path).where(*_POSITION_KEY))
+P_INSERT_POSITION = Prepared(insert(vault_audit_position).values(
+    path=bindparam("path"), device=bindparam("device"), inode=bindparam("inode"), **_POSITION_VALUES))
+P_MOVE_POSITION = Prepared(update(vault_audit_position).where(
+    *_POSITION_KEY, vault_audit_position.c.offset == bindparam("expected")).values(**_POSITION_VALUES))
+P_TOKEN_BY_ACCESSOR = Prepared(select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task,
+                                      vault_audit_tokens.c.lease)
+                               .where(vault_audit_tokens.c.accessor_hmac == bindparam("accessor")))
+_JOURNAL_VALUES: dict[str, Any] = {c.name: bindparam(c.name) for c in vault_journal.c}
+P_JOURNAL_IF_NEW = Prepared(
+    sqlite_insert(vault_journal).values(_JOURNAL_VALUES).on_conflict_do_nothing(),
+    per_dialect={"postgresql": pg_insert(vault_journal).values(_JOURNAL_VALUES).on_conflict_do_nothing()})
 
 
 class VaultAuditStore(StoreBase):
@@ -98,16 +120,17 @@ class VaultAuditStore(StoreBase):
         def run() -> tuple[dict[str, TaskRow], dict[str, tuple[str, str | None]]]:
             found: dict[str, TaskRow] = {}
             learned: dict[str, tuple[str, str | None]] = {}
+            # One prepared lookup per id, not an IN list: a batch names a few tasks, and building an
+            # expanding IN statement through SQLAlchemy cost more than the lookups themselves.
             with self._read() as conn:
-                for chunk in _chunks(sorted(set(accessors))):
-                    learned.update((r[0], (r[1], r[2])) for r in conn.execute(
-                        select(vault_audit_tokens.c.accessor_hmac, vault_audit_tokens.c.task,
-                               vault_audit_tokens.c.lease)
-                        .where(vault_audit_tokens.c.accessor_hmac.in_(chunk))))
-                wanted = set(task_ids) | {t for t, _ in learned.values()}
-                for chunk in _chunks(sorted(wanted)):
-                    found.update((r["id"], TaskRow(**r))
-                                 for r in conn.execute(select(tasks).where(tasks.c.id.in_(chunk))).mappings())
+                for accessor in set(accessors):
+                    hit = P_TOKEN_BY_ACCESSOR.execute(conn, {"accessor": accessor}).fetchone()
+                    if hit is not None:
+                        learned[hit[0]] = (hit[1], hit[2])
+                for task_id in set(task_ids) | {t for t, _ in learned.values()}:
+                    r = one_row(P_TASK_BY_ID.execute(conn, {"id": task_id}))
+                    if r is not None:
+                        found[task_id] = TaskRow(**r)
             return found, learned
         return await self._run(run)
 
@@ -129,28 +152,26 @@ class VaultAuditStore(StoreBase):
         Raises:
             Conflict: a stored position is not the expected one (another tailer moved it).
         """
-        t = vault_audit_position
 
         def run() -> None:
             with self._tx() as conn:
                 for expected, new in moves:
-                    key = (t.c.path == new.path, t.c.device == new.device, t.c.inode == new.inode)
-                    vals = {"offset": new.offset, "lines": new.lines, "updated_at": now,
-                            "last_entry_at": new.last_entry_at}
+                    vals = {"path": new.path, "device": new.device, "inode": new.inode, "offset": new.offset,
+                            "lines": new.lines, "updated_at": now, "last_entry_at": new.last_entry_at}
                     if expected is None:
-                        if conn.execute(select(t.c.path).where(*key)).first() is not None:
+                        if P_POSITION_EXISTS.execute(conn, vals).fetchone() is not None:
                             raise Conflict("the Vault audit position moved", reason="another tailer started first")
-                        conn.execute(insert(t).values(path=new.path, device=new.device, inode=new.inode, **vals))
-                    elif conn.execute(update(t).where(*key, t.c.offset == expected.offset).values(**vals)
-                                      ).rowcount != 1:
+                        P_INSERT_POSITION.execute(conn, vals)
+                    elif P_MOVE_POSITION.execute(conn, {**vals, "expected": expected.offset}).rowcount != 1:
                         raise Conflict("the Vault audit position moved", reason="another tailer merged these lines")
                 for old in drop:
-                    conn.execute(t.delete().where(t.c.path == old.path, t.c.device == old.device,
-                                                  t.c.inode == old.inode))
+                    conn.execute(vault_audit_position.delete().where(*_POSITION_KEY),
+                                 {"path": old.path, "device": old.device, "inode": old.inode})
                 _append_many(conn, _first_seen(conn, records, now) if dedupe else records)
                 _insert_tokens(conn, tokens, now)
                 _insert_journal(conn, journal)
-        await self._run(run)
+        # Replayable: a merge lost to a power cut is read again from Vault's file at the old position.
+        await self._run_replayable(run)
 
     async def remember_vault_tokens(self, tokens: Mapping[str, tuple[str, str | None]], *, now: float) -> None:
         """Learn tokens (HMAC'd accessor -> task, lease) from outside the log (``sys/audit-hash``)."""
@@ -162,19 +183,8 @@ class VaultAuditStore(StoreBase):
 
 def _insert_journal(conn: Connection, entries: Sequence[JournalEntry]) -> None:
     """Insert the entries not yet known (by intent and kind): the first reading of an entry stands."""
-    if not entries:
-        return
-    keys = {(e.intent_id, e.kind) for e in entries}
-    have: set[tuple[str, str]] = set()
-    for chunk in _chunks(sorted({i for i, _ in keys})):
-        have |= {(r[0], r[1]) for r in conn.execute(
-            select(vault_journal.c.intent_id, vault_journal.c.kind).where(vault_journal.c.intent_id.in_(chunk)))}
-    fresh: dict[tuple[str, str], dict[str, object]] = {}
-    for e in entries:
-        if (e.intent_id, e.kind) not in have:
-            fresh.setdefault((e.intent_id, e.kind), asdict(e))
-    if fresh:
-        conn.execute(insert(vault_journal), list(fresh.values()))
+    if entries:
+        P_JOURNAL_IF_NEW.executemany(conn, [vars(e) for e in entries])
 
 
 def _first_seen(conn: Connection, records: Sequence[AuditRecord], now: float) -> list[AuditRecord]:

@@ -19,6 +19,7 @@ from sqlalchemy import event, insert, select
 
 from broker.audit.chain import AuditRecord, verify_chain
 from broker.errors import StoreUnavailable
+from broker.rows import VaultAuditPosition
 from broker.store import Store, open_store
 from broker.store.schema import health_probe
 
@@ -167,3 +168,45 @@ async def _store_thread_held(store: Store) -> AsyncIterator[None]:
 async def test_small_groups_behave_like_single_transactions(store: Store, n: int) -> None:
     outcomes = await asyncio.gather(*(_insert(store, 500 + i) for i in range(n)))
     assert outcomes == [500 + i for i in range(n)]
+
+
+async def _synchronous_in(store: Store, *, replayable: bool) -> int:
+    """The flush mode (SQLite: 1 NORMAL, 2 FULL) seen inside an operation's own transaction."""
+    def run() -> int:
+        with store._tx() as conn:
+            return int(conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])
+    return await (store._run_replayable(run) if replayable else store._run(run))
+
+
+class TestFlushes:
+    """A replayable transaction (the Vault audit merge) is not flushed on its own; every other one is."""
+
+    async def test_a_replayable_operation_alone_commits_without_a_flush(self, store: Store) -> None:
+        assert await _synchronous_in(store, replayable=True) == 1
+        assert await _synchronous_in(store, replayable=False) == 2  # and the next one is flushed again
+
+    async def test_a_group_with_any_durable_operation_is_flushed(self, store: Store) -> None:
+        gate = threading.Event()
+
+        def hold() -> None:  # keeps the store thread busy so that the next ones queue into one group
+            gate.wait(5)
+        blocker = asyncio.ensure_future(store._run(hold))
+        await asyncio.sleep(0.05)
+        mixed = [asyncio.ensure_future(_synchronous_in(store, replayable=i % 2 == 0)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        assert await asyncio.gather(*mixed) == [2] * 6
+
+    async def test_a_merge_of_vault_audit_lines_is_replayable(self, store: Store) -> None:
+        seen: list[bool] = []
+        original = store._run_replayable
+
+        async def spy(fn: Any) -> Any:
+            seen.append(True)
+            return await original(fn)
+        store._run_replayable = spy  # type: ignore[method-assign]
+        new = VaultAuditPosition("/vault/audit.log", 1, 2, 100, 3, None)
+        await store.merge_vault_audit(moves=[(None, new)], records=[], tokens={}, now=1_800_000_000.0)
+        assert seen == [True]
+        assert await store.vault_audit_positions("/vault/audit.log") == [new]
