@@ -72,6 +72,10 @@ def _ref_of(secret: VaultSecret | None) -> tuple[str, str] | None:
     return ("lease", secret.lease_id) if secret.lease_id else None
 
 
+_TASK_CACHE_TTL = 1.0  # seconds a task row read for one credential serves the next ones
+_TASK_CACHE_MAX = 8192
+
+
 def new_lease_id() -> str:
     return "lse_" + secrets.token_urlsafe(18)
 
@@ -120,11 +124,31 @@ class LeaseManager:
         self._backlog_ok = backlog_ok
         # Whether Vault's audit device is known to journal issuances (rule 5): until then, issuance tokens.
         self._journal = journal
+        # Active tasks as last read, for at most _TASK_CACHE_TTL: a store round trip fewer per credential.
+        # Only the task's fixed fields are trusted from it; its state is checked again by begin_issuance
+        # in the transaction that records the intent, and by Vault, which refuses an ended task's token.
+        self._task_cache: dict[str, tuple[float, TaskRow]] = {}
 
     @property
     def journal(self) -> JournalMode | None:
         """Whether issuances may be journaled by Vault's audit device (None: not configured)."""
         return self._journal
+
+    async def _task(self, task_id: str, now: float, *, fresh: bool = False) -> tuple[TaskRow | None, bool]:
+        """The task, from the cache while its entry is young (and ``fresh`` is not asked): (row, cached)."""
+        hit = None if fresh else self._task_cache.get(task_id)
+        if hit is not None and now - hit[0] < _TASK_CACHE_TTL:
+            return hit[1], True
+        task = await self._store.get_task(task_id)
+        if task is not None and task.state == TaskState.ACTIVE:
+            if len(self._task_cache) >= _TASK_CACHE_MAX:
+                self._task_cache = {k: v for k, v in self._task_cache.items() if now - v[0] < _TASK_CACHE_TTL}
+                if len(self._task_cache) >= _TASK_CACHE_MAX:
+                    self._task_cache.clear()
+            self._task_cache[task_id] = (now, task)
+        else:
+            self._task_cache.pop(task_id, None)
+        return task, False
 
     async def _denied(self, caller: AgentIdentity, task: TaskRow | None, task_id: str, resource: str,
                       action: str, exc: BrokerError) -> None:
@@ -154,11 +178,17 @@ class LeaseManager:
         if self._agent_rate is not None:
             self._agent_rate.take(str(caller.spiffe_id), what="agent")
         now = self._clock()
-        task = await self._store.get_task(task_id)
+        task, cached = await self._task(task_id, now)
         try:
             if task is None:
                 raise NotFound("no such task")
             grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
+            if cached and grant.risk == "high":
+                # An approval is asked for only on the task as it is now, not as it was a moment ago.
+                task, _ = await self._task(task_id, now, fresh=True)
+                if task is None:
+                    raise NotFound("no such task")
+                grant = check_grant(self._catalog, view(task), caller, grant_name, now=now)
             lease_ttl = cap_ttl(grant, view(task), ttl, now=now)
             # The only field an agent chooses (an SSH public key), parsed before any work (broker.engines rule 3).
             inputs = check_inputs(grant, public_key=public_key)
@@ -209,6 +239,8 @@ class LeaseManager:
                 user=task.user, user_email=task.user_email, agent=task.agent, tenant=task.tenant, limits=self._limits,
                 approval_id=approval_ref)
         except (Denied, Gone, RateLimited, Conflict) as exc:
+            if isinstance(exc, Gone):
+                self._task_cache.pop(task.id, None)
             await self._revoke_token(issuance.accessor)
             await self._denied(caller, task, task_id, f"grant:{grant_name}", "issue", exc)
             raise
@@ -255,6 +287,8 @@ class LeaseManager:
                 approval_id=approval_id)
         except (Denied, Gone, RateLimited, Conflict) as exc:
             # Nothing was asked of Vault yet: nothing to undo.
+            if isinstance(exc, Gone):
+                self._task_cache.pop(task.id, None)
             await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
             raise
         except BaseException:
@@ -278,7 +312,7 @@ class LeaseManager:
 
     async def _gone_or(self, exc: BrokerError, caller: AgentIdentity, task: TaskRow, resource: str) -> BrokerError:
         """Vault refusing the task token (403, or 400 "parent token not found") is the task ending under us."""
-        fresh = await self._store.get_task(task.id)
+        fresh, _ = await self._task(task.id, self._clock(), fresh=True)
         if fresh is None or fresh.state != TaskState.ACTIVE:
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, resource, "issue", gone)

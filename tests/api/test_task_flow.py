@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from broker.api import STORE
+from broker.states import TaskEvent
 from broker.vault import VaultClient
 from tests.conftest import AGENT, OTHER_AGENT, OUTSIDER_AGENT, USER, USER_ID, BrokerSite, bearer
 
@@ -304,6 +305,31 @@ class TestLifetimes:
         await end(client, site, task["id"])
         body = await credential(client, site, task["id"], "tickets-db-ro", status=410)
         assert body["code"] == "gone"
+
+    async def test_no_credential_right_after_the_end_of_a_task_just_used(self, client: Client,
+                                                                          site: BrokerSite) -> None:
+        """A task read for one credential a moment ago is still checked for the next: 410 after the end, also
+        for a high-risk grant (never an approval asked for an ended task)."""
+        task = await start_task(client, site)
+        await credential(client, site, task["id"], "agent-cert")
+        await end(client, site, task["id"])
+        assert (await credential(client, site, task["id"], "agent-cert", status=410))["code"] == "gone"
+        assert (await credential(client, site, task["id"], "prod-write", status=410))["code"] == "gone"
+
+    async def test_no_credential_once_another_replica_ended_the_task(self, client: Client,
+                                                                     site: BrokerSite) -> None:
+        """The end written to the shared store by someone else (another replica) refuses the next credential
+        here at once, and the refusal is recorded."""
+        task = await start_task(client, site)
+        await credential(client, site, task["id"], "agent-cert")
+        store = client.app[STORE]
+        fenced = await store.fence_tasks([task["id"]], event=TaskEvent.END, now=time.time(), records=[])
+        assert [t.id for t in fenced] == [task["id"]]
+        assert (await credential(client, site, task["id"], "agent-cert", status=410))["code"] == "gone"
+        denied = [link.record for link in await store.iter_chain(limit=10_000)
+                  if link.record.event == "access.denied" and link.record.task == task["id"]]
+        # Refused before Vault was asked: a refusal after the read would name Vault's path instead.
+        assert denied and denied[-1].resource == "grant:agent-cert"
 
     async def test_renew_never_passes_the_task_end(self, client: Client, site: BrokerSite) -> None:
         """Renewing a database lease is capped at the task's end."""
