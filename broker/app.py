@@ -215,6 +215,7 @@ async def _vault(app: web.Application) -> AsyncIterator[None]:
     app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],
                                    timeout=min(2.0, settings.vault.timeout))
     yield
+    vault.close()
 
 
 async def _identity(app: web.Application) -> AsyncIterator[None]:

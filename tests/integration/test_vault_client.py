@@ -48,6 +48,7 @@ from broker.vault.client import (
     _transport_error_class,
     validate_path,
 )
+from broker.vault.transport import ConnectFailed
 from tests.support.fixtures import BaoEngines
 from tests.support.openbao import bao_cli
 from tests.support.pg import pg_login_works
@@ -291,11 +292,12 @@ class TestErrorMap:
 
 class TestTransport:
     async def test_unreachable_port_is_unavailable(self, session: aiohttp.ClientSession) -> None:
-        """Connection refused on a closed loopback port raises VaultUnavailable, chained from the aiohttp error."""
+        """Connection refused on a closed loopback port raises VaultUnavailable, chained from the transport's
+        "nothing was sent" error (which lets a request fail over to another node)."""
         client = VaultClient(session, f"http://127.0.0.1:{free_port()}", token="t", timeout=2)
         with pytest.raises(VaultUnavailable) as info:
             await client.lookup_self()
-        assert isinstance(info.value.__cause__, aiohttp.ClientError)
+        assert isinstance(info.value.__cause__, ConnectFailed)
 
     async def test_silent_server_times_out_as_unavailable(self, session: aiohttp.ClientSession) -> None:
         """A listener that accepts and never answers raises VaultUnavailable after the client timeout."""
