@@ -78,6 +78,11 @@ class StoreBase:
         self._observe: Callable[[float, bool], None] | None = None
         self._grouped = sqlite
         self._group_conn: Connection | None = None  # the store thread's side: the open group's connection
+        # SQLite: the store thread's one connection, kept checked out (a checkout per operation, its
+        # events and its reset cost more than a small operation's statements); None until first used.
+        self._conn: Connection | None = None
+        self._lone = False  # a lone operation runs: its _tx/_read use self._conn
+        self._in_tx = False  # inside a lone operation's _tx
         self._executor: ThreadPoolExecutor | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # put on loops, taken on the store thread
         self._thread: threading.Thread | None = None
@@ -100,7 +105,7 @@ class StoreBase:
             return
         if self._closed:
             return
-        await self._run(self._engine.dispose)
+        await self._run(self._dispose)
         self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
@@ -190,18 +195,45 @@ class StoreBase:
 
     def _synchronous(self, mode: str) -> None:
         """Set SQLite's flush mode for the next transactions (outside one: SQLite ignores it inside)."""
-        with self._engine.connect() as conn:
-            conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={mode}")  # type: ignore[union-attr]
+        self._connection().connection.dbapi_connection.execute(f"PRAGMA synchronous={mode}")  # type: ignore[union-attr]
+
+    def _connection(self) -> Connection:
+        """On the SQLite store thread: its one connection, opened again if an error closed it."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                with contextlib.suppress(SQLAlchemyError):
+                    conn.close()
+            conn = self._conn = self._engine.connect()
+        return conn
+
+    def _dispose(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.close()
+            self._conn = None
+        self._engine.dispose()
 
     def _run_group(self, calls: Sequence[Callable[[], Any]]) -> list[_Outcome]:
         """On the store thread: every call in one transaction, each under its own savepoint."""
         if len(calls) == 1:  # nothing to share a commit with: its own transaction, no savepoint
+            self._lone = True
             try:
                 return [(True, calls[0]())]
             except Exception as exc:  # noqa: BLE001 - handed to its caller, who raises it
                 return [(False, exc)]
+            finally:
+                self._lone = False
+                self._end_reads()
+        conn = self._connection()
+        try:
+            return self._grouped_calls(conn, calls)
+        finally:
+            self._end_reads()  # a COMMIT that failed may leave its transaction open: never reuse it
+
+    def _grouped_calls(self, conn: Connection, calls: Sequence[Callable[[], Any]]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
-        with self._engine.begin() as conn:  # a failed BEGIN or COMMIT fails the whole group (_drain)
+        with conn.begin():  # a failed BEGIN or COMMIT fails the whole group (_drain)
             self._group_conn = conn
             try:
                 for call in calls:
@@ -216,10 +248,42 @@ class StoreBase:
                 self._group_conn = None
         return outcomes
 
+    def _end_reads(self) -> None:
+        """After an operation: end what its reads began (SQLAlchemy begins a transaction on a read), or what
+        a failed COMMIT left open, as returning a pooled connection did (its reset rolls back)."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            raw = conn.connection.dbapi_connection
+            if raw is not None and raw.in_transaction:  # what SQLite itself says
+                raw.rollback()
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's or the DB-API's: the same remedy
+            log.warning("the store connection could not end its transaction (%s); it is opened again",
+                        type(exc).__name__)
+            with contextlib.suppress(SQLAlchemyError):
+                conn.invalidate()
+            self._conn = None
+
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         group = self._group_conn
-        if group is None:
+        if group is None and self._lone:
+            if self._in_tx:
+                msg = "a store operation opened a transaction inside its own"
+                raise RuntimeError(msg)
+            conn = self._connection()
+            if conn.in_transaction():  # an earlier read of this operation began one: ended here
+                conn.rollback()
+            self._in_tx = True
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                self._in_tx = False
+        elif group is None:
             with self._engine.begin() as conn:
                 yield conn
         else:
@@ -253,11 +317,13 @@ class StoreBase:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         group = self._group_conn
-        if group is None:
+        if group is not None:
+            yield group
+        elif self._lone:
+            yield self._connection()  # what a read begins ends with the operation (_end_reads)
+        else:
             with self._engine.connect() as conn:
                 yield conn
-        else:
-            yield group
 
     async def ping(self) -> None:
         """Raises: StoreUnavailable."""

@@ -210,3 +210,39 @@ class TestFlushes:
         await store.merge_vault_audit(moves=[(None, new)], records=[], tokens={}, now=1_800_000_000.0)
         assert seen == [True]
         assert await store.vault_audit_positions("/vault/audit.log") == [new]
+
+
+class TestTheStoreConnection:
+    """The store thread keeps one SQLite connection: nothing an operation began outlives the operation."""
+
+    async def test_a_read_leaves_no_lock_behind(self, store: Store) -> None:
+        import sqlite3
+
+        await _insert(store, 7)
+        assert 7 in await _ids(store)  # a read through SQLAlchemy: it began a transaction (BEGIN IMMEDIATE)
+        path = store._engine.url.database
+        assert path is not None
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # fails with "database is locked" if the read still held it
+            other.execute("INSERT INTO health_probe (id, probed_at) VALUES (8, 8.0)")
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        assert {7, 8} <= await _ids(store)
+
+    async def test_a_failed_lone_commit_leaves_the_connection_usable(self, store: Store) -> None:
+        broken = [True]
+
+        @event.listens_for(store._engine, "commit")
+        def _refuse(_conn: Any) -> None:
+            if broken[0]:
+                msg = "disk full"
+                raise OSError(msg)
+
+        with pytest.raises(OSError, match="disk full"):
+            await _insert(store, 90)
+        broken[0] = False
+        assert await _insert(store, 91) == 91
+        ids = await _ids(store)
+        assert 91 in ids and 90 not in ids
