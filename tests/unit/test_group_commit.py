@@ -174,7 +174,7 @@ async def _synchronous_in(store: Store, *, replayable: bool) -> int:
     """The flush mode (SQLite: 1 NORMAL, 2 FULL) seen inside an operation's own transaction."""
     def run() -> int:
         with store._tx() as conn:
-            return int(conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])
+            return int(conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[union-attr]
     return await (store._run_replayable(run) if replayable else store._run(run))
 
 
@@ -196,7 +196,7 @@ class TestFlushes:
         await asyncio.sleep(0.05)
         gate.set()
         await blocker
-        assert await asyncio.gather(*mixed) == [2] * 6
+        assert list(await asyncio.gather(*mixed)) == [2] * 6
 
     async def test_a_merge_of_vault_audit_lines_is_replayable(self, store: Store) -> None:
         seen: list[bool] = []
@@ -246,3 +246,23 @@ class TestTheStoreConnection:
         assert await _insert(store, 91) == 91
         ids = await _ids(store)
         assert 91 in ids and 90 not in ids
+
+    async def test_a_locked_database_is_store_unavailable(self, store: Store) -> None:
+        """BEGIN IMMEDIATE runs on the DB-API connection; "database is locked" still becomes a 503's error."""
+        import sqlite3
+
+        def short_wait() -> None:
+            with store._read() as conn:
+                conn.connection.dbapi_connection.execute("PRAGMA busy_timeout=100")  # type: ignore[union-attr]
+        await store._run(short_wait)
+        path = store._engine.url.database
+        assert path is not None
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await _insert(store, 95)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await _insert(store, 96) == 96
