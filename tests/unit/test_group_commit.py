@@ -43,6 +43,19 @@ def _commits(store: Store) -> list[int]:
     return count
 
 
+def _refuse_commits(store: Store) -> list[bool]:
+    """Every COMMIT fails ("disk full") while the returned flag's one item is True."""
+    broken = [True]
+
+    @event.listens_for(store._engine, "commit")
+    def _refuse(_conn: Any) -> None:
+        if broken[0]:
+            msg = "disk full"
+            raise OSError(msg)
+
+    return broken
+
+
 async def _insert(store: Store, row_id: int, *, fail: bool = False) -> int:
     def run() -> int:
         with store._tx() as conn:
@@ -90,13 +103,7 @@ class TestGroupCommit:
         assert {40, 41, 42} <= await _ids(store)
 
     async def test_a_failed_commit_fails_the_whole_group_and_keeps_nothing(self, store: Store) -> None:
-        broken = [True]
-
-        @event.listens_for(store._engine, "commit")
-        def _refuse(_conn: Any) -> None:
-            if broken[0]:
-                msg = "disk full"
-                raise OSError(msg)
+        broken = _refuse_commits(store)
 
         outcomes = await asyncio.gather(*(_insert(store, i) for i in range(60, 80)), return_exceptions=True)
         broken[0] = False
@@ -232,13 +239,7 @@ class TestTheStoreConnection:
         assert {7, 8} <= await _ids(store)
 
     async def test_a_failed_lone_commit_leaves_the_connection_usable(self, store: Store) -> None:
-        broken = [True]
-
-        @event.listens_for(store._engine, "commit")
-        def _refuse(_conn: Any) -> None:
-            if broken[0]:
-                msg = "disk full"
-                raise OSError(msg)
+        broken = _refuse_commits(store)
 
         with pytest.raises(OSError, match="disk full"):
             await _insert(store, 90)
