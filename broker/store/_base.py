@@ -76,7 +76,6 @@ class StoreBase:
         # SQLite has one writer (and here one connection): one thread serialises every transaction,
         # which is what SQLite would do anyway, without "database is locked" retries.
         self._observe: Callable[[float, bool], None] | None = None
-        self._grouped = sqlite
         self._group_conn: Connection | None = None  # the store thread's side: the open group's connection
         # SQLite: the store thread's one connection, kept checked out (a checkout per operation, its
         # events and its reset cost more than a small operation's statements); None until first used.
