@@ -551,12 +551,32 @@ def profile_summary(raw: Path, top: int = 25) -> str:
             incl[f] = incl.get(f, 0) + count
     if not total:
         return "py-spy recorded no samples"
+    tailer = tailer_samples(raw)
 
     def block(title: str, d: dict[str, int]) -> list[str]:
         rows = sorted(d.items(), key=lambda kv: -kv[1])[:top]
         return [title] + [f"  {100 * v / total:5.1f}%  {k}" for k, v in rows]
 
-    return "\n".join([f"{total} samples", *block("own time:", own), *block("inclusive:", incl)])
+    share = (f"the Vault audit tailer (its loop task, its parsing threads, its two store transactions): "
+             f"{100 * tailer / total:.1f}% of the samples")
+    return "\n".join([f"{total} samples", share, *block("own time:", own), *block("inclusive:", incl)])
+
+
+# Where the Vault audit tailer's work is, on any thread: what "the tailer's share" of the broker's CPU counts.
+TAILER_FRAMES = frozenset({
+    "VaultAuditTailers.run_forever", "_parse_chunk", "classify_batch",
+    "VaultAuditStore.merge_vault_audit.<locals>.run", "VaultAuditStore.vault_audit_context.<locals>.run",
+})
+
+
+def tailer_samples(raw: Path) -> int:
+    """Samples (GIL-holding, all threads) with a frame of the tailer's in their stack."""
+    count = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if stack and count_s.isdigit() and any(f.partition(" (")[0] in TAILER_FRAMES for f in stack.split(";")):
+            count += int(count_s)
+    return count
 
 
 # --------------------------------------------------------------------------------------------------
