@@ -23,6 +23,7 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,29 @@ class BenchStack:
     config_path: Path | None = None
     _broker_log: Any = None
     _closed: bool = False
+
+    def tailer_lag(self) -> int:
+        """Bytes of OpenBao's audit file the broker's tailer has not merged yet, read from outside the broker
+        (its SQLite store, read-only, and the file's size): polling costs the measured broker nothing."""
+        assert self.bao is not None
+        log = Path(self.bao.audit_log)
+        st = log.stat()
+        db = sqlite3.connect(f"file:{self.workdir / 'broker' / 'broker.db'}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute('SELECT "offset" FROM vault_audit_position WHERE device = ? AND inode = ?',
+                             (st.st_dev, st.st_ino)).fetchone()
+        finally:
+            db.close()
+        return st.st_size - (int(row[0]) if row else 0)
+
+    async def wait_tailer_caught_up(self, timeout: float = 120) -> int:
+        """Wait (bounded) until the tailer has merged everything OpenBao has written; the bytes left."""
+        deadline = time.monotonic() + timeout
+        lag = self.tailer_lag()
+        while lag > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            lag = self.tailer_lag()
+        return lag
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
