@@ -337,9 +337,16 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
     vault_leases: list[str] = []
     for prefix in lease_prefixes:
         vault_leases += await vault.leases_under(prefix)
+    by_vault_id = {x["vault_lease_id"]: x for x in snap.leases.values()}
     for lease_id in vault_leases:
         if lease_id not in owned_leases:
-            orphans.append(f"Vault lease {lease_id} not an active lease of an active task")
+            # What the store says of it, for the reader of a failure: revoked (Vault not done yet, or not
+            # told), of a task no longer active, or unknown (an issuance nobody recorded).
+            known = by_vault_id.get(lease_id)
+            why = (f"store: lease {known['state']}, task "
+                   f"{snap.tasks.get(known['task_id'], {}).get('state', 'unrecorded')}" if known
+                   else "unknown to the store")
+            orphans.append(f"Vault lease {lease_id} not an active lease of an active task ({why})")
 
     ghosts: list[str] = []
     for lid, x in live_leases.items():
