@@ -15,6 +15,7 @@ RabbitMQ's user deletion (it closes its connections).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,9 +125,24 @@ def configure_ssh(
 
 
 def configure_kv(admin: VaultAdmin, *, path: str, data: Mapping[str, str], mount: str = "secret") -> None:
-    """A KV version 2 mount (``secret/`` in a dev server already is one) and one value at ``path``."""
+    """A KV version 2 mount (``secret/`` in a dev server already is one) and one value at ``path``.
+
+    A KV v2 mount just made upgrades itself in the background and refuses writes meanwhile ("Upgrading
+    from non-versioned to versioned data"): the write is tried again for up to 10 s.
+    """
     admin.enable_secrets_engine(mount, "kv", options={"version": "2"})
-    admin.write(f"{mount}/data/{path}", {"data": dict(data)})
+    deadline = time.monotonic() + _KV_UPGRADE_WAIT
+    while True:
+        try:
+            admin.write(f"{mount}/data/{path}", {"data": dict(data)})
+            return
+        except VaultBadResponse as exc:
+            if "Upgrading from non-versioned to versioned data" not in exc.reason or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+_KV_UPGRADE_WAIT = 10.0  # seconds; OpenBao's upgrade of an empty mount takes well under one
 
 
 # -- broker dev: the engines this machine can serve ------------------------------------------------------
