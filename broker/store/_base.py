@@ -168,7 +168,12 @@ class StoreBase:
                     stop = True  # close() puts it after its last job: run what came before, then end
                     break
                 batch.append(more)
-            self._drain(batch)
+            try:
+                self._drain(batch)
+            except Exception as exc:
+                log.exception("the store thread failed a group; its callers get StoreUnavailable")
+                failed = StoreUnavailable("the store is unavailable", reason=type(exc).__name__)
+                self._answer_all(batch, [(False, failed)] * len(batch))
             if stop:
                 return
 
@@ -182,9 +187,13 @@ class StoreBase:
                 outcomes = self._run_group([call for call, *_ in batch])
             finally:
                 if not flush:
-                    self._synchronous("FULL")
+                    self._flush_again()
         except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: no job's writes are kept
             outcomes = [(False, exc)] * len(batch)
+        self._answer_all(batch, outcomes)
+
+    @staticmethod
+    def _answer_all(batch: Sequence[_Job], outcomes: Sequence[_Outcome]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
         for (_, loop, fut, _), outcome in zip(batch, outcomes, strict=True):
             by_loop.setdefault(loop, []).append((fut, outcome))
@@ -195,6 +204,18 @@ class StoreBase:
     def _synchronous(self, mode: str) -> None:
         """Set SQLite's flush mode for the next transactions (outside one: SQLite ignores it inside)."""
         self._connection().connection.dbapi_connection.execute(f"PRAGMA synchronous={mode}")  # type: ignore[union-attr]
+
+    def _flush_again(self) -> None:
+        """Back to ``synchronous=FULL`` after a replayable group; if that fails, a new connection (its
+        ``connect`` event sets FULL) rather than durable commits left unflushed."""
+        try:
+            self._synchronous("FULL")
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's or the DB-API's: the same remedy
+            log.warning("the store connection could not flush again (%s); it is opened again", type(exc).__name__)
+            if self._conn is not None:
+                with contextlib.suppress(SQLAlchemyError):
+                    self._conn.invalidate()
+            self._conn = None
 
     def _connection(self) -> Connection:
         """On the SQLite store thread: its one connection, opened again if an error closed it."""

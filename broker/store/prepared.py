@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.sql import Executable
 
-__all__ = ["Prepared", "all_rows", "one_row"]
+__all__ = ["Prepared", "one_row"]
 
 
 class Prepared:
@@ -69,12 +69,6 @@ class Prepared:
             # itemgetter builds each row's tuple in C: the merge of Vault's audit lines inserts thousands.
             pick = operator.itemgetter(*order)
             cursor.executemany(sql, [pick(r) for r in rows])
-
-
-def all_rows(cursor: Any) -> list[dict[str, Any]]:
-    """The cursor's rows as mappings by column name."""
-    names = tuple(d[0] for d in cursor.description)
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def one_row(cursor: Any) -> dict[str, Any] | None:

@@ -149,14 +149,7 @@ def _append(conn: Connection, record: AuditRecord) -> None:
 
     Redaction comes before hashing: a secret can never be part of what the chain commits to.
     """
-    red = record.redacted()
-    seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
-    seq += 1
-    digest = chain_hash(bytes.fromhex(head), canonical_record(red, seq))
-    row = {f: getattr(red, f) for f in _RECORD_FIELDS}  # not asdict(): that deep-copies every value
-    row.update(seq=seq, prev_hash=head, hash=digest.hex())
-    P_INSERT_AUDIT.execute(conn, row)
-    P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": digest.hex()})
+    _append_many(conn, (record,))
 
 
 def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -175,7 +168,7 @@ def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
         red = record.redacted()
         seq += 1
         digest = chain_hash(prev, canonical_record(red, seq))
-        row = {f: getattr(red, f) for f in _RECORD_FIELDS}
+        row = {f: getattr(red, f) for f in _RECORD_FIELDS}  # not asdict(): that deep-copies every value
         row.update(seq=seq, prev_hash=prev.hex(), hash=digest.hex())
         rows.append(row)
         prev = digest

@@ -267,3 +267,19 @@ class TestTheStoreConnection:
             other.execute("ROLLBACK")
             other.close()
         assert await _insert(store, 96) == 96
+
+    async def test_a_failed_return_to_full_flushes_reopens_the_connection(self, store: Store) -> None:
+        """If the flush mode cannot be set back after a replayable merge, later commits are still flushed."""
+        original = store._synchronous
+        calls: list[str] = []
+
+        def failing(mode: str) -> None:
+            calls.append(mode)
+            if mode == "FULL" and calls.count("FULL") == 1:
+                msg = "disk I/O error"
+                raise OSError(msg)
+            original(mode)
+        store._synchronous = failing  # type: ignore[method-assign]
+        assert await _synchronous_in(store, replayable=True) == 1
+        store._synchronous = original  # type: ignore[method-assign]
+        assert await _synchronous_in(store, replayable=False) == 2
