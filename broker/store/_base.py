@@ -104,7 +104,8 @@ class StoreBase:
             return
         if self._closed:
             return
-        await self._run(self._dispose)
+        # The store thread closes its connection itself, after the jobs queued before this one: a dispose run
+        # as a job could share a group with them and close the connection under their transaction.
         self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
@@ -156,6 +157,7 @@ class StoreBase:
         while True:
             job = self._jobs.get()
             if job is _STOP:
+                self._stop()
                 return
             batch: list[_Job] = [job]
             stop = False
@@ -175,7 +177,26 @@ class StoreBase:
                 failed = StoreUnavailable("the store is unavailable", reason=type(exc).__name__)
                 self._answer_all(batch, [(False, failed)] * len(batch))
             if stop:
+                self._stop()
                 return
+
+    def _stop(self) -> None:
+        """The store thread's last act: close its connection, and refuse what was queued after ``_STOP``
+        (a job submitted by another loop's thread as ``close`` ran), so that no caller waits forever."""
+        try:
+            self._dispose()
+        except Exception:
+            log.exception("closing the store's connection failed")
+        closed = StoreUnavailable("the store is closed", reason="store closed")
+        late: list[_Job] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:  # not _STOP
+                late.append(job)
+        self._answer_all(late, [(False, closed)] * len(late))
 
     def _drain(self, batch: Sequence[_Job]) -> None:
         """On the store thread: run ``batch`` as one group, then answer each job on its own loop."""

@@ -283,3 +283,31 @@ class TestTheStoreConnection:
         assert await _synchronous_in(store, replayable=True) == 1
         store._synchronous = original  # type: ignore[method-assign]
         assert await _synchronous_in(store, replayable=False) == 2
+
+
+class TestClose:
+    """Closing the store while operations are queued: they finish first, and nothing waits forever."""
+
+    async def test_close_while_operations_are_queued_keeps_them_and_refuses_later_ones(self, tmp_path: Path) -> None:
+        store = await open_store(f"sqlite:///{tmp_path / 'broker.db'}")
+        gate = threading.Event()
+
+        def blocked() -> None:  # holds the store thread so that the next operations queue up behind it
+            gate.wait(10)
+        first = asyncio.ensure_future(store._run(blocked))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(_insert(store, i)) for i in range(1, 6)]
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0.05)
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await _insert(store, 99)
+        gate.set()
+        await asyncio.wait_for(closing, 10)  # before: the close ran in the queued group and failed it
+        await first
+        assert [await q for q in queued] == [1, 2, 3, 4, 5]
+        again = await open_store(f"sqlite:///{tmp_path / 'broker.db'}")
+        try:
+            assert {1, 2, 3, 4, 5} <= await _ids(again)
+        finally:
+            await again.close()
