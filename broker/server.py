@@ -50,6 +50,12 @@ class AccessLogger(AbstractAccessLogger):
     caller's input: a pasted token, a CR-LF that would forge a log line).
     """
 
+    @property
+    def enabled(self) -> bool:
+        # aiohttp asks once per connection: below INFO no line is built at all (the fields cost a dict and
+        # two route lookups per request, for a line the logger would drop).
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         # The same facts as fields, for ``--log-format json`` (broker.logs); the text line ignores them.
         fields = {"request_id": request.get("request_id"), "method": request.method, "route": log_path(request),
