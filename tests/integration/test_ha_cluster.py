@@ -63,6 +63,9 @@ RESUME_WITHIN = 30.0
 TAKEOVER_WITHIN = 10.0
 SHORT_TTL = 12
 VAULT_SETTLES_WITHIN = 15.0
+# The broker's own slowest fallback: a task fenced by a replica that died before settling it is retried by
+# the maintenance loop 60 s after its fence (``Store.fence_tasks``' ``retry_after``), then with backoff.
+SETTLES_WITHIN = 60.0 + 30.0
 CRASH_WINDOW = 3.0  # seconds around the leader's SIGKILL
 
 
@@ -270,13 +273,23 @@ async def _lost_in_the_leader_crash(session: aiohttp.ClientSession, addr: str, c
     return out
 
 
-async def _wait(what: str, check: object, timeout: float) -> None:
+def _print_broker_logs(replicas: list[BrokerProcess], lines: int = 60) -> None:
+    """The end of each replica's log (warnings and errors), to tell why a wait ran out in CI."""
+    for i, r in enumerate(replicas):
+        text = r.log_path.read_text(errors="replace").splitlines() if r.log_path.exists() else []
+        print(f"--- broker-{i}.log, last {min(lines, len(text))} of {len(text)} lines")
+        for line in text[-lines:]:
+            print(line[:400])
+
+
+async def _wait(what: str, check: object, timeout: float, why: list[str] | None = None) -> None:
+    """Wait for ``check``; a timeout names what ``why`` (filled by the check) says is still missing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await check():  # type: ignore[operator]
             return
         await asyncio.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}" + (f": {'; '.join(why[:20])}" if why else ""))
 
 
 async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
@@ -337,10 +350,19 @@ async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
             resumed = _report(run)
 
             # Settled: no intent open, no revocation pending; the short task expired without its replica.
+            why: list[str] = []
+
             async def settled() -> bool:
                 snap = await asyncio.to_thread(StoreSnapshot.read_url, store_db)
-                return not snap.unsettled() and snap.tasks[short["id"]]["state"] == "expired"
-            await _wait("the store to settle and the short task to expire", settled, 60)
+                why[:] = snap.unsettled()
+                if snap.tasks[short["id"]]["state"] != "expired":
+                    why.append(f"short task {short['id']} {snap.tasks[short['id']]['state']}")
+                return not why
+            try:
+                await _wait("the store to settle and the short task to expire", settled, SETTLES_WITHIN, why)
+            except pytest.fail.Exception:
+                _print_broker_logs(replicas)
+                raise
             snap = await asyncio.to_thread(StoreSnapshot.read_url, store_db)
             active = await asyncio.to_thread(cluster.active)
             vault = RawVault(session, active.addr, cluster.root_token.reveal())

@@ -59,6 +59,7 @@ class BrokerProcess:
         env["BROKER_SERVER_LISTEN"] = f"127.0.0.1:{self.port}"
         if crash_points:
             env["BROKER_CRASH_POINTS"] = crash_points
+        self.log_path = log
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "serve", "--config", str(config), "--log-level", "warning"],
@@ -251,9 +252,10 @@ class StoreSnapshot:
 
     def unsettled(self) -> list[str]:
         """Why reconciliation is not finished yet (empty when it is)."""
-        out = [f"intent {i} {x['kind']} {x['state']}" for i, x in self.intents.items()
-               if x["state"] in ("open", "aborting")]
-        out += [f"task {t} token revoke_pending" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
+        out = [f"intent {i} {x['kind']} {x['state']} (task {x.get('task_id')}, next attempt at {x.get('next_attempt_at')})"
+               for i, x in self.intents.items() if x["state"] in ("open", "aborting")]
+        out += [f"task {t} ({x['state']}) token revoke_pending (attempts {x.get('revoke_attempts')}, next at "
+                f"{x.get('next_attempt_at')})" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
         out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
         return out
 
