@@ -127,7 +127,8 @@ class Checkpointer:
 
 @dataclass(frozen=True)
 class StoreVerifier:
-    """Verifies a store's chain and checkpoints (and a witness file), page by page, off the event loop."""
+    """Verifies a store's chain and checkpoints (and a witness file), page by page, off the event loop; a large
+    log in worker processes, one per core (``broker.audit.parallel``), with the same report."""
 
     store: Store
     public_key: Ed25519PublicKey | None
