@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     func,
@@ -107,8 +109,10 @@ class AuditStore(StoreBase):
                 database = engine.url.database
                 if not database or database == ":memory:" or database.startswith("file:"):
                     return None
-                args: tuple[Any, ...] = (database,)
-                kwargs: dict[str, Any] = {}
+                # Read-only: a verifier writes nothing, and a path that is not there is an error, not a
+                # new empty database.
+                args: tuple[Any, ...] = (f"file:{quote(str(Path(database).resolve()))}?mode=ro",)
+                kwargs: dict[str, Any] = {"uri": True}
                 module = "sqlite3"
             else:
                 cargs, cparams = engine.dialect.create_connect_args(engine.url)

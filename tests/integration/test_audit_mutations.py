@@ -421,7 +421,8 @@ class TestMutationSuite:
         assert tally.misses == []
         assert tally.detected == tally.right_seq == tally.mutations
 
-    async def test_sql_mutations_on_the_database_file(self, log: Log, tmp_path: Path) -> None:
+    async def test_sql_mutations_on_the_database_file(self, log: Log, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
         """Each class applied with SQL to a copy of the SQLite file, read back and verified through the store."""
         rng = random.Random(SEED + 2)
         tally = Tally()
@@ -443,6 +444,7 @@ class TestMutationSuite:
                 tally.add(cls, "sql", expected, report)
                 assert parallel == report, f"{cls}: parallel {parallel}, sequential {report}"
         print(f"\nsql mutations={tally.mutations} detected={tally.detected} right_seq={tally.right_seq}")
+        assert "verifying in this process" not in caplog.text  # the parallel reports came from the workers
         assert tally.misses == []
         assert tally.detected == tally.right_seq == tally.mutations == SQL_PER_CLASS * len(CLASSES)
 
