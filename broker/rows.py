@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from broker.audit import AuditRecord
 
@@ -106,6 +107,20 @@ class VaultAuditPosition:
     offset: int
     lines: int = 0
     last_entry_at: float | None = None  # Vault's time of the newest entry read from the file
+
+
+@dataclass(frozen=True)
+class ChainSource:
+    """How another process reads the chain as ``Store.chain_rows`` does: the DB-API module to connect with,
+    its connection arguments, and the page query (``after``, ``lim``) rendered for that database, with
+    its parameter order (None: named parameters) and default values."""
+
+    module: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    sql: str
+    order: tuple[str, ...] | None
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

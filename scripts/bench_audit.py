@@ -22,7 +22,10 @@ in < 5 s)
     are generated with the real ``broker.audit.canonical_bytes`` / ``chain_hash`` (a realistic mix:
     task starts, issuances, Vault requests, ends), bulk-inserted, and signed checkpoints
     (``broker.audit.signing``, Ed25519) added every ``--checkpoint-every`` records; the verifier then reads the
-    store page by page and recomputes everything. records/s = records / wall time (read + verify).
+    store and recomputes everything: page by page in this process below 200,000 records, from there on in
+    one worker process per core, each reading and checking stretches of the log on its own connection
+    (``broker.audit.parallel``; worker start-up is inside the timing). records/s = records / wall time
+    (read + verify). On a shared machine the parallel figure depends on a second core being free.
 
     **where ingest time goes**: the same stages timed separately on a sample (parse alone, classify
     alone, chain append alone), so a shortfall can be attributed.

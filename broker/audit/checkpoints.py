@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from broker.audit.parallel import usable_cores, verify_in_processes
 from broker.audit.signing import (
     Checkpoint,
     key_id,
@@ -43,6 +44,11 @@ __all__ = ["Checkpointer", "StoreVerifier", "append_witness", "checkpoint_of", "
 log = logging.getLogger(__name__)
 
 _PAGE = 10_000
+# From this many records on, the log is verified by worker processes (broker.audit.parallel): starting
+# them costs ~0.3-1 s (docs/architecture.md, "The verifier on every core").
+PARALLEL_FROM = 200_000
+_STRETCH_LEAST = 50_000
+_MAX_WORKERS = 8  # each holds a connection to the store
 
 
 def checkpoint_of(row: CheckpointRow, origin: str) -> Checkpoint:
@@ -121,12 +127,18 @@ class Checkpointer:
 
 @dataclass(frozen=True)
 class StoreVerifier:
-    """Verifies a store's chain and checkpoints (and a witness file), page by page, off the event loop."""
+    """Verifies a store's chain and checkpoints (and a witness file), page by page, off the event loop; a large
+    log in worker processes, one per core (``broker.audit.parallel``), with the same report."""
 
     store: Store
     public_key: Ed25519PublicKey | None
     origin: str | None = None
     witness_file: Path | None = None
+    # Logs of at least this many records are verified by ``workers`` processes (None: one per usable core,
+    # parallel only with two or more), in stretches of at least ``stretch`` records.
+    parallel_from: int = PARALLEL_FROM
+    workers: int | None = None
+    stretch: int = _STRETCH_LEAST
 
     async def verify(self, *, witness_file: Path | None = None) -> VerifyReport:
         """Read everything and verify it. A witness that cannot be read is a failed verification, not an error.
@@ -144,6 +156,19 @@ class StoreVerifier:
         origin = self.origin or ""
         rows = await self.store.list_checkpoints()
         verifier = LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness, self.origin)
+        workers = self.workers if self.workers is not None else min(usable_cores(), _MAX_WORKERS)
+        if workers >= 2:
+            last = await self.store.chain_end()
+            source = await self.store.chain_source() if last >= self.parallel_from else None
+            if source is not None:
+                try:
+                    await verify_in_processes(source, verifier, last_seq=last, workers=workers, least=self.stretch)
+                    return verifier.finish()
+                except OSError as exc:
+                    # Still an answer, only slower: the same verification in this process.
+                    log.warning("verifier workers failed (%s); verifying in this process", type(exc).__name__)
+                    verifier = LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness,
+                                           self.origin)
         # Read the next page while this one is checked: SQLite reads largely outside the GIL.
         page = await self.store.chain_rows(after_seq=0, limit=_PAGE)
         while page and not verifier.failed:

@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -46,7 +46,10 @@ from broker.audit.canonical import RECORD_WIDTH, canonical_record, canonical_row
 from broker.audit.signing import Checkpoint, verify_checkpoint
 from broker.errors import AuditChainBroken, CheckpointInvalid
 
-__all__ = ["LogVerifier", "VerifyReport", "verify_log"]
+if TYPE_CHECKING:
+    from broker.audit.stretches import StretchResult
+
+__all__ = ["LogVerifier", "VerifyReport", "verify_log", "verify_row_stretch"]
 
 
 # -- the chain, fast -------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) 
     return expected - first_seq, prev
 
 
-def _verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
+def verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: bytes) -> tuple[int, bytes]:
     """:func:`_verify_stretch` over store rows ``(seq, *AuditRecord fields, prev_hash, hash)``, skipping the
     objects: a million of them cost more than the hashing.
 
@@ -157,6 +160,7 @@ class LogVerifier:
     _witnessed: int = field(init=False, default=0)
     _failure: _Failure | None = field(init=False, default=None)
     _verified: dict[str, Checkpoint] = field(init=False, default_factory=dict)
+    _ended: bool = field(init=False, default=False)  # a stretch came up short: the log ends at _seen
 
     def __post_init__(self) -> None:
         by_size: dict[int, list[_Claim]] = defaultdict(list)
@@ -220,7 +224,54 @@ class LogVerifier:
     def feed_rows(self, rows: Iterable[Sequence[Any]]) -> None:
         """:meth:`feed` for rows as ``Store.chain_rows`` returns them: ``(seq, *AuditRecord fields, prev_hash,
         hash)``."""
-        self._feed(iter(rows), _verify_row_stretch)
+        self._feed(iter(rows), verify_row_stretch)
+
+    @property
+    def claim_sizes(self) -> list[int]:
+        """The sizes at which the chain's head is held against checkpoints, smallest first."""
+        return [claims[0].size for claims in self._claims]
+
+    def feed_stretch(self, s: StretchResult) -> None:
+        """Take the next stretch's result (``broker.audit.stretches``; stretches in order, none skipped) as
+        :meth:`feed` takes its rows: same checks, same report. The stretch verified itself from the
+        ``prev_hash`` its first row stores; that is held here against the hash the stretch before ended with.
+        """
+        if self._failure is not None:
+            return
+        if self._ended:
+            # The log ended inside an earlier stretch, yet this one found rows: a gap, as feed sees it.
+            if s.first_row is not None:
+                self._failure = _Failure(self._seen + 1, f"expected record {self._seen + 1}, found {s.first_row}")
+            return
+        if s.first_seq != self._seen + 1:
+            msg = f"stretch from {s.first_seq} fed after {self._seen} records"
+            raise ValueError(msg)
+        if not self._check_heads_up_to(self._seen, s):
+            return
+        if s.first_row is None:
+            self._ended = True
+            return
+        if s.first_row == s.first_seq and s.start_prev != self._prev.hex():
+            self._failure = _Failure(s.first_seq, "prev_hash is not the previous record's hash")
+            return
+        end = s.first_seq - 1 + s.count
+        if not self._check_heads_up_to(end, s):
+            return
+        if s.count:
+            self._seen, self._prev = end, s.last
+        if s.broken is not None:
+            self._failure = _Failure(*s.broken)
+        elif s.ended:
+            self._ended = True
+
+    def _check_heads_up_to(self, end: int, s: StretchResult) -> bool:
+        """Hold every claim up to size ``end`` against the stretch's heads (the head so far below it)."""
+        while self._next < len(self._claims) and (size := self._claims[self._next][0].size) <= end:
+            self._seen, self._prev = size, s.heads[size] if size >= s.first_seq else self._prev
+            self._check_claims()
+            if self._failure is not None:
+                return False
+        return True
 
     def _feed(self, it: Iterator[Any], stretch: Callable[..., tuple[int, bytes]]) -> None:
         while self._failure is None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
+    func,
     insert,
     select,
     update,
@@ -15,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from broker.audit import AuditRecord, ChainLink
 from broker.rows import (
     AuditRow,
+    ChainSource,
     CheckpointRow,
 )
 from broker.store._base import StoreBase
@@ -87,6 +91,39 @@ class AuditStore(StoreBase):
             with self._read() as conn:
                 # The raw cursor's tuples: SQLAlchemy's row processing was half of verify's time per record.
                 return list(P_CHAIN_PAGE.execute(conn, {"after": after_seq, "lim": limit}).fetchall())
+        return await self._run(run)
+
+    async def chain_end(self) -> int:
+        """The highest sequence number stored (0 when there is none): what the rows say, not the head row."""
+        def run() -> int:
+            with self._read() as conn:
+                return int(conn.execute(select(func.coalesce(func.max(audit_events.c.seq), 0))).scalar_one())
+        return await self._run(run)
+
+    async def chain_source(self) -> ChainSource | None:
+        """How another process reads :meth:`chain_rows` (the parallel verifier's workers); None when no other
+        process can open this database (SQLite in memory)."""
+        def run() -> ChainSource | None:
+            engine = self._engine
+            if engine.dialect.name == "sqlite":
+                database = engine.url.database
+                if not database or database == ":memory:" or database.startswith("file:"):
+                    return None
+                # Read-only: a verifier writes nothing, and a path that is not there is an error, not a
+                # new empty database.
+                args: tuple[Any, ...] = (f"file:{quote(str(Path(database).resolve()))}?mode=ro",)
+                kwargs: dict[str, Any] = {"uri": True}
+                module = "sqlite3"
+            else:
+                cargs, cparams = engine.dialect.create_connect_args(engine.url)
+                # Plain values only: the dialect adds objects of its own (psycopg's adapters) that a
+                # worker does not need and cannot be sent.
+                args = tuple(cargs)
+                kwargs = {k: v for k, v in cparams.items() if isinstance(v, str | int | float | bool)}
+                module = type(engine.dialect).import_dbapi().__name__
+            with self._read() as conn:
+                sql, order, defaults = P_CHAIN_PAGE.rendered(conn)
+            return ChainSource(module, args, kwargs, sql, order, defaults)
         return await self._run(run)
 
     async def add_checkpoint(self, row: CheckpointRow) -> bool:

@@ -47,6 +47,11 @@ class Prepared:
             self._by_dialect[dialect.name] = done
         return done
 
+    def rendered(self, conn: Connection) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+        """Its SQL for ``conn``'s database, the order of its parameters (None: by name) and their defaults."""
+        sql, order, defaults = self._render(conn)
+        return sql, order, dict(defaults)
+
     def execute(self, conn: Connection, params: Mapping[str, Any] | None = None) -> Any:
         """Run it on ``conn``'s DB-API connection (in its transaction); the DB-API cursor."""
         sql, order, defaults = self._render(conn)

@@ -163,17 +163,19 @@ def _append_many(conn: Connection, records: Sequence[AuditRecord]) -> None:
         return
     seq, head = P_HEAD_FOR_UPDATE.execute(conn).fetchone()
     prev = bytes.fromhex(head)
+    prev_hex = prev.hex()
     rows: list[dict[str, Any]] = []
     for record in records:
         red = record.redacted()
         seq += 1
         digest = chain_hash(prev, canonical_record(red, seq))
-        row = {f: getattr(red, f) for f in _RECORD_FIELDS}  # not asdict(): that deep-copies every value
-        row.update(seq=seq, prev_hash=prev.hex(), hash=digest.hex())
-        rows.append(row)
-        prev = digest
+        digest_hex = digest.hex()
+        # The record's own __dict__ (its fields, nothing else: no slots, no properties stored), copied in C;
+        # not asdict(), which deep-copies every value.
+        rows.append({**vars(red), "seq": seq, "prev_hash": prev_hex, "hash": digest_hex})
+        prev, prev_hex = digest, digest_hex
     P_INSERT_AUDIT.executemany(conn, rows)
-    P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": prev.hex()})
+    P_MOVE_HEAD.execute(conn, {"new_seq": seq, "new_hash": prev_hex})
 
 
 def _insert_tokens(conn: Connection, tokens: Mapping[str, tuple[str, str | None]], now: float) -> None:

@@ -6,13 +6,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.api import STORE
 from broker.app import make_app
+from broker.audit import AuditRecord
+from broker.audit.checkpoints import Checkpointer, StoreVerifier
+from broker.audit.verify import VerifyReport
 from broker.config import load_settings
 from broker.intents import IntentEvent, IntentState
-from broker.store import Intent, Person
+from broker.store import Intent, Person, open_store
 from broker.vault import VaultClient
 from tests.api.test_revocation import can_login, revoke
 from tests.api.test_task_flow import credential, end, start_task
@@ -72,3 +77,41 @@ class TestPostgresStore:
         await store.probe_write(now=t + 1)
         health = await pg_client.get("/v1/health")
         assert health.status == 200 and (await health.json())["store"] == "ok"
+
+
+class TestPostgresVerify:
+    async def test_parallel_verify_reads_postgres(self, site: BrokerSite, caplog: pytest.LogCaptureFixture) -> None:
+        """The parallel verifier's workers read PostgreSQL: the same report as one pass, clean and tampered."""
+        key = Ed25519PrivateKey.generate()
+        clock = [1_795_877_000.0]
+        async with scratch_database(site.engines.pg) as name:
+            store = await open_store(site.engines.pg.dsn(name))
+            try:
+                checkpointer = Checkpointer(store=store, key=key, origin="pg", every=40, interval=1e9, witness_file=None,
+                                            clock=lambda: clock[0])
+                for i in range(1, 301):
+                    clock[0] += 1
+                    await store.append_audit(AuditRecord(clock[0], "access.denied", "denied", user=f"u{i}",
+                                                         reason="r" * (i % 7), caller_address=None))
+                    await checkpointer.maybe_checkpoint()
+
+                async def both() -> tuple[VerifyReport, VerifyReport]:
+                    one = await StoreVerifier(store, key.public_key(), "pg").verify()
+                    parallel = await StoreVerifier(store, key.public_key(), "pg", parallel_from=0, workers=2,
+                                                   stretch=50).verify()
+                    return one, parallel
+
+                one, parallel = await both()
+                assert one.ok and one.records == 300 and one.checkpoints >= 5
+                assert parallel == one
+
+                def tamper() -> None:
+                    with store._tx() as conn:
+                        conn.exec_driver_sql("UPDATE audit_events SET reason = 'x' WHERE seq = 77")
+                await store._run(tamper)
+                one, parallel = await both()
+                assert (one.ok, one.first_bad_seq) == (False, 77)
+                assert parallel == one
+                assert "verifying in this process" not in caplog.text  # the workers did read it
+            finally:
+                await store.close()

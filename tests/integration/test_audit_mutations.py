@@ -35,6 +35,7 @@ from broker.audit.verify import VerifyReport, verify_log
 from broker.store import Store, open_store
 from broker.store.statements import _append
 from tests.support.fixtures import run_coro_in_thread
+from tests.support.stretched import as_stored, verify_in_stretches
 
 SEED = 20261128
 N_RECORDS = 10_050
@@ -361,9 +362,15 @@ class Tally:
 _SHARED: list[Log] = []
 
 
+# Stretch lengths for the parallel path's pure half: at, around and between checkpoint intervals.
+_STRETCHES = (97, 100, 1000, 1001, 2500, 3333)
+
+
 def _check_mutations(jobs: list[tuple[int, int]]) -> tuple[float, list[tuple[str, str, int, VerifyReport]]]:
     """Mutate and verify; each job (i, class) has its own seeded RNG, so results do not depend on the split.
 
+    Half the mutations are verified in stretches too (as the parallel verifier does, one of ``_STRETCHES``),
+    over the rows as a store would hold them: that report must be the sequential one over the same rows.
     Returns the CPU seconds spent too: on a shared machine the wall clock says little.
     """
     cpu = time.process_time()
@@ -372,8 +379,17 @@ def _check_mutations(jobs: list[tuple[int, int]]) -> tuple[float, list[tuple[str
     out = []
     for i, c in jobs:
         m = mutate(CLASSES[c], log, random.Random(SEED * 10_000 + i * len(CLASSES) + c), i)
-        report = verify_log(m.links, m.checkpoints, pub, witness=log.witness if m.use_witness else (), origin=ORIGIN)
+        witness = log.witness if m.use_witness else ()
+        report = verify_log(m.links, m.checkpoints, pub, witness=witness, origin=ORIGIN)
         out.append((m.cls, m.variant, m.expected, report))
+        if (i // 2) % 2:  # half of them (both variants of each class): the suite has a time budget
+            continue
+        stretch = _STRETCHES[i // 4 % len(_STRETCHES)]
+        rows = as_stored(m.links)
+        stored = report if rows == m.links else verify_log(rows, m.checkpoints, pub, witness=witness, origin=ORIGIN)
+        stretched = verify_in_stretches(m.links, m.checkpoints, pub, stretch=stretch, witness=witness, origin=ORIGIN)
+        if stretched != stored:
+            out.append((m.cls, f"{m.variant}, in stretches of {stretch}", -1, stretched))
     return time.process_time() - cpu, out
 
 
@@ -405,7 +421,8 @@ class TestMutationSuite:
         assert tally.misses == []
         assert tally.detected == tally.right_seq == tally.mutations
 
-    async def test_sql_mutations_on_the_database_file(self, log: Log, tmp_path: Path) -> None:
+    async def test_sql_mutations_on_the_database_file(self, log: Log, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
         """Each class applied with SQL to a copy of the SQLite file, read back and verified through the store."""
         rng = random.Random(SEED + 2)
         tally = Tally()
@@ -416,13 +433,18 @@ class TestMutationSuite:
                 shutil.copyfile(log.db, db)
                 expected, needs_witness = sql_mutation(cls, log, rng, db)
                 store = await open_store(f"sqlite:///{db}", migrate=False)
+                witness = log.witness_file if needs_witness or j else None
                 try:
-                    report = await StoreVerifier(store, pub, ORIGIN,
-                                                 log.witness_file if needs_witness or j else None).verify()
+                    report = await StoreVerifier(store, pub, ORIGIN, witness).verify()
+                    # The parallel path (worker processes reading the file), stretches cut at 1001, 2001, ...
+                    parallel = await StoreVerifier(store, pub, ORIGIN, witness, parallel_from=0, workers=2,
+                                                   stretch=1000).verify()
                 finally:
                     await store.close()
                 tally.add(cls, "sql", expected, report)
+                assert parallel == report, f"{cls}: parallel {parallel}, sequential {report}"
         print(f"\nsql mutations={tally.mutations} detected={tally.detected} right_seq={tally.right_seq}")
+        assert "verifying in this process" not in caplog.text  # the parallel reports came from the workers
         assert tally.misses == []
         assert tally.detected == tally.right_seq == tally.mutations == SQL_PER_CLASS * len(CLASSES)
 

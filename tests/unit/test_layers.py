@@ -22,7 +22,7 @@ PURE = ["broker.delegation", "broker.approval_rules", "broker.limits", "broker.s
         "broker.timeline",
         "broker.endpoints", "broker.mcp.bounds"]
 # The audit log's pure parts sit below the store.
-AUDIT_PURE = ["broker.audit.chain", "broker.audit.signing", "broker.audit.verify", "broker.audit.ocsf",
+AUDIT_PURE = ["broker.audit.chain", "broker.audit.signing", "broker.audit.verify", "broker.audit.stretches", "broker.audit.ocsf",
               "broker.audit.vaultlog"]
 BELOW_STORE = ("broker.store", "broker.vault", "broker.api", "broker.app", "broker.console", "broker.server",
                "broker.cli", "broker.dev", "broker.tasks", "broker.leases", "broker.revocations", "broker.approvals",

@@ -20,13 +20,15 @@ from broker.audit import (
 )
 from broker.audit.canonical import canonical_record
 from broker.audit.signing import Checkpoint, sign_checkpoint
+from broker.audit.stretches import plan_stretches, verify_stretch_rows
 from broker.audit.verify import (
     LogVerifier,
-    _verify_row_stretch,
     _verify_stretch,
     verify_log,
+    verify_row_stretch,
 )
 from broker.errors import AuditChainBroken
+from tests.support.stretched import as_stored, verify_in_stretches
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -254,4 +256,108 @@ class TestFastPath:
             by_rows.feed_rows(rows[i:i + 7])
         assert by_rows.finish() == by_links.finish()
         with pytest.raises(AuditChainBroken) if mutate != "clean" else _nothing():
-            _verify_row_stretch(rows, first_seq=1, prev=GENESIS)
+            verify_row_stretch(rows, first_seq=1, prev=GENESIS)
+
+
+def _edited(links: list[ChainLink], seq: int, **changes: str) -> list[ChainLink]:
+    out = list(links)
+    out[seq - 1] = dataclasses.replace(out[seq - 1], record=dataclasses.replace(out[seq - 1].record, **changes))
+    return out
+
+
+def _tampered() -> dict[str, tuple[list[ChainLink], list[Checkpoint], list[Checkpoint]]]:
+    """Every tampering case above, as (links, store checkpoints, witness)."""
+    forked = rechain(_edited(LINKS, 250, user="m"), 249)
+    other = checkpoints(make_chain(500, salt="old"), [200])[0]
+    swapped = list(LINKS)
+    swapped[10], swapped[20] = dataclasses.replace(swapped[20], seq=11), dataclasses.replace(swapped[10], seq=21)
+    rows_swapped = list(LINKS)
+    rows_swapped[10], rows_swapped[20] = rows_swapped[20], rows_swapped[10]
+    return {
+        "clean": (LINKS, CPS, CPS),
+        "edit": (_edited(LINKS, 250, user="mallory"), CPS, []),
+        "edit first": (_edited(LINKS, 1, user="mallory"), CPS, []),
+        "edit last": (_edited(LINKS, 500, user="mallory"), CPS, []),
+        "delete": (LINKS[:41] + LINKS[42:], CPS, []),
+        "delete first": (LINKS[1:], CPS, []),
+        "insert": (LINKS[:76] + [ChainLink(77, LINKS[3].record, LINKS[3].prev_hash, LINKS[3].hash)]
+                   + [dataclasses.replace(x, seq=x.seq + 1) for x in LINKS[76:]], CPS, []),
+        "swap contents": (swapped, CPS, []),
+        "swap rows": (rows_swapped, CPS, []),
+        "prev_hash": ([*LINKS[:120], dataclasses.replace(LINKS[120], prev_hash="00" * 32), *LINKS[121:]], CPS, []),
+        "prev_hash not hex": ([*LINKS[:120], dataclasses.replace(LINKS[120], prev_hash="zz"), *LINKS[121:]], CPS, []),
+        "prev_hash upper": ([*LINKS[:120], dataclasses.replace(LINKS[120], prev_hash=(LINKS[119].hash or "").upper()),
+                             *LINKS[121:]], CPS, []),
+        "prev_hash null": ([*LINKS[:120], dataclasses.replace(LINKS[120], prev_hash=None), *LINKS[121:]], CPS, []),
+        "hash": ([*LINKS[:120], dataclasses.replace(LINKS[120], hash="00" * 32), *LINKS[121:]], CPS, []),
+        "truncate": (LINKS[:350], CPS, []),
+        "truncate at a checkpoint": (LINKS[:300], CPS, []),
+        "truncate tail": (LINKS[:450], CPS, []),
+        "truncate with checkpoints": (LINKS[:250], CPS[:2], CPS),
+        "gap then end": (LINKS[:300] + LINKS[310:], CPS, []),
+        "fork": (forked, CPS, []),
+        "fork at a checkpoint": (rechain(_edited(LINKS, 200, reason="x"), 199), CPS, []),
+        "fork re-signed, witness": (forked, checkpoints(forked, [100, 200, 300, 400]), CPS),
+        "wrong key": (LINKS, [*CPS[:2], checkpoints(LINKS, [300], Ed25519PrivateKey.generate())[0], CPS[3]], []),
+        "replayed note": (LINKS, [*CPS[:3], dataclasses.replace(CPS[3], note=CPS[0].note)], []),
+        "another history": (LINKS, [CPS[0], other, *CPS[2:]], []),
+        "duplicate size": (LINKS, sorted([*CPS, other], key=lambda c: c.size), []),
+        "witnessed missing": (LINKS, [CPS[0], CPS[2], CPS[3]], CPS),
+        "checkpoint at 0 and the end": (LINKS, checkpoints(LINKS, [0, 100, 500]), []),
+        "empty": ([], [], []),
+        "empty with a checkpoint": ([], CPS[:1], []),
+    }
+
+
+class TestStretches:
+    """The parallel path's pure half (broker.audit.stretches and LogVerifier.feed_stretch): the same report as
+    the sequential check for every tampering case, wherever the stretches are cut."""
+
+    @pytest.mark.parametrize("case", list(_tampered()))
+    @pytest.mark.parametrize("stretch", [1, 7, 99, 100, 101, 120, 121, 250, 499, 500, 1000])
+    def test_same_report_as_sequential(self, case: str, stretch: int) -> None:
+        """Cut every 1-1000 records (so at checkpoints, just before and after them, at the tampered record)."""
+        links, cps, witness = _tampered()[case]
+        expected = verify_log(as_stored(links), cps, PUB, witness=witness)
+        assert verify_in_stretches(links, cps, PUB, stretch=stretch, witness=witness) == expected
+        assert verify_in_stretches(links, cps, None, stretch=stretch) == verify_log(as_stored(links), cps, None)
+
+    def test_break_in_the_second_stretch(self) -> None:
+        """An edited record in the second of four stretches: that record, counts as far as the chain held."""
+        r = verify_in_stretches(_edited(LINKS, 170, user="mallory"), CPS, PUB, stretch=125)
+        assert (r.ok, r.first_bad_seq, r.records, r.checkpoints) == (False, 170, 169, 1)
+
+    def test_forged_prev_hash_at_a_boundary(self) -> None:
+        """A stretch starts from the prev_hash its first row stores; a forged one is caught at that record."""
+        bad = [*LINKS[:125], dataclasses.replace(LINKS[125], prev_hash="00" * 32), *LINKS[126:]]
+        r = verify_in_stretches(bad, CPS, PUB, stretch=125)
+        assert (r.ok, r.first_bad_seq, r.records) == (False, 126, 125)
+        assert r.reason == "prev_hash is not the previous record's hash"
+
+    def test_rewrite_from_a_boundary(self) -> None:
+        """Every hash recomputed from a stretch's first record on (each stretch verifies alone): the checkpoint
+        after it names the fork, as in one pass."""
+        forked = rechain(_edited(LINKS, 251, reason="x"), 250)
+        r = verify_in_stretches(forked, CPS, PUB, stretch=125)
+        assert (r.ok, r.first_bad_seq, r.records, r.checkpoints) == (False, 201, 300, 2)
+        assert r.reason and "does not match the chain's hash at 300" in r.reason
+
+    def test_truncated_inside_a_stretch(self) -> None:
+        """Records cut in the middle of a stretch, later stretches empty: the first missing record."""
+        r = verify_in_stretches(LINKS[:310], CPS, PUB, stretch=125)
+        assert (r.ok, r.first_bad_seq, r.records, r.checkpoints) == (False, 311, 310, 3)
+
+    def test_rows_found_after_the_log_ended(self) -> None:
+        """A stretch that came up short, then a later one with rows: the gap, as one pass reports it."""
+        v = LogVerifier(CPS, PUB)
+        rows = [(k.seq, *(getattr(k.record, f.name) for f in dataclasses.fields(AuditRecord)), k.prev_hash, k.hash)
+                for k in LINKS]
+        v.feed_stretch(verify_stretch_rows(rows[:80], first_seq=1, last_seq=125))
+        v.feed_stretch(verify_stretch_rows(rows[130:], first_seq=126, last_seq=None, sizes=[200, 300, 400]))
+        assert v.finish() == verify_log(LINKS[:80] + LINKS[130:], CPS, PUB)
+
+    def test_plan(self) -> None:
+        """Stretches cover 1..last without overlap, the last open; at least ``least`` records each."""
+        assert plan_stretches(0, parts=4, least=10) == [(1, None)]
+        assert plan_stretches(25, parts=4, least=10) == [(1, 10), (11, 20), (21, None)]
+        assert plan_stretches(1000, parts=4, least=10) == [(1, 250), (251, 500), (501, 750), (751, None)]
