@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -139,6 +139,9 @@ class StoreVerifier:
     parallel_from: int = PARALLEL_FROM
     workers: int | None = None
     stretch: int = _STRETCH_LEAST
+    # One parallel verification at a time: auditors asking together (GET /v1/audit/verify) wait their turn
+    # instead of starting workers by the dozen, each with a store connection, beside the serving broker.
+    _workers_gate: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False, compare=False)
 
     async def verify(self, *, witness_file: Path | None = None) -> VerifyReport:
         """Read everything and verify it. A witness that cannot be read is a failed verification, not an error.
@@ -162,7 +165,9 @@ class StoreVerifier:
             source = await self.store.chain_source() if last >= self.parallel_from else None
             if source is not None:
                 try:
-                    await verify_in_processes(source, verifier, last_seq=last, workers=workers, least=self.stretch)
+                    async with self._workers_gate:
+                        await verify_in_processes(source, verifier, last_seq=last, workers=workers,
+                                                  least=self.stretch)
                     return verifier.finish()
                 except OSError as exc:
                     # Still an answer, only slower: the same verification in this process.

@@ -11,10 +11,12 @@ of varied sizes and checkpoint spacing must raise no alarm.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import functools
 import multiprocessing
+import os
 import random
 import shutil
 import sqlite3
@@ -447,6 +449,48 @@ class TestMutationSuite:
         assert "verifying in this process" not in caplog.text  # the parallel reports came from the workers
         assert tally.misses == []
         assert tally.detected == tally.right_seq == tally.mutations == SQL_PER_CLASS * len(CLASSES)
+
+
+def _verifier_workers() -> int:
+    """Worker processes of the parallel verifier that this process started and that are alive now."""
+    me, n = os.getpid(), 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue  # it ended meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        n += ppid == me and b"broker.audit.parallel" in cmdline
+    return n
+
+
+class TestParallelVerifier:
+    async def test_auditors_asking_together_wait_for_the_workers_instead_of_starting_more(self, log: Log,
+                                                                                         tmp_path: Path) -> None:
+        db = tmp_path / "copy.db"
+        shutil.copyfile(log.db, db)
+        store = await open_store(f"sqlite:///{db}", migrate=False)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            for _ in range(6000):  # bounded: 60 s at most
+                peak = max(peak, _verifier_workers())
+                await asyncio.sleep(0.01)
+        try:
+            verifier = StoreVerifier(store, log.key.public_key(), ORIGIN, log.witness_file, parallel_from=0,
+                                     workers=2, stretch=1000)
+            watcher = asyncio.create_task(watch())
+            reports = await asyncio.gather(*(verifier.verify() for _ in range(4)))
+            watcher.cancel()
+        finally:
+            await store.close()
+        assert reports[0].ok and reports[0].records == len(log.links)
+        assert all(r == reports[0] for r in reports)
+        assert 1 <= peak <= 2  # four verifications, never more than one's workers at once
 
 
 async def reset(store: Store, witness: Path) -> None:
