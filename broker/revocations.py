@@ -92,6 +92,12 @@ class Revoker:
                 # polling lookups while Vault's expiration manager works through the tree. Only tokens, and
                 # leases whose revoke did not finish in time, are polled.
                 await self._vault.revoke_accessor(task.token_accessor)
+                if task.revoke_attempts > 0:
+                    # A retry: the token's tree did not take everything last time. A revocation cut short
+                    # (the active node killed while it ran) can leave the task token tainted and some of
+                    # its child tokens out of any tree Vault still walks, alive until their TTL. Each child
+                    # token is revoked by its own accessor too (an unknown accessor answers 200).
+                    await asyncio.gather(*(self._revoke_child(x) for x in leases if x.kind == "token"))
                 others = [x for x in leases if x.kind != "token"]
                 done = await asyncio.gather(*(self._revoke_one(x, timeout) for x in others))
                 polled = [x for x in leases if x.kind == "token"] + [x for x, ok in zip(others, done, strict=True)
@@ -162,6 +168,10 @@ class Revoker:
                     return False  # it answered nothing in time, but it is up: pending, not down
                 raise
             return True
+
+    async def _revoke_child(self, lease: LeaseRow) -> None:
+        async with self._lookups:
+            await self._vault.revoke_accessor(lease.vault_lease_id)
 
     async def _bounded_alive(self, lease: LeaseRow) -> bool:
         async with self._lookups:

@@ -99,3 +99,33 @@ class TestEndPending:
                 assert not waiting.done()
             waited = await waiting
             assert waited.revocation == "revoked" and waited.pending == 0
+
+
+class TestRetryRevokesWhatTheTreeMissed:
+    async def test_a_child_token_outside_the_tasks_tree_is_revoked_by_its_accessor_on_the_retry(
+            self, site: BrokerSite, aiohttp_client: Any, admin: VaultClient, hvac_admin: Any) -> None:
+        """A child token that revoking the task token does not reach (Vault lost its parent link: a revocation
+        cut short by the active node's death) is revoked by its own accessor when the maintenance loop tries
+        again; the task is then confirmed revoked, and Vault no longer has the token."""
+        client = await aiohttp_client(make_app(quick(site)))
+        task = await start_task(client, site)
+        cred = await credential(client, site, task["id"], "child-token")
+        # Stand-in for the lost parent link: the lease now names an orphan token, which no tree holds.
+        orphan = await asyncio.to_thread(hvac_admin.create_token, policies=["default"], ttl="10m", no_parent=True)
+        store = client.app[STORE]
+
+        def point_at_orphan() -> None:
+            with store._tx() as conn:
+                conn.exec_driver_sql("UPDATE leases SET vault_lease_id = ? WHERE id = ?",
+                                     (orphan.accessor, cred["lease_id"]))
+        await store._run(point_at_orphan)
+
+        resp = await client.post(f"/v1/tasks/{task['id']}/end", headers=bearer(site.ids.agent()))
+        assert resp.status == 202, await resp.text()  # the tree did not take it: not confirmed yet
+        for _ in range(100):
+            view = await (await client.get(f"/v1/tasks/{task['id']}", headers=bearer(site.ids.agent()))).json()
+            if view["revocation"] == "revoked":
+                break
+            await asyncio.sleep(0.2)
+        assert view["revocation"] == "revoked", view
+        assert await admin.lookup_accessor(orphan.accessor) is None
