@@ -273,6 +273,23 @@ async def _lost_in_the_leader_crash(session: aiohttp.ClientSession, addr: str, c
     return out
 
 
+async def _held_in_vault(vault: RawVault, snap: StoreSnapshot, task_id: str) -> list[str]:
+    """What Vault (root) still holds of a task the store has ``revoke_pending``: its token unless gone, and
+    each of its pending leases that is alive."""
+    out: list[str] = []
+    status = await vault.token_status(snap.tasks[task_id]["token_accessor"])
+    if status != "gone":
+        out.append(f"task token {status}")
+    for lid, x in snap.leases.items():
+        if x["task_id"] != task_id or x["state"] != "revoke_pending":
+            continue
+        status = (await vault.token_status(x["vault_lease_id"]) if x["kind"] == "token"
+                  else "alive" if await vault.lease_alive(x["vault_lease_id"]) else "gone")
+        if status != "gone":
+            out.append(f"lease {lid} ({x['kind']}) {status}")
+    return out
+
+
 def _print_broker_logs(replicas: list[BrokerProcess], lines: int = 60) -> None:
     """The end of each replica's log (warnings and errors), to tell why a wait ran out in CI."""
     for i, r in enumerate(replicas):
@@ -351,10 +368,24 @@ async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
 
             # Settled: no intent open, no revocation pending; the short task expired without its replica.
             why: list[str] = []
+            tainted: dict[str, str] = {}
 
             async def settled() -> bool:
                 snap = await asyncio.to_thread(StoreSnapshot.read_url, store_db)
-                why[:] = snap.unsettled()
+                pending = {t for t, x in snap.tasks.items() if x["token_state"] == "revoke_pending"}
+                held: dict[str, list[str]] = {}
+                if pending:
+                    node = await asyncio.to_thread(cluster.active)
+                    truth = RawVault(session, node.addr, cluster.root_token.reveal())
+                    held = {t: await _held_in_vault(truth, snap, t) for t in pending}
+                # A revocation the active node's death cut short can leave the task token tainted (unusable)
+                # until its TTL: Vault never confirms it gone, so the broker rightly keeps it revoke_pending.
+                # Nothing of the task is alive in Vault then; the judge below still looks for orphans.
+                tainted.update({t: h[0] for t, h in held.items() if h == ["task token tainted"]})
+                skip = set(tainted) | {lid for lid, x in snap.leases.items() if x["task_id"] in tainted}
+                why[:] = [u for u in snap.unsettled() if u.split()[1] not in skip]  # "task <id> ...", "lease <id> ..."
+                why.extend(f"task {t} in Vault: {', '.join(h) or 'nothing left'}" for t, h in held.items()
+                           if t not in tainted)
                 if snap.tasks[short["id"]]["state"] != "expired":
                     why.append(f"short task {short['id']} {snap.tasks[short['id']]['state']}")
                 return not why
@@ -363,6 +394,8 @@ async def test_replicas_and_vault_nodes_die_and_nothing_is_lost(
             except pytest.fail.Exception:
                 _print_broker_logs(replicas)
                 raise
+            for t in tainted:
+                print(f"task {t}: revoke_pending in the store, its token tainted in Vault (a revocation cut short)")
             snap = await asyncio.to_thread(StoreSnapshot.read_url, store_db)
             active = await asyncio.to_thread(cluster.active)
             vault = RawVault(session, active.addr, cluster.root_token.reveal())

@@ -149,6 +149,18 @@ class RawVault:
         data = body.get("data")
         return data if isinstance(data, dict) else None
 
+    async def token_status(self, accessor: str) -> str:
+        """One lookup, no waiting: ``alive``, ``tainted`` (403: Vault is revoking it, or a revocation was cut
+        short and left it unusable until its TTL) or ``gone``."""
+        async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
+                                      headers=self._headers) as r:
+            if r.status == 400:
+                return "gone"
+            if r.status == 403:
+                return "tainted"
+            r.raise_for_status()
+            return "alive"
+
     async def lease_alive(self, lease_id: str) -> bool:
         async with self._session.put(self._base + "sys/leases/lookup", json={"lease_id": lease_id},
                                      headers=self._headers) as r:
