@@ -307,7 +307,9 @@ class TestJwksUrlKeySource:
         server, url = jwks_server
         clock = FakeClock()
         async with aiohttp.ClientSession() as session:
-            source = JwksUrlKeySource(url, session, allow_insecure_http=True, clock=clock)
+            # The server shares this loop with the 5,000 waiters: on a loaded CI host the one fetch outlived
+            # the default 2 s timeout and was never counted. The flood is the subject here, not the timeout.
+            source = JwksUrlKeySource(url, session, allow_insecure_http=True, clock=clock, timeout=30.0)
             results = await asyncio.gather(*(source.get(f"evil-{i}") for i in range(5000)))
             assert all(r is None for r in results)
             for i in range(5000):
