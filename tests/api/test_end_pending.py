@@ -41,6 +41,17 @@ async def busy_revoking(site: BrokerSite, username: str) -> AsyncIterator[None]:
             await conn.rollback()
 
 
+async def revoked_view(client: Any, site: BrokerSite, task_id: str) -> dict[str, Any]:
+    """The task's view once it says ``revoked`` (the maintenance loop confirmed it), polled for at most 20 s."""
+    for _ in range(100):
+        view: dict[str, Any] = await (await client.get(f"/v1/tasks/{task_id}", headers=bearer(site.ids.agent()))).json()
+        if view["revocation"] == "revoked":
+            break
+        await asyncio.sleep(0.2)
+    assert view["revocation"] == "revoked", view
+    return view
+
+
 def quick(site: BrokerSite) -> Any:
     """The site's settings with a short confirmation window and a fast maintenance loop."""
     s = site.settings
@@ -69,12 +80,7 @@ class TestEndPending:
             assert view["state"] == "ended" and view["revocation"] == "revoke_pending"
             assert rows[0] is not None and await admin.lookup_lease(rows[0].vault_lease_id) is not None
 
-        for _ in range(100):
-            view = await (await client.get(f"/v1/tasks/{task['id']}", headers=bearer(site.ids.agent()))).json()
-            if view["revocation"] == "revoked":
-                break
-            await asyncio.sleep(0.2)
-        assert view["revocation"] == "revoked", view
+        view = await revoked_view(client, site, task["id"])
         assert {x["state"] for x in view["leases"]} == {"revoked"}
         for row in rows:
             assert row is not None and await admin.lookup_lease(row.vault_lease_id) is None
@@ -122,10 +128,5 @@ class TestRetryRevokesWhatTheTreeMissed:
 
         resp = await client.post(f"/v1/tasks/{task['id']}/end", headers=bearer(site.ids.agent()))
         assert resp.status == 202, await resp.text()  # the tree did not take it: not confirmed yet
-        for _ in range(100):
-            view = await (await client.get(f"/v1/tasks/{task['id']}", headers=bearer(site.ids.agent()))).json()
-            if view["revocation"] == "revoked":
-                break
-            await asyncio.sleep(0.2)
-        assert view["revocation"] == "revoked", view
+        await revoked_view(client, site, task["id"])
         assert await admin.lookup_accessor(orphan.accessor) is None
