@@ -158,7 +158,10 @@ class StoreVerifier:
                 return VerifyReport(False, 0, 0, None, f"witness: {exc}")
         origin = self.origin or ""
         rows = await self.store.list_checkpoints()
-        verifier = LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness, self.origin)
+
+        def fresh() -> LogVerifier:
+            return LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness, self.origin)
+        verifier = fresh()
         workers = self.workers if self.workers is not None else min(usable_cores(), _MAX_WORKERS)
         if workers >= 2:
             last = await self.store.chain_end()
@@ -172,8 +175,7 @@ class StoreVerifier:
                 except OSError as exc:
                     # Still an answer, only slower: the same verification in this process.
                     log.warning("verifier workers failed (%s); verifying in this process", type(exc).__name__)
-                    verifier = LogVerifier([checkpoint_of(r, origin) for r in rows], self.public_key, witness,
-                                           self.origin)
+                    verifier = fresh()
         # Read the next page while this one is checked: SQLite reads largely outside the GIL.
         page = await self.store.chain_rows(after_seq=0, limit=_PAGE)
         while page and not verifier.failed:

@@ -124,6 +124,9 @@ def configure_ssh(
     return ca.strip()
 
 
+_KV_UPGRADE_WAIT = 10.0  # seconds; OpenBao's upgrade of an empty mount takes well under one
+
+
 def configure_kv(admin: VaultAdmin, *, path: str, data: Mapping[str, str], mount: str = "secret") -> None:
     """A KV version 2 mount (``secret/`` in a dev server already is one) and one value at ``path``.
 
@@ -140,9 +143,6 @@ def configure_kv(admin: VaultAdmin, *, path: str, data: Mapping[str, str], mount
             if "Upgrading from non-versioned to versioned data" not in exc.reason or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-
-
-_KV_UPGRADE_WAIT = 10.0  # seconds; OpenBao's upgrade of an empty mount takes well under one
 
 
 # -- broker dev: the engines this machine can serve ------------------------------------------------------

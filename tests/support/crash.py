@@ -127,39 +127,35 @@ class RawVault:
             body = await r.json()
         return [str(k) for k in (body.get("data") or {}).get("keys") or []]
 
-    async def lookup_accessor(self, accessor: str) -> Mapping[str, Any] | None:
-        """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone.
-
-        A token Vault is in the middle of revoking answers 403 even to root (it is tainted): wait for the
-        revocation to finish (bounded), and count it as gone if it is still tainted then.
-        """
-        for _ in range(50):
-            async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
-                                          headers=self._headers) as r:
-                if r.status == 400:
-                    return None
-                if r.status == 403:
-                    await asyncio.sleep(0.1)
-                    continue
-                r.raise_for_status()
-                body = await r.json()
-                break
-        else:
-            return None
-        data = body.get("data")
-        return data if isinstance(data, dict) else None
-
-    async def token_status(self, accessor: str) -> str:
-        """One lookup, no waiting: ``alive``, ``tainted`` (403: Vault is revoking it, or a revocation was cut
-        short and left it unusable until its TTL) or ``gone``."""
+    async def _lookup_once(self, accessor: str) -> tuple[str, Mapping[str, Any] | None]:
+        """One lookup: ``alive`` with its ``data``, ``tainted`` (403 even to root: Vault is revoking it, or a
+        revocation cut short left it unusable until its TTL) or ``gone``."""
         async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
                                       headers=self._headers) as r:
             if r.status == 400:
-                return "gone"
+                return "gone", None
             if r.status == 403:
-                return "tainted"
+                return "tainted", None
             r.raise_for_status()
-            return "alive"
+            data = (await r.json()).get("data")
+        return "alive", data if isinstance(data, dict) else None
+
+    async def lookup_accessor(self, accessor: str) -> Mapping[str, Any] | None:
+        """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone.
+
+        A tainted token: wait for the revocation to finish (bounded), and count it as gone if it is still
+        tainted then.
+        """
+        for _ in range(50):
+            status, data = await self._lookup_once(accessor)
+            if status != "tainted":
+                return data
+            await asyncio.sleep(0.1)
+        return None
+
+    async def token_status(self, accessor: str) -> str:
+        """One lookup, no waiting: ``alive``, ``tainted`` or ``gone``."""
+        return (await self._lookup_once(accessor))[0]
 
     async def lease_alive(self, lease_id: str) -> bool:
         async with self._session.put(self._base + "sys/leases/lookup", json={"lease_id": lease_id},
