@@ -24,6 +24,11 @@ Rules this file keeps:
    revoked and confirmed gone (``VAULT_CONFIRMED``), or, where Vault's log cannot name what it issued
    (an answer it never wrote, a token whose accessor it HMACs), as ``TASK_BOUND``: made by the task
    token, it dies with the task, and the record says so.
+6. A final intent is bookkeeping, not history (the audit log keeps its ``lease.issued`` or
+   ``*.aborted`` record): it is forgotten, with its journal entries, ``SETTLED_RETENTION`` after it
+   settled, so neither table grows with every credential ever issued. An ``aborted`` one whose late
+   answer (broker.journal rule 6) has not been swept stays until it is: forgetting it would leave that
+   answer with nothing to join. A day is far past any late answer (Vault's own request deadline is 90 s).
 
 This module is pure: no I/O. ``broker.revocations.IntentSettler`` performs the Vault calls.
 """
@@ -69,6 +74,8 @@ INTENTS: StateTable[IntentState, IntentEvent] = StateTable("intent", {
 })
 TRANSITIONS = INTENTS.transitions
 FINAL: frozenset[IntentState] = INTENTS.final
+# How long a final intent is kept after it settled (rule 6).
+SETTLED_RETENTION = 24 * 3600.0
 # The table's error, under the name this module's callers know.
 IntentTransitionError = TransitionError
 

@@ -21,6 +21,11 @@ Rules this file keeps:
    the read; an answer that cannot be recorded is revoked by what it names (``vault_ref``), and a lost
    answer is found in the journal. Token grants take this path only where the device writes accessors
    in plain text (``hmac_accessor = false``); elsewhere, and until the journal is confirmed, rule 2.
+6. Vault checks a token when a request arrives, not when it registers what the request created: a read
+   still inside Vault while its issuance token (or the task token above it) is revoked creates a lease
+   that no token holds, and Vault keeps it for its whole TTL. So revoking the issuance token is not
+   enough once an answer came back: an answer that cannot be recorded (the task ended meanwhile) is
+   revoked by the lease or accessor it names, and the intent is aborted only when Vault confirms both.
 """
 
 from __future__ import annotations
@@ -250,6 +255,7 @@ class LeaseManager:
             await self._settler.abandon(lease_id, accessor=issuance.accessor)
             raise
         self._crash("issue.after_intent")
+        secret: VaultSecret | None = None
         try:
             # Only now that the intent holds its accessor is anything read with the issuance token.
             secret = await self._vault.read_credential(
@@ -260,9 +266,10 @@ class LeaseManager:
             return await self._record(caller, task, grant, secret, lease_id, lease_ttl, issuance.client_token,
                                       approval_ref, inputs, issuance_accessor=issuance.accessor)
         except BaseException as exc:
-            # Ambiguous or failed: whatever Vault may have issued dies with the issuance token. The intent
-            # stays retryable until Vault confirms that (a partition makes this first revoke fail too).
-            await self._settler.abandon(lease_id, accessor=issuance.accessor)
+            # Ambiguous or failed: whatever Vault may have issued dies with the issuance token, and what its
+            # answer named is revoked by that name too (rule 6). The intent stays retryable until Vault
+            # confirms both (a partition makes this first revoke fail too).
+            await self._settler.abandon(lease_id, accessor=issuance.accessor, vault_ref=_ref_of(secret))
             if isinstance(exc, VaultDenied | VaultBadResponse):
                 raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise

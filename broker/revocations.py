@@ -31,7 +31,7 @@ from broker.audit import AuditRecord
 from broker.engines import engine_for_kind
 from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError, VaultUnavailable
 from broker.identity import UserIdentity, is_person_id, normalize_email
-from broker.intents import FINAL, IntentEvent, IntentState, backoff
+from broker.intents import FINAL, SETTLED_RETENTION, IntentEvent, IntentState, backoff
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
 from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
 from broker.vault import VaultClient
@@ -45,6 +45,7 @@ Selector = Literal["user", "agent", "task", "tenant"]
 _LOCKING: frozenset[str] = frozenset({"user", "agent", "tenant"})
 # Leases a task's revocation must still see gone in Vault.
 _UNSETTLED = (LeaseState.REVOKE_PENDING, LeaseState.ACTIVE)
+_FORGET_EVERY = 60.0  # seconds between two passes that forget settled intents
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,15 @@ class IntentSettler:
                     return False
                 return await self._finish(intent, IntentEvent.BOOTSTRAP_ELAPSED, now)
             confirmed = await self._revoke_confirmed_within(intent.accessor)
+            why = None
+            if confirmed and intent.vault_ref is not None:
+                # An answer came back and named what Vault created: revoking the token does not reach a
+                # lease the read registered after its token was revoked (broker.leases rule 6).
+                confirmed = await self._revoke_ref_confirmed_within(intent.vault_ref_kind, intent.vault_ref)
+                why = "Vault confirmed that its token and what its answer named are gone"
             now = self._clock()
             if confirmed:
-                return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, now)
+                return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, now, why=why)
             attempts = intent.attempts + 1
             delay = backoff(attempts, cap=self._max_backoff)
             log.warning("intent %s: Vault has not confirmed that its token is gone (attempt %d); retry in %.1fs",
@@ -337,10 +344,7 @@ class IntentSettler:
             log.warning("intent %s: %s", intent.id, decision.reason)
             return await self._finish(intent, IntentEvent.TASK_BOUND, now, why=decision.reason)
         if decision.action == "revoke" and decision.ref is not None:
-            if decision.ref_kind == "token":
-                confirmed = await self._revoke_confirmed_within(decision.ref)
-            else:
-                confirmed = await self._revoke_lease_confirmed_within(decision.ref)
+            confirmed = await self._revoke_ref_confirmed_within(decision.ref_kind, decision.ref)
             if confirmed:
                 with contextlib.suppress(StoreUnavailable):  # else the late-answer sweep revokes it once more
                     await self._store.journal_swept(intent.id)
@@ -388,6 +392,12 @@ class IntentSettler:
                 return swept
             swept += 1
         return swept
+
+    async def _revoke_ref_confirmed_within(self, kind: str | None, ref: str) -> bool:
+        """Revoke what an answer (or the journal) named: a token by its accessor, else a lease by its id."""
+        if kind == "token":
+            return await self._revoke_confirmed_within(ref)
+        return await self._revoke_lease_confirmed_within(ref)
 
     async def _revoke_lease_confirmed_within(self, lease_id: str) -> bool:
         """Revoke one lease by id (synchronous in Vault) and confirm that a lookup no longer finds it."""
@@ -575,6 +585,7 @@ class Maintenance:
         # With SQLite there is one broker: at start-up every open intent is a dead process's.
         self._sole_writer = sole_writer
         self._leader = LeaderWatch(vault, clock)
+        self._next_forget = clock()
 
     async def run_forever(self) -> None:
         while True:
@@ -599,6 +610,11 @@ class Maintenance:
         if due:
             await self._revoker.settle(due)
         await self._expire_leases(now)
+        if now >= self._next_forget:  # bookkeeping, not history (broker.intents rule 6): once a minute
+            self._next_forget = now + _FORGET_EVERY
+            forgotten = await self._store.forget_settled_intents(settled_before=now - SETTLED_RETENTION)
+            if forgotten:
+                log.info("forgot %d intents settled over a day ago", forgotten)
         await self._leader.tick()
         if self._checkpointer is not None:  # last: the checkpoint covers this tick's records too
             await self._checkpointer.maybe_checkpoint()

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from sqlalchemy import (
     and_,
+    delete,
+    exists,
     func,
     or_,
     select,
@@ -19,6 +21,7 @@ from broker.errors import (
     Gone,
 )
 from broker.intents import IntentEvent, IntentState
+from broker.journal import PROBE_PREFIX
 from broker.rows import (
     Intent,
     LeaseLimits,
@@ -32,6 +35,7 @@ from broker.store.schema import (
     intents,
     leases,
     tasks,
+    vault_journal,
 )
 from broker.store.statements import (
     _INTENT_BY_ID,
@@ -152,6 +156,32 @@ class LeaseStore(StoreBase):
                 return [Intent(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
+    async def forget_settled_intents(self, *, settled_before: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` final intents settled before ``settled_before``, with their journal entries,
+        and the start-up probes' journal entries older than that. An ``aborted`` intent
+        whose late answer is not swept yet is kept (broker.intents rule 6). Returns how many intents went."""
+        unswept = exists().where(vault_journal.c.intent_id == intents.c.id, vault_journal.c.kind == "response",
+                                 vault_journal.c.swept.is_(False), vault_journal.c.failed.is_(False),
+                                 or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None)))
+        pick = (select(intents.c.id).where(
+            intents.c.state.in_((IntentState.DONE.value, IntentState.ABORTED.value)),
+            intents.c.resolved_at < settled_before,
+            or_(intents.c.state == IntentState.DONE.value, ~unswept)).limit(limit))
+        # Start-up probes (``jpr_...``) are the journal's only entries with no intent: a key range, not a scan.
+        probes = delete(vault_journal).where(vault_journal.c.intent_id >= PROBE_PREFIX,
+                                             vault_journal.c.intent_id < _after(PROBE_PREFIX),
+                                             vault_journal.c.at < settled_before)
+
+        def run() -> int:
+            with self._tx() as conn:
+                ids = list(conn.execute(pick).scalars())
+                for chunk in _chunks(ids):
+                    conn.execute(delete(vault_journal).where(vault_journal.c.intent_id.in_(chunk)))
+                    conn.execute(delete(intents).where(intents.c.id.in_(chunk)))
+                conn.execute(probes)
+            return len(ids)
+        return await self._run(run)
+
     async def get_lease(self, lease_id: str) -> LeaseRow | None:
         def run() -> LeaseRow | None:
             with self._read() as conn:
@@ -218,3 +248,8 @@ class LeaseStore(StoreBase):
             with self._read() as conn:
                 return {state: n for state, n in conn.execute(q).all()}
         return await self._run(run)
+
+
+def _after(prefix: str) -> str:
+    """The least string greater than every string that starts with ``prefix`` (its last character + 1)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)

@@ -147,6 +147,40 @@ class TestGivingUpOnVault:
         events = [r.record.event for r in await pclient.app[STORE].query_audit(task=task["id"], limit=100)]
         assert "lease.aborted" in events and "lease.issued" not in events
 
+    async def test_a_read_inside_vault_when_its_task_ends_leaves_no_lease(
+            self, pclient: Client, site: BrokerSite, truth: tuple[VaultClient, RawVault]) -> None:
+        """Vault checks a token when a request arrives, not when it registers the lease: a read still inside
+        Vault while the task's end revokes the token tree creates a lease that no token holds, and OpenBao
+        keeps it for its whole TTL. PostgreSQL holds the read here (``pg_authid`` locked, so the login's
+        CREATE ROLE waits) while the task ends; then the read lands. The agent gets 410 and nothing: the
+        lease its answer named is revoked by that name, since revoking the token no longer reaches it."""
+        import psycopg
+
+        _, raw = truth
+        task = await start(pclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        async with await psycopg.AsyncConnection.connect(site.engines.pg.dsn()) as holder:
+            await holder.execute("LOCK TABLE pg_authid IN EXCLUSIVE MODE")
+            issue = asyncio.create_task(pclient.post(f"/v1/tasks/{task['id']}/credentials",
+                                                     json={"grant": "tickets-db-ro"}, headers=bearer(site.ids.agent())))
+            await asyncio.sleep(0.3)
+            assert not issue.done()
+            end = await pclient.post(f"/v1/tasks/{task['id']}/end", headers=bearer(site.ids.agent()))
+            assert end.status in (200, 202), await end.text()
+            await holder.rollback()  # the read lands: Vault creates the login and registers its lease
+        resp = await issue
+        assert resp.status == 410, await resp.text()
+        [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+        named = intent["vault_ref"]
+        assert named and named.startswith(DB_PREFIX), "the read landed after the task token was revoked"
+
+        async def settled() -> bool:
+            return bool(snapshot(site).intents[lease_id]["state"] == "aborted") and not await raw.lease_alive(named)
+
+        assert await wait_for(settled, timeout=15), f"Vault still holds {named}, which no token holds"
+        assert set(await raw.leases_under(DB_PREFIX)) <= before
+        assert await pclient.app[STORE].get_lease(lease_id) is None
+
     async def test_task_start_whose_token_create_is_lost_waits_for_the_bootstrap_ttl(
             self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
             truth: tuple[VaultClient, RawVault]) -> None:

@@ -19,6 +19,8 @@ from broker.intents import (
     backoff,
     next_state,
 )
+from broker.journal import new_probe_id
+from broker.rows import JournalEntry
 from broker.store import Intent, Person, Store, open_store
 
 ALLOWED = {
@@ -135,3 +137,51 @@ class TestStoreTransitions:
         assert {i.state for i in await store.intents_due(now=10.0, open_before=0.5)} == set()
         assert {i.state for i in await store.intents_due(now=10.0, open_before=5.0)} == {"open"}
         assert {i.state for i in await store.intents_due(now=60.0, open_before=5.0)} == {"open", "aborting"}
+
+
+class TestForgetting:
+    """Settled intents are bookkeeping (broker.intents rule 6): forgotten a retention after they settled."""
+
+    @staticmethod
+    async def _journal(store: Store, intent_id: str, *, at: float, lease: str | None = "db/creds/x/1",
+                       swept: bool = False) -> None:
+        entry = JournalEntry(intent_id=intent_id, kind="response", task_id="tsk_x", request_id="r-" + intent_id,
+                             at=at, failed=False, lease_id=lease)
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=at, journal=[entry])
+        if swept:
+            await store.journal_swept(intent_id)
+
+    async def test_final_ones_go_with_their_journal_and_the_rest_stay(self, store: Store) -> None:
+        """done and aborted intents settled before the cutoff go, their journal entries with them; open and
+        aborting ones, ones settled later, and an aborted one whose late answer is unswept stay."""
+        done, aborted, open_, aborting = [await _intent(store, s) for s in
+                                          (IntentState.DONE, IntentState.ABORTED, IntentState.OPEN,
+                                           IntentState.ABORTING)]
+        await self._journal(store, done, at=2.0)
+        await self._journal(store, aborted, at=2.0, swept=True)
+        assert await store.forget_settled_intents(settled_before=2.0) == 0  # settled at 2.0: not before it
+        assert await store.forget_settled_intents(settled_before=3.0) == 2
+        assert [await store.get_intent(i) for i in (done, aborted)] == [None, None]
+        assert await store.journal_for(done) == [] and await store.journal_for(aborted) == []
+        assert {(await store.get_intent(i)).state for i in (open_, aborting)} == {"open", "aborting"}  # type: ignore[union-attr]
+
+    async def test_an_unswept_late_answer_keeps_its_intent(self, store: Store) -> None:
+        """The late-answer sweep joins the answer to its aborted intent: forgetting it would strand the lease."""
+        iid = await _intent(store, IntentState.ABORTED)
+        await self._journal(store, iid, at=5.0)
+        assert await store.forget_settled_intents(settled_before=100.0) == 0
+        assert [e.lease_id for e in await store.journal_unswept()] == ["db/creds/x/1"]
+        await store.journal_swept(iid)
+        assert await store.forget_settled_intents(settled_before=100.0) == 1
+        assert await store.journal_unswept() == []
+
+    async def test_old_probe_entries_go(self, store: Store) -> None:
+        """The start-up probe's entries name no intent: they go once older than the cutoff, and only they."""
+        probe = new_probe_id()
+        await self._journal(store, probe, at=1.0, lease=None)
+        await self._journal(store, "lse_orphan_entry", at=1.0, lease=None)
+        await store.forget_settled_intents(settled_before=0.5)
+        assert len(await store.journal_for(probe)) == 1
+        await store.forget_settled_intents(settled_before=3.0)
+        assert await store.journal_for(probe) == []
+        assert len(await store.journal_for("lse_orphan_entry")) == 1
