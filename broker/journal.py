@@ -31,6 +31,12 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    answer then appears in the journal after the intent was final. The maintenance loop sweeps such late
    answers (``Store.journal_unswept``) and revokes what they name; nothing an aborted intent obtained
    stays live because it arrived late.
+7. An issuance token's answers are swept too (``issued_entries_of``, kind ``issued``): Vault checks a
+   token when a request arrives, not when it registers the lease, so a read still inside Vault while its
+   issuance token is revoked (the task ended, on another replica, say) makes a lease no token holds,
+   and if its answer is lost, only the log names it. Such an entry is found by the token's metadata
+   (``task``, ``lease``: the intent's id), which the broker set; it is only ever swept, never read by
+   ``decide``, so it can make the broker revoke what that token created and nothing else.
 """
 
 from __future__ import annotations
@@ -43,13 +49,15 @@ from typing import Literal
 from broker.audit.vaultlog import VaultAuditEntry
 from broker.rows import Intent, JournalEntry
 
-__all__ = ["PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "hmacd", "new_probe_id"]
+__all__ = ["ISSUED", "PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "hmacd", "issued_entries_of",
+           "new_probe_id"]
 
 # Vault's own bound on a request (``max_request_duration``, 90 s by default): an answer is written by then.
 VAULT_MAX_REQUEST = 90.0
 # Entries are written in about the order of their times, not exactly (one goroutine per request).
 MARGIN = 5.0
 PROBE_PREFIX = "jpr_"
+ISSUED = "issued"  # the kind of an issuance token's answer that created something (rule 7)
 
 
 def new_probe_id() -> str:
@@ -92,6 +100,26 @@ def entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
         out.append(JournalEntry(intent_id=e.intent, kind=e.type, task_id=task, request_id=e.request_id, at=e.time,
                                 failed=e.error, lease_id=e.lease_id if e.type == "response" else None,
                                 accessor=e.created_accessor if e.type == "response" else None))
+    return out
+
+
+def issued_entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
+    """What issuance tokens' answers created, for the late-answer sweep (rule 7): answers without the
+    header, made by a token whose metadata names a task, a lease and a grant, that created a lease or a
+    token the log names in plain text."""
+    out: list[JournalEntry] = []
+    for e in entries:
+        if e.type != "response" or e.intent is not None or e.auth is None or e.error:
+            continue
+        meta = e.auth.metadata
+        task, lease = meta.get("task"), meta.get("lease")
+        if not task or not lease or not meta.get("grant"):
+            continue
+        accessor = e.created_accessor if e.created_accessor and not hmacd(e.created_accessor) else None
+        if e.lease_id is None and accessor is None:
+            continue
+        out.append(JournalEntry(intent_id=lease, kind=ISSUED, task_id=task, request_id=e.request_id, at=e.time,
+                                failed=False, lease_id=e.lease_id, accessor=accessor))
     return out
 
 

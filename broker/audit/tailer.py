@@ -63,6 +63,7 @@ from broker.audit.vaultlog import (
 )
 from broker.errors import BrokerError
 from broker.journal import entries_of as journal_entries
+from broker.journal import issued_entries_of as issued_entries
 from broker.metrics import Metrics
 from broker.rows import JournalEntry
 from broker.store import Store, VaultAuditPosition
@@ -218,6 +219,7 @@ def _parse_chunk(data: bytes) -> _Chunk:
     # Only entries that carry the journal's header move its mark (broker.journal rule 2): if Vault stopped
     # recording the header, the mark stops, and no absence is concluded from a log that no longer says.
     last = max((e.at for e in journal), default=None)
+    journal += issued_entries(responses)  # for the late-answer sweep only (broker.journal rule 7)
     return _Chunk(len(lines), invalid, responses, task_ids, accessors, journal, last)
 
 

@@ -21,7 +21,7 @@ from broker.errors import (
     Gone,
 )
 from broker.intents import IntentEvent, IntentState
-from broker.journal import PROBE_PREFIX
+from broker.journal import ISSUED, PROBE_PREFIX
 from broker.rows import (
     Intent,
     LeaseLimits,
@@ -160,7 +160,8 @@ class LeaseStore(StoreBase):
         """Delete up to ``limit`` final intents settled before ``settled_before``, with their journal entries,
         and the start-up probes' journal entries older than that. An ``aborted`` intent
         whose late answer is not swept yet is kept (broker.intents rule 6). Returns how many intents went."""
-        unswept = exists().where(vault_journal.c.intent_id == intents.c.id, vault_journal.c.kind == "response",
+        unswept = exists().where(vault_journal.c.intent_id == intents.c.id,
+                                 vault_journal.c.kind.in_(("response", ISSUED)),
                                  vault_journal.c.swept.is_(False), vault_journal.c.failed.is_(False),
                                  or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None)))
         pick = (select(intents.c.id).where(

@@ -212,12 +212,13 @@ vault_audit_position = Table(
 )
 
 # What Vault's audit device wrote for a journaled intent (``X-Broker-Intent``), as the tailer read it: its
-# ``request`` entry (Vault received it) and its ``response`` entry (what Vault created, if anything).
+# ``request`` entry (Vault received it) and its ``response`` entry (what Vault created, if anything); and
+# ``issued``: what an issuance token's answer created, for the late-answer sweep (broker.journal rule 7).
 vault_journal = Table(
     "vault_journal",
     metadata,
     Column("intent_id", String(64), primary_key=True),
-    Column("kind", String(8), primary_key=True),  # "request" or "response"
+    Column("kind", String(8), primary_key=True),  # "request", "response" or "issued"
     Column("task_id", String(64), nullable=False),
     Column("request_id", String(64), nullable=False),
     Column("at", Float, nullable=False),

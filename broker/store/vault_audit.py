@@ -22,6 +22,7 @@ from broker.errors import (
     Conflict,
 )
 from broker.intents import IntentState
+from broker.journal import ISSUED
 from broker.rows import (
     JournalEntry,
     TaskRow,
@@ -62,6 +63,10 @@ P_JOURNAL_IF_NEW = Prepared(
     per_dialect={"postgresql": pg_insert(vault_journal).values(_JOURNAL_VALUES).on_conflict_do_nothing()})
 
 
+# The journal's kinds that name what Vault created: a journaled answer, and an issuance token's (rule 7).
+_ANSWERS = ("response", ISSUED)
+
+
 class VaultAuditStore(StoreBase):
     async def vault_audit_positions(self, path: str) -> list[VaultAuditPosition]:
         """Where the Vault audit tailer of ``path`` is in each file it knows; empty before its first start."""
@@ -86,7 +91,7 @@ class VaultAuditStore(StoreBase):
         """Answers that created something for an intent given up on (``aborted``) and not yet revoked: the
         late-answer sweep's work (broker.journal rule 6)."""
         q = (select(vault_journal).join(intents, intents.c.id == vault_journal.c.intent_id)
-             .where(vault_journal.c.kind == "response", vault_journal.c.swept.is_(False),
+             .where(vault_journal.c.kind.in_(_ANSWERS), vault_journal.c.swept.is_(False),
                     vault_journal.c.failed.is_(False), intents.c.state == IntentState.ABORTED.value,
                     or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None)))
              .order_by(vault_journal.c.at).limit(limit))

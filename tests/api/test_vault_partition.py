@@ -181,6 +181,47 @@ class TestGivingUpOnVault:
         assert set(await raw.leases_under(DB_PREFIX)) <= before
         assert await pclient.app[STORE].get_lease(lease_id) is None
 
+    async def test_a_lost_answer_whose_token_was_revoked_inside_vault_is_found_in_the_audit_log(
+            self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
+            truth: tuple[VaultClient, RawVault]) -> None:
+        """The same race with the answer lost: the read is inside Vault (held in PostgreSQL), the partition
+        eats its answer, and the task token's tree is revoked meanwhile (as another replica ending the task
+        does). The lease Vault registers then is held by no token and named only by Vault's audit log,
+        under the issuance token's metadata: the late-answer sweep revokes it (broker.journal rule 7)."""
+        import psycopg
+
+        admin, raw = truth
+        task = await start(pclient, site)
+        before = set(await raw.leases_under(DB_PREFIX))
+        async with await psycopg.AsyncConnection.connect(site.engines.pg.dsn()) as holder:
+            await holder.execute("LOCK TABLE pg_authid IN EXCLUSIVE MODE")
+            proxy.drop_after("database/creds/")
+            resp = await pclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                      headers=bearer(site.ids.agent()))
+            assert resp.status == 503, await resp.text()
+            [(lease_id, intent)] = [(i, x) for i, x in snapshot(site).intents.items() if x["kind"] == "lease"]
+            assert not intent["journaled"] and intent["state"] == "aborting", intent
+            await admin.revoke_accessor(snapshot(site).tasks[task["id"]]["token_accessor"])
+
+            async def issuance_token_gone() -> bool:
+                return await raw.lookup_accessor(intent["accessor"]) is None
+
+            assert await wait_for(issuance_token_gone, timeout=10)
+            await holder.rollback()  # the read lands: Vault creates the login and registers its lease
+
+        async def landed() -> bool:
+            return bool(set(await raw.leases_under(DB_PREFIX)) - before)
+
+        assert await wait_for(landed, timeout=10), "the read registered its lease after its token was revoked"
+        created = set(await raw.leases_under(DB_PREFIX)) - before
+        proxy.heal()
+
+        async def revoked() -> bool:
+            return snapshot(site).intents[lease_id]["state"] == "aborted" and not [
+                x for x in created if await raw.lease_alive(x)]
+
+        assert await wait_for(revoked, timeout=20), f"Vault still holds {created}, which no token holds"
+
     async def test_task_start_whose_token_create_is_lost_waits_for_the_bootstrap_ttl(
             self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
             truth: tuple[VaultClient, RawVault]) -> None:

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from broker.audit.vaultlog import VaultAuditEntry, VaultAuth, is_request_line
-from broker.journal import MARGIN, VAULT_MAX_REQUEST, JournalMode, decide, entries_of, probe_result
+from broker.journal import (
+    ISSUED,
+    MARGIN,
+    VAULT_MAX_REQUEST,
+    JournalMode,
+    decide,
+    entries_of,
+    issued_entries_of,
+    probe_result,
+)
 from broker.rows import Intent, JournalEntry
 
 T0 = 1_800_000_000.0
@@ -81,6 +90,29 @@ class TestEntries:
                           audit("response", issuance, lease_id="database/creds/ro/3"),
                           audit("response", TASK_AUTH, intent=None, lease_id="database/creds/ro/4")])
         assert [e.lease_id for e in got] == ["database/creds/ro/1"]
+
+    def test_an_issuance_tokens_answers_are_named_for_the_sweep_only(self) -> None:
+        """Answers of a token whose metadata names task, lease and grant, that created a lease or a token the
+        log names in plain text, become ``issued`` entries of that lease's intent; nothing else does, and
+        ``decide`` never reads them (rule 7)."""
+        issuance = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:z", token_type="service",
+                             metadata={"task": "tsk_1", "lease": INTENT.id, "grant": "db"})
+        no_grant = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:w", token_type="service",
+                             metadata={"task": "tsk_1", "lease": INTENT.id})
+        got = issued_entries_of([
+            audit("response", issuance, intent=None, lease_id="database/creds/ro/1"),
+            audit("response", issuance, intent=None, created_accessor="plainacc"),
+            audit("response", issuance, intent=None, created_accessor="hmac-sha256:child"),  # not revocable
+            audit("response", issuance, intent=None, error=True, lease_id="database/creds/ro/2"),
+            audit("request", issuance, intent=None),
+            audit("response", TASK_AUTH, intent=None, lease_id="database/creds/ro/3"),  # a task token's
+            audit("response", no_grant, intent=None, lease_id="database/creds/ro/4"),
+            audit("response", issuance, lease_id="database/creds/ro/5"),  # carries the header: the journal's
+        ])
+        assert [(e.intent_id, e.kind, e.task_id, e.lease_id, e.accessor) for e in got] == [
+            (INTENT.id, ISSUED, "tsk_1", "database/creds/ro/1", None), (INTENT.id, ISSUED, "tsk_1", None, "plainacc")]
+        wait = decide(INTENT, got, read_until=None, now=T0 + 1, vault_timeout=TIMEOUT)
+        assert wait.action == "wait"
 
     def test_the_probe_shows_how_the_device_writes_accessors(self) -> None:
         broker = VaultAuth(display_name="agent-broker", policies=("agent-broker",), accessor="acc-plain",
