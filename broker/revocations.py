@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Literal
 from broker import journal
 from broker.audit import AuditRecord
 from broker.engines import engine_for_kind
-from broker.errors import BadRequest, NotFound, StoreUnavailable, VaultDenied, VaultError, VaultUnavailable
+from broker.errors import (
+    BadRequest,
+    NotFound,
+    StoreUnavailable,
+    VaultBadResponse,
+    VaultDenied,
+    VaultError,
+    VaultUnavailable,
+)
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, SETTLED_RETENTION, IntentEvent, IntentState, backoff
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
@@ -92,20 +100,21 @@ class Revoker:
                 # answer (``sys/leases/revoke`` is synchronous: when it answers, the lease is gone) instead of
                 # polling lookups while Vault's expiration manager works through the tree. Only tokens, and
                 # leases whose revoke did not finish in time, are polled.
-                await self._vault.revoke_accessor(task.token_accessor)
+                await self._revoke_token(task, task.token_accessor)
                 if task.revoke_attempts > 0:
                     # A retry: the token's tree did not take everything last time. A revocation cut short
                     # (the active node killed while it ran) can leave the task token tainted and some of
                     # its child tokens out of any tree Vault still walks, alive until their TTL. Each child
                     # token is revoked by its own accessor too (an unknown accessor answers 200).
-                    await asyncio.gather(*(self._revoke_child(x) for x in leases if x.kind == "token"))
+                    await asyncio.gather(*(self._revoke_child(task, x) for x in leases if x.kind == "token"))
                 others = [x for x in leases if x.kind != "token"]
                 done = await asyncio.gather(*(self._revoke_one(x, timeout) for x in others))
                 polled = [x for x in leases if x.kind == "token"] + [x for x, ok in zip(others, done, strict=True)
                                                                      if not ok]
                 confirmed = await self._confirm(task, polled, timeout)
             except VaultError as exc:
-                log.warning("revoking task %s: Vault did not answer (%s); will retry", task.id, exc.code)
+                log.warning("revoking task %s: Vault did not answer (%s: %s); will retry", task.id, exc.code,
+                            exc.reason)
                 confirmed, failed = False, 1
             now = self._clock()
             if not confirmed:
@@ -164,15 +173,30 @@ class Revoker:
                 await asyncio.wait_for(self._vault.revoke_lease(lease.vault_lease_id), timeout=timeout)
             except (VaultDenied, TimeoutError):
                 return False
+            except VaultBadResponse as exc:
+                # Vault answered, and refused: a revocation its backend failed (a database that cannot drop
+                # the login), a lease it is revoking already. The lookup decides, and the task stays pending.
+                log.warning("revoking lease %s: Vault refused (%s); confirming by lookup", lease.id, exc.reason)
+                return False
             except VaultUnavailable as exc:
                 if isinstance(exc.__cause__, TimeoutError):
                     return False  # it answered nothing in time, but it is up: pending, not down
                 raise
             return True
 
-    async def _revoke_child(self, lease: LeaseRow) -> None:
+    async def _revoke_token(self, task: TaskRow, accessor: str) -> None:
+        """Revoke a token by accessor. Its answer proves nothing either way (200 for an unknown accessor,
+        and it answers before the leases go), so a refusal (a token Vault is still revoking, tainted, may
+        answer 400) only goes to the log: the lookups that follow decide. Raises VaultUnavailable."""
+        try:
+            await self._vault.revoke_accessor(accessor)
+        except (VaultDenied, VaultBadResponse) as exc:
+            log.warning("revoking task %s: Vault refused the revocation of a token (%s); confirming by lookup",
+                        task.id, exc.reason)
+
+    async def _revoke_child(self, task: TaskRow, lease: LeaseRow) -> None:
         async with self._lookups:
-            await self._vault.revoke_accessor(lease.vault_lease_id)
+            await self._revoke_token(task, lease.vault_lease_id)
 
     async def _bounded_alive(self, lease: LeaseRow) -> bool:
         async with self._lookups:

@@ -222,6 +222,49 @@ class TestGivingUpOnVault:
 
         assert await wait_for(revoked, timeout=20), f"Vault still holds {created}, which no token holds"
 
+    async def test_a_lease_vault_cannot_revoke_keeps_its_task_pending_and_the_rest_is_revoked(
+            self, pclient: Client, site: BrokerSite, truth: tuple[VaultClient, RawVault]) -> None:
+        """Vault answers, and refuses: one database login cannot be dropped (it owns a table), so Vault's
+        revocation of its lease fails. The end is pending (202), not "Vault did not answer" (503); the
+        task's other credential is revoked and its login refused; once the table is gone, the maintenance
+        loop's retry revokes the last lease and Vault confirms it."""
+        import psycopg
+
+        admin, raw = truth
+        pg = site.engines.pg
+        task = await start(pclient, site)
+        creds = []
+        for _ in range(2):
+            resp = await pclient.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "tickets-db-ro"},
+                                      headers=bearer(site.ids.agent()))
+            assert resp.status == 200, await resp.text()
+            creds.append(await resp.json())
+        stuck, other = creds
+        table = f"zz_owned_{task['id'][-8:].lower().replace('-', '_')}"
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+            await conn.execute(f'CREATE TABLE "{table}" (x int)')
+            await conn.execute(f'ALTER TABLE "{table}" OWNER TO "{stuck["data"]["username"]}"')
+            try:
+                end = await pclient.post(f"/v1/tasks/{task['id']}/end", headers=bearer(site.ids.agent()))
+                assert end.status == 202, await end.text()
+                rows = {c["lease_id"]: await pclient.app[STORE].get_lease(c["lease_id"]) for c in creds}
+                assert all(r is not None and r.state == "revoke_pending" for r in rows.values()), rows
+                stuck_row, other_row = rows[stuck["lease_id"]], rows[other["lease_id"]]
+                assert stuck_row is not None and other_row is not None
+                assert await raw.lease_alive(stuck_row.vault_lease_id)
+                assert not await raw.lease_alive(other_row.vault_lease_id)
+                assert not await pg_login_works(pg, other["data"]["username"], other["data"]["password"])
+            finally:
+                await conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+        async def revoked() -> bool:
+            got = [await pclient.app[STORE].get_lease(c["lease_id"]) for c in creds]
+            return all(x is not None and x.state == "revoked" for x in got)
+
+        assert await wait_for(revoked, timeout=30), [await pclient.app[STORE].get_lease(c["lease_id"]) for c in creds]
+        assert not await raw.lease_alive(stuck_row.vault_lease_id)
+        assert not await pg_login_works(pg, stuck["data"]["username"], stuck["data"]["password"])
+
     async def test_task_start_whose_token_create_is_lost_waits_for_the_bootstrap_ttl(
             self, pclient: Client, site: BrokerSite, proxy: FaultProxy,
             truth: tuple[VaultClient, RawVault]) -> None:
