@@ -230,7 +230,7 @@ class TestGivingUpOnVault:
         loop's retry revokes the last lease and Vault confirms it."""
         import psycopg
 
-        admin, raw = truth
+        _, raw = truth
         pg = site.engines.pg
         task = await start(pclient, site)
         creds = []
