@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,17 @@ def serve(config: Path, log_level: str, log_format: Literal["text", "json"] | No
         from broker.faults import from_environ
         from broker.server import serve as serve_app
 
-        asyncio.run(serve_app(make_app(settings, crash=from_environ(os.environ)), host, port))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve_app(make_app(settings, crash=from_environ(os.environ)), host, port))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (a dependency on every platform but Windows): it spends less CPU
+    per request than asyncio's own, most where requests come one at a time. None: asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
