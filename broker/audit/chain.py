@@ -147,6 +147,10 @@ ADDED_FIELDS = ("user_name", "delegation_jti", "caller_address", "revocation", "
 
 
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:
+    """Raises TypeError (or ValueError): a field of a type the broker never writes (a tampered row)."""
+    if type(seq) is not int or type(record.time) not in (float, int):
+        msg = "a record's seq must be an integer and its time a number"
+        raise TypeError(msg)
     body = {f.name: getattr(record, f.name) for f in fields(record)}
     for name in ADDED_FIELDS:
         if body[name] is None:

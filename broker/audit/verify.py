@@ -57,6 +57,9 @@ __all__ = ["LogVerifier", "VerifyReport", "verify_log", "verify_row_stretch"]
 # broker.audit.verify_chain spends ~12 us a record; the checks below are the same with the canonical form
 # written out field by field (broker.audit.canonical, ~4 us).
 
+# SQLite keeps any type in any column: a BLOB where the broker writes text is a broken record, reported as
+# one at its seq, never an error of the verifier.
+_WRONG_TYPE = "the record holds a value of a type the broker never writes"
 # Positions in a store row (seq, *AuditRecord fields, prev_hash, hash).
 _N = RECORD_WIDTH
 _PREV, _HASH = _N + 1, _N + 2
@@ -71,16 +74,19 @@ def _verify_stretch(links: Iterable[ChainLink], *, first_seq: int, prev: bytes) 
     sha256, body = hashlib.sha256, canonical_record
     expected = first_seq
     prev_hex = prev.hex()
-    for link in links:
-        if link.seq != expected:
-            raise AuditChainBroken(expected, f"expected record {expected}, found {link.seq}")
-        if link.prev_hash != prev_hex:
-            raise AuditChainBroken(link.seq, "prev_hash is not the previous record's hash")
-        prev = sha256(CHAIN_DOMAIN + prev + body(link.record, expected)).digest()
-        prev_hex = prev.hex()
-        if link.hash != prev_hex:
-            raise AuditChainBroken(link.seq, "the record does not match its hash")
-        expected += 1
+    try:
+        for link in links:
+            if link.seq != expected:
+                raise AuditChainBroken(expected, f"expected record {expected}, found {link.seq}")
+            if link.prev_hash != prev_hex:
+                raise AuditChainBroken(link.seq, "prev_hash is not the previous record's hash")
+            prev = sha256(CHAIN_DOMAIN + prev + body(link.record, expected)).digest()
+            prev_hex = prev.hex()
+            if link.hash != prev_hex:
+                raise AuditChainBroken(link.seq, "the record does not match its hash")
+            expected += 1
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise AuditChainBroken(expected, _WRONG_TYPE) from exc
     return expected - first_seq, prev
 
 
@@ -94,16 +100,19 @@ def verify_row_stretch(rows: Iterable[Sequence[Any]], *, first_seq: int, prev: b
     sha256, body = hashlib.sha256, canonical_row
     expected = first_seq
     prev_hex = prev.hex()
-    for row in rows:
-        if row[0] != expected:
-            raise AuditChainBroken(expected, f"expected record {expected}, found {row[0]}")
-        if row[_PREV] != prev_hex:
-            raise AuditChainBroken(expected, "prev_hash is not the previous record's hash")
-        prev = sha256(CHAIN_DOMAIN + prev + body(row)).digest()
-        prev_hex = prev.hex()
-        if row[_HASH] != prev_hex:
-            raise AuditChainBroken(expected, "the record does not match its hash")
-        expected += 1
+    try:
+        for row in rows:
+            if row[0] != expected:
+                raise AuditChainBroken(expected, f"expected record {expected}, found {row[0]}")
+            if row[_PREV] != prev_hex:
+                raise AuditChainBroken(expected, "prev_hash is not the previous record's hash")
+            prev = sha256(CHAIN_DOMAIN + prev + body(row)).digest()
+            prev_hex = prev.hex()
+            if row[_HASH] != prev_hex:
+                raise AuditChainBroken(expected, "the record does not match its hash")
+            expected += 1
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise AuditChainBroken(expected, _WRONG_TYPE) from exc
     return expected - first_seq, prev
 
 

@@ -451,6 +451,33 @@ class TestMutationSuite:
         assert tally.detected == tally.right_seq == tally.mutations == SQL_PER_CLASS * len(CLASSES)
 
 
+    async def test_a_value_of_a_type_the_broker_never_writes_is_a_broken_record(self, log: Log,
+                                                                                tmp_path: Path) -> None:
+        """SQLite stores any type in any column: a BLOB where the broker writes text, text where it writes a
+        time. The verifier reports that record as the first bad one (both paths); it does not raise."""
+        pub = log.key.public_key()
+        k = len(log.links) // 2
+        edits = {"blob user": "UPDATE audit_events SET user = CAST('mallory' AS BLOB) WHERE seq = ?",
+                 "blob reason": "UPDATE audit_events SET reason = X'00ff' WHERE seq = ?",
+                 "text time": "UPDATE audit_events SET time = 'noon' WHERE seq = ?"}
+        for name, sql in edits.items():
+            db = tmp_path / f"{name.replace(' ', '-')}.db"
+            shutil.copyfile(log.db, db)
+            con = sqlite3.connect(db)
+            con.execute(sql, (k,))
+            con.commit()
+            con.close()
+            store = await open_store(f"sqlite:///{db}", migrate=False)
+            try:
+                report = await StoreVerifier(store, pub, ORIGIN, None).verify()
+                parallel = await StoreVerifier(store, pub, ORIGIN, None, parallel_from=0, workers=2,
+                                               stretch=1000).verify()
+            finally:
+                await store.close()
+            assert not report.ok and report.first_bad_seq == k, (name, report)
+            assert parallel == report, (name, parallel, report)
+
+
 def _verifier_workers() -> int:
     """Worker processes of the parallel verifier that this process started and that are alive now."""
     me, n = os.getpid(), 0
