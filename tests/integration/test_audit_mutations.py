@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit import GENESIS, AuditRecord, ChainLink, canonical_bytes, chain_hash
 from broker.audit.canonical import canonical_record
@@ -396,6 +396,19 @@ def _check_mutations(jobs: list[tuple[int, int]]) -> tuple[float, list[tuple[str
 
 
 @pytest.mark.slow
+async def verify_both(db: Path, pub: Ed25519PublicKey, witness: Path | None) -> tuple[VerifyReport, VerifyReport]:
+    """The store file verified in this process and on the parallel path (worker processes reading the
+    file, stretches cut at 1001, 2001, ...)."""
+    store = await open_store(f"sqlite:///{db}", migrate=False)
+    try:
+        report = await StoreVerifier(store, pub, ORIGIN, witness).verify()
+        parallel = await StoreVerifier(store, pub, ORIGIN, witness, parallel_from=0, workers=2,
+                                       stretch=1000).verify()
+    finally:
+        await store.close()
+    return report, parallel
+
+
 class TestMutationSuite:
     def test_every_mutation_detected_at_the_right_seq(self, log: Log) -> None:
         """>= 1,000 random mutations over 8 classes: 100% detected, each with exactly the defined first_bad_seq."""
@@ -434,15 +447,8 @@ class TestMutationSuite:
                 db = tmp_path / f"{cls}-{j}.db"
                 shutil.copyfile(log.db, db)
                 expected, needs_witness = sql_mutation(cls, log, rng, db)
-                store = await open_store(f"sqlite:///{db}", migrate=False)
                 witness = log.witness_file if needs_witness or j else None
-                try:
-                    report = await StoreVerifier(store, pub, ORIGIN, witness).verify()
-                    # The parallel path (worker processes reading the file), stretches cut at 1001, 2001, ...
-                    parallel = await StoreVerifier(store, pub, ORIGIN, witness, parallel_from=0, workers=2,
-                                                   stretch=1000).verify()
-                finally:
-                    await store.close()
+                report, parallel = await verify_both(db, pub, witness)
                 tally.add(cls, "sql", expected, report)
                 assert parallel == report, f"{cls}: parallel {parallel}, sequential {report}"
         print(f"\nsql mutations={tally.mutations} detected={tally.detected} right_seq={tally.right_seq}")
@@ -467,13 +473,7 @@ class TestMutationSuite:
             con.execute(sql, (k,))
             con.commit()
             con.close()
-            store = await open_store(f"sqlite:///{db}", migrate=False)
-            try:
-                report = await StoreVerifier(store, pub, ORIGIN, None).verify()
-                parallel = await StoreVerifier(store, pub, ORIGIN, None, parallel_from=0, workers=2,
-                                               stretch=1000).verify()
-            finally:
-                await store.close()
+            report, parallel = await verify_both(db, pub, None)
             assert not report.ok and report.first_bad_seq == k, (name, report)
             assert parallel == report, (name, parallel, report)
 
