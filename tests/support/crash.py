@@ -128,8 +128,10 @@ class RawVault:
         return [str(k) for k in (body.get("data") or {}).get("keys") or []]
 
     async def _lookup_once(self, accessor: str) -> tuple[str, Mapping[str, Any] | None]:
-        """One lookup: ``alive`` with its ``data``, ``tainted`` (403 even to root: Vault is revoking it, or a
-        revocation cut short left it unusable until its TTL) or ``gone``."""
+        """One lookup: ``alive`` with its ``data``; ``tainted`` (403 even to root: Vault is revoking it, or a
+        revocation cut short left it unusable until its TTL); ``expired`` (its ``expire_time`` has passed:
+        Vault refuses it, and revoke-accessor answers "token not found", but a new active node still
+        restoring its leases has not deleted it yet); or ``gone``."""
         async with self._session.post(self._base + "auth/token/lookup-accessor", json={"accessor": accessor},
                                       headers=self._headers) as r:
             if r.status == 400:
@@ -138,23 +140,30 @@ class RawVault:
                 return "tainted", None
             r.raise_for_status()
             data = (await r.json()).get("data")
-        return "alive", data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return "alive", None
+        expires = data.get("expire_time")
+        if expires and dt.datetime.fromisoformat(str(expires)).timestamp() <= time.time():
+            return "expired", data
+        return "alive", data
 
     async def lookup_accessor(self, accessor: str) -> Mapping[str, Any] | None:
         """The whole ``data`` of a lookup (meta, path, role...), or None when the token is gone.
 
         A tainted token: wait for the revocation to finish (bounded), and count it as gone if it is still
-        tainted then.
+        tainted then. An expired one is gone too: Vault refuses it, whatever its storage still holds.
         """
         for _ in range(50):
             status, data = await self._lookup_once(accessor)
+            if status == "expired":
+                return None
             if status != "tainted":
                 return data
             await asyncio.sleep(0.1)
         return None
 
     async def token_status(self, accessor: str) -> str:
-        """One lookup, no waiting: ``alive``, ``tainted`` or ``gone``."""
+        """One lookup, no waiting: ``alive``, ``tainted``, ``expired`` or ``gone``."""
         return (await self._lookup_once(accessor))[0]
 
     async def lease_alive(self, lease_id: str) -> bool:
