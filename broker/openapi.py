@@ -258,7 +258,8 @@ def spec() -> dict[str, Any]:
                 auth_errors, body=CredentialRequest, params=[_path_param("task_id")])},
             "/v1/tasks/{task_id}/end": {"post": {**_op(
                 "End the task and revoke everything it holds (its user or agent). 200 when Vault confirmed "
-                "everything gone; 202 revoke_pending when Vault answered but is still revoking (poll the task); "
+                "everything gone; 202 revoke_pending when Vault answered but is still revoking, or refused one "
+                "revocation (the broker retries; poll the task); "
                 "503 when Vault or the store is down", "user", (200, EndOut),
                 (401, 404, 429, 502, 503), params=[_path_param("task_id")]),
                 "security": [{"user": []}, {"agent": []}]}},

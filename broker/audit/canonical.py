@@ -16,7 +16,7 @@ from dataclasses import fields
 from json.encoder import encode_basestring
 from typing import Any
 
-from broker.audit.chain import AuditRecord, canonical_bytes
+from broker.audit.chain import NOT_NUMBERS, NUMBER_TYPES, AuditRecord, canonical_bytes
 
 __all__ = ["RECORD_WIDTH", "canonical_record", "canonical_row"]
 
@@ -25,8 +25,6 @@ _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", 
                  "key_fingerprint")
 _KEY_FINGERPRINT, _REVOCATION = '"key_fingerprint":', '"revocation":'
 _FAST = tuple(f.name for f in fields(AuditRecord)) == _KNOWN_FIELDS
-_NUMBERS = (float, int)
-_NOT_NUMBERS = "a record's seq must be an integer and its time a number"
 # How many AuditRecord fields a store row holds after its seq.
 RECORD_WIDTH = len(fields(AuditRecord))
 
@@ -50,10 +48,8 @@ def canonical_row(row: Sequence[Any]) -> bytes:
     e = encode_basestring
     (seq, time, event, outcome, user, agent, task, tenant, resource, action, reason, lease, vault_request_id,
      user_name, delegation_jti, caller_address, revocation, key_fingerprint) = row[:18]
-    # Checked first: a text time times a million is a string a million times long (a tampered row must cost
-    # no more than a real one).
-    if type(seq) is not int or type(time) not in _NUMBERS:
-        raise TypeError(_NOT_NUMBERS)
+    if type(seq) is not int or type(time) not in NUMBER_TYPES:  # first, as canonical_bytes checks
+        raise TypeError(NOT_NUMBERS)
     try:
         return (
             f'{{"action":{"null" if action is None else e(action)},'
@@ -77,4 +73,3 @@ def canonical_row(row: Sequence[Any]) -> bytes:
         ).encode()
     except (TypeError, ValueError):
         return canonical_bytes(AuditRecord(*row[1:RECORD_WIDTH + 1]), seq)
-

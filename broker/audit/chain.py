@@ -146,11 +146,16 @@ GENESIS = bytes(32)
 ADDED_FIELDS = ("user_name", "delegation_jti", "caller_address", "revocation", "key_fingerprint")
 
 
+# What a record's time may be, checked before it is multiplied: a text time times a million is a string a
+# million times long (a tampered row must cost no more than a real one).
+NUMBER_TYPES = (float, int)
+NOT_NUMBERS = "a record's seq must be an integer and its time a number"
+
+
 def canonical_bytes(record: AuditRecord, seq: int) -> bytes:
     """Raises TypeError (or ValueError): a field of a type the broker never writes (a tampered row)."""
-    if type(seq) is not int or type(record.time) not in (float, int):
-        msg = "a record's seq must be an integer and its time a number"
-        raise TypeError(msg)
+    if type(seq) is not int or type(record.time) not in NUMBER_TYPES:
+        raise TypeError(NOT_NUMBERS)
     body = {f.name: getattr(record, f.name) for f in fields(record)}
     for name in ADDED_FIELDS:
         if body[name] is None:

@@ -101,7 +101,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        # uvloop's transports are not asyncio.Transport subclasses, only alike: check what is used of one.
+        assert callable(getattr(transport, "write", None)) and callable(getattr(transport, "abort", None))
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:

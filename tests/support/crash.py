@@ -142,8 +142,8 @@ class RawVault:
             data = (await r.json()).get("data")
         if not isinstance(data, dict):
             return "alive", None
-        expires = data.get("expire_time")
-        if expires and dt.datetime.fromisoformat(str(expires)).timestamp() <= time.time():
+        expires = _expire_epoch(data)
+        if expires is not None and expires <= time.time():
             return "expired", data
         return "alive", data
 
@@ -385,12 +385,17 @@ async def judge(vault: RawVault, snap: StoreSnapshot, *, task_ids: Iterable[str]
     return Verdict(orphans, ghosts, ghost_tasks, audit, n_tokens, len(vault_leases), idle)
 
 
+def _expire_epoch(lookup: Mapping[str, Any]) -> float | None:
+    """A token lookup's ``expire_time`` in epoch seconds; None for a token that never expires."""
+    raw = lookup.get("expire_time")
+    return dt.datetime.fromisoformat(str(raw)).timestamp() if raw else None
+
+
 def _expires_by(lookup: Mapping[str, Any], deadline: float) -> bool:
     """The token's ``expire_time`` is no later than ``deadline`` (epoch seconds; 1 s for rounding)."""
-    raw = lookup.get("expire_time")
-    if not raw:
-        return False  # a token that never expires never dies with its task's deadline
-    return dt.datetime.fromisoformat(str(raw)).timestamp() <= deadline + 1.0
+    expires = _expire_epoch(lookup)
+    # A token that never expires never dies with its task's deadline.
+    return expires is not None and expires <= deadline + 1.0
 
 
 @contextlib.contextmanager
