@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from broker.audit import AuditRecord
 from broker.audit.vaultlog import (
     TokenOrigin,
+    VaultAuth,
     VaultAuditEntry,
     attribute,
     classify,
@@ -32,6 +34,7 @@ from broker.audit.vaultlog import (
     parse_responses,
     parse_time,
 )
+from broker.audit.vaultlog import _parse_any, _parse_typed  # the two readers parse_line chooses between
 from broker.errors import AuditLineInvalid
 from broker.rows import TaskRow
 
@@ -287,3 +290,102 @@ class TestPreFilter:
                     assert parse_line(line).type == "request"
         responses, _ = parse_responses(raw)
         assert responses == _full(raw)
+
+
+def _outcome(parse: Callable[[str | bytes], VaultAuditEntry], line: str | bytes) -> object:
+    """What a reader makes of a line: the entry, or the reason it refused it."""
+    try:
+        return parse(line)
+    except AuditLineInvalid as exc:
+        return ("refused", exc.reason)
+
+
+# Values of every JSON type, including those a typed reader refuses and the lenient one keeps or skips.
+_JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8),
+    st.just(""), st.just([]), st.just({}), st.lists(st.one_of(st.text(max_size=4), st.integers()), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.one_of(st.text(max_size=4), st.integers(), st.none()), max_size=3),
+)
+
+
+def _paths(obj: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a decoded line, nested objects included."""
+    if not isinstance(obj, dict):
+        return []
+    out = []
+    for k, v in obj.items():
+        out.append((*prefix, k))
+        out.extend(_paths(v, (*prefix, k)))
+    return out
+
+
+def _changed(line: str, edits: list[tuple[int, bool, object]]) -> str:
+    """A corpus line with some of its fields (at any depth) deleted or given a value of another type."""
+    obj = json.loads(line)
+    for pick, delete, value in edits:
+        paths = _paths(obj)
+        if not paths:
+            break
+        *parents, key = paths[pick % len(paths)]
+        node = obj
+        for k in parents:
+            node = node[k]
+        if delete:
+            del node[key]
+        else:
+            node[key] = value
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class TestTypedReader:
+    """parse_line reads lines of OpenBao's shape with a typed decoder, and anything else as any JSON: the
+    entry must not depend on which reader took the line."""
+
+    def test_every_captured_line_takes_the_typed_path(self) -> None:
+        """The lines OpenBao writes fit the typed reader (else it would never be the one used), with the same entry."""
+        for line in lines():
+            typed = _parse_typed(line)
+            assert typed is not None, line[:80]
+            assert typed == _parse_any(line), line[:80]
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.integers(0, 17), st.lists(st.tuples(st.integers(0, 400), st.booleans(), _JSON_VALUES),
+                                        min_size=1, max_size=4))
+    def test_changed_lines_read_the_same(self, i: int, edits: list[tuple[int, bool, object]]) -> None:
+        """With fields deleted or of another type anywhere in the line, the entry (or the refusal) is the same."""
+        line = _changed(lines()[i], edits)
+        assert _outcome(parse_line, line) == _outcome(_parse_any, line)
+        typed = _outcome(_parse_typed, line)
+        assert typed is None or typed == _outcome(_parse_any, line)
+
+    @pytest.mark.parametrize("auth", [{}, {"client_token": "hmac-sha256:x"}, {"policies": []}, {"display_name": ""}])
+    def test_an_auth_block_with_nothing_known_in_it(self, auth: dict[str, object]) -> None:
+        """An empty auth block is no auth; one with only fields the broker does not read is an empty auth."""
+        obj = json.loads(lines()[3])
+        obj["auth"] = auth
+        line = json.dumps(obj)
+        assert parse_line(line).auth == _parse_any(line).auth
+        assert parse_line(line).auth == (None if not auth else VaultAuth(None, (), {}, None, None))
+
+    @pytest.mark.parametrize("raw", [
+        b'"time":"2026-11-28T14:38:05Z","type":"response"',  # duplicate keys: the last one is read
+        b'"time":"2026-11-28T14:38:05Z","type":"response","type":"request"',
+        b'"time":"\\ud800","type":"response"',  # a lone surrogate: json reads it, orjson does not
+        b'"time":"2026-11-28T14:38:05Z","type":"response","x":123456789012345678901234567890',
+        b'"time":"2026-02-30T14:38:05Z","type":"response"',
+        b'"time":"2026-11-28T14:38:05.1234567891234Z","type":"response"',
+        b'"time":"2026-11-28T14:38:05+01:00","type":"response"',
+        *(b'"time":"2026-11-28T14:38:05Z","type":"response","response":{"data":{"http_status_code":%s}}' % v
+          for v in (b"0", b"204", b"true", b"200.0", b"null", b'"200"', b"99999999999999999999")),
+        b'"time":"2026-11-28T14:38:05Z","type":"response","response":{"secret":{"lease_id":""},"auth":{}}',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","response":{"secret":{},"auth":{"accessor":""}}',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","error":""',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","error":"1 error occurred: permission denied"',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","auth":{"metadata":{"task":1}}',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","auth":{"policies":["a",1],"accessor":""}',
+        b'"time":"2026-11-28T14:38:05Z","type":"response","auth":{"accessor":"","token_type":"","metadata":{}}',
+    ])
+    def test_edge_lines_read_the_same(self, raw: bytes) -> None:
+        """Duplicate keys, surrogates, huge integers and unusual times are read alike by both readers."""
+        line = b'{' + raw + b',"request":{"id":"r1","path":"p","headers":{"x-broker-intent":["lse_abcdefgh12"]}}}'
+        assert _outcome(parse_line, line) == _outcome(_parse_any, line)
