@@ -108,9 +108,15 @@ class Revoker:
                     # token is revoked by its own accessor too (an unknown accessor answers 200).
                     await asyncio.gather(*(self._revoke_child(task, x) for x in leases if x.kind == "token"))
                 others = [x for x in leases if x.kind != "token"]
-                done = await asyncio.gather(*(self._revoke_one(x, timeout) for x in others))
-                polled = [x for x in leases if x.kind == "token"] + [x for x, ok in zip(others, done, strict=True)
-                                                                     if not ok]
+                answers = await asyncio.gather(*(self._revoke_one(x, timeout) for x in others))
+                refused = [why for ok, why in answers if why is not None]
+                if refused:
+                    # One line per attempt, not one per lease: a database that cannot drop its logins refuses
+                    # every lease of the task, on every retry.
+                    log.warning("revoking task %s: Vault refused %d of %d lease revocations (%s); confirming by "
+                                "lookup", task.id, len(refused), len(others), refused[0])
+                polled = [x for x in leases if x.kind == "token"] + [
+                    x for x, (ok, _) in zip(others, answers, strict=True) if not ok]
                 confirmed = await self._confirm(task, polled, timeout)
             except VaultError as exc:
                 log.warning("revoking task %s: Vault did not answer (%s: %s); will retry", task.id, exc.code,
@@ -161,10 +167,11 @@ class Revoker:
             delay = min(delay * 2, 0.5)
 
 
-    async def _revoke_one(self, lease: LeaseRow, timeout: float) -> bool:
-        """Revoke one Vault lease; False when it is not done within ``timeout`` (Vault is busy revoking it: a
-        database that holds the role's locks, say) or the broker's policy does not cover its path (a grant
-        since removed from the catalog). Either way the token's tree takes it, and a lookup confirms that.
+    async def _revoke_one(self, lease: LeaseRow, timeout: float) -> tuple[bool, str | None]:
+        """Revoke one Vault lease: (done, Vault's reason if it refused). Not done when it is not done within
+        ``timeout`` (Vault is busy revoking it: a database that holds the role's locks, say), when the
+        broker's policy does not cover its path (a grant since removed from the catalog), or when Vault
+        refused. Either way the token's tree takes it, and a lookup confirms that.
 
         Raises: VaultError when Vault did not answer at all (the task is retried; revoking twice is harmless).
         """
@@ -172,17 +179,16 @@ class Revoker:
             try:
                 await asyncio.wait_for(self._vault.revoke_lease(lease.vault_lease_id), timeout=timeout)
             except (VaultDenied, TimeoutError):
-                return False
+                return False, None
             except VaultBadResponse as exc:
                 # Vault answered, and refused: a revocation its backend failed (a database that cannot drop
                 # the login), a lease it is revoking already. The lookup decides, and the task stays pending.
-                log.warning("revoking lease %s: Vault refused (%s); confirming by lookup", lease.id, exc.reason)
-                return False
+                return False, exc.reason
             except VaultUnavailable as exc:
                 if isinstance(exc.__cause__, TimeoutError):
-                    return False  # it answered nothing in time, but it is up: pending, not down
+                    return False, None  # it answered nothing in time, but it is up: pending, not down
                 raise
-            return True
+            return True, None
 
     async def _revoke_token(self, task: TaskRow, accessor: str) -> None:
         """Revoke a token by accessor. Its answer proves nothing either way (200 for an unknown accessor,
@@ -426,7 +432,11 @@ class IntentSettler:
     async def _revoke_lease_confirmed_within(self, lease_id: str) -> bool:
         """Revoke one lease by id (synchronous in Vault) and confirm that a lookup no longer finds it."""
         async def run() -> bool:
-            await self._vault.revoke_lease(lease_id)
+            try:
+                await self._vault.revoke_lease(lease_id)
+            except (VaultDenied, VaultBadResponse) as exc:
+                # Refused (a lease Vault is revoking already, a backend that failed): the lookup decides.
+                log.info("revoking lease %s: Vault refused (%s); confirming by lookup", lease_id, exc.reason)
             return await self._vault.lookup_lease(lease_id) is None
         try:
             return await asyncio.wait_for(run(), timeout=self._attempt_timeout)
@@ -449,7 +459,11 @@ class IntentSettler:
         Raises:
             VaultError: Vault did not answer.
         """
-        await self._vault.revoke_accessor(accessor)
+        try:
+            await self._vault.revoke_accessor(accessor)
+        except (VaultDenied, VaultBadResponse) as exc:
+            # A token Vault is revoking already may answer 400 or 403: the lookups decide, as in Revoker.
+            log.info("revoking a token by accessor: Vault refused (%s); confirming by lookup", exc.reason)
         delay = 0.02
         while True:
             try:

@@ -71,7 +71,7 @@ INTENT_HEADER = "x-broker-intent"
 _INTENT_VALUE = re.compile(r"^(?:lse|jpr)_[A-Za-z0-9_-]{8,40}$")
 _INTENT_BYTES = INTENT_HEADER.encode()
 _EPOCH_DATE = dt_date(1970, 1, 1)
-_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$")
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,8 @@ def parse_time(text: str) -> float:
         hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
         day = _epoch_day(text[:10])
         if day is not None and hour < 24 and minute < 60 and second < 60:
-            micro = int((m.group(2) or "0")[:6].ljust(6, "0"))
-            return ((day * 86400 + hour * 3600 + minute * 60 + second) * 1_000_000 + micro) / 1_000_000
+            us = int((m.group(2) or "0")[:6].ljust(6, "0"))
+            return ((day * 86400 + hour * 3600 + minute * 60 + second) * 1_000_000 + us) / 1_000_000
     if m is None:
         raise AuditLineInvalid("not an audit entry", reason="the entry's time is not RFC 3339")
     base, frac, zone = m.groups()

@@ -10,6 +10,7 @@ loop retries it with backoff. Vault truth comes from the root token on OpenBao's
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
 
@@ -223,13 +225,16 @@ class TestGivingUpOnVault:
         assert await wait_for(revoked, timeout=20), f"Vault still holds {created}, which no token holds"
 
     async def test_a_lease_vault_cannot_revoke_keeps_its_task_pending_and_the_rest_is_revoked(
-            self, pclient: Client, site: BrokerSite, truth: tuple[VaultClient, RawVault]) -> None:
+            self, pclient: Client, site: BrokerSite, truth: tuple[VaultClient, RawVault],
+            caplog: pytest.LogCaptureFixture) -> None:
         """Vault answers, and refuses: one database login cannot be dropped (it owns a table), so Vault's
         revocation of its lease fails. The end is pending (202), not "Vault did not answer" (503); the
-        task's other credential is revoked and its login refused; once the table is gone, the maintenance
+        task's other credential is revoked and its login refused; the refusal is one log line for the
+        attempt, with Vault's reason and no credential in it; once the table is gone, the maintenance
         loop's retry revokes the last lease and Vault confirms it."""
         import psycopg
 
+        caplog.set_level(logging.INFO)
         _, raw = truth
         pg = site.engines.pg
         task = await start(pclient, site)
@@ -254,6 +259,11 @@ class TestGivingUpOnVault:
                 assert await raw.lease_alive(stuck_row.vault_lease_id)
                 assert not await raw.lease_alive(other_row.vault_lease_id)
                 assert not await pg_login_works(pg, other["data"]["username"], other["data"]["password"])
+                refusals = [r.getMessage() for r in caplog.records if "Vault refused" in r.getMessage()]
+                assert refusals and f"revoking task {task['id']}: Vault refused 1 of 2 lease revocations (" in (
+                    refusals[0]), refusals
+                logged = "\n".join(r.getMessage() for r in caplog.records)
+                assert all(c["data"]["password"] not in logged for c in creds)
             finally:
                 await conn.execute(f'DROP TABLE IF EXISTS "{table}"')
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import fields, replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ from hypothesis import strategies as st
 from broker.audit import AuditRecord
 from broker.audit.vaultlog import (
     TokenOrigin,
-    VaultAuth,
     VaultAuditEntry,
+    VaultAuth,
+    _parse_any,  # _parse_any and _parse_typed: the two readers parse_line chooses between
+    _parse_typed,
     attribute,
     classify,
     classify_batch,
@@ -34,7 +37,6 @@ from broker.audit.vaultlog import (
     parse_responses,
     parse_time,
 )
-from broker.audit.vaultlog import _parse_any, _parse_typed  # the two readers parse_line chooses between
 from broker.errors import AuditLineInvalid
 from broker.rows import TaskRow
 
@@ -105,6 +107,21 @@ class TestParser:
         """Nanosecond RFC 3339 times become Unix seconds (microsecond precision), any offset."""
         assert parse_time("2026-11-28T14:38:05.541346449Z") == pytest.approx(1795876685.541346)
         assert parse_time("2026-11-28T15:38:05+01:00") == pytest.approx(1795876685.0)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)), st.text("0123456789", max_size=9))
+    def test_utc_times_are_the_datetime_result(self, when: datetime, digits: str) -> None:
+        """UTC times (OpenBao's) take a path without datetimes: the same float, to the last bit."""
+        text = when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{digits}" if digits else "") + "Z"
+        micro = (digits or "0")[:6].ljust(6, "0")
+        expected = datetime.fromisoformat(f"{text[:19]}.{micro}+00:00").timestamp()
+        assert parse_time(text) == expected
+
+    @pytest.mark.parametrize("text", ["2026-02-30T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z",
+                                      "2026-01-01T23:60:00Z", "2026-01-01T23:59:60Z", "2026-01-01T\u0661\u0662:00:00Z"])
+    def test_impossible_times_are_refused(self, text: str) -> None:
+        with pytest.raises(AuditLineInvalid):
+            parse_time(text.encode().decode("unicode_escape"))
 
     def test_unknown_fields_are_tolerated(self) -> None:
         """New fields in a future OpenBao do not break the parser."""
