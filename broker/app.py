@@ -60,6 +60,7 @@ from broker.store import LeaseLimits, Store, open_store
 from broker.store.wakeups import ApprovalListener
 from broker.tasks import TaskManager
 from broker.vault import Sensitive, VaultClient
+from broker.vault.tls import vault_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,8 @@ async def _vault(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     vault = VaultClient(app[HTTP], settings.vault.addrs, token=read_vault_token(settings),
                         timeout=settings.vault.timeout, namespace=settings.vault.namespace,
-                        failover_timeout=settings.vault.failover_timeout, observe=app[api.METRICS].observe_vault)
+                        failover_timeout=settings.vault.failover_timeout, observe=app[api.METRICS].observe_vault,
+                        ssl_context=vault_tls_context(settings.vault.ca_cert))
     app[api.VAULT] = vault
     # Readiness probes Vault no longer than an agent's health check would wait.
     app[api.READINESS] = Readiness(store=app[api.STORE], vault=vault, clock=app[api.CLOCK],

@@ -104,6 +104,10 @@ class VaultSettings(_Frozen):
     # a few seconds) before its caller gets ``VaultUnavailable``.
     failover_timeout: float = Field(default=10.0, gt=0, le=120)
     namespace: str | None = None
+    # The CA certificate(s), PEM, that Vault's TLS certificate must chain to (as VAULT_CACERT does for the
+    # vault CLI), for every https address; unset: the system's trust store. Never the environment's
+    # SSL_CERT_FILE or VAULT_CACERT: what the broker trusts is in its configuration.
+    ca_cert: Path | None = None
     # How long `end` waits for Vault to confirm that a task's leases are gone before it reports
     # them `revoke_pending` (revoke-accessor returns before the leases are revoked).
     revoke_confirm_timeout: float = Field(default=5.0, gt=0, le=60)
@@ -122,6 +126,12 @@ class VaultSettings(_Frozen):
         if not nodes or len(set(nodes)) != len(nodes):
             raise ValueError("addr is one URL or a list of distinct URLs")
         return v
+
+    @model_validator(mode="after")
+    def _ca_cert_for_https(self) -> VaultSettings:
+        if self.ca_cert is not None and not any(a.startswith("https://") for a in self.addrs):
+            raise ValueError("vault.ca_cert is for https: no [vault].addr is an https URL")
+        return self
 
     @field_validator("audit_log")
     @classmethod
@@ -506,7 +516,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {
     f"BROKER_{section.upper()}_{key.upper()}": (section, key)
     for section, keys in {
         "server": ("listen", "audience", "log_format"),
-        "vault": ("addr", "token_file", "audit_log", "timeout", "namespace"),
+        "vault": ("addr", "token_file", "audit_log", "timeout", "namespace", "ca_cert"),
         "store": ("url", "key_file"),
     }.items()
     for key in keys

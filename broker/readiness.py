@@ -13,13 +13,16 @@ Rules this file keeps:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, VaultError, VaultUnavailable
 from broker.store import Store
 from broker.vault import VaultClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Readiness:
         self._timeout = timeout
         self._lock = asyncio.Lock()
         self._last: tuple[float, ReadinessReport] | None = None
+        self._told = False  # a Vault configuration problem was logged
 
     async def check(self) -> ReadinessReport:
         """The last report if it is fresh, else a new one (callers arriving meanwhile wait for it)."""
@@ -68,8 +72,16 @@ class Readiness:
     async def _vault_state(self) -> str:
         try:
             h = await self._vault.health(timeout=self._timeout)
+        except VaultError as exc:
+            # Not an outage but a configuration problem (a refused certificate: [vault].ca_cert) or an attack.
+            # The answer stays "unreachable" (rule 2); the log says why, once until Vault answers again.
+            if not isinstance(exc, VaultUnavailable) and not self._told:
+                log.warning("readiness: Vault cannot be used: %s", exc)
+                self._told = True
+            return "unreachable"
         except BrokerError:
             return "unreachable"
+        self._told = False
         return "sealed" if h.sealed else "standby" if h.standby else "ok"
 
     async def _store_state(self) -> str:

@@ -10,7 +10,7 @@ import click
 
 from broker.cli.common import EXISTING_FILE, print_json, settings_from
 from broker.delegation import Catalog
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.vault.sync import audit_device_of
 
 if TYPE_CHECKING:
@@ -32,17 +32,21 @@ def vault() -> None:
 def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
     """Write the task roles' policies and token roles and the broker's own policy. Idempotent.
 
-    Uses an admin token from VAULT_TOKEN or BAO_TOKEN, and VAULT_ADDR or BAO_ADDR (else [vault].addr).
+    Uses an admin token from VAULT_TOKEN or BAO_TOKEN, VAULT_ADDR or BAO_ADDR (else [vault].addr), and
+    for https VAULT_CACERT or BAO_CACERT (else [vault].ca_cert, else the system's trust store).
     """
     # Only what the sync uses: the catalog, [people], [vault].addr and audit_log, [audit].vault_device.
     settings = settings_from(config, vault_setup=True)
     addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR") or settings.vault.addrs[0]
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    ca_env = os.environ.get("VAULT_CACERT") or os.environ.get("BAO_CACERT")
+    ca_cert = Path(ca_env) if ca_env else settings.vault.ca_cert
     if not token:
         raise click.ClickException("set VAULT_TOKEN (or BAO_TOKEN) to an admin token for the sync")
     try:
         catalog = Catalog.from_settings(settings)
-        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings), len(settings.vault.addrs) > 1)
+        changes = _sync(addr, token, catalog, write_token, audit_device_of(settings), len(settings.vault.addrs) > 1,
+                        ca_cert=ca_cert)
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -57,12 +61,15 @@ def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
 
 
 def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
-          audit_device: str | tuple[str, ...] | None, tidy: bool = False) -> list[SyncChange]:
+          audit_device: str | tuple[str, ...] | None, tidy: bool = False, *,
+          ca_cert: Path | None = None) -> list[SyncChange]:
     # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
     from broker.vault.admin import VaultAdmin
     from broker.vault.sync import sync, write_broker_token
 
-    with VaultAdmin(addr, token=token) as admin:
+    if ca_cert is not None and not ca_cert.is_file():
+        raise ConfigError(f"the CA certificate file {ca_cert} does not exist")
+    with VaultAdmin(addr, token=token, ca_cert=ca_cert) as admin:
         changes = sync(admin, catalog, audit_device=audit_device, tidy=tidy)
         if write_token is not None:
             write_broker_token(admin, write_token)

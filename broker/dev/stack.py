@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ class DevOpenBao:
     process: subprocess.Popen[bytes]
     _log: IO[bytes] | None = field(default=None, repr=False)
     hmac_audit_log: Path | None = None  # the second device's file (``hmac_device``)
+    ca_cert: Path | None = None  # with ``tls``: the CA that signed the server's certificate (PEM)
 
     @property
     def audit_device(self) -> str:
@@ -184,9 +186,10 @@ def _write_config(workdir: Path, audit_log: Path, *, plain_accessors: bool = Tru
     return config
 
 
-def _health_ok(addr: str) -> bool:
+def _health_ok(addr: str, ca_cert: Path | None = None) -> bool:
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
     try:
-        with urllib.request.urlopen(addr + "/v1/sys/health", timeout=1) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(addr + "/v1/sys/health", timeout=1, context=context) as resp:  # noqa: S310
             body = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -208,13 +211,15 @@ def start_dev_openbao(
     startup_timeout: float = 20,
     plain_accessors: bool = True,
     hmac_device: bool = False,
+    tls: bool = False,
 ) -> DevOpenBao:
     """Start ``bao server -dev`` on 127.0.0.1 with a file audit device at ``workdir/audit.log``.
 
     Writes ``workdir/openbao.hcl`` and logs to ``workdir/openbao.log``. With ``port=None`` a free port
     pair is picked (and retried if another process takes it first). The device writes accessors in plain
     text unless ``plain_accessors`` is False; ``hmac_device`` adds a second one (``hmac``, at
-    ``workdir/audit-hmac.log``) with Vault's default, HMAC'd accessors.
+    ``workdir/audit-hmac.log``) with Vault's default, HMAC'd accessors. With ``tls`` it serves https
+    only, with a certificate for 127.0.0.1 signed by a CA it makes (``ca_cert``, in ``workdir/tls``).
 
     Raises:
         ConfigError: no ``bao`` binary.
@@ -232,7 +237,11 @@ def start_dev_openbao(
     last_reason = ""
     for _ in range(attempts):
         chosen = port if port is not None else _free_port_pair()
-        addr = f"http://127.0.0.1:{chosen}"
+        addr = f"{'https' if tls else 'http'}://127.0.0.1:{chosen}"
+        tls_dir = workdir / "tls"
+        tls_args = [f"-dev-tls-cert-dir={tls_dir}", "-dev-tls"] if tls else []
+        if tls:
+            tls_dir.mkdir(exist_ok=True)
         log_path = workdir / "openbao.log"
         log = log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
@@ -244,6 +253,7 @@ def start_dev_openbao(
                 f"-dev-root-token-id={token}",
                 f"-dev-listen-address=127.0.0.1:{chosen}",
                 f"-config={config}",
+                *tls_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -254,13 +264,13 @@ def start_dev_openbao(
         )
         server = DevOpenBao(
             addr=addr, root_token=Sensitive(token), audit_log=audit_log, workdir=workdir, process=proc, _log=log,
-            hmac_audit_log=hmac_log,
+            hmac_audit_log=hmac_log, ca_cert=tls_dir / "vault-ca.pem" if tls else None,
         )
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if _health_ok(addr):
+            if (not tls or (tls_dir / "vault-ca.pem").is_file()) and _health_ok(addr, server.ca_cert):
                 return server
             time.sleep(0.05)
         server.stop()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Self
 
 import hvac
@@ -200,7 +201,8 @@ class VaultAdmin:
     """
 
     def __init__(
-        self, addr: str, *, token: str | Sensitive, timeout: float = 30.0, namespace: str | None = None
+        self, addr: str, *, token: str | Sensitive, timeout: float = 30.0, namespace: str | None = None,
+        ca_cert: Path | None = None,
     ) -> None:
         checked_namespace = validate_path(namespace) if namespace else None
         session = requests.Session()
@@ -208,13 +210,15 @@ class VaultAdmin:
         # .netrc credentials (trust_env), and hvac's own VAULT_CACERT/VAULT_CAPATH/VAULT_CLIENT_CERT look-ups
         # are overridden by an explicit ``verify`` and an empty ``cert``.
         session.trust_env = False
+        # On the session too: hvac takes a given session's ``verify`` over its own argument.
+        session.verify = str(ca_cert) if ca_cert is not None else True  # [vault].ca_cert, as the serving broker
         self._addr = addr.rstrip("/")
         self._session = session
         self._hvac = hvac.Client(
             url=self._addr,
             token=token.reveal() if isinstance(token, Sensitive) else token,
             timeout=timeout,
-            verify=True,
+            verify=session.verify,
             cert=(),
             proxies={},
             allow_redirects=False,

@@ -32,6 +32,7 @@ import contextlib
 import hmac
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -271,11 +272,31 @@ def transport_failure(cls: type[VaultError], exc: BaseException, op: str) -> Vau
     Shared by the hot-path client (aiohttp) and the admin client (hvac over requests): one wording.
     """
     reason = f"{op}: {type(exc).__name__}: {_scrub(str(exc))}"
+    refused = _certificate_refusal(exc)
+    if refused is not None:
+        return VaultError(f"TLS with Vault failed ({op}): {refused}; [vault].ca_cert names the CA that signs "
+                          f"Vault's certificate", reason=reason)
     if cls is VaultUnavailable:
         return VaultUnavailable(f"Vault is unreachable ({op})", reason=reason)
     if cls is VaultBadResponse:
         return VaultBadResponse(f"unexpected answer from Vault to {op}", reason=reason)
     return VaultError(f"Vault request failed ({op})", reason=reason)
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """OpenSSL's words when ``exc`` is, or wraps (requests and urllib3 nest it in their own errors), a refused
+    server certificate: what an operator must fix, not a network failure."""
+    seen: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 16:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return _scrub(str(e.verify_message or e.reason or "certificate verify failed"))
+        todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None), *e.args])
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,6 +439,7 @@ class VaultClient:
         namespace: str | None = None,
         failover_timeout: float = 10.0,
         observe: Callable[[str, float, str | None], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._session = session
         # ``observe(op, seconds, error code or None)`` after every request (broker.metrics): ``op`` is
@@ -429,7 +451,8 @@ class VaultClient:
         self._order: Final = NodeOrder(len(self._bases))
         # The requests themselves go through broker.vault.transport, not the session: a third of the
         # CPU aiohttp's client spent per request (the session still serves callers that share it).
-        self._transport = Transport()
+        # ``ssl_context`` (broker.vault.tls) for https nodes; None: the system's trust store.
+        self._transport = Transport(ssl_context=ssl_context)
         self._token = _token_of(token)
         self._timeout = float(timeout)
         self._failover_timeout = failover_timeout

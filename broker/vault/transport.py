@@ -246,7 +246,8 @@ class Transport:
                                                    ssl=context,
                                                    server_hostname=node.host if context else None)
         except ssl.SSLError as exc:  # before OSError: ssl.SSLError is one
-            raise TLSFailed(f"TLS with {node.host_header} failed: {exc.reason or type(exc).__name__}") from exc
+            why = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
+            raise TLSFailed(f"TLS with {node.host_header} failed: {why}") from exc
         except OSError as exc:
             raise ConnectFailed(exc.errno, f"cannot connect to {node.host_header}: {exc.strerror or exc}") from exc
         return conn
