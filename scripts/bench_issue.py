@@ -83,6 +83,7 @@ from _benchlib import (
     Progress,
     agent_id,
     closed_loop,
+    free_port,
     machine_info,
     median,
     wait_leases_drained,
@@ -172,6 +173,11 @@ class Cell:
     errors: int
     direct_vault_per_issue: float = math.nan
     broker_vault_per_issue: float = math.nan
+    # --floor: the same Vault call behind a bare aiohttp server (scripts/_floor_server.py)
+    floor_rps: float = math.nan
+    floor_p50: float = math.nan
+    floor_cpu_ms: float = math.nan
+    floor_loop_ms: float = math.nan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +201,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=40, help="untimed issuances per path before each rep (default: 40)")
     p.add_argument("--no-direct2", action="store_true",
                    help="skip the two-call direct pass (issuance token + read) that prices the extra Vault call")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the same Vault call behind a bare aiohttp server on uvloop "
+                        "(scripts/_floor_server.py): the cost per credential with none of the broker's own work")
     p.add_argument("--time-limit", type=float, default=900, help="abort after this many seconds (default: 900)")
     p.add_argument("--json", type=Path, help="also write the machine info, every pass and the cells here")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -223,6 +232,41 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@dataclass
+class FloorServer:
+    """``scripts/_floor_server.py`` on a free loopback port (``--floor``)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def start(cls, vault_addr: str) -> FloorServer:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_floor_server.py")),
+                                 "--vault", vault_addr, "--port", str(port)], stdout=subprocess.PIPE,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=30)
+        if line.strip() != b"ready":
+            proc.kill()
+            proc.wait()
+            msg = f"the floor server did not start: {line[:200]!r}"
+            raise RuntimeError(msg)
+        return cls(proc, f"http://127.0.0.1:{port}/floor")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Bench:
     """One benchmark run over a started ``BenchStack``."""
 
@@ -241,6 +285,7 @@ class Bench:
         self.svids: list[str] = []
         self.svids_minted = -math.inf
         self.passes: list[PassResult] = []
+        self.floor: FloorServer | None = None
 
     def refresh_svids(self) -> None:
         """One SVID per simulated agent, reused for every request until half its lifetime has passed."""
@@ -302,6 +347,25 @@ class Bench:
 
         return op
 
+    def floor_op(self, kind: GrantKind, task_id: str, i: int, token: str) -> Callable[[], Awaitable[None]]:
+        """The direct call, made by the floor server: what serving it costs without the broker's own work."""
+        assert self.floor is not None
+        grant = self.grant(kind)
+        data = grant.request_params(task=task_id, agent=agent_id(i), user="alice@example.com", tenant="acme",
+                                    role=ROLE, ttl=grant.max_ttl) if grant.method == "POST" else None
+        url, body, headers = self.floor.url, {"path": grant.path, "method": grant.method, "data": data}, {
+            "X-Task-Token": token}
+
+        async def op() -> None:
+            async with self.session.post(url, json=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    msg = f"floor server answered {resp.status}: {raw[:200]!r}"
+                    raise RuntimeError(msg)
+            json.loads(raw)
+
+        return op
+
     def broker_op(self, kind: GrantKind, task_id: str, i: int) -> Callable[[], Awaitable[None]]:
         url = f"{self.stack.broker_url}/v1/tasks/{task_id}/credentials"
         body = {"grant": kind.grant}
@@ -340,7 +404,8 @@ class Bench:
                          ops: Sequence[Callable[[], Awaitable[None]]], tasks: Sequence[str]) -> PassResult:
         n = count_for(self.args, kind)
         self.progress.phase(f"{kind.key} c={conc} rep {rep + 1}/{self.args.reps} {mode}")
-        meters = [CpuMeter(self.stack.broker_pid), CpuMeter(self.stack.bao_pid), CpuMeter(os.getpid())]
+        server_pid = self.floor.pid if mode == "floor" and self.floor is not None else self.stack.broker_pid
+        meters = [CpuMeter(server_pid), CpuMeter(self.stack.bao_pid), CpuMeter(os.getpid())]
         audit = AuditTail(self.stack.bao.audit_log) if self.stack.bao is not None else None
         if audit is not None:
             audit.mark()
@@ -367,7 +432,7 @@ class Bench:
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors, vault_calls=calls,
             task_vault_requests_per_issue=per_task / ok,
             broker_other_threads_ms_per_issue=[round(v * 1000 / ok, 3) for tid, v in meters[0].threads.items()
-                                               if tid != self.stack.broker_pid][:4],
+                                               if tid != server_pid][:4],
         )
 
     async def warmup(self, ops: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -388,6 +453,9 @@ class Bench:
             if not self.args.no_direct2:
                 direct2 = [self.direct2_op(kind, t, i, self.task_token(t)) for i, t in enumerate(task_ids)]
                 order.insert(1, ("direct2", direct2))
+            if self.floor is not None:
+                floor = [self.floor_op(kind, t, i, self.task_token(t)) for i, t in enumerate(task_ids)]
+                order.insert(1, ("floor", floor))
             for _, ops in order:
                 await self.warmup(ops)
             order = order[rep % len(order):] + order[:rep % len(order)]
@@ -426,6 +494,7 @@ def summarise(passes: Sequence[PassResult]) -> list[Cell]:
         d = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "direct")]
         d2 = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "direct2")]
         b = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "broker")]
+        f = [p for p in passes if (p.grant, p.concurrency, p.mode) == (grant, conc, "floor")]
         if not d or not b:
             continue
 
@@ -446,6 +515,8 @@ def summarise(passes: Sequence[PassResult]) -> list[Cell]:
             errors=sum(sum(p.errors.values()) for p in (*d, *d2, *b)),
             direct_vault_per_issue=med(d, "task_vault_requests_per_issue"),
             broker_vault_per_issue=med(b, "task_vault_requests_per_issue"),
+            floor_rps=med(f, "rps"), floor_p50=med(f, "p50_ms"), floor_cpu_ms=med(f, "broker_cpu_ms_per_issue"),
+            floor_loop_ms=med(f, "broker_loop_thread_ms_per_issue"),
         ))
     return cells
 
@@ -480,6 +551,22 @@ def render_two_call_table(cells: Sequence[Cell]) -> str:
             f"| {c.direct_p50:.1f} / {c.direct2_p50:.1f} / {c.broker_p50:.1f} "
             f"| {c.broker_cpu_ms:.2f} ({c.broker_loop_ms:.2f}, {c.broker_sys_ms:.2f}) |")
     return "\n".join(lines)
+
+
+def render_floor_table(cells: Sequence[Cell]) -> str:
+    """The broker against the floor: the same Vault call behind a bare aiohttp server (``--floor``)."""
+    lines = [("| grant | agents | direct rps | floor rps | broker rps | p50 ms direct / floor / broker "
+              "| floor CPU ms/iss (loop) | broker CPU ms/iss (loop) | broker - floor CPU ms |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        if math.isnan(c.floor_rps):
+            continue
+        lines.append(
+            f"| {c.grant} | {c.concurrency} | {c.direct_rps:.0f} | {c.floor_rps:.0f} | {c.broker_rps:.0f} "
+            f"| {c.direct_p50:.2f} / {c.floor_p50:.2f} / {c.broker_p50:.2f} "
+            f"| {c.floor_cpu_ms:.2f} ({c.floor_loop_ms:.2f}) | {c.broker_cpu_ms:.2f} ({c.broker_loop_ms:.2f}) "
+            f"| {c.broker_cpu_ms - c.floor_cpu_ms:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def goals(cells: Sequence[Cell]) -> list[tuple[str, str, bool]]:
@@ -599,9 +686,14 @@ async def run_bench(stack: BenchStack, args: argparse.Namespace, passes_out: lis
         async with limit, aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             bench = Bench(stack, session, args, progress)
             try:
+                if args.floor:
+                    assert stack.bao is not None
+                    bench.floor = await FloorServer.start(stack.bao.addr)
                 await bench.run()
             finally:
                 passes_out.extend(bench.passes)
+                if bench.floor is not None:
+                    bench.floor.stop()
     except TimeoutError:
         if not limit.expired():
             raise  # a request timed out: a failure, not the global limit
@@ -621,6 +713,8 @@ def report(info: dict[str, Any], args: argparse.Namespace, passes: Sequence[Pass
         render_table(cells),
         "",
         render_two_call_table(cells),
+        "",
+        render_floor_table(cells),
         "",
         render_goals(goals(cells)),
     ]
