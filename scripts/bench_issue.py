@@ -19,6 +19,13 @@ What it measures
       child token -- straight from OpenBao, without the broker. ``direct2 - direct`` is what the extra
       call costs OpenBao; ``broker - direct2`` is what the broker itself adds. Skip with ``--no-direct2``.
 
+    and, with ``--floor``, what serving a credential costs with none of the broker's own work:
+
+    * **floor**: the direct call made by ``scripts/_floor_server.py`` (a separate process: aiohttp on
+      uvloop, no middleware, the broker's ``VaultClient``) for each request it gets. Its CPU per
+      credential beside the broker's shows how much of the broker's is the HTTP stack and how much is
+      its own work (identity, the store, the journal, the audit chain).
+
     Each simulated agent has its own task (started by a user through the broker) and one JWT-SVID
     minted once and reused for the whole run, as a real agent reuses its SVID for minutes. The direct
     calls use the task token the broker holds: read from the broker's SQLite store and opened with the
@@ -353,29 +360,20 @@ class Bench:
         grant = self.grant(kind)
         data = grant.request_params(task=task_id, agent=agent_id(i), user="alice@example.com", tenant="acme",
                                     role=ROLE, ttl=grant.max_ttl) if grant.method == "POST" else None
-        url, body, headers = self.floor.url, {"path": grant.path, "method": grant.method, "data": data}, {
-            "X-Task-Token": token}
-
-        async def op() -> None:
-            async with self.session.post(url, json=body, headers=headers) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    msg = f"floor server answered {resp.status}: {raw[:200]!r}"
-                    raise RuntimeError(msg)
-            json.loads(raw)
-
-        return op
+        return self._post_op("floor server", self.floor.url, {"path": grant.path, "method": grant.method, "data": data},
+                             {"X-Task-Token": token})
 
     def broker_op(self, kind: GrantKind, task_id: str, i: int) -> Callable[[], Awaitable[None]]:
-        url = f"{self.stack.broker_url}/v1/tasks/{task_id}/credentials"
-        body = {"grant": kind.grant}
-        headers = bearer(self.svids[i])
+        return self._post_op("broker", f"{self.stack.broker_url}/v1/tasks/{task_id}/credentials",
+                             {"grant": kind.grant}, bearer(self.svids[i]))
 
+    def _post_op(self, who: str, url: str, body: dict[str, Any], headers: dict[str, str]) -> Callable[[], Awaitable[None]]:
+        """One credential over HTTP: a 200 whose body is JSON, else an error counted by closed_loop."""
         async def op() -> None:
             async with self.session.post(url, json=body, headers=headers) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    msg = f"broker answered {resp.status}: {raw[:200]!r}"
+                    msg = f"{who} answered {resp.status}: {raw[:200]!r}"
                     raise RuntimeError(msg)
             json.loads(raw)
 
