@@ -49,6 +49,7 @@ Hierarchy::
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
         ├── VaultBadResponse (502 vault_bad_response)
+        ├── VaultTLSFailed (502 vault_tls_failed)     -- Vault's certificate refused: [vault].ca_cert, or an attack
         └── VaultUnavailable (503 vault_unavailable)  -- unreachable, sealed, standby: retry later
 
 Every code is unique, the SDK decodes each into its class, and the OpenAPI document lists every code an
@@ -377,6 +378,14 @@ class VaultError(BrokerError):
 class VaultDenied(VaultError):
     code = "vault_denied"
     title = "Vault refused the request"
+
+
+class VaultTLSFailed(VaultError):
+    """Vault's TLS certificate was refused: nothing was sent. A configuration problem or an attack, never
+    "retry later"; ``[vault].ca_cert`` names the CA that signs Vault's certificate."""
+
+    code = "vault_tls_failed"
+    title = "TLS with Vault failed"
 
 
 class VaultBadResponse(VaultError):

@@ -73,8 +73,8 @@ class Readiness:
         try:
             h = await self._vault.health(timeout=self._timeout)
         except VaultError as exc:
-            # Not an outage but a configuration problem (a refused certificate: [vault].ca_cert) or an attack.
-            # The answer stays "unreachable" (rule 2); the log says why, once until Vault answers again.
+            # Not an outage but a configuration problem (VaultTLSFailed: [vault].ca_cert) or an attack. The
+            # answer stays "unreachable" (rule 2); the log says why, once until Vault answers again.
             if not isinstance(exc, VaultUnavailable) and not self._told:
                 log.warning("readiness: Vault cannot be used: %s", exc)
                 self._told = True

@@ -196,7 +196,7 @@ def parse_line(line: str | bytes) -> VaultAuditEntry:
 # The fields the broker reads, typed as OpenBao writes them. A line that fits is decoded without building the
 # rest (request and response data, policy results: most of its bytes); one that does not fit, or that this
 # path is unsure of, is read again by _parse_any, which decides. So both give the same entry for every line
-# (tests/unit/test_vaultlog.py compares them). gc=False: the decoded objects hold no cycles.
+# (tests/unit/test_vaultaudit.py compares them). gc=False: the decoded objects hold no cycles.
 class _TAuth(msgspec.Struct, gc=False):
     display_name: str | None = None
     policies: list[str] | None = None

@@ -10,7 +10,7 @@ import click
 
 from broker.cli.common import EXISTING_FILE, print_json, settings_from
 from broker.delegation import Catalog
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, VaultTLSFailed
 from broker.vault.sync import audit_device_of
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ def vault_sync(config: Path, write_token: Path | None, as_json: bool) -> None:
         catalog = Catalog.from_settings(settings)
         changes = _sync(addr, token, catalog, write_token, audit_device_of(settings), len(settings.vault.addrs) > 1,
                         ca_cert=ca_cert)
+    except VaultTLSFailed as exc:
+        raise click.ClickException(f"{exc}: set [vault].ca_cert, or VAULT_CACERT, to the CA that signs Vault's "
+                                   "certificate") from exc
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:

@@ -45,6 +45,7 @@ from broker.errors import (
     VaultBadResponse,
     VaultDenied,
     VaultError,
+    VaultTLSFailed,
     VaultUnavailable,
 )
 from broker.paths import validate_name, validate_path
@@ -272,10 +273,9 @@ def transport_failure(cls: type[VaultError], exc: BaseException, op: str) -> Vau
     Shared by the hot-path client (aiohttp) and the admin client (hvac over requests): one wording.
     """
     reason = f"{op}: {type(exc).__name__}: {_scrub(str(exc))}"
-    refused = _certificate_refusal(exc)
+    refused = _tls_refusal(exc)
     if refused is not None:
-        return VaultError(f"TLS with Vault failed ({op}): {refused}; [vault].ca_cert names the CA that signs "
-                          f"Vault's certificate", reason=reason)
+        return VaultTLSFailed(f"TLS with Vault failed ({op}): {refused}", reason=reason)
     if cls is VaultUnavailable:
         return VaultUnavailable(f"Vault is unreachable ({op})", reason=reason)
     if cls is VaultBadResponse:
@@ -283,9 +283,10 @@ def transport_failure(cls: type[VaultError], exc: BaseException, op: str) -> Vau
     return VaultError(f"Vault request failed ({op})", reason=reason)
 
 
-def _certificate_refusal(exc: BaseException) -> str | None:
-    """OpenSSL's words when ``exc`` is, or wraps (requests and urllib3 nest it in their own errors), a refused
-    server certificate: what an operator must fix, not a network failure."""
+def _tls_refusal(exc: BaseException) -> str | None:
+    """OpenSSL's words when ``exc`` is, or wraps (requests and urllib3 nest it in their own errors), a failed
+    TLS handshake: a refused certificate, a host name it does not name, no TLS at that address. What an
+    operator must fix, not a network failure."""
     seen: list[BaseException] = []
     todo: list[object] = [exc]
     while todo and len(seen) < 16:
@@ -295,6 +296,8 @@ def _certificate_refusal(exc: BaseException) -> str | None:
         seen.append(e)
         if isinstance(e, ssl.SSLCertVerificationError):
             return _scrub(str(e.verify_message or e.reason or "certificate verify failed"))
+        if isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return _scrub(str(e.reason or type(e).__name__))
         todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None), *e.args])
     return None
 

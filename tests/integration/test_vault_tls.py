@@ -31,7 +31,7 @@ from broker.app import make_app
 from broker.config import Settings, VaultSettings, load_settings
 from broker.delegation import Catalog
 from broker.dev.stack import DevOpenBao, configure_child_token_role, start_dev_openbao
-from broker.errors import ConfigError, VaultError, VaultUnavailable
+from broker.errors import ConfigError, VaultError, VaultTLSFailed
 from broker.vault import VaultClient
 from broker.vault.admin import VaultAdmin
 from broker.vault.sync import audit_device_of, sync, write_broker_token
@@ -78,18 +78,27 @@ class TestTheServingClient:
     @pytest.mark.parametrize("trust", ["system", "another CA"])
     async def test_without_it_the_certificate_is_refused_and_it_is_not_retry_later(
             self, tls_bao: DevOpenBao, tmp_path: Path, trust: str) -> None:
-        """The system's store and an unrelated CA both refuse OpenBao's certificate: a VaultError that says
-        TLS (a configuration problem or an attack), not VaultUnavailable, and without the token in it."""
+        """The system's store and an unrelated CA both refuse OpenBao's certificate: VaultTLSFailed (a
+        configuration problem or an attack), not VaultUnavailable, and without the token in it."""
         ca = None if trust == "system" else other_ca(tmp_path / "other-ca.pem")
         async with aiohttp.ClientSession() as session:
             vault = VaultClient(session, tls_bao.addr, token=tls_bao.root_token, ssl_context=vault_tls_context(ca))
-            with pytest.raises(VaultError) as caught:
+            with pytest.raises(VaultTLSFailed) as caught:
                 await vault.lookup_self()
-        assert not isinstance(caught.value, VaultUnavailable)
         text = f"{caught.value} {caught.value.reason}"
-        assert str(caught.value).startswith("TLS with Vault failed (lookup self): unable to get local issuer "
-                                            "certificate; [vault].ca_cert names the CA"), text
+        assert str(caught.value) == "TLS with Vault failed (lookup self): unable to get local issuer certificate"
+        assert caught.value.code == "vault_tls_failed" and caught.value.http_status == 502
         assert tls_bao.root_token.reveal() not in text
+
+
+    async def test_https_to_a_plain_http_vault_is_a_tls_failure(self, site: BrokerSite) -> None:
+        """An https address where Vault serves plain HTTP (the session's OpenBao): a TLS failure, not an outage."""
+        addr = site.engines.bao.addr.replace("http://", "https://", 1)
+        async with aiohttp.ClientSession() as session:
+            vault = VaultClient(session, addr, token=site.engines.bao.root_token, ssl_context=vault_tls_context(None))
+            with pytest.raises(VaultTLSFailed) as caught:
+                await vault.lookup_self()
+        assert str(caught.value).startswith("TLS with Vault failed (lookup self): "), caught.value
 
 
 class TestTheCaFile:
@@ -206,4 +215,5 @@ class TestVaultSync:
         out = run_sync(site, tls_bao, self.config(site, tls_bao, tmp_path, None))
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert "TLS with Vault failed" in out.stderr and "unable to get local issuer certificate" in out.stderr
+        assert "set [vault].ca_cert, or VAULT_CACERT" in out.stderr
         assert out.stderr.count("\n") == 1 and tls_bao.root_token.reveal() not in out.stderr + out.stdout
