@@ -105,8 +105,8 @@ class VaultSettings(_Frozen):
     failover_timeout: float = Field(default=10.0, gt=0, le=120)
     namespace: str | None = None
     # The CA certificate(s), PEM, that Vault's TLS certificate must chain to (as VAULT_CACERT does for the
-    # vault CLI), for every https address; unset: the system's trust store. Never the environment's
-    # SSL_CERT_FILE or VAULT_CACERT: what the broker trusts is in its configuration.
+    # vault CLI), for every https address: only these, the environment (VAULT_CACERT, SSL_CERT_FILE) adds
+    # nothing. Unset: OpenSSL's default trust store (which SSL_CERT_FILE and SSL_CERT_DIR may replace).
     ca_cert: Path | None = None
     # How long `end` waits for Vault to confirm that a task's leases are gone before it reports
     # them `revoke_pending` (revoke-accessor returns before the leases are revoked).

@@ -49,7 +49,7 @@ Hierarchy::
     └── VaultError (502 vault_error)
         ├── VaultDenied (502 vault_denied)            -- Vault refused the broker: a setup problem
         ├── VaultBadResponse (502 vault_bad_response)
-        ├── VaultTLSFailed (502 vault_tls_failed)     -- Vault's certificate refused: [vault].ca_cert, or an attack
+        ├── VaultTLSFailed (502 vault_tls_failed)     -- no TLS handshake with Vault: [vault].ca_cert, or an attack
         └── VaultUnavailable (503 vault_unavailable)  -- unreachable, sealed, standby: retry later
 
 Every code is unique, the SDK decodes each into its class, and the OpenAPI document lists every code an
@@ -381,8 +381,9 @@ class VaultDenied(VaultError):
 
 
 class VaultTLSFailed(VaultError):
-    """Vault's TLS certificate was refused: nothing was sent. A configuration problem or an attack, never
-    "retry later"; ``[vault].ca_cert`` names the CA that signs Vault's certificate."""
+    """The TLS handshake with Vault failed (its certificate refused, a host name it does not name, no TLS at
+    that address): nothing was sent. A configuration problem or an attack, never "retry later";
+    ``[vault].ca_cert`` names the CA that signs Vault's certificate."""
 
     code = "vault_tls_failed"
     title = "TLS with Vault failed"

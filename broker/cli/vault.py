@@ -10,7 +10,7 @@ import click
 
 from broker.cli.common import EXISTING_FILE, print_json, settings_from
 from broker.delegation import Catalog
-from broker.errors import BrokerError, ConfigError, VaultTLSFailed
+from broker.errors import BrokerError, VaultTLSFailed
 from broker.vault.sync import audit_device_of
 
 if TYPE_CHECKING:
@@ -69,9 +69,10 @@ def _sync(addr: str, token: str, catalog: Catalog, write_token: Path | None,
     # hvac (synchronous) through VaultAdmin: the admin side never shares the serving broker's client.
     from broker.vault.admin import VaultAdmin
     from broker.vault.sync import sync, write_broker_token
+    from broker.vault.tls import vault_tls_context
 
-    if ca_cert is not None and not ca_cert.is_file():
-        raise ConfigError(f"the CA certificate file {ca_cert} does not exist")
+    if ca_cert is not None:
+        vault_tls_context(ca_cert)  # the serving broker's checks of the file, before hvac reads it
     with VaultAdmin(addr, token=token, ca_cert=ca_cert) as admin:
         changes = sync(admin, catalog, audit_device=audit_device, tidy=tidy)
         if write_token is not None:

@@ -14,8 +14,9 @@ def vault_tls_context(ca_cert: Path | None) -> ssl.SSLContext:
     """The TLS context for Vault's https addresses: certificate and host name checked, TLS 1.2 or later.
 
     With ``ca_cert`` only the CA certificates in that PEM file are trusted (as ``VAULT_CACERT`` does for
-    the vault CLI), not the system's; without it, the system's trust store. Read once, at start-up, so
-    a missing or broken file stops the broker there rather than failing every request.
+    the vault CLI): not the system's, and nothing from the environment. Without it, OpenSSL's default
+    trust store (which ``SSL_CERT_FILE``/``SSL_CERT_DIR`` may replace, as for any OpenSSL program). Read
+    once, at start-up, so a missing or broken file stops the broker there rather than failing every request.
 
     Raises:
         ConfigError: ``ca_cert`` cannot be read or holds no CA certificate (the message names the file,

@@ -211,6 +211,12 @@ class TestVaultSync:
         out = run_sync(site, tls_bao, self.config(site, tls_bao, tmp_path, None), VAULT_CACERT=str(tls_bao.ca_cert))
         assert out.returncode == 0, out.stderr
 
+    def test_a_missing_ca_file_is_named_before_vault_is_called(self, site: BrokerSite, tls_bao: DevOpenBao,
+                                                               tmp_path: Path) -> None:
+        out = run_sync(site, tls_bao, self.config(site, tls_bao, tmp_path, tmp_path / "absent.pem"))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "vault.ca_cert" in out.stderr and "absent.pem: No such file" in out.stderr, out.stderr
+
     def test_without_it_a_one_line_tls_error(self, site: BrokerSite, tls_bao: DevOpenBao, tmp_path: Path) -> None:
         out = run_sync(site, tls_bao, self.config(site, tls_bao, tmp_path, None))
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
