@@ -209,7 +209,10 @@ class _Chunk:
 
 
 def _parse_chunk(data: bytes) -> _Chunk:
-    """Parse a chunk of complete lines (run in a worker thread): request entries are skipped unparsed."""
+    """Parse the complete lines of a chunk (run in a worker thread): request entries are skipped unparsed.
+
+    Bytes after the last newline (a line OpenBao is still writing) are no line and are left out.
+    """
     lines = data.split(b"\n")[:-1]
     responses, invalid = parse_responses(lines)
     task_ids = [t for e in responses if e.auth is not None and (t := e.auth.metadata.get("task"))]
@@ -370,7 +373,8 @@ class VaultAuditTailer:
             if cut >= 0:
                 more = len(data) >= self._reader.chunk or any(
                     g.id != f.id and g.size > (self._pos[g.id].offset if g.id in self._pos else 0) for g in files)
-                return await self._merge(f, known, offset, data[:cut + 1], gone, more)
+                # Not cut to its complete lines (a megabyte copied): the parse leaves the unfinished one out.
+                return await self._merge(f, known, offset, data, cut + 1, gone, more)
             if len(data) >= self._reader.chunk:
                 # A "line" longer than a chunk is no audit entry: skip it rather than stall.
                 end = await asyncio.to_thread(self._reader.skip_line, f.id, offset)
@@ -435,8 +439,9 @@ class VaultAuditTailer:
         for p in gone:
             self._pos.pop((p.device, p.inode), None)
 
-    async def _merge(self, f: _File, known: VaultAuditPosition | None, offset: int, data: bytes,
+    async def _merge(self, f: _File, known: VaultAuditPosition | None, offset: int, data: bytes, end: int,
                      gone: list[VaultAuditPosition], more: bool) -> MergeResult:
+        """Merge the complete lines of ``data`` (its first ``end`` bytes), read at ``offset``."""
         # Parsing and classifying are CPU work: a worker thread does them, the loop only awaits the
         # results and the store (which has its own thread).
         chunk = await asyncio.to_thread(_parse_chunk, data)
@@ -446,7 +451,7 @@ class VaultAuditTailer:
             tokens={a: TokenOrigin(t, lease) for a, (t, lease) in learned.items()}, skew=self._skew)
         new_tokens = {a: (o.task, o.lease) for a, o in fresh.items()}
         seen = [t for t in (known.last_entry_at if known else None, chunk.last_entry_at) if t is not None]
-        new = VaultAuditPosition(self._key, f.id[0], f.id[1], offset + len(data),
+        new = VaultAuditPosition(self._key, f.id[0], f.id[1], offset + end,
                                  (known.lines if known else 0) + chunk.lines, max(seen) if seen else None)
         await self._commit([(known, new)], records, new_tokens, gone, chunk.journal)
         requests = sum(r.event == "vault.request" for r in records)
