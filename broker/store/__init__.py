@@ -49,6 +49,7 @@ from broker.store.sessions import ConsoleSessionRow, ConsoleSessionStore
 from broker.store.singletons import SingletonStore
 from broker.store.tasks import TaskStore
 from broker.store.vault_audit import VaultAuditStore
+from broker.store.walcheckpoint import SAFETY_PAGES, WalCheckpointer
 
 __all__ = ["ApprovalRow", "AuditRow", "CheckpointRow", "ConsoleSessionRow", "Intent", "JournalEntry", "LeaseLimits",
            "LeaseRow", "Person", "RevocationRow", "Store", "TaskRow", "VaultAuditPosition", "open_store"]
@@ -82,12 +83,14 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
     sync_url = _sync_url(url)
     sqlite = sync_url.startswith("sqlite")
     kwargs: dict[str, Any] = {}
+    checkpointed = False
     if sqlite:
         kwargs["poolclass"] = StaticPool
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         database = make_url(sync_url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            checkpointed = not database.startswith("file:")  # a plain file, which the checkpointer opens too
     else:
         kwargs["pool_size"] = 8
         kwargs["pool_pre_ping"] = True
@@ -108,6 +111,10 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
             # slowed as history grew (scripts/bench_live.py). 64 MB of cache and reads through mmap.
             cur.execute("PRAGMA cache_size=-65536")
             cur.execute("PRAGMA mmap_size=268435456")
+            if checkpointed:
+                # The WAL checkpointer (broker.store.walcheckpoint) copies the WAL back; a commit runs one
+                # only past this mark, as a safety net should that thread fall behind.
+                cur.execute(f"PRAGMA wal_autocheckpoint={SAFETY_PAGES}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -121,7 +128,8 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
             except sqlite3.Error as exc:  # as SQLAlchemy would have wrapped it: the store is unavailable
                 raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
 
-    store = Store(engine, sqlite=sqlite)
+    store = Store(engine, sqlite=sqlite,
+                  checkpointer=WalCheckpointer(make_url(sync_url).database or "") if checkpointed else None)
     if migrate:
         try:
             await store._run(_upgrade, engine)

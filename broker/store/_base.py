@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -44,6 +45,7 @@ from broker.store.schema import (
     health_probe,
 )
 from broker.store.statements import _PROBE
+from broker.store.walcheckpoint import WalCheckpointer
 
 __all__ = ["StoreBase"]
 
@@ -70,9 +72,27 @@ def _answer(answers: Sequence[tuple[asyncio.Future[Any], _Outcome]]) -> None:
             fut.set_exception(value)
 
 
+MIN_FREE_BYTES = 1 << 20  # below a mebibyte free, a SQLite store's disk counts as full (probe_write)
+
+
+def _free_bytes(database: str) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``database`` (None: unknown)."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(database)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class StoreBase:
-    def __init__(self, engine: Engine, *, sqlite: bool, threads: int = 4) -> None:
+    def __init__(self, engine: Engine, *, sqlite: bool, threads: int = 4,
+                 checkpointer: WalCheckpointer | None = None) -> None:
         self._engine = engine
+        self._checkpointer = checkpointer
+        # A SQLite store in a file: the file, whose disk the write probe also looks at.
+        self._database = checkpointer.database if checkpointer is not None else None
+        if checkpointer is not None:
+            checkpointer.start()
         # SQLite has one writer (and here one connection): one thread serialises every transaction,
         # which is what SQLite would do anyway, without "database is locked" retries.
         self._observe: Callable[[float, bool], None] | None = None
@@ -97,6 +117,9 @@ class StoreBase:
         self._observe = observe
 
     async def close(self) -> None:
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.stop)
         if self._thread is None:
             assert self._executor is not None
             await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
@@ -378,9 +401,18 @@ class StoreBase:
 
         Callers rate-limit it (``broker.readiness``): one small transaction per probe.
 
+        A SQLite store whose disk has less than ``MIN_FREE_BYTES`` left is not ready either, whatever the
+        probe's one row manages: a commit may still fit in WAL frames SQLite already has (the checkpointer
+        copies them back, and the WAL starts over), while an issuance needs new ones and fails.
+
         Raises:
             StoreUnavailable: the write or its commit failed (a full disk, a read-only file or database).
         """
+        if self._database is not None:
+            free = await asyncio.to_thread(_free_bytes, self._database)
+            if free is not None and free < MIN_FREE_BYTES:
+                raise StoreUnavailable("the store's disk is full", reason=f"{free} bytes free")
+
         def run() -> None:
             with self._tx() as conn:
                 if conn.execute(_PROBE, {"at": now}).rowcount == 0:
