@@ -90,6 +90,24 @@ class TestTheServingClient:
         assert caught.value.code == "vault_tls_failed" and caught.value.http_status == 502
         assert tls_bao.root_token.reveal() not in text
 
+    async def test_a_certificate_for_another_name_is_refused(self, tls_bao: DevOpenBao) -> None:
+        """The right CA, the wrong name: OpenBao's certificate names localhost and 127.0.0.1, and the address
+        names the same loopback host as ``127.1``, a name the certificate does not hold (as a certificate
+        from the same CA for another host would be presented). Refused as VaultTLSFailed, saying so."""
+        port = tls_bao.addr.rsplit(":", 1)[1]
+        assert tls_bao.ca_cert is not None
+        async with aiohttp.ClientSession() as session:
+            vault = VaultClient(session, f"https://127.1:{port}", token=tls_bao.root_token,
+                                ssl_context=vault_tls_context(tls_bao.ca_cert))
+            with pytest.raises(VaultTLSFailed) as caught:
+                await vault.lookup_self()
+            # The same CA and the name the certificate holds: accepted (so the refusal was the name's).
+            named = VaultClient(session, f"https://localhost:{port}", token=tls_bao.root_token,
+                                ssl_context=vault_tls_context(tls_bao.ca_cert))
+            assert "root" in (await named.lookup_self()).policies
+        assert str(caught.value) == ("TLS with Vault failed (lookup self): Hostname mismatch, certificate is not "
+                                     "valid for '127.1'.")
+        assert tls_bao.root_token.reveal() not in f"{caught.value} {caught.value.reason}"
 
     async def test_https_to_a_plain_http_vault_is_a_tls_failure(self, site: BrokerSite) -> None:
         """An https address where Vault serves plain HTTP (the session's OpenBao): a TLS failure, not an outage."""
