@@ -25,6 +25,7 @@ import logging
 import os
 import sqlite3
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ class WalCheckpointer:
             try:
                 if conn is None:
                     if not os.path.exists(self._database):
-                        continue  # not created yet (the store creates it): connecting would create it empty
-                    conn = sqlite3.connect(self._database, timeout=1.0, isolation_level=None,
-                                           check_same_thread=False)
+                        continue  # not created yet: the store creates it
+                    # mode=rw: a file deleted since is an error here, never created again, empty.
+                    conn = sqlite3.connect(f"{Path(self._database).absolute().as_uri()}?mode=rw", uri=True,
+                                           timeout=1.0, isolation_level=None, check_same_thread=False)
                     # A checkpoint syncs as its connection's setting says: the store's own (broker.store).
                     conn.execute("PRAGMA synchronous=FULL")
                 _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
