@@ -83,14 +83,15 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
     sync_url = _sync_url(url)
     sqlite = sync_url.startswith("sqlite")
     kwargs: dict[str, Any] = {}
-    checkpointed = False
+    checkpointed: str | None = None  # a SQLite file that the WAL checkpointer opens too
     if sqlite:
         kwargs["poolclass"] = StaticPool
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         database = make_url(sync_url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-            checkpointed = not database.startswith("file:")  # a plain file, which the checkpointer opens too
+            if not database.startswith("file:"):  # a URI's options are SQLite's to read, not a path
+                checkpointed = database
     else:
         kwargs["pool_size"] = 8
         kwargs["pool_pre_ping"] = True
@@ -128,8 +129,7 @@ async def open_store(url: str, *, migrate: bool = True) -> Store:
             except sqlite3.Error as exc:  # as SQLAlchemy would have wrapped it: the store is unavailable
                 raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
 
-    store = Store(engine, sqlite=sqlite,
-                  checkpointer=WalCheckpointer(make_url(sync_url).database or "") if checkpointed else None)
+    store = Store(engine, sqlite=sqlite, checkpointer=WalCheckpointer(checkpointed) if checkpointed else None)
     if migrate:
         try:
             await store._run(_upgrade, engine)

@@ -7,7 +7,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from broker.audit import AuditRecord
 from broker.store import open_store
@@ -29,9 +32,9 @@ def _writer(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _until(cond: object, seconds: float = 10.0) -> None:
+def _until(cond: Callable[[], bool], seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
-    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+    while not cond() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -74,15 +77,15 @@ def test_it_never_creates_the_database(tmp_path: Path) -> None:
     assert checkpointer.rounds == 0
 
 
-def test_a_failing_checkpoint_is_logged_once_and_retried(tmp_path: Path, caplog: object) -> None:
+def test_a_failing_checkpoint_is_logged_once_and_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "not-a-database.db"
     db.write_bytes(b"this is not SQLite" * 100)
     checkpointer = WalCheckpointer(str(db), interval=0.01, idle_interval=0.01)
-    with caplog.at_level(logging.WARNING, logger="broker.store.walcheckpoint"):  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="broker.store.walcheckpoint"):
         checkpointer.start()
         time.sleep(0.2)
         checkpointer.stop()
-    warnings = [r for r in caplog.records if "WAL checkpoint failed" in r.getMessage()]  # type: ignore[attr-defined]
+    warnings = [r for r in caplog.records if "WAL checkpoint failed" in r.getMessage()]
     assert len(warnings) == 1
     assert "DatabaseError" in warnings[0].getMessage()
 
@@ -91,7 +94,7 @@ def _checkpointer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "broker-store-checkpoint"]
 
 
-async def test_a_sqlite_store_checkpoints_beside_its_commits_and_stops_with_them(tmp_path: Path) -> None:
+async def test_a_sqlite_store_starts_its_checkpointer_and_stops_it_on_close(tmp_path: Path) -> None:
     before = len(_checkpointer_threads())
     db = tmp_path / "broker.db"
     store = await open_store(f"sqlite:///{db}")
