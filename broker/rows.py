@@ -124,6 +124,21 @@ class ChainSource:
 
 
 @dataclass(frozen=True)
+class LookupSource:
+    """How another process runs the Vault audit merge's look-ups as ``Store.vault_audit_context`` does: the
+    DB-API module, its connection arguments, and the two queries rendered for that database (a learned
+    token by its accessor, a task by its id), each with its parameter order (None: named parameters)."""
+
+    module: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    token_sql: str
+    token_order: tuple[str, ...] | None
+    task_sql: str
+    task_order: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
 class CheckpointRow:
     """A stored checkpoint: the chain's head at ``seq`` records and the signed note (broker.audit.signing)."""
 

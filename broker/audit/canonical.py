@@ -12,13 +12,15 @@ encode (a field that is neither str nor None, a field added to AuditRecord) goes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import astuple, fields
 from json.encoder import encode_basestring
 from typing import Any
 
+import msgspec
+
 from broker.audit.chain import NOT_NUMBERS, NUMBER_TYPES, AuditRecord, canonical_bytes
 
-__all__ = ["RECORD_WIDTH", "canonical_record", "canonical_row"]
+__all__ = ["RECORD_WIDTH", "RenderedRecord", "canonical_record", "canonical_row", "render_record"]
 
 _KNOWN_FIELDS = ("time", "event", "outcome", "user", "agent", "task", "tenant", "resource", "action", "reason",
                  "lease", "vault_request_id", "user_name", "delegation_jti", "caller_address", "revocation",
@@ -73,3 +75,48 @@ def canonical_row(row: Sequence[Any]) -> bytes:
         ).encode()
     except (TypeError, ValueError):
         return canonical_bytes(AuditRecord(*row[1:RECORD_WIDTH + 1]), seq)
+
+
+class RenderedRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A record redacted and written out in canonical form before its place in the chain is known.
+
+    ``values`` are its redacted fields in ``AuditRecord`` order; ``head`` and ``tail`` are its canonical
+    bytes on either side of the seq's digits, so the store, which numbers it, hashes
+    ``head + b"%d" % seq + tail`` without rendering anything (the Vault audit ingest worker renders them
+    in another process: ``broker.audit.ingest``). Only :func:`render_record` makes one.
+    """
+
+    values: tuple[Any, ...]
+    head: bytes
+    tail: bytes
+
+    @property
+    def event(self) -> str:
+        return str(self.values[1])
+
+    @property
+    def vault_request_id(self) -> str | None:
+        rid = self.values[_REQUEST_ID]
+        return None if rid is None else str(rid)
+
+    def body(self, seq: int) -> bytes:
+        """Its canonical bytes as record ``seq``: ``canonical_record(record.redacted(), seq)``."""
+        return self.head + b"%d" % seq + self.tail
+
+
+_REQUEST_ID = _KNOWN_FIELDS.index("vault_request_id")
+# The seq is the one number written where a string field could stand: rendered as 0, it is found by its
+# key, which no string field can imitate (a string's quotes are escaped inside its value).
+_SEQ_ZERO = b',"seq":0,'
+
+
+def render_record(record: AuditRecord) -> RenderedRecord:
+    """``record`` redacted, with its canonical bytes split around the seq (see :class:`RenderedRecord`)."""
+    red = record.redacted()
+    values = astuple(red) if not _FAST else (
+        red.time, red.event, red.outcome, red.user, red.agent, red.task, red.tenant, red.resource, red.action,
+        red.reason, red.lease, red.vault_request_id, red.user_name, red.delegation_jti, red.caller_address,
+        red.revocation, red.key_fingerprint)
+    body = canonical_row((0, *values))
+    at = body.index(_SEQ_ZERO) + len(_SEQ_ZERO) - 2
+    return RenderedRecord(values, body[:at], body[at + 1:])

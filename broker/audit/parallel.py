@@ -35,7 +35,7 @@ from broker.audit.verify import LogVerifier
 from broker.errors import StoreUnavailable
 from broker.rows import ChainSource
 
-__all__ = ["usable_cores", "verify_in_processes"]
+__all__ = ["usable_cores", "verify_in_processes", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
         stdout.flush()
 
 
-def _worker_env() -> dict[str, str]:
-    """This environment, with the directory this ``broker`` package was imported from first on the path."""
+def worker_env() -> dict[str, str]:
+    """This environment, with the directory this ``broker`` package was imported from first on the path (for a
+    worker started with ``python -m``: it imports the same code as the broker, installed or not)."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
@@ -170,7 +171,7 @@ async def verify_in_processes(source: ChainSource, verifier: LogVerifier, *, las
         for _ in range(min(workers, len(plan))):
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "broker.audit.parallel", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, env=_worker_env()))
+                stdout=asyncio.subprocess.PIPE, env=worker_env()))
             drivers.append(asyncio.create_task(drive(procs[-1])))
         for fut in results:
             verifier.feed_stretch(await fut)

@@ -24,8 +24,11 @@ What it keeps:
    kept) or at its beginning (``start="beginning"``: everything the files still hold).
 6. **Never blocks the loop.** File reads, parsing and classification happen in worker threads
    (``asyncio.to_thread``), at most ``chunk_bytes`` per poll; the store works on its own threads. The
-   loop only awaits them. ``request`` entries (half the lines, dropped by the merge) are recognised
-   by their opening bytes and never parsed (``vaultlog.is_request_line``). Polls run back to back
+   loop only awaits them. While catching up (a poll filled its chunk) they happen in a worker process
+   instead, one chunk ahead of the store's commit (``broker.audit.ingest``); the store still numbers,
+   hashes and commits every record, in the same one transaction per chunk. ``request`` entries (half
+   the lines, dropped by the merge) are recognised by their opening bytes and never parsed
+   (``vaultlog.is_request_line``). Polls run back to back
    only while a poll fills its chunk (catching up); otherwise the tailer waits ``poll_interval``, so
    a trickle of lines (a few per issuance) is merged in batches, not one poll per few lines.
 
@@ -48,22 +51,17 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from broker.audit import AuditRecord
-from broker.audit.vaultlog import (
-    DEFAULT_SKEW,
-    TokenOrigin,
-    VaultAuditEntry,
-    classify_batch,
-    parse_responses,
-)
+from broker.audit.canonical import RenderedRecord
+from broker.audit.ingest import IngestWorker, PreparedChunk, WorkerFailed, parse_chunk
+from broker.audit.vaultlog import DEFAULT_SKEW, TokenOrigin, classify_batch
 from broker.errors import BrokerError
-from broker.journal import entries_of as journal_entries
-from broker.journal import issued_entries_of as issued_entries
 from broker.metrics import Metrics
 from broker.rows import JournalEntry
 from broker.store import Store, VaultAuditPosition
@@ -196,34 +194,17 @@ class _FileReader:
 
 
 @dataclass(frozen=True)
-class _Chunk:
-    """A chunk of complete lines, parsed: its response entries and what the store must look up for them."""
+class _Sent:
+    """A chunk sent to the ingest worker, ahead of the store's commit."""
 
-    lines: int
-    invalid: int
-    responses: list[VaultAuditEntry]
-    task_ids: list[str]
-    accessors: list[str]
-    journal: list[JournalEntry]
-    last_entry_at: float | None  # Vault's time of the newest journal entry parsed (broker.journal rule 2)
+    file_id: FileId
+    offset: int
+    size: int  # bytes read
+    end: int  # bytes of complete lines
+    answer: asyncio.Future[bytes]
 
 
-def _parse_chunk(data: bytes) -> _Chunk:
-    """Parse the complete lines of a chunk (run in a worker thread): request entries are skipped unparsed.
-
-    Bytes after the last newline (a line OpenBao is still writing) are no line and are left out.
-    """
-    lines = data.split(b"\n")[:-1]
-    responses, invalid = parse_responses(lines)
-    task_ids = [t for e in responses if e.auth is not None and (t := e.auth.metadata.get("task"))]
-    accessors = [e.auth.accessor for e in responses
-                 if e.auth is not None and e.auth.accessor and "task" not in e.auth.metadata]
-    journal = journal_entries(responses)
-    # Only entries that carry the journal's header move its mark (broker.journal rule 2): if Vault stopped
-    # recording the header, the mark stops, and no absence is concluded from a log that no longer says.
-    last = max((e.at for e in journal), default=None)
-    journal += issued_entries(responses)  # for the late-answer sweep only (broker.journal rule 7)
-    return _Chunk(len(lines), invalid, responses, task_ids, accessors, journal, last)
+_AHEAD = 2  # chunks in the worker's hands while the store commits one: it always has the next to prepare
 
 
 @dataclass(frozen=True)
@@ -255,6 +236,7 @@ class VaultAuditTailer:
         hasher: Hasher | None = None,
         clock: Callable[[], float] = time.time,
         dedupe: bool = False,
+        ingest_worker: bool = True,
     ) -> None:
         self._store = store
         self._path = Path(path)
@@ -273,6 +255,12 @@ class VaultAuditTailer:
         self._loaded = False
         # One of several nodes' files (broker.audit.tailers): merge a Vault request once across them.
         self._dedupe = dedupe
+        # A worker process prepares whole chunks while catching up (broker.audit.ingest); off after it fails,
+        # or when no other process can open the store (SQLite in memory).
+        self._use_worker = ingest_worker
+        self._worker: IngestWorker | None = None
+        self._sent: deque[_Sent] = deque()
+        self._reset = False  # the worker must forget what it learned from chunks dropped since the last job
 
     @property
     def path(self) -> Path:
@@ -281,6 +269,11 @@ class VaultAuditTailer:
     def reload(self) -> None:
         """Read the positions from the store again at the next step (another tailer may have moved them)."""
         self._loaded = False
+
+    @property
+    def ingest_worker(self) -> IngestWorker | None:
+        """The worker process preparing chunks while this tailer catches up (None: not started, or off)."""
+        return self._worker
 
     @property
     def position(self) -> VaultAuditPosition | None:
@@ -310,7 +303,7 @@ class VaultAuditTailer:
                 if not result.more and result.switched is None:
                     await asyncio.sleep(self._interval)
         finally:
-            self._reader.close()
+            await self.aclose()
 
     async def seed_tokens(self) -> int:
         """Hash the accessors of live token leases with ``hasher`` (``sys/audit-hash``) and remember them.
@@ -366,13 +359,16 @@ class VaultAuditTailer:
                 if not f.current and known is not None:
                     self._reader.forget(f.id)  # read to the end; reopened by name if it grows again
                 continue
+            sent = self._sent_for(f.id, offset)
+            if sent is not None and (prepared := await self._answer(sent)) is not None:
+                more = sent.size >= self._reader.chunk or self._others_unread(f, files)
+                return await self._merge_prepared(f, known, offset, sent.size, sent.end, prepared, gone, more)
             data = await asyncio.to_thread(self._reader.read, f.id, offset)
             if data is None:
                 continue
             cut = data.rfind(b"\n")
             if cut >= 0:
-                more = len(data) >= self._reader.chunk or any(
-                    g.id != f.id and g.size > (self._pos[g.id].offset if g.id in self._pos else 0) for g in files)
+                more = len(data) >= self._reader.chunk or self._others_unread(f, files)
                 # Not cut to its complete lines (a megabyte copied): the parse leaves the unfinished one out.
                 return await self._merge(f, known, offset, data, cut + 1, gone, more)
             if len(data) >= self._reader.chunk:
@@ -385,6 +381,9 @@ class VaultAuditTailer:
                 return MergeResult(switched="skipped")
             # Only an unfinished line here (OpenBao is writing it): look at the other files.
         return MergeResult()
+
+    def _others_unread(self, f: _File, files: list[_File]) -> bool:
+        return any(g.id != f.id and g.size > (self._pos[g.id].offset if g.id in self._pos else 0) for g in files)
 
     async def _first_start(self, files: list[_File]) -> MergeResult:
         """No stored position: every file of the log starts at its end (or its beginning)."""
@@ -415,7 +414,7 @@ class VaultAuditTailer:
         return MergeResult(switched=why)
 
     async def _commit(self, moves: list[tuple[VaultAuditPosition | None, VaultAuditPosition]],
-                      records: list[AuditRecord], tokens: dict[str, tuple[str, str | None]],
+                      records: list[AuditRecord | RenderedRecord], tokens: dict[str, tuple[str, str | None]],
                       gone: list[VaultAuditPosition], journal: list[JournalEntry] | None = None) -> None:
         """One transaction: records, tokens, positions; files that no longer exist are forgotten with it.
 
@@ -442,29 +441,129 @@ class VaultAuditTailer:
     async def _merge(self, f: _File, known: VaultAuditPosition | None, offset: int, data: bytes, end: int,
                      gone: list[VaultAuditPosition], more: bool) -> MergeResult:
         """Merge the complete lines of ``data`` (its first ``end`` bytes), read at ``offset``."""
+        if len(data) >= self._reader.chunk and (worker := await self._worker_ready()) is not None:
+            try:
+                sent = await self._send(worker, f.id, offset, data, end)
+                prepared = await worker.result(sent.answer)
+            except WorkerFailed as exc:
+                await self._worker_failed(exc)
+            else:
+                return await self._merge_prepared(f, known, offset, len(data), end, prepared, gone, more)
         # Parsing and classifying are CPU work: a worker thread does them, the loop only awaits the
         # results and the store (which has its own thread).
-        chunk = await asyncio.to_thread(_parse_chunk, data)
+        chunk = await asyncio.to_thread(parse_chunk, data)
         tasks, learned = await self._store.vault_audit_context(chunk.task_ids, chunk.accessors)
         records, fresh = await asyncio.to_thread(
             classify_batch, chunk.responses, known_tasks=tasks.get, broker_paths=self._paths,
             tokens={a: TokenOrigin(t, lease) for a, (t, lease) in learned.items()}, skew=self._skew)
-        new_tokens = {a: (o.task, o.lease) for a, o in fresh.items()}
-        seen = [t for t in (known.last_entry_at if known else None, chunk.last_entry_at) if t is not None]
-        new = VaultAuditPosition(self._key, f.id[0], f.id[1], offset + end,
-                                 (known.lines if known else 0) + chunk.lines, max(seen) if seen else None)
-        await self._commit([(known, new)], records, new_tokens, gone, chunk.journal)
+        new = self._moved(f, known, offset, end, chunk.lines, chunk.last_entry_at)
+        await self._commit([(known, new)], list(records), {a: (o.task, o.lease) for a, o in fresh.items()}, gone,
+                           chunk.journal)
         requests = sum(r.event == "vault.request" for r in records)
         unexplained = sum(r.event == "vault.unexplained" for r in records)
+        return self._merged(chunk.lines, chunk.invalid, requests, unexplained, more)
+
+    async def _merge_prepared(self, f: _File, known: VaultAuditPosition | None, offset: int, size: int, end: int,
+                              prepared: PreparedChunk, gone: list[VaultAuditPosition], more: bool) -> MergeResult:
+        """Commit a chunk the worker prepared; while catching up, the next ones go to the worker first."""
+        new = self._moved(f, known, offset, end, prepared.lines, prepared.last_entry_at)
+        # Beside the commit, not before it: the store's thread and the worker both have work meanwhile.
+        fill = (asyncio.create_task(self._fill(self._worker, f.id, new.offset))
+                if size >= self._reader.chunk and self._worker is not None else None)
+        try:
+            await self._commit([(known, new)], list(prepared.records), prepared.tokens, gone, prepared.journal)
+        except BaseException:
+            if fill is not None:
+                await asyncio.wait([fill])  # never cancelled halfway through a job
+            self._discard_sent()  # prepared after a commit that did not happen
+            raise
+        if fill is not None:
+            await fill
+        return self._merged(prepared.lines, prepared.invalid, prepared.requests, prepared.unexplained, more)
+
+    def _moved(self, f: _File, known: VaultAuditPosition | None, offset: int, end: int, lines: int,
+               last_entry_at: float | None) -> VaultAuditPosition:
+        seen = [t for t in (known.last_entry_at if known else None, last_entry_at) if t is not None]
+        return VaultAuditPosition(self._key, f.id[0], f.id[1], offset + end, (known.lines if known else 0) + lines,
+                                  max(seen) if seen else None)
+
+    def _merged(self, lines: int, invalid: int, requests: int, unexplained: int, more: bool) -> MergeResult:
         m = self._metrics
-        m.inc("broker_vault_audit_lines_total", chunk.lines)
-        m.inc("broker_vault_audit_invalid_lines_total", chunk.invalid)
+        m.inc("broker_vault_audit_lines_total", lines)
+        m.inc("broker_vault_audit_invalid_lines_total", invalid)
         m.inc("broker_vault_audit_requests_total", requests)
         m.inc("broker_vault_audit_unexplained_total", unexplained)
         if unexplained:
             log.warning("vault audit: %d request(s) the broker cannot explain", unexplained)
-        return MergeResult(lines=chunk.lines, invalid=chunk.invalid, requests=requests, unexplained=unexplained,
-                           more=more)
+        return MergeResult(lines=lines, invalid=invalid, requests=requests, unexplained=unexplained, more=more)
+
+    # -- the ingest worker (broker.audit.ingest) ---------------------------------------------------------
+
+    async def _worker_ready(self) -> IngestWorker | None:
+        """The ingest worker, started on first use; None when it is off."""
+        if self._worker is None and self._use_worker:
+            source = await self._store.ingest_source()
+            if source is None:
+                self._use_worker = False
+                return None
+            self._worker = IngestWorker(source, broker_paths=self._paths, skew=self._skew)
+        return self._worker
+
+    async def _worker_failed(self, exc: WorkerFailed) -> None:
+        """Merge in this process from now on: the chunk is not lost, only slower to merge."""
+        log.warning("vault audit tailer: %s; merging in the broker's process from now on", exc)
+        self._discard_sent()
+        self._use_worker = False
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.close()
+
+    async def _send(self, worker: IngestWorker, file_id: FileId, offset: int, data: bytes, end: int) -> _Sent:
+        answer = await worker.submit(data, reset=self._reset)
+        self._reset = False
+        return _Sent(file_id, offset, len(data), end, answer)
+
+    async def _fill(self, worker: IngestWorker, file_id: FileId, offset: int) -> None:
+        """Send the chunks after ``offset`` (where this commit leaves the file) until ``_AHEAD`` are out."""
+        at = self._sent[-1].offset + self._sent[-1].end if self._sent else offset
+        try:
+            while len(self._sent) < _AHEAD:
+                data = await asyncio.to_thread(self._reader.read, file_id, at)
+                if data is None or (cut := data.rfind(b"\n")) < 0:
+                    return
+                self._sent.append(await self._send(worker, file_id, at, data, cut + 1))
+                if len(data) < self._reader.chunk:
+                    return  # the end of what is written: the next poll sees whether more came
+                at += cut + 1
+        except WorkerFailed as exc:
+            await self._worker_failed(exc)
+
+    def _sent_for(self, file_id: FileId, offset: int) -> _Sent | None:
+        """The chunk sent for where this file's position is now; if the next one sent is another, all are
+        dropped (a rotation, a truncation or a failed commit came between)."""
+        if self._sent and (self._sent[0].file_id, self._sent[0].offset) == (file_id, offset):
+            return self._sent.popleft()
+        self._discard_sent()
+        return None
+
+    async def _answer(self, sent: _Sent) -> PreparedChunk | None:
+        """The worker's answer for a chunk sent; None to merge it here instead (the worker failed)."""
+        assert self._worker is not None
+        try:
+            return await self._worker.result(sent.answer)
+        except WorkerFailed as exc:
+            await self._worker_failed(exc)
+            return None
+        except BaseException:
+            self._discard_sent()
+            raise
+
+    def _discard_sent(self) -> None:
+        """Drop the chunks sent: preparing writes nothing, so they are only work lost. The worker forgets
+        the tokens it learned from them at its next job; their answers are collected and ignored."""
+        self._reset = True  # none in flight: nothing the worker remembers is needed any more
+        while self._sent:
+            self._sent.popleft().answer.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def catch_up(self, *, max_polls: int = 10_000) -> int:
         """Poll until nothing is left to merge (for tests and one-shot runs); the lines merged.
@@ -479,7 +578,20 @@ class VaultAuditTailer:
                 return total
         return total
 
+    async def aclose(self) -> None:
+        """Close the files, and end the ingest worker (its stdin closes and it exits)."""
+        self._discard_sent()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.close()
+        self._reader.close()
+
     def close(self) -> None:
+        """Close the files, and kill the ingest worker (from code that cannot await: :meth:`aclose`)."""
+        self._discard_sent()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
         self._reader.close()
 
 

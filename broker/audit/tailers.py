@@ -73,7 +73,7 @@ class VaultAuditTailers:
                     await asyncio.sleep(self._interval)
         finally:
             for t in self.tailers:
-                t.close()
+                await t.aclose()
 
     async def catch_up(self, *, max_polls: int = 10_000) -> int:
         """Every file read to its end (tests, one-shot runs); the lines merged. Raises: OSError, BrokerError."""

@@ -28,7 +28,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import (
     Connection,
@@ -132,6 +134,23 @@ class StoreBase:
         self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+
+    def _dbapi_target(self) -> tuple[str, tuple[Any, ...], dict[str, Any]] | None:
+        """How another process connects to this database for reading: the DB-API module's name and its
+        connection arguments; None when no other process can open it (SQLite in memory or by URI)."""
+        engine = self._engine
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database
+            if not database or database == ":memory:" or database.startswith("file:"):
+                return None
+            # Read-only: a reader writes nothing, and a path that is not there is an error, not a new
+            # empty database.
+            return "sqlite3", (f"file:{quote(str(Path(database).resolve()))}?mode=ro",), {"uri": True}
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        # Plain values only: the dialect adds objects of its own (psycopg's adapters) that another
+        # process does not need and cannot be sent.
+        kwargs = {k: v for k, v in cparams.items() if isinstance(v, str | int | float | bool)}
+        return type(engine.dialect).import_dbapi().__name__, tuple(cargs), kwargs
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the store thread, in one transaction committed to the disk."""

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from sqlalchemy import (
     func,
@@ -104,23 +102,10 @@ class AuditStore(StoreBase):
         """How another process reads :meth:`chain_rows` (the parallel verifier's workers); None when no other
         process can open this database (SQLite in memory)."""
         def run() -> ChainSource | None:
-            engine = self._engine
-            if engine.dialect.name == "sqlite":
-                database = engine.url.database
-                if not database or database == ":memory:" or database.startswith("file:"):
-                    return None
-                # Read-only: a verifier writes nothing, and a path that is not there is an error, not a
-                # new empty database.
-                args: tuple[Any, ...] = (f"file:{quote(str(Path(database).resolve()))}?mode=ro",)
-                kwargs: dict[str, Any] = {"uri": True}
-                module = "sqlite3"
-            else:
-                cargs, cparams = engine.dialect.create_connect_args(engine.url)
-                # Plain values only: the dialect adds objects of its own (psycopg's adapters) that a
-                # worker does not need and cannot be sent.
-                args = tuple(cargs)
-                kwargs = {k: v for k, v in cparams.items() if isinstance(v, str | int | float | bool)}
-                module = type(engine.dialect).import_dbapi().__name__
+            target = self._dbapi_target()
+            if target is None:
+                return None
+            module, args, kwargs = target
             with self._read() as conn:
                 sql, order, defaults = P_CHAIN_PAGE.rendered(conn)
             return ChainSource(module, args, kwargs, sql, order, defaults)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from broker.audit import AuditRecord
+from broker.audit.canonical import RenderedRecord
 from broker.errors import (
     Conflict,
 )
@@ -25,6 +26,7 @@ from broker.intents import IntentState
 from broker.journal import ISSUED
 from broker.rows import (
     JournalEntry,
+    LookupSource,
     TaskRow,
     VaultAuditPosition,
 )
@@ -139,10 +141,24 @@ class VaultAuditStore(StoreBase):
             return found, learned
         return await self._run(run)
 
+    async def ingest_source(self) -> LookupSource | None:
+        """How another process runs :meth:`vault_audit_context` (the tailer's ingest worker); None when no other
+        process can open this database (SQLite in memory)."""
+        def run() -> LookupSource | None:
+            target = self._dbapi_target()
+            if target is None:
+                return None
+            with self._read() as conn:
+                token_sql, token_order, _ = P_TOKEN_BY_ACCESSOR.rendered(conn)
+                task_sql, task_order, _ = P_TASK_BY_ID.rendered(conn)
+            return LookupSource(*target, token_sql, token_order, task_sql, task_order)
+        return await self._run(run)
+
     async def merge_vault_audit(self, *, moves: Sequence[tuple[VaultAuditPosition | None, VaultAuditPosition]],
-                                records: Sequence[AuditRecord], tokens: Mapping[str, tuple[str, str | None]],
-                                now: float, drop: Sequence[VaultAuditPosition] = (),
-                                journal: Sequence[JournalEntry] = (), dedupe: bool = False) -> None:
+                                records: Sequence[AuditRecord | RenderedRecord],
+                                tokens: Mapping[str, tuple[str, str | None]], now: float,
+                                drop: Sequence[VaultAuditPosition] = (), journal: Sequence[JournalEntry] = (),
+                                dedupe: bool = False) -> None:
         """Append the records merged from Vault's audit file, the tokens learned, and the new positions: one
         transaction, so a crash loses nothing and repeats nothing.
 
@@ -150,7 +166,8 @@ class VaultAuditStore(StoreBase):
         new to the tailer), so a second tailer fails here instead of merging the same lines twice.
         ``drop`` forgets files that no longer exist. ``journal`` holds the entries of journaled intents
         (``broker.journal``); an entry already there (a line read twice after a truncation) is kept as is.
-        With ``dedupe`` (several nodes' files), a ``vault.*``
+        ``records`` may come rendered already (``broker.audit.ingest``'s worker: redacted, canonical bytes
+        around the seq). With ``dedupe`` (several nodes' files), a ``vault.*``
         record of a Vault request already merged from another file is left out, and the request ids of
         those kept are remembered, in the same transaction.
 
@@ -192,7 +209,8 @@ def _insert_journal(conn: Connection, entries: Sequence[JournalEntry]) -> None:
         P_JOURNAL_IF_NEW.executemany(conn, [vars(e) for e in entries])
 
 
-def _first_seen(conn: Connection, records: Sequence[AuditRecord], now: float) -> list[AuditRecord]:
+def _first_seen(conn: Connection, records: Sequence[AuditRecord | RenderedRecord], now: float
+                ) -> list[AuditRecord | RenderedRecord]:
     """``records`` without the Vault requests merged before (from another node's file) or twice in the batch.
 
     Inside the merge's transaction: two merges that race insert the same request id, and the second one's
@@ -203,7 +221,7 @@ def _first_seen(conn: Connection, records: Sequence[AuditRecord], now: float) ->
     seen: set[str] = set()
     for chunk in _chunks(ids):
         seen.update(str(r[0]) for r in conn.execute(select(t.c.request_id).where(t.c.request_id.in_(chunk))))
-    kept: list[AuditRecord] = []
+    kept: list[AuditRecord | RenderedRecord] = []
     fresh: list[dict[str, object]] = []
     for r in records:
         rid = r.vault_request_id

@@ -57,6 +57,22 @@ def start_tailer(db_url: str, audit_log: Path, chunk: int) -> subprocess.Popen[b
                             cwd=Path(__file__).resolve().parents[2])
 
 
+def stray_ingest_workers() -> list[int]:
+    """Ingest worker processes (``broker.audit.ingest``) that are not this test process's own children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"broker.audit.ingest" in cmdline and ppid != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
 def kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -171,3 +187,9 @@ class TestTailerCrash:
         assert not lost and duplicated == 0 and not stray
         assert len(list(bao.workdir.glob("audit.log.*"))) == ROTATIONS
         assert verify(db) == sum(got.values())
+        # A tailer killed while its ingest worker prepared chunks leaves no worker behind: the worker's
+        # stdin closes with its parent and it exits.
+        deadline = time.monotonic() + 10
+        while stray_ingest_workers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert stray_ingest_workers() == []
