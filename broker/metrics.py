@@ -53,6 +53,8 @@ LEGACY: dict[str, tuple[str, str]] = {
                                                   "(file gone or truncated): entries may be missing.")),
     "broker_vault_audit_errors_total": ("counter", "Tailer polls that failed (store or file); retried."),
     "broker_vault_audit_lag_bytes": ("gauge", "Bytes of Vault's audit file not yet merged."),
+    "broker_vault_audit_worker_failures_total": ("counter", ("Times the tailer's ingest worker process died or "
+                                                             "could not read the store; merged in-process meanwhile.")),
     "broker_audit_export_backlog": ("gauge", "Audit records not yet delivered to the slowest export sink."),
     "broker_signals_delivered_total": ("counter", "SSF SETs a receiver accepted (HTTP 202)."),
     "broker_signals_retried_total": ("counter", "SSF pushes that failed and will be tried again."),

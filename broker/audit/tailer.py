@@ -205,6 +205,10 @@ class _Sent:
 
 
 _AHEAD = 2  # chunks in the worker's hands while the store commits one: it always has the next to prepare
+# After the worker fails, the merge stays in this process for a minute, then tries a new worker; each
+# failure in a row doubles the wait, up to an hour (a worker that never works costs one start per hour).
+_WORKER_RETRY = 60.0
+_WORKER_RETRY_MAX = 3600.0
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,11 @@ class VaultAuditTailer:
         self._loaded = False
         # One of several nodes' files (broker.audit.tailers): merge a Vault request once across them.
         self._dedupe = dedupe
-        # A worker process prepares whole chunks while catching up (broker.audit.ingest); off after it fails,
-        # or when no other process can open the store (SQLite in memory).
+        # A worker process prepares whole chunks while catching up (broker.audit.ingest); off when no other
+        # process can open the store (SQLite in memory), and for a while after it fails.
         self._use_worker = ingest_worker
+        self._worker_retry_at = 0.0  # loop time before which a failed worker is not started again
+        self._worker_backoff = _WORKER_RETRY
         self._worker: IngestWorker | None = None
         self._sent: deque[_Sent] = deque()
         self._reset = False  # the worker must forget what it learned from chunks dropped since the last job
@@ -479,6 +485,7 @@ class VaultAuditTailer:
             raise
         if fill is not None:
             await fill
+        self._worker_backoff = _WORKER_RETRY  # the worker works: a later failure waits the least again
         return self._merged(prepared.lines, prepared.invalid, prepared.requests, prepared.unexplained, more)
 
     def _moved(self, f: _File, known: VaultAuditPosition | None, offset: int, end: int, lines: int,
@@ -500,8 +507,8 @@ class VaultAuditTailer:
     # -- the ingest worker (broker.audit.ingest) ---------------------------------------------------------
 
     async def _worker_ready(self) -> IngestWorker | None:
-        """The ingest worker, started on first use; None when it is off."""
-        if self._worker is None and self._use_worker:
+        """The ingest worker, started on first use; None when it is off or waiting after a failure."""
+        if self._worker is None and self._use_worker and asyncio.get_running_loop().time() >= self._worker_retry_at:
             source = await self._store.ingest_source()
             if source is None:
                 self._use_worker = False
@@ -510,10 +517,12 @@ class VaultAuditTailer:
         return self._worker
 
     async def _worker_failed(self, exc: WorkerFailed) -> None:
-        """Merge in this process from now on: the chunk is not lost, only slower to merge."""
-        log.warning("vault audit tailer: %s; merging in the broker's process from now on", exc)
+        """Merge in this process for a while: the chunk is not lost, only slower to merge."""
+        log.warning("vault audit tailer: %s; merging in the broker's process for %.0f s", exc, self._worker_backoff)
+        self._metrics.inc("broker_vault_audit_worker_failures_total")
         self._discard_sent()
-        self._use_worker = False
+        self._worker_retry_at = asyncio.get_running_loop().time() + self._worker_backoff
+        self._worker_backoff = min(self._worker_backoff * 2, _WORKER_RETRY_MAX)
         worker, self._worker = self._worker, None
         if worker is not None:
             await worker.close()

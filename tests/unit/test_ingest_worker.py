@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 
 from broker.audit import AuditRecord
+from broker.audit import tailer as tailer_module
 from broker.audit.canonical import canonical_record, render_record
 from broker.audit.ingest import IngestWorker
 from broker.audit.tailer import VaultAuditTailer
 from broker.errors import StoreUnavailable
+from broker.metrics import Metrics
 from broker.rows import LookupSource, TaskRow
 from broker.store import open_store
 
@@ -135,8 +137,9 @@ class TestIngestWorker:
         here = await merge(b, log, worker=False)
         store = await open_store(f"sqlite:///{a}", migrate=False)
         try:
+            metrics = Metrics()
             t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
-                                 chunk_bytes=4096)
+                                 chunk_bytes=4096, metrics=metrics)
             await t.step()
             for _ in range(5):
                 await t.step()
@@ -147,10 +150,35 @@ class TestIngestWorker:
                 await t.catch_up()
             t.close()
             assert t.ingest_worker is None
-            assert "merging in the broker's process from now on" in caplog.text
+            assert metrics.get("broker_vault_audit_worker_failures_total") == 1
+            assert "merging in the broker's process for 60 s" in caplog.text
             rows = await store.chain_rows(after_seq=0, limit=100_000)
         finally:
             await store.close()
+        assert rows == here
+
+    async def test_a_new_worker_is_tried_after_the_wait(self, stores: tuple[Path, Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        """After a failure the tailer merges in its own process for a while, then starts a new worker."""
+        a, b, log = stores
+        here = await merge(b, log, worker=False)
+        monkeypatch.setattr(tailer_module, "_WORKER_RETRY", 0.0)
+        store = await open_store(f"sqlite:///{a}", migrate=False)
+        try:
+            t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
+                                 chunk_bytes=4096)
+            await t.step()
+            await t.step()
+            first = t.ingest_worker.pid if t.ingest_worker is not None else None
+            assert first is not None
+            os.kill(first, 9)
+            await t.catch_up()
+            second = t.ingest_worker.pid if t.ingest_worker is not None else None
+            await t.aclose()
+            rows = await store.chain_rows(after_seq=0, limit=100_000)
+        finally:
+            await store.close()
+        assert second is not None and second != first
         assert rows == here
 
     async def test_a_worker_that_cannot_read_the_store_is_left(self, stores: tuple[Path, Path, Path],
@@ -179,7 +207,7 @@ class TestIngestWorker:
             rows = await store.chain_rows(after_seq=0, limit=100_000)
         finally:
             await store.close()
-        assert "merging in the broker's process from now on" in caplog.text
+        assert "merging in the broker's process for 60 s" in caplog.text
         assert "gone.db" not in caplog.text
         assert rows == here
 
