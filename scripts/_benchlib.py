@@ -143,36 +143,48 @@ def median(values: Sequence[float]) -> float:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds of one process, all threads, children excluded, between ``start`` and ``stop``.
+    """CPU seconds of one process, all threads, and of its worker processes, between ``start`` and ``stop``.
 
-    ``stop`` returns user+system. After it, ``system`` holds the system part, ``main_thread`` the
-    part of the process's main thread (for the broker: the event loop; the rest is mostly the store's
-    thread) and ``threads`` every thread's part by native id, busiest first.
+    ``stop`` returns user+system, the broker's worker processes included (``python -m broker.audit.*``:
+    the Vault audit ingest worker, the parallel verifier's), whether still running or already exited and
+    waited for: their work is the broker's. After it, ``system`` holds the process's own system part,
+    ``workers`` the worker processes' part, ``main_thread`` the part of the process's main thread (for the
+    broker: the event loop; the rest is mostly the store's thread) and ``threads`` every thread's part by
+    native id, busiest first.
     """
 
     pid: int
     system: float = 0.0
     main_thread: float = 0.0
+    workers: float = 0.0
     threads: dict[int, float] = field(default_factory=dict)
-    _start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _start: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     _start_threads: dict[int, float] = field(default_factory=dict)
 
-    def _now(self) -> tuple[float, float, float, dict[int, float]]:
+    def _now(self) -> tuple[float, float, float, float, dict[int, float]]:
         proc = psutil.Process(self.pid)
         t = proc.cpu_times()
         per = {th.id: th.user_time + th.system_time for th in proc.threads()}
-        return float(t.user), float(t.system), float(per.get(self.pid, 0.0)), per
+        # Exited and waited-for children are in the process's children_* times; running ones are read.
+        workers = float(t.children_user + t.children_system)
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any("broker.audit." in part for part in child.cmdline()):
+                    c = child.cpu_times()
+                    workers += c.user + c.system
+        return float(t.user), float(t.system), float(per.get(self.pid, 0.0)), workers, per
 
     def start(self) -> None:
         *self._start, self._start_threads = self._now()  # type: ignore[assignment]
 
     def stop(self) -> float:
-        user, system, main, per = self._now()
+        user, system, main, workers, per = self._now()
         self.system = system - self._start[1]
         self.main_thread = main - self._start[2]
+        self.workers = max(0.0, workers - self._start[3])
         deltas = {tid: cpu - self._start_threads.get(tid, 0.0) for tid, cpu in per.items()}
         self.threads = dict(sorted(((k, v) for k, v in deltas.items() if v > 0), key=lambda kv: -kv[1]))
-        return user - self._start[0] + self.system
+        return user - self._start[0] + self.system + self.workers
 
 
 # --------------------------------------------------------------------------------------------------

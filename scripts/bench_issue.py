@@ -42,7 +42,8 @@ How to read the table
     rps: completed issuances per second (closed loop: each agent sends its next request when the
     previous one answered). p50/p99: client-side latency in ms. ratio: broker rps / direct rps.
     added p50: broker p50 - direct p50. broker CPU/iss: user+system CPU time of the broker process
-    during the broker pass divided by the issuances in it (from /proc via psutil). bao CPU/iss: the
+    during the broker pass divided by the issuances in it (from /proc via psutil), its worker processes
+    included (the Vault audit ingest worker, when the tailer catches up during a pass). bao CPU/iss: the
     same for the OpenBao process, for both passes: it shows what the shared cores spend where.
     The load generator, OpenBao, PostgreSQL and the broker share the same cores: a broker that
     uses CPU takes it from OpenBao, so ratios under load include that contention, by design.
@@ -153,6 +154,8 @@ class PassResult:
     task_vault_requests_per_issue: float = math.nan
     # The broker's other threads (the store's first), busiest first: where the CPU off the loop goes.
     broker_other_threads_ms_per_issue: list[float] = field(default_factory=list)
+    # The broker's worker processes (the Vault audit ingest worker while the tailer catches up), in broker CPU too.
+    broker_workers_ms_per_issue: float = 0.0
 
 
 @dataclass
@@ -426,6 +429,7 @@ class Bench:
             elapsed_s=res.elapsed, rps=res.rps, p50_ms=res.p(50), p99_ms=res.p(99),
             broker_cpu_ms_per_issue=broker_cpu * 1000 / ok, broker_sys_ms_per_issue=meters[0].system * 1000 / ok,
             broker_loop_thread_ms_per_issue=meters[0].main_thread * 1000 / ok,
+            broker_workers_ms_per_issue=meters[0].workers * 1000 / ok,
             bao_cpu_ms_per_issue=bao_cpu * 1000 / ok,
             loadgen_cpu_ms_per_issue=own_cpu * 1000 / ok, errors=res.errors, vault_calls=calls,
             task_vault_requests_per_issue=per_task / ok,
