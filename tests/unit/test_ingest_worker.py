@@ -30,6 +30,7 @@ from broker.errors import StoreUnavailable
 from broker.metrics import Metrics
 from broker.rows import LookupSource, TaskRow
 from broker.store import open_store
+from tests.support.pg import PgCluster, scratch_database
 
 DATA = Path(__file__).parent.parent / "data" / "openbao_audit.jsonl"
 COPIES = 60
@@ -60,21 +61,31 @@ async def store_with_tasks(path: Path) -> None:
     """A migrated SQLite store holding the copies' tasks (as rows: no intent, no audit record of their own)."""
     store = await open_store(f"sqlite:///{path}")
     await store.close()
-    rows = [dataclasses.asdict(TaskRow(
-        id=f"tsk_ingest_{k:03d}", user="alice@example.com", agent="spiffe://example.org/agent/support-1",
-        role="support-triage", tenant="acme", reason="ingest", created_at=1.0e9, expires_at=4.0e9,
-        state="active", ended_at=None, token_accessor=f"acc{k}", sealed_token=b"\0")) for k in range(COPIES)]
+    rows = task_rows()
     columns = list(rows[0])
     con = sqlite3.connect(path)
     with con:
-        con.executemany(f"INSERT INTO tasks ({', '.join(map(repr, columns))}) "
+        con.executemany(f"INSERT INTO tasks ({quoted(columns)}) "
                         f"VALUES ({', '.join('?' * len(columns))})", [tuple(r.values()) for r in rows])
     con.close()
 
 
-async def merge(db: Path, log: Path, *, worker: bool) -> list[tuple[Any, ...]]:
-    """Tail ``log`` from its beginning into ``db``; every stored record (its row and hashes), in order."""
-    store = await open_store(f"sqlite:///{db}", migrate=False)
+def quoted(columns: list[str]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)  # "user" is a keyword in both SQL dialects
+
+
+def task_rows() -> list[dict[str, Any]]:
+    """The copies' tasks, as the tasks table's rows (active over every time the capture holds)."""
+    return [dataclasses.asdict(TaskRow(
+        id=f"tsk_ingest_{k:03d}", user="alice@example.com", agent="spiffe://example.org/agent/support-1",
+        role="support-triage", tenant="acme", reason="ingest", created_at=1.0e9, expires_at=4.0e9,
+        state="active", ended_at=None, token_accessor=f"acc{k}", sealed_token=b"\0")) for k in range(COPIES)]
+
+
+async def merge(db: Path | str, log: Path, *, worker: bool) -> list[tuple[Any, ...]]:
+    """Tail ``log`` from its beginning into ``db`` (a SQLite file or a store URL); every stored record (its
+    row and hashes), in order."""
+    store = await open_store(db if isinstance(db, str) else f"sqlite:///{db}", migrate=False)
     try:
         t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
                              chunk_bytes=4096, ingest_worker=worker)
@@ -280,3 +291,27 @@ class TestIngestWorker:
             t.close()
         finally:
             await store.close()
+
+
+class TestOnPostgres:
+    async def test_the_worker_builds_the_same_chain_on_postgresql(self, pg_cluster: PgCluster, tmp_path: Path) -> None:
+        """The worker's own connection to a PostgreSQL store (psycopg, autocommit): the same chain as the
+        broker's process builds, in two fresh databases of the tests' SCRAM cluster."""
+        import psycopg
+
+        log = tmp_path / "audit.log"
+        log.write_bytes(log_lines())
+        chains = []
+        for worker in (True, False):
+            async with scratch_database(pg_cluster, "ingest_") as name:
+                url = pg_cluster.dsn(name)
+                await (await open_store(url)).close()
+                rows = task_rows()
+                columns = list(rows[0])
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+                    await cur.executemany(
+                        f"INSERT INTO tasks ({quoted(columns)}) "
+                        f"VALUES ({', '.join(['%s'] * len(columns))})", [tuple(r.values()) for r in rows])
+                chains.append(await merge(url, log, worker=worker))
+        assert chains[0] == chains[1]
+        assert sum(row[2] == "vault.request" for row in chains[0]) > COPIES
