@@ -37,6 +37,24 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    and if its answer is lost, only the log names it. Such an entry is found by the token's metadata
    (``task``, ``lease``: the intent's id), which the broker set; it is only ever swept, never read by
    ``decide``, so it can make the broker revoke what that token created and nothing else.
+8. A journaled issuance writes its intent once, after Vault answered, in the transaction that records
+   the lease (``Store.record_issuance``), or, when it gives up, as ``aborting`` (``give_up_issuance``):
+   no store commit before the read. A broker that dies between Vault's answer and that write leaves an
+   answer no intent names. The maintenance loop claims such answers once they are older than the intent
+   grace (with one broker on SQLite: older than its start), writing the intent ``aborting`` in the
+   answer's task (``orphan_intent``; ``Store.claim_orphan_answers``), and the settler revokes what the
+   answer created as for any other. The intent's primary key decides between a claim and an issuance
+   still recording it: whichever writes first wins, and a lost issuance hands nothing out. So no
+   clock (Vault's, the broker's, the grace) can make the sweep take a credential that was handed out.
+9. A backend error is not a refusal. OpenBao cancels a request's context when its client disconnects
+   (a broker killed mid-read), and a lease registration cut short that way can persist the lease but
+   not its index under the token, then fail to delete it: the answer is an error, the log names no
+   lease, and revoking the token does not reach it (seen in the crash test: "failed to register lease
+   ... context canceled"). So an answer whose error is not a refusal before the backend ran (permission
+   denied, invalid token, unsupported path) makes the settler look for such a leftover: the leases
+   Vault lists under the request's path, issued between its request and its answer, that neither the
+   store nor any journal entry names (every answer that created a lease names it, so a lease being
+   recorded right now is excluded), once the journal has been read past the answer.
 """
 
 from __future__ import annotations
@@ -47,10 +65,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from broker.audit.vaultlog import VaultAuditEntry
+from broker.intents import IntentEvent, IntentState, next_state
 from broker.rows import Intent, JournalEntry
 
 __all__ = ["ISSUED", "PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "hmacd", "issued_entries_of",
-           "new_probe_id"]
+           "new_probe_id", "orphan_intent"]
 
 # Vault's own bound on a request (``max_request_duration``, 90 s by default): an answer is written by then.
 VAULT_MAX_REQUEST = 90.0
@@ -97,9 +116,12 @@ def entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
         task = e.auth.metadata.get("task")
         if not task or e.auth.metadata.get("lease"):
             continue  # rule 1: not a task token
+        # A refusal (ACL, token, route) comes before the backend runs; any other error is the backend's (rule 9).
+        backend = e.error and e.type == "response" and e.error_kind == "error"
         out.append(JournalEntry(intent_id=e.intent, kind=e.type, task_id=task, request_id=e.request_id, at=e.time,
-                                failed=e.error, lease_id=e.lease_id if e.type == "response" else None,
-                                accessor=e.created_accessor if e.type == "response" else None))
+                                failed=e.error and not backend, lease_id=e.lease_id if e.type == "response" else None,
+                                accessor=e.created_accessor if e.type == "response" else None,
+                                vault_error=backend, path=e.path if backend else None))
     return out
 
 
@@ -136,13 +158,17 @@ class Decision:
     - ``nothing``: Vault issued nothing for it (it never arrived, or Vault refused it): aborted now.
     - ``task_bound``: Vault may hold something nobody can name; it dies with the task token (rule 3).
     - ``wait``: the log has not been read far enough; ``probe`` asks for a request that moves it.
+    - ``search``: Vault's backend failed it; look under the path ``ref`` for a lease it left (rule 9).
     """
 
-    action: Literal["revoke", "nothing", "task_bound", "wait"]
+    action: Literal["revoke", "nothing", "task_bound", "wait", "search"]
     reason: str
     ref: str | None = None
     ref_kind: Literal["lease", "token"] | None = None
     probe: bool = False
+    # ``search`` (rule 9): the leases under ``ref`` (a path) issued in [since, until], Vault's time.
+    since: float | None = None
+    until: float | None = None
 
 
 def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float | None, now: float,
@@ -153,6 +179,15 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
         return Decision("revoke", "Vault's answer named it", ref=intent.vault_ref, ref_kind=kind)
     mine = [e for e in entries if e.task_id == intent.task_id]  # rule 1
     answer = next((e for e in mine if e.kind == "response"), None)
+    if answer is not None and answer.vault_error:
+        received = next((e for e in mine if e.kind == "request"), None)
+        if read_until is None or read_until <= answer.at + MARGIN:
+            return Decision("wait", "Vault's backend failed it; the log is read up to its answer first",
+                            probe=now > answer.at + MARGIN)
+        return Decision("search", f"Vault's backend failed it (request {answer.request_id}); it may have left a "
+                                  "lease its log does not name", ref=answer.path,
+                        since=received.at if received is not None else answer.at - VAULT_MAX_REQUEST,
+                        until=answer.at)
     if answer is not None:
         if answer.failed:
             return Decision("nothing", f"Vault refused it (request {answer.request_id})")
@@ -176,6 +211,14 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
     if read_until is not None and read_until > deadline:
         return Decision("nothing", "Vault's audit log, read past the last moment it could arrive, never shows it")
     return Decision("wait", "Vault's audit log has not been read far enough yet", probe=now > deadline)
+
+
+def orphan_intent(answer: JournalEntry, *, now: float) -> Intent:
+    """The intent the orphan sweep writes for an answer no intent names (rule 8): ``aborting`` in the
+    answer's task, due now, born when Vault answered; its grant is unknown (Vault's log does not say)."""
+    return Intent(id=answer.intent_id, kind="lease", task_id=answer.task_id, grant=None, accessor=None,
+                  created_at=answer.at, state=next_state(IntentState.OPEN, IntentEvent.ABANDONED).value,
+                  next_attempt_at=now, journaled=True)
 
 
 def probe_result(entries: Sequence[JournalEntry], *, own_accessor: str) -> tuple[bool, bool] | None:

@@ -17,9 +17,12 @@ Rules this file keeps:
 4. The agent never sees Vault's lease id or the task token: only the broker's own lease id.
 5. Once Vault's audit device is known to journal issuances (``broker.journal``: the ``X-Broker-Intent``
    header, written in plain text), a credential is read with the task token itself, its intent's id in
-   that header: one Vault request per credential. The intent (no accessor, ``journaled``) commits before
-   the read; an answer that cannot be recorded is revoked by what it names (``vault_ref``), and a lost
-   answer is found in the journal. Token grants take this path only where the device writes accessors
+   that header: one Vault request per credential, and one store transaction, after the read, that writes
+   the intent (no accessor, ``journaled``) already done with the lease and its record (broker.journal
+   rule 8). An answer that cannot be recorded is revoked by what it names (``vault_ref``), a lost answer
+   is found in the journal, and an answer whose broker died before recording it is claimed from the
+   journal by the orphan sweep. A high-risk grant's intent still commits before the read: it spends the
+   approval. Token grants take this path only where the device writes accessors
    in plain text (``hmac_accessor = false``); elsewhere, and until the journal is confirmed, rule 2.
 6. Vault checks a token when a request arrives, not when it registers what the request created: a read
    still inside Vault while its issuance token (or the task token above it) is revoked creates a lease
@@ -45,12 +48,15 @@ from broker.errors import (
     ApprovalRequired,
     BadRequest,
     BrokerError,
+    BudgetExceeded,
     Conflict,
     Denied,
     Gone,
+    Locked,
     NotFound,
     NotTaskAgent,
     RateLimited,
+    StoreUnavailable,
     VaultBadResponse,
     VaultDenied,
 )
@@ -78,6 +84,9 @@ def _ref_of(secret: VaultSecret | None) -> tuple[str, str] | None:
 
 
 _TASK_CACHE_TTL = 1.0  # seconds a task row read for one credential serves the next ones
+# Seconds a lock or a budget that refused an agent's credential refuses its next ones before Vault is asked:
+# the journaled path checks them only in the transaction after the read (broker.journal rule 8).
+_REFUSAL_MEMORY = 1.0
 _TASK_CACHE_MAX = 8192
 
 
@@ -130,9 +139,12 @@ class LeaseManager:
         # Whether Vault's audit device is known to journal issuances (rule 5): until then, issuance tokens.
         self._journal = journal
         # Active tasks as last read, for at most _TASK_CACHE_TTL: a store round trip fewer per credential.
-        # Only the task's fixed fields are trusted from it; its state is checked again by begin_issuance
-        # in the transaction that records the intent, and by Vault, which refuses an ended task's token.
+        # Only the task's fixed fields are trusted from it; its state is checked again in the transaction
+        # that records the intent, and by Vault, which refuses an ended task's token.
         self._task_cache: dict[str, tuple[float, TaskRow]] = {}
+        # Agents a lock or a budget refused a moment ago (the journaled path's check comes after the read):
+        # agent -> (until, the refusal).
+        self._refusals: dict[str, tuple[float, BrokerError]] = {}
 
     @property
     def journal(self) -> JournalMode | None:
@@ -285,13 +297,54 @@ class LeaseManager:
     async def _issue_journaled(self, caller: AgentIdentity, task: TaskRow, grant: Grant, task_token: Sensitive,
                                lease_id: str, lease_ttl: int, now: float, approval_id: str | None,
                                inputs: AgentInputs) -> Issued:
-        """One Vault request: the read, with the task token, its intent's id in Vault's audit log (rule 5)."""
+        """One Vault request: the read, with the task token, its intent's id in Vault's audit log (rule 5).
+
+        Then one store transaction writes the intent, the lease and its record (broker.journal rule 8). A
+        high-risk grant still spends its approval in an intent written before the read: the one credential
+        it unlocks is never read twice, even by two requests that race for it.
+        """
+        intent = Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=None, created_at=now,
+                        journaled=True)
+        if approval_id is not None:
+            return await self._issue_approved(caller, task, grant, task_token, intent, lease_ttl, approval_id, inputs)
+        refused = self._refusals.get(task.agent)
+        if refused is not None and refused[0] > now:
+            # Refused a moment ago by the store's check (a lock, a budget): not a Vault credential per retry.
+            await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", refused[1])
+            raise refused[1]
+        secret: VaultSecret | None = None
         try:
-            await self._store.begin_issuance(
-                Intent(id=lease_id, kind="lease", task_id=task.id, grant=grant.name, accessor=None, created_at=now,
-                       journaled=True),
-                user=task.user, user_email=task.user_email, agent=task.agent, tenant=task.tenant, limits=self._limits,
-                approval_id=approval_id)
+            secret = await self._vault.read_credential(grant.path, token=task_token, method=grant.method,
+                                                       data=self._params(grant, task, lease_ttl, inputs),
+                                                       intent=lease_id)
+            self._crash("issue.after_vault")
+            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, task_token, None, inputs,
+                                      intent=intent)
+        except BaseException as exc:
+            # Nothing was recorded: the intent is written given up, and what Vault made is revoked, by what
+            # its answer named or what the journal finds. If even that write fails, the journal's orphan
+            # sweep finds the answer (broker.journal rule 8).
+            await self._settler.give_up(intent, vault_ref=_ref_of(secret))
+            if isinstance(exc, Locked | BudgetExceeded):
+                self._refuse(task.agent, exc, now)
+                await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
+            if isinstance(exc, VaultDenied | VaultBadResponse):
+                raise await self._gone_or(exc, caller, task, grant.path) from exc
+            raise
+
+    def _refuse(self, agent: str, exc: BrokerError, now: float) -> None:
+        if len(self._refusals) >= _TASK_CACHE_MAX:
+            self._refusals = {k: v for k, v in self._refusals.items() if v[0] > now}
+            if len(self._refusals) >= _TASK_CACHE_MAX:
+                self._refusals.clear()
+        self._refusals[agent] = (now + _REFUSAL_MEMORY, exc)
+
+    async def _issue_approved(self, caller: AgentIdentity, task: TaskRow, grant: Grant, task_token: Sensitive,
+                              intent: Intent, lease_ttl: int, approval_id: str, inputs: AgentInputs) -> Issued:
+        """A journaled issuance whose intent, spending its approval, commits before the read."""
+        try:
+            await self._store.begin_issuance(intent, user=task.user, user_email=task.user_email, agent=task.agent,
+                                             tenant=task.tenant, limits=self._limits, approval_id=approval_id)
         except (Denied, Gone, RateLimited, Conflict) as exc:
             # Nothing was asked of Vault yet: nothing to undo.
             if isinstance(exc, Gone):
@@ -299,20 +352,20 @@ class LeaseManager:
             await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
             raise
         except BaseException:
-            await self._settler.abandon(lease_id, accessor=None)
+            await self._settler.abandon(intent.id, accessor=None)
             raise
         self._crash("issue.after_intent")
         secret: VaultSecret | None = None
         try:
             secret = await self._vault.read_credential(grant.path, token=task_token, method=grant.method,
                                                        data=self._params(grant, task, lease_ttl, inputs),
-                                                       intent=lease_id)
+                                                       intent=intent.id)
             self._crash("issue.after_vault")
-            return await self._record(caller, task, grant, secret, lease_id, lease_ttl, task_token, approval_id,
+            return await self._record(caller, task, grant, secret, intent.id, lease_ttl, task_token, approval_id,
                                       inputs)
         except BaseException as exc:
             # The journal finds what Vault issued when no answer came; an answer names it itself.
-            await self._settler.abandon(lease_id, accessor=None, vault_ref=_ref_of(secret))
+            await self._settler.abandon(intent.id, accessor=None, vault_ref=_ref_of(secret))
             if isinstance(exc, VaultDenied | VaultBadResponse):
                 raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise
@@ -328,7 +381,9 @@ class LeaseManager:
 
     async def _record(self, caller: AgentIdentity, task: TaskRow, grant: Grant, secret: VaultSecret, lease_id: str,
                       lease_ttl: int, token: Sensitive, approval_id: str | None, inputs: AgentInputs, *,
-                      issuance_accessor: str | None = None) -> Issued:
+                      issuance_accessor: str | None = None, intent: Intent | None = None) -> Issued:
+        """Record what Vault issued with its ``lease.issued`` record; ``intent``: the journaled issuance whose
+        intent this same transaction writes (broker.journal rule 8), instead of completing one written before."""
         now = self._clock()
         # The grant's engine adapter reads the answer (broker.engines): raises VaultBadResponse if unusable.
         got = grant.engine.read(secret, grant.path, now)
@@ -350,7 +405,19 @@ class LeaseManager:
                                       revocation=grant.revocation, key_fingerprint=inputs.key_fingerprint,
                                       reason=f"grant {grant.name}, ttl {lease_ttl}s"
                                              + (f", unlocked by approval {approval_id}" if approval_id else ""))
-        if not await self._store.complete_issuance(lease, record):
+        if intent is not None:
+            recorded = await self._store.record_issuance(
+                intent, lease, record, user=task.user, user_email=task.user_email, agent=task.agent,
+                tenant=task.tenant, limits=self._limits)
+        else:
+            recorded = await self._store.complete_issuance(lease, record)
+        fresh = (await self._task(task.id, now, fresh=True))[0] if not recorded and intent is not None else None
+        if fresh is not None and fresh.state == TaskState.ACTIVE:
+            # The task is still active: the orphan sweep claimed this intent's id first (broker.journal rule 8).
+            raise StoreUnavailable("the credential could not be recorded; retry",
+                                   reason=f"intent {lease_id} was claimed by the journal's orphan sweep")
+        if not recorded:
+            self._task_cache.pop(task.id, None)
             gone = Gone("the task is no longer active", reason=f"task {task.id} ended during issuance")
             await self._denied(caller, task, task.id, grant.path, "issue", gone)
             raise gone

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Literal
 
 from broker import journal
 from broker.audit import AuditRecord
+from broker.audit.vaultlog import parse_time
 from broker.engines import engine_for_kind
 from broker.errors import (
+    AuditLineInvalid,
     BadRequest,
     NotFound,
     StoreUnavailable,
@@ -270,6 +272,25 @@ class IntentSettler:
         """
         await asyncio.shield(self._abandon(intent_id, accessor, vault_ref))
 
+    async def give_up(self, intent: Intent, *, vault_ref: tuple[str, str] | None = None) -> None:
+        """A journaled issuance that recorded nothing (broker.journal rule 8): write its intent ``aborting``,
+        then try the cleanup once now. Shielded, like ``abandon``.
+
+        Unless the orphan sweep claimed the id first, the intent is written here; when the store cannot
+        take it, the sweep later finds Vault's answer in the journal, if Vault made anything.
+        """
+        await asyncio.shield(self._give_up(intent, vault_ref))
+
+    async def _give_up(self, intent: Intent, vault_ref: tuple[str, str] | None) -> None:
+        hold = self._clock() + self._attempt_timeout + 1.0  # the reconciler waits while this attempt runs
+        try:
+            await self._store.give_up_issuance(intent, retry_at=hold, vault_ref=vault_ref)
+        except StoreUnavailable:
+            log.warning("intent %s: could not record that the issuance was given up; the journal's orphan sweep "
+                        "revokes what Vault made", intent.id)
+            return
+        await self._abandon(intent.id, None, vault_ref)
+
     async def _abandon(self, intent_id: str, accessor: str | None, vault_ref: tuple[str, str] | None = None) -> None:
         now = self._clock()
         try:
@@ -373,7 +394,19 @@ class IntentSettler:
         if decision.action == "task_bound":
             log.warning("intent %s: %s", intent.id, decision.reason)
             return await self._finish(intent, IntentEvent.TASK_BOUND, now, why=decision.reason)
-        if decision.action == "revoke" and decision.ref is not None:
+        if decision.action == "search" and decision.ref is not None and decision.since is not None \
+                and decision.until is not None:
+            left = await self._revoke_leftovers(decision.ref, decision.since, decision.until)
+            if left is not None:
+                if left:
+                    log.warning("intent %s: %s; found and revoked %s", intent.id, decision.reason, ", ".join(left))
+                found = (f"found {len(left)} under {decision.ref}, revoked, and Vault confirmed it is gone" if left
+                         else f"Vault lists none under {decision.ref} from that moment")
+                return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, self._clock(),
+                                          why=f"{decision.reason}; {found}")
+            attempts = intent.attempts + 1
+            delay = backoff(attempts, cap=self._max_backoff)
+        elif decision.action == "revoke" and decision.ref is not None:
             confirmed = await self._revoke_ref_confirmed_within(decision.ref_kind, decision.ref)
             if confirmed:
                 with contextlib.suppress(StoreUnavailable):  # else the late-answer sweep revokes it once more
@@ -394,6 +427,25 @@ class IntentSettler:
                                           event=IntentEvent.CLEANUP_FAILED, now=self._clock(), attempts=attempts,
                                           next_attempt_at=self._clock() + delay)
         return False
+
+    async def _revoke_leftovers(self, path: str, since: float, until: float) -> list[str] | None:
+        """Revoke the leases Vault lists under ``path``, issued in [since, until] (Vault's clock, a second's
+        slack), that neither the store nor the journal names (broker.journal rule 9). The revoked ids, or
+        None when Vault or the store did not answer (the next attempt searches again)."""
+        try:
+            unnamed = await self._store.unnamed_vault_leases(await self._vault.list_leases(path))
+            left = []
+            for lease_id in unnamed:
+                info = await self._vault.lookup_lease(lease_id)
+                if info is not None and info.issue_time is not None and \
+                        since - 1.0 <= parse_time(info.issue_time) <= until + 1.0:
+                    left.append(lease_id)
+        except (VaultError, StoreUnavailable, AuditLineInvalid):
+            return None
+        for lease_id in left:
+            if not await self._revoke_lease_confirmed_within(lease_id):
+                return None
+        return left
 
     async def sweep_late_answers(self) -> int:
         """Revoke what Vault created for journaled intents already given up on (broker.journal rule 6).
@@ -490,7 +542,8 @@ class IntentSettler:
             return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
                                reason=f"the task could not be recorded; {gone}")
         task = await self._store.get_task(intent.task_id)
-        fields = {"resource": f"grant:{intent.grant}", "action": "issue", "lease": intent.id,
+        # An intent the orphan sweep claimed has no grant: Vault's log does not name one (broker.journal rule 8).
+        fields = {"resource": f"grant:{intent.grant or 'unrecorded'}", "action": "issue", "lease": intent.id,
                   "reason": f"the issuance was given up; {gone}"}
         if task is not None:
             return AuditRecord.for_task(task, now, "lease.aborted", "failure", **fields)
@@ -686,6 +739,17 @@ class Maintenance:
                                                                       "task token; it expired unused")
                                               for t in lost])
 
+    async def _claim_orphans(self, cutoff: float, now: float) -> None:
+        """Vault's answers to journaled issuances that no intent names: their broker died before recording
+        them (broker.journal rule 8). Claimed, they are due now, so this tick's reconciliation revokes them."""
+        try:
+            claimed = await self._store.claim_orphan_answers(before=cutoff, now=now)
+        except StoreUnavailable:
+            return
+        for e in claimed:
+            log.warning("intent %s: Vault answered it (request %s) and no broker recorded it; revoking what it "
+                        "created", e.intent_id, e.request_id)
+
     async def _expire_leases(self, now: float) -> None:
         """Leases past their own expiry, in tasks still running: marked once Vault no longer has them."""
         due = await self._store.find_leases(states=(LeaseState.ACTIVE,), expires_before=now, limit=500)
@@ -705,6 +769,7 @@ class Maintenance:
     async def _reconcile(self, now: float) -> None:
         """Intents left open by a dead issuer, and ``aborting`` ones whose next cleanup is due (broker.intents)."""
         cutoff = max(self._started, now - self._grace) if self._sole_writer else now - self._grace
+        await self._claim_orphans(cutoff, now)
         due = await self._store.intents_due(now=now, open_before=cutoff)
         if due:
             await asyncio.gather(*(self._settler.reconcile(i) for i in due))

@@ -197,3 +197,8 @@ class JournalEntry:
     lease_id: str | None = None
     accessor: str | None = None
     swept: bool = False
+    checked: bool = False
+    # Vault's backend failed the request (not a refusal before it ran): it may have left a lease its log
+    # cannot name (broker.journal rule 9); ``path`` is the request's, to look for it there.
+    vault_error: bool = False
+    path: str | None = None

@@ -20,7 +20,7 @@ from broker.errors import (
     Conflict,
     Gone,
 )
-from broker.intents import IntentEvent, IntentState
+from broker.intents import IntentEvent, IntentState, next_state
 from broker.journal import ISSUED, PROBE_PREFIX
 from broker.rows import (
     Intent,
@@ -42,6 +42,7 @@ from broker.store.statements import (
     _LEASE_BY_ID,
     _RENEW,
     P_INSERT_INTENT,
+    P_INSERT_INTENT_IF_NEW,
     P_INSERT_LEASE,
     P_ONE_MORE_LIVE,
     P_RECORD_INTENT,
@@ -57,6 +58,11 @@ from broker.store.statements import (
     _move_leases,
     _vals,
 )
+
+# A journaled issuance's intent is written once, already past its first move (broker.journal rule 8): the
+# states the table gives an open intent that is recorded, or given up.
+_BORN_RECORDED = next_state(IntentState.OPEN, IntentEvent.RECORDED)
+_BORN_ABANDONED = next_state(IntentState.OPEN, IntentEvent.ABANDONED)
 
 
 class LeaseStore(StoreBase):
@@ -108,6 +114,57 @@ class LeaseStore(StoreBase):
                 P_INSERT_LEASE.execute(conn, values)
                 _append(conn, record)
             return True
+        return await self._run(run)
+
+    async def record_issuance(self, intent: Intent, row: LeaseRow, record: AuditRecord, *, user: str,
+                              user_email: str | None, agent: str, tenant: str,
+                              limits: LeaseLimits | None = None) -> bool:
+        """A journaled issuance's one transaction, after Vault answered (broker.journal rule 8): check the task,
+        the locks and the budgets as ``begin_issuance`` does, and record the intent already ``done``, the
+        lease and its ``lease.issued`` record together.
+
+        Returns False, writing nothing, when the task is no longer active or the intent's id is taken (the
+        orphan sweep claimed its journal entries first): the caller then gives up what it got.
+
+        Raises:
+            Locked: an operator lock covers the user, agent or tenant.
+            BudgetExceeded: the agent or the user already holds as many live leases as allowed.
+        """
+        born = dict(vars(intent))  # not asdict(): it deep-copies
+        born.update(state=_BORN_RECORDED.value, resolved_at=row.issued_at, next_attempt_at=None)
+
+        def run() -> bool:
+            with self._tx() as conn:
+                # Counting the lease locks the task row and checks that it is still active.
+                if P_ONE_MORE_LIVE.execute(conn, {"id": row.task_id}).rowcount != 1:
+                    self._undo(conn)
+                    return False
+                _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
+                if limits is not None:
+                    _check_budget(conn, user=user, agent=agent, limits=limits, counted=1)
+                if P_INSERT_INTENT_IF_NEW.execute(conn, born).rowcount != 1:
+                    self._undo(conn)
+                    return False
+                values = dict(vars(row))
+                values["renewable"] = int(row.renewable)
+                P_INSERT_LEASE.execute(conn, values)
+                _append(conn, record)
+            return True
+        return await self._run(run)
+
+    async def give_up_issuance(self, intent: Intent, *, retry_at: float,
+                               vault_ref: tuple[str, str] | None = None) -> bool:
+        """Write a journaled issuance that recorded nothing as ``aborting`` (its first cleanup at ``retry_at``),
+        unless its id is taken already (the orphan sweep claimed it). ``vault_ref`` is what Vault's answer
+        named, when one came. Returns whether it wrote the intent."""
+        born = dict(vars(intent))
+        born.update(state=_BORN_ABANDONED.value, next_attempt_at=retry_at)
+        if vault_ref is not None:
+            born.update(vault_ref_kind=vault_ref[0], vault_ref=vault_ref[1])
+
+        def run() -> bool:
+            with self._tx() as conn:
+                return bool(P_INSERT_INTENT_IF_NEW.execute(conn, born).rowcount == 1)
         return await self._run(run)
 
     async def move_intent(self, intent_id: str, *, from_state: IntentState, event: IntentEvent, now: float,

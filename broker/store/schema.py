@@ -227,6 +227,12 @@ vault_journal = Table(
     Column("accessor", String(128)),  # as the device wrote it: HMAC'd unless hmac_accessor = false
     # What it created was revoked (broker.journal rule 6): the late-answer sweep no longer looks at it.
     Column("swept", Boolean, nullable=False, server_default=false()),
+    # The orphan sweep (broker.journal rule 8) has seen this answer's intent recorded, or claimed it.
+    Column("checked", Boolean, nullable=False, server_default=false()),
+    # A backend failure, and the request's path, for the leftover search (broker.journal rule 9).
+    Column("vault_error", Boolean, nullable=False, server_default=false()),
+    Column("path", String(1024)),
+    Index("ix_vault_journal_checked", "checked", "kind", "at"),
 )
 
 # Tokens with no metadata of their own (an agent's child token from a token-role grant), known by the

@@ -139,6 +139,13 @@ _LEARN_TOKEN_VALUES: dict[str, Any] = {c: bindparam(c) for c in ("accessor_hmac"
 P_LEARN_TOKEN = Prepared(
     sqlite_insert(vault_audit_tokens).values(_LEARN_TOKEN_VALUES).on_conflict_do_nothing(),
     per_dialect={"postgresql": pg_insert(vault_audit_tokens).values(_LEARN_TOKEN_VALUES).on_conflict_do_nothing()})
+# An intent born in a given state (broker.intents rule 1: the state the table gives it), unless its id is
+# taken: a journaled issuance that records its lease in one transaction after Vault answered, and whose
+# journal entries the orphan sweep may have claimed meanwhile (broker.journal rule 8), loses to the claim.
+_INTENT_IF_NEW: dict[str, Any] = {c.name: bindparam(c.name) for c in intents.c}
+P_INSERT_INTENT_IF_NEW = Prepared(
+    sqlite_insert(intents).values(_INTENT_IF_NEW).on_conflict_do_nothing(),
+    per_dialect={"postgresql": pg_insert(intents).values(_INTENT_IF_NEW).on_conflict_do_nothing()})
 P_RECORD_INTENT = Prepared(update(intents).where(intents.c.id == bindparam("id"),
                                                  intents.c.state == IntentState.OPEN.value)
                            .values(state=_RECORDED.value, resolved_at=bindparam("now"), next_attempt_at=None))
@@ -281,13 +288,16 @@ def _check_locks(conn: Connection, *, user: str, email: str | None, agent: str, 
         raise Locked(msg, reason=f"lock {hit[0]} on {hit[1]}")
 
 
-def _check_budget(conn: Connection, *, user: str, agent: str, limits: LeaseLimits) -> None:
-    by_agent = P_LIVE_BY_AGENT.execute(conn, {"agent": agent}).fetchone()[0]
-    by_user = P_LIVE_BY_USER.execute(conn, {"user": user}).fetchone()[0] if by_agent < limits.per_agent else 0
-    if (by_agent or 0) >= limits.per_agent:
+def _check_budget(conn: Connection, *, user: str, agent: str, limits: LeaseLimits, counted: int = 0) -> None:
+    """Raise unless the agent and the user hold fewer live leases than allowed, not counting ``counted``
+    leases this transaction already added (the one it is recording)."""
+    by_agent = (P_LIVE_BY_AGENT.execute(conn, {"agent": agent}).fetchone()[0] or 0) - counted
+    by_user = ((P_LIVE_BY_USER.execute(conn, {"user": user}).fetchone()[0] or 0) - counted
+               if by_agent < limits.per_agent else 0)
+    if by_agent >= limits.per_agent:
         raise BudgetExceeded("this agent holds as many live credentials as allowed",
                              reason=f"agent {agent} holds {by_agent} live leases", retry_after=30)
-    if (by_user or 0) >= limits.per_user:
+    if by_user >= limits.per_user:
         raise BudgetExceeded("this user's agents hold as many live credentials as allowed",
                              reason=f"user {user} holds {by_user} live leases", retry_after=30)
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    and_,
     bindparam,
+    exists,
     func,
     insert,
     or_,
@@ -17,13 +19,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from broker import journal
 from broker.audit import AuditRecord
 from broker.audit.canonical import RenderedRecord
 from broker.errors import (
     Conflict,
 )
 from broker.intents import IntentState
-from broker.journal import ISSUED
+from broker.journal import ISSUED, PROBE_PREFIX
 from broker.rows import (
     JournalEntry,
     LookupSource,
@@ -34,12 +37,14 @@ from broker.store._base import StoreBase
 from broker.store.prepared import Prepared, one_row
 from broker.store.schema import (
     intents,
+    leases,
     vault_audit_position,
     vault_audit_requests,
     vault_audit_tokens,
     vault_journal,
 )
 from broker.store.statements import (
+    P_INSERT_INTENT_IF_NEW,
     P_TASK_BY_ID,
     _append_many,
     _chunks,
@@ -101,6 +106,50 @@ class VaultAuditStore(StoreBase):
         def run() -> list[JournalEntry]:
             with self._read() as conn:
                 return [JournalEntry(**r) for r in conn.execute(q).mappings()]
+        return await self._run(run)
+
+    async def claim_orphan_answers(self, *, before: float, now: float, limit: int = 500) -> list[JournalEntry]:
+        """Claim the journal's answers from before ``before`` that no intent and no lease names (broker.journal
+        rule 8): write each one's intent ``aborting`` (journaled, due ``now``), so the settler revokes what
+        the answer created. Answers whose intent exists, and refusals, are only marked checked. Returns the
+        claimed answers.
+
+        The intent's primary key arbitrates with an issuance still recording it (``record_issuance``): the
+        first writer wins, so a claim never takes a credential that was handed out.
+        """
+        answer = and_(vault_journal.c.checked.is_(False), vault_journal.c.kind == "response",
+                      vault_journal.c.at < before)
+        known = or_(exists().where(intents.c.id == vault_journal.c.intent_id),
+                    exists().where(leases.c.id == vault_journal.c.intent_id))
+        # A refusal created nothing (``decide`` concludes the same): no intent to claim for it.
+        seen = update(vault_journal).where(answer, or_(known, vault_journal.c.failed.is_(True))).values(checked=True)
+        left = select(vault_journal).where(answer).order_by(vault_journal.c.at).limit(limit)
+
+        def run() -> list[JournalEntry]:
+            with self._tx() as conn:
+                conn.execute(seen)
+                orphans = [JournalEntry(**r) for r in conn.execute(left).mappings()]
+                for e in orphans:
+                    P_INSERT_INTENT_IF_NEW.execute(conn, vars(journal.orphan_intent(e, now=now)))
+                for chunk in _chunks([e.intent_id for e in orphans]):
+                    conn.execute(update(vault_journal).where(vault_journal.c.intent_id.in_(chunk),
+                                                             vault_journal.c.kind == "response")
+                                 .values(checked=True))
+            return orphans
+        return await self._run(run)
+
+    async def unnamed_vault_leases(self, lease_ids: Sequence[str]) -> list[str]:
+        """The Vault lease ids among ``lease_ids`` that no lease row and no journal entry names: what a read
+        Vault's backend failed may have left (broker.journal rule 9). Rare: it scans, nothing is indexed."""
+        def run() -> list[str]:
+            named: set[str] = set()
+            with self._read() as conn:
+                for chunk in _chunks(list(lease_ids)):
+                    named.update(conn.execute(select(leases.c.vault_lease_id)
+                                              .where(leases.c.vault_lease_id.in_(chunk))).scalars())
+                    named.update(conn.execute(select(vault_journal.c.lease_id)
+                                              .where(vault_journal.c.lease_id.in_(chunk))).scalars())
+            return [i for i in lease_ids if i not in named]
         return await self._run(run)
 
     async def journal_swept(self, intent_id: str) -> None:
@@ -206,7 +255,9 @@ class VaultAuditStore(StoreBase):
 def _insert_journal(conn: Connection, entries: Sequence[JournalEntry]) -> None:
     """Insert the entries not yet known (by intent and kind): the first reading of an entry stands."""
     if entries:
-        P_JOURNAL_IF_NEW.executemany(conn, [vars(e) for e in entries])
+        # Only a journaled answer can be an orphan (broker.journal rule 8): every other entry is born checked.
+        P_JOURNAL_IF_NEW.executemany(conn, [
+            {**vars(e), "checked": e.kind != "response" or e.intent_id.startswith(PROBE_PREFIX)} for e in entries])
 
 
 def _first_seen(conn: Connection, records: Sequence[AuditRecord | RenderedRecord], now: float

@@ -162,6 +162,7 @@ class VaultLeaseInfo:
     expire_time: str | None
     ttl: int
     renewable: bool
+    issue_time: str | None = None  # RFC 3339, Vault's clock (lookup only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -786,10 +787,27 @@ class VaultClient:
             expire = d.get("expire_time")
             if expire is not None and not isinstance(expire, str):
                 raise _Shape("expire_time")
+            issued = d.get("issue_time")
             return VaultLeaseInfo(
                 lease_id=_str(d, "id"), expire_time=expire, ttl=_int(d, "ttl", 0),
-                renewable=_bool(d, "renewable", False)
+                renewable=_bool(d, "renewable", False), issue_time=issued if isinstance(issued, str) else None,
             )
+
+    async def list_leases(self, prefix: str) -> list[str]:
+        """LIST /v1/sys/leases/lookup/:prefix/ -- the ids of the leases directly under ``prefix`` (a grant's
+        path); empty when there are none (Vault answers 404)."""
+        op = "list leases"
+        prefix = validate_path(prefix)
+        status, parsed = await self._call("LIST", f"sys/leases/lookup/{prefix}/", op, ok_extra=frozenset({404}))
+        if status == 404:
+            return []
+        with _parsing(op):
+            if not isinstance(parsed, dict):
+                raise _Shape("body")
+            keys = _mapping(parsed, "data").get("keys") or []
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise _Shape("keys")
+        return [f"{prefix}/{k}" for k in keys if not k.endswith("/")]
 
     async def read_credential(
         self,

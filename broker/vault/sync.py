@@ -84,6 +84,9 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | N
     lease_paths = sorted({g.path for r in catalog.roles.values() for g in r.grants.values()
                           if not g.path.startswith("auth/token/")})
     lines += [f'path "sys/leases/revoke/{p}/*" {{ capabilities = ["update"] }}' for p in lease_paths]
+    # A grant's leases, listed: where a read that Vault's backend failed may have left one (broker.journal rule
+    # 9). Vault asks sudo of a lease listing; on these exact paths it grants nothing else.
+    lines += [f'path "sys/leases/lookup/{p}/" {{ capabilities = ["list", "sudo"] }}' for p in lease_paths]
     if tidy:
         # A cluster: after a leader change, revoke leases whose token is gone (broker.revocations.LeaderWatch).
         lines.append('path "sys/leases/tidy" { capabilities = ["update", "sudo"] }')

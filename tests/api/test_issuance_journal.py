@@ -14,9 +14,11 @@ from typing import Any
 
 from broker.api import STORE
 from broker.app import JOURNAL, SETTLER, make_app
+from broker.audit import AuditRecord
 from broker.dev.stack import DevOpenBao
 from broker.intents import IntentEvent, IntentState
-from broker.rows import Intent, JournalEntry
+from broker.leases import new_lease_id
+from broker.rows import Intent, JournalEntry, LeaseRow
 from broker.vault import VaultClient
 from tests.api.test_task_flow import Client, credential, start_task
 from tests.api.test_vault_merge import window
@@ -130,3 +132,87 @@ class TestLateAnswers:
         assert await admin.lookup_lease(secret.lease_id) is None
         assert await settler.sweep_late_answers() == 0
         assert [e.swept for e in await store.journal_for(intent_id)] == [True]
+
+    async def test_a_claimed_intent_is_never_recorded_and_a_recorded_one_is_never_claimed(
+            self, client: Client, site: BrokerSite) -> None:
+        """The orphan sweep and an issuance recording its answer race for the intent's id (broker.journal
+        rule 8): the first writer wins. A recorded answer is only marked checked; an unrecorded one is
+        claimed ``aborting`` in its task, and its issuance then records nothing; a refusal is not claimed;
+        each answer is looked at once."""
+        task = await start_task(client, site)
+        store = client.app[STORE]
+        row = await store.get_task(task["id"])
+        assert row is not None
+        now = time.time()  # after the app's start: its own maintenance loop (grace 30 s) leaves these alone
+        recorded, claimed, refused = "lse_recordedrecordedrecor0", "lse_claimedclaimedclaimed0", "lse_refusedrefusedrefused0"
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
+            intent_id=i, kind="response", task_id=task["id"], request_id="r-" + i, at=now, failed=i == refused,
+            lease_id=None if i == refused else f"database/creds/tickets-ro/{i}") for i in (recorded, claimed, refused)])
+
+        async def record(lease_id: str) -> bool:
+            lease = LeaseRow(id=lease_id, task_id=row.id, grant="tickets-db-ro", path="database/creds/tickets-ro",
+                             kind="database", vault_lease_id=f"database/creds/tickets-ro/{lease_id}", issued_at=now,
+                             expires_at=now + 60, renewable=True, state="active", revoked_at=None)
+            return await store.record_issuance(
+                Intent(id=lease_id, kind="lease", task_id=row.id, grant="tickets-db-ro", accessor=None,
+                       created_at=now, journaled=True), lease,
+                AuditRecord.for_task(row, now, "lease.issued", "success", resource=lease.path, action="issue",
+                                     lease=lease_id),
+                user=row.user, user_email=row.user_email, agent=row.agent, tenant=row.tenant)
+
+        assert await record(recorded)
+        assert [e.intent_id for e in await store.claim_orphan_answers(before=now + 1, now=now)] == [claimed]
+        intent = await store.get_intent(claimed)
+        assert intent is not None and intent.journaled and intent.task_id == row.id
+        assert intent.state in ("aborting", "aborted")  # the live settler may have finished it already
+        assert not await record(claimed)
+        assert await store.get_lease(claimed) is None and await store.get_intent(refused) is None
+        done = await store.get_intent(recorded)
+        assert done is not None and done.state == "done"
+        assert await store.claim_orphan_answers(before=now + 100, now=now) == []
+
+    async def test_a_lease_a_failed_read_left_behind_is_found_and_revoked(
+            self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
+        """Rule 9: Vault's backend failed a read (OpenBao can persist a lease whose registration a client's
+        disconnect cut short, and answer an error that names nothing). The settler lists the path's leases
+        and revokes the one issued between that read's request and answer that nothing names; a lease the
+        store names, and one issued before the read, stay."""
+        task = await start_task(client, site)
+        store = client.app[STORE]
+
+        async def pki() -> str:
+            secret = await admin.read_credential(
+                "pki/issue/agents", token=site.engines.bao.root_token, method="POST",
+                data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
+            assert secret.lease_id
+            return secret.lease_id
+
+        before = await pki()
+        await asyncio.sleep(2.5)  # more than the search's second of slack
+        recorded = await credential(client, site, task["id"], "agent-cert")
+        named = await store.get_lease(recorded["lease_id"])
+        assert named is not None
+        t0 = time.time()
+        left = await pki()  # what the failed read left: issued inside its window, named by nothing
+        t1 = time.time()
+        intent_id = new_lease_id()
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[
+            JournalEntry(intent_id=intent_id, kind="request", task_id=task["id"], request_id="rq-left", at=t0,
+                         failed=False),
+            JournalEntry(intent_id=intent_id, kind="response", task_id=task["id"], request_id="rq-left", at=t1,
+                         failed=False, vault_error=True, path="pki/issue/agents")])
+        intent = Intent(id=intent_id, kind="lease", task_id=task["id"], grant="agent-cert", accessor=None,
+                        created_at=t0, journaled=True)
+        await client.app[SETTLER].give_up(intent)
+        deadline = time.monotonic() + 30
+        while (got := await store.get_intent(intent_id)) is not None and got.state != IntentState.ABORTED:
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.3)
+            await client.app[SETTLER].attempt(got)
+        assert await admin.lookup_lease(left) is None
+        assert await admin.lookup_lease(before) is not None
+        assert await admin.lookup_lease(named.vault_lease_id) is not None
+        [record] = [r.record for r in await store.query_audit(task=task["id"], limit=100)
+                    if r.record.event == "lease.aborted" and r.record.lease == intent_id]
+        assert "found 1 under pki/issue/agents" in (record.reason or ""), record.reason
+

@@ -25,6 +25,8 @@ from aiohttp.test_utils import TestClient
 from broker.api import STORE
 from broker.app import JOURNAL, make_app
 from broker.config import Settings
+from broker.leases import new_lease_id
+from broker.sealing import TokenSealer
 from broker.vault import VaultClient
 from tests.conftest import AGENT, BrokerSite, bearer
 from tests.support.crash import RawVault, StoreSnapshot
@@ -424,6 +426,36 @@ class TestJournaledIssuance:
         [aborted_record] = [r for r in records if r.event == "lease.aborted"]
         assert "audit log names its lease" in (aborted_record.reason or "")
         assert "lease.issued" not in [r.event for r in records]
+
+    async def test_an_answer_no_broker_recorded_is_claimed_from_the_journal_and_revoked(
+            self, jclient: Client, site: BrokerSite, truth: tuple[VaultClient, RawVault]) -> None:
+        """The broker dies between Vault's answer and its one commit: no intent names the read at all. The
+        answer, in Vault's audit log under the task token, is claimed by the maintenance loop, and the
+        PostgreSQL login it created stops working (broker.journal rule 8); the record names the task."""
+        admin, raw = truth
+        task = await start(jclient, site)
+        store = jclient.app[STORE]
+        row = await store.get_task(task["id"])
+        assert row is not None
+        token = TokenSealer.from_file(site.root / "store.key").open(row.sealed_token, task_id=row.id)
+        lease_id = new_lease_id()
+        # Exactly what a journaled issuance sends, with no broker left to record the answer.
+        secret = await admin.read_credential("database/creds/tickets-ro", token=token, intent=lease_id)
+        assert secret.lease_id and await raw.lease_alive(secret.lease_id)
+        assert await pg_login_works(site.engines.pg, secret.data["username"], secret.data["password"])
+
+        async def aborted() -> bool:
+            intent = await store.get_intent(lease_id)
+            return intent is not None and intent.state == "aborted"
+
+        assert await wait_for(aborted, timeout=20), await store.get_intent(lease_id)
+        assert not await raw.lease_alive(secret.lease_id)
+        assert not await pg_login_works(site.engines.pg, secret.data["username"], secret.data["password"])
+        assert await store.get_lease(lease_id) is None
+        records = [r.record for r in await store.query_audit(task=task["id"], limit=100)]
+        [record] = [r for r in records if r.event == "lease.aborted"]
+        assert record.lease == lease_id and record.user == task["user"] and record.agent == task["agent"]
+        assert "audit log names its lease" in (record.reason or ""), record.reason
 
     async def test_a_lost_child_token_is_found_by_its_plain_accessor_and_revoked(
             self, jclient: Client, site: BrokerSite, proxy: FaultProxy,

@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 import requests
 
+from broker.audit.vaultlog import parse_time
 from broker.dev.stack import HMAC_AUDIT_DEVICE, DevOpenBao
 from broker.errors import (
     BadRequest,
@@ -355,6 +356,7 @@ PARSERS: dict[str, Callable[[VaultClient], Awaitable[object]]] = {
     "renew_self": lambda c: c.renew_self(token="t", increment=60),
     "lookup_accessor": lambda c: c.lookup_accessor("a"),
     "lookup_lease": lambda c: c.lookup_lease("l"),
+    "list_leases": lambda c: c.list_leases("pki/issue/agents"),
     "read_credential": lambda c: c.read_credential("database/creds/r", token="t"),
     "renew_lease": lambda c: c.renew_lease("l", increment=60),
     "lookup_self": lambda c: c.lookup_self(),
@@ -655,8 +657,15 @@ class TestLeases:
         assert cert.lease_id.startswith("pki/issue/agents/") and cert.data is not None and "certificate" in cert.data
         info = await engines_admin.lookup_lease(cert.lease_id)
         assert info is not None and info.lease_id == cert.lease_id and 0 < info.ttl <= 300 and info.expire_time
+        assert info.issue_time and abs(parse_time(info.issue_time) - time.time()) < 30
+        assert cert.lease_id in await engines_admin.list_leases("pki/issue/agents")
         await asyncio.to_thread(engines_setup.revoke_lease, cert.lease_id)
         assert await engines_admin.lookup_lease(cert.lease_id) is None
+        assert cert.lease_id not in await engines_admin.list_leases("pki/issue/agents")
+
+    async def test_listing_a_path_without_leases_is_empty(self, engines_admin: VaultClient) -> None:
+        """Vault answers 404 to a LIST with nothing under it: no leases, not an error."""
+        assert await engines_admin.list_leases("pki/issue/nobody-issues-here") == []
 
     async def test_lookup_of_unknown_lease_is_none(self, vault_admin: VaultClient) -> None:
         """sys/leases/lookup's 400 "invalid lease" becomes None."""

@@ -79,6 +79,17 @@ class TestDecide:
         assert d.action == "wait"
 
 
+    def test_a_backend_error_searches_for_a_leftover_once_the_log_is_read_past_it(self) -> None:
+        """Rule 9: an error from Vault's backend (not a refusal) may have left a lease the log does not name:
+        once the journal is read past the answer, search the request's path from its request to its answer."""
+        got = [entry("request", at=T0 + 0.1),
+               entry("response", at=T0 + 0.3, vault_error=True, path="pki/issue/agents")]
+        d = decide(INTENT, got, read_until=T0 + 0.3 + MARGIN, now=T0 + 9, vault_timeout=TIMEOUT)
+        assert d.action == "wait"
+        d = decide(INTENT, got, read_until=T0 + 1 + MARGIN, now=T0 + 9, vault_timeout=TIMEOUT)
+        assert (d.action, d.ref, d.since, d.until) == ("search", "pki/issue/agents", T0 + 0.1, T0 + 0.3)
+
+
 class TestEntries:
     def test_only_a_task_tokens_entries_are_the_journal(self) -> None:
         agent_token = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:y", metadata={},
@@ -90,6 +101,15 @@ class TestEntries:
                           audit("response", issuance, lease_id="database/creds/ro/3"),
                           audit("response", TASK_AUTH, intent=None, lease_id="database/creds/ro/4")])
         assert [e.lease_id for e in got] == ["database/creds/ro/1"]
+
+    def test_a_refusal_is_not_a_backend_error(self) -> None:
+        """Permission denied comes before the backend runs: ``failed``, nothing to search for. Any other
+        error is the backend's: ``vault_error``, with the request's path (rule 9)."""
+        refused, broken = entries_of([
+            audit("response", TASK_AUTH, error=True, error_kind="permission denied"),
+            audit("response", TASK_AUTH, error=True, error_kind="error")])
+        assert (refused.failed, refused.vault_error, refused.path) == (True, False, None)
+        assert (broken.failed, broken.vault_error, broken.path) == (False, True, "database/creds/ro")
 
     def test_an_issuance_tokens_answers_are_named_for_the_sweep_only(self) -> None:
         """Answers of a token whose metadata names task, lease and grant, that created a lease or a token the
