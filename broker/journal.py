@@ -41,8 +41,9 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    the lease (``Store.record_issuance``), or, when it gives up, as ``aborting`` (``give_up_issuance``):
    no store commit before the read. A broker that dies between Vault's answer and that write leaves an
    answer no intent names. The maintenance loop claims such answers once they are older than the intent
-   grace (with one broker on SQLite: older than its start), writing the intent ``aborting`` in the
-   answer's task (``orphan_intent``; ``Store.claim_orphan_answers``), and the settler revokes what the
+   grace (with one broker on SQLite: older than its start) and made in a task this store holds (another
+   deployment sharing the Vault and its audit log is not ours to clean up), writing the intent
+   ``aborting`` in the answer's task (``orphan_intent``; ``Store.claim_orphan_answers``), and the settler revokes what the
    answer created as for any other. The intent's primary key decides between a claim and an issuance
    still recording it: whichever writes first wins, and a lost issuance hands nothing out. So no
    clock (Vault's, the broker's, the grace) can make the sweep take a credential that was handed out.

@@ -338,13 +338,27 @@ class IngestWorker:
             await proc.wait()
 
     def kill(self) -> None:
-        """End the worker now, without waiting (from synchronous code: the tailer's ``close``)."""
+        """End the worker now, without waiting (from synchronous code: the tailer's ``close``).
+
+        On a running loop the process is also reaped, so that its transport closes while the loop is
+        there to close it (else it is finalized after the loop closed, and warns).
+        """
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
+        if proc is None:
+            return
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+        try:
+            reap = asyncio.get_running_loop().create_task(proc.wait())
+        except RuntimeError:
+            return  # no loop: the process is killed, and nothing can reap it here
+        _REAPING.add(reap)
+        reap.add_done_callback(_REAPING.discard)
 
 
+# Reaps of killed workers in flight: a task the loop holds only weakly would be collected unfinished.
+_REAPING: set[asyncio.Task[int]] = set()
 _PIPE_BYTES = 4 << 20  # a few chunks and their answers; Linux caps it at fs.pipe-max-size without privilege
 _RECENT = 8  # jobs whose tokens the worker keeps: more than the tailer keeps in flight
 

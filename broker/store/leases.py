@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import (
+    Connection,
     and_,
     delete,
     exists,
@@ -65,6 +66,14 @@ _BORN_RECORDED = next_state(IntentState.OPEN, IntentEvent.RECORDED)
 _BORN_ABANDONED = next_state(IntentState.OPEN, IntentEvent.ABANDONED)
 
 
+def _record_lease(conn: Connection, row: LeaseRow, record: AuditRecord) -> None:
+    """The lease and its ``lease.issued`` record, in the caller's transaction (broker.leases rule 3)."""
+    values = dict(vars(row))
+    values["renewable"] = int(row.renewable)
+    P_INSERT_LEASE.execute(conn, values)
+    _append(conn, record)
+
+
 class LeaseStore(StoreBase):
     async def begin_issuance(self, intent: Intent, *, user: str, user_email: str | None, agent: str, tenant: str,
                              limits: LeaseLimits | None = None, approval_id: str | None = None) -> None:
@@ -109,10 +118,7 @@ class LeaseStore(StoreBase):
                         conn, {"id": row.id, "now": row.issued_at}).rowcount != 1:
                     self._undo(conn)
                     return False
-                values = dict(vars(row))
-                values["renewable"] = int(row.renewable)
-                P_INSERT_LEASE.execute(conn, values)
-                _append(conn, record)
+                _record_lease(conn, row, record)
             return True
         return await self._run(run)
 
@@ -145,10 +151,7 @@ class LeaseStore(StoreBase):
                 if P_INSERT_INTENT_IF_NEW.execute(conn, born).rowcount != 1:
                     self._undo(conn)
                     return False
-                values = dict(vars(row))
-                values["renewable"] = int(row.renewable)
-                P_INSERT_LEASE.execute(conn, values)
-                _append(conn, record)
+                _record_lease(conn, row, record)
             return True
         return await self._run(run)
 

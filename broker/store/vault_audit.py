@@ -38,6 +38,7 @@ from broker.store.prepared import Prepared, one_row
 from broker.store.schema import (
     intents,
     leases,
+    tasks,
     vault_audit_position,
     vault_audit_requests,
     vault_audit_tokens,
@@ -121,8 +122,11 @@ class VaultAuditStore(StoreBase):
                       vault_journal.c.at < before)
         known = or_(exists().where(intents.c.id == vault_journal.c.intent_id),
                     exists().where(leases.c.id == vault_journal.c.intent_id))
-        # A refusal created nothing (``decide`` concludes the same): no intent to claim for it.
-        seen = update(vault_journal).where(answer, or_(known, vault_journal.c.failed.is_(True))).values(checked=True)
+        # A refusal created nothing (``decide`` concludes the same), and a task this store does not hold is
+        # another deployment's sharing the Vault (and its audit log): no intent to claim for either.
+        ours = exists().where(tasks.c.id == vault_journal.c.task_id)
+        seen = (update(vault_journal).where(answer, or_(known, vault_journal.c.failed.is_(True), ~ours))
+                .values(checked=True))
         left = select(vault_journal).where(answer).order_by(vault_journal.c.at).limit(limit)
 
         def run() -> list[JournalEntry]:

@@ -137,17 +137,20 @@ class TestLateAnswers:
             self, client: Client, site: BrokerSite) -> None:
         """The orphan sweep and an issuance recording its answer race for the intent's id (broker.journal
         rule 8): the first writer wins. A recorded answer is only marked checked; an unrecorded one is
-        claimed ``aborting`` in its task, and its issuance then records nothing; a refusal is not claimed;
-        each answer is looked at once."""
+        claimed ``aborting`` in its task, and its issuance then records nothing; a refusal is not claimed,
+        nor an answer for a task this store does not hold; each answer is looked at once."""
         task = await start_task(client, site)
         store = client.app[STORE]
         row = await store.get_task(task["id"])
         assert row is not None
         now = time.time()  # after the app's start: its own maintenance loop (grace 30 s) leaves these alone
         recorded, claimed, refused = "lse_recordedrecordedrecor0", "lse_claimedclaimedclaimed0", "lse_refusedrefusedrefused0"
+        foreign = "lse_foreignforeignforeign0"  # a task this store does not hold: another deployment's
         await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
             intent_id=i, kind="response", task_id=task["id"], request_id="r-" + i, at=now, failed=i == refused,
-            lease_id=None if i == refused else f"database/creds/tickets-ro/{i}") for i in (recorded, claimed, refused)])
+            lease_id=None if i == refused else f"database/creds/tickets-ro/{i}") for i in (recorded, claimed, refused)]
+            + [JournalEntry(intent_id=foreign, kind="response", task_id="tsk_another_deployments", request_id="r-f",
+                            at=now, failed=False, lease_id="database/creds/tickets-ro/theirs")])
 
         async def record(lease_id: str) -> bool:
             lease = LeaseRow(id=lease_id, task_id=row.id, grant="tickets-db-ro", path="database/creds/tickets-ro",
@@ -167,6 +170,7 @@ class TestLateAnswers:
         assert intent.state in ("aborting", "aborted")  # the live settler may have finished it already
         assert not await record(claimed)
         assert await store.get_lease(claimed) is None and await store.get_intent(refused) is None
+        assert await store.get_intent(foreign) is None
         done = await store.get_intent(recorded)
         assert done is not None and done.state == "done"
         assert await store.claim_orphan_answers(before=now + 100, now=now) == []

@@ -70,15 +70,20 @@ class BrokerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> None:
-        """Raises: RuntimeError: the broker died or did not answer 200 on /v1/health in time."""
+    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float = 20.0, *,
+                           journal: bool = False) -> None:
+        """Wait for 200 on /v1/health, and with ``journal`` also for ``issuance_journal: on`` (credentials
+        read with the task token, one Vault request: broker.journal).
+
+        Raises: RuntimeError: the broker died or did not get there in time.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
                 raise RuntimeError(f"the broker exited with {self.proc.returncode} before it was healthy")
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with session.get(self.base + "/v1/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
+                    if r.status == 200 and (not journal or (await r.json()).get("issuance_journal") == "on"):
                         return
             await asyncio.sleep(0.05)
         raise RuntimeError("the broker did not become healthy in time")
@@ -194,6 +199,11 @@ class RawVault:
 # -- the store, read directly ------------------------------------------------------------------------
 
 
+# A journaled answer the orphan sweep has not looked at (broker.journal rule 8); probes never need it.
+_UNCHECKED = ("SELECT intent_id FROM vault_journal WHERE kind = 'response' AND NOT checked "
+              "AND intent_id NOT LIKE 'jpr!_%' ESCAPE '!'")
+
+
 @dataclass
 class StoreSnapshot:
     """What the broker's SQLite store says, read with sqlite3 (WAL: safe next to a running broker)."""
@@ -203,6 +213,10 @@ class StoreSnapshot:
     intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     issued_records: dict[str, int] = field(default_factory=dict)
     chain: str = "not read"  # "ok, N records" or why the audit hash chain does not verify
+    # Journaled answers the orphan sweep has not looked at yet (broker.journal rule 8), and how far the
+    # tailer has read each Vault audit file (path -> byte offset).
+    unchecked_answers: list[str] = field(default_factory=list)
+    tailer_offsets: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> StoreSnapshot:
@@ -211,6 +225,9 @@ class StoreSnapshot:
             snap.tasks = {r["id"]: dict(r) for r in db.execute("SELECT * FROM tasks")}
             snap.leases = {r["id"]: dict(r) for r in db.execute("SELECT * FROM leases")}
             snap.intents = {r["id"]: dict(r) for r in db.execute("SELECT * FROM intents")}
+            snap.unchecked_answers = [r[0] for r in db.execute(_UNCHECKED)]
+            snap.tailer_offsets = {r[0]: r[1] for r in db.execute(
+                'SELECT path, max("offset") FROM vault_audit_position GROUP BY path')}
             snap.issued_records = {r[0]: r[1] for r in db.execute(
                 "SELECT lease, count(*) FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
             names = tuple(AuditRecord.__dataclass_fields__)
@@ -238,6 +255,7 @@ class StoreSnapshot:
                 snap.tasks = {r["id"]: r for r in rows("SELECT * FROM tasks")}
                 snap.leases = {r["id"]: r for r in rows("SELECT * FROM leases")}
                 snap.intents = {r["id"]: r for r in rows("SELECT * FROM intents")}
+                snap.unchecked_answers = [r["intent_id"] for r in rows(_UNCHECKED)]
                 snap.issued_records = {r["lease"]: r["n"] for r in rows(
                     "SELECT lease, count(*) AS n FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
                 names = tuple(AuditRecord.__dataclass_fields__)
@@ -274,7 +292,13 @@ class StoreSnapshot:
         out += [f"task {t} ({x['state']}) token revoke_pending (attempts {x.get('revoke_attempts')}, next at "
                 f"{x.get('next_attempt_at')})" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
         out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
+        out += [f"answer {i} not yet looked at by the orphan sweep" for i in self.unchecked_answers]
         return out
+
+    def tailer_behind(self, audit_log: Path, size: int) -> bool:
+        """Whether the tailer has not yet read ``audit_log`` up to ``size`` bytes (its entries, the journal's
+        included, are not all in the store yet)."""
+        return self.tailer_offsets.get(str(audit_log), 0) < size
 
 
 @dataclass

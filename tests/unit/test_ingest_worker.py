@@ -10,6 +10,7 @@ poll is a full chunk, so the tailer catches up through the worker (``broker.audi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -273,6 +274,32 @@ class TestIngestWorker:
             await worker.close()
             assert worker.pid is None
             with pytest.raises(ProcessLookupError):  # exited (and reaped) after its stdin closed
+                os.kill(pid, 0)
+        finally:
+            await store.close()
+
+    async def test_a_worker_killed_from_synchronous_code_is_reaped_on_the_loop(
+            self, stores: tuple[Path, Path, Path]) -> None:
+        """``kill`` (the tailer's synchronous ``close``) on a running loop also reaps the process, so its
+        transport closes while the loop is there: no zombie, no warning when the loop ends."""
+        a, _, log = stores
+        store = await open_store(f"sqlite:///{a}", migrate=False)
+        try:
+            source = await store.ingest_source()
+            assert source is not None
+            worker = IngestWorker(source, broker_paths=["pki/issue/agents"], skew=5.0)
+            await worker.prepare(log.read_bytes()[:65536])
+            pid = worker.pid
+            assert pid is not None
+            worker.kill()
+            assert worker.pid is None
+            for _ in range(200):  # bounded: a killed process is reaped within a few loop turns
+                try:
+                    os.kill(pid, 0)  # a zombie still answers: only a reaped process is gone
+                except ProcessLookupError:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
         finally:
             await store.close()
