@@ -43,10 +43,11 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    answer no intent names. The maintenance loop claims such answers once they are older than the intent
    grace (with one broker on SQLite: older than its start) and made in a task this store holds (another
    deployment sharing the Vault and its audit log is not ours to clean up), writing the intent
-   ``aborting`` in the answer's task (``orphan_intent``; ``Store.claim_orphan_answers``), and the settler revokes what the
-   answer created as for any other. The intent's primary key decides between a claim and an issuance
-   still recording it: whichever writes first wins, and a lost issuance hands nothing out. So no
-   clock (Vault's, the broker's, the grace) can make the sweep take a credential that was handed out.
+   ``aborting`` in the answer's task (``orphan_intent``; ``Store.claim_orphan_answers``), and the
+   settler revokes what the answer created as for any other. The intent's primary key decides
+   between a claim and an issuance still recording it: whichever writes first wins, and a lost
+   issuance hands nothing out. So no clock (Vault's, the broker's, the grace) can make the sweep take
+   a credential that was handed out.
 9. A backend error is not a refusal. OpenBao cancels a request's context when its client disconnects
    (a broker killed mid-read), and a lease registration cut short that way can persist the lease but
    not its index under the token, then fail to delete it: the answer is an error, the log names no

@@ -440,6 +440,10 @@ class IntentSettler:
                 if info is not None and info.issue_time is not None and \
                         since - 1.0 <= parse_time(info.issue_time) <= until + 1.0:
                     left.append(lease_id)
+        except VaultDenied:
+            log.error("cannot list the leases under %s: the broker's policy needs list and sudo on "
+                      "sys/leases/lookup/%s/ (run `broker vault sync`)", path, path)
+            return None
         except (VaultError, StoreUnavailable, AuditLineInvalid):
             return None
         for lease_id in left:
