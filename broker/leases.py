@@ -84,9 +84,10 @@ def _ref_of(secret: VaultSecret | None) -> tuple[str, str] | None:
 
 
 _TASK_CACHE_TTL = 1.0  # seconds a task row read for one credential serves the next ones
-# Seconds a lock or a budget that refused an agent's credential refuses its next ones before Vault is asked:
-# the journaled path checks them only in the transaction after the read (broker.journal rule 8).
-_REFUSAL_MEMORY = 1.0
+# Seconds after a lock or a budget refused an agent's or a user's credential during which their next ones are
+# checked before Vault is asked too (a read): the journaled path's own check comes only in the transaction
+# after the read (broker.journal rule 8), so a refused agent would otherwise cost Vault a credential a try.
+_REFUSAL_MEMORY = 5.0
 _TASK_CACHE_MAX = 8192
 
 
@@ -142,9 +143,9 @@ class LeaseManager:
         # Only the task's fixed fields are trusted from it; its state is checked again in the transaction
         # that records the intent, and by Vault, which refuses an ended task's token.
         self._task_cache: dict[str, tuple[float, TaskRow]] = {}
-        # Agents a lock or a budget refused a moment ago (the journaled path's check comes after the read):
-        # agent -> (until, the refusal).
-        self._refusals: dict[str, tuple[float, BrokerError]] = {}
+        # Agents and users a lock or a budget refused a moment ago ("agent:<id>", "user:<id>" -> until): their
+        # next credentials are checked before the read as well.
+        self._refusals: dict[str, float] = {}
 
     @property
     def journal(self) -> JournalMode | None:
@@ -307,11 +308,15 @@ class LeaseManager:
                         journaled=True)
         if approval_id is not None:
             return await self._issue_approved(caller, task, grant, task_token, intent, lease_ttl, approval_id, inputs)
-        refused = self._refusals.get(task.agent)
-        if refused is not None and refused[0] > now:
-            # Refused a moment ago by the store's check (a lock, a budget): not a Vault credential per retry.
-            await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", refused[1])
-            raise refused[1]
+        if self._refused_lately(task, now):
+            # Refused a moment ago (a lock, a budget): check again before Vault makes a credential for nothing.
+            try:
+                await self._store.check_issuance(user=task.user, user_email=task.user_email, agent=task.agent,
+                                                 tenant=task.tenant, limits=self._limits)
+            except (Locked, BudgetExceeded) as exc:
+                self._refuse(task, now)
+                await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
+                raise
         secret: VaultSecret | None = None
         try:
             secret = await self._vault.read_credential(grant.path, token=task_token, method=grant.method,
@@ -326,18 +331,23 @@ class LeaseManager:
             # sweep finds the answer (broker.journal rule 8).
             await self._settler.give_up(intent, vault_ref=_ref_of(secret))
             if isinstance(exc, Locked | BudgetExceeded):
-                self._refuse(task.agent, exc, now)
+                self._refuse(task, now)
                 await self._denied(caller, task, task.id, f"grant:{grant.name}", "issue", exc)
             if isinstance(exc, VaultDenied | VaultBadResponse):
                 raise await self._gone_or(exc, caller, task, grant.path) from exc
             raise
 
-    def _refuse(self, agent: str, exc: BrokerError, now: float) -> None:
+    def _refused_lately(self, task: TaskRow, now: float) -> bool:
+        return any(self._refusals.get(k, 0.0) > now for k in (f"agent:{task.agent}", f"user:{task.user}"))
+
+    def _refuse(self, task: TaskRow, now: float) -> None:
+        # Both keys: a refusal does not say whose budget or lock it was, and a needless check costs one read.
         if len(self._refusals) >= _TASK_CACHE_MAX:
-            self._refusals = {k: v for k, v in self._refusals.items() if v[0] > now}
+            self._refusals = {k: v for k, v in self._refusals.items() if v > now}
             if len(self._refusals) >= _TASK_CACHE_MAX:
                 self._refusals.clear()
-        self._refusals[agent] = (now + _REFUSAL_MEMORY, exc)
+        until = now + _REFUSAL_MEMORY
+        self._refusals[f"agent:{task.agent}"] = self._refusals[f"user:{task.user}"] = until
 
     async def _issue_approved(self, caller: AgentIdentity, task: TaskRow, grant: Grant, task_token: Sensitive,
                               intent: Intent, lease_ttl: int, approval_id: str, inputs: AgentInputs) -> Issued:

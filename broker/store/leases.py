@@ -155,6 +155,22 @@ class LeaseStore(StoreBase):
             return True
         return await self._run(run)
 
+    async def check_issuance(self, *, user: str, user_email: str | None, agent: str, tenant: str,
+                             limits: LeaseLimits | None = None) -> None:
+        """The locks and budgets ``record_issuance`` checks, read only: before the read of an agent or user
+        refused a moment ago (broker.leases), so that Vault does not make a credential to be revoked.
+
+        Raises:
+            Locked: an operator lock covers the user, agent or tenant.
+            BudgetExceeded: the agent or the user holds as many live leases as allowed.
+        """
+        def run() -> None:
+            with self._read() as conn:
+                _check_locks(conn, user=user, email=user_email, agent=agent, tenant=tenant)
+                if limits is not None:
+                    _check_budget(conn, user=user, agent=agent, limits=limits)
+        await self._run(run)
+
     async def give_up_issuance(self, intent: Intent, *, retry_at: float,
                                vault_ref: tuple[str, str] | None = None) -> bool:
         """Write a journaled issuance that recorded nothing as ``aborting`` (its first cleanup at ``retry_at``),

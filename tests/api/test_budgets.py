@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from broker.api import STORE
 from broker.app import make_app
 from broker.config import LimitsSettings
+from tests.api.test_issuance_journal import journal_ready, task_requests
 from tests.api.test_task_flow import start_task
+from tests.api.test_vault_merge import window
 from tests.conftest import OTHER_AGENT, BrokerSite, bearer
 
 
@@ -60,6 +64,32 @@ class TestBudgets:
         ended = await client.post(f"/v1/tasks/{first['id']}/end", headers=bearer(site.ids.user()))
         assert ended.status in (200, 202), await ended.text()
         assert [await issue(second["id"]) for _ in range(3)] == [200, 200, 429]
+
+    async def test_a_refused_agents_retries_cost_vault_nothing(self, site: BrokerSite,
+                                                              aiohttp_client: Callable[..., Any]) -> None:
+        """With the issuance journal on, the budget is checked in the transaction after Vault's read; an agent
+        refused a moment ago is checked before the read too: of four refused tries, only the first reached
+        Vault (and what it made was revoked). Once a lease ends, the next credential is issued at once."""
+        client = await _client(site, aiohttp_client, max_live_leases_per_agent=1)
+        await journal_ready(client)
+        task = await start_task(client, site)
+        log = Path(site.settings.vault.audit_log or "")
+
+        async def issue() -> int:
+            resp = await client.post(f"/v1/tasks/{task['id']}/credentials", json={"grant": "agent-cert"},
+                                     headers=bearer(site.ids.agent()))
+            return resp.status
+
+        assert await issue() == 200
+        start = log.stat().st_size
+        assert [await issue() for _ in range(4)] == [429] * 4
+        await asyncio.sleep(0.3)  # the device writes synchronously; the read is only the file's
+        reads = [e for e in task_requests(window(log, start), task["id"]) if e["request"]["path"] == "pki/issue/agents"]
+        assert len(reads) == 1, [e["request"]["path"] for e in reads]
+        store = client.app[STORE]
+        [(lease, _)] = await store.find_leases(task=task["id"], states=("active",), limit=10)
+        await store.expire_leases([lease.id], now=time.time(), records=[])
+        assert await issue() == 200
 
     async def test_rate_limit_per_agent_spares_others(self, site: BrokerSite,
                                                       aiohttp_client: Callable[..., Any]) -> None:
