@@ -11,12 +11,14 @@ poll is a full chunk, so the tailer catches up through the worker (``broker.audi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -259,8 +261,10 @@ class TestIngestWorker:
         assert failures == 2
         assert rows == here
 
-    async def test_the_worker_ends_with_the_tailer(self, stores: tuple[Path, Path, Path]) -> None:
-        """No process is left behind: closed with its tailer, and it exits by itself when its stdin closes."""
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _running_worker(stores: tuple[Path, Path, Path]) -> AsyncIterator[tuple[IngestWorker, int]]:
+        """A worker on the first store that has prepared one chunk of the log: (worker, its pid)."""
         a, _, log = stores
         store = await open_store(f"sqlite:///{a}", migrate=False)
         try:
@@ -269,28 +273,24 @@ class TestIngestWorker:
             worker = IngestWorker(source, broker_paths=["pki/issue/agents"], skew=5.0)
             chunk = await worker.prepare(log.read_bytes()[:65536])
             assert chunk.lines > 0 and chunk.records
-            pid = worker.pid
-            assert pid is not None
+            assert worker.pid is not None
+            yield worker, worker.pid
+        finally:
+            await store.close()
+
+    async def test_the_worker_ends_with_the_tailer(self, stores: tuple[Path, Path, Path]) -> None:
+        """No process is left behind: closed with its tailer, and it exits by itself when its stdin closes."""
+        async with self._running_worker(stores) as (worker, pid):
             await worker.close()
             assert worker.pid is None
             with pytest.raises(ProcessLookupError):  # exited (and reaped) after its stdin closed
                 os.kill(pid, 0)
-        finally:
-            await store.close()
 
     async def test_a_worker_killed_from_synchronous_code_is_reaped_on_the_loop(
             self, stores: tuple[Path, Path, Path]) -> None:
         """``kill`` (the tailer's synchronous ``close``) on a running loop also reaps the process, so its
         transport closes while the loop is there: no zombie, no warning when the loop ends."""
-        a, _, log = stores
-        store = await open_store(f"sqlite:///{a}", migrate=False)
-        try:
-            source = await store.ingest_source()
-            assert source is not None
-            worker = IngestWorker(source, broker_paths=["pki/issue/agents"], skew=5.0)
-            await worker.prepare(log.read_bytes()[:65536])
-            pid = worker.pid
-            assert pid is not None
+        async with self._running_worker(stores) as (worker, pid):
             worker.kill()
             assert worker.pid is None
             for _ in range(200):  # bounded: a killed process is reaped within a few loop turns
@@ -301,8 +301,6 @@ class TestIngestWorker:
                 await asyncio.sleep(0.01)
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-        finally:
-            await store.close()
 
     async def test_no_worker_for_a_store_in_memory(self, tmp_path: Path) -> None:
         """No other process can open an in-memory SQLite store: the tailer merges in its own process."""
