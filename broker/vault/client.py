@@ -886,6 +886,14 @@ class VaultClient:
         op = "revoke lease"
         await self._call("PUT", "sys/leases/revoke/" + validate_path(lease_id), op)
 
+    async def force_revoke_lease(self, lease_id: str) -> None:
+        """PUT /v1/sys/leases/revoke-force/:lease_id -- drop one lease without its backend's revocation.
+
+        Only for a lease whose backend object was never made (broker.journal rule 9): revoking it normally
+        fails forever ("role does not exist"). The full id as the prefix names that one lease only.
+        """
+        await self._call("PUT", "sys/leases/revoke-force/" + validate_path(lease_id), "force-revoke lease")
+
     # -- the calling token ----------------------------------------------------------------------
 
     async def lookup_self(self, *, token: str | Sensitive | None = None, intent: str | None = None) -> VaultTokenInfo:

@@ -87,6 +87,9 @@ def broker_policy_hcl(catalog: Catalog, *, audit_device: str | Sequence[str] | N
     # A grant's leases, listed: where a read that Vault's backend failed may have left one (broker.journal rule
     # 9). Vault asks sudo of a lease listing; on these exact paths it grants nothing else.
     lines += [f'path "sys/leases/lookup/{p}/" {{ capabilities = ["list", "sudo"] }}' for p in lease_paths]
+    # What such a read left may have no backend object (a database role never created): revoking it fails
+    # forever, so the broker drops that lease itself. No credential of it was ever returned to anyone.
+    lines += [f'path "sys/leases/revoke-force/{p}/*" {{ capabilities = ["update", "sudo"] }}' for p in lease_paths]
     if tidy:
         # A cluster: after a leader change, revoke leases whose token is gone (broker.revocations.LeaderWatch).
         lines.append('path "sys/leases/tidy" { capabilities = ["update", "sudo"] }')

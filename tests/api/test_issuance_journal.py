@@ -220,3 +220,36 @@ class TestLateAnswers:
                     if r.record.event == "lease.aborted" and r.record.lease == intent_id]
         assert "found 1 under pki/issue/agents" in (record.reason or ""), record.reason
 
+    async def test_a_left_database_lease_whose_role_was_never_made_is_dropped(
+            self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
+        """Rule 9 with a database lease whose PostgreSQL role does not exist (the failed read never made
+        it, or rolled it back): revoking it fails forever ("role does not exist"), so the settler
+        force-revokes that one lease, and the intent is aborted instead of retrying for good."""
+        import psycopg
+
+        task = await start_task(client, site)
+        store = client.app[STORE]
+        t0 = time.time()
+        secret = await admin.read_credential("database/creds/tickets-ro", token=site.engines.bao.root_token)
+        t1 = time.time()
+        assert secret.lease_id and secret.data
+        async with await psycopg.AsyncConnection.connect(site.engines.pg.dsn(), autocommit=True) as conn:
+            name = secret.data["username"]
+            await conn.execute(f'REVOKE ALL PRIVILEGES ON ALL TABLES IN SCHEMA public FROM "{name}"')
+            await conn.execute(f'DROP ROLE "{name}"')
+        intent_id = new_lease_id()
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[
+            JournalEntry(intent_id=intent_id, kind="request", task_id=task["id"], request_id="rq-db", at=t0,
+                         failed=False),
+            JournalEntry(intent_id=intent_id, kind="response", task_id=task["id"], request_id="rq-db", at=t1,
+                         failed=False, vault_error=True, path="database/creds/tickets-ro")])
+        await client.app[SETTLER].give_up(Intent(id=intent_id, kind="lease", task_id=task["id"],
+                                                 grant="tickets-db-ro", accessor=None, created_at=t0,
+                                                 journaled=True))
+        deadline = time.monotonic() + 30
+        while (got := await store.get_intent(intent_id)) is not None and got.state != IntentState.ABORTED:
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.3)
+            await client.app[SETTLER].attempt(got)
+        assert await admin.lookup_lease(secret.lease_id) is None
+

@@ -363,7 +363,7 @@ PARSERS: dict[str, Callable[[VaultClient], Awaitable[object]]] = {
     "audit_hash": lambda c: c.audit_hash("file", "v"),
 }
 # Methods that read nothing of the answer. (The set-up calls are broker.vault.admin's, on hvac.)
-UNPARSED = frozenset({"revoke_accessor", "revoke_lease", "tidy_leases"})
+UNPARSED = frozenset({"revoke_accessor", "revoke_lease", "force_revoke_lease", "tidy_leases"})
 # Each field a parser reads first, with the wrong type.
 MISTYPED = {"auth": 7, "data": 7, "hash": 7, "initialized": 7, "lease_id": 7}
 
