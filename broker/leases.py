@@ -338,6 +338,8 @@ class LeaseManager:
             raise
 
     def _refused_lately(self, task: TaskRow, now: float) -> bool:
+        if not self._refusals:  # the usual case: no string is built on the hot path
+            return False
         return any(self._refusals.get(k, 0.0) > now for k in (f"agent:{task.agent}", f"user:{task.user}"))
 
     def _refuse(self, task: TaskRow, now: float) -> None:

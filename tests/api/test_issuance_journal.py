@@ -38,6 +38,26 @@ def task_requests(entries: list[dict[str, Any]], task_id: str) -> list[dict[str,
             and ((e.get("auth") or {}).get("metadata") or {}).get("task") == task_id]
 
 
+async def _settle_failed_read(client: Client, task_id: str, grant: str, path: str, t0: float, t1: float) -> str:
+    """What a read Vault's backend failed leaves in the journal (its request at ``t0``, an error answer at
+    ``t1``: broker.journal rule 9), its intent given up, then settled until aborted (30 s at most)."""
+    store = client.app[STORE]
+    intent_id = new_lease_id()
+    await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[
+        JournalEntry(intent_id=intent_id, kind="request", task_id=task_id, request_id="rq-" + intent_id, at=t0,
+                     failed=False),
+        JournalEntry(intent_id=intent_id, kind="response", task_id=task_id, request_id="rq-" + intent_id, at=t1,
+                     failed=False, vault_error=True, path=path)])
+    await client.app[SETTLER].give_up(Intent(id=intent_id, kind="lease", task_id=task_id, grant=grant,
+                                             accessor=None, created_at=t0, journaled=True))
+    deadline = time.monotonic() + 30
+    while (got := await store.get_intent(intent_id)) is not None and got.state != IntentState.ABORTED:
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.3)
+        await client.app[SETTLER].attempt(got)
+    return intent_id
+
+
 class TestOneRequestPerCredential:
     async def test_each_credential_is_one_vault_request_naming_its_lease(self, client: Client,
                                                                          site: BrokerSite) -> None:
@@ -199,20 +219,7 @@ class TestLateAnswers:
         t0 = time.time()
         left = await pki()  # what the failed read left: issued inside its window, named by nothing
         t1 = time.time()
-        intent_id = new_lease_id()
-        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[
-            JournalEntry(intent_id=intent_id, kind="request", task_id=task["id"], request_id="rq-left", at=t0,
-                         failed=False),
-            JournalEntry(intent_id=intent_id, kind="response", task_id=task["id"], request_id="rq-left", at=t1,
-                         failed=False, vault_error=True, path="pki/issue/agents")])
-        intent = Intent(id=intent_id, kind="lease", task_id=task["id"], grant="agent-cert", accessor=None,
-                        created_at=t0, journaled=True)
-        await client.app[SETTLER].give_up(intent)
-        deadline = time.monotonic() + 30
-        while (got := await store.get_intent(intent_id)) is not None and got.state != IntentState.ABORTED:
-            assert time.monotonic() < deadline, got
-            await asyncio.sleep(0.3)
-            await client.app[SETTLER].attempt(got)
+        intent_id = await _settle_failed_read(client, task["id"], "agent-cert", "pki/issue/agents", t0, t1)
         assert await admin.lookup_lease(left) is None
         assert await admin.lookup_lease(before) is not None
         assert await admin.lookup_lease(named.vault_lease_id) is not None
@@ -228,7 +235,6 @@ class TestLateAnswers:
         import psycopg
 
         task = await start_task(client, site)
-        store = client.app[STORE]
         t0 = time.time()
         secret = await admin.read_credential("database/creds/tickets-ro", token=site.engines.bao.root_token)
         t1 = time.time()
@@ -237,19 +243,6 @@ class TestLateAnswers:
             name = secret.data["username"]
             await conn.execute(f'REVOKE ALL PRIVILEGES ON ALL TABLES IN SCHEMA public FROM "{name}"')
             await conn.execute(f'DROP ROLE "{name}"')
-        intent_id = new_lease_id()
-        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[
-            JournalEntry(intent_id=intent_id, kind="request", task_id=task["id"], request_id="rq-db", at=t0,
-                         failed=False),
-            JournalEntry(intent_id=intent_id, kind="response", task_id=task["id"], request_id="rq-db", at=t1,
-                         failed=False, vault_error=True, path="database/creds/tickets-ro")])
-        await client.app[SETTLER].give_up(Intent(id=intent_id, kind="lease", task_id=task["id"],
-                                                 grant="tickets-db-ro", accessor=None, created_at=t0,
-                                                 journaled=True))
-        deadline = time.monotonic() + 30
-        while (got := await store.get_intent(intent_id)) is not None and got.state != IntentState.ABORTED:
-            assert time.monotonic() < deadline, got
-            await asyncio.sleep(0.3)
-            await client.app[SETTLER].attempt(got)
+        await _settle_failed_read(client, task["id"], "tickets-db-ro", "database/creds/tickets-ro", t0, t1)
         assert await admin.lookup_lease(secret.lease_id) is None
 
