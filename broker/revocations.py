@@ -44,6 +44,7 @@ from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, SETTLED_RETENTION, IntentEvent, IntentState, backoff
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
 from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
+from broker.store.tasks import FENCE_CLAIM
 from broker.vault import VaultClient
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ _LOCKING: frozenset[str] = frozenset({"user", "agent", "tenant"})
 # Leases a task's revocation must still see gone in Vault.
 _UNSETTLED = (LeaseState.REVOKE_PENDING, LeaseState.ACTIVE)
 _FORGET_EVERY = 60.0  # seconds between two passes that forget settled intents
+_DUE_PER_TICK = 500  # task revocations one maintenance tick settles
 
 
 @dataclass(frozen=True)
@@ -689,6 +691,8 @@ class Maintenance:
         self._started = clock()
         # With SQLite there is one broker: at start-up every open intent is a dead process's.
         self._sole_writer = sole_writer
+        # Until one tick has settled them: the revocations a dead process had claimed (see _due_before).
+        self._inherited = sole_writer
         self._leader = LeaderWatch(vault, clock)
         self._next_forget = clock()
 
@@ -711,9 +715,11 @@ class Maintenance:
         await self._store.purge_console_sessions(now=now)
         await self._reconcile(now)
         await self._settler.sweep_late_answers()
-        due = await self._store.tasks_due_for_revocation(now=now)
+        due = await self._store.tasks_due_for_revocation(now=self._due_before(now), limit=_DUE_PER_TICK)
         if due:
             await self._revoker.settle(due)
+        if len(due) < _DUE_PER_TICK:
+            self._inherited = False
         await self._expire_leases(now)
         if now >= self._next_forget:  # bookkeeping, not history (broker.intents rule 6): once a minute
             self._next_forget = now + _FORGET_EVERY
@@ -723,6 +729,19 @@ class Maintenance:
         await self._leader.tick()
         if self._checkpointer is not None:  # last: the checkpoint covers this tick's records too
             await self._checkpointer.maybe_checkpoint()
+
+    def _due_before(self, now: float) -> float:
+        """Revocations due by now, and, on a sole writer's first pass, every one a dead process scheduled.
+
+        A fence leaves the task to its ender for ``FENCE_CLAIM`` seconds, so that another replica does not
+        revoke beside it. With SQLite there is one broker: a claim made before this process started is a
+        dead one's, and waiting it out would leave the task's leases live for up to a minute after a
+        restart. This process's own fences come after its start, so their claims end after
+        ``started + FENCE_CLAIM`` and are not taken by this pass.
+        """
+        if self._inherited:
+            return max(now, self._started + FENCE_CLAIM - 1e-3)
+        return now
 
     async def _expire_tasks(self, now: float) -> None:
         due = await self._store.find_tasks(states=(TaskState.ACTIVE,), expires_before=now, limit=500)

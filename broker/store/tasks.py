@@ -46,6 +46,10 @@ from broker.store.statements import (
     _vals,
 )
 
+# How long a fence leaves the task's revocation to the broker that fenced it (it revokes at once, inline)
+# before the maintenance loop of any broker takes it up: an ender that died mid-revocation is covered.
+FENCE_CLAIM = 60.0
+
 
 class TaskStore(SignalStore):
     async def begin_task(self, intent: Intent, *, user: Person, agent: str, tenant: str) -> None:
@@ -96,7 +100,7 @@ class TaskStore(SignalStore):
         return await self._run(run)
 
     async def fence_tasks(self, task_ids: Sequence[str], *, event: TaskEvent, now: float,
-                          records: Sequence[AuditRecord], retry_after: float = 60.0) -> list[TaskRow]:
+                          records: Sequence[AuditRecord], retry_after: float = FENCE_CLAIM) -> list[TaskRow]:
         """Move these tasks along ``event`` (end, expire, revoke) from active; their tokens and leases are fenced.
 
         From this commit on no lease of these tasks can be recorded. Returns the rows it fenced, as they now
@@ -124,7 +128,7 @@ class TaskStore(SignalStore):
         return fenced
 
     async def fence_selected(self, revocation: RevocationRow, *, now: float, created: AuditRecord, reason: str,
-                             retry_after: float = 60.0) -> list[TaskRow]:
+                             retry_after: float = FENCE_CLAIM) -> list[TaskRow]:
         """Write an operator's revocation (and its lock) and revoke every active task its selector matches.
 
         The tasks are selected *inside this transaction*: a task start that committed before it is fenced

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,8 @@ import psycopg
 from broker.api import STORE
 from broker.app import make_app
 from broker.sdk import AgentClient
+from broker.states import TaskEvent
+from broker.store.tasks import FENCE_CLAIM
 from broker.vault import VaultClient
 from tests.api.test_opscli import serve
 from tests.api.test_task_flow import credential, start_task
@@ -130,3 +133,30 @@ class TestRetryRevokesWhatTheTreeMissed:
         assert resp.status == 202, await resp.text()  # the tree did not take it: not confirmed yet
         await revoked_view(client, site, task["id"])
         assert await admin.lookup_accessor(orphan.accessor) is None
+
+
+class TestRestartTakesOverADeadEndersClaim:
+    async def test_a_restarted_broker_revokes_at_once_what_the_dead_one_had_fenced(
+            self, site: BrokerSite, aiohttp_client: Any, admin: VaultClient) -> None:
+        """An ender that dies right after its fence leaves the task claimed for ``FENCE_CLAIM`` (so that no
+        other replica revokes beside a live ender): the broker that fenced it leaves it alone meanwhile. On
+        SQLite the next broker is the only one, so its first maintenance pass takes the dead one's claim
+        over: the lease is gone in Vault seconds after the restart, not a minute later."""
+        first = await aiohttp_client(make_app(quick(site)))
+        task = await start_task(first, site)
+        cred = await credential(first, site, task["id"], "tickets-db-ro")
+        store = first.app[STORE]
+        row = await store.get_lease(cred["lease_id"])
+        assert row is not None
+        # What `POST /end` commits before it revokes: broker.tasks' end.after_fence crash point.
+        await store.fence_tasks([task["id"]], event=TaskEvent.END, now=time.time(), records=[])
+        await asyncio.sleep(1.5)  # several maintenance ticks of the fencing broker: its claim holds
+        assert await admin.lookup_lease(row.vault_lease_id) is not None
+        await first.close()
+
+        restarted = await aiohttp_client(make_app(quick(site)))
+        started = time.monotonic()
+        view = await revoked_view(restarted, site, task["id"])
+        assert time.monotonic() - started < FENCE_CLAIM / 3
+        assert [x["state"] for x in view["leases"]] == ["revoked"]
+        assert await admin.lookup_lease(row.vault_lease_id) is None
