@@ -36,7 +36,8 @@ python3 -m ruff check broker tests scripts
 python3 -m mypy
 # Two workers, each with its own OpenBao and PostgreSQL cluster (session fixtures are per worker; every
 # shared server's objects are named per session): most tests wait on a server or a timer, so two halve the
-# wall time on two cores. `--dist loadfile` keeps a module on one worker, so its module fixtures are made
-# once. BROKER_TEST_WORKERS=0 runs in this process; a later `-n` in the arguments wins.
+# wall time on two cores. `--dist loadgroup` with tests/conftest.py's groups: a module stays on one worker
+# (its module fixtures are made once) and the campaigns run one at a time, on one worker.
+# BROKER_TEST_WORKERS=0 runs in this process; a later `-n` in the arguments wins.
 # pytest exits 5 when no test ran: with `set -e` that fails the run instead of passing silently.
-exec python3 -m pytest -n "${BROKER_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec python3 -m pytest -n "${BROKER_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -212,5 +212,22 @@ def hvac_admin(site: BrokerSite) -> Iterator[VaultAdmin]:
         yield admin
 
 
+# The campaigns: modules with a `slow` test, and the ingest worker's tests (they SIGKILL workers and time
+# the fallback). They kill processes, load both cores and the disk, and bound their waits for a machine
+# that runs one of them at a time.
+_CAMPAIGNS = "campaigns"
+_ALSO_CAMPAIGNS = frozenset({"tests/unit/test_ingest_worker.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for scripts/test.sh's xdist workers (``--dist loadgroup``): each module is one group, so it runs
+    on one worker and its module fixtures are made once; the campaigns share one group, so they run one
+    after another on one worker, as in a serial run, while the other worker takes the rest."""
+    modules = [item.nodeid.split("::", 1)[0] for item in items]
+    campaigns = _ALSO_CAMPAIGNS | {m for m, item in zip(modules, items, strict=True) if item.get_closest_marker("slow")}
+    for module, item in zip(modules, items, strict=True):
+        item.add_marker(pytest.mark.xdist_group(_CAMPAIGNS if module in campaigns else module))
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

@@ -308,9 +308,14 @@ class IngestWorker:
         """The chunk prepared for a job :meth:`submit` sent.
 
         Raises:
-            WorkerFailed: the worker died before it answered, or could not read the store.
+            WorkerFailed: the worker died before it answered, did not answer within ``_ANSWER_TIMEOUT``
+                (stopped, or stuck on the store: the tailer then merges in its own process), or could not
+                read the store.
         """
-        body = await fut
+        try:
+            body = await asyncio.wait_for(fut, _ANSWER_TIMEOUT)
+        except TimeoutError:
+            raise WorkerFailed(f"the Vault audit ingest worker did not answer within {_ANSWER_TIMEOUT:g} s") from None
         # Decoding a chunk's records is ~1 ms of CPU: in a thread, not on the loop.
         answer = await asyncio.to_thread(self._answers.decode, body)
         if answer.error is not None or answer.chunk is None:
@@ -361,6 +366,8 @@ class IngestWorker:
 _REAPING: set[asyncio.Task[int]] = set()
 _PIPE_BYTES = 4 << 20  # a few chunks and their answers; Linux caps it at fs.pipe-max-size without privilege
 _RECENT = 8  # jobs whose tokens the worker keeps: more than the tailer keeps in flight
+# A chunk takes the worker milliseconds; a worker silent this long is wedged, and nothing else would end the wait.
+_ANSWER_TIMEOUT = 60.0
 
 
 def _deliver(waiting: deque[asyncio.Future[bytes]], body: bytes) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -51,14 +52,22 @@ TOKENS = 8
 CONCURRENCY = 6
 
 
+# Marks the tailers this module starts, and so their ingest workers (which inherit the environment): the
+# stray check counts only those, not the workers of brokers that another pytest worker runs beside it.
+MARK = f"BROKER_TEST_TAILER_RUN={secrets.token_hex(8)}".encode()
+
+
 def start_tailer(db_url: str, audit_log: Path, chunk: int) -> subprocess.Popen[bytes]:
+    name, _, value = MARK.decode().partition("=")
     return subprocess.Popen([sys.executable, "-c", TAILER, db_url, str(audit_log), str(chunk)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, name: value},
                             cwd=Path(__file__).resolve().parents[2])
 
 
 def stray_ingest_workers() -> list[int]:
-    """Ingest worker processes (``broker.audit.ingest``) that are not this test process's own children."""
+    """Ingest worker processes (``broker.audit.ingest``) of this module's tailers that are not this test
+    process's own children."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -66,9 +75,10 @@ def stray_ingest_workers() -> list[int]:
         try:
             cmdline = (entry / "cmdline").read_bytes()
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ours = b"broker.audit.ingest" in cmdline and MARK in (entry / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
-        if b"broker.audit.ingest" in cmdline and ppid != os.getpid():
+        if ours and ppid != os.getpid():
             found.append(int(entry.name))
     return found
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from broker.audit import AuditRecord
+from broker.audit import ingest as ingest_module
 from broker.audit import tailer as tailer_module
 from broker.audit.canonical import canonical_record, render_record
 from broker.audit.ingest import IngestWorker
@@ -166,6 +168,39 @@ class TestIngestWorker:
             assert t.ingest_worker is None
             assert metrics.get("broker_vault_audit_worker_failures_total") == 1
             assert "merging in the broker's process for 60 s" in caplog.text
+            rows = await store.chain_rows(after_seq=0, limit=100_000)
+        finally:
+            await store.close()
+        assert rows == here
+
+    async def test_a_worker_that_stops_answering_is_given_up_on(self, stores: tuple[Path, Path, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+        """A worker alive but silent (here SIGSTOPped: it could be stuck on the store) does not stall the
+        tailer: past the answer timeout it is killed and the tailer merges the rest in its own process."""
+        a, b, log = stores
+        here = await merge(b, log, worker=False)
+        monkeypatch.setattr(ingest_module, "_ANSWER_TIMEOUT", 0.5)
+        store = await open_store(f"sqlite:///{a}", migrate=False)
+        try:
+            metrics = Metrics()
+            t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
+                                 chunk_bytes=4096, metrics=metrics)
+            await t.step()
+            await t.step()
+            worker = t.ingest_worker
+            assert worker is not None and worker.pid is not None
+            pid = worker.pid
+            os.kill(pid, signal.SIGSTOP)
+            with caplog.at_level(logging.WARNING):
+                await asyncio.wait_for(t.catch_up(), 120)
+            assert t.ingest_worker is None
+            with contextlib.suppress(ProcessLookupError):  # reaped: a stopped process still dies of SIGKILL
+                os.kill(pid, 0)
+                pytest.fail("the silent worker is still there")
+            t.close()
+            assert metrics.get("broker_vault_audit_worker_failures_total") == 1
+            assert "did not answer within 0.5 s; merging in the broker's process for 60 s" in caplog.text
             rows = await store.chain_rows(after_seq=0, limit=100_000)
         finally:
             await store.close()
