@@ -146,61 +146,39 @@ class TestIngestWorker:
                        and row[8] == "auth/token/lookup-self"}
         assert child_calls >= {f"tsk_ingest_{k:03d}" for k in range(COPIES)}
 
-    async def test_a_worker_killed_midway_loses_and_repeats_nothing(self, stores: tuple[Path, Path, Path],
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-        """The worker dies while chunks are in its hands: the tailer merges the rest in its own process."""
+    @pytest.mark.parametrize(("signum", "why"), [
+        (signal.SIGKILL, "stopped before it answered"),
+        # Alive but silent (it could be stuck on the store): given up on past the answer timeout, and killed.
+        (signal.SIGSTOP, "did not answer within 2 s"),
+    ], ids=["killed", "silent"])
+    async def test_a_worker_lost_midway_loses_and_repeats_nothing(
+            self, stores: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+            signum: signal.Signals, why: str) -> None:
+        """The worker dies, or stops answering, while chunks are in its hands: the tailer merges the rest in
+        its own process, and the chain is the one an in-process merge makes."""
         a, b, log = stores
         here = await merge(b, log, worker=False)
+        monkeypatch.setattr(ingest_module, "_ANSWER_TIMEOUT", 2.0)
         store = await open_store(f"sqlite:///{a}", migrate=False)
         try:
             metrics = Metrics()
             t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
                                  chunk_bytes=4096, metrics=metrics)
-            await t.step()
-            for _ in range(5):
+            for _ in range(6):
                 await t.step()
             worker = t.ingest_worker
             assert worker is not None and worker.pid is not None
-            os.kill(worker.pid, 9)
-            with caplog.at_level(logging.WARNING):
-                await t.catch_up()
-            t.close()
-            assert t.ingest_worker is None
-            assert metrics.get("broker_vault_audit_worker_failures_total") == 1
-            assert "merging in the broker's process for 60 s" in caplog.text
-            rows = await store.chain_rows(after_seq=0, limit=100_000)
-        finally:
-            await store.close()
-        assert rows == here
-
-    async def test_a_worker_that_stops_answering_is_given_up_on(self, stores: tuple[Path, Path, Path],
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
-        """A worker alive but silent (here SIGSTOPped: it could be stuck on the store) does not stall the
-        tailer: past the answer timeout it is killed and the tailer merges the rest in its own process."""
-        a, b, log = stores
-        here = await merge(b, log, worker=False)
-        monkeypatch.setattr(ingest_module, "_ANSWER_TIMEOUT", 0.5)
-        store = await open_store(f"sqlite:///{a}", migrate=False)
-        try:
-            metrics = Metrics()
-            t = VaultAuditTailer(store=store, path=log, broker_paths=["pki/issue/agents"], start="beginning",
-                                 chunk_bytes=4096, metrics=metrics)
-            await t.step()
-            await t.step()
-            worker = t.ingest_worker
-            assert worker is not None and worker.pid is not None
             pid = worker.pid
-            os.kill(pid, signal.SIGSTOP)
+            os.kill(pid, signum)
             with caplog.at_level(logging.WARNING):
                 await asyncio.wait_for(t.catch_up(), 120)
             assert t.ingest_worker is None
             with contextlib.suppress(ProcessLookupError):  # reaped: a stopped process still dies of SIGKILL
                 os.kill(pid, 0)
-                pytest.fail("the silent worker is still there")
+                pytest.fail("the lost worker is still there")
             t.close()
             assert metrics.get("broker_vault_audit_worker_failures_total") == 1
-            assert "did not answer within 0.5 s; merging in the broker's process for 60 s" in caplog.text
+            assert f"{why}; merging in the broker's process for 60 s" in caplog.text
             rows = await store.chain_rows(after_seq=0, limit=100_000)
         finally:
             await store.close()
