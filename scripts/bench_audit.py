@@ -4,7 +4,7 @@ What it measures (issue 4, raised by issue 10; goals: >= 50,000 lines/s ingested
 in < 5 s)
 
     **ingest**: the broker's real merge path, ``broker.audit.tailer.VaultAuditTailer.catch_up()`` over an OpenBao
-    file-audit log on disk: read the file in 1 MiB chunks and hand them to the ingest worker process
+    file-audit log on disk: read the file in 4 MiB chunks (``tailer.CATCH_UP_CHUNK``) and hand them to the ingest worker process
     (``broker.audit.ingest``, two chunks ahead of the commit), which parses them
     (``broker.audit.vaultlog.parse_responses``: request entries skipped by their opening, the rest
     ``parse_line``), looks up tasks and learned tokens on its own read-only connection, ``classify_batch``,
@@ -67,7 +67,7 @@ from _benchlib import machine_info
 from broker.audit import GENESIS, AuditRecord, canonical_bytes, chain_hash
 from broker.audit.checkpoints import StoreVerifier
 from broker.audit.signing import Checkpoint, key_id, sign_checkpoint
-from broker.audit.tailer import VaultAuditTailer
+from broker.audit.tailer import CATCH_UP_CHUNK, VaultAuditTailer
 from broker.audit.vaultlog import classify_batch, parse_responses
 from broker.dev.stack import start_dev_openbao
 from broker.store import open_store
@@ -264,7 +264,8 @@ async def stage_breakdown(log: Path, n: int, workdir: Path, tasks: int) -> dict[
                                           tokens={})
         classify_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        step = 700  # about one 1 MiB chunk's worth of records
+        # The records of one catch-up chunk, as the tailer commits them: lines per chunk x records per line.
+        step = max(1, round(CATCH_UP_CHUNK / (sum(map(len, raw)) / n) * len(records) / n))
         tokens = {a: (o.task, o.lease) for a, o in learned.items()}
         for i in range(0, len(records), step):
             await store.merge_vault_audit(moves=[], records=records[i:i + step], now=time.time(),

@@ -205,6 +205,13 @@ class _Sent:
 
 
 _AHEAD = 2  # chunks in the worker's hands while the store commits one: it always has the next to prepare
+# One poll's read, and so one merge transaction, while catching up. Since the ingest worker took the parsing
+# away, the broker's share of a backlog is the chain's append, and that is per commit as much as per record:
+# each transaction rewrites every page of the three random-keyed indexes (user, agent, task) it touched. Four
+# times the lines per commit dirties far fewer than four times the pages (scripts/bench_audit.py: broker CPU
+# per line 20-25 us against 25-30 at 1 MiB; docs/benchmarks.md, results P). A trickle never fills a chunk,
+# so only a backlog's transactions grow: ~1,700 records, tens of ms of the store's writer.
+CATCH_UP_CHUNK = 4 << 20
 # After the worker fails, the merge stays in this process for a minute, then tries a new worker; each
 # failure in a row doubles the wait, up to an hour (a worker that never works costs one start per hour).
 _WORKER_RETRY = 60.0
@@ -235,7 +242,7 @@ class VaultAuditTailer:
         metrics: Metrics | None = None,
         start: StartAt = "end",
         poll_interval: float = 0.25,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = CATCH_UP_CHUNK,
         skew: float = DEFAULT_SKEW,
         hasher: Hasher | None = None,
         clock: Callable[[], float] = time.time,
@@ -604,4 +611,4 @@ class VaultAuditTailer:
         self._reader.close()
 
 
-__all__ = ["MergeResult", "VaultAuditTailer"]
+__all__ = ["CATCH_UP_CHUNK", "MergeResult", "VaultAuditTailer"]
