@@ -22,9 +22,9 @@ chunks before are in. When the tailer drops chunks it had sent (a commit failed,
 rotated under it), its next job says ``reset`` and the worker forgets them.
 
 Like the parallel verifier's workers (``broker.audit.parallel``), the worker is a new interpreter started
-with ``-m`` (never a fork of a process with threads), talking over its stdin and stdout: msgpack
-messages, each behind its length, answered in order. It ends when its stdin closes, so it cannot
-outlive the broker.
+with ``-m`` (never a fork of a process with threads), talking over its stdin and stdout: each job is a
+chunk's bytes as they are behind a small header (length, ``reset``), each answer a msgpack message behind
+its length, in order. It ends when its stdin closes, so it cannot outlive the broker.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ import importlib
 import json
 import logging
 import os
+import queue
 import struct
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 import msgspec
@@ -128,11 +129,9 @@ def prepare_chunk(data: bytes, *, lookup: Lookup, pending: Mapping[str, tuple[st
 # -- the worker process -------------------------------------------------------------------------------
 
 _LENGTH = struct.Struct("<I")
-
-
-class _Job(msgspec.Struct, frozen=True, array_like=True):
-    data: bytes
-    reset: bool  # forget the tokens learned from earlier jobs (the tailer dropped them)
+# A job: the chunk's length and whether to forget the tokens learned from earlier jobs (the tailer dropped
+# them), then the chunk's bytes as read: not wrapped in msgpack, which would copy megabytes to say nothing.
+_JOB = struct.Struct("<IB")
 
 
 class _Answer(msgspec.Struct, frozen=True, array_like=True):
@@ -183,6 +182,16 @@ def _read_message(stream: IO[bytes]) -> bytes | None:
     return body if len(body) == n else None
 
 
+def _read_job(stream: IO[bytes]) -> tuple[bytes, bool] | None:
+    """The next job's (chunk, reset); None when the broker closed the pipe (or died mid-job)."""
+    head = stream.read(_JOB.size)
+    if len(head) < _JOB.size:
+        return None
+    n, reset = _JOB.unpack(head)
+    data = stream.read(n)
+    return (data, bool(reset)) if len(data) == n else None
+
+
 def serve(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> None:
     """A worker's loop: its settings as a JSON line, then one job per message, one answer each, in order."""
     stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
@@ -198,23 +207,23 @@ def serve(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> No
     except Exception as exc:  # noqa: BLE001 -- any DB-API's error; the broker sees the pipe close
         # One line, no traceback: a connection error's text is the driver's, and only its name is needed.
         sys.exit(f"broker.audit.ingest: cannot open the store ({type(exc).__name__})")
-    jobs = msgspec.msgpack.Decoder(_Job)
     encoder = msgspec.msgpack.Encoder()
     recent: deque[Learned] = deque(maxlen=_RECENT)
-    while (message := _read_message(stdin)) is not None:
-        job = jobs.decode(message)
-        if job.reset:
+    while (job := _read_job(stdin)) is not None:
+        data, reset = job
+        if reset:
             recent.clear()
         pending = {a: o for learned in recent for a, o in learned.items()}
         try:
-            chunk = prepare_chunk(job.data, lookup=lookups, pending=pending, broker_paths=paths, skew=skew)
+            chunk = prepare_chunk(data, lookup=lookups, pending=pending, broker_paths=paths, skew=skew)
         except lookups.error as exc:
             answer = _Answer(type(exc).__name__, None)
         else:
             recent.append(chunk.tokens)
             answer = _Answer(None, chunk)
         out = encoder.encode(answer)
-        stdout.write(_LENGTH.pack(len(out)) + out)
+        stdout.write(_LENGTH.pack(len(out)))
+        stdout.write(out)
         stdout.flush()
 
 
@@ -225,11 +234,13 @@ class WorkerFailed(OSError):
 class IngestWorker:
     """The broker's side of one worker process: :meth:`submit` sends a chunk, :meth:`result` awaits it.
 
-    Jobs are written from the loop (the pipe is widened to hold a few chunks, so a write does not wait)
-    and may be several in flight, so the worker always has the next chunk to hand; one thread reads the
-    answers with blocking reads and hands each to the oldest job waiting. Not asyncio's pipe for the
-    answers: its reads come back to the loop 64-256 KiB at a time, each waiting for the GIL behind the
-    store thread's commit. :meth:`close` ends the process; a job then in flight fails.
+    Jobs may be several in flight, so the worker always has the next chunk to hand. One thread writes
+    them, in the order submitted, with blocking writes; another reads the answers the same way and hands
+    each to the oldest job waiting. Not asyncio's pipes: a chunk larger than the pipe's free space was
+    buffered and written from the loop piece by piece, each piece moving the rest of the buffer along
+    (with a 1 MiB pipe, the limit without privilege, ~20 ms of the loop's time per 4 MiB chunk), and its
+    reads came back to the loop 64-256 KiB at a time, each waiting for the GIL behind the store thread's
+    commit. :meth:`close` ends the process; a job then in flight fails.
     """
 
     def __init__(self, source: LookupSource, *, broker_paths: Iterable[str], skew: float) -> None:
@@ -237,7 +248,7 @@ class IngestWorker:
                                      "skew": skew}).encode() + b"\n"
         self._proc: asyncio.subprocess.Process | None = None
         self._waiting: deque[asyncio.Future[bytes]] = deque()
-        self._encoder = msgspec.msgpack.Encoder()
+        self._jobs: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._answers = msgspec.msgpack.Decoder(_Answer)
 
     @property
@@ -248,26 +259,28 @@ class IngestWorker:
     async def _started(self) -> asyncio.subprocess.Process:
         if self._proc is None:
             loop = asyncio.get_running_loop()
+            job_read, job_write = os.pipe()  # blocking, both: each is used by one thread only
             read_fd, write_fd = os.pipe()
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "broker.audit.ingest", stdin=asyncio.subprocess.PIPE, stdout=write_fd,
+                    sys.executable, "-m", "broker.audit.ingest", stdin=job_read, stdout=write_fd,
                     env=worker_env())
             except BaseException:
                 os.close(read_fd)
+                os.close(job_write)
                 raise
             finally:
                 os.close(write_fd)
-            assert proc.stdin is not None
-            pipes = [read_fd]
-            if (sock := proc.stdin.get_extra_info("pipe")) is not None:
-                pipes.append(sock.fileno())
-            for fd in pipes:
+                os.close(job_read)
+            for fd in (read_fd, job_write):
                 with contextlib.suppress(OSError):  # a narrower pipe only means more round trips
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-            proc.stdin.write(self._settings)
             self._proc = proc
             waiting = self._waiting = deque()
+            jobs = self._jobs = queue.SimpleQueue()
+            jobs.put(_Write((self._settings,), None))
+            threading.Thread(target=_write_jobs, args=(loop, job_write, jobs),
+                             name="broker-ingest-jobs", daemon=True).start()
             threading.Thread(target=self._read_answers, args=(loop, read_fd, waiting),
                              name="broker-ingest-answers", daemon=True).start()
         return self._proc
@@ -289,16 +302,28 @@ class IngestWorker:
         """Send a chunk to be prepared; the future holds the answer's bytes (for :meth:`result`).
 
         Raises:
-            WorkerFailed: the worker could not be started, or its pipe is closed.
+            WorkerFailed: the worker could not be started, its pipe is closed, or it took no job for
+                ``_ANSWER_TIMEOUT`` (stopped: the tailer then merges in its own process).
         """
         try:
-            proc = await self._started()
-            assert proc.stdin is not None
-            job = self._encoder.encode(_Job(data, reset))
-            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._waiting.append(fut)
-            proc.stdin.write(_LENGTH.pack(len(job)) + job)
-            await proc.stdin.drain()
+            await self._started()
+        except OSError as exc:
+            self.kill()
+            raise WorkerFailed(f"the Vault audit ingest worker did not start ({type(exc).__name__})") from exc
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        written: asyncio.Future[None] = loop.create_future()
+        written.add_done_callback(lambda f: f.cancelled() or f.exception())  # told even after a timeout
+        # Queued in the same step of the loop as its answer is: the jobs are written in the order their
+        # answers are awaited. A submit cancelled meanwhile still has its job written whole, and answered.
+        self._waiting.append(fut)
+        self._jobs.put(_Write((_JOB.pack(len(data), reset), data), written))
+        try:
+            # The pipe took it. A worker that stopped reading would otherwise hold the tailer here for good.
+            await asyncio.wait_for(asyncio.shield(written), _ANSWER_TIMEOUT)
+        except TimeoutError:
+            self.kill()
+            raise WorkerFailed(f"the Vault audit ingest worker took no job within {_ANSWER_TIMEOUT:g} s") from None
         except OSError as exc:
             self.kill()
             raise WorkerFailed(f"the Vault audit ingest worker stopped ({type(exc).__name__})") from exc
@@ -333,8 +358,7 @@ class IngestWorker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.stdin is not None:
-            proc.stdin.close()
+        self._jobs.put(None)  # the writer closes the pipe after the jobs before: the worker's stdin ends
         try:
             await asyncio.wait_for(proc.wait(), 1.0)
         except TimeoutError:
@@ -351,6 +375,7 @@ class IngestWorker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        self._jobs.put(None)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -368,6 +393,43 @@ _PIPE_BYTES = 4 << 20  # a few chunks and their answers; Linux caps it at fs.pip
 _RECENT = 8  # jobs whose tokens the worker keeps: more than the tailer keeps in flight
 # A chunk takes the worker milliseconds; a worker silent this long is wedged, and nothing else would end the wait.
 _ANSWER_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """Bytes for the worker's stdin, and the future told when the pipe has taken them (None: nobody asks)."""
+
+    parts: tuple[bytes, ...]
+    done: asyncio.Future[None] | None
+
+
+def _write_jobs(loop: asyncio.AbstractEventLoop, fd: int, jobs: queue.SimpleQueue[_Write | None]) -> None:
+    """The writer thread: each job whole, in order, with blocking writes (the GIL is released while the
+    kernel copies); ``None`` closes the pipe. After a failed write every later job fails the same way."""
+    failed: OSError | None = None
+    try:
+        while (job := jobs.get()) is not None:
+            if failed is None:
+                try:
+                    for part in job.parts:
+                        view = memoryview(part)
+                        while view:
+                            view = view[os.write(fd, view):]
+                except OSError as exc:  # the worker is gone (EPIPE): its answers fail too
+                    failed = exc
+            if job.done is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                    loop.call_soon_threadsafe(_settle, job.done, failed)
+    finally:
+        os.close(fd)
+
+
+def _settle(fut: asyncio.Future[None], exc: OSError | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def _deliver(waiting: deque[asyncio.Future[bytes]], body: bytes) -> None:

@@ -118,10 +118,14 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
 
 def worker_env() -> dict[str, str]:
     """This environment, with the directory this ``broker`` package was imported from first on the path (for a
-    worker started with ``python -m``: it imports the same code as the broker, installed or not)."""
+    worker started with ``python -m``: it imports the same code as the broker, installed or not).
+
+    ``PYTHONSAFEPATH``: ``-m`` would otherwise put the working directory before that, and a ``broker``
+    there (another checkout, or planted) would be the worker's code instead of the broker's.
+    """
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), "PYTHONSAFEPATH": "1"}
 
 
 async def verify_in_processes(source: ChainSource, verifier: LogVerifier, *, last_seq: int, workers: int,

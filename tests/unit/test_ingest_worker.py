@@ -319,6 +319,31 @@ class TestIngestWorker:
             assert worker.pid is None
             assert await reaped(pid)
 
+    async def test_a_worker_that_takes_no_job_is_given_up_on(
+            self, stores: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        """A stopped worker leaves a chunk larger than its pipe half written: the submit fails after the
+        answer timeout instead of holding the tailer for good, and the worker is killed and reaped."""
+        monkeypatch.setattr(ingest_module, "_ANSWER_TIMEOUT", 2.0)
+        async with self._running_worker(stores) as (worker, pid):
+            os.kill(pid, signal.SIGSTOP)
+            with pytest.raises(ingest_module.WorkerFailed, match="took no job within 2 s"):
+                await worker.submit(b"\n" * (4 * ingest_module._PIPE_BYTES))
+            assert worker.pid is None
+            assert await reaped(pid)
+
+    async def test_a_broker_package_in_the_working_directory_is_not_the_workers(
+            self, stores: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``python -m`` puts the working directory first on the path: a ``broker`` there (another checkout,
+        or planted) must not become the worker's code."""
+        planted = tmp_path / "cwd" / "broker"
+        planted.mkdir(parents=True)
+        marker = tmp_path / "imported"
+        (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        monkeypatch.chdir(planted.parent)
+        async with self._running_worker(stores) as (worker, _):
+            await worker.close()
+        assert not marker.exists()
+
     async def test_no_worker_for_a_store_in_memory(self, tmp_path: Path) -> None:
         """No other process can open an in-memory SQLite store: the tailer merges in its own process."""
         store = await open_store("sqlite://")
