@@ -405,7 +405,7 @@ class IntentSettler:
                 found = (f"found {len(left)} under {decision.ref}, revoked, and Vault confirmed it is gone" if left
                          else f"Vault lists none under {decision.ref} from that moment")
                 return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, self._clock(),
-                                          why=f"{decision.reason}; {found}")
+                                          why=f"{decision.reason}; {found}", vault_path=decision.ref)
             attempts = intent.attempts + 1
             delay = backoff(attempts, cap=self._max_backoff)
         elif decision.action == "revoke" and decision.ref is not None:
@@ -413,8 +413,10 @@ class IntentSettler:
             if confirmed:
                 with contextlib.suppress(StoreUnavailable):  # else the late-answer sweep revokes it once more
                     await self._store.journal_swept(intent.id)
+                where = decision.ref.rpartition("/")[0] if decision.ref_kind == "lease" else None
                 return await self._finish(intent, IntentEvent.VAULT_CONFIRMED, self._clock(),
-                                          why=f"{decision.reason}; revoked, and Vault confirmed it is gone")
+                                          why=f"{decision.reason}; revoked, and Vault confirmed it is gone",
+                                          vault_path=where or None)
             attempts = intent.attempts + 1
             delay = backoff(attempts, cap=self._max_backoff)
         else:
@@ -542,24 +544,27 @@ class IntentSettler:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _finish(self, intent: Intent, event: IntentEvent, now: float, *, why: str | None = None) -> bool:
+    async def _finish(self, intent: Intent, event: IntentEvent, now: float, *, why: str | None = None,
+                      vault_path: str | None = None) -> bool:
         try:
-            record = await self._final_record(intent, event, now, why=why)
+            record = await self._final_record(intent, event, now, why=why, vault_path=vault_path)
             return await self._store.move_intent(intent.id, from_state=IntentState.ABORTING, event=event, now=now,
                                                  record=record)
         except StoreUnavailable:
             return False
 
     async def _final_record(self, intent: Intent, event: IntentEvent, now: float, *,
-                            why: str | None = None) -> AuditRecord:
+                            why: str | None = None, vault_path: str | None = None) -> AuditRecord:
         gone = why or ("Vault confirmed its token is gone" if event == IntentEvent.VAULT_CONFIRMED
                        else "its token, if Vault created one, expired unused at its bootstrap TTL")
         if intent.kind == "task":
             return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
                                reason=f"the task could not be recorded; {gone}")
         task = await self._store.get_task(intent.task_id)
-        # An intent the orphan sweep claimed has no grant: Vault's log does not name one (broker.journal rule 8).
-        fields = {"resource": f"grant:{intent.grant or 'unrecorded'}", "action": "issue", "lease": intent.id,
+        # An intent the orphan sweep claimed has no grant: Vault's log does not name one (broker.journal rule 8),
+        # but the lease its answer named says where it was read, as a ``lease.issued`` record would have.
+        resource = f"grant:{intent.grant}" if intent.grant else (vault_path or "grant:unrecorded")
+        fields = {"resource": resource, "action": "issue", "lease": intent.id,
                   "reason": f"the issuance was given up; {gone}"}
         if task is not None:
             return AuditRecord.for_task(task, now, "lease.aborted", "failure", **fields)

@@ -195,6 +195,35 @@ class TestLateAnswers:
         assert done is not None and done.state == "done"
         assert await store.claim_orphan_answers(before=now + 100, now=now) == []
 
+    async def test_a_claimed_orphan_is_revoked_and_its_record_says_where_it_was_read(
+            self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
+        """Rule 8 to the end: an answer no broker recorded (its broker died after Vault answered) is claimed,
+        its lease revoked and confirmed gone in Vault, and the ``lease.aborted`` record names the path the
+        lease was read from (the journal's lease id says it), as its ``lease.issued`` would have: the grant
+        itself is not in Vault's log."""
+        task = await start_task(client, site)
+        store = client.app[STORE]
+        secret = await admin.read_credential("pki/issue/agents", token=site.engines.bao.root_token, method="POST",
+                                             data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
+        assert secret.lease_id and await admin.lookup_lease(secret.lease_id) is not None
+        now = time.time()
+        orphan = "lse_orphanorphanorphanorph0"
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
+            intent_id=orphan, kind="response", task_id=task["id"], request_id="r-" + orphan, at=now, failed=False,
+            lease_id=secret.lease_id)])
+        assert [e.intent_id for e in await store.claim_orphan_answers(before=now + 1, now=now)] == [orphan]
+        deadline = time.monotonic() + 30
+        while (got := await store.get_intent(orphan)) is not None and got.state != IntentState.ABORTED:
+            assert time.monotonic() < deadline, got
+            await client.app[SETTLER].attempt(got)
+            await asyncio.sleep(0.1)
+        assert await admin.lookup_lease(secret.lease_id) is None
+        [record] = [r.record for r in await store.query_audit(task=task["id"], limit=100)
+                    if r.record.event == "lease.aborted" and r.record.lease == orphan]
+        assert record.resource == "pki/issue/agents", record.resource
+        assert record.user == task["user"] and record.agent == task["agent"]
+        assert "names its lease" in (record.reason or "") and "confirmed it is gone" in (record.reason or "")
+
     async def test_a_lease_a_failed_read_left_behind_is_found_and_revoked(
             self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
         """Rule 9: Vault's backend failed a read (OpenBao can persist a lease whose registration a client's
