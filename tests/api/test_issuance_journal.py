@@ -38,6 +38,14 @@ def task_requests(entries: list[dict[str, Any]], task_id: str) -> list[dict[str,
             and ((e.get("auth") or {}).get("metadata") or {}).get("task") == task_id]
 
 
+async def pki_lease(admin: VaultClient, site: BrokerSite, task_id: str) -> str:
+    """A certificate's lease issued straight from Vault (root), named by nothing the broker wrote."""
+    secret = await admin.read_credential("pki/issue/agents", token=site.engines.bao.root_token, method="POST",
+                                         data={"common_name": f"{task_id}.agents.example.org", "ttl": "5m"})
+    assert secret.lease_id and await admin.lookup_lease(secret.lease_id) is not None
+    return secret.lease_id
+
+
 async def _settle_failed_read(client: Client, task_id: str, grant: str, path: str, t0: float, t1: float) -> str:
     """What a read Vault's backend failed leaves in the journal (its request at ``t0``, an error answer at
     ``t1``: broker.journal rule 9), its intent given up, then settled until aborted (30 s at most)."""
@@ -132,9 +140,7 @@ class TestLateAnswers:
         the maintenance loop's sweep revokes it and marks it swept; a second sweep does nothing."""
         task = await start_task(client, site)
         store = client.app[STORE]
-        secret = await admin.read_credential("pki/issue/agents", token=site.engines.bao.root_token, method="POST",
-                                             data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
-        assert secret.lease_id and await admin.lookup_lease(secret.lease_id) is not None
+        lease_id = await pki_lease(admin, site, task["id"])
         now = time.time()
         intent_id = "lse_latelatelatelatelate0"
         await store.begin_issuance(
@@ -146,10 +152,10 @@ class TestLateAnswers:
                                        now=now)
         await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
             intent_id=intent_id, kind="response", task_id=task["id"], request_id="late-1", at=now, failed=False,
-            lease_id=secret.lease_id)])
+            lease_id=lease_id)])
         settler = client.app[SETTLER]
         assert await settler.sweep_late_answers() == 1
-        assert await admin.lookup_lease(secret.lease_id) is None
+        assert await admin.lookup_lease(lease_id) is None
         assert await settler.sweep_late_answers() == 0
         assert [e.swept for e in await store.journal_for(intent_id)] == [True]
 
@@ -203,21 +209,19 @@ class TestLateAnswers:
         itself is not in Vault's log."""
         task = await start_task(client, site)
         store = client.app[STORE]
-        secret = await admin.read_credential("pki/issue/agents", token=site.engines.bao.root_token, method="POST",
-                                             data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
-        assert secret.lease_id and await admin.lookup_lease(secret.lease_id) is not None
+        lease_id = await pki_lease(admin, site, task["id"])
         now = time.time()
         orphan = "lse_orphanorphanorphanorph0"
         await store.merge_vault_audit(moves=[], records=[], tokens={}, now=now, journal=[JournalEntry(
             intent_id=orphan, kind="response", task_id=task["id"], request_id="r-" + orphan, at=now, failed=False,
-            lease_id=secret.lease_id)])
+            lease_id=lease_id)])
         assert [e.intent_id for e in await store.claim_orphan_answers(before=now + 1, now=now)] == [orphan]
         deadline = time.monotonic() + 30
         while (got := await store.get_intent(orphan)) is not None and got.state != IntentState.ABORTED:
             assert time.monotonic() < deadline, got
             await client.app[SETTLER].attempt(got)
             await asyncio.sleep(0.1)
-        assert await admin.lookup_lease(secret.lease_id) is None
+        assert await admin.lookup_lease(lease_id) is None
         [record] = [r.record for r in await store.query_audit(task=task["id"], limit=100)
                     if r.record.event == "lease.aborted" and r.record.lease == orphan]
         assert record.resource == "pki/issue/agents", record.resource
@@ -234,11 +238,7 @@ class TestLateAnswers:
         store = client.app[STORE]
 
         async def pki() -> str:
-            secret = await admin.read_credential(
-                "pki/issue/agents", token=site.engines.bao.root_token, method="POST",
-                data={"common_name": f"{task['id']}.agents.example.org", "ttl": "5m"})
-            assert secret.lease_id
-            return secret.lease_id
+            return await pki_lease(admin, site, task["id"])
 
         before = await pki()
         await asyncio.sleep(2.5)  # more than the search's second of slack
