@@ -238,7 +238,8 @@ class IngestWorker:
     them, in the order submitted, with blocking writes; another reads the answers the same way and hands
     each to the oldest job waiting. Not asyncio's pipes: a chunk larger than the pipe's free space was
     buffered and written from the loop piece by piece, each piece moving the rest of the buffer along
-    (with a 1 MiB pipe, the limit without privilege, ~20 ms of the loop's time per 4 MiB chunk), and its
+    (a 4 MiB chunk on a 1 MiB pipe, the limit without privilege: 13% of the broker's GIL-held samples
+    while catching up, docs/architecture.md), and its
     reads came back to the loop 64-256 KiB at a time, each waiting for the GIL behind the store thread's
     commit. :meth:`close` ends the process; a job then in flight fails.
     """

@@ -54,14 +54,14 @@ CONCURRENCY = 6
 
 # Marks the tailers this module starts, and so their ingest workers (which inherit the environment): the
 # stray check counts only those, not the workers of brokers that another pytest worker runs beside it.
-MARK = f"BROKER_TEST_TAILER_RUN={secrets.token_hex(8)}".encode()
+MARK_NAME, MARK_VALUE = "BROKER_TEST_TAILER_RUN", secrets.token_hex(8)
+MARK = f"{MARK_NAME}={MARK_VALUE}".encode()  # as it reads in /proc/<pid>/environ
 
 
 def start_tailer(db_url: str, audit_log: Path, chunk: int) -> subprocess.Popen[bytes]:
-    name, _, value = MARK.decode().partition("=")
     return subprocess.Popen([sys.executable, "-c", TAILER, db_url, str(audit_log), str(chunk)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, name: value},
+                            env={**os.environ, MARK_NAME: MARK_VALUE},
                             cwd=Path(__file__).resolve().parents[2])
 
 
