@@ -56,7 +56,14 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    denied, invalid token, unsupported path) makes the settler look for such a leftover: the leases
    Vault lists under the request's path, issued between its request and its answer, that neither the
    store nor any journal entry names (every answer that created a lease names it, so a lease being
-   recorded right now is excluded), once the journal has been read past the answer.
+   recorded right now is excluded), once the journal has been read past the answer. A read made with an
+   issuance token (rule 7's answers) is searched the same way once its intent is ``aborted``
+   (``IntentSettler.search_failed_reads``), from its intent's creation, which precedes the read: revoking
+   that token does not reach such a lease either (seen in the crash test, after a restart, before the
+   start-up probe made the journal ready). A token create
+   (``auth/token/...``) is not searched: what it may leave is a child token of the task token, which dies
+   with it (as rule 3); the broker's policy lists no token leases (seen in the crash test: such an intent
+   waited for a listing Vault denies, and never settled).
 """
 
 from __future__ import annotations
@@ -130,14 +137,20 @@ def entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
 def issued_entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
     """What issuance tokens' answers created, for the late-answer sweep (rule 7): answers without the
     header, made by a token whose metadata names a task, a lease and a grant, that created a lease or a
-    token the log names in plain text."""
+    token the log names in plain text; and those answers that are backend errors (rule 9), with their
+    path, for the leftover search."""
     out: list[JournalEntry] = []
     for e in entries:
-        if e.type != "response" or e.intent is not None or e.auth is None or e.error:
+        if e.type != "response" or e.intent is not None or e.auth is None:
             continue
         meta = e.auth.metadata
         task, lease = meta.get("task"), meta.get("lease")
         if not task or not lease or not meta.get("grant"):
+            continue
+        if e.error:
+            if e.error_kind == "error" and not e.path.startswith("auth/token/"):  # the backend's, not a refusal
+                out.append(JournalEntry(intent_id=lease, kind=ISSUED, task_id=task, request_id=e.request_id,
+                                        at=e.time, failed=False, vault_error=True, path=e.path))
             continue
         accessor = e.created_accessor if e.created_accessor and not hmacd(e.created_accessor) else None
         if e.lease_id is None and accessor is None:
@@ -182,6 +195,12 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
     mine = [e for e in entries if e.task_id == intent.task_id]  # rule 1
     answer = next((e for e in mine if e.kind == "response"), None)
     if answer is not None and answer.vault_error:
+        if answer.path is not None and answer.path.startswith("auth/token/"):
+            # A token create, cut short: what it may have left is a token, not a lease under a grant path the
+            # broker may list, and it was created by the task token under a child role (not an orphan), so it
+            # dies with the task token (rule 9, as rule 3).
+            return Decision("task_bound", f"Vault's backend failed a token create (request {answer.request_id}); "
+                                          "a token it may have left is a child of the task token and dies with it")
         received = next((e for e in mine if e.kind == "request"), None)
         if read_until is None or read_until <= answer.at + MARGIN:
             return Decision("wait", "Vault's backend failed it; the log is read up to its answer first",

@@ -493,6 +493,45 @@ class IntentSettler:
             swept += 1
         return swept
 
+    async def search_failed_reads(self) -> int:
+        """Revoke what reads made with an issuance token may have left behind a backend error (broker.journal
+        rule 9): revoking that token, which aborted their intent, does not reach a lease whose index under it
+        Vault failed to write.
+
+        Each is searched once the journal is read past its answer (a probe moves the journal when nothing
+        else does), from its intent's creation, which precedes the read, to its answer. Returns how many
+        such answers were searched to the end. Never raises a store or Vault error.
+        """
+        try:
+            due = await self._store.journal_unsearched()
+            read_until = await self._store.journal_read_until() if due else None
+        except StoreUnavailable:
+            return 0
+        searched = 0
+        probe = False
+        for entry, created_at in due:
+            if entry.path is None:
+                continue
+            if read_until is None or read_until <= entry.at + journal.MARGIN:
+                probe = probe or self._clock() > entry.at + journal.MARGIN
+                continue
+            left = await self._revoke_leftovers(entry.path, min(created_at, entry.at) - journal.MARGIN, entry.at)
+            if left is None:
+                continue  # the next tick searches again
+            if left:
+                log.warning("intent %s: Vault's backend failed its read (request %s) and left %s under %s; "
+                            "revoked", entry.intent_id, entry.request_id, ", ".join(left), entry.path)
+            try:
+                await self._store.journal_swept(entry.intent_id)
+            except StoreUnavailable:
+                return searched
+            searched += 1
+        if probe:
+            with contextlib.suppress(VaultError, TimeoutError):
+                await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
+                                       timeout=self._attempt_timeout)
+        return searched
+
     async def _revoke_ref_confirmed_within(self, kind: str | None, ref: str) -> bool:
         """Revoke what an answer (or the journal) named: a token by its accessor, else a lease by its id."""
         if kind == "token":
@@ -720,6 +759,7 @@ class Maintenance:
         await self._store.purge_console_sessions(now=now)
         await self._reconcile(now)
         await self._settler.sweep_late_answers()
+        await self._settler.search_failed_reads()
         due = await self._store.tasks_due_for_revocation(now=self._due_before(now), limit=_DUE_PER_TICK)
         if due:
             await self._revoker.settle(due)

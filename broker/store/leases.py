@@ -239,7 +239,8 @@ class LeaseStore(StoreBase):
         unswept = exists().where(vault_journal.c.intent_id == intents.c.id,
                                  vault_journal.c.kind.in_(("response", ISSUED)),
                                  vault_journal.c.swept.is_(False), vault_journal.c.failed.is_(False),
-                                 or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None)))
+                                 or_(vault_journal.c.lease_id.is_not(None), vault_journal.c.accessor.is_not(None),
+                                     and_(vault_journal.c.kind == ISSUED, vault_journal.c.vault_error.is_(True))))
         pick = (select(intents.c.id).where(
             intents.c.state.in_((IntentState.DONE.value, IntentState.ABORTED.value)),
             intents.c.resolved_at < settled_before,

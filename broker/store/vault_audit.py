@@ -109,6 +109,22 @@ class VaultAuditStore(StoreBase):
                 return [JournalEntry(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
+    async def journal_unsearched(self, *, limit: int = 100) -> list[tuple[JournalEntry, float]]:
+        """Backend errors answered to issuance tokens whose intent is ``aborted`` and whose path is not searched
+        yet, each with its intent's creation: where a failed read may have left a lease (broker.journal rule 9)."""
+        q = (select(vault_journal, intents.c.created_at.label("intent_created_at"))
+             .join(intents, intents.c.id == vault_journal.c.intent_id)
+             .where(vault_journal.c.kind == ISSUED, vault_journal.c.vault_error.is_(True),
+                    vault_journal.c.swept.is_(False), intents.c.state == IntentState.ABORTED.value)
+             .order_by(vault_journal.c.at).limit(limit))
+
+        def run() -> list[tuple[JournalEntry, float]]:
+            with self._read() as conn:
+                rows = [dict(r) for r in conn.execute(q).mappings()]
+            return [(JournalEntry(**{k: v for k, v in r.items() if k != "intent_created_at"}),
+                     float(r["intent_created_at"])) for r in rows]
+        return await self._run(run)
+
     async def claim_orphan_answers(self, *, before: float, now: float, limit: int = 500) -> list[JournalEntry]:
         """Claim the journal's answers from before ``before`` that no intent and no lease names (broker.journal
         rule 8): write each one's intent ``aborting`` (journaled, due ``now``), so the settler revokes what

@@ -202,6 +202,10 @@ class RawVault:
 # A journaled answer the orphan sweep has not looked at (broker.journal rule 8); probes never need it.
 _UNCHECKED = ("SELECT intent_id FROM vault_journal WHERE kind = 'response' AND NOT checked "
               "AND intent_id NOT LIKE 'jpr!_%' ESCAPE '!'")
+# A backend error answered to an issuance token, its intent aborted, not yet searched for a leftover lease
+# (broker.journal rule 9, IntentSettler.search_failed_reads).
+_UNSEARCHED = ("SELECT j.intent_id FROM vault_journal j JOIN intents i ON i.id = j.intent_id "
+               "WHERE j.kind = 'issued' AND j.vault_error AND NOT j.swept AND i.state = 'aborted'")
 
 
 @dataclass
@@ -216,6 +220,7 @@ class StoreSnapshot:
     # Journaled answers the orphan sweep has not looked at yet (broker.journal rule 8), and how far the
     # tailer has read each Vault audit file (path -> byte offset).
     unchecked_answers: list[str] = field(default_factory=list)
+    unsearched_reads: list[str] = field(default_factory=list)
     tailer_offsets: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -226,6 +231,7 @@ class StoreSnapshot:
             snap.leases = {r["id"]: dict(r) for r in db.execute("SELECT * FROM leases")}
             snap.intents = {r["id"]: dict(r) for r in db.execute("SELECT * FROM intents")}
             snap.unchecked_answers = [r[0] for r in db.execute(_UNCHECKED)]
+            snap.unsearched_reads = [r[0] for r in db.execute(_UNSEARCHED)]
             snap.tailer_offsets = {r[0]: r[1] for r in db.execute(
                 'SELECT path, max("offset") FROM vault_audit_position GROUP BY path')}
             snap.issued_records = {r[0]: r[1] for r in db.execute(
@@ -256,6 +262,7 @@ class StoreSnapshot:
                 snap.leases = {r["id"]: r for r in rows("SELECT * FROM leases")}
                 snap.intents = {r["id"]: r for r in rows("SELECT * FROM intents")}
                 snap.unchecked_answers = [r["intent_id"] for r in rows(_UNCHECKED)]
+                snap.unsearched_reads = [r["intent_id"] for r in rows(_UNSEARCHED)]
                 snap.issued_records = {r["lease"]: r["n"] for r in rows(
                     "SELECT lease, count(*) AS n FROM audit_events WHERE event = 'lease.issued' GROUP BY lease")}
                 names = tuple(AuditRecord.__dataclass_fields__)
@@ -293,6 +300,7 @@ class StoreSnapshot:
                 f"{x.get('next_attempt_at')})" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
         out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
         out += [f"answer {i} not yet looked at by the orphan sweep" for i in self.unchecked_answers]
+        out += [f"failed read {i} not yet searched for a lease it left" for i in self.unsearched_reads]
         return out
 
     def tailer_behind(self, audit_log: Path, size: int) -> bool:

@@ -19,7 +19,7 @@ from broker.intents import (
     backoff,
     next_state,
 )
-from broker.journal import new_probe_id
+from broker.journal import ISSUED, new_probe_id
 from broker.rows import JournalEntry
 from broker.store import Intent, Person, Store, open_store
 
@@ -174,6 +174,22 @@ class TestForgetting:
         await store.journal_swept(iid)
         assert await store.forget_settled_intents(settled_before=100.0) == 1
         assert await store.journal_unswept() == []
+
+    async def test_a_failed_read_not_searched_yet_keeps_its_intent(self, store: Store) -> None:
+        """A backend error answered to an issuance token (broker.journal rule 9) is searched once its intent
+        is aborted, from the intent's creation; until that search is done, the intent is not forgotten."""
+        open_, aborted = await _intent(store, IntentState.OPEN), await _intent(store, IntentState.ABORTED)
+        for iid in (open_, aborted):
+            await store.merge_vault_audit(moves=[], records=[], tokens={}, now=5.0, journal=[JournalEntry(
+                intent_id=iid, kind=ISSUED, task_id="tsk_x", request_id="r-" + iid, at=5.0, failed=False,
+                vault_error=True, path="db/creds/x")])
+        [(entry, created)] = await store.journal_unsearched()
+        assert (entry.intent_id, entry.path, entry.vault_error, created) == (aborted, "db/creds/x", True, 1.0)
+        assert await store.journal_unswept() == []  # names nothing: not the late-answer sweep's
+        assert await store.forget_settled_intents(settled_before=100.0) == 0
+        await store.journal_swept(aborted)
+        assert await store.journal_unsearched() == []
+        assert await store.forget_settled_intents(settled_before=100.0) == 1
 
     async def test_old_probe_entries_go(self, store: Store) -> None:
         """The start-up probe's entries name no intent: they go once older than the cutoff, and only they."""

@@ -89,6 +89,17 @@ class TestDecide:
         d = decide(INTENT, got, read_until=T0 + 1 + MARGIN, now=T0 + 9, vault_timeout=TIMEOUT)
         assert (d.action, d.ref, d.since, d.until) == ("search", "pki/issue/agents", T0 + 0.1, T0 + 0.3)
 
+    def test_a_token_create_the_backend_failed_is_bound_to_its_task_not_searched(self) -> None:
+        """Rule 9 for a child-token grant: what a cut-short token create may leave is a child of the task
+        token, not a lease under a path the broker may list, so it is settled as task-bound at once (the
+        crash test once saw such an intent wait forever for a listing Vault denies)."""
+        got = [entry("request", at=T0 + 0.1),
+               entry("response", at=T0 + 0.3, vault_error=True, path="auth/token/create/agent-child")]
+        for read_until in (None, T0 + 1 + MARGIN):
+            d = decide(INTENT, got, read_until=read_until, now=T0 + 1, vault_timeout=TIMEOUT)
+            assert d.action == "task_bound"
+            assert "r1" in d.reason and "dies with it" in d.reason
+
 
 class TestEntries:
     def test_only_a_task_tokens_entries_are_the_journal(self) -> None:
@@ -133,6 +144,20 @@ class TestEntries:
             (INTENT.id, ISSUED, "tsk_1", "database/creds/ro/1", None), (INTENT.id, ISSUED, "tsk_1", None, "plainacc")]
         wait = decide(INTENT, got, read_until=None, now=T0 + 1, vault_timeout=TIMEOUT)
         assert wait.action == "wait"
+
+    def test_an_issuance_tokens_backend_error_is_kept_for_the_leftover_search(self) -> None:
+        """Rule 9 for reads made with an issuance token: a backend error (not a refusal) is kept with its path,
+        naming nothing; a token create's is not (what it may leave is the issuance token's child)."""
+        issuance = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:z", token_type="service",
+                             metadata={"task": "tsk_1", "lease": INTENT.id, "grant": "db"})
+        got = issued_entries_of([
+            audit("response", issuance, intent=None, error=True, error_kind="error"),
+            audit("response", issuance, intent=None, error=True, error_kind="permission denied"),
+            VaultAuditEntry(type="response", time=T0 + 0.2, request_id="r2", path="auth/token/create/child",
+                            operation="update", auth=issuance, intent=None, error=True, error_kind="error"),
+        ])
+        assert [(e.kind, e.vault_error, e.path, e.lease_id, e.accessor, e.failed) for e in got] == [
+            (ISSUED, True, "database/creds/ro", None, None, False)]
 
     def test_the_probe_shows_how_the_device_writes_accessors(self) -> None:
         broker = VaultAuth(display_name="agent-broker", policies=("agent-broker",), accessor="acc-plain",
