@@ -43,7 +43,7 @@ from broker.errors import (
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, SETTLED_RETENTION, IntentEvent, IntentState, backoff
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
-from broker.store import Intent, LeaseRow, RevocationRow, Store, TaskRow
+from broker.store import Intent, JournalEntry, LeaseRow, RevocationRow, Store, TaskRow
 from broker.store.tasks import FENCE_CLAIM
 from broker.vault import VaultClient
 
@@ -398,7 +398,7 @@ class IntentSettler:
             return await self._finish(intent, IntentEvent.TASK_BOUND, now, why=decision.reason)
         if decision.action == "search" and decision.ref is not None and decision.since is not None \
                 and decision.until is not None:
-            left = await self._revoke_leftovers(decision.ref, decision.since, decision.until)
+            left = await self._revoke_leftovers(decision.ref, [(decision.since, decision.until)])
             if left is not None:
                 if left:
                     log.warning("intent %s: %s; found and revoked %s", intent.id, decision.reason, ", ".join(left))
@@ -432,17 +432,24 @@ class IntentSettler:
                                           next_attempt_at=self._clock() + delay)
         return False
 
-    async def _revoke_leftovers(self, path: str, since: float, until: float) -> list[str] | None:
-        """Revoke the leases Vault lists under ``path``, issued in [since, until] (Vault's clock, a second's
-        slack), that neither the store nor the journal names (broker.journal rule 9). The revoked ids, or
-        None when Vault or the store did not answer (the next attempt searches again)."""
+    async def _revoke_leftovers(self, path: str, windows: Sequence[tuple[float, float]]) -> list[str] | None:
+        """Revoke the leases Vault lists under ``path``, issued in one of ``windows`` ([since, until], Vault's
+        clock, a second's slack), that neither the store nor the journal names (broker.journal rule 9). The
+        revoked ids, or None when Vault or the store did not answer (the next attempt searches again).
+
+        One listing for every window: a burst of failed reads on one path (Vault timing out under load)
+        costs one LIST, not one each."""
+        since = min(w[0] for w in windows) - 1.0
         try:
-            unnamed = await self._store.unnamed_vault_leases(await self._vault.list_leases(path))
+            unnamed = await self._store.unnamed_vault_leases(await self._vault.list_leases(path), path=path,
+                                                             since=since)
             left = []
             for lease_id in unnamed:
                 info = await self._vault.lookup_lease(lease_id)
-                if info is not None and info.issue_time is not None and \
-                        since - 1.0 <= parse_time(info.issue_time) <= until + 1.0:
+                if info is None or info.issue_time is None:
+                    continue
+                issued = parse_time(info.issue_time)
+                if any(a - 1.0 <= issued <= b + 1.0 for a, b in windows):
                     left.append(lease_id)
         except VaultDenied:
             log.error("cannot list the leases under %s: the broker's policy needs list and sudo on "
@@ -499,15 +506,16 @@ class IntentSettler:
         Vault failed to write.
 
         Each is searched once the journal is read past its answer (a probe moves the journal when nothing
-        else does), from its intent's creation, which precedes the read, to its answer. Returns how many
-        such answers were searched to the end. Never raises a store or Vault error.
+        else does), from its intent's creation, which precedes the read (less the margin the two clocks
+        get), to its answer; those of one path share one listing. Returns how many such answers were
+        searched to the end. Never raises a store or Vault error.
         """
         try:
             due = await self._store.journal_unsearched()
             read_until = await self._store.journal_read_until() if due else None
         except StoreUnavailable:
             return 0
-        searched = 0
+        by_path: dict[str, list[tuple[JournalEntry, tuple[float, float]]]] = {}
         probe = False
         for entry, created_at in due:
             if entry.path is None:
@@ -515,17 +523,22 @@ class IntentSettler:
             if read_until is None or read_until <= entry.at + journal.MARGIN:
                 probe = probe or self._clock() > entry.at + journal.MARGIN
                 continue
-            left = await self._revoke_leftovers(entry.path, min(created_at, entry.at) - journal.MARGIN, entry.at)
+            window = (min(created_at, entry.at) - journal.MARGIN, entry.at)
+            by_path.setdefault(entry.path, []).append((entry, window))
+        searched = 0
+        for path, found in by_path.items():
+            left = await self._revoke_leftovers(path, [w for _, w in found])
             if left is None:
                 continue  # the next tick searches again
             if left:
-                log.warning("intent %s: Vault's backend failed its read (request %s) and left %s under %s; "
-                            "revoked", entry.intent_id, entry.request_id, ", ".join(left), entry.path)
+                log.warning("Vault's backend failed %d read(s) under %s (requests %s) and left %s; revoked",
+                            len(found), path, ", ".join(e.request_id for e, _ in found), ", ".join(left))
             try:
-                await self._store.journal_swept(entry.intent_id)
+                for entry, _ in found:
+                    await self._store.journal_swept(entry.intent_id)
+                    searched += 1
             except StoreUnavailable:
                 return searched
-            searched += 1
         if probe:
             with contextlib.suppress(VaultError, TimeoutError):
                 await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),

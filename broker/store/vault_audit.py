@@ -33,6 +33,7 @@ from broker.rows import (
     TaskRow,
     VaultAuditPosition,
 )
+from broker.states import LeaseState
 from broker.store._base import StoreBase
 from broker.store.prepared import Prepared, one_row
 from broker.store.schema import (
@@ -73,6 +74,8 @@ P_JOURNAL_IF_NEW = Prepared(
 
 # The journal's kinds that name what Vault created: a journaled answer, and an issuance token's (rule 7).
 _ANSWERS = ("response", ISSUED)
+# The lease states Vault may still list (revoked and expired ones it confirmed gone).
+_LIVE_LEASE_STATES = (LeaseState.ACTIVE.value, LeaseState.REVOKE_PENDING.value, LeaseState.RELEASED.value)
 
 
 class VaultAuditStore(StoreBase):
@@ -158,17 +161,26 @@ class VaultAuditStore(StoreBase):
             return orphans
         return await self._run(run)
 
-    async def unnamed_vault_leases(self, lease_ids: Sequence[str]) -> list[str]:
-        """The Vault lease ids among ``lease_ids`` that no lease row and no journal entry names: what a read
-        Vault's backend failed may have left (broker.journal rule 9). Rare: it scans, nothing is indexed."""
+    async def unnamed_vault_leases(self, lease_ids: Sequence[str], *, path: str, since: float) -> list[str]:
+        """The Vault lease ids among ``lease_ids`` (listed under ``path``) that neither a live lease of ``path``
+        nor a journal answer from ``since`` on (Vault's time) names: what a read Vault's backend failed
+        may have left, if it was issued from ``since`` on (broker.journal rule 9; the caller checks that).
+
+        Both reads go by index (live leases by state, answers by time), not by the listed ids, which no
+        index covers: a search stays bounded by the live leases and the recent answers, however long the
+        tables. A lease the store no longer holds as live but Vault still lists is being revoked already;
+        naming it unnamed costs one lookup more.
+        """
+        live = (select(leases.c.vault_lease_id)
+                .where(leases.c.state.in_(_LIVE_LEASE_STATES), leases.c.path == path))
+        answered = (select(vault_journal.c.lease_id)
+                    .where(vault_journal.c.checked.in_((False, True)), vault_journal.c.kind.in_(_ANSWERS),
+                           vault_journal.c.at >= since, vault_journal.c.lease_id.is_not(None)))
+
         def run() -> list[str]:
-            named: set[str] = set()
             with self._read() as conn:
-                for chunk in _chunks(list(lease_ids)):
-                    named.update(conn.execute(select(leases.c.vault_lease_id)
-                                              .where(leases.c.vault_lease_id.in_(chunk))).scalars())
-                    named.update(conn.execute(select(vault_journal.c.lease_id)
-                                              .where(vault_journal.c.lease_id.in_(chunk))).scalars())
+                named = set(conn.execute(live).scalars())
+                named.update(conn.execute(answered).scalars())
             return [i for i in lease_ids if i not in named]
         return await self._run(run)
 

@@ -257,37 +257,43 @@ class TestLateAnswers:
                     if r.record.event == "lease.aborted" and r.record.lease == intent_id]
         assert "found 1 under pki/issue/agents" in (record.reason or ""), record.reason
 
-    async def test_a_lease_left_behind_a_read_with_an_issuance_token_is_found_and_revoked(
+    async def test_leases_left_behind_reads_with_an_issuance_token_are_found_and_revoked(
             self, client: Client, site: BrokerSite, admin: VaultClient) -> None:
-        """Rule 9 for a read made with an issuance token (before the journal was ready, say): revoking that
-        token aborted the intent, and cannot reach a lease whose index under it Vault failed to write. The
-        maintenance loop's search lists the path and revokes the lease issued between the intent and the
-        error answer that nothing names; the one the store names, and one issued after the answer, stay."""
+        """Rule 9 for reads made with an issuance token (before the journal was ready, say): revoking that
+        token aborted each intent, and cannot reach a lease whose index under it Vault failed to write. The
+        maintenance loop lists the path once for both failed reads and revokes the leases issued between
+        an intent and its error answer that nothing names; the one the store names, and one issued after
+        the answers, stay."""
         task = await start_task(client, site)
         store = client.app[STORE]
+        log = Path(site.settings.vault.audit_log or "")
         recorded = await credential(client, site, task["id"], "agent-cert")
         named = await store.get_lease(recorded["lease_id"])
         assert named is not None
-        intent = Intent(id=new_lease_id(), kind="lease", task_id=task["id"], grant="agent-cert", accessor="gone",
-                        created_at=time.time())
-        await store.give_up_issuance(intent, retry_at=intent.created_at)
-        assert await store.move_intent(intent.id, from_state=IntentState.ABORTING, event=IntentEvent.VAULT_CONFIRMED,
-                                       now=time.time())
-        left = await pki_lease(admin, site, task["id"])  # what the failed read left
+        intents = [Intent(id=new_lease_id(), kind="lease", task_id=task["id"], grant="agent-cert", accessor="gone",
+                          created_at=time.time()) for _ in range(2)]
+        for intent in intents:
+            await store.give_up_issuance(intent, retry_at=intent.created_at + 60)
+            assert await store.move_intent(intent.id, from_state=IntentState.ABORTING,
+                                           event=IntentEvent.VAULT_CONFIRMED, now=time.time())
+        left = [await pki_lease(admin, site, task["id"]) for _ in intents]  # what the failed reads left
         t1 = time.time()
+        start = log.stat().st_size
         await store.merge_vault_audit(moves=[], records=[], tokens={}, now=t1, journal=[JournalEntry(
             intent_id=intent.id, kind=ISSUED, task_id=task["id"], request_id="rq-" + intent.id, at=t1,
-            failed=False, vault_error=True, path="pki/issue/agents")])
+            failed=False, vault_error=True, path="pki/issue/agents") for intent in intents])
         await asyncio.sleep(1.5)  # past the search's second of slack
         after = await pki_lease(admin, site, task["id"])
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30  # the maintenance loop's (every 2 s), once the journal is read past
         while await store.journal_unsearched():
-            assert time.monotonic() < deadline, "the failed read was never searched"
-            await asyncio.sleep(0.3)
-            await client.app[SETTLER].search_failed_reads()
-        assert await admin.lookup_lease(left) is None
+            assert time.monotonic() < deadline, "the failed reads were never searched"
+            await asyncio.sleep(0.2)
+        assert [await admin.lookup_lease(x) for x in left] == [None, None]
         assert await admin.lookup_lease(after) is not None
         assert await admin.lookup_lease(named.vault_lease_id) is not None
+        lists = [e for e in window(log, start) if e["type"] == "request"
+                 and e["request"]["path"] == "sys/leases/lookup/pki/issue/agents/"]
+        assert len(lists) == 1, len(lists)
 
     async def test_a_left_database_lease_whose_role_was_never_made_is_dropped(
             self, client: Client, site: BrokerSite, admin: VaultClient) -> None:

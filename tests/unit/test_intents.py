@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections.abc import AsyncIterator, Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from sqlalchemy import insert
 
 from broker.intents import (
     FINAL,
@@ -20,8 +22,9 @@ from broker.intents import (
     next_state,
 )
 from broker.journal import ISSUED, new_probe_id
-from broker.rows import JournalEntry
+from broker.rows import JournalEntry, TaskRow
 from broker.store import Intent, Person, Store, open_store
+from broker.store.schema import leases, tasks
 
 ALLOWED = {
     (IntentState.OPEN, IntentEvent.RECORDED): IntentState.DONE,
@@ -190,6 +193,34 @@ class TestForgetting:
         await store.journal_swept(aborted)
         assert await store.journal_unsearched() == []
         assert await store.forget_settled_intents(settled_before=100.0) == 1
+
+    async def test_what_names_a_listed_lease_is_read_by_index_live_leases_and_recent_answers(
+            self, store: Store) -> None:
+        """The leftover search's store side (broker.journal rule 9): a listed lease is named by a live lease of
+        its path, or by a journal answer from the window's start on; a revoked lease, another path's live
+        lease and an answer older than the window name nothing (those leases are looked up in Vault, whose
+        issue time then decides)."""
+        rows = [("a", "p/issue/x", "active"), ("b", "p/issue/x", "revoke_pending"), ("c", "p/issue/x", "revoked"),
+                ("d", "p/issue/y", "active"), ("e", "p/issue/x", "released")]
+
+        def put() -> None:
+            with store._tx() as conn:
+                conn.execute(insert(tasks).values(dataclasses.asdict(TaskRow(
+                    id="tsk_x", user="https://idp#u", agent="a", role="r", tenant="t", reason="x", created_at=1.0,
+                    expires_at=9.0, state="active", ended_at=None, token_accessor="acc", sealed_token=b"\0"))))
+                for name, path, state in rows:
+                    conn.execute(insert(leases).values(
+                        id=f"lse_{name}", task_id="tsk_x", grant="g", path=path, kind="lease",
+                        vault_lease_id=f"p/issue/x/{name}", issued_at=1.0, expires_at=9.0, renewable=False,
+                        state=state))
+        await store._run(put)
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=20.0, journal=[
+            JournalEntry(intent_id=f"lse_j{i}", kind=kind, task_id="tsk_x", request_id=f"r{i}", at=at, failed=False,
+                         lease_id=f"p/issue/x/j{i}")
+            for i, (kind, at) in enumerate([("response", 10.0), ("issued", 12.0), ("response", 4.0)])])
+        listed = [f"p/issue/x/{n}" for n in ("a", "b", "c", "d", "e", "j0", "j1", "j2", "z")]
+        got = await store.unnamed_vault_leases(listed, path="p/issue/x", since=5.0)
+        assert got == ["p/issue/x/c", "p/issue/x/d", "p/issue/x/j2", "p/issue/x/z"]
 
     async def test_old_probe_entries_go(self, store: Store) -> None:
         """The start-up probe's entries name no intent: they go once older than the cutoff, and only they."""
