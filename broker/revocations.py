@@ -613,9 +613,10 @@ class IntentSettler:
             return AuditRecord(now, "task.aborted", "failure", task=intent.task_id, action="task.start",
                                reason=f"the task could not be recorded; {gone}")
         task = await self._store.get_task(intent.task_id)
-        # An intent the orphan sweep claimed has no grant: Vault's log does not name one (broker.journal rule 8),
-        # but the lease its answer named says where it was read, as a ``lease.issued`` record would have.
-        resource = f"grant:{intent.grant}" if intent.grant else (vault_path or "grant:unrecorded")
+        # Where Vault was asked, named as a ``lease.issued`` record names it, when the lease its answer named
+        # (or the path a search listed) says so; else the grant (an intent the orphan sweep claimed has
+        # none: Vault's log does not name one, broker.journal rule 8).
+        resource = vault_path or (f"grant:{intent.grant}" if intent.grant else "grant:unrecorded")
         fields = {"resource": resource, "action": "issue", "lease": intent.id,
                   "reason": f"the issuance was given up; {gone}"}
         if task is not None:

@@ -425,6 +425,7 @@ class TestJournaledIssuance:
         assert not any([await raw.lease_alive(x) for x in created]), [r.reason for r in records]
         [aborted_record] = [r for r in records if r.event == "lease.aborted"]
         assert "audit log names its lease" in (aborted_record.reason or "")
+        assert aborted_record.resource == "database/creds/tickets-ro"  # where Vault was asked, as lease.issued says
         assert "lease.issued" not in [r.event for r in records]
 
     async def test_an_answer_no_broker_recorded_is_claimed_from_the_journal_and_revoked(
