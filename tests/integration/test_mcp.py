@@ -62,7 +62,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-TLS_PORT = free_port()  # the loopback TLS target that wants a client certificate
+# The loopback TLS target that wants a client certificate. Its port goes into the catalog at import, and
+# the target listens much later: the socket is bound now and held, so no other process (a connection's
+# ephemeral port, another worker's server) takes the port in between (seen in CI: "address already in use").
+TLS_SOCKET = socket.socket()
+TLS_SOCKET.bind(("127.0.0.1", 0))
+TLS_PORT = int(TLS_SOCKET.getsockname()[1])
 
 
 @dataclass
@@ -450,7 +455,8 @@ class TestClientCertificate:
         app.router.add_get("/whoami", whoami)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", TLS_PORT, ssl_context=tls).start()
+        TLS_SOCKET.listen()
+        await web.SockSite(runner, TLS_SOCKET, ssl_context=tls).start()
         try:
             task_id, svid = await start(broker_url, msite, tmp_path)
             wire: list[str] = []
