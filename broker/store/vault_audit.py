@@ -162,17 +162,19 @@ class VaultAuditStore(StoreBase):
         return await self._run(run)
 
     async def unnamed_vault_leases(self, lease_ids: Sequence[str], *, path: str, since: float) -> list[str]:
-        """The Vault lease ids among ``lease_ids`` (listed under ``path``) that neither a live lease of ``path``
-        nor a journal answer from ``since`` on (Vault's time) names: what a read Vault's backend failed
-        may have left, if it was issued from ``since`` on (broker.journal rule 9; the caller checks that).
+        """The Vault lease ids among ``lease_ids`` (listed under ``path``) that neither a live lease nor a
+        journal answer from ``since`` on (Vault's time) names: what a read Vault's backend failed may have
+        left, if it was issued from ``since`` on (broker.journal rule 9; the caller checks that).
 
         Both reads go by index (live leases by state, answers by time), not by the listed ids, which no
         index covers: a search stays bounded by the live leases and the recent answers, however long the
-        tables. A lease the store no longer holds as live but Vault still lists is being revoked already;
-        naming it unnamed costs one lookup more.
+        tables. Every live lease counts, not only those whose grant path reads like ``path``: a live
+        credential must never look unnamed because two spellings of one path differ. A lease the store no
+        longer holds as live but Vault still lists is being revoked already; calling it unnamed costs one
+        lookup more.
         """
-        live = (select(leases.c.vault_lease_id)
-                .where(leases.c.state.in_(_LIVE_LEASE_STATES), leases.c.path == path))
+        del path  # the listing's; what names a lease is its id
+        live = select(leases.c.vault_lease_id).where(leases.c.state.in_(_LIVE_LEASE_STATES))
         answered = (select(vault_journal.c.lease_id)
                     .where(vault_journal.c.checked.in_((False, True)), vault_journal.c.kind.in_(_ANSWERS),
                            vault_journal.c.at >= since, vault_journal.c.lease_id.is_not(None)))
