@@ -26,6 +26,7 @@ from pathlib import Path
 
 from broker.config import Settings
 from broker.delegation import Catalog, TaskRole
+from broker.errors import ConfigError
 from broker.vault.admin import TokenRole, VaultAdmin
 from broker.vault.client import INTENT_HEADER
 
@@ -111,6 +112,7 @@ def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[st
          tidy: bool = False) -> list[SyncChange]:
     """Bring Vault in line with the catalog; what each object needed, in order. ``tidy``: the broker talks to
     a cluster (several ``[vault] addr``) and may tidy leases after a leader change. Raises: VaultError."""
+    _check_child_token_roles(admin, catalog)
     changes: list[SyncChange] = []
     for role in sorted(catalog.roles.values(), key=lambda r: r.name):
         changes.append(_policy(admin, role.vault_policy, task_policy_hcl(role)))
@@ -125,6 +127,25 @@ def sync(admin: VaultAdmin, catalog: Catalog, *, audit_device: str | Sequence[st
     if audit_device is not None:
         changes.append(_journal_header(admin))
     return changes
+
+
+def _check_child_token_roles(admin: VaultAdmin, catalog: Catalog) -> None:
+    """The token roles the catalog's token grants create through must make children, not orphans.
+
+    A child of the task token dies with it: that is how a task's end takes every token it handed out, and
+    how a token create that Vault's backend cut short is settled without a name (broker.journal rule 9). An
+    orphan would outlive its task. A role not made yet is the operator's to make (vault/README.md).
+
+    Raises:
+        ConfigError: a grant's token role makes orphan tokens.
+    """
+    names = sorted({g.path.rsplit("/", 1)[1] for r in catalog.roles.values() for g in r.grants.values()
+                    if g.path.startswith("auth/token/create/")})
+    orphans = [n for n in names if (role := admin.read_token_role(n)) is not None and role.orphan]
+    if orphans:
+        msg = (f"token role {', '.join(orphans)} makes orphan tokens: a token grant's tokens must die with their "
+               "task's token; set orphan=false on it (vault/README.md)")
+        raise ConfigError(msg)
 
 
 def _journal_header(admin: VaultAdmin) -> SyncChange:

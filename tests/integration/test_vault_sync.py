@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,6 +45,28 @@ class TestVaultSync:
                               str(site.root / "broker.toml")], env=env, capture_output=True, text=True, timeout=60,
                              check=False)
         assert out.returncode == 1 and "VAULT_TOKEN" in out.stderr and "Traceback" not in out.stderr
+
+    def test_a_token_grants_orphan_role_is_refused_before_anything_is_written(
+            self, site: BrokerSite, hvac_admin: VaultAdmin) -> None:
+        """A child-token grant's role that makes orphans would let its tokens outlive their task (and rule 9
+        of broker.journal counts on them dying with it): the sync names the role, exits 1, writes nothing."""
+        grant_roles = {g.path.rsplit("/", 1)[1] for r in Catalog.from_settings(site.settings).roles.values()
+                       for g in r.grants.values() if g.path.startswith("auth/token/create/")}
+        assert "agent-child" in grant_roles
+        original = hvac_admin.read_token_role("agent-child")
+        assert original is not None and not original.orphan
+        policy = hvac_admin.read_policy(BROKER_POLICY)
+        hvac_admin.put_token_role("agent-child", dataclasses.replace(original, orphan=True))
+        try:
+            hvac_admin.put_policy(BROKER_POLICY, (policy or "") + "\n# marker\n")
+            out = run_sync(site)
+            assert out.returncode == 1, out.stdout
+            assert "agent-child" in out.stderr and "orphan" in out.stderr and "Traceback" not in out.stderr
+            assert (hvac_admin.read_policy(BROKER_POLICY) or "").endswith("# marker\n")  # not rewritten
+        finally:
+            hvac_admin.put_token_role("agent-child", original)
+            hvac_admin.put_policy(BROKER_POLICY, policy or "")
+        assert run_sync(site).returncode == 0
 
     def test_task_policy_holds_exactly_the_grants(self, site: BrokerSite, hvac_admin: VaultAdmin) -> None:
         """The Vault policy of a task role is exactly what the catalog says."""
