@@ -57,10 +57,12 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    Vault lists under the request's path, issued between its request and its answer, that neither the
    store nor any journal entry names (every answer that created a lease names it, so a lease being
    recorded right now is excluded), once the journal has been read past the answer. A read made with an
-   issuance token (rule 7's answers) is searched the same way once its intent is ``aborted``
-   (``IntentSettler.search_failed_reads``), from its intent's creation, which precedes the read: revoking
-   that token does not reach such a lease either (seen in the crash test, after a restart, before the
-   start-up probe made the journal ready). A token create
+   issuance token (rule 7's answers, on a grant path: not the token's own ``sys/`` renewal) is searched
+   the same way once its intent is ``aborted`` (``IntentSettler.search_failed_reads``), from its intent's
+   creation, which precedes the read, but never more than Vault's request limit before the answer:
+   revoking that token does not reach such a lease either (seen in the crash test, after a restart,
+   before the start-up probe made the journal ready). Only an answer of the intent's own task counts
+   (rule 1), and a path whose search Vault does not answer backs off. A token create
    (``auth/token/...``) is not searched: what it may leave is a child token of the task token, which dies
    with it (as rule 3); the broker's policy lists no token leases (seen in the crash test: such an intent
    waited for a listing Vault denies, and never settled).
@@ -148,7 +150,9 @@ def issued_entries_of(entries: Iterable[VaultAuditEntry]) -> list[JournalEntry]:
         if not task or not lease or not meta.get("grant"):
             continue
         if e.error:
-            if e.error_kind == "error" and not e.path.startswith("auth/token/"):  # the backend's, not a refusal
+            # The backend's (not a refusal) on a grant path: the read itself. A token create leaves a child of
+            # the issuance token, which its revocation takes; ``sys/`` is the broker's own renewal of the lease.
+            if e.error_kind == "error" and not e.path.startswith(("auth/token/", "sys/")):
                 out.append(JournalEntry(intent_id=lease, kind=ISSUED, task_id=task, request_id=e.request_id,
                                         at=e.time, failed=False, vault_error=True, path=e.path))
             continue
@@ -195,7 +199,7 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
     mine = [e for e in entries if e.task_id == intent.task_id]  # rule 1
     answer = next((e for e in mine if e.kind == "response"), None)
     if answer is not None and answer.vault_error:
-        if answer.path is not None and answer.path.startswith("auth/token/"):
+        if answer.path is not None and answer.path.startswith("auth/token/create"):
             # A token create, cut short: what it may have left is a token, not a lease under a grant path the
             # broker may list, and it was created by the task token under a child role (not an orphan), so it
             # dies with the task token (rule 9, as rule 3).

@@ -257,6 +257,9 @@ class IntentSettler:
         self._attempt_timeout = attempt_timeout
         self._max_backoff = max_backoff
         self._slots = asyncio.Semaphore(concurrency)
+        # search_failed_reads: per path, when its next search is due and how many failed in a row.
+        self._search_backoff: dict[str, tuple[float, int]] = {}
+        self._next_search_probe = 0.0
 
     def _unknown_token_expiry(self, now: float) -> float:
         """When a token created by a call still in flight at ``now`` has died at its bootstrap TTL (rule 4
@@ -505,13 +508,17 @@ class IntentSettler:
         rule 9): revoking that token, which aborted their intent, does not reach a lease whose index under it
         Vault failed to write.
 
-        Each is searched once the journal is read past its answer (a probe moves the journal when nothing
-        else does), from its intent's creation, which precedes the read (less the margin the two clocks
-        get), to its answer; those of one path share one listing. Returns how many such answers were
-        searched to the end. Never raises a store or Vault error.
+        Each is searched once the journal is read past its answer (a probe, at most one per margin, moves
+        the journal when nothing else does), from its intent's creation, which precedes the read (less the
+        margin the two clocks get, and never more than Vault's own request limit before the answer), to its
+        answer; those of one path share one listing. A path whose search Vault does not answer (a refused
+        listing, a leftover that will not go) backs off, so it neither retries every tick nor delays the
+        others. Returns how many such answers were searched to the end. Never raises a store or Vault error.
         """
+        now = self._clock()
+        waiting = [path for path, (due_at, _) in self._search_backoff.items() if due_at > now]
         try:
-            due = await self._store.journal_unsearched()
+            due = await self._store.journal_unsearched(skip_paths=waiting)
             read_until = await self._store.journal_read_until() if due else None
         except StoreUnavailable:
             return 0
@@ -521,15 +528,18 @@ class IntentSettler:
             if entry.path is None:
                 continue
             if read_until is None or read_until <= entry.at + journal.MARGIN:
-                probe = probe or self._clock() > entry.at + journal.MARGIN
+                probe = probe or now > entry.at + journal.MARGIN
                 continue
-            window = (min(created_at, entry.at) - journal.MARGIN, entry.at)
-            by_path.setdefault(entry.path, []).append((entry, window))
+            since = max(min(created_at, entry.at) - journal.MARGIN, entry.at - journal.VAULT_MAX_REQUEST)
+            by_path.setdefault(entry.path, []).append((entry, (since, entry.at)))
         searched = 0
         for path, found in by_path.items():
             left = await self._revoke_leftovers(path, [w for _, w in found])
             if left is None:
-                continue  # the next tick searches again
+                failures = self._search_backoff.get(path, (0.0, 0))[1] + 1
+                self._search_backoff[path] = (self._clock() + backoff(failures, cap=self._max_backoff), failures)
+                continue
+            self._search_backoff.pop(path, None)
             if left:
                 log.warning("Vault's backend failed %d read(s) under %s (requests %s) and left %s; revoked",
                             len(found), path, ", ".join(e.request_id for e, _ in found), ", ".join(left))
@@ -539,7 +549,8 @@ class IntentSettler:
                     searched += 1
             except StoreUnavailable:
                 return searched
-        if probe:
+        if probe and now >= self._next_search_probe:
+            self._next_search_probe = now + journal.MARGIN
             with contextlib.suppress(VaultError, TimeoutError):
                 await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
                                        timeout=self._attempt_timeout)

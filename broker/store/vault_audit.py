@@ -112,14 +112,20 @@ class VaultAuditStore(StoreBase):
                 return [JournalEntry(**r) for r in conn.execute(q).mappings()]
         return await self._run(run)
 
-    async def journal_unsearched(self, *, limit: int = 100) -> list[tuple[JournalEntry, float]]:
+    async def journal_unsearched(self, *, skip_paths: Sequence[str] = (), limit: int = 100
+                                 ) -> list[tuple[JournalEntry, float]]:
         """Backend errors answered to issuance tokens whose intent is ``aborted`` and whose path is not searched
-        yet, each with its intent's creation: where a failed read may have left a lease (broker.journal rule 9)."""
+        yet, each with its intent's creation: where a failed read may have left a lease (broker.journal rule 9).
+        ``skip_paths``: paths whose search waits (a stuck one must not hold the newer ones back)."""
+        # The answer must come from the intent's own task (broker.journal rule 1).
         q = (select(vault_journal, intents.c.created_at.label("intent_created_at"))
-             .join(intents, intents.c.id == vault_journal.c.intent_id)
+             .join(intents, and_(intents.c.id == vault_journal.c.intent_id,
+                                 intents.c.task_id == vault_journal.c.task_id))
              .where(vault_journal.c.kind == ISSUED, vault_journal.c.vault_error.is_(True),
                     vault_journal.c.swept.is_(False), intents.c.state == IntentState.ABORTED.value)
              .order_by(vault_journal.c.at).limit(limit))
+        if skip_paths:
+            q = q.where(vault_journal.c.path.not_in(list(skip_paths)))
 
         def run() -> list[tuple[JournalEntry, float]]:
             with self._read() as conn:

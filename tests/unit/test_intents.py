@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 
+from broker.errors import VaultDenied
 from broker.intents import (
     FINAL,
     TRANSITIONS,
@@ -22,9 +23,10 @@ from broker.intents import (
     next_state,
 )
 from broker.journal import ISSUED, new_probe_id
-from broker.rows import JournalEntry, TaskRow
+from broker.revocations import IntentSettler
+from broker.rows import JournalEntry, TaskRow, VaultAuditPosition
 from broker.store import Intent, Person, Store, open_store
-from broker.store.schema import leases, tasks
+from broker.store.schema import leases, tasks, vault_journal
 
 ALLOWED = {
     (IntentState.OPEN, IntentEvent.RECORDED): IntentState.DONE,
@@ -85,6 +87,24 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     s = await open_store(f"sqlite:///{tmp_path / 'i.db'}")
     yield s
     await s.close()
+
+
+class _ListingVault:
+    """The two calls search_failed_reads makes of Vault when nothing is left: a listing (refused while
+    ``refuse``) that names no lease, and the probe."""
+
+    def __init__(self) -> None:
+        self.refuse = True
+        self.listed: list[str] = []
+
+    async def list_leases(self, prefix: str) -> list[str]:
+        self.listed.append(prefix)
+        if self.refuse:
+            raise VaultDenied("permission denied")
+        return []
+
+    async def lookup_self(self, **_: object) -> None:
+        return None
 
 
 async def _intent(store: Store, state: IntentState) -> str:
@@ -194,6 +214,50 @@ class TestForgetting:
         assert await store.journal_unsearched() == []
         assert await store.forget_settled_intents(settled_before=100.0) == 1
 
+    async def test_only_the_intents_own_task_and_paths_not_waiting_are_searched(self, store: Store) -> None:
+        """An error answer made in another task never speaks for the intent (broker.journal rule 1), and a
+        path whose search backs off is left out, so a stuck path cannot hold the newer answers back."""
+        own = await _intent(store, IntentState.ABORTED)  # of task tsk_x
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=5.0, journal=[
+            JournalEntry(intent_id=own, kind=ISSUED, task_id="tsk_other", request_id="r1",
+                         at=5.0, failed=False, vault_error=True, path="db/creds/x")])
+        assert await store.journal_unsearched() == []
+
+        def wipe() -> None:
+            with store._tx() as conn:
+                conn.execute(delete(vault_journal))
+        await store._run(wipe)
+        await store.merge_vault_audit(moves=[], records=[], tokens={}, now=5.0, journal=[JournalEntry(
+            intent_id=own, kind=ISSUED, task_id="tsk_x", request_id="r2", at=5.0, failed=False,
+            vault_error=True, path="db/creds/x")])
+        assert [e.request_id for e, _ in await store.journal_unsearched()] == ["r2"]
+        assert await store.journal_unsearched(skip_paths=["db/creds/x"]) == []
+        assert len(await store.journal_unsearched(skip_paths=["db/creds/y"])) == 1
+
+    async def test_a_search_vault_refuses_backs_off_and_is_kept(self, store: Store) -> None:
+        """The settler's side, with a Vault that refuses the listing (a policy without it): the answer stays
+        unsearched (nothing is marked done that was not searched), and the path is not listed again on the
+        next ticks but after a backoff; once Vault lists it, it is searched and done."""
+        aborted = await _intent(store, IntentState.ABORTED)
+        await store.merge_vault_audit(
+            moves=[(None, VaultAuditPosition(path="/a.log", device=1, inode=1, offset=10, last_entry_at=30.0))],
+            records=[], tokens={}, now=5.0, journal=[JournalEntry(
+                intent_id=aborted, kind=ISSUED, task_id="tsk_x", request_id="r1", at=5.0, failed=False,
+                vault_error=True, path="db/creds/x")])
+        now = [40.0]
+        vault = _ListingVault()
+        settler = IntentSettler(store=store, vault=vault, clock=lambda: now[0], bootstrap_ttl=5, vault_timeout=5,
+                                max_backoff=60)  # type: ignore[arg-type]
+        assert await settler.search_failed_reads() == 0
+        assert vault.listed == ["db/creds/x"] and len(await store.journal_unsearched()) == 1
+        now[0] += 0.5
+        assert await settler.search_failed_reads() == 0
+        assert vault.listed == ["db/creds/x"]  # backing off: not listed again at once
+        now[0] += 120
+        vault.refuse = False
+        assert await settler.search_failed_reads() == 1
+        assert vault.listed == ["db/creds/x", "db/creds/x"] and await store.journal_unsearched() == []
+
     async def test_what_names_a_listed_lease_is_read_by_index_live_leases_and_recent_answers(
             self, store: Store) -> None:
         """The leftover search's store side (broker.journal rule 9): a listed lease is named by a live lease
@@ -216,8 +280,9 @@ class TestForgetting:
         await store._run(put)
         await store.merge_vault_audit(moves=[], records=[], tokens={}, now=20.0, journal=[
             JournalEntry(intent_id=f"lse_j{i}", kind=kind, task_id="tsk_x", request_id=f"r{i}", at=at, failed=False,
-                         lease_id=f"p/issue/x/j{i}")
-            for i, (kind, at) in enumerate([("response", 10.0), ("issued", 12.0), ("response", 4.0)])])
+                         lease_id=f"p/issue/x/j{i}", checked=checked)
+            for i, (kind, at, checked) in enumerate([("response", 10.0, True), ("issued", 12.0, False),
+                                                     ("response", 4.0, False)])])
         listed = [f"p/issue/x/{n}" for n in ("a", "b", "c", "d", "e", "j0", "j1", "j2", "z")]
         got = await store.unnamed_vault_leases(listed, path="p/issue/x", since=5.0)
         assert got == ["p/issue/x/c", "p/issue/x/j2", "p/issue/x/z"]

@@ -147,13 +147,17 @@ class TestEntries:
 
     def test_an_issuance_tokens_backend_error_is_kept_for_the_leftover_search(self) -> None:
         """Rule 9 for reads made with an issuance token: a backend error (not a refusal) is kept with its path,
-        naming nothing; a token create's is not (what it may leave is the issuance token's child)."""
+        naming nothing; a token create's is not (what it may leave is the issuance token's child), nor a
+        renewal's (``sys/``: the same token's second request, on no grant path)."""
         issuance = VaultAuth(display_name="t", policies=(), accessor="hmac-sha256:z", token_type="service",
                              metadata={"task": "tsk_1", "lease": INTENT.id, "grant": "db"})
         got = issued_entries_of([
             audit("response", issuance, intent=None, error=True, error_kind="error"),
             audit("response", issuance, intent=None, error=True, error_kind="permission denied"),
             VaultAuditEntry(type="response", time=T0 + 0.2, request_id="r2", path="auth/token/create/child",
+                            operation="update", auth=issuance, intent=None, error=True, error_kind="error"),
+            # The broker's renewal of the lease with the same token: not the read, and never listable.
+            VaultAuditEntry(type="response", time=T0 + 0.3, request_id="r3", path="sys/leases/renew",
                             operation="update", auth=issuance, intent=None, error=True, error_kind="error"),
         ])
         assert [(e.kind, e.vault_error, e.path, e.lease_id, e.accessor, e.failed) for e in got] == [
