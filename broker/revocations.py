@@ -784,13 +784,14 @@ class Maintenance:
         await self._store.purge_console_sessions(now=now)
         await self._reconcile(now)
         await self._settler.sweep_late_answers()
-        await self._settler.search_failed_reads()
         due = await self._store.tasks_due_for_revocation(now=self._due_before(now), limit=_DUE_PER_TICK)
         if due:
             await self._revoker.settle(due)
         if len(due) < _DUE_PER_TICK:
             self._inherited = False
         await self._expire_leases(now)
+        # After the revocations: a search may look up many leases Vault lists, and must not delay a task's end.
+        await self._settler.search_failed_reads()
         if now >= self._next_forget:  # bookkeeping, not history (broker.intents rule 6): once a minute
             self._next_forget = now + _FORGET_EVERY
             forgotten = await self._store.forget_settled_intents(settled_before=now - SETTLED_RETENTION)
