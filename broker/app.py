@@ -254,9 +254,14 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
     v, m, lim, audit = settings.vault, settings.maintenance, settings.limits, settings.audit
     revoker = app[REVOKER] = Revoker(store=store, vault=vault, clock=clock, confirm_timeout=v.revoke_confirm_timeout,
                                      max_backoff=m.max_backoff)
+    # Vault's audit device as the issuance journal (broker.journal), once the probe finds that it records it.
+    journal_mode = JournalMode() if v.audit_log is not None and v.journal else None
+    if journal_mode is not None:
+        app[JOURNAL] = journal_mode
     settler = app[SETTLER] = IntentSettler(store=store, vault=vault, clock=clock,
                                            bootstrap_ttl=v.task_token_bootstrap_ttl, vault_timeout=v.timeout,
-                                           attempt_timeout=v.revoke_confirm_timeout, max_backoff=m.max_backoff)
+                                           attempt_timeout=v.revoke_confirm_timeout, max_backoff=m.max_backoff,
+                                           journal=journal_mode)
     app[api.TASKS] = TaskManager(catalog=catalog, store=store, vault=vault, sealer=sealer, revoker=revoker,
                                  settler=settler, clock=clock, bootstrap_ttl=v.task_token_bootstrap_ttl,
                                  crash=app[CRASH],
@@ -271,10 +276,6 @@ async def _domain(app: web.Application) -> AsyncIterator[None]:
         ttl=settings.people.approval_ttl, backlog_ok=backlog_ok,
         decide_rate=_rate(lim.decide_rate_per_approver, lim.decide_burst_per_approver),
         max_waits=lim.long_polls_per_identity)
-    # Vault's audit device as the issuance journal (broker.journal), once the probe finds that it records it.
-    journal_mode = JournalMode() if v.audit_log is not None and v.journal else None
-    if journal_mode is not None:
-        app[JOURNAL] = journal_mode
     app[api.LEASES] = LeaseManager(
         catalog=catalog, store=store, vault=vault, sealer=sealer, clock=clock, crash=app[CRASH], settler=settler,
         bootstrap_ttl=v.task_token_bootstrap_ttl, approvals=approvals,

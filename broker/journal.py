@@ -62,7 +62,9 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    creation, which precedes the read, but never more than Vault's request limit before the answer:
    revoking that token does not reach such a lease either (seen in the crash test, after a restart,
    before the start-up probe made the journal ready). Only an answer of the intent's own task counts
-   (rule 1), and a path whose search Vault does not answer backs off. A token create
+   (rule 1), a path whose search Vault does not answer backs off, and nothing is searched while the
+   journal is not known to work: its mark (rule 2) is what says every answer that could name a lease in
+   the window has been read. A token create
    (``auth/token/...``) is not searched: what it may leave is a child token of the task token, which dies
    with it (as rule 3); the broker's policy lists no token leases (seen in the crash test: such an intent
    waited for a listing Vault denies, and never settled).

@@ -42,6 +42,7 @@ from broker.errors import (
 )
 from broker.identity import UserIdentity, is_person_id, normalize_email
 from broker.intents import FINAL, SETTLED_RETENTION, IntentEvent, IntentState, backoff
+from broker.journal import JournalMode
 from broker.states import LeaseEvent, LeaseState, TaskEvent, TaskState, TokenState
 from broker.store import Intent, JournalEntry, LeaseRow, RevocationRow, Store, TaskRow
 from broker.store.tasks import FENCE_CLAIM
@@ -248,10 +249,11 @@ class IntentSettler:
 
     def __init__(self, *, store: Store, vault: VaultClient, clock: Callable[[], float], bootstrap_ttl: float,
                  vault_timeout: float, attempt_timeout: float = 5.0, max_backoff: float = 60.0,
-                 concurrency: int = 16) -> None:
+                 concurrency: int = 16, journal: JournalMode | None = None) -> None:
         self._store = store
         self._vault = vault
         self._clock = clock
+        self._journal = journal
         self._bootstrap_ttl = bootstrap_ttl
         self._vault_timeout = vault_timeout
         self._attempt_timeout = attempt_timeout
@@ -513,8 +515,12 @@ class IntentSettler:
         margin the two clocks get, and never more than Vault's own request limit before the answer), to its
         answer; those of one path share one listing. A path whose search Vault does not answer (a refused
         listing, a leftover that will not go) backs off, so it neither retries every tick nor delays the
-        others. Returns how many such answers were searched to the end. Never raises a store or Vault error.
+        others. Nothing is searched while the journal is not known to work (``JournalMode``): its mark is
+        what says every answer that could name a lease has been read. Returns how many such answers were
+        searched to the end. Never raises a store or Vault error.
         """
+        if self._journal is None or not self._journal.ready:
+            return 0
         now = self._clock()
         waiting = [path for path, (due_at, _) in self._search_backoff.items() if due_at > now]
         try:

@@ -300,8 +300,12 @@ class StoreSnapshot:
                 f"{x.get('next_attempt_at')})" for t, x in self.tasks.items() if x["token_state"] == "revoke_pending"]
         out += [f"lease {i} revoke_pending" for i, x in self.leases.items() if x["state"] == "revoke_pending"]
         out += [f"answer {i} not yet looked at by the orphan sweep" for i in self.unchecked_answers]
-        out += [f"failed read {i} not yet searched for a lease it left" for i in self.unsearched_reads]
         return out
+
+    def unsearched(self) -> list[str]:
+        """Failed reads of issuance tokens not yet searched for a lease they left (broker.journal rule 9): only
+        a broker whose journal works searches them (it vouches that every naming answer was read)."""
+        return [f"failed read {i} not yet searched for a lease it left" for i in self.unsearched_reads]
 
     def tailer_behind(self, audit_log: Path, size: int) -> bool:
         """Whether the tailer has not yet read ``audit_log`` up to ``size`` bytes (its entries, the journal's

@@ -22,7 +22,7 @@ from broker.intents import (
     backoff,
     next_state,
 )
-from broker.journal import ISSUED, new_probe_id
+from broker.journal import ISSUED, JournalMode, new_probe_id
 from broker.revocations import IntentSettler
 from broker.rows import JournalEntry, TaskRow, VaultAuditPosition
 from broker.store import Intent, Person, Store, open_store
@@ -235,9 +235,10 @@ class TestForgetting:
         assert len(await store.journal_unsearched(skip_paths=["db/creds/y"])) == 1
 
     async def test_a_search_vault_refuses_backs_off_and_is_kept(self, store: Store) -> None:
-        """The settler's side, with a Vault that refuses the listing (a policy without it): the answer stays
-        unsearched (nothing is marked done that was not searched), and the path is not listed again on the
-        next ticks but after a backoff; once Vault lists it, it is searched and done."""
+        """The settler's side, with a Vault that refuses the listing (a policy without it): nothing is searched
+        before the journal is known to work; then the answer stays unsearched (nothing is marked done that
+        was not searched), and the path is not listed again on the next ticks but after a backoff; once
+        Vault lists it, it is searched and done."""
         aborted = await _intent(store, IntentState.ABORTED)
         await store.merge_vault_audit(
             moves=[(None, VaultAuditPosition(path="/a.log", device=1, inode=1, offset=10, last_entry_at=30.0))],
@@ -246,8 +247,12 @@ class TestForgetting:
                 vault_error=True, path="db/creds/x")])
         now = [40.0]
         vault = _ListingVault()
+        mode = JournalMode()
         settler = IntentSettler(store=store, vault=vault, clock=lambda: now[0], bootstrap_ttl=5, vault_timeout=5,
-                                max_backoff=60)  # type: ignore[arg-type]
+                                max_backoff=60, journal=mode)  # type: ignore[arg-type]
+        assert await settler.search_failed_reads() == 0
+        assert vault.listed == []  # the journal is not known to work yet: its mark vouches for nothing
+        mode.ready = True
         assert await settler.search_failed_reads() == 0
         assert vault.listed == ["db/creds/x"] and len(await store.journal_unsearched()) == 1
         now[0] += 0.5
