@@ -81,8 +81,8 @@ from broker.audit.vaultlog import VaultAuditEntry
 from broker.intents import IntentEvent, IntentState, next_state
 from broker.rows import Intent, JournalEntry
 
-__all__ = ["ISSUED", "PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "hmacd", "issued_entries_of",
-           "new_probe_id", "orphan_intent"]
+__all__ = ["ISSUED", "PROBE_PREFIX", "Decision", "JournalMode", "decide", "entries_of", "failed_read_window", "hmacd",
+           "issued_entries_of", "new_probe_id", "orphan_intent"]
 
 # Vault's own bound on a request (``max_request_duration``, 90 s by default): an answer is written by then.
 VAULT_MAX_REQUEST = 90.0
@@ -238,6 +238,15 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
     if read_until is not None and read_until > deadline:
         return Decision("nothing", "Vault's audit log, read past the last moment it could arrive, never shows it")
     return Decision("wait", "Vault's audit log has not been read far enough yet", probe=now > deadline)
+
+
+def failed_read_window(intent_created_at: float, answer_at: float) -> tuple[float, float]:
+    """When a lease left by an issuance token's failed read (rule 9) was issued, in Vault's time: from the
+    intent's creation (which precedes the read; the broker's clock, so less the margin for the two clocks)
+    to the answer, but never starting more than Vault's own request limit before the answer (an intent
+    kept long must not widen the search to everything its path issued since)."""
+    since = max(min(intent_created_at, answer_at) - MARGIN, answer_at - VAULT_MAX_REQUEST)
+    return since, answer_at
 
 
 def orphan_intent(answer: JournalEntry, *, now: float) -> Intent:

@@ -536,8 +536,7 @@ class IntentSettler:
             if read_until is None or read_until <= entry.at + journal.MARGIN:
                 probe = probe or now > entry.at + journal.MARGIN
                 continue
-            since = max(min(created_at, entry.at) - journal.MARGIN, entry.at - journal.VAULT_MAX_REQUEST)
-            by_path.setdefault(entry.path, []).append((entry, (since, entry.at)))
+            by_path.setdefault(entry.path, []).append((entry, journal.failed_read_window(created_at, entry.at)))
         searched = 0
         for path, found in by_path.items():
             left = await self._revoke_leftovers(path, [w for _, w in found])

@@ -10,6 +10,7 @@ from broker.journal import (
     JournalMode,
     decide,
     entries_of,
+    failed_read_window,
     issued_entries_of,
     probe_result,
 )
@@ -99,6 +100,18 @@ class TestDecide:
             d = decide(INTENT, got, read_until=read_until, now=T0 + 1, vault_timeout=TIMEOUT)
             assert d.action == "task_bound"
             assert "r1" in d.reason and "dies with it" in d.reason
+
+
+class TestFailedReadWindow:
+    def test_from_the_intent_less_the_clocks_margin_to_the_answer(self) -> None:
+        assert failed_read_window(T0, T0 + 0.4) == (T0 - MARGIN, T0 + 0.4)
+
+    def test_an_intent_kept_long_does_not_widen_it_past_vaults_request_limit(self) -> None:
+        assert failed_read_window(T0 - 86_400, T0) == (T0 - VAULT_MAX_REQUEST, T0)
+
+    def test_a_broker_clock_ahead_of_vaults_still_covers_the_answer(self) -> None:
+        since, until = failed_read_window(T0 + 3, T0)
+        assert since == T0 - MARGIN and until == T0
 
 
 class TestEntries:
