@@ -64,10 +64,10 @@ Rules this module keeps (it is pure: the decision, no I/O; ``broker.revocations.
    before the start-up probe made the journal ready). Only an answer of the intent's own task counts
    (rule 1), a path whose search Vault does not answer backs off, and nothing is searched while the
    journal is not known to work: its mark (rule 2) is what says every answer that could name a lease in
-   the window has been read. A token create
-   (``auth/token/...``) is not searched: what it may leave is a child token of the task token, which dies
-   with it (as rule 3); the broker's policy lists no token leases (seen in the crash test: such an intent
-   waited for a listing Vault denies, and never settled).
+   the window has been read. A token create (``auth/token/create[/<role>]``) is not searched: what it
+   may leave is a child token of the task token, which dies with it (as rule 3); the broker's policy
+   lists no token leases (seen in the crash test: such an intent waited for a listing Vault denies, and
+   never settled).
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ def decide(intent: Intent, entries: Sequence[JournalEntry], *, read_until: float
     mine = [e for e in entries if e.task_id == intent.task_id]  # rule 1
     answer = next((e for e in mine if e.kind == "response"), None)
     if answer is not None and answer.vault_error:
-        if answer.path is not None and answer.path.startswith("auth/token/create"):
+        if answer.path is not None and (answer.path == "auth/token/create"
+                                        or answer.path.startswith("auth/token/create/")):
             # A token create, cut short: what it may have left is a token, not a lease under a grant path the
             # broker may list, and it was created by the task token under a child role (not an orphan), so it
             # dies with the task token (rule 9, as rule 3).

@@ -427,9 +427,7 @@ class IntentSettler:
         else:
             # Waiting for the log: soon, and nudge it when Vault may be idle (nothing else writes entries).
             if decision.probe:
-                with contextlib.suppress(VaultError, TimeoutError):
-                    await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
-                                           timeout=self._attempt_timeout)
+                await self._probe()
             attempts, delay = intent.attempts, 1.0
         with contextlib.suppress(StoreUnavailable):
             await self._store.move_intent(intent.id, from_state=IntentState.ABORTING,
@@ -446,8 +444,7 @@ class IntentSettler:
         costs one LIST, not one each."""
         since = min(w[0] for w in windows) - 1.0
         try:
-            unnamed = await self._store.unnamed_vault_leases(await self._vault.list_leases(path), path=path,
-                                                             since=since)
+            unnamed = await self._store.unnamed_vault_leases(await self._vault.list_leases(path), since=since)
             left = []
             for lease_id in unnamed:
                 info = await self._vault.lookup_lease(lease_id)
@@ -556,10 +553,14 @@ class IntentSettler:
                 return searched
         if probe and now >= self._next_search_probe:
             self._next_search_probe = now + journal.MARGIN
-            with contextlib.suppress(VaultError, TimeoutError):
-                await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
-                                       timeout=self._attempt_timeout)
+            await self._probe()
         return searched
+
+    async def _probe(self) -> None:
+        """One cheap request carrying a probe id, to move the journal's mark (broker.journal rule 2)."""
+        with contextlib.suppress(VaultError, TimeoutError):
+            await asyncio.wait_for(self._vault.lookup_self(intent=journal.new_probe_id()),
+                                   timeout=self._attempt_timeout)
 
     async def _revoke_ref_confirmed_within(self, kind: str | None, ref: str) -> bool:
         """Revoke what an answer (or the journal) named: a token by its accessor, else a lease by its id."""

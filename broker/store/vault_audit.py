@@ -118,14 +118,13 @@ class VaultAuditStore(StoreBase):
         yet, each with its intent's creation: where a failed read may have left a lease (broker.journal rule 9).
         ``skip_paths``: paths whose search waits (a stuck one must not hold the newer ones back)."""
         # The answer must come from the intent's own task (broker.journal rule 1).
+        waiting = [vault_journal.c.path.not_in(list(skip_paths))] if skip_paths else []
         q = (select(vault_journal, intents.c.created_at.label("intent_created_at"))
              .join(intents, and_(intents.c.id == vault_journal.c.intent_id,
                                  intents.c.task_id == vault_journal.c.task_id))
              .where(vault_journal.c.kind == ISSUED, vault_journal.c.vault_error.is_(True),
-                    vault_journal.c.swept.is_(False), intents.c.state == IntentState.ABORTED.value)
+                    vault_journal.c.swept.is_(False), intents.c.state == IntentState.ABORTED.value, *waiting)
              .order_by(vault_journal.c.at).limit(limit))
-        if skip_paths:
-            q = q.where(vault_journal.c.path.not_in(list(skip_paths)))
 
         def run() -> list[tuple[JournalEntry, float]]:
             with self._read() as conn:
@@ -167,20 +166,20 @@ class VaultAuditStore(StoreBase):
             return orphans
         return await self._run(run)
 
-    async def unnamed_vault_leases(self, lease_ids: Sequence[str], *, path: str, since: float) -> list[str]:
-        """The Vault lease ids among ``lease_ids`` (listed under ``path``) that neither a live lease nor a
+    async def unnamed_vault_leases(self, lease_ids: Sequence[str], *, since: float) -> list[str]:
+        """The Vault lease ids among ``lease_ids`` (a grant path's listing) that neither a live lease nor a
         journal answer from ``since`` on (Vault's time) names: what a read Vault's backend failed may have
         left, if it was issued from ``since`` on (broker.journal rule 9; the caller checks that).
 
         Both reads go by index (live leases by state, answers by time), not by the listed ids, which no
         index covers: a search stays bounded by the live leases and the recent answers, however long the
-        tables. Every live lease counts, not only those whose grant path reads like ``path``: a live
-        credential must never look unnamed because two spellings of one path differ. A lease the store no
-        longer holds as live but Vault still lists is being revoked already; calling it unnamed costs one
-        lookup more.
+        tables. Every live lease counts, whatever its grant's path: a live credential must never look
+        unnamed because two spellings of one path differ. A revoked or expired lease is one Vault confirmed
+        gone; an answer before ``since`` names a lease issued before the window.
         """
-        del path  # the listing's; what names a lease is its id
         live = select(leases.c.vault_lease_id).where(leases.c.state.in_(_LIVE_LEASE_STATES))
+        # ``checked`` leads the only index with ``at`` in it (ix_vault_journal_checked): naming both of its
+        # values lets the time range use it.
         answered = (select(vault_journal.c.lease_id)
                     .where(vault_journal.c.checked.in_((False, True)), vault_journal.c.kind.in_(_ANSWERS),
                            vault_journal.c.at >= since, vault_journal.c.lease_id.is_not(None)))

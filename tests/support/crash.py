@@ -204,7 +204,7 @@ _UNCHECKED = ("SELECT intent_id FROM vault_journal WHERE kind = 'response' AND N
               "AND intent_id NOT LIKE 'jpr!_%' ESCAPE '!'")
 # A backend error answered to an issuance token, its intent aborted, not yet searched for a leftover lease
 # (broker.journal rule 9, IntentSettler.search_failed_reads).
-_UNSEARCHED = ("SELECT j.intent_id FROM vault_journal j JOIN intents i ON i.id = j.intent_id "
+_UNSEARCHED = ("SELECT j.intent_id FROM vault_journal j JOIN intents i ON i.id = j.intent_id AND i.task_id = j.task_id "
                "WHERE j.kind = 'issued' AND j.vault_error AND NOT j.swept AND i.state = 'aborted'")
 
 

@@ -289,7 +289,7 @@ class TestForgetting:
             for i, (kind, at, checked) in enumerate([("response", 10.0, True), ("issued", 12.0, False),
                                                      ("response", 4.0, False)])])
         listed = [f"p/issue/x/{n}" for n in ("a", "b", "c", "d", "e", "j0", "j1", "j2", "z")]
-        got = await store.unnamed_vault_leases(listed, path="p/issue/x", since=5.0)
+        got = await store.unnamed_vault_leases(listed, since=5.0)
         assert got == ["p/issue/x/c", "p/issue/x/j2", "p/issue/x/z"]
 
     async def test_old_probe_entries_go(self, store: Store) -> None:

@@ -100,6 +100,8 @@ class TestDecide:
             d = decide(INTENT, got, read_until=read_until, now=T0 + 1, vault_timeout=TIMEOUT)
             assert d.action == "task_bound"
             assert "r1" in d.reason and "dies with it" in d.reason
+        roleless = [got[0], entry("response", at=T0 + 0.3, vault_error=True, path="auth/token/create")]
+        assert decide(INTENT, roleless, read_until=None, now=T0 + 1, vault_timeout=TIMEOUT).action == "task_bound"
 
 
 class TestFailedReadWindow:
